@@ -1,0 +1,36 @@
+# geomon developer commands. Each target creates the virtual environment it needs when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The small CPU build on machines without a GPU is found by pip's local find-links; on a GPU machine the same
+# pin resolves to the CUDA build. Override with `make test TORCH_SPEC='torch>=2.3'` to keep your own torch.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.geomon-installed
+LINT_PATHS := geomon tests examples benchmarks
+
+.PHONY: demo test lint docs bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m geomon.demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --quiet --site-dir $(VENV)/site
+
+test: lint docs
+	$(PY) -m pytest -n 2 -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/attention_entropy_cpu.py
+
+clean:
+	rm -rf $(VENV) site .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,87 @@
+"""Tiled class-geometry passes for neural collapse at vocabulary scale.
+
+Nothing here forms an ``N x C`` or ``C x C`` matrix: classes (or class pairs) are visited in row tiles of at most
+``TILE_ELEMENTS`` entries, keeping running sums or a running best per sample.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from geomon.functional._common import TILE_ELEMENTS
+
+
+def tiled_argmax(features: Tensor, rows: Tensor, offset: Tensor) -> Tensor:
+    """``argmax_c (features @ rows[c] + offset[c])`` per sample, ties to the lowest ``c`` (as ``torch.argmax``).
+
+    Args:
+        features: ``[N, D]``. rows: ``[C, D]``. offset: ``[C]`` (``-inf`` excludes a class).
+    """
+    n, c = features.shape[0], rows.shape[0]
+    best_value = torch.full((n,), -math.inf, dtype=features.dtype, device=features.device)
+    best_index = torch.zeros(n, dtype=torch.int64, device=features.device)
+    tile = max(1, TILE_ELEMENTS // max(1, n))
+    for start in range(0, c, tile):
+        scores = features @ rows[start : start + tile].T + offset[start : start + tile]
+        value, index = scores.max(dim=1)
+        better = value > best_value  # strict: an earlier tile keeps a tie
+        best_value = torch.where(better, value, best_value)
+        best_index = torch.where(better, index + start, best_index)
+    return best_index
+
+
+def nearest_centre(features: Tensor, means: Tensor) -> Tensor:
+    """``argmin_c |h - μ_c|`` per sample over the classes whose mean row is finite (NaN rows are skipped)."""
+    known = means.isfinite().all(dim=1)
+    centres = torch.where(known[:, None], means, 0.0)
+    # |h - μ|² = |h|² - 2 h·μ + |μ|²: minimising it is maximising 2 h·μ - |μ|².
+    offset = torch.where(known, -(centres * centres).sum(dim=1), -math.inf)
+    return tiled_argmax(features, 2 * centres, offset)
+
+
+class PairSums(NamedTuple):
+    """Sums over ordered pairs ``c != c'`` of seen classes (float64)."""
+
+    cos_shifted: Tensor  #: Σ (cos + 1/(C-1))
+    cos_shifted_sq: Tensor  #: Σ (cos + 1/(C-1))²
+    cos_shifted_abs: Tensor  #: Σ |cos + 1/(C-1)|
+    log_inv_dist_shifted: Tensor  #: Σ (g - g_etf), g = log(1/|μ̂_c - μ̂_c'|)
+    log_inv_dist_shifted_sq: Tensor  #: Σ (g - g_etf)²
+    cdnv: Tensor  #: Σ (V_c + V_c') / (2 |μ_c - μ_c'|^exponent)
+
+
+def pair_sums(centred_means: Tensor, variances: Tensor, exponent: float) -> PairSums:
+    """One tiled pass over class pairs giving every pairwise neural-collapse statistic.
+
+    Sums are shifted by their simplex-ETF values (``cos = -1/(C-1)``, ``g = -½ log(2C/(C-1))``) so that the
+    variances computed from them do not cancel catastrophically near collapse.
+    """
+    c = centred_means.shape[0]
+    norms = centred_means.norm(dim=1)
+    unit = centred_means / norms[:, None]
+    sq_norms = norms**2
+    cos_etf = -1.0 / (c - 1)
+    g_etf = -0.5 * math.log(2 * c / (c - 1))
+    zero = torch.zeros((), dtype=centred_means.dtype, device=centred_means.device)
+    totals = [zero] * len(PairSums._fields)
+    tile = max(1, TILE_ELEMENTS // c)
+    for start in range(0, c, tile):
+        stop = min(start + tile, c)
+        off_diagonal = torch.arange(start, stop, device=unit.device)[:, None] != torch.arange(
+            c, device=unit.device
+        )
+        cos = unit[start:stop] @ unit.T
+        shifted = cos - cos_etf
+        g = -0.5 * torch.log((2 - 2 * cos).clamp(min=0)) - g_etf
+        dist_sq = (
+            sq_norms[start:stop, None] + sq_norms[None, :] - 2 * centred_means[start:stop] @ centred_means.T
+        )
+        dist_sq = dist_sq.clamp(min=0)
+        cdnv = (variances[start:stop, None] + variances[None, :]) / (2 * dist_sq ** (exponent / 2))
+        parts = (shifted, shifted**2, shifted.abs(), g, g**2, cdnv)
+        totals = [t + torch.where(off_diagonal, p, 0.0).sum() for t, p in zip(totals, parts, strict=True)]
+    return PairSums(*totals)

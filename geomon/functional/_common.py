@@ -1,0 +1,70 @@
+"""Shared pieces of the functional metrics: input validation, dtypes, stats arithmetic.
+
+Every check here reads only shapes and dtypes (metadata), so it never forces a host-device sync: it is safe to call
+on every monitored step. Checks that need the data itself (labels out of range, non-finite values) live where the
+values are computed, on the logging step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+StatsT = TypeVar("StatsT", bound=tuple)
+
+#: Row-by-column tiles of temporary matrices are kept under this many elements (64 MiB in fp32).
+TILE_ELEMENTS = 1 << 24
+
+
+class GeomonWarning(UserWarning):
+    """A metric could not be computed meaningfully and returned NaN (too few samples, non-finite data...)."""
+
+
+def warn(message: str) -> None:
+    """Emit a :class:`GeomonWarning` pointing at the caller of the public function."""
+    warnings.warn(message, GeomonWarning, stacklevel=3)
+
+
+def check_float_tensor(x: object, name: str, ndim: int | tuple[int, ...], shape_doc: str) -> Tensor:
+    """Check that ``x`` is a real floating-point tensor with the expected number of dimensions."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
+    if x.is_complex() or not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a real floating-point tensor (float16, bfloat16, float32 or float64), got {x.dtype}"
+        )
+    allowed = (ndim,) if isinstance(ndim, int) else ndim
+    if x.ndim not in allowed:
+        raise ValueError(
+            f"{name} must have shape {shape_doc} ({' or '.join(map(str, allowed))}-D), got {tuple(x.shape)}"
+        )
+    return x
+
+
+def check_int_tensor(x: object, name: str, shape_doc: str) -> Tensor:
+    """Check that ``x`` is a 1-D integer tensor (class labels)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64, int32, ...), got {x.dtype}")
+    if x.ndim != 1:
+        raise ValueError(f"{name} must have shape {shape_doc} (1-D), got {tuple(x.shape)}")
+    return x
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a batch is computed in: float64 stays float64, everything else is upcast to float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def nan(device: torch.device | str | None = None) -> Tensor:
+    """A float64 NaN scalar, the documented value of a metric that cannot be computed."""
+    return torch.tensor(float("nan"), dtype=torch.float64, device=device)
+
+
+def sum_stats(a: StatsT, b: StatsT) -> StatsT:
+    """Element-wise sum of two statistics tuples of the same kind (how streams and processes combine)."""
+    return type(a)(*(x + y for x, y in zip(a, b, strict=True)))

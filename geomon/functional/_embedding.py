@@ -1,0 +1,60 @@
+"""Sufficient statistics of a stream of embeddings, shared by RankMe and alpha-ReQ.
+
+One set of sums serves every spectrum-based metric: ``n`` rows, their sum ``Σz`` and their Gram ``Σ z zᵀ``.
+All three add across batches and processes, so streaming and DDP are exact. The Gram is formed and accumulated in
+float64, whatever the input dtype: RankMe takes square roots of its eigenvalues, which turns float32 rounding in
+the null space into spurious singular values (a rank-1 ``Z`` with D = 2048 reads 1.42 from a float32 Gram instead
+of 1.0033). Eigen-problems are solved in float64.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from geomon.functional._common import check_float_tensor
+
+
+class EmbeddingStats(NamedTuple):
+    """Sum-reducible statistics of embeddings ``z[N, D]`` (all float64)."""
+
+    n: Tensor  #: [] number of rows
+    total: Tensor  #: [D] Σ z
+    gram: Tensor  #: [D, D] Σ z zᵀ
+
+
+def _embedding_update(z: Tensor) -> EmbeddingStats:
+    """Statistics of one batch of embeddings ``z[N, D]``; an empty batch (N = 0) gives zeros."""
+    check_float_tensor(z, "z", 2, "[N, D]")
+    x = z.detach().double()
+    return EmbeddingStats(
+        n=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
+        total=x.sum(dim=0),
+        gram=x.T @ x,
+    )
+
+
+def _covariance(stats: EmbeddingStats) -> Tensor:
+    """Unbiased covariance ``(Σzzᵀ - N μμᵀ) / (N - 1)`` from the sums (float64, symmetrised)."""
+    n = stats.n
+    cov = (stats.gram - torch.outer(stats.total, stats.total) / n) / (n - 1)
+    return (cov + cov.T) / 2
+
+
+def _eigvalsh_descending(matrix: Tensor) -> Tensor:
+    """Eigenvalues of a symmetric PSD matrix in float64, descending.
+
+    Values within round-off of zero (``<= λ_max · D · eps``, the tolerance of ``matrix_rank``) are set to exactly
+    0: otherwise a rank-deficient Gram's null space, once square-rooted, reads as spurious singular values.
+    """
+    values = torch.linalg.eigvalsh(matrix.double()).flip(0)
+    tolerance = values[0].clamp(min=0) * matrix.shape[-1] * torch.finfo(torch.float64).eps
+    return torch.where(values > tolerance, values, 0.0)
+
+
+def _spectral_entropy_rank(values: Tensor, eps: float) -> Tensor:
+    """``exp(-Σ p log p)`` with ``p = v / Σv + eps`` (RankMe's smoothed effective rank)."""
+    p = values / values.sum() + eps
+    return torch.exp(-(p * torch.log(p)).sum())

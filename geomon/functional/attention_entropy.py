@@ -1,0 +1,242 @@
+"""Attention entropy and max attention logit (Zhai et al., "Stabilizing Transformer Training by Preventing
+Attention Entropy Collapse", ICML 2023), computed without the N x N attention matrix.
+
+``s_ij = scale · q_i·k_j (+ additive mask)``, ``p_i = softmax_j(s_i)`` over the keys row ``i`` may attend to,
+``H_i = -Σ_j p_ij log p_ij`` (nats) and ``max_logit_i = max_j s_ij``. Keys are visited in chunks with an online
+softmax: per row keep the running max ``m``, ``l = Σ e^(s-m)`` and ``t = Σ e^(s-m)(s-m)``; then
+``H = log l - t / l``. Memory is ``B·H·Nq·chunk`` scores at a time, never ``B·H·Nq·Nk``.
+
+Masks follow ``torch.nn.functional.scaled_dot_product_attention``: a boolean mask is True where a query may attend;
+a floating mask is added to the scores; ``is_causal`` allows key ``j`` for query ``i`` iff ``j <= i`` (SDPA's
+top-left alignment). One refinement: a floating mask entry of ``-inf`` *or* the most negative finite value of the
+mask's dtype (the Hugging Face padding convention) marks the key as not allowed, so it does not count in ``n_i``.
+Grouped-query attention: ``k`` may have ``Hk`` heads with ``Hk`` dividing ``H``; query head ``h`` reads key head
+``h // (H / Hk)``, without copying ``k``. A query row with no allowed key has no entropy: NaN.
+
+Cost: ``2·Nq·Nk·Dh`` FLOPs per head for the scores plus a few exp/FMA per score; memory ``O(B·H·Nq·chunk)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from geomon.functional._common import TILE_ELEMENTS, check_float_tensor, nan, warn
+
+
+class AttentionStats(NamedTuple):
+    """Per-head statistics of attention rows, summed over batch and query rows (``max_logit``: max-reduced)."""
+
+    entropy_sum: Tensor  #: [H] Σ H_i over rows with at least one allowed key
+    count: Tensor  #: [H] number of such rows
+    normalized_sum: Tensor  #: [H] Σ H_i / log(n_i) over rows with n_i >= 2 allowed keys
+    normalized_count: Tensor  #: [H] number of such rows
+    max_logit: Tensor  #: [H] max over rows of max_logit_i (-inf when no row)
+
+
+#: How each field of :class:`AttentionStats` combines across batches and processes.
+ATTENTION_REDUCTIONS = {"max_logit": "max"}
+
+
+def _validate(q: Tensor, k: Tensor, scale: float | None, is_causal: bool, attn_mask: Tensor | None) -> None:
+    check_float_tensor(q, "q", 4, "[B, H, Nq, Dh]")
+    check_float_tensor(k, "k", 4, "[B, Hk, Nk, Dh]")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q [B, H, Nq, Dh] and k [B, Hk, Nk, Dh] must agree on B and Dh, got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"the key heads Hk = {k.shape[1]} must divide the query heads H = {q.shape[1]} (GQA)"
+        )
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
+    if scale is not None and not (isinstance(scale, int | float) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None (1/sqrt(Dh)), got {scale!r}")
+    if attn_mask is None:
+        return
+    if is_causal:
+        raise ValueError(
+            "attn_mask and is_causal=True cannot be combined (as in scaled_dot_product_attention)"
+        )
+    if not isinstance(attn_mask, Tensor) or attn_mask.is_complex():
+        raise TypeError(f"attn_mask must be a boolean or floating tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(
+            f"attn_mask must be boolean (True = may attend) or floating (added), got {attn_mask.dtype}"
+        )
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if attn_mask.ndim > 4 or torch.broadcast_shapes(attn_mask.shape, target) != target:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, Nq, Nk] = {target}"
+        )
+
+
+def _grouped_mask(attn_mask: Tensor, num_kv_heads: int, group: int) -> Tensor:
+    """View a mask broadcastable to [B, H, Nq, Nk] as [B, Hk, G, Nq, Nk] (size-1 dims stay broadcastable)."""
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape))
+    b, h, nq, nk = mask.shape
+    return mask.reshape(b, num_kv_heads, group, nq, nk) if h != 1 else mask.reshape(b, 1, 1, nq, nk)
+
+
+def _attention_rows(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    attn_mask: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(entropy, max_logit, n_keys)``, each ``[B, H, Nq]`` (float32/float64, float, int64)."""
+    _validate(q, k, scale, is_causal, attn_mask)
+    batch, heads, n_q, dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    qg = q.detach().to(dtype).reshape(batch, kv_heads, group, n_q, dim) * scale
+    kg = k.detach().unsqueeze(2)  # [B, Hk, 1, Nk, Dh]: a view, shared by the G query heads of a group
+    mask = None if attn_mask is None else _grouped_mask(attn_mask.detach(), kv_heads, group)
+    if chunk_size is None:
+        chunk_size = max(1, TILE_ELEMENTS // max(1, batch * heads * n_q))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    shape = (batch, kv_heads, group, n_q)
+    running_max = torch.full(shape, -math.inf, dtype=dtype, device=q.device)
+    norm = torch.zeros(shape, dtype=dtype, device=q.device)  # l = Σ e^(s-m)
+    tilted = torch.zeros(shape, dtype=dtype, device=q.device)  # t = Σ e^(s-m)(s-m)
+    n_keys = torch.zeros(shape, dtype=torch.int64, device=q.device)
+    rows = torch.arange(n_q, device=q.device)[:, None]
+    for start in range(0, n_k, chunk_size):
+        stop = min(start + chunk_size, n_k)
+        scores = qg @ kg[..., start:stop, :].to(dtype).transpose(-1, -2)  # [B, Hk, G, Nq, c]
+        allowed = None
+        if is_causal:
+            allowed = torch.arange(start, stop, device=q.device)[None, :] <= rows
+        elif mask is not None:
+            chunk = mask[..., start:stop]
+            if chunk.dtype == torch.bool:
+                allowed = chunk
+            else:
+                scores = scores + chunk.to(dtype)
+                allowed = chunk > torch.finfo(chunk.dtype).min
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, -math.inf)
+            n_keys += allowed.expand(scores.shape).sum(-1)
+        else:
+            n_keys += stop - start
+        new_max = torch.maximum(running_max, scores.amax(-1))
+        shift = torch.where(new_max == -math.inf, 0.0, new_max)
+        weights = torch.exp(scores - shift[..., None])
+        centred = scores - shift[..., None]
+        tilted_chunk = torch.where(scores == -math.inf, 0.0, weights * centred).sum(-1)
+        decay = torch.exp(running_max - shift)
+        carried = torch.where(norm > 0, norm * (running_max - shift), 0.0)
+        tilted = decay * (tilted + carried) + tilted_chunk
+        norm = decay * norm + weights.sum(-1)
+        running_max = new_max
+    entropy = torch.log(norm) - tilted / norm
+    no_key = n_keys == 0
+    entropy = entropy.clamp(min=0.0)
+    entropy = torch.minimum(entropy, torch.log(n_keys.clamp(min=1).to(dtype)))
+    entropy = entropy.masked_fill(no_key, math.nan)
+    max_logit = running_max.masked_fill(no_key, math.nan)
+    out = (batch, heads, n_q)
+    return entropy.reshape(out), max_logit.reshape(out), n_keys.reshape(out)
+
+
+def attention_entropy(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    attn_mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    return_n_keys: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """Entropy (nats) and max logit of every attention row, without forming the attention matrix.
+
+    Args:
+        q: queries ``[B, H, Nq, Dh]`` as the model uses them (after rotary embeddings / QK-norm); any float dtype.
+        k: keys ``[B, Hk, Nk, Dh]``, ``Hk`` dividing ``H`` (grouped-query attention).
+        scale: softmax scale; default ``1/sqrt(Dh)``, as in SDPA.
+        is_causal: SDPA's causal mask (query ``i`` sees keys ``j <= i``); not combinable with ``attn_mask``.
+        attn_mask: SDPA-style mask broadcastable to ``[B, H, Nq, Nk]``: boolean (True = may attend) or additive.
+        chunk_size: keys per chunk; default keeps each chunk of scores under 2**24 elements.
+        return_n_keys: also return the number of allowed keys of each row (for ``H / log n``).
+
+    Returns:
+        ``(entropy, max_logit)`` (or with ``n_keys``), each ``[B, H, Nq]``, float32 (float64 for float64 inputs);
+        NaN in rows with no allowed key.
+
+    Example:
+        >>> import torch
+        >>> q = torch.zeros(1, 1, 4, 8); k = torch.randn(1, 1, 16, 8)  # zero queries: uniform attention
+        >>> entropy, max_logit = attention_entropy(q, k)
+        >>> torch.allclose(entropy, torch.full((1, 1, 4), torch.log(torch.tensor(16.0)).item()))
+        True
+    """
+    entropy, max_logit, n_keys = _attention_rows(
+        q, k, scale=scale, is_causal=is_causal, attn_mask=attn_mask, chunk_size=chunk_size
+    )
+    return (entropy, max_logit, n_keys) if return_n_keys else (entropy, max_logit)
+
+
+def _attention_entropy_update(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    attn_mask: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> AttentionStats:
+    """Per-head sums over batch and query rows of one attention call (no host sync)."""
+    entropy, max_logit, n_keys = _attention_rows(
+        q, k, scale=scale, is_causal=is_causal, attn_mask=attn_mask, chunk_size=chunk_size
+    )
+    valid = n_keys >= 1
+    spread = n_keys >= 2
+    normalized = entropy / torch.log(n_keys.clamp(min=2).to(entropy.dtype))
+    f64 = torch.float64
+    return AttentionStats(
+        entropy_sum=torch.where(valid, entropy, 0.0).sum(dim=(0, 2), dtype=f64),
+        count=valid.sum(dim=(0, 2)).to(f64),
+        normalized_sum=torch.where(spread, normalized, 0.0).sum(dim=(0, 2), dtype=f64),
+        normalized_count=spread.sum(dim=(0, 2)).to(f64),
+        max_logit=torch.where(valid, max_logit, -math.inf).amax(dim=(0, 2)).to(f64)
+        if max_logit.shape[0] * max_logit.shape[2] > 0
+        else torch.full((max_logit.shape[1],), -math.inf, dtype=f64, device=max_logit.device),
+    )
+
+
+def _merge_attention_stats(a: AttentionStats, b: AttentionStats) -> AttentionStats:
+    """Combine two streams of :class:`AttentionStats` (sums add, max logits take the max)."""
+    return AttentionStats(
+        *(
+            torch.maximum(x, y) if name in ATTENTION_REDUCTIONS else x + y
+            for name, x, y in zip(a._fields, a, b)
+        )
+    )
+
+
+def _attention_entropy_compute(stats: AttentionStats) -> dict[str, Tensor]:
+    """Means over batch, heads and valid query rows, per-head means, and max logits (NaN where undefined)."""
+    if not bool(stats.count.sum() > 0):
+        warn("attention_entropy: no query row with an allowed key was seen; returning NaN")
+    per_head = stats.entropy_sum / stats.count
+    per_head_normalized = stats.normalized_sum / stats.normalized_count
+    max_per_head = torch.where(stats.count > 0, stats.max_logit, math.nan)
+    return {
+        "entropy": stats.entropy_sum.sum() / stats.count.sum(),
+        "entropy_normalized": stats.normalized_sum.sum() / stats.normalized_count.sum(),
+        "max_logit": max_per_head.amax() if bool(stats.count.sum() > 0) else nan(stats.count.device),
+        "entropy_per_head": per_head,
+        "entropy_normalized_per_head": per_head_normalized,
+        "max_logit_per_head": max_per_head,
+    }

@@ -1,0 +1,234 @@
+"""Neural collapse of penultimate features against the classifier (Papyan, Han & Donoho, PNAS 2020) and its
+large-vocabulary forms (Galanti et al. 2022 CDNV; Wu & Papyan, "Linguistic Collapse", 2024: GNC2, UNC3).
+
+Streaming form: per class the count ``n_c``, feature sum ``S_c`` and sum of squared norms ``q_c``, plus the global
+``Σ h hᵀ``; all add across batches and processes. Then ``μ_c = S_c / n_c``,
+``Σ_W = (Σ h hᵀ - Σ_c n_c μ_c μ_cᵀ) / N`` and ``V_c = q_c / n_c - |μ_c|²``. Only classes with samples count
+(``C`` = seen classes) except in the classifier's own decision for ``nc4`` (argmax over all rows of ``W``).
+``μ_G`` is the unweighted mean of the class means; variances over classes or pairs are unbiased.
+
+``nc4`` compares the classifier's decision with the nearest class centre, which needs the class means first: the
+one-shot function makes two passes; a stream (:class:`geomon.metrics.NeuralCollapse`) uses the means of the
+previous window. Memory: ``O(C·D + D²)`` state; the ``N x C`` decisions and the ``C x C`` pairs run in tiles.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from geomon.functional._class_tiles import nearest_centre, pair_sums, tiled_argmax
+from geomon.functional._common import check_float_tensor, check_int_tensor, compute_dtype, nan, warn
+
+STATISTICS = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "cdnv", "gnc2_mean", "gnc2_var")
+HEAD_STATISTICS = ("nc3", "nc3_cos_mean", "unc3", "nc4")
+
+
+class ClassStats(NamedTuple):
+    """Sum-reducible statistics of labelled features (float64)."""
+
+    count: Tensor  #: [C] samples per class
+    feature_sum: Tensor  #: [C, D] Σ h per class
+    sq_norm_sum: Tensor  #: [C] Σ |h|² per class
+    gram: Tensor  #: [D, D] Σ h hᵀ over all samples
+    n_invalid: Tensor  #: [] labels outside [0, C)
+    nc4_mismatch: Tensor  #: [] samples whose classifier decision differs from the nearest class centre
+    nc4_count: Tensor  #: [] samples decided
+
+
+def _validate(features, labels, weight, bias, num_classes, class_means) -> None:
+    check_float_tensor(features, "features", 2, "[N, D]")
+    check_int_tensor(labels, "labels", "[N]")
+    if labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"features [N, D] and labels [N] disagree on N: {features.shape[0]} vs {labels.shape[0]}"
+        )
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    d = features.shape[1]
+    if weight is not None:
+        check_float_tensor(weight, "weight", 2, "[C, D]")
+        if tuple(weight.shape) != (num_classes, d):
+            raise ValueError(f"weight must have shape [C, D] = {(num_classes, d)}, got {tuple(weight.shape)}")
+    if bias is not None:
+        if weight is None:
+            raise ValueError("bias was given without weight")
+        check_float_tensor(bias, "bias", 1, "[C]")
+        if bias.shape[0] != num_classes:
+            raise ValueError(f"bias must have shape [C] = [{num_classes}], got {tuple(bias.shape)}")
+    if class_means is not None:
+        check_float_tensor(class_means, "class_means", 2, "[C, D]")
+        if tuple(class_means.shape) != (num_classes, d):
+            raise ValueError(
+                f"class_means must have shape [C, D] = {(num_classes, d)}, got {tuple(class_means.shape)}"
+            )
+
+
+def _nc4_update(
+    features: Tensor, weight: Tensor, bias: Tensor | None, class_means: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(mismatches, samples)``: classifier argmax over all classes vs nearest finite class mean (no sync)."""
+    dtype = compute_dtype(features)
+    h = features.detach().to(dtype)
+    w = weight.detach().to(dtype)
+    offset = (
+        torch.zeros(w.shape[0], dtype=dtype, device=h.device) if bias is None else bias.detach().to(dtype)
+    )
+    decision = tiled_argmax(h, w, offset)
+    nearest = nearest_centre(h, class_means.detach().to(dtype))
+    mismatch = (decision != nearest).sum().to(torch.float64)
+    return mismatch, torch.tensor(float(h.shape[0]), dtype=torch.float64, device=h.device)
+
+
+def _neural_collapse_update(
+    features: Tensor,
+    labels: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    num_classes: int,
+    class_means: Tensor | None = None,
+) -> ClassStats:
+    """Statistics of one batch. Labels outside ``[0, C)`` are counted (and rejected at compute), not indexed;
+    ``nc4`` is counted only when both ``weight`` and reference ``class_means`` are given. No host sync."""
+    _validate(features, labels, weight, bias, num_classes, class_means)
+    h = features.detach().double()
+    valid = (labels >= 0) & (labels < num_classes)
+    index = labels.clamp(0, num_classes - 1).long()
+    keep = valid.double()
+    kept = h * keep[:, None]
+    zeros = torch.zeros((), dtype=torch.float64, device=h.device)
+    mismatch, decided = zeros, zeros
+    if weight is not None and class_means is not None:
+        mismatch, decided = _nc4_update(features, weight, bias, class_means)
+    return ClassStats(
+        count=torch.zeros(num_classes, dtype=torch.float64, device=h.device).index_add_(0, index, keep),
+        feature_sum=torch.zeros(num_classes, h.shape[1], dtype=torch.float64, device=h.device).index_add_(
+            0, index, kept
+        ),
+        sq_norm_sum=torch.zeros(num_classes, dtype=torch.float64, device=h.device).index_add_(
+            0, index, (kept * h).sum(dim=1)
+        ),
+        gram=kept.T @ h,
+        n_invalid=(~valid).sum().to(torch.float64),
+        nc4_mismatch=mismatch,
+        nc4_count=decided,
+    )
+
+
+def means_from_stats(stats: ClassStats) -> Tensor:
+    """``[C, D]`` class means, NaN rows for classes without samples (the form ``class_means=`` takes)."""
+    return stats.feature_sum / stats.count[:, None]  # 0/0 = NaN for unseen classes
+
+
+def _neural_collapse_compute(
+    stats: ClassStats, weight: Tensor | None = None, *, cdnv_exponent: float = 2.0
+) -> dict[str, Tensor]:
+    """Every neural-collapse statistic from accumulated :class:`ClassStats` (float64 scalars)."""
+    device = stats.count.device
+    keys = STATISTICS + (HEAD_STATISTICS if weight is not None else ())
+    n_invalid = int(stats.n_invalid.item())
+    if n_invalid:
+        raise ValueError(f"{n_invalid} labels were outside [0, num_classes = {stats.count.shape[0]})")
+    seen = stats.count > 0
+    n_seen = int(seen.sum().item())
+    finite = all(bool(t.isfinite().all()) for t in (stats.feature_sum, stats.sq_norm_sum, stats.gram))
+    if n_seen < 2 or not finite:
+        reason = f"only {n_seen} class(es) have samples" if finite else "the features contain NaN or Inf"
+        warn(f"neural_collapse needs at least 2 classes with finite features: {reason}; returning NaN")
+        return {key: nan(device) for key in keys}
+    counts = stats.count[seen]
+    sums = stats.feature_sum[seen]
+    means = sums / counts[:, None]
+    centred = means - means.mean(dim=0)
+    sigma_w = (stats.gram - sums.T @ means) / counts.sum()
+    sigma_b = centred.T @ centred / n_seen
+    norms = centred.norm(dim=1)
+    variances = (stats.sq_norm_sum[seen] / counts - (means * means).sum(dim=1)).clamp(min=0)
+    pairs = pair_sums(centred, variances, cdnv_exponent)
+    n_ordered = n_seen * (n_seen - 1)
+    n_unordered = n_ordered // 2
+    g_shift_mean = pairs.log_inv_dist_shifted / n_ordered
+    out = {
+        "nc1": torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, hermitian=True)) / n_seen,
+        "nc2_equinorm": norms.std() / norms.mean(),
+        "nc2_equiangular": _unbiased_variance(pairs.cos_shifted, pairs.cos_shifted_sq, n_ordered).sqrt(),
+        "nc2_maxangle": pairs.cos_shifted_abs / n_ordered,
+        "cdnv": pairs.cdnv / n_ordered,
+        "gnc2_mean": g_shift_mean
+        - 0.5 * torch.log(torch.tensor(2 * n_seen / (n_seen - 1), dtype=torch.float64)),
+        "gnc2_var": _unbiased_variance(
+            pairs.log_inv_dist_shifted / 2, pairs.log_inv_dist_shifted_sq / 2, n_unordered
+        ),
+    }
+    if weight is not None:
+        w = weight.detach().double()[seen]
+        out["nc3"] = ((w / w.norm() - centred / centred.norm()) ** 2).sum()
+        cos = (w * centred).sum(dim=1) / (w.norm(dim=1) * norms)
+        out["nc3_cos_mean"] = cos.mean()
+        out["unc3"] = cos.std() / cos.mean()
+        out["nc4"] = stats.nc4_mismatch / stats.nc4_count if bool(stats.nc4_count > 0) else nan(device)
+    return out
+
+
+def _unbiased_variance(total: Tensor, total_sq: Tensor, n: int) -> Tensor:
+    if n < 2:
+        return nan(total.device)
+    return ((total_sq - total * total / n) / (n - 1)).clamp(min=0)
+
+
+def neural_collapse(
+    features: Tensor,
+    labels: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    class_means: Tensor | None = None,
+    cdnv_exponent: float = 2.0,
+) -> dict[str, Tensor]:
+    """Neural-collapse statistics NC1-NC4 and their large-vocabulary forms, as METRICS.md defines them.
+
+    Args:
+        features: penultimate features ``[N, D]`` (the input of the classifier head).
+        labels: integer class labels ``[N]`` in ``[0, num_classes)``.
+        weight: classifier weight ``[C, D]``; enables ``nc3``, ``nc3_cos_mean``, ``unc3`` and ``nc4``.
+        bias: classifier bias ``[C]`` (used by ``nc4``'s classifier decision).
+        num_classes: ``C``; default ``weight.shape[0]``, else ``labels.max() + 1``.
+        class_means: ``[C, D]`` means for ``nc4``'s nearest-centre search (NaN rows = unknown classes); default
+            the means of these features.
+        cdnv_exponent: power of the distance in CDNV's denominator (2: Galanti et al.; 4: Linguistic Collapse code).
+
+    Returns:
+        ``nc1, nc2_equinorm, nc2_equiangular, nc2_maxangle, cdnv, gnc2_mean, gnc2_var`` and, with ``weight``,
+        ``nc3, nc3_cos_mean, unc3, nc4``; float64 scalars, NaN (with a warning) when fewer than 2 classes are seen.
+
+    Example:
+        >>> import torch
+        >>> means = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> stats = neural_collapse(means[labels], labels, weight=means)
+        >>> float(stats["nc1"]), float(stats["nc3"]), float(stats["nc4"])
+        (0.0, 0.0, 0.0)
+    """
+    if num_classes is None:
+        if weight is not None and isinstance(weight, Tensor) and weight.ndim == 2:
+            num_classes = weight.shape[0]
+        else:
+            check_int_tensor(labels, "labels", "[N]")
+            num_classes = int(labels.max().item()) + 1 if labels.numel() else 1
+    stats = _neural_collapse_update(
+        features, labels, weight, bias, num_classes=num_classes, class_means=class_means
+    )
+    n_invalid = int(stats.n_invalid.item())
+    if n_invalid:
+        low, high = int(labels.min().item()), int(labels.max().item())
+        raise ValueError(
+            f"{n_invalid} labels are outside [0, num_classes = {num_classes}) (labels span {low}..{high})"
+        )
+    if weight is not None and class_means is None:
+        mismatch, decided = _nc4_update(features, weight, bias, means_from_stats(stats))
+        stats = stats._replace(nc4_mismatch=mismatch, nc4_count=decided)
+    return _neural_collapse_compute(stats, weight, cdnv_exponent=cdnv_exponent)

@@ -1,0 +1,70 @@
+"""RankMe: the effective rank of embeddings (Garrido et al., "RankMe: Assessing the downstream performance of
+pretrained self-supervised representations by their rank", ICML 2023).
+
+``σ_k`` are the singular values of the *uncentred* ``Z[N, D]``; ``p_k = σ_k / Σ_j σ_j + eps``;
+``RankMe = exp(-Σ_k p_k log p_k)``. Streaming form: ``σ = sqrt(eigvalsh(Σ_batches Zᵀ Z))``.
+
+The named variant ``centered=True`` is a different number: the effective rank of the eigenvalues ``λ`` of the
+covariance of the *centred* ``Z`` (``λ = σ²`` of the centred data), as used by studies of LM pretraining phases.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from geomon.functional._common import nan, warn
+from geomon.functional._embedding import (
+    EmbeddingStats,
+    _covariance,
+    _eigvalsh_descending,
+    _embedding_update,
+    _spectral_entropy_rank,
+)
+
+_rankme_update = _embedding_update
+
+
+def _rankme_compute(
+    stats: EmbeddingStats, *, eps: float = 1e-7, centered: bool = False, min_samples: int = 1
+) -> Tensor:
+    """RankMe from accumulated :class:`EmbeddingStats`; NaN (with a warning) when it cannot be computed."""
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    device = stats.gram.device
+    n = int(stats.n.item())
+    needed = max(min_samples, 2 if centered else 1)
+    if n < needed:
+        warn(f"rankme needs at least {needed} rows, got {n}; returning NaN")
+        return nan(device)
+    if not bool(stats.gram.isfinite().all()) or not bool(stats.total.isfinite().all()):
+        warn("rankme: the embeddings contain NaN or Inf; returning NaN")
+        return nan(device)
+    if centered:
+        values = _eigvalsh_descending(_covariance(stats))
+    else:
+        values = _eigvalsh_descending(stats.gram).sqrt()
+    if not bool(values.sum() > 0):
+        warn("rankme: the embeddings are all zero (no spectrum); returning NaN")
+        return nan(device)
+    return _spectral_entropy_rank(values, eps)
+
+
+def rankme(z: Tensor, *, eps: float = 1e-7, centered: bool = False, min_samples: int = 1) -> Tensor:
+    """Effective rank of embeddings, as RankMe defines it.
+
+    Args:
+        z: embeddings ``[N, D]``, any floating dtype (computed in float32 or better, eigenvalues in float64).
+        eps: smoothing added to every normalised singular value (the paper's 1e-7); it makes RankMe slightly
+            exceed ``min(N, D)`` on a flat spectrum (``rankme(eye(100)) = 100.0036``) and is not clamped.
+        centered: if True, the covariance-eigenvalue variant (a different number; never log the two under one key).
+        min_samples: fewer rows than this give NaN and a warning (RankMe is biased low for ``N`` below a few ``D``).
+
+    Returns:
+        A float64 scalar tensor.
+
+    Example:
+        >>> import torch
+        >>> round(float(rankme(torch.eye(100))), 4)
+        100.0036
+    """
+    return _rankme_compute(_rankme_update(z), eps=eps, centered=centered, min_samples=min_samples)

@@ -1,0 +1,69 @@
+"""Attention entropy and max logit as a streaming torchmetrics metric (see
+:func:`geomon.functional.attention_entropy`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from geomon.functional.attention_entropy import (
+    ATTENTION_REDUCTIONS,
+    AttentionStats,
+    _attention_entropy_compute,
+    _attention_entropy_update,
+)
+from geomon.metrics._base import StatsMetric, check_positive_int, zeros
+
+
+class AttentionEntropy(StatsMetric):
+    """Per-head entropy and max logit of one attention layer, over every call seen since the last reset.
+
+    State: five ``[num_heads]`` float64 vectors (sums and counts reduced with a sum, max logits with a max).
+    ``compute`` returns ``entropy`` and ``entropy_normalized`` (means over batch, heads and valid query rows),
+    ``max_logit`` (max over everything), and the same three per head (``*_per_head``, ``[num_heads]``).
+
+    Args:
+        num_heads: query heads ``H`` of the layer.
+        kwargs: torchmetrics ``Metric`` options.
+
+    Example:
+        >>> import torch
+        >>> metric = AttentionEntropy(num_heads=2)
+        >>> metric.update(torch.zeros(1, 2, 4, 8), torch.randn(1, 2, 16, 8))  # zero queries: uniform rows
+        >>> round(float(metric.compute()["entropy_normalized"]), 6)
+        1.0
+    """
+
+    max_fields = frozenset(ATTENTION_REDUCTIONS)
+
+    def __init__(self, num_heads: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_heads = check_positive_int(num_heads, "num_heads")
+        h = num_heads
+        self._add_stats_states(
+            AttentionStats(
+                zeros(h), zeros(h), zeros(h), zeros(h), torch.full((h,), -math.inf, dtype=torch.float64)
+            )
+        )
+
+    def update(
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        scale: float | None = None,
+        is_causal: bool = False,
+        attn_mask: Tensor | None = None,
+    ) -> None:
+        """Add one attention call's queries ``[B, H, Nq, Dh]`` and keys ``[B, Hk, Nk, Dh]`` (SDPA semantics)."""
+        if isinstance(q, Tensor) and q.ndim == 4 and q.shape[1] != self.num_heads:
+            raise ValueError(f"q must have {self.num_heads} heads (num_heads), got shape {tuple(q.shape)}")
+        self._accumulate(
+            _attention_entropy_update(q, k, scale=scale, is_causal=is_causal, attn_mask=attn_mask)
+        )
+
+    def compute(self) -> dict[str, Tensor]:
+        return _attention_entropy_compute(self._stats())

@@ -1,0 +1,71 @@
+"""RankMe as a streaming torchmetrics metric (see :func:`geomon.functional.rankme`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from geomon.functional._common import check_float_tensor
+from geomon.functional._embedding import EmbeddingStats
+from geomon.functional.rankme import _rankme_compute, _rankme_update
+from geomon.metrics._base import StatsMetric, check_positive_int, zeros
+
+
+class EmbeddingMetric(StatsMetric):
+    """Accumulates :class:`~geomon.functional._embedding.EmbeddingStats` of ``[N, num_features]`` batches."""
+
+    def __init__(self, num_features: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_features = check_positive_int(num_features, "num_features")
+        self._add_stats_states(
+            EmbeddingStats(zeros(), zeros(num_features), zeros(num_features, num_features))
+        )
+
+    def update(self, z: Tensor) -> None:
+        """Add a batch of embeddings ``[N, num_features]`` (an empty batch adds nothing)."""
+        check_float_tensor(z, "z", 2, f"[N, {self.num_features}]")
+        if z.shape[1] != self.num_features:
+            raise ValueError(
+                f"z must have {self.num_features} features (num_features), got shape {tuple(z.shape)}"
+            )
+        self._accumulate(_rankme_update(z))
+
+
+class RankMe(EmbeddingMetric):
+    """Effective rank of all embeddings seen since the last reset.
+
+    State: ``D x D`` Gram, ``D`` sum and a count (float64, summed across processes).
+
+    Args:
+        num_features: embedding width ``D``.
+        eps, centered, min_samples: as in :func:`geomon.functional.rankme`.
+        kwargs: torchmetrics ``Metric`` options (``sync_on_compute``, ``process_group``, ...).
+
+    Example:
+        >>> import torch
+        >>> metric = RankMe(num_features=100)
+        >>> for chunk in torch.eye(100).split(30):
+        ...     metric.update(chunk)
+        >>> round(float(metric.compute()), 4)
+        100.0036
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-7,
+        centered: bool = False,
+        min_samples: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_features, **kwargs)
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.eps, self.centered, self.min_samples = eps, centered, min_samples
+
+    def compute(self) -> Tensor:
+        return _rankme_compute(
+            self._stats(), eps=self.eps, centered=self.centered, min_samples=self.min_samples
+        )

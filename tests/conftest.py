@@ -1,0 +1,24 @@
+"""Shared test helpers: seeded random inputs and numpy conversion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+def to_np(x: torch.Tensor) -> np.ndarray:
+    """float64 numpy copy of a tensor (bf16/fp16 values are represented exactly)."""
+    return x.detach().to(torch.float64).cpu().numpy()
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A numpy generator seeded from the test's name: fresh inputs per test, reproducible runs."""
+    return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**32))
+
+
+@pytest.fixture
+def gen(rng: np.random.Generator) -> torch.Generator:
+    """A torch generator seeded from the test's name."""
+    return torch.Generator().manual_seed(int(rng.integers(2**31)))

@@ -1,0 +1,127 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geomon.functional import GeomonWarning, rankme
+from geomon.functional._common import sum_stats
+from geomon.functional.rankme import _rankme_compute, _rankme_update
+from tests.conftest import to_np
+from tests.reference import ref_rankme
+
+
+def _orthonormal_centred(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    """n x d matrix with orthonormal columns, each orthogonal to the all-ones vector (column means zero)."""
+    a = rng.standard_normal((n, d))
+    a -= a.mean(axis=0)
+    q, _ = np.linalg.qr(a)
+    return q
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300), (257, 257), (5, 3)])
+@pytest.mark.parametrize("centered", [False, True])
+def test_matches_float64_reference(shape, centered, gen):
+    z = torch.randn(*shape, generator=gen, dtype=torch.float64) * torch.rand(
+        shape[1], generator=gen, dtype=torch.float64
+    )
+    expected = ref_rankme(to_np(z), centered=centered)
+    assert float(rankme(z, centered=centered)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_identity_check_value():
+    assert float(rankme(torch.eye(100))) == pytest.approx(100.00360523, abs=1e-7)
+
+
+def test_rank_one_check_value(gen):
+    direction = torch.randn(2048, generator=gen)
+    z = torch.randn(50, 1, generator=gen) * direction
+    assert float(rankme(z)) == pytest.approx(1.0033, abs=5e-5)
+
+
+def test_power_law_spectrum_distinguishes_the_two_variants(rng):
+    # σ_k = k^-1/2, k <= 64: uncentred-σ RankMe 55.0, covariance-eigenvalue RankMe 29.1 (METRICS.md).
+    sigma = np.arange(1, 65) ** -0.5
+    v, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    z = torch.from_numpy(_orthonormal_centred(200, 64, rng) * sigma @ v.T)
+    assert float(rankme(z)) == pytest.approx(55.0, abs=0.05)
+    assert float(rankme(z, centered=True)) == pytest.approx(29.1, abs=0.05)
+    assert float(rankme(z)) == pytest.approx(ref_rankme(z.numpy()), rel=1e-9)
+    assert float(rankme(z, centered=True)) == pytest.approx(ref_rankme(z.numpy(), centered=True), rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_inputs_are_computed_at_full_precision(dtype, gen):
+    z = torch.randn(400, 32, generator=gen).to(dtype)
+    # the reference sees exactly the same (rounded) values, in float64
+    assert float(rankme(z)) == pytest.approx(ref_rankme(to_np(z)), rel=1e-6)
+    assert float(rankme(z, centered=True)) == pytest.approx(ref_rankme(to_np(z), centered=True), rel=1e-6)
+
+
+def test_eps_is_not_clamped():
+    # a flat spectrum reads slightly above min(N, D): the eps contribution is part of the definition
+    assert float(rankme(torch.eye(10), eps=0.0)) == pytest.approx(10.0, abs=1e-9)
+    assert float(rankme(torch.eye(10))) > 10.0
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(2, 60),
+    d=st.integers(1, 12),
+    centered=st.booleans(),
+)
+@settings(max_examples=40, deadline=None)
+def test_invariant_to_row_order_and_batching(seed, n, d, centered):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    whole = rankme(z, centered=centered)
+    shuffled = rankme(z[torch.randperm(n, generator=g)], centered=centered)
+    cuts = sorted(torch.randint(0, n + 1, (3,), generator=g).tolist())
+    parts = [z[a:b] for a, b in zip([0, *cuts], [*cuts, n], strict=True)]  # may include empty batches
+    stats = _rankme_update(parts[0])
+    for part in parts[1:]:
+        stats = sum_stats(stats, _rankme_update(part))
+    streamed = _rankme_compute(stats, centered=centered)
+    assert float(shuffled) == pytest.approx(float(whole), rel=1e-9)
+    assert float(streamed) == pytest.approx(float(whole), rel=1e-9)
+    assert 1.0 - 1e-6 <= float(whole) <= min(n, d) * 1.001 + 1e-3  # eps can move it by ~1e-7
+
+
+@pytest.mark.parametrize(
+    ("z", "kwargs", "match"),
+    [
+        (torch.zeros(0, 8), {}, "at least 1 rows, got 0"),
+        (torch.randn(1, 8), {"centered": True}, "at least 2 rows, got 1"),
+        (torch.randn(10, 8), {"min_samples": 32}, "at least 32 rows, got 10"),
+        (torch.zeros(10, 8), {}, "all zero"),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), {}, "NaN or Inf"),
+        (torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), {"centered": True}, "NaN or Inf"),
+    ],
+)
+def test_degenerate_inputs_warn_and_return_nan(z, kwargs, match):
+    with pytest.warns(GeomonWarning, match=match):
+        value = rankme(z, **kwargs)
+    assert math.isnan(float(value))
+
+
+@pytest.mark.parametrize(
+    ("z", "error", "match"),
+    [
+        (torch.ones(4, 3, dtype=torch.int64), TypeError, "floating-point"),
+        (torch.ones(4, 3, dtype=torch.complex64), TypeError, "floating-point"),
+        (torch.ones(4, 3, dtype=torch.bool), TypeError, "floating-point"),
+        (torch.ones(12), ValueError, r"shape \[N, D\]"),
+        (torch.ones(2, 3, 4), ValueError, r"shape \[N, D\]"),
+        (np.ones((4, 3)), TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input_is_rejected_with_a_clear_message(z, error, match):
+    with pytest.raises(error, match=match):
+        rankme(z)
+
+
+def test_negative_eps_is_rejected():
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        rankme(torch.eye(3), eps=-1.0)
