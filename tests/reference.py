@@ -24,9 +24,7 @@ def ref_rankme(z: np.ndarray, eps: float = 1e-7, centered: bool = False) -> floa
     return _exp_entropy(p)
 
 
-def ref_alpha_fit(
-    eigenvalues_descending: np.ndarray, fit_range: tuple[int, int] = (11, 100)
-) -> tuple[float, float]:
+def ref_alpha_fit(eigenvalues_descending: np.ndarray, fit_range: tuple[int, int] = (11, 100)) -> tuple[float, float]:
     """Weighted (w = 1/i) least squares of log lambda_i = -alpha log i + c; returns (alpha, weighted R^2)."""
     lam = np.asarray(eigenvalues_descending, dtype=np.float64)
     lo, hi = fit_range

@@ -71,15 +71,11 @@ def pair_sums(centred_means: Tensor, variances: Tensor, exponent: float) -> Pair
     tile = max(1, TILE_ELEMENTS // c)
     for start in range(0, c, tile):
         stop = min(start + tile, c)
-        off_diagonal = torch.arange(start, stop, device=unit.device)[:, None] != torch.arange(
-            c, device=unit.device
-        )
+        off_diagonal = torch.arange(start, stop, device=unit.device)[:, None] != torch.arange(c, device=unit.device)
         cos = unit[start:stop] @ unit.T
         shifted = cos - cos_etf
         g = -0.5 * torch.log((2 - 2 * cos).clamp(min=0)) - g_etf
-        dist_sq = (
-            sq_norms[start:stop, None] + sq_norms[None, :] - 2 * centred_means[start:stop] @ centred_means.T
-        )
+        dist_sq = sq_norms[start:stop, None] + sq_norms[None, :] - 2 * centred_means[start:stop] @ centred_means.T
         dist_sq = dist_sq.clamp(min=0)
         cdnv = (variances[start:stop, None] + variances[None, :]) / (2 * dist_sq ** (exponent / 2))
         parts = (shifted, shifted**2, shifted.abs(), g, g**2, cdnv)

@@ -25,9 +25,7 @@ def _check_fit_range(fit_range: tuple[int, int]) -> tuple[int, int]:
         and 1 <= fit_range[0] < fit_range[1]
     )
     if not ok:
-        raise ValueError(
-            f"fit_range must be two integer ranks (first, last) with 1 <= first < last, got {fit_range!r}"
-        )
+        raise ValueError(f"fit_range must be two integer ranks (first, last) with 1 <= first < last, got {fit_range!r}")
     return int(fit_range[0]), int(fit_range[1])
 
 
@@ -46,9 +44,7 @@ def _power_law_fit(eigenvalues: Tensor, fit_range: tuple[int, int]) -> tuple[Ten
     return -slope, r2
 
 
-def _alpha_req_compute(
-    stats: EmbeddingStats, *, fit_range: tuple[int, int] = (11, 100)
-) -> tuple[Tensor, Tensor]:
+def _alpha_req_compute(stats: EmbeddingStats, *, fit_range: tuple[int, int] = (11, 100)) -> tuple[Tensor, Tensor]:
     """``(α, R²)`` from accumulated :class:`EmbeddingStats`; both NaN (with a warning) when not computable."""
     fit_range = _check_fit_range(fit_range)
     device = stats.gram.device

@@ -49,9 +49,7 @@ def _validate(q: Tensor, k: Tensor, scale: float | None, is_causal: bool, attn_m
             f"q [B, H, Nq, Dh] and k [B, Hk, Nk, Dh] must agree on B and Dh, got {tuple(q.shape)} and {tuple(k.shape)}"
         )
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(
-            f"the key heads Hk = {k.shape[1]} must divide the query heads H = {q.shape[1]} (GQA)"
-        )
+        raise ValueError(f"the key heads Hk = {k.shape[1]} must divide the query heads H = {q.shape[1]} (GQA)")
     if q.device != k.device:
         raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
     if scale is not None and not (isinstance(scale, int | float) and math.isfinite(scale)):
@@ -59,20 +57,14 @@ def _validate(q: Tensor, k: Tensor, scale: float | None, is_causal: bool, attn_m
     if attn_mask is None:
         return
     if is_causal:
-        raise ValueError(
-            "attn_mask and is_causal=True cannot be combined (as in scaled_dot_product_attention)"
-        )
+        raise ValueError("attn_mask and is_causal=True cannot be combined (as in scaled_dot_product_attention)")
     if not isinstance(attn_mask, Tensor) or attn_mask.is_complex():
         raise TypeError(f"attn_mask must be a boolean or floating tensor, got {type(attn_mask).__name__}")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(
-            f"attn_mask must be boolean (True = may attend) or floating (added), got {attn_mask.dtype}"
-        )
+        raise TypeError(f"attn_mask must be boolean (True = may attend) or floating (added), got {attn_mask.dtype}")
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if attn_mask.ndim > 4 or torch.broadcast_shapes(attn_mask.shape, target) != target:
-        raise ValueError(
-            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, Nq, Nk] = {target}"
-        )
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, Nq, Nk] = {target}")
 
 
 def _grouped_mask(attn_mask: Tensor, num_kv_heads: int, group: int) -> Tensor:
@@ -220,7 +212,7 @@ def _merge_attention_stats(a: AttentionStats, b: AttentionStats) -> AttentionSta
     return AttentionStats(
         *(
             torch.maximum(x, y) if name in ATTENTION_REDUCTIONS else x + y
-            for name, x, y in zip(a._fields, a, b)
+            for name, x, y in zip(a._fields, a, b, strict=True)
         )
     )
 

@@ -42,9 +42,7 @@ def _validate(features, labels, weight, bias, num_classes, class_means) -> None:
     check_float_tensor(features, "features", 2, "[N, D]")
     check_int_tensor(labels, "labels", "[N]")
     if labels.shape[0] != features.shape[0]:
-        raise ValueError(
-            f"features [N, D] and labels [N] disagree on N: {features.shape[0]} vs {labels.shape[0]}"
-        )
+        raise ValueError(f"features [N, D] and labels [N] disagree on N: {features.shape[0]} vs {labels.shape[0]}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     d = features.shape[1]
@@ -61,21 +59,15 @@ def _validate(features, labels, weight, bias, num_classes, class_means) -> None:
     if class_means is not None:
         check_float_tensor(class_means, "class_means", 2, "[C, D]")
         if tuple(class_means.shape) != (num_classes, d):
-            raise ValueError(
-                f"class_means must have shape [C, D] = {(num_classes, d)}, got {tuple(class_means.shape)}"
-            )
+            raise ValueError(f"class_means must have shape [C, D] = {(num_classes, d)}, got {tuple(class_means.shape)}")
 
 
-def _nc4_update(
-    features: Tensor, weight: Tensor, bias: Tensor | None, class_means: Tensor
-) -> tuple[Tensor, Tensor]:
+def _nc4_update(features: Tensor, weight: Tensor, bias: Tensor | None, class_means: Tensor) -> tuple[Tensor, Tensor]:
     """``(mismatches, samples)``: classifier argmax over all classes vs nearest finite class mean (no sync)."""
     dtype = compute_dtype(features)
     h = features.detach().to(dtype)
     w = weight.detach().to(dtype)
-    offset = (
-        torch.zeros(w.shape[0], dtype=dtype, device=h.device) if bias is None else bias.detach().to(dtype)
-    )
+    offset = torch.zeros(w.shape[0], dtype=dtype, device=h.device) if bias is None else bias.detach().to(dtype)
     decision = tiled_argmax(h, w, offset)
     nearest = nearest_centre(h, class_means.detach().to(dtype))
     mismatch = (decision != nearest).sum().to(torch.float64)
@@ -157,11 +149,8 @@ def _neural_collapse_compute(
         "nc2_equiangular": _unbiased_variance(pairs.cos_shifted, pairs.cos_shifted_sq, n_ordered).sqrt(),
         "nc2_maxangle": pairs.cos_shifted_abs / n_ordered,
         "cdnv": pairs.cdnv / n_ordered,
-        "gnc2_mean": g_shift_mean
-        - 0.5 * torch.log(torch.tensor(2 * n_seen / (n_seen - 1), dtype=torch.float64)),
-        "gnc2_var": _unbiased_variance(
-            pairs.log_inv_dist_shifted / 2, pairs.log_inv_dist_shifted_sq / 2, n_unordered
-        ),
+        "gnc2_mean": g_shift_mean - 0.5 * torch.log(torch.tensor(2 * n_seen / (n_seen - 1), dtype=torch.float64)),
+        "gnc2_var": _unbiased_variance(pairs.log_inv_dist_shifted / 2, pairs.log_inv_dist_shifted_sq / 2, n_unordered),
     }
     if weight is not None:
         w = weight.detach().double()[seen]
@@ -219,15 +208,11 @@ def neural_collapse(
         else:
             check_int_tensor(labels, "labels", "[N]")
             num_classes = int(labels.max().item()) + 1 if labels.numel() else 1
-    stats = _neural_collapse_update(
-        features, labels, weight, bias, num_classes=num_classes, class_means=class_means
-    )
+    stats = _neural_collapse_update(features, labels, weight, bias, num_classes=num_classes, class_means=class_means)
     n_invalid = int(stats.n_invalid.item())
     if n_invalid:
         low, high = int(labels.min().item()), int(labels.max().item())
-        raise ValueError(
-            f"{n_invalid} labels are outside [0, num_classes = {num_classes}) (labels span {low}..{high})"
-        )
+        raise ValueError(f"{n_invalid} labels are outside [0, num_classes = {num_classes}) (labels span {low}..{high})")
     if weight is not None and class_means is None:
         mismatch, decided = _nc4_update(features, weight, bias, means_from_stats(stats))
         stats = stats._replace(nc4_mismatch=mismatch, nc4_count=decided)

@@ -39,10 +39,7 @@ def _rankme_compute(
     if not bool(stats.gram.isfinite().all()) or not bool(stats.total.isfinite().all()):
         warn("rankme: the embeddings contain NaN or Inf; returning NaN")
         return nan(device)
-    if centered:
-        values = _eigvalsh_descending(_covariance(stats))
-    else:
-        values = _eigvalsh_descending(stats.gram).sqrt()
+    values = _eigvalsh_descending(_covariance(stats)) if centered else _eigvalsh_descending(stats.gram).sqrt()
     if not bool(values.sum() > 0):
         warn("rankme: the embeddings are all zero (no spectrum); returning NaN")
         return nan(device)

@@ -36,9 +36,7 @@ def _validate(w: Tensor, u: Tensor | None, n_iter: int | None) -> None:
     if u is not None:
         check_float_tensor(u, "u", w.ndim - 1, "[..., out]")
         if u.shape != w.shape[:-1]:
-            raise ValueError(
-                f"u must have shape {tuple(w.shape[:-1])} ([..., out] of w), got {tuple(u.shape)}"
-            )
+            raise ValueError(f"u must have shape {tuple(w.shape[:-1])} ([..., out] of w), got {tuple(u.shape)}")
     if n_iter is not None and (not isinstance(n_iter, int) or n_iter < 0):
         raise ValueError(f"n_iter must be a non-negative integer, got {n_iter!r}")
 

@@ -44,9 +44,7 @@ class AttentionEntropy(StatsMetric):
         self.num_heads = check_positive_int(num_heads, "num_heads")
         h = num_heads
         self._add_stats_states(
-            AttentionStats(
-                zeros(h), zeros(h), zeros(h), zeros(h), torch.full((h,), -math.inf, dtype=torch.float64)
-            )
+            AttentionStats(zeros(h), zeros(h), zeros(h), zeros(h), torch.full((h,), -math.inf, dtype=torch.float64))
         )
 
     def update(
@@ -61,9 +59,7 @@ class AttentionEntropy(StatsMetric):
         """Add one attention call's queries ``[B, H, Nq, Dh]`` and keys ``[B, Hk, Nk, Dh]`` (SDPA semantics)."""
         if isinstance(q, Tensor) and q.ndim == 4 and q.shape[1] != self.num_heads:
             raise ValueError(f"q must have {self.num_heads} heads (num_heads), got shape {tuple(q.shape)}")
-        self._accumulate(
-            _attention_entropy_update(q, k, scale=scale, is_causal=is_causal, attn_mask=attn_mask)
-        )
+        self._accumulate(_attention_entropy_update(q, k, scale=scale, is_causal=is_causal, attn_mask=attn_mask))
 
     def compute(self) -> dict[str, Tensor]:
         return _attention_entropy_compute(self._stats())

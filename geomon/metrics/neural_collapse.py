@@ -32,17 +32,13 @@ class NeuralCollapse(StatsMetric):
         kwargs: torchmetrics ``Metric`` options.
     """
 
-    def __init__(
-        self, num_classes: int, num_features: int, *, cdnv_exponent: float = 2.0, **kwargs: Any
-    ) -> None:
+    def __init__(self, num_classes: int, num_features: int, *, cdnv_exponent: float = 2.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.num_features = check_positive_int(num_features, "num_features")
         self.cdnv_exponent = cdnv_exponent
         c, d = num_classes, num_features
-        self._add_stats_states(
-            ClassStats(zeros(c), zeros(c, d), zeros(c), zeros(d, d), zeros(), zeros(), zeros())
-        )
+        self._add_stats_states(ClassStats(zeros(c), zeros(c, d), zeros(c), zeros(d, d), zeros(), zeros(), zeros()))
         self.register_buffer("reference_means", torch.full((c, d), float("nan"), dtype=torch.float64))
         self._has_reference = False  # a Python flag, so that update never reads the buffer on the host
         self._pending_means: Tensor | None = None
@@ -53,9 +49,7 @@ class NeuralCollapse(StatsMetric):
     ) -> None:
         """Add features ``[N, D]`` with labels ``[N]``; ``weight [C, D]``/``bias [C]`` of the classifier head."""
         if isinstance(features, Tensor) and features.ndim == 2 and features.shape[1] != self.num_features:
-            raise ValueError(
-                f"features must have {self.num_features} features, got shape {tuple(features.shape)}"
-            )
+            raise ValueError(f"features must have {self.num_features} features, got shape {tuple(features.shape)}")
         reference = self.reference_means if self._has_reference else None
         stats = _neural_collapse_update(
             features, labels, weight, bias, num_classes=self.num_classes, class_means=reference
@@ -77,9 +71,7 @@ class NeuralCollapse(StatsMetric):
             self._pending_means = None
         super().reset()
 
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._has_reference = bool(torch.isfinite(self.reference_means).any())
 

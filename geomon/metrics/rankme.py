@@ -18,17 +18,13 @@ class EmbeddingMetric(StatsMetric):
     def __init__(self, num_features: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_features = check_positive_int(num_features, "num_features")
-        self._add_stats_states(
-            EmbeddingStats(zeros(), zeros(num_features), zeros(num_features, num_features))
-        )
+        self._add_stats_states(EmbeddingStats(zeros(), zeros(num_features), zeros(num_features, num_features)))
 
     def update(self, z: Tensor) -> None:
         """Add a batch of embeddings ``[N, num_features]`` (an empty batch adds nothing)."""
         check_float_tensor(z, "z", 2, f"[N, {self.num_features}]")
         if z.shape[1] != self.num_features:
-            raise ValueError(
-                f"z must have {self.num_features} features (num_features), got shape {tuple(z.shape)}"
-            )
+            raise ValueError(f"z must have {self.num_features} features (num_features), got shape {tuple(z.shape)}")
         self._accumulate(_rankme_update(z))
 
 
@@ -66,6 +62,4 @@ class RankMe(EmbeddingMetric):
         self.eps, self.centered, self.min_samples = eps, centered, min_samples
 
     def compute(self) -> Tensor:
-        return _rankme_compute(
-            self._stats(), eps=self.eps, centered=self.centered, min_samples=self.min_samples
-        )
+        return _rankme_compute(self._stats(), eps=self.eps, centered=self.centered, min_samples=self.min_samples)

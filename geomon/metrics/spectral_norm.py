@@ -31,11 +31,7 @@ class SpectralNorm(Metric):
 
     def __init__(self, *, steps_per_update: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if (
-            isinstance(steps_per_update, bool)
-            or not isinstance(steps_per_update, int)
-            or steps_per_update < 1
-        ):
+        if isinstance(steps_per_update, bool) or not isinstance(steps_per_update, int) or steps_per_update < 1:
             raise ValueError(f"steps_per_update must be a positive integer, got {steps_per_update!r}")
         self.steps_per_update = steps_per_update
         self.register_buffer("u", None)
@@ -53,9 +49,7 @@ class SpectralNorm(Metric):
             raise RuntimeError("SpectralNorm.compute() was called before any update()")
         return _spectral_norm_compute(self._weight, self.u)
 
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         saved = state_dict.get(prefix + "u")
         if saved is not None:
             self.u = torch.empty_like(saved)  # materialise the lazily-shaped buffer so it can be loaded
