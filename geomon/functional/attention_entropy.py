@@ -63,7 +63,11 @@ def _validate(q: Tensor, k: Tensor, scale: float | None, is_causal: bool, attn_m
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise TypeError(f"attn_mask must be boolean (True = may attend) or floating (added), got {attn_mask.dtype}")
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    if attn_mask.ndim > 4 or torch.broadcast_shapes(attn_mask.shape, target) != target:
+    try:
+        broadcasts = attn_mask.ndim <= 4 and torch.broadcast_shapes(attn_mask.shape, target) == target
+    except RuntimeError:
+        broadcasts = False
+    if not broadcasts:
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, Nq, Nk] = {target}")
 
 

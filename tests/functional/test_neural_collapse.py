@@ -1,0 +1,204 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geomon.functional import GeomonWarning, neural_collapse
+from geomon.functional import _class_tiles as class_tiles
+from geomon.functional._common import sum_stats
+from geomon.functional.neural_collapse import (
+    HEAD_STATISTICS,
+    STATISTICS,
+    _neural_collapse_compute,
+    _neural_collapse_update,
+    means_from_stats,
+)
+from tests.conftest import to_np
+from tests.reference import ref_neural_collapse, ref_simplex_etf
+
+
+def _clustered(rng, n, c, d, spread=0.5, weights=None):
+    """Features around random class centres; labels drawn with the given class weights (unseen classes possible)."""
+    centres = rng.standard_normal((c, d)) * 2
+    labels = rng.choice(c, size=n, p=weights)
+    features = centres[labels] + spread * rng.standard_normal((n, d))
+    return torch.from_numpy(features), torch.from_numpy(labels)
+
+
+def _assert_matches(values, expected, rel=1e-8, abs_=1e-10):
+    assert set(values) == set(expected)
+    for key, value in expected.items():
+        assert float(values[key]) == pytest.approx(value, rel=rel, abs=abs_), key
+
+
+@pytest.mark.parametrize(("n", "c", "d"), [(120, 5, 8), (300, 12, 20), (400, 30, 10)])  # the last: C > D
+def test_matches_float64_reference_with_head(n, c, d, rng):
+    features, labels = _clustered(rng, n, c, d)
+    weight = torch.from_numpy(rng.standard_normal((c, d)))
+    bias = torch.from_numpy(rng.standard_normal(c))
+    values = neural_collapse(features, labels, weight, bias)
+    expected = ref_neural_collapse(features.numpy(), labels.numpy(), weight.numpy(), bias.numpy())
+    _assert_matches(values, expected)
+
+
+def test_matches_reference_without_head_and_with_unseen_classes(rng):
+    weights = np.array([0.3, 0.0, 0.3, 0.2, 0.0, 0.2])
+    features, labels = _clustered(rng, 200, 6, 7, weights=weights)
+    values = neural_collapse(features, labels, num_classes=6)
+    assert set(values) == set(STATISTICS)
+    _assert_matches(values, ref_neural_collapse(features.numpy(), labels.numpy(), num_classes=6))
+    weight = torch.from_numpy(rng.standard_normal((6, 7)))
+    # nc4's classifier may pick an unseen class: the reference takes argmax over all rows too
+    values = neural_collapse(features, labels, weight)
+    _assert_matches(values, ref_neural_collapse(features.numpy(), labels.numpy(), weight.numpy()))
+
+
+@pytest.mark.parametrize("exponent", [2.0, 4.0])
+def test_cdnv_exponent(exponent, rng):
+    features, labels = _clustered(rng, 150, 4, 6)
+    value = neural_collapse(features, labels, cdnv_exponent=exponent)["cdnv"]
+    expected = ref_neural_collapse(features.numpy(), labels.numpy(), cdnv_exponent=exponent)["cdnv"]
+    assert float(value) == pytest.approx(expected, rel=1e-9)
+
+
+def test_given_class_means_drive_nc4(rng):
+    features, labels = _clustered(rng, 90, 5, 6)
+    weight = torch.from_numpy(rng.standard_normal((5, 6)))
+    means = torch.from_numpy(rng.standard_normal((5, 6)))
+    means[3] = float("nan")  # an unknown class takes no part in the nearest-centre search
+    value = neural_collapse(features, labels, weight, class_means=means)["nc4"]
+    expected = ref_neural_collapse(features.numpy(), labels.numpy(), weight.numpy(), class_means=means.numpy())
+    assert float(value) == pytest.approx(expected["nc4"], abs=1e-12)
+
+
+@pytest.mark.parametrize(("c", "d"), [(3, 3), (5, 12), (10, 10), (40, 64)])
+def test_exact_simplex_etf_is_fully_collapsed(c, d, rng):
+    offset = rng.standard_normal(d)
+    means = ref_simplex_etf(c, d, rng) * 3.0 + offset  # any scale and global offset
+    labels = np.repeat(np.arange(c), 4)
+    features = torch.from_numpy(means[labels])
+    weight = torch.from_numpy(means - offset)  # W = Mᵀ; the bias removes the offset from the decision
+    values = neural_collapse(features, torch.from_numpy(labels), weight, -weight @ torch.from_numpy(offset))
+    for key in ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "nc3", "nc4", "cdnv"):
+        assert abs(float(values[key])) < 1e-9, key
+    assert float(values["gnc2_mean"]) == pytest.approx(-0.5 * math.log(2 * c / (c - 1)), abs=1e-12)
+    assert abs(float(values["gnc2_var"])) < 1e-12
+    assert float(values["nc3_cos_mean"]) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_gnc2_mean_is_bounded_below_by_the_etf_value(rng):
+    for c in (3, 7, 15):
+        features, labels = _clustered(rng, 40 * c, c, 20)
+        assert float(neural_collapse(features, labels)["gnc2_mean"]) >= -0.5 * math.log(2 * c / (c - 1)) - 1e-12
+
+
+@given(seed=st.integers(0, 2**31 - 1), c=st.integers(2, 6), d=st.integers(2, 6))
+@settings(max_examples=40, deadline=None)
+def test_invariant_to_global_rotation_and_translation(seed, c, d):
+    rng = np.random.default_rng(seed)
+    features, labels = _clustered(rng, 12 * c, c, d)
+    if len(np.unique(labels.numpy())) < 2:
+        return
+    weight = torch.from_numpy(rng.standard_normal((c, d)))
+    rotation = torch.from_numpy(np.linalg.qr(rng.standard_normal((d, d)))[0])
+    shift = torch.from_numpy(rng.standard_normal(d) * 5)
+    before = neural_collapse(features, labels, weight)
+    # features rotate and translate; the head rotates with them and its bias absorbs the translation
+    after = neural_collapse(features @ rotation.T + shift, labels, weight @ rotation.T, -(weight @ rotation.T) @ shift)
+    for key in STATISTICS + HEAD_STATISTICS:
+        if key == "gnc2_var" and len(np.unique(labels.numpy())) == 2:  # one pair: no variance
+            assert math.isnan(before[key]) and math.isnan(after[key])
+            continue
+        assert float(after[key]) == pytest.approx(float(before[key]), rel=1e-6, abs=1e-9), key
+
+
+def test_streaming_equals_one_shot(rng):
+    features, labels = _clustered(rng, 230, 7, 9)
+    weight = torch.from_numpy(rng.standard_normal((7, 9)))
+    whole = neural_collapse(features, labels, weight)
+    means = means_from_stats(_neural_collapse_update(features, labels, num_classes=7))
+    stats = None
+    for part_f, part_l in zip(features.split(37), labels.split(37), strict=True):
+        part = _neural_collapse_update(part_f, part_l, weight, num_classes=7, class_means=means)
+        stats = part if stats is None else sum_stats(stats, part)
+    streamed = _neural_collapse_compute(stats, weight)
+    for key, value in whole.items():
+        assert float(streamed[key]) == pytest.approx(float(value), rel=1e-9, abs=1e-12), key
+
+
+def test_tiles_do_not_change_the_result(rng, monkeypatch):
+    features, labels = _clustered(rng, 64, 9, 5)
+    weight = torch.from_numpy(rng.standard_normal((9, 5)))
+    whole = neural_collapse(features, labels, weight)
+    monkeypatch.setattr(class_tiles, "TILE_ELEMENTS", 100)  # 1 class per decision tile, 11 rows per pair tile
+    tiled = neural_collapse(features, labels, weight)
+    for key, value in whole.items():
+        assert float(tiled[key]) == pytest.approx(float(value), rel=1e-10, abs=1e-12), key
+
+
+def test_ties_go_to_the_lowest_class_like_argmax():
+    features = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    rows = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.5, 0.0]], dtype=torch.float64)
+    offset = torch.zeros(4, dtype=torch.float64)
+    assert int(class_tiles.tiled_argmax(features, rows, offset)) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_features(dtype, rng):
+    features, labels = _clustered(rng, 160, 4, 6)
+    features = features.to(dtype)
+    values = neural_collapse(features, labels)
+    expected = ref_neural_collapse(to_np(features), labels.numpy())
+    _assert_matches(values, expected, rel=1e-6, abs_=1e-9)
+
+
+def test_degenerate_inputs_warn_and_return_nan(rng):
+    with pytest.warns(GeomonWarning, match="only 1 class"):
+        values = neural_collapse(torch.randn(5, 3), torch.zeros(5, dtype=torch.int64), torch.randn(2, 3))
+    assert set(values) == set(STATISTICS + HEAD_STATISTICS) and all(math.isnan(v) for v in values.values())
+    with pytest.warns(GeomonWarning, match="only 0 class"):
+        neural_collapse(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64), num_classes=3)
+    features, labels = _clustered(rng, 30, 3, 4)
+    features[4, 1] = float("inf")
+    with pytest.warns(GeomonWarning, match="NaN or Inf"):
+        assert math.isnan(neural_collapse(features, labels)["nc1"])
+
+
+def test_labels_out_of_range_are_rejected_in_both_paths():
+    features, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 3, 1, -1])
+    with pytest.raises(ValueError, match=r"2 labels are outside \[0, num_classes = 3\) \(labels span -1..3\)"):
+        neural_collapse(features, labels, num_classes=3)
+    stats = _neural_collapse_update(features, labels, num_classes=3)  # no sync in update: counted, not indexed
+    with pytest.raises(ValueError, match="2 labels were outside"):
+        _neural_collapse_compute(stats)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((torch.randn(4, 3), torch.tensor([0, 1, 0, 1.0])), {}, TypeError, "labels must be an integer tensor"),
+        ((torch.randn(4, 3), torch.tensor([0, 1, 0])), {}, ValueError, "disagree on N: 4 vs 3"),
+        ((torch.randn(4), torch.tensor([0, 1, 0, 1])), {}, ValueError, r"features must have shape \[N, D\]"),
+        ((torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.randn(2, 4)), {}, ValueError, r"weight must have"),
+        ((torch.randn(4, 3), torch.tensor([0, 1, 0, 1])), {"bias": torch.randn(2)}, ValueError, "without weight"),
+        ((torch.randn(4, 3), torch.tensor([0, 1, 0, 1])), {"num_classes": 0}, ValueError, "positive integer"),
+        (
+            (torch.randn(4, 3).to(torch.complex64), torch.tensor([0, 1, 0, 1])),
+            {},
+            TypeError,
+            "features must be a real",
+        ),
+        (
+            (torch.randn(4, 3), torch.tensor([0, 1, 0, 1])),
+            {"num_classes": 2, "class_means": torch.randn(3, 3)},
+            ValueError,
+            "class_means must have shape",
+        ),
+    ],
+)
+def test_bad_input_is_rejected(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        neural_collapse(*args, **kwargs)
