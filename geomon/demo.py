@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     batches, val_batches = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "metrics.csv"
-    print(f"training a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter GPT on {len(text) / 1e3:.0f} kB")
+    print(
+        f"training a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter GPT on {len(text) / 1e3:.0f} kB"
+    )
     started = time.perf_counter()
     values: dict[str, float] = {}
     with csv_path.open("w", newline="") as handle:

@@ -47,4 +47,6 @@ def test_probe_entropy_equals_entropy_from_independently_captured_qk():
     q, k, _ = captured["out"].split(32, dim=2)
     q, k = (t.view(3, 16, 4, 8).transpose(1, 2) for t in (q, k))
     entropy, _ = attention_entropy(q, k, is_causal=True)
-    assert float(probes.attention["blocks.0.attn"].compute()["entropy"]) == pytest.approx(float(entropy.mean()), rel=1e-6)
+    assert float(probes.attention["blocks.0.attn"].compute()["entropy"]) == pytest.approx(
+        float(entropy.mean()), rel=1e-6
+    )

@@ -38,9 +38,7 @@ def check_float_tensor(x: object, name: str, ndim: int | tuple[int, ...], shape_
         )
     allowed = (ndim,) if isinstance(ndim, int) else ndim
     if x.ndim not in allowed:
-        raise ValueError(
-            f"{name} must have shape {shape_doc} ({' or '.join(map(str, allowed))}-D), got {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name} must have shape {shape_doc}, got {tuple(x.shape)}")
     return x
 
 

@@ -24,7 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from geomon.functional._common import TILE_ELEMENTS, check_float_tensor, nan, warn
+from geomon.functional._common import TILE_ELEMENTS, check_float_tensor, check_int_tensor, nan, warn
+from geomon.functional._dispatch import Backend, choose_backend
 
 
 class AttentionStats(NamedTuple):
@@ -41,7 +42,9 @@ class AttentionStats(NamedTuple):
 ATTENTION_REDUCTIONS = {"max_logit": "max"}
 
 
-def _validate(q: Tensor, k: Tensor, scale: float | None, is_causal: bool, attn_mask: Tensor | None) -> None:
+def _validate(
+    q: Tensor, k: Tensor, scale: float | None, is_causal: bool, attn_mask: Tensor | None, query_index: Tensor | None
+) -> None:
     check_float_tensor(q, "q", 4, "[B, H, Nq, Dh]")
     check_float_tensor(k, "k", 4, "[B, Hk, Nk, Dh]")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
@@ -52,6 +55,10 @@ def _validate(q: Tensor, k: Tensor, scale: float | None, is_causal: bool, attn_m
         raise ValueError(f"the key heads Hk = {k.shape[1]} must divide the query heads H = {q.shape[1]} (GQA)")
     if q.device != k.device:
         raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
+    if query_index is not None:
+        check_int_tensor(query_index, "query_index", "[Nsel]")
+        if query_index.device != q.device:
+            raise ValueError(f"query_index must be on q's device {q.device}, got {query_index.device}")
     if scale is not None and not (isinstance(scale, int | float) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number or None (1/sqrt(Dh)), got {scale!r}")
     if attn_mask is None:
@@ -78,35 +85,36 @@ def _grouped_mask(attn_mask: Tensor, num_kv_heads: int, group: int) -> Tensor:
     return mask.reshape(b, num_kv_heads, group, nq, nk) if h != 1 else mask.reshape(b, 1, 1, nq, nk)
 
 
-def _attention_rows(
+def _attention_rows_torch(
     q: Tensor,
     k: Tensor,
-    *,
-    scale: float | None = None,
-    is_causal: bool = False,
-    attn_mask: Tensor | None = None,
-    chunk_size: int | None = None,
+    scale: float,
+    is_causal: bool,
+    attn_mask: Tensor | None,
+    chunk_size: int | None,
+    query_index: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``(entropy, max_logit, n_keys)``, each ``[B, H, Nq]`` (float32/float64, float, int64)."""
-    _validate(q, k, scale, is_causal, attn_mask)
-    batch, heads, n_q, dim = q.shape
+    """The reference path: chunks of keys through an online softmax, in float32 (float64 for float64 inputs)."""
+    batch, heads, _, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
-    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    positions = torch.arange(q.shape[2], device=q.device) if query_index is None else query_index.long()
+    q = q if query_index is None else q.index_select(2, positions)
+    n_q = q.shape[2]
     qg = q.detach().to(dtype).reshape(batch, kv_heads, group, n_q, dim) * scale
     kg = k.detach().unsqueeze(2)  # [B, Hk, 1, Nk, Dh]: a view, shared by the G query heads of a group
     mask = None if attn_mask is None else _grouped_mask(attn_mask.detach(), kv_heads, group)
+    if mask is not None and query_index is not None and mask.shape[-2] != 1:
+        mask = mask.index_select(-2, positions)
     if chunk_size is None:
         chunk_size = max(1, TILE_ELEMENTS // max(1, batch * heads * n_q))
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     shape = (batch, kv_heads, group, n_q)
     running_max = torch.full(shape, -math.inf, dtype=dtype, device=q.device)
     norm = torch.zeros(shape, dtype=dtype, device=q.device)  # l = Σ e^(s-m)
     tilted = torch.zeros(shape, dtype=dtype, device=q.device)  # t = Σ e^(s-m)(s-m)
     n_keys = torch.zeros(shape, dtype=torch.int64, device=q.device)
-    rows = torch.arange(n_q, device=q.device)[:, None]
+    rows = positions[:, None]
     for start in range(0, n_k, chunk_size):
         stop = min(start + chunk_size, n_k)
         scores = qg @ kg[..., start:stop, :].to(dtype).transpose(-1, -2)  # [B, Hk, G, Nq, c]
@@ -145,6 +153,34 @@ def _attention_rows(
     return entropy.reshape(out), max_logit.reshape(out), n_keys.reshape(out)
 
 
+def _attention_rows(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    attn_mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    query_index: Tensor | None = None,
+    backend: Backend = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(entropy, max_logit, n_keys)``, each ``[B, H, Nq]`` (or ``[B, H, Nsel]``); no host sync."""
+    _validate(q, k, scale, is_causal, attn_mask, query_index)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    unsupported = None
+    if q.dtype == torch.float64 or k.dtype == torch.float64:
+        unsupported = "float64 inputs are computed by the torch path only"
+    elif q.shape[-1] > 256:
+        unsupported = f"head dim {q.shape[-1]} > 256"
+    if choose_backend(backend, "attention_entropy", q, k, attn_mask, unsupported=unsupported) == "triton":
+        from geomon.kernels.attention_entropy import attention_rows_triton
+
+        return attention_rows_triton(q, k, scale, is_causal, attn_mask, query_index)
+    return _attention_rows_torch(q, k, scale, is_causal, attn_mask, chunk_size, query_index)
+
+
 def attention_entropy(
     q: Tensor,
     k: Tensor,
@@ -153,6 +189,8 @@ def attention_entropy(
     is_causal: bool = False,
     attn_mask: Tensor | None = None,
     chunk_size: int | None = None,
+    query_index: Tensor | None = None,
+    backend: Backend = "auto",
     return_n_keys: bool = False,
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Entropy (nats) and max logit of every attention row, without forming the attention matrix.
@@ -163,7 +201,10 @@ def attention_entropy(
         scale: softmax scale; default ``1/sqrt(Dh)``, as in SDPA.
         is_causal: SDPA's causal mask (query ``i`` sees keys ``j <= i``); not combinable with ``attn_mask``.
         attn_mask: SDPA-style mask broadcastable to ``[B, H, Nq, Nk]``: boolean (True = may attend) or additive.
-        chunk_size: keys per chunk; default keeps each chunk of scores under 2**24 elements.
+        chunk_size: keys per chunk of the torch path; default keeps each chunk of scores under 2**24 elements.
+        query_index: evaluate only these query rows (1-D integer positions in ``[0, Nq)``, the same for every
+            head), so that watching a long sequence costs a fraction of attention; outputs are ``[B, H, Nsel]``.
+        backend: ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"`` (raises if it cannot run).
         return_n_keys: also return the number of allowed keys of each row (for ``H / log n``).
 
     Returns:
@@ -177,8 +218,19 @@ def attention_entropy(
         >>> torch.allclose(entropy, torch.full((1, 1, 4), torch.log(torch.tensor(16.0)).item()))
         True
     """
+    if query_index is not None and isinstance(q, Tensor) and query_index.numel():
+        low, high = int(query_index.min()), int(query_index.max())  # a host sync, acceptable in a one-shot call
+        if low < 0 or high >= q.shape[-2]:
+            raise ValueError(f"query_index must lie in [0, Nq = {q.shape[-2]}), got values in [{low}, {high}]")
     entropy, max_logit, n_keys = _attention_rows(
-        q, k, scale=scale, is_causal=is_causal, attn_mask=attn_mask, chunk_size=chunk_size
+        q,
+        k,
+        scale=scale,
+        is_causal=is_causal,
+        attn_mask=attn_mask,
+        chunk_size=chunk_size,
+        query_index=query_index,
+        backend=backend,
     )
     return (entropy, max_logit, n_keys) if return_n_keys else (entropy, max_logit)
 
@@ -191,23 +243,35 @@ def _attention_entropy_update(
     is_causal: bool = False,
     attn_mask: Tensor | None = None,
     chunk_size: int | None = None,
+    query_index: Tensor | None = None,
+    backend: Backend = "auto",
 ) -> AttentionStats:
-    """Per-head sums over batch and query rows of one attention call (no host sync)."""
+    """Per-head sums over batch and query rows of one attention call (no host sync; ``query_index`` unchecked)."""
     entropy, max_logit, n_keys = _attention_rows(
-        q, k, scale=scale, is_causal=is_causal, attn_mask=attn_mask, chunk_size=chunk_size
+        q,
+        k,
+        scale=scale,
+        is_causal=is_causal,
+        attn_mask=attn_mask,
+        chunk_size=chunk_size,
+        query_index=query_index,
+        backend=backend,
     )
     valid = n_keys >= 1
     spread = n_keys >= 2
     normalized = entropy / torch.log(n_keys.clamp(min=2).to(entropy.dtype))
     f64 = torch.float64
+    heads = entropy.shape[1]
+    row_max = torch.where(valid, max_logit, -math.inf).to(f64).transpose(0, 1).reshape(heads, -1)
+    max_per_head = torch.full((heads,), -math.inf, dtype=f64, device=entropy.device)
+    if row_max.shape[1]:  # amax over no rows is an error; the state starts at -inf
+        max_per_head = row_max.amax(dim=1)
     return AttentionStats(
         entropy_sum=torch.where(valid, entropy, 0.0).sum(dim=(0, 2), dtype=f64),
         count=valid.sum(dim=(0, 2)).to(f64),
         normalized_sum=torch.where(spread, normalized, 0.0).sum(dim=(0, 2), dtype=f64),
         normalized_count=spread.sum(dim=(0, 2)).to(f64),
-        max_logit=torch.where(valid, max_logit, -math.inf).amax(dim=(0, 2)).to(f64)
-        if max_logit.shape[0] * max_logit.shape[2] > 0
-        else torch.full((max_logit.shape[1],), -math.inf, dtype=f64, device=max_logit.device),
+        max_logit=max_per_head,
     )
 
 

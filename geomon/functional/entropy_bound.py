@@ -23,7 +23,7 @@ def entropy_lower_bound(sigma: Tensor | float, n_keys: int) -> Tensor:
         n_keys: the number of keys ``T >= 1`` (``T = 1`` gives 0: one key, no uncertainty).
 
     Returns:
-        The bound, element-wise, in float64 (float32 inputs) or the input's dtype if float64.
+        The bound, element-wise, as a float64 tensor of ``sigma``'s shape.
 
     Example:
         >>> round(float(entropy_lower_bound(5.0, 16)), 4)

@@ -1,0 +1,156 @@
+"""The fused attention-entropy kernel against the torch reference path, on shapes that hit every branch."""
+
+import math
+
+import pytest
+import torch
+
+from geomon.functional import attention_entropy
+from geomon.kernels import attention_entropy as kernel_module
+from geomon.kernels.attention_entropy import attention_rows_triton
+from tests.kernels.conftest import DEVICE, INTERPRETED
+
+BLOCK = 16  # small tiles so that tile edges are reachable with small (interpreter-friendly) shapes
+
+
+def _reference(q, k, **kwargs):
+    return attention_entropy(q.double(), k.double(), backend="torch", return_n_keys=True, **kwargs)
+
+
+def _kernel(q, k, *, scale=None, is_causal=False, attn_mask=None, query_index=None):
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return attention_rows_triton(q, k, scale, is_causal, attn_mask, query_index, block_m=BLOCK, block_n=BLOCK)
+
+
+def _check(q, k, atol=1e-4, **kwargs):
+    entropy, max_logit, n_keys = _kernel(q, k, **kwargs)
+    ref_entropy, ref_max, ref_n = _reference(q, k, **kwargs)
+    assert torch.equal(n_keys.cpu(), ref_n.cpu())
+    torch.testing.assert_close(entropy.double().cpu(), ref_entropy.cpu(), atol=atol, rtol=0, equal_nan=True)
+    torch.testing.assert_close(max_logit.double().cpu(), ref_max.cpu(), atol=atol, rtol=1e-5, equal_nan=True)
+
+
+def _qk(b, h, hk, nq, nk, dh, dtype=torch.float32, spread=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, h, nq, dh, generator=g) * spread).to(DEVICE, dtype)
+    k = torch.randn(b, hk, nk, dh, generator=g).to(DEVICE, dtype)
+    return q, k
+
+
+def test_the_kernel_really_runs_interpreted_on_the_cpu():
+    if DEVICE == "cpu":
+        assert INTERPRETED
+        from triton.runtime.interpreter import InterpretedFunction
+
+        assert isinstance(kernel_module._attention_entropy_kernel, InterpretedFunction)
+
+
+@pytest.mark.parametrize("n", [1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 3])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_tile_edges(n, is_causal):
+    q, k = _qk(1, 2, 2, n, n, 16, seed=n)
+    _check(q, k, is_causal=is_causal)
+
+
+@pytest.mark.parametrize(("nq", "nk"), [(5, 37), (37, 5), (17, 16)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_unequal_query_and_key_lengths(nq, nk, is_causal):
+    _check(*_qk(2, 2, 1, nq, nk, 8), is_causal=is_causal)
+
+
+@pytest.mark.parametrize("head_dim", [8, 24, 32, 64, 128])
+def test_head_dims_including_non_powers_of_two(head_dim):
+    _check(*_qk(1, 2, 2, 9, 20, head_dim), scale=0.3)
+
+
+def test_grouped_query_attention_reads_the_right_key_head():
+    _check(*_qk(2, 8, 2, 11, 19, 16), is_causal=True)
+
+
+def test_boolean_float_and_padding_masks_with_broadcasts():
+    b, h, nq, nk = 2, 4, 13, 21
+    q, k = _qk(b, h, 2, nq, nk, 16)
+    g = torch.Generator().manual_seed(3)
+    full = (torch.rand(b, h, nq, nk, generator=g) > 0.5).to(DEVICE)
+    full[1, 2, 4] = False  # a row with no allowed key: NaN
+    _check(q, k, attn_mask=full)
+    padding = torch.ones(b, 1, 1, nk, dtype=torch.bool, device=DEVICE)
+    padding[0, ..., 15:] = False
+    _check(q, k, attn_mask=padding)
+    bias = torch.randn(nq, nk, generator=g).to(DEVICE)  # 2-D additive bias, broadcast over batch and heads
+    _check(q, k, attn_mask=bias)
+    for blocked in (-math.inf, torch.finfo(torch.float32).min):
+        additive = torch.zeros(b, 1, nq, nk, device=DEVICE)
+        additive[..., 17:] = blocked
+        additive[0, :, 3, :] = blocked
+        _check(q, k, attn_mask=additive)
+
+
+def test_non_contiguous_inputs_are_read_through_their_strides():
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 23, 3, 4, 16, generator=g).to(DEVICE)  # [B, N, 3, H, Dh] as a fused projection gives
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    _check(q, k, is_causal=True)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_query_subsampling(is_causal):
+    q, k = _qk(1, 2, 2, 40, 40, 16)
+    index = torch.tensor([0, 3, 17, 39, 16, 15], device=DEVICE)
+    _check(q, k, is_causal=is_causal, query_index=index)
+    mask = (torch.rand(1, 2, 40, 40, generator=torch.Generator().manual_seed(1)) > 0.3).to(DEVICE)
+    _check(q, k, attn_mask=mask, query_index=index)
+
+
+def test_empty_and_keyless_inputs():
+    q, k = _qk(1, 2, 2, 0, 5, 16)
+    assert _kernel(q, k)[0].shape == (1, 2, 0)
+    q, k = _qk(1, 2, 2, 4, 0, 16)
+    entropy, max_logit, n_keys = _kernel(q, k)
+    assert bool(entropy.isnan().all()) and bool(max_logit.isnan().all()) and int(n_keys.sum()) == 0
+
+
+def test_uniform_and_one_hot_rows():
+    k = torch.randn(1, 1, 40, 16, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    entropy, _, _ = _kernel(torch.zeros(1, 1, 3, 16, device=DEVICE), k)
+    torch.testing.assert_close(entropy.cpu(), torch.full((1, 1, 3), math.log(40)), atol=1e-5, rtol=0)
+    eye = torch.eye(16, device=DEVICE).reshape(1, 1, 16, 16)
+    entropy, max_logit, _ = _kernel(eye, eye * 100, scale=1.0)
+    assert float(entropy.abs().max()) < 1e-6
+    torch.testing.assert_close(max_logit.cpu(), torch.full((1, 1, 16), 100.0))
+
+
+def test_public_function_dispatches_to_the_kernel(monkeypatch):
+    calls = []
+    original = kernel_module.attention_rows_triton
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "attention_rows_triton", spy)
+    q, k = _qk(1, 2, 1, 70, 70, 32)  # default 64-wide tiles: 2 query tiles, 2 key tiles
+    entropy, max_logit = attention_entropy(q, k, is_causal=True, backend="triton")
+    ref_entropy, ref_max = attention_entropy(q, k, is_causal=True, backend="torch")
+    assert calls == [1]
+    torch.testing.assert_close(entropy, ref_entropy, atol=1e-4, rtol=0)
+    torch.testing.assert_close(max_logit, ref_max, atol=1e-4, rtol=1e-5)
+    expected_auto = "triton" if DEVICE == "cuda" else "torch"  # auto never interprets CPU tensors
+    attention_entropy(q, k, backend="auto")
+    assert len(calls) == (2 if expected_auto == "triton" else 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_give_fp32_accuracy(dtype):
+    # the reference sees the same rounded inputs in float64; products of fp16/bf16 values are exact in fp32
+    n = 40 if INTERPRETED else 300
+    _check(*_qk(2, 4, 2, n, n, 64, dtype=dtype), atol=1e-4, is_causal=True)
+
+
+def test_triton_backend_refuses_what_it_cannot_run():
+    q, k = _qk(1, 1, 1, 4, 4, 8)
+    with pytest.raises(RuntimeError, match="float64 inputs are computed by the torch path only"):
+        attention_entropy(q.double(), k.double(), backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attention_entropy(q, k, backend="cuda")
