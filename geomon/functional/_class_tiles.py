@@ -13,14 +13,21 @@ import torch
 from torch import Tensor
 
 from geomon.functional._common import TILE_ELEMENTS
+from geomon.functional._dispatch import Backend, choose_backend
 
 
-def tiled_argmax(features: Tensor, rows: Tensor, offset: Tensor) -> Tensor:
+def tiled_argmax(features: Tensor, rows: Tensor, offset: Tensor, backend: Backend = "torch") -> Tensor:
     """``argmax_c (features @ rows[c] + offset[c])`` per sample, ties to the lowest ``c`` (as ``torch.argmax``).
 
     Args:
         features: ``[N, D]``. rows: ``[C, D]``. offset: ``[C]`` (``-inf`` excludes a class).
+        backend: ``"triton"`` runs the fused kernel (float32/float16/bfloat16 features), see ``_dispatch``.
     """
+    unsupported = "float64 features are searched by the torch path only" if features.dtype == torch.float64 else None
+    if choose_backend(backend, "nc4 decisions", features, rows, unsupported=unsupported) == "triton":
+        from geomon.kernels.class_argmax import tiled_argmax_triton
+
+        return tiled_argmax_triton(features, rows, offset)
     n, c = features.shape[0], rows.shape[0]
     best_value = torch.full((n,), -math.inf, dtype=features.dtype, device=features.device)
     best_index = torch.zeros(n, dtype=torch.int64, device=features.device)
@@ -34,13 +41,13 @@ def tiled_argmax(features: Tensor, rows: Tensor, offset: Tensor) -> Tensor:
     return best_index
 
 
-def nearest_centre(features: Tensor, means: Tensor) -> Tensor:
+def nearest_centre(features: Tensor, means: Tensor, backend: Backend = "torch") -> Tensor:
     """``argmin_c |h - μ_c|`` per sample over the classes whose mean row is finite (NaN rows are skipped)."""
     known = means.isfinite().all(dim=1)
     centres = torch.where(known[:, None], means, 0.0)
     # |h - μ|² = |h|² - 2 h·μ + |μ|²: minimising it is maximising 2 h·μ - |μ|².
     offset = torch.where(known, -(centres * centres).sum(dim=1), -math.inf)
-    return tiled_argmax(features, 2 * centres, offset)
+    return tiled_argmax(features, 2 * centres, offset, backend)
 
 
 class PairSums(NamedTuple):

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from geomon.functional._class_tiles import nearest_centre, pair_sums, tiled_argmax
 from geomon.functional._common import check_float_tensor, check_int_tensor, compute_dtype, nan, warn
+from geomon.functional._dispatch import Backend, choose_backend
 
 STATISTICS = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "cdnv", "gnc2_mean", "gnc2_var")
 HEAD_STATISTICS = ("nc3", "nc3_cos_mean", "unc3", "nc4")
@@ -62,14 +63,16 @@ def _validate(features, labels, weight, bias, num_classes, class_means) -> None:
             raise ValueError(f"class_means must have shape [C, D] = {(num_classes, d)}, got {tuple(class_means.shape)}")
 
 
-def _nc4_update(features: Tensor, weight: Tensor, bias: Tensor | None, class_means: Tensor) -> tuple[Tensor, Tensor]:
+def _nc4_update(
+    features: Tensor, weight: Tensor, bias: Tensor | None, class_means: Tensor, backend: Backend = "auto"
+) -> tuple[Tensor, Tensor]:
     """``(mismatches, samples)``: classifier argmax over all classes vs nearest finite class mean (no sync)."""
     dtype = compute_dtype(features)
     h = features.detach().to(dtype)
     w = weight.detach().to(dtype)
     offset = torch.zeros(w.shape[0], dtype=dtype, device=h.device) if bias is None else bias.detach().to(dtype)
-    decision = tiled_argmax(h, w, offset)
-    nearest = nearest_centre(h, class_means.detach().to(dtype))
+    decision = tiled_argmax(h, w, offset, backend)
+    nearest = nearest_centre(h, class_means.detach().to(dtype), backend)
     mismatch = (decision != nearest).sum().to(torch.float64)
     return mismatch, torch.tensor(float(h.shape[0]), dtype=torch.float64, device=h.device)
 
@@ -82,31 +85,39 @@ def _neural_collapse_update(
     *,
     num_classes: int,
     class_means: Tensor | None = None,
+    backend: Backend = "auto",
 ) -> ClassStats:
     """Statistics of one batch. Labels outside ``[0, C)`` are counted (and rejected at compute), not indexed;
     ``nc4`` is counted only when both ``weight`` and reference ``class_means`` are given. No host sync."""
     _validate(features, labels, weight, bias, num_classes, class_means)
     h = features.detach().double()
     valid = (labels >= 0) & (labels < num_classes)
-    index = labels.clamp(0, num_classes - 1).long()
-    keep = valid.double()
-    kept = h * keep[:, None]
+    kept = h * valid.double()[:, None]
     zeros = torch.zeros((), dtype=torch.float64, device=h.device)
     mismatch, decided = zeros, zeros
     if weight is not None and class_means is not None:
-        mismatch, decided = _nc4_update(features, weight, bias, class_means)
-    return ClassStats(
-        count=torch.zeros(num_classes, dtype=torch.float64, device=h.device).index_add_(0, index, keep),
-        feature_sum=torch.zeros(num_classes, h.shape[1], dtype=torch.float64, device=h.device).index_add_(
-            0, index, kept
-        ),
-        sq_norm_sum=torch.zeros(num_classes, dtype=torch.float64, device=h.device).index_add_(
-            0, index, (kept * h).sum(dim=1)
-        ),
-        gram=kept.T @ h,
-        n_invalid=(~valid).sum().to(torch.float64),
-        nc4_mismatch=mismatch,
-        nc4_count=decided,
+        mismatch, decided = _nc4_update(features, weight, bias, class_means, backend)
+    unsupported = "float64 features are reduced by the torch path only" if features.dtype == torch.float64 else None
+    if choose_backend(backend, "class statistics", features, labels, unsupported=unsupported) == "triton":
+        from geomon.kernels.class_stats import class_stats_triton
+
+        count, feature_sum, sq_norm_sum, n_invalid = class_stats_triton(features.detach(), labels, num_classes)
+    else:
+        count, feature_sum, sq_norm_sum = _class_sums_torch(h, labels, valid, num_classes)
+        n_invalid = (~valid).sum().to(torch.float64)
+    return ClassStats(count, feature_sum, sq_norm_sum, kept.T @ h, n_invalid, mismatch, decided)
+
+
+def _class_sums_torch(h: Tensor, labels: Tensor, valid: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class counts, sums and squared-norm sums with ``index_add_`` (float64); invalid labels add zeros."""
+    index = labels.clamp(0, num_classes - 1).long()
+    keep = valid.double()
+    kept = h * keep[:, None]
+    zeros = torch.zeros(num_classes, dtype=torch.float64, device=h.device)
+    return (
+        zeros.index_add(0, index, keep),
+        torch.zeros(num_classes, h.shape[1], dtype=torch.float64, device=h.device).index_add_(0, index, kept),
+        zeros.index_add(0, index, (kept * h).sum(dim=1)),
     )
 
 
@@ -177,6 +188,7 @@ def neural_collapse(
     num_classes: int | None = None,
     class_means: Tensor | None = None,
     cdnv_exponent: float = 2.0,
+    backend: Backend = "auto",
 ) -> dict[str, Tensor]:
     """Neural-collapse statistics NC1-NC4 and their large-vocabulary forms, as METRICS.md defines them.
 
@@ -189,6 +201,7 @@ def neural_collapse(
         class_means: ``[C, D]`` means for ``nc4``'s nearest-centre search (NaN rows = unknown classes); default
             the means of these features.
         cdnv_exponent: power of the distance in CDNV's denominator (2: Galanti et al.; 4: Linguistic Collapse code).
+        backend: class statistics and ``nc4`` decisions by ``"torch"``, ``"triton"`` kernels, or ``"auto"``.
 
     Returns:
         ``nc1, nc2_equinorm, nc2_equiangular, nc2_maxangle, cdnv, gnc2_mean, gnc2_var`` and, with ``weight``,
@@ -208,12 +221,14 @@ def neural_collapse(
         else:
             check_int_tensor(labels, "labels", "[N]")
             num_classes = int(labels.max().item()) + 1 if labels.numel() else 1
-    stats = _neural_collapse_update(features, labels, weight, bias, num_classes=num_classes, class_means=class_means)
+    stats = _neural_collapse_update(
+        features, labels, weight, bias, num_classes=num_classes, class_means=class_means, backend=backend
+    )
     n_invalid = int(stats.n_invalid.item())
     if n_invalid:
         low, high = int(labels.min().item()), int(labels.max().item())
         raise ValueError(f"{n_invalid} labels are outside [0, num_classes = {num_classes}) (labels span {low}..{high})")
     if weight is not None and class_means is None:
-        mismatch, decided = _nc4_update(features, weight, bias, means_from_stats(stats))
+        mismatch, decided = _nc4_update(features, weight, bias, means_from_stats(stats), backend)
         stats = stats._replace(nc4_mismatch=mismatch, nc4_count=decided)
     return _neural_collapse_compute(stats, weight, cdnv_exponent=cdnv_exponent)
