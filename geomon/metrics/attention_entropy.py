@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from geomon.functional._dispatch import BACKENDS, Backend
 from geomon.functional.attention_entropy import (
     ATTENTION_REDUCTIONS,
     AttentionStats,
@@ -27,6 +28,7 @@ class AttentionEntropy(StatsMetric):
 
     Args:
         num_heads: query heads ``H`` of the layer.
+        backend: ``"auto"`` (the fused Triton kernel on CUDA), ``"torch"`` or ``"triton"``.
         kwargs: torchmetrics ``Metric`` options.
 
     Example:
@@ -39,9 +41,12 @@ class AttentionEntropy(StatsMetric):
 
     max_fields = frozenset(ATTENTION_REDUCTIONS)
 
-    def __init__(self, num_heads: int, **kwargs: Any) -> None:
+    def __init__(self, num_heads: int, *, backend: Backend = "auto", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.num_heads = check_positive_int(num_heads, "num_heads")
+        self.backend = backend
         h = num_heads
         self._add_stats_states(
             AttentionStats(zeros(h), zeros(h), zeros(h), zeros(h), torch.full((h,), -math.inf, dtype=torch.float64))
@@ -55,11 +60,22 @@ class AttentionEntropy(StatsMetric):
         scale: float | None = None,
         is_causal: bool = False,
         attn_mask: Tensor | None = None,
+        query_index: Tensor | None = None,
     ) -> None:
-        """Add one attention call's queries ``[B, H, Nq, Dh]`` and keys ``[B, Hk, Nk, Dh]`` (SDPA semantics)."""
+        """Add one attention call's queries ``[B, H, Nq, Dh]`` and keys ``[B, Hk, Nk, Dh]`` (SDPA semantics);
+        ``query_index`` (valid positions, not checked here) restricts the rows measured."""
         if isinstance(q, Tensor) and q.ndim == 4 and q.shape[1] != self.num_heads:
             raise ValueError(f"q must have {self.num_heads} heads (num_heads), got shape {tuple(q.shape)}")
-        self._accumulate(_attention_entropy_update(q, k, scale=scale, is_causal=is_causal, attn_mask=attn_mask))
+        stats = _attention_entropy_update(
+            q,
+            k,
+            scale=scale,
+            is_causal=is_causal,
+            attn_mask=attn_mask,
+            query_index=query_index,
+            backend=self.backend,
+        )
+        self._accumulate(stats)
 
     def compute(self) -> dict[str, Tensor]:
         return _attention_entropy_compute(self._stats())

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from geomon.functional._dispatch import BACKENDS, Backend
 from geomon.functional.neural_collapse import (
     ClassStats,
     _neural_collapse_compute,
@@ -29,11 +30,24 @@ class NeuralCollapse(StatsMetric):
         num_classes: ``C`` (rows of the classifier).
         num_features: ``D``.
         cdnv_exponent: as in :func:`geomon.functional.neural_collapse`.
+        backend: class statistics and ``nc4`` decisions by ``"auto"`` (Triton kernels on CUDA), ``"torch"``,
+            or ``"triton"``.
         kwargs: torchmetrics ``Metric`` options.
     """
 
-    def __init__(self, num_classes: int, num_features: int, *, cdnv_exponent: float = 2.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        num_features: int,
+        *,
+        cdnv_exponent: float = 2.0,
+        backend: Backend = "auto",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.num_features = check_positive_int(num_features, "num_features")
         self.cdnv_exponent = cdnv_exponent
@@ -52,7 +66,7 @@ class NeuralCollapse(StatsMetric):
             raise ValueError(f"features must have {self.num_features} features, got shape {tuple(features.shape)}")
         reference = self.reference_means if self._has_reference else None
         stats = _neural_collapse_update(
-            features, labels, weight, bias, num_classes=self.num_classes, class_means=reference
+            features, labels, weight, bias, num_classes=self.num_classes, class_means=reference, backend=self.backend
         )
         self._accumulate(stats)
         if weight is not None:

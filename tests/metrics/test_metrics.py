@@ -155,3 +155,29 @@ def test_updates_with_the_wrong_width_are_rejected(factory, update_args, match):
 def test_bad_configuration_fails_at_construction(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+def test_metrics_run_their_kernels_when_asked(gen):
+    pytest.importorskip("triton")
+    q, k = torch.randn(2, 4, 9, 16, generator=gen), torch.randn(2, 2, 9, 16, generator=gen)
+    fused, reference = AttentionEntropy(num_heads=4, backend="triton"), AttentionEntropy(num_heads=4, backend="torch")
+    index = torch.tensor([1, 4, 8])
+    for metric in (fused, reference):
+        metric.update(q, k, is_causal=True, query_index=index)
+    for key, value in reference.compute().items():
+        torch.testing.assert_close(fused.compute()[key], value, atol=1e-5, rtol=1e-6)
+    features, labels = _clustered(gen, 90, 5, 16)
+    weight = torch.randn(5, 16, generator=gen)
+    nc_fused = NeuralCollapse(num_classes=5, num_features=16, backend="triton")
+    nc_reference = NeuralCollapse(num_classes=5, num_features=16, backend="torch")
+    for metric in (nc_fused, nc_reference):
+        metric.update(features.float(), labels, weight)
+    for key, value in nc_reference.compute().items():
+        assert float(nc_fused.compute()[key]) == pytest.approx(float(value), rel=1e-6, abs=1e-9, nan_ok=True), key
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        AttentionEntropy(num_heads=2, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        NeuralCollapse(num_classes=2, num_features=2, backend="fast")
