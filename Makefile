@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.geomon-installed
 LINT_PATHS := geomon tests examples benchmarks
 
-.PHONY: demo test lint docs bench clean
+.PHONY: demo test test-gpu lint docs bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ test: lint docs
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention_entropy_cpu.py
+
+# On a CUDA machine: the kernel tests on the GPU (bf16/fp16 included), then the kernel benchmarks, whose results
+# go to benchmarks/results/<device>-<date>.md.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q tests/kernels tests/functional tests/metrics
+
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/kernels.py
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .ruff_cache .hypothesis
