@@ -39,7 +39,7 @@ class DemoProbes:
         self.sigma = {name: SpectralNorm() for name in self.layers}
         self.input_gram_norm = dict.fromkeys(self.layers, 0.0)
         self.rankme, self.rankme_cov = RankMe(num_features=d), RankMe(num_features=d, centered=True)
-        self.alpha = AlphaReQ(num_features=d, return_r2=True)
+        self.alpha = AlphaReQ(num_features=d, fit_range=(11, min(100, d - 1)), return_r2=True)
         self.collapse = NeuralCollapse(num_classes=vocab, num_features=d)
         self.labels: Tensor | None = None
         self._logit_map_vectors: dict[str, Tensor | None] = dict.fromkeys(self.layers)

@@ -28,6 +28,8 @@ class EmbeddingStats(NamedTuple):
 def _embedding_update(z: Tensor) -> EmbeddingStats:
     """Statistics of one batch of embeddings ``z[N, D]``; an empty batch (N = 0) gives zeros."""
     check_float_tensor(z, "z", 2, "[N, D]")
+    if z.shape[1] == 0:
+        raise ValueError(f"z must have at least one feature (D >= 1), got shape {tuple(z.shape)}")
     x = z.detach().double()
     return EmbeddingStats(
         n=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),

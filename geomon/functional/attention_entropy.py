@@ -107,8 +107,10 @@ def _attention_rows_torch(
     mask = None if attn_mask is None else _grouped_mask(attn_mask.detach(), kv_heads, group)
     if mask is not None and query_index is not None and mask.shape[-2] != 1:
         mask = mask.index_select(-2, positions)
-    if chunk_size is None:
-        chunk_size = max(1, TILE_ELEMENTS // max(1, batch * heads * n_q))
+    if chunk_size is None:  # a handful of score-sized temporaries are live per chunk: keep each near 16 MiB
+        chunk_size = max(1, (TILE_ELEMENTS // 4) // max(1, batch * heads * n_q))
+    if is_causal and query_index is None:
+        n_k = min(n_k, n_q)  # keys past the last query are never allowed (top-left alignment)
     shape = (batch, kv_heads, group, n_q)
     running_max = torch.full(shape, -math.inf, dtype=dtype, device=q.device)
     norm = torch.zeros(shape, dtype=dtype, device=q.device)  # l = Σ e^(s-m)
@@ -201,7 +203,7 @@ def attention_entropy(
         scale: softmax scale; default ``1/sqrt(Dh)``, as in SDPA.
         is_causal: SDPA's causal mask (query ``i`` sees keys ``j <= i``); not combinable with ``attn_mask``.
         attn_mask: SDPA-style mask broadcastable to ``[B, H, Nq, Nk]``: boolean (True = may attend) or additive.
-        chunk_size: keys per chunk of the torch path; default keeps each chunk of scores under 2**24 elements.
+        chunk_size: keys per chunk of the torch path; default keeps each chunk of scores near 2**22 elements.
         query_index: evaluate only these query rows (1-D integer positions in ``[0, Nq)``, the same for every
             head), so that watching a long sequence costs a fraction of attention; outputs are ``[B, H, Nsel]``.
         backend: ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"`` (raises if it cannot run).
@@ -289,6 +291,8 @@ def _attention_entropy_compute(stats: AttentionStats) -> dict[str, Tensor]:
     """Means over batch, heads and valid query rows, per-head means, and max logits (NaN where undefined)."""
     if not bool(stats.count.sum() > 0):
         warn("attention_entropy: no query row with an allowed key was seen; returning NaN")
+    elif not bool(stats.entropy_sum.isfinite().all()):
+        warn("attention_entropy: the queries or keys contain NaN or Inf; the affected heads read NaN")
     per_head = stats.entropy_sum / stats.count
     per_head_normalized = stats.normalized_sum / stats.normalized_count
     max_per_head = torch.where(stats.count > 0, stats.max_logit, math.nan)

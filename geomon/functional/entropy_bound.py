@@ -31,8 +31,10 @@ def entropy_lower_bound(sigma: Tensor | float, n_keys: int) -> Tensor:
     """
     if isinstance(n_keys, bool) or not isinstance(n_keys, int) or n_keys < 1:
         raise ValueError(f"n_keys must be a positive integer, got {n_keys!r}")
+    if isinstance(sigma, complex) or (isinstance(sigma, torch.Tensor) and sigma.is_complex()):
+        raise ValueError("sigma must be real and >= 0 (a product of spectral norms), got a complex value")
     s = torch.as_tensor(sigma, dtype=torch.float64)
-    if s.is_complex() or bool((s < 0).any()) or bool(s.isnan().any()):
+    if bool((s < 0).any()) or bool(s.isnan().any()):
         raise ValueError("sigma must be real and >= 0 (a product of spectral norms)")
     if n_keys == 1:
         return torch.zeros_like(s)

@@ -30,6 +30,8 @@ def _rankme_compute(
     """RankMe from accumulated :class:`EmbeddingStats`; NaN (with a warning) when it cannot be computed."""
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
+        raise ValueError(f"min_samples must be a positive integer, got {min_samples!r}")
     device = stats.gram.device
     n = int(stats.n.item())
     needed = max(min_samples, 2 if centered else 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torchmetrics import Metric
 
 
@@ -12,7 +13,9 @@ class StatsMetric(Metric):
     """A :class:`torchmetrics.Metric` whose state is the fields of one ``geomon.functional`` statistics tuple.
 
     Every field is a metric state reduced across processes with a sum, or with a max for the fields named in
-    ``max_fields``; streaming, ``reset``, ``.to()``, checkpoints and DDP sync then come from torchmetrics.
+    ``max_fields``; streaming, ``reset`` and ``.to()`` come from torchmetrics. States are persistent (they are in
+    ``state_dict()``, so a resumed run continues its window), and the DDP sync is an in-place all-reduce: memory stays
+    one copy of the state whatever the world size (torchmetrics' default gathers every rank's copy first).
     """
 
     full_state_update: ClassVar[bool] = False
@@ -21,12 +24,20 @@ class StatsMetric(Metric):
     def _add_stats_states(self, initial: NamedTuple) -> None:
         self._stats_type = type(initial)
         for name, value in initial._asdict().items():
-            self.add_state(name, default=value, dist_reduce_fx="max" if name in self.max_fields else "sum")
+            reduce = "max" if name in self.max_fields else "sum"
+            self.add_state(name, default=value, dist_reduce_fx=reduce, persistent=True)
 
     def _accumulate(self, stats: NamedTuple) -> None:
         for name, value in stats._asdict().items():
             current = getattr(self, name)
             setattr(self, name, torch.maximum(current, value) if name in self.max_fields else current + value)
+
+    def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
+        # ``sync`` has cached the local values before calling this, and restores them after ``compute``.
+        group = process_group or self.process_group
+        for name in self._defaults:
+            op = dist.ReduceOp.MAX if name in self.max_fields else dist.ReduceOp.SUM
+            dist.all_reduce(getattr(self, name), op=op, group=group)
 
     def _stats(self) -> Any:
         return self._stats_type(*(getattr(self, name) for name in self._stats_type._fields))

@@ -32,6 +32,11 @@ class AlphaReQ(EmbeddingMetric):
     ) -> None:
         super().__init__(num_features, **kwargs)
         self.fit_range = _check_fit_range(fit_range)
+        if num_features <= self.fit_range[1]:
+            raise ValueError(
+                f"alpha-ReQ needs more than fit_range[1] = {self.fit_range[1]} eigenvalues, but num_features = "
+                f"{num_features}: pass a fit_range that ends below {num_features}"
+            )
         self.return_r2 = return_r2
 
     def compute(self) -> Tensor | tuple[Tensor, Tensor]:

@@ -59,6 +59,7 @@ class RankMe(EmbeddingMetric):
         super().__init__(num_features, **kwargs)
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
+        check_positive_int(min_samples, "min_samples")
         self.eps, self.centered, self.min_samples = eps, centered, min_samples
 
     def compute(self) -> Tensor:

@@ -70,3 +70,8 @@ def test_measured_entropy_is_never_below_the_bound(seed, t, d, weight_scale):
 def test_bad_input_is_rejected(sigma, n_keys, match):
     with pytest.raises(ValueError, match=match):
         entropy_lower_bound(sigma, n_keys)
+
+
+def test_complex_sigma_is_rejected():
+    with pytest.raises(ValueError, match="complex"):
+        entropy_lower_bound(torch.tensor([1.0 + 2.0j]), 8)

@@ -125,3 +125,10 @@ def test_bad_input_is_rejected_with_a_clear_message(z, error, match):
 def test_negative_eps_is_rejected():
     with pytest.raises(ValueError, match="eps must be >= 0"):
         rankme(torch.eye(3), eps=-1.0)
+
+
+def test_zero_width_embeddings_are_rejected():
+    with pytest.raises(ValueError, match="at least one feature"):
+        rankme(torch.zeros(5, 0))
+    with pytest.raises(ValueError, match="min_samples must be a positive integer"):
+        rankme(torch.eye(3), min_samples=0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from geomon.functional import alpha_req, attention_entropy, neural_collapse, rankme, spectral_norm
+from geomon.functional import GeomonWarning, alpha_req, attention_entropy, neural_collapse, rankme, spectral_norm
 from geomon.functional.neural_collapse import _neural_collapse_update, means_from_stats
 from geomon.functional.spectral_norm import COLD_START_STEPS
 from geomon.metrics import AlphaReQ, AttentionEntropy, NeuralCollapse, RankMe, SpectralNorm
@@ -128,7 +128,7 @@ def test_spectral_norm_compute_before_update_is_an_error():
     ("factory", "update_args", "match"),
     [
         (lambda: RankMe(num_features=8), (torch.randn(4, 7),), "must have 8 features"),
-        (lambda: AlphaReQ(num_features=8), (torch.randn(4, 8, 1),), r"shape \[N, 8\]"),
+        (lambda: AlphaReQ(num_features=8, fit_range=(1, 4)), (torch.randn(4, 8, 1),), r"shape \[N, 8\]"),
         (
             lambda: NeuralCollapse(num_classes=3, num_features=4),
             (torch.randn(5, 3), torch.zeros(5, dtype=torch.int64)),
@@ -147,6 +147,8 @@ def test_updates_with_the_wrong_width_are_rejected(factory, update_args, match):
         (lambda: RankMe(num_features=0), "num_features must be a positive integer"),
         (lambda: RankMe(num_features=4, eps=-1.0), "eps must be >= 0"),
         (lambda: AlphaReQ(num_features=4, fit_range=(3, 2)), "fit_range"),
+        (lambda: AlphaReQ(num_features=100), "needs more than fit_range\\[1\\] = 100 eigenvalues"),
+        (lambda: RankMe(num_features=4, min_samples=0), "min_samples must be a positive integer"),
         (lambda: AttentionEntropy(num_heads=0), "num_heads must be a positive integer"),
         (lambda: NeuralCollapse(num_classes=3, num_features=2.5), "num_features must be a positive integer"),
         (lambda: SpectralNorm(steps_per_update=0), "steps_per_update must be a positive integer"),
@@ -181,3 +183,25 @@ def test_unknown_backend_is_rejected():
         AttentionEntropy(num_heads=2, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         NeuralCollapse(num_classes=2, num_features=2, backend="fast")
+
+
+def test_a_checkpoint_carries_the_window_so_a_resumed_metric_continues_it(gen):
+    z = torch.randn(300, 16, generator=gen)
+    metric = RankMe(num_features=16)
+    metric.update(z[:120])
+    state = metric.state_dict()
+    assert {"n", "total", "gram"} <= set(state)
+    resumed = RankMe(num_features=16)
+    resumed.load_state_dict(state)
+    resumed.update(z[120:])
+    assert float(resumed.compute()) == pytest.approx(float(rankme(z)), rel=1e-9)
+
+
+def test_attention_metric_warns_about_non_finite_inputs(gen):
+    q, k = torch.randn(1, 2, 4, 8, generator=gen), torch.randn(1, 2, 4, 8, generator=gen)
+    q[0, 1, 2, 3] = float("inf")
+    metric = AttentionEntropy(num_heads=2)
+    metric.update(q, k)
+    with pytest.warns(GeomonWarning, match="NaN or Inf"):
+        values = metric.compute()
+    assert math.isfinite(values["entropy_per_head"][0]) and math.isnan(values["entropy_per_head"][1])
