@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check $(LINT_PATHS)
 
 docs: $(STAMP)
-	$(PY) -m mkdocs build --strict --quiet --site-dir $(VENV)/site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir $(VENV)/site
 
 test: lint docs
 	$(PY) -m pytest -n 2 -q
