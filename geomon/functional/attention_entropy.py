@@ -220,6 +220,8 @@ def attention_entropy(
         >>> torch.allclose(entropy, torch.full((1, 1, 4), torch.log(torch.tensor(16.0)).item()))
         True
     """
+    if query_index is not None:
+        check_int_tensor(query_index, "query_index", "[Nsel]")
     if query_index is not None and isinstance(q, Tensor) and query_index.numel():
         low, high = int(query_index.min()), int(query_index.max())  # a host sync, acceptable in a one-shot call
         if low < 0 or high >= q.shape[-2]:
