@@ -75,7 +75,7 @@ def pair_sums(centred_means: Tensor, variances: Tensor, exponent: float) -> Pair
     g_etf = -0.5 * math.log(2 * c / (c - 1))
     zero = torch.zeros((), dtype=centred_means.dtype, device=centred_means.device)
     totals = [zero] * len(PairSums._fields)
-    tile = max(1, TILE_ELEMENTS // c)
+    tile = max(1, (TILE_ELEMENTS // 8) // c)  # float64 and about eight live temporaries per tile: ~128 MiB
     for start in range(0, c, tile):
         stop = min(start + tile, c)
         off_diagonal = torch.arange(start, stop, device=unit.device)[:, None] != torch.arange(c, device=unit.device)

@@ -32,7 +32,7 @@ def _embedding_update(z: Tensor) -> EmbeddingStats:
         raise ValueError(f"z must have at least one feature (D >= 1), got shape {tuple(z.shape)}")
     x = z.detach().double()
     return EmbeddingStats(
-        n=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
+        n=torch.full((), float(x.shape[0]), dtype=torch.float64, device=x.device),  # no host-to-device copy
         total=x.sum(dim=0),
         gram=x.T @ x,
     )

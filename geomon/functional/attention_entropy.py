@@ -100,6 +100,10 @@ def _attention_rows_torch(
     group = heads // kv_heads
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
     positions = torch.arange(q.shape[2], device=q.device) if query_index is None else query_index.long()
+    outside = None
+    if query_index is not None:  # no sync: out-of-range rows are read clamped and reported as rows with no key
+        outside = (positions < 0) | (positions >= q.shape[2])
+        positions = positions.clamp(0, max(q.shape[2] - 1, 0))
     q = q if query_index is None else q.index_select(2, positions)
     n_q = q.shape[2]
     qg = q.detach().to(dtype).reshape(batch, kv_heads, group, n_q, dim) * scale
@@ -146,6 +150,8 @@ def _attention_rows_torch(
         norm = decay * norm + weights.sum(-1)
         running_max = new_max
     entropy = torch.log(norm) - tilted / norm
+    if outside is not None:
+        n_keys = n_keys.masked_fill(outside, 0)
     no_key = n_keys == 0
     entropy = entropy.clamp(min=0.0)
     entropy = torch.minimum(entropy, torch.log(n_keys.clamp(min=1).to(dtype)))
@@ -174,6 +180,10 @@ def _attention_rows(
     unsupported = None
     if q.dtype == torch.float64 or k.dtype == torch.float64:
         unsupported = "float64 inputs are computed by the torch path only"
+    elif q.dtype != k.dtype:
+        unsupported = f"q ({q.dtype}) and k ({k.dtype}) differ in dtype"
+    elif attn_mask is not None and attn_mask.dtype == torch.float64:
+        unsupported = "float64 additive masks are applied by the torch path only"
     elif q.shape[-1] > 256:
         unsupported = f"head dim {q.shape[-1]} > 256"
     if choose_backend(backend, "attention_entropy", q, k, attn_mask, unsupported=unsupported) == "triton":
@@ -222,7 +232,7 @@ def attention_entropy(
     """
     if query_index is not None:
         check_int_tensor(query_index, "query_index", "[Nsel]")
-    if query_index is not None and isinstance(q, Tensor) and query_index.numel():
+    if query_index is not None and isinstance(q, Tensor) and query_index.numel():  # the update path clamps
         low, high = int(query_index.min()), int(query_index.max())  # a host sync, acceptable in a one-shot call
         if low < 0 or high >= q.shape[-2]:
             raise ValueError(f"query_index must lie in [0, Nq = {q.shape[-2]}), got values in [{low}, {high}]")

@@ -74,7 +74,7 @@ def _nc4_update(
     decision = tiled_argmax(h, w, offset, backend)
     nearest = nearest_centre(h, class_means.detach().to(dtype), backend)
     mismatch = (decision != nearest).sum().to(torch.float64)
-    return mismatch, torch.tensor(float(h.shape[0]), dtype=torch.float64, device=h.device)
+    return mismatch, torch.full((), float(h.shape[0]), dtype=torch.float64, device=h.device)
 
 
 def _neural_collapse_update(

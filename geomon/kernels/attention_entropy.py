@@ -39,7 +39,7 @@ def _attention_entropy_kernel(
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_mb, stride_mh, stride_mq, stride_mk,
-    heads, n_sel, n_k, head_dim, group, scale_log2e, mask_min,
+    heads, n_q, n_sel, n_k, head_dim, group, scale_log2e, mask_min,
     MASK_KIND: tl.constexpr,  # 0: none, 1: boolean (as uint8), 2: additive float
     IS_CAUSAL: tl.constexpr,
     HAS_QUERY_INDEX: tl.constexpr,
@@ -49,7 +49,7 @@ def _attention_entropy_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: strides times indices can exceed 2**31
     pid_m = tl.program_id(1)
     b = pid_bh // heads
     h = pid_bh % heads
@@ -57,13 +57,16 @@ def _attention_entropy_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_sel
     if HAS_QUERY_INDEX:
-        pos = tl.load(QIDX + rows, mask=row_ok, other=0)
+        pos = tl.load(QIDX + rows, mask=row_ok, other=0).to(tl.int64)
+        live = row_ok & (pos >= 0) & (pos < n_q)  # an out-of-range index reads nothing: a row with no key
+        pos = tl.where(live, pos, 0)
     else:
-        pos = rows
+        pos = rows.to(tl.int64)
+        live = row_ok
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
     q_ptrs = Q + b * stride_qb + h * stride_qh + pos[:, None] * stride_qn + dims[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = tl.load(q_ptrs, mask=live[:, None] & dim_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -73,9 +76,9 @@ def _attention_entropy_kernel(
     n_keys = tl.zeros([BLOCK_M], tl.int32)
     stop = n_k
     if IS_CAUSAL:  # keys past the last query position of this tile are never allowed: skip their tiles
-        stop = tl.minimum(n_k, tl.max(tl.where(row_ok, pos, 0)) + 1)
+        stop = tl.minimum(n_k, tl.max(tl.where(live, pos, 0)) + 1)
     for start in range(0, stop, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < n_k
         k_ptrs = K + b * stride_kb + kv_head * stride_kh + cols[:, None] * stride_kn + dims[None, :] * stride_kd
         k = tl.load(k_ptrs, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -86,7 +89,7 @@ def _attention_entropy_kernel(
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * scale_log2e
-        allowed = row_ok[:, None] & col_ok[None, :]
+        allowed = live[:, None] & col_ok[None, :]
         if IS_CAUSAL:
             allowed = allowed & (cols[None, :] <= pos[:, None])
         if MASK_KIND != 0:
@@ -114,7 +117,7 @@ def _attention_entropy_kernel(
     no_key = n_keys == 0
     entropy = tl.where(no_key, float("nan"), entropy)
     max_logit = tl.where(no_key, float("nan"), running_max * 0.6931471805599453)
-    out = pid_bh * n_sel + rows
+    out = pid_bh * n_sel + rows.to(tl.int64)
     tl.store(ENTROPY + out, entropy, mask=row_ok)
     tl.store(MAX_LOGIT + out, max_logit, mask=row_ok)
     tl.store(N_KEYS + out, n_keys, mask=row_ok)
@@ -160,7 +163,7 @@ def attention_rows_triton(
     _attention_entropy_kernel[grid](
         q, k, mask, qidx, entropy, max_logit, n_keys,
         *q.stride(), *k.stride(), *mask_strides,
-        heads, n_sel, n_k, head_dim, heads // kv_heads, scale * LOG2E, mask_min,
+        heads, n_q, n_sel, n_k, head_dim, heads // kv_heads, scale * LOG2E, mask_min,
         MASK_KIND=mask_kind,
         IS_CAUSAL=is_causal,
         HAS_QUERY_INDEX=query_index is not None,

@@ -32,12 +32,12 @@ def _tiled_argmax_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets
     row_ok = rows < n
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_index = tl.zeros([BLOCK_M], tl.int64)
     for c_start in range(0, n_classes, BLOCK_C):
-        classes = c_start + tl.arange(0, BLOCK_C)
+        classes = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
         class_ok = classes < n_classes
         scores = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         for k_start in range(0, dim, BLOCK_K):

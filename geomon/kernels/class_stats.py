@@ -39,7 +39,7 @@ def _class_sums_kernel(
         r = offset + tl.arange(0, BLOCK_R)
         r_ok = r < count
         rows = tl.load(ORDER + start + r, mask=r_ok, other=0)
-        ptrs = FEATURES + rows[:, None].to(tl.int64) * stride_fn + cols[None, :] * stride_fd
+        ptrs = FEATURES + rows[:, None].to(tl.int64) * stride_fn + cols[None, :].to(tl.int64) * stride_fd
         x = tl.load(ptrs, mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float64)
         total += tl.sum(x, 0)
         squares += tl.sum(x * x, 0)

@@ -33,11 +33,18 @@ class StatsMetric(Metric):
             setattr(self, name, torch.maximum(current, value) if name in self.max_fields else current + value)
 
     def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
-        # ``sync`` has cached the local values before calling this, and restores them after ``compute``.
+        # ``sync`` has cached the local values and restores them after ``compute``. Reduce a copy, never the state
+        # tensor itself: a MetricCollection compute group shares that tensor between metrics.
         group = process_group or self.process_group
         for name in self._defaults:
             op = dist.ReduceOp.MAX if name in self.max_fields else dist.ReduceOp.SUM
-            dist.all_reduce(getattr(self, name), op=op, group=group)
+            reduced = getattr(self, name).clone()
+            dist.all_reduce(reduced, op=op, group=group)
+            setattr(self, name, reduced)
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        """Only ``update``: a per-batch value would cost an eigen-solve (and host syncs) on every step."""
+        self.update(*args, **kwargs)
 
     def _stats(self) -> Any:
         return self._stats_type(*(getattr(self, name) for name in self._stats_type._fields))

@@ -69,8 +69,8 @@ class NeuralCollapse(StatsMetric):
             features, labels, weight, bias, num_classes=self.num_classes, class_means=reference, backend=self.backend
         )
         self._accumulate(stats)
-        if weight is not None:
-            self._weight = weight.detach()
+        if weight is not None:  # a copy: the live parameter moves on (or is resharded) before compute
+            self._weight = weight.detach().clone()
 
     def compute(self) -> dict[str, Tensor]:
         stats = self._stats()
@@ -88,6 +88,3 @@ class NeuralCollapse(StatsMetric):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._has_reference = bool(torch.isfinite(self.reference_means).any())
-
-    def forward(self, *args: Any, **kwargs: Any) -> None:
-        self.update(*args, **kwargs)

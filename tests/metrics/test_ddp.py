@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torchmetrics import MetricCollection
 
+from geomon.functional import GeomonWarning
 from geomon.metrics import AlphaReQ, AttentionEntropy, NeuralCollapse, RankMe, SpectralNorm
 
 C, D, HEADS = 5, 120, 4
@@ -35,7 +38,7 @@ def _data() -> dict[str, torch.Tensor]:
 
 def _measure(parts: dict[str, torch.Tensor]) -> dict[str, float]:
     """Update every metric with this process's share and compute (a collective under DDP)."""
-    rankme, alpha = RankMe(num_features=D), AlphaReQ(num_features=D)
+    rankme, alpha = RankMe(num_features=D, min_samples=1), AlphaReQ(num_features=D)
     attention, spectral = AttentionEntropy(num_heads=HEADS), SpectralNorm()
     collapse = NeuralCollapse(num_classes=C, num_features=D)
     rankme.update(parts["z"])
@@ -73,10 +76,30 @@ def _share(data: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
     }
 
 
+def _compute_group(z: torch.Tensor) -> dict[str, float]:
+    """Metrics with identical states share them in a MetricCollection compute group: sync must not reduce twice."""
+    group = MetricCollection(
+        {
+            "plain": RankMe(num_features=D, min_samples=1),
+            # 201 rows needed, 200 exist: NaN unless a second reduction doubles the count
+            "centred": RankMe(num_features=D, min_samples=201, centered=True),
+        },
+        compute_groups=True,
+    )
+    group.update(z)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GeomonWarning)
+        values = {f"group/{k}": float(v) for k, v in group.compute().items()}
+    values["group/local_rows_after_compute"] = float(group["centred"].n)
+    return values
+
+
 def _worker(rank: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        torch.save(_measure(_share(_data(), rank)), os.path.join(out_dir, f"rank{rank}.pt"))
+        parts = _share(_data(), rank)
+        values = _measure(parts) | _compute_group(parts["z"])
+        torch.save(values, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -87,8 +110,11 @@ def test_two_processes_equal_one_process(tmp_path: Path):
         pytest.skip("this torch build has no gloo backend")
     mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single = _measure(_whole(_data()))
+    data = _data()
+    single = _measure(_whole(data)) | _compute_group(data["z"])
     assert ranks[0].keys() == single.keys()
+    assert [values.pop("group/local_rows_after_compute") for values in ranks] == [SPLIT, 200 - SPLIT]
+    single.pop("group/local_rows_after_compute")
     assert not math.isnan(single["nc_window2/nc4"]) and math.isnan(single["nc_window1/nc4"])
     for key, expected in single.items():
         for rank, values in enumerate(ranks):
