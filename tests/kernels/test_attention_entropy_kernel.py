@@ -154,3 +154,23 @@ def test_triton_backend_refuses_what_it_cannot_run():
         attention_entropy(q.double(), k.double(), backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         attention_entropy(q, k, backend="cuda")
+
+
+def test_out_of_range_query_rows_read_as_rows_with_no_key_on_both_paths():
+    q, k = _qk(1, 2, 2, 20, 20, 16)
+    index = torch.tensor([3, 25, -1, 7], device=DEVICE)  # the update path never syncs to check indices
+    for backend in ("torch", "triton"):
+        from geomon.functional.attention_entropy import _attention_rows
+
+        entropy, _, n_keys = _attention_rows(q, k, is_causal=True, query_index=index, backend=backend)
+        assert n_keys[..., 1:3].eq(0).all() and entropy[..., 1:3].isnan().all()
+        ref, _ = attention_entropy(q, k, is_causal=True, query_index=index[[0, 3]], backend="torch")
+        torch.testing.assert_close(entropy[..., [0, 3]], ref, atol=1e-4, rtol=0)
+
+
+def test_mixed_dtypes_run_on_the_torch_path():
+    q, k = _qk(1, 2, 2, 9, 9, 16)
+    with pytest.raises(RuntimeError, match="differ in dtype"):
+        attention_entropy(q.half(), k, backend="triton")
+    entropy, _ = attention_entropy(q.half(), k, backend="auto")
+    assert entropy.isfinite().all()

@@ -205,3 +205,17 @@ def test_attention_metric_warns_about_non_finite_inputs(gen):
     with pytest.warns(GeomonWarning, match="NaN or Inf"):
         values = metric.compute()
     assert math.isfinite(values["entropy_per_head"][0]) and math.isnan(values["entropy_per_head"][1])
+
+
+def test_forward_only_updates(gen):
+    metric = RankMe(num_features=8, min_samples=1)
+    z = torch.randn(40, 8, generator=gen)
+    assert metric(z[:20]) is None and metric(z[20:]) is None
+    assert float(metric.compute()) == pytest.approx(float(rankme(z)), rel=1e-9)
+
+
+def test_rankme_metric_waits_for_four_times_the_width_by_default(gen):
+    metric = RankMe(num_features=8)
+    metric.update(torch.randn(31, 8, generator=gen))
+    with pytest.warns(GeomonWarning, match="at least 32 rows, got 31"):
+        assert math.isnan(metric.compute())
