@@ -1,7 +1,8 @@
 """geomon's main job, for now: train a small GPT on CPU and print every geometry metric of its live activations.
 
 Run ``python -m geomon.demo`` (``make demo``). A 2-layer character GPT trains on Python's documentation text; every
-``--eval-every`` steps a held-out batch goes through the model with forward hooks armed, and the metric classes of
+``--eval-every`` steps a held-out batch goes through the model with the capture armed (queries and keys at the
+attention call itself, features by forward hooks), and the metric classes of
 :mod:`geomon.metrics` turn the captured queries, keys and features into attention entropy, max logit, spectral norms
 and the entropy lower bound they imply, RankMe (both variants), alpha-ReQ and neural collapse against the output
 head. Values are printed as a table and written to ``<out>/metrics.csv`` (step, key, value); the CSV also holds
@@ -24,12 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from geomon._tiny_gpt import CharTokenizer, TinyGPT, load_corpus, random_batch
+from geomon.capture import AttentionCall, capture_sdpa
 from geomon.functional import entropy_lower_bound, spectral_norm
 from geomon.metrics import AlphaReQ, AttentionEntropy, NeuralCollapse, RankMe, SpectralNorm
 
 
 class DemoProbes:
-    """The metrics of one model, fed by forward hooks while :meth:`capture` is active."""
+    """The metrics of one model, fed while :meth:`capture` is active: queries and keys at the attention call
+    (:func:`geomon.capture.capture_sdpa`), block inputs and final features by forward hooks."""
 
     def __init__(self, model: TinyGPT) -> None:
         self.model = model
@@ -37,23 +40,20 @@ class DemoProbes:
         self.layers = {f"blocks.{i}.attn": block.attn for i, block in enumerate(model.blocks)}
         self.attention = {name: AttentionEntropy(num_heads=attn.n_head) for name, attn in self.layers.items()}
         self.sigma = {name: SpectralNorm() for name in self.layers}
-        self.input_gram_norm = dict.fromkeys(self.layers, 0.0)
+        self.input_gram_norm = {name: torch.zeros((), dtype=torch.float64) for name in self.layers}
         self.rankme, self.rankme_cov = RankMe(num_features=d), RankMe(num_features=d, centered=True)
         self.alpha = AlphaReQ(num_features=d, fit_range=(11, min(100, d - 1)), return_r2=True)
         self.collapse = NeuralCollapse(num_classes=vocab, num_features=d)
         self.labels: Tensor | None = None
         self._logit_map_vectors: dict[str, Tensor | None] = dict.fromkeys(self.layers)
 
-    def _attention_hook(self, name: str):
-        def hook(module, inputs, output):
-            x = inputs[0].detach()
-            b, t, d = x.shape
-            q, k, _ = output.detach().split(d, dim=2)
-            heads = self.layers[name].n_head
-            q, k = (y.view(b, t, heads, d // heads).transpose(1, 2) for y in (q, k))
-            self.attention[name].update(q, k, is_causal=True)
-            gram_norm = float(torch.linalg.matrix_norm(x.double(), 2).amax() ** 2)
-            self.input_gram_norm[name] = max(self.input_gram_norm[name], gram_norm)
+    def _on_attention(self, call: AttentionCall) -> None:
+        self.attention[call.module].update(call.q, call.k, is_causal=call.is_causal, attn_mask=call.attn_mask)
+
+    def _input_hook(self, name: str):
+        def hook(module, inputs, output):  # |X Xᵀ|₂ of each sequence entering the attention (for the bound)
+            gram_norm = torch.linalg.matrix_norm(inputs[0].detach().double(), 2).amax() ** 2
+            self.input_gram_norm[name] = torch.maximum(self.input_gram_norm[name], gram_norm)
 
         return hook
 
@@ -70,10 +70,11 @@ class DemoProbes:
     def capture(self, labels: Tensor) -> Iterator[None]:
         """Arm the hooks for one forward pass; they are removed however the block exits."""
         self.labels = labels
-        handles = [attn.qkv.register_forward_hook(self._attention_hook(name)) for name, attn in self.layers.items()]
+        handles = [attn.qkv.register_forward_hook(self._input_hook(name)) for name, attn in self.layers.items()]
         handles.append(self.model.ln_f.register_forward_hook(self._final_hook))
         try:
-            yield
+            with capture_sdpa(self.model, self._on_attention):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -102,7 +103,7 @@ class DemoProbes:
             values[f"geomon/spectral/sigma/{name}.qkv"] = float(self.sigma[name].compute())
             logit_sigma = self.logit_map_sigma(name)
             values[f"geomon/spectral/logit_sigma/{name}"] = logit_sigma
-            bound = entropy_lower_bound(logit_sigma * self.input_gram_norm[name], context)
+            bound = entropy_lower_bound(logit_sigma * float(self.input_gram_norm[name]), context)
             values[f"geomon/spectral/entropy_bound/{name}"] = float(bound)
         values["geomon/rankme/ln_f"] = float(self.rankme.compute())
         values["geomon/rankme_cov/ln_f"] = float(self.rankme_cov.compute())
@@ -112,7 +113,7 @@ class DemoProbes:
             values[f"geomon/nc/{key}/ln_f"] = float(value)
         for metric in (*self.attention.values(), self.rankme, self.rankme_cov, self.alpha, self.collapse):
             metric.reset()
-        self.input_gram_norm = dict.fromkeys(self.layers, 0.0)
+        self.input_gram_norm = {name: torch.zeros((), dtype=torch.float64) for name in self.layers}
         return values
 
 
