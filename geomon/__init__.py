@@ -2,7 +2,8 @@
 
 from geomon import functional, metrics
 from geomon.functional import GeomonWarning
+from geomon.monitor import Monitor
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["GeomonWarning", "__version__", "functional", "metrics"]
+__all__ = ["GeomonWarning", "Monitor", "__version__", "functional", "metrics"]

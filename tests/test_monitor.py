@@ -1,0 +1,133 @@
+"""geomon.Monitor in a hand-written loop: schedule, values, windows, no perturbation, resume."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from geomon import Monitor
+from geomon._tiny_gpt import TinyGPT
+from geomon.functional import attention_entropy, rankme
+
+SDPA = F.scaled_dot_product_attention
+
+
+def _model(seed=0, d_model=32):
+    torch.manual_seed(seed)
+    return TinyGPT(vocab_size=19, d_model=d_model, n_layer=2, n_head=4, context=12)
+
+
+def _batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 19, (4, 12), generator=g) for _ in range(n)]
+
+
+def test_off_schedule_steps_do_nothing():
+    model = _model()
+    monitor = Monitor(every_n_steps=3, embedding_modules=["ln_f"]).attach(model)
+    for step in (1, 2, 4):
+        with monitor.step(step):
+            assert F.scaled_dot_product_attention is SDPA  # nothing armed
+            assert all(not m._forward_hooks for m in model.modules())
+            model(_batches(1)[0])
+    assert monitor.attention_metrics == {} and monitor.embedding_metrics == {}
+    assert monitor.compute() == {}
+
+
+def test_attention_values_equal_the_reference_on_independently_captured_qk():
+    model = _model().eval()
+    x = _batches(1)[0]
+    monitor = Monitor(every_n_steps=1, query_rows=5).attach(model)
+    qkv = {}
+    handles = [b.attn.qkv.register_forward_hook(lambda m, i, o, j=j: qkv.update({j: o})) for j, b in
+               enumerate(model.blocks)]  # fmt: skip
+    with torch.no_grad(), monitor.step(0):
+        model(x)
+    for h in handles:
+        h.remove()
+    values = monitor.compute()
+    index = torch.linspace(0, 11, 5).round().long()
+    for j in range(2):
+        q, k, _ = qkv[j].split(32, dim=2)
+        q, k = (t.view(4, 12, 4, 8).transpose(1, 2) for t in (q, k))
+        entropy, max_logit = attention_entropy(q, k, is_causal=True, query_index=index)
+        assert float(values[f"geomon/attention/entropy/blocks.{j}.attn"]) == pytest.approx(
+            float(entropy.mean()), rel=1e-5
+        )
+        assert float(values[f"geomon/attention/max_logit/blocks.{j}.attn"]) == pytest.approx(
+            float(max_logit.max()), rel=1e-5
+        )
+
+
+def test_embedding_window_fills_to_four_times_the_width_before_reporting():
+    model = _model().eval()  # ln_f width 32: RankMe needs 128 rows; a step gives 4 x 12 = 48
+    monitor = Monitor(every_n_steps=1, attention=False, embedding_modules=["ln_f"]).attach(model)
+    rows, reported = [], []
+    handle = model.ln_f.register_forward_hook(lambda m, i, o: rows.append(o.detach().reshape(-1, 32)))
+    for step, x in enumerate(_batches(3)):
+        with torch.no_grad(), monitor.step(step):
+            model(x)
+        reported.append(monitor.compute())
+    handle.remove()
+    assert reported[0] == {} and reported[1] == {}
+    assert float(reported[2]["geomon/rankme/ln_f"]) == pytest.approx(float(rankme(torch.cat(rows))), rel=1e-9)
+
+
+def test_a_pattern_that_matches_nothing_fails_at_attach_listing_the_modules():
+    with pytest.raises(ValueError, match=r"'nope\*' matches no module; the model has: tok, pos, blocks"):
+        Monitor(embedding_modules=["nope*"]).attach(_model())
+
+
+def test_training_is_bit_identical_with_the_monitor_on_every_step():
+    def train(monitored: bool):
+        model = _model(seed=3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        monitor = Monitor(every_n_steps=1, embedding_modules=["blocks.*.mlp", "ln_f"]).attach(model)
+        losses = []
+        for step, x in enumerate(_batches(4)):
+            with monitor.step(step) if monitored else torch.enable_grad():
+                logits = model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if monitored:
+                monitor.compute()
+            losses.append(loss.detach())
+        return torch.stack(losses), [p.detach().clone() for p in model.parameters()]
+
+    plain, watched = train(False), train(True)
+    assert torch.equal(plain[0], watched[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], watched[1], strict=True))
+
+
+def test_a_resumed_monitor_reports_what_an_uninterrupted_one_reports():
+    batches = _batches(3)
+
+    def run(model, monitor, steps):
+        for step in steps:
+            with torch.no_grad(), monitor.step(step):
+                model(batches[step])
+
+    model = _model().eval()
+    whole = Monitor(every_n_steps=1, embedding_modules=["ln_f"]).attach(model)
+    run(model, whole, range(3))
+    first = Monitor(every_n_steps=1, embedding_modules=["ln_f"]).attach(model)
+    run(model, first, range(2))
+    resumed = Monitor(every_n_steps=1, embedding_modules=["ln_f"]).attach(model)
+    resumed.load_state_dict(first.state_dict())
+    run(model, resumed, [2])
+    expected, got = whole.compute(), resumed.compute()
+    assert expected.keys() == got.keys() and "geomon/rankme/ln_f" in got
+    for key, value in expected.items():
+        assert float(got[key]) == pytest.approx(float(value), rel=1e-9) or math.isnan(value)
+
+
+def test_bad_configuration_fails_fast():
+    with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
+        Monitor(every_n_steps=0)
+    with pytest.raises(ValueError, match="query_rows must be a positive integer"):
+        Monitor(query_rows=0)
+    with pytest.raises(RuntimeError, match="before attach"):
+        Monitor().step(0)
