@@ -1,0 +1,111 @@
+"""GeomonCallback in real Lightning fits: both namespaces, real CSV logger, no perturbation, hooks gone."""
+
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+lightning = pytest.importorskip("lightning.pytorch")
+import pytorch_lightning  # noqa: E402
+
+from geomon._tiny_gpt import TinyGPT  # noqa: E402
+from geomon.callback import GeomonCallback  # noqa: E402
+
+SDPA = F.scaled_dot_product_attention
+
+
+def _module_class(namespace):
+    class LitGPT(namespace.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = TinyGPT(vocab_size=19, d_model=32, n_layer=2, n_head=4, context=12)
+
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    return LitGPT
+
+
+def _loader():
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randint(0, 19, (48, 12), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def _fit(namespace, tmp_path, callbacks, accumulate=1):
+    torch.manual_seed(0)
+    module = _module_class(namespace)()
+    trainer = namespace.Trainer(
+        max_steps=6 // accumulate,
+        accumulate_grad_batches=accumulate,
+        logger=namespace.loggers.CSVLogger(tmp_path, name="run"),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        accelerator="cpu",
+        deterministic=True,
+    )
+    trainer.fit(module, _loader())
+    return module, trainer
+
+
+@pytest.mark.parametrize("namespace", [lightning, pytorch_lightning], ids=["lightning", "pytorch_lightning"])
+def test_values_reach_the_csv_logger_on_schedule(namespace, tmp_path):
+    callback = GeomonCallback(every_n_steps=2, embedding_modules=["model.ln_f"], strict=True)
+    _, trainer = _fit(namespace, tmp_path, [callback])
+    with open(trainer.logger.log_dir + "/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    key = "geomon/attention/entropy/model.blocks.0.attn"
+    logged = {int(row["step"]): float(row[key]) for row in rows if row.get(key)}
+    assert sorted(logged) == [0, 2, 4]
+    assert all(0 < value < torch.log(torch.tensor(12.0)) for value in logged.values())
+    assert any(row.get("geomon/rankme/model.ln_f") for row in rows)
+    assert F.scaled_dot_product_attention is SDPA
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in trainer.lightning_module.modules())
+
+
+def test_training_is_bit_identical_with_the_callback_on_every_step(tmp_path):
+    plain, _ = _fit(lightning, tmp_path / "a", [])
+    watched, _ = _fit(lightning, tmp_path / "b", [GeomonCallback(every_n_steps=1, embedding_modules=["model.*"])])
+    for a, b in zip(plain.parameters(), watched.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_one_measurement_per_optimizer_step_under_gradient_accumulation(tmp_path):
+    calls = []
+    callback = GeomonCallback(every_n_steps=1)
+    original = callback.monitor.compute
+    callback.monitor.compute = lambda: calls.append(1) or original()
+    _fit(lightning, tmp_path, [callback], accumulate=2)
+    assert len(calls) == 3  # 3 optimizer steps over 6 micro-batches
+
+
+def test_early_stopping_can_monitor_a_geomon_key(tmp_path):
+    key = "geomon/attention/entropy_normalized/model.blocks.0.attn"
+    stopper = lightning.callbacks.EarlyStopping(monitor=key, mode="max", patience=100, check_on_train_epoch_end=True)
+    _, trainer = _fit(lightning, tmp_path, [GeomonCallback(every_n_steps=2), stopper])
+    assert key in trainer.callback_metrics
+    assert 0 < float(stopper.best_score) <= 1
+
+
+def test_callback_state_restores_the_monitor_windows(tmp_path):
+    first = GeomonCallback(every_n_steps=2, embedding_modules=["model.blocks.0.mlp.1"])
+    _fit(lightning, tmp_path, [first])
+    restored = GeomonCallback(every_n_steps=2, embedding_modules=["model.blocks.0.mlp.1"])
+    restored.load_state_dict(first.state_dict())
+    module = _module_class(lightning)()
+    restored.setup(None, module, "fit")
+    original = first.monitor.embedding_metrics["model.blocks.0.mlp.1"][0]
+    copy = restored.monitor.embedding_metrics["model.blocks.0.mlp.1"][0]
+    assert float(original.n) == 288  # an open window: 3 measured steps x 96 rows, 4 x 128 = 512 needed
+    assert torch.equal(copy.n, original.n) and torch.equal(copy.gram, original.gram)
