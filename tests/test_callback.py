@@ -34,10 +34,10 @@ def _module_class(namespace):
     return LitGPT
 
 
-def _loader():
+def _loader(batch_size=8):
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randint(0, 19, (48, 12), generator=g))
-    return torch.utils.data.DataLoader(data, batch_size=8)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size)
 
 
 def _fit(namespace, tmp_path, callbacks, accumulate=1):
