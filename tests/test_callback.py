@@ -109,3 +109,22 @@ def test_callback_state_restores_the_monitor_windows(tmp_path):
     copy = restored.monitor.embedding_metrics["model.blocks.0.mlp.1"][0]
     assert float(original.n) == 288  # an open window: 3 measured steps x 96 rows, 4 x 128 = 512 needed
     assert torch.equal(copy.n, original.n) and torch.equal(copy.gram, original.gram)
+
+
+def test_hooks_are_gone_after_an_exception_inside_training(tmp_path):
+    class Exploding(_module_class(lightning)):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 2:
+                self.model(batch[0])  # a monitored forward, then the failure mid-step
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    module = Exploding()
+    trainer = lightning.Trainer(
+        max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[GeomonCallback(every_n_steps=1, embedding_modules=["model.ln_f"])],
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, _loader())
+    assert F.scaled_dot_product_attention is SDPA
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
