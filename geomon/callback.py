@@ -11,7 +11,8 @@ see them; ``pl_module.log`` is not used because Lightning would repeat a callbac
 - ``geomon/attention/entropy_normalized/<module>``: mean of ``H / log n`` (rows with at least 2 keys);
 - ``geomon/attention/max_logit/<module>``: largest attention logit;
 - ``geomon/rankme/<module>``, ``geomon/alpha_req/<module>``: for the ``embedding_modules`` (when a window of
-  ``4 x D`` rows is full).
+  ``4 x D`` rows is full);
+- ``geomon/spectral/sigma/<module>``: σ(W) of the ``spectral_modules``' weights (warm-started power iteration).
 
 Measurement happens on the first micro-batch of every ``every_n_steps``-th optimizer step (gradient accumulation
 gives one measurement per optimizer step); other steps do no work and no host-device sync. Under DDP ``compute``
@@ -47,6 +48,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         every_n_steps: measure every this many optimizer steps.
         attention: measure every ``F.scaled_dot_product_attention`` call inside the module.
         embedding_modules: ``fnmatch`` patterns of modules whose outputs feed RankMe / alpha-ReQ.
+        spectral_modules: ``fnmatch`` patterns of modules with a 2-D weight whose σ(W) is logged.
         query_rows: measure at most this many evenly spaced query rows per attention call.
         backend: ``"auto"`` (Triton kernels on CUDA), ``"torch"`` or ``"triton"``.
         strict: raise probe errors instead of warning (for tests).
@@ -58,6 +60,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         every_n_steps: int = 50,
         attention: bool = True,
         embedding_modules: Sequence[str] = (),
+        spectral_modules: Sequence[str] = (),
         query_rows: int | None = None,
         backend: Backend = "auto",
         strict: bool = False,
@@ -66,6 +69,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             every_n_steps=every_n_steps,
             attention=attention,
             embedding_modules=embedding_modules,
+            spectral_modules=spectral_modules,
             query_rows=query_rows,
             backend=backend,
             strict=strict,

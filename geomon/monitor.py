@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from geomon.capture import AttentionCall, capture_sdpa
 from geomon.functional import GeomonWarning
 from geomon.functional._dispatch import BACKENDS, Backend
-from geomon.metrics import AlphaReQ, AttentionEntropy, RankMe
+from geomon.metrics import AlphaReQ, AttentionEntropy, RankMe, SpectralNorm
 
 
 class Monitor:
@@ -44,6 +44,8 @@ class Monitor:
         attention: measure every ``F.scaled_dot_product_attention`` call inside the model.
         embedding_modules: ``fnmatch`` patterns over ``named_modules()``; each match's output (``[..., D]``) feeds
             RankMe and alpha-ReQ (alpha only where ``D > 100``).
+        spectral_modules: ``fnmatch`` patterns of modules with a 2-D ``weight`` (e.g. ``"*.qkv"``); each gets its
+            σ(W) by warm-started power iteration on every :meth:`compute` (``geomon/spectral/sigma/<module>``).
         query_rows: if set, measure at most this many evenly spaced query rows per attention call.
         backend: kernels or torch for attention entropy (see :mod:`geomon.functional`).
         strict: raise probe errors instead of warning (for tests).
@@ -55,6 +57,7 @@ class Monitor:
         every_n_steps: int = 50,
         attention: bool = True,
         embedding_modules: Sequence[str] = (),
+        spectral_modules: Sequence[str] = (),
         query_rows: int | None = None,
         backend: Backend = "auto",
         strict: bool = False,
@@ -67,22 +70,22 @@ class Monitor:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.every_n_steps, self.attention, self.query_rows = every_n_steps, attention, query_rows
         self.patterns, self.backend, self.strict = list(embedding_modules), backend, strict
+        self.spectral_patterns = list(spectral_modules)
         self.model: nn.Module | None = None
         self.embedding_names: list[str] = []
+        self.spectral_metrics: dict[str, SpectralNorm] = {}
         self.attention_metrics: dict[str, AttentionEntropy] = {}
         self.embedding_metrics: dict[str, tuple[RankMe, AlphaReQ | None]] = {}
 
     def attach(self, model: nn.Module) -> Monitor:
         """Resolve the module patterns on ``model``; a pattern that matches nothing fails here, listing names."""
-        names = [name for name, _ in model.named_modules() if name]
-        resolved = []
-        for pattern in self.patterns:
-            matches = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
-            if not matches:
-                shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
-                raise ValueError(f"embedding_modules pattern {pattern!r} matches no module; the model has: {shown}")
-            resolved += [name for name in matches if name not in resolved]
-        self.model, self.embedding_names = model, resolved
+        modules = {name: module for name, module in model.named_modules() if name}
+        self.embedding_names = _resolve(self.patterns, list(modules), "embedding_modules")
+        weighted = [name for name, m in modules.items() if isinstance(getattr(m, "weight", None), Tensor)
+                    and m.weight.ndim == 2]  # fmt: skip
+        spectral = _resolve(self.spectral_patterns, weighted, "spectral_modules (modules with a 2-D weight)")
+        self.spectral_metrics = {name: self.spectral_metrics.get(name, SpectralNorm()) for name in spectral}
+        self.model = model
         return self
 
     def detach(self) -> None:
@@ -158,6 +161,11 @@ class Monitor:
             values[f"geomon/attention/entropy_normalized/{name}"] = result["entropy_normalized"]
             values[f"geomon/attention/max_logit/{name}"] = result["max_logit"]
             metric.reset()
+        modules = dict(self.model.named_modules()) if self.model is not None else {}
+        for name, metric in self.spectral_metrics.items():
+            weight = modules[name].weight.detach()
+            metric.to(weight.device).update(weight)
+            values[f"geomon/spectral/sigma/{name}"] = metric.compute()
         for name, (rankme, alpha) in self.embedding_metrics.items():
             # every rank decides from the synchronised row count, so all ranks take the same branch
             with warnings.catch_warnings(record=True) as caught:
@@ -177,6 +185,7 @@ class Monitor:
     def state_dict(self) -> dict[str, Any]:
         """Open windows, for checkpoints: a resumed run continues them."""
         return {
+            "spectral": {name: m.state_dict() for name, m in self.spectral_metrics.items()},
             "attention": {name: (m.num_heads, m.state_dict()) for name, m in self.attention_metrics.items()},
             "embeddings": {
                 name: (r.num_features, r.state_dict(), None if a is None else a.state_dict())
@@ -185,6 +194,9 @@ class Monitor:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, metric_state in state.get("spectral", {}).items():
+            metric = self.spectral_metrics[name] = SpectralNorm()
+            metric.load_state_dict(metric_state)
         for name, (heads, metric_state) in state["attention"].items():
             metric = self.attention_metrics[name] = AttentionEntropy(heads, backend=self.backend)
             metric.load_state_dict(metric_state)
@@ -194,3 +206,15 @@ class Monitor:
             if alpha is not None:
                 alpha.load_state_dict(alpha_state)
             self.embedding_metrics[name] = (rankme, alpha)
+
+
+def _resolve(patterns: Sequence[str], names: list[str], what: str) -> list[str]:
+    """The names matching each ``fnmatch`` pattern, in order; a pattern that matches nothing fails, listing names."""
+    resolved: list[str] = []
+    for pattern in patterns:
+        matches = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
+            raise ValueError(f"{what} pattern {pattern!r} matches no module; the candidates are: {shown}")
+        resolved += [name for name in matches if name not in resolved]
+    return resolved

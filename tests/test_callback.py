@@ -61,7 +61,9 @@ def _fit(namespace, tmp_path, callbacks, accumulate=1):
 
 @pytest.mark.parametrize("namespace", [lightning, pytorch_lightning], ids=["lightning", "pytorch_lightning"])
 def test_values_reach_the_csv_logger_on_schedule(namespace, tmp_path):
-    callback = GeomonCallback(every_n_steps=2, embedding_modules=["model.ln_f"], strict=True)
+    callback = GeomonCallback(
+        every_n_steps=2, embedding_modules=["model.ln_f"], spectral_modules=["model.head"], strict=True
+    )
     _, trainer = _fit(namespace, tmp_path, [callback])
     with open(trainer.logger.log_dir + "/metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -70,6 +72,8 @@ def test_values_reach_the_csv_logger_on_schedule(namespace, tmp_path):
     assert sorted(logged) == [0, 2, 4]
     assert all(0 < value < torch.log(torch.tensor(12.0)) for value in logged.values())
     assert any(row.get("geomon/rankme/model.ln_f") for row in rows)
+    sigma = [float(row[k]) for row in rows for k in ["geomon/spectral/sigma/model.head"] if row.get(k)]
+    assert len(sigma) == 3 and all(value > 0 for value in sigma)
     assert F.scaled_dot_product_attention is SDPA
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in trainer.lightning_module.modules())
 

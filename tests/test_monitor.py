@@ -75,7 +75,7 @@ def test_embedding_window_fills_to_four_times_the_width_before_reporting():
 
 
 def test_a_pattern_that_matches_nothing_fails_at_attach_listing_the_modules():
-    with pytest.raises(ValueError, match=r"'nope\*' matches no module; the model has: tok, pos, blocks"):
+    with pytest.raises(ValueError, match=r"'nope\*' matches no module; the candidates are: tok, pos, blocks"):
         Monitor(embedding_modules=["nope*"]).attach(_model())
 
 
@@ -131,3 +131,29 @@ def test_bad_configuration_fails_fast():
         Monitor(query_rows=0)
     with pytest.raises(RuntimeError, match="before attach"):
         Monitor().step(0)
+
+
+def test_spectral_norms_of_chosen_weights_follow_training():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    monitor = Monitor(every_n_steps=1, attention=False, spectral_modules=["blocks.*.attn.qkv"]).attach(model)
+    for step, x in enumerate(_batches(3)):
+        with monitor.step(step):
+            loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        values = monitor.compute()
+        for j in range(2):
+            exact = torch.linalg.matrix_norm(model.blocks[j].attn.qkv.weight.detach(), 2)
+            assert float(values[f"geomon/spectral/sigma/blocks.{j}.attn.qkv"]) == pytest.approx(float(exact), rel=1e-3)
+    restored = Monitor(spectral_modules=["blocks.*.attn.qkv"]).attach(model)
+    restored.load_state_dict(monitor.state_dict())
+    assert torch.equal(
+        restored.spectral_metrics["blocks.0.attn.qkv"].u, monitor.spectral_metrics["blocks.0.attn.qkv"].u
+    )
+
+
+def test_spectral_patterns_only_match_modules_with_a_matrix_weight():
+    with pytest.raises(ValueError, match=r"spectral_modules \(modules with a 2-D weight\) pattern 'ln_f'"):
+        Monitor(spectral_modules=["ln_f"]).attach(_model())
