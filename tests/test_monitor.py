@@ -157,3 +157,27 @@ def test_spectral_norms_of_chosen_weights_follow_training():
 def test_spectral_patterns_only_match_modules_with_a_matrix_weight():
     with pytest.raises(ValueError, match=r"spectral_modules \(modules with a 2-D weight\) pattern 'ln_f'"):
         Monitor(spectral_modules=["ln_f"]).attach(_model())
+
+
+def _live_tensors():
+    import gc
+
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+
+def test_memory_does_not_grow_over_500_monitored_steps():
+    model = _model().eval()
+    monitor = Monitor(every_n_steps=1, embedding_modules=["ln_f"], spectral_modules=["head"]).attach(model)
+    x = _batches(1)[0]
+
+    def run(steps):
+        for step in range(steps):
+            with torch.no_grad(), monitor.step(step):
+                model(x)
+            monitor.compute()
+
+    run(20)  # warm-up: metrics are created lazily on the first measured step
+    before = _live_tensors()
+    run(500)
+    assert _live_tensors() <= before  # nothing captured is kept across steps
