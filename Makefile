@@ -5,18 +5,24 @@ PY := $(VENV)/bin/python
 # The small CPU build on machines without a GPU is found by pip's local find-links; on a GPU machine the same
 # pin resolves to the CUDA build. Override with `make test TORCH_SPEC='torch>=2.3'` to keep your own torch.
 TORCH_SPEC ?= torch==2.13.0
+BASE_STAMP := $(VENV)/.geomon-base-installed
 STAMP := $(VENV)/.geomon-installed
 LINT_PATHS := geomon tests examples benchmarks
 
 .PHONY: demo test test-gpu lint docs bench bench-gpu clean
 
-$(STAMP): pyproject.toml
+# The demo needs only the package; the tests add the dev extras (lightning, wandb, triton, ...) on top.
+$(BASE_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e .
+	touch $(BASE_STAMP)
+
+$(STAMP): $(BASE_STAMP)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	$(PY) -m geomon.demo
 
 lint: $(STAMP)
