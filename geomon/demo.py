@@ -90,7 +90,7 @@ class DemoProbes:
         sigma, self._logit_map_vectors[name] = spectral_norm(maps, u=self._logit_map_vectors[name], n_iter=50)
         return float(sigma.max()) / math.sqrt(dh)
 
-    def compute_and_reset(self, step: int) -> dict[str, float]:
+    def compute_and_reset(self) -> dict[str, float]:
         values: dict[str, float] = {}
         context = self.model.context
         for name, attn in self.layers.items():
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 with probes.capture(vy):
                     val_loss = float(F.cross_entropy(model(vx).flatten(0, 1), vy.flatten()))
             model.train()
-            values = probes.compute_and_reset(step) | {"val_loss": val_loss, "train_loss": float(loss.detach())}
+            values = probes.compute_and_reset() | {"val_loss": val_loss, "train_loss": float(loss.detach())}
             writer.writerows([step, key, value] for key, value in values.items())
             print_table(step, val_loss, values, list(probes.layers))
     print(f"\ndone in {time.perf_counter() - started:.0f} s; every value is in {csv_path}")
