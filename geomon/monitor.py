@@ -1,39 +1,55 @@
 """The framework-neutral core: watch a model's forward passes on a schedule, in any training loop.
 
-A first version: attention entropy / max logit of every SDPA call inside the model, and RankMe / alpha-ReQ of the
-outputs of modules chosen by name pattern. ``with monitor.step(global_step): loss = model(x)`` arms the capture
-only on scheduled steps (off-schedule steps do nothing at all); ``monitor.compute()`` on those steps returns the
-values under geomon's key scheme and starts the next window. Embedding metrics keep accumulating rows across
-measured steps until they hold ``4 x D`` (RankMe's small-sample bias), then report and reset.
+``with monitor.step(global_step, labels=y): loss = model(x)`` arms the capture only on scheduled steps (off-schedule
+steps do nothing at all: no hooks, no host sync); ``monitor.compute()`` on those steps returns the values under
+geomon's key scheme (a collective under DDP: call it on every rank) and starts the next window. What is watched:
+
+- every attention call inside the model (queries and keys as the model really uses them, see
+  :mod:`geomon.capture`): entropy, normalised entropy and max logit per module, per head in :attr:`Monitor.details`;
+- the input of the output head (found automatically): RankMe / alpha-ReQ, and neural collapse against the head
+  when labels are given; the outputs of any ``embedding_modules``; tensors handed to :meth:`Monitor.observe`;
+- σ(W) and stable rank of the ``spectral_modules``.
+
+Embedding and neural-collapse windows keep accumulating rows over measured steps until they hold ``4 x D``
+(RankMe's small-sample bias), then report and reset.
 
 Example:
     >>> import torch
     >>> from geomon._tiny_gpt import TinyGPT
     >>> model = TinyGPT(vocab_size=30, d_model=32, context=16)
-    >>> monitor = Monitor(every_n_steps=2, embedding_modules=["ln_f"]).attach(model)
+    >>> monitor = Monitor(every_n_steps=2).attach(model)
     >>> for step in range(3):
-    ...     with monitor.step(step):
-    ...         logits = model(torch.randint(0, 30, (8, 16)))
+    ...     x, y = torch.randint(0, 30, (8, 16)), torch.randint(0, 30, (8, 16))
+    ...     with monitor.step(step, labels=y):
+    ...         logits = model(x)
     ...     values = monitor.compute() if monitor.is_scheduled(step) else {}
-    >>> "geomon/attention/entropy/blocks.1.attn" in values, "geomon/rankme/ln_f" in values
-    (True, True)
+    >>> sorted({key.split("/")[1] for key in values})
+    ['attention', 'nc', 'rankme']
 """
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from geomon.capture import AttentionCall, capture_sdpa
-from geomon.functional import GeomonWarning
+from geomon.capture import AttentionCall
+
+try:  # the adapters for attention that does not go through SDPA
+    from geomon.capture import capture_attention
+except ImportError:  # pragma: no cover - until they land
+    from geomon.capture import capture_sdpa as capture_attention
+from geomon.capture.modules import compiled_parts, find_head, head_dims, linear_like, resolve_patterns
 from geomon.functional._dispatch import BACKENDS, Backend
-from geomon.metrics import AlphaReQ, AttentionEntropy, RankMe, SpectralNorm
+from geomon.probes import AttentionProbe, CollapseProbe, EmbeddingProbe, SpectralProbe
+from geomon.probes.collapse import head_weight
+
+#: Neural collapse is switched on automatically only below this state size (C x D float64 values: 128 MiB).
+AUTO_COLLAPSE_MAX_ELEMENTS = 1 << 24
 
 
 class Monitor:
@@ -41,13 +57,18 @@ class Monitor:
 
     Args:
         every_n_steps: measure on steps where ``global_step % every_n_steps == 0``.
-        attention: measure every ``F.scaled_dot_product_attention`` call inside the model.
-        embedding_modules: ``fnmatch`` patterns over ``named_modules()``; each match's output (``[..., D]``) feeds
+        attention: measure every attention call inside the model.
+        head: the output head whose *input* feeds RankMe / alpha-ReQ (probe ``<head>.input``) and neural collapse:
+            ``"auto"`` (the model's ``get_output_embeddings()`` or the last linear layer named like a head),
+            a module name, or ``None``.
+        neural_collapse: ``"auto"`` (on when a head is found and its ``C x D`` state is small, fed on steps that
+            pass labels), ``True`` (a head is required), or ``False``.
+        embedding_modules: ``fnmatch`` patterns over ``named_modules()``; each match's output ``[..., D]`` feeds
             RankMe and alpha-ReQ (alpha only where ``D > 100``).
-        spectral_modules: ``fnmatch`` patterns of modules with a 2-D ``weight`` (e.g. ``"*.qkv"``); each gets its
-            σ(W) by warm-started power iteration on every :meth:`compute` (``geomon/spectral/sigma/<module>``).
+        spectral_modules: ``fnmatch`` patterns of modules with a 2-D ``weight``: σ(W) and stable rank.
+        window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
         query_rows: if set, measure at most this many evenly spaced query rows per attention call.
-        backend: kernels or torch for attention entropy (see :mod:`geomon.functional`).
+        backend: kernels or torch (see :mod:`geomon.functional`).
         strict: raise probe errors instead of warning (for tests).
     """
 
@@ -56,35 +77,76 @@ class Monitor:
         *,
         every_n_steps: int = 50,
         attention: bool = True,
+        head: str | None = "auto",
+        neural_collapse: bool | Literal["auto"] = "auto",
         embedding_modules: Sequence[str] = (),
         spectral_modules: Sequence[str] = (),
+        window_rows: int | None = None,
         query_rows: int | None = None,
         backend: Backend = "auto",
         strict: bool = False,
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
-        if query_rows is not None and (not isinstance(query_rows, int) or query_rows < 1):
-            raise ValueError(f"query_rows must be a positive integer or None, got {query_rows!r}")
+        for name, value in (("every_n_steps", every_n_steps), ("window_rows", window_rows),
+                            ("query_rows", query_rows)):  # fmt: skip
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if every_n_steps is None:
+            raise ValueError("every_n_steps must be a positive integer, got None")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.every_n_steps, self.attention, self.query_rows = every_n_steps, attention, query_rows
-        self.patterns, self.backend, self.strict = list(embedding_modules), backend, strict
-        self.spectral_patterns = list(spectral_modules)
+        if neural_collapse not in (True, False, "auto"):
+            raise ValueError(f"neural_collapse must be True, False or 'auto', got {neural_collapse!r}")
+        for name, patterns in (("embedding_modules", embedding_modules), ("spectral_modules", spectral_modules)):
+            if isinstance(patterns, str):
+                raise TypeError(f"{name} must be a sequence of patterns, e.g. [{patterns!r}], not a string")
+        self.every_n_steps, self.attention, self.head_option = every_n_steps, attention, head
+        self.neural_collapse_option, self.window_rows, self.strict = neural_collapse, window_rows, strict
+        self.patterns, self.spectral_patterns = list(embedding_modules), list(spectral_modules)
+        self.backend = backend
         self.model: nn.Module | None = None
+        self.head: str | None = None
         self.embedding_names: list[str] = []
-        self.spectral_metrics: dict[str, SpectralNorm] = {}
-        self.attention_metrics: dict[str, AttentionEntropy] = {}
-        self.embedding_metrics: dict[str, tuple[RankMe, AlphaReQ | None]] = {}
+        self.attention_probe = AttentionProbe(backend=backend, query_rows=query_rows)
+        self.embeddings: dict[str, EmbeddingProbe] = {}
+        self.collapse: CollapseProbe | None = None
+        self.spectral = SpectralProbe([])
+        self.details: dict[str, Tensor] = {}  #: per-head vectors and spectra of the latest compute (media)
+        self._labels: Tensor | None = None
+        self._warned: set[str] = set()
 
+    # setup -----------------------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> Monitor:
-        """Resolve the module patterns on ``model``; a pattern that matches nothing fails here, listing names."""
+        """Resolve what to watch on ``model``; a misconfiguration fails here, listing what was available."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Monitor.attach needs a torch.nn.Module, got {type(model).__name__}")
         modules = {name: module for name, module in model.named_modules() if name}
-        self.embedding_names = _resolve(self.patterns, list(modules), "embedding_modules")
-        weighted = [name for name, m in modules.items() if isinstance(getattr(m, "weight", None), Tensor)
-                    and m.weight.ndim == 2]  # fmt: skip
-        spectral = _resolve(self.spectral_patterns, weighted, "spectral_modules (modules with a 2-D weight)")
-        self.spectral_metrics = {name: self.spectral_metrics.get(name, SpectralNorm()) for name in spectral}
+        self.embedding_names = resolve_patterns(self.patterns, list(modules), "embedding_modules")
+        linears = [name for name, module in modules.items() if linear_like(module)]
+        spectral = resolve_patterns(self.spectral_patterns, linears, "spectral_modules (modules with a 2-D weight)")
+        self.spectral = SpectralProbe(spectral)
+        self.head = find_head(model, self.head_option)
+        self.collapse = None
+        if self.neural_collapse_option is True and self.head is None:
+            raise ValueError("neural_collapse=True needs the output head: pass head=<module name>; modules with a "
+                             f"2-D weight: {', '.join(linears[:40]) or '(none)'}")  # fmt: skip
+        if self.head is not None and self.neural_collapse_option is not False:
+            c, d = head_dims(modules[self.head])
+            if self.neural_collapse_option is True or c * d <= AUTO_COLLAPSE_MAX_ELEMENTS:
+                self.collapse = CollapseProbe(self.head + ".input", c, d, min_rows=self.window_rows,
+                                              backend=self.backend)  # fmt: skip
+            else:
+                warnings.warn(f"geomon: neural collapse is off for head {self.head!r}: its {c} x {d} float64 state "
+                              "is large; pass neural_collapse=True to watch it anyway", stacklevel=2)  # fmt: skip
+        hooked = self.attention or self.embedding_names or self.head is not None
+        compiled = compiled_parts(model)
+        if compiled and hooked:
+            raise ValueError(
+                f"the model is compiled with torch.compile ({', '.join(repr(p) or 'the model' for p in compiled)}): "
+                "forward hooks and the attention interception do not see inside a compiled graph, so attention "
+                "entropy, the head's input and embedding_modules cannot be captured. Either attach geomon to the "
+                "model before compiling it, or pass attention=False, head=None, embedding_modules=() and hand "
+                "tensors to the monitor yourself (Monitor.observe, or a 'geomon' dict returned from training_step)."
+            )
         self.model = model
         return self
 
@@ -92,26 +154,39 @@ class Monitor:
         """Forget the model (no hook outlives a :meth:`step` block anyway)."""
         self.model = None
 
+    # capture ---------------------------------------------------------------------------------------------------
     def is_scheduled(self, global_step: int) -> bool:
         return global_step % self.every_n_steps == 0
 
-    def step(self, global_step: int) -> Any:
-        """Context manager around the forward pass of ``global_step``; a no-op off schedule."""
+    def step(self, global_step: int, labels: Tensor | None = None) -> Any:
+        """Context manager around the forward pass of ``global_step``; a no-op off schedule.
+
+        ``labels`` (one per row of the head's input, ``-100`` = none) feed neural collapse."""
         if self.model is None:
             raise RuntimeError("Monitor.step() before attach(model)")
-        return self._armed() if self.is_scheduled(global_step) else nullcontext()
+        return self._armed(labels) if self.is_scheduled(global_step) else nullcontext()
 
     @contextmanager
-    def _armed(self) -> Iterator[None]:
+    def _armed(self, labels: Tensor | None) -> Iterator[None]:
         assert self.model is not None
         modules = dict(self.model.named_modules())
+        self._labels = labels
         with ExitStack() as stack:
+            stack.callback(setattr, self, "_labels", None)
             for name in self.embedding_names:
-                handle = modules[name].register_forward_hook(self._embedding_hook(name), always_call=True)
+                handle = modules[name].register_forward_hook(self._output_hook(name), always_call=True)
+                stack.callback(handle.remove)
+            if self.head is not None:
+                handle = modules[self.head].register_forward_hook(self._head_hook, always_call=True)
                 stack.callback(handle.remove)
             if self.attention:
-                stack.enter_context(capture_sdpa(self.model, self._on_attention, strict=self.strict))
+                stack.enter_context(capture_attention(self.model, self._on_attention, strict=self.strict))
             yield
+
+    def observe(self, name: str, tensor: Tensor) -> None:
+        """Add embeddings ``[..., D]`` to probe ``name`` (``geomon/rankme/<name>``) yourself: for models that
+        hooks cannot see into (``torch.compile``) or tensors that no module outputs."""
+        self._guard(f"observed tensor {name!r}", self._on_embedding, name, tensor)
 
     def _guard(self, what: str, fn: Any, *args: Any) -> None:
         try:
@@ -123,18 +198,9 @@ class Monitor:
             warnings.warn(f"geomon: {what} failed and was skipped: {error!r}", stacklevel=3)
 
     def _on_attention(self, call: AttentionCall) -> None:
-        metric = self.attention_metrics.get(call.module)
-        if metric is None:
-            metric = self.attention_metrics[call.module] = AttentionEntropy(call.q.shape[1], backend=self.backend)
-            metric.to(call.q.device)
-        index = None
-        n_q = call.q.shape[-2]
-        if self.query_rows is not None and n_q > self.query_rows:
-            index = torch.linspace(0, n_q - 1, self.query_rows, device=call.q.device).round().long()
-        metric.update(call.q, call.k, scale=call.scale, is_causal=call.is_causal, attn_mask=call.attn_mask,
-                      query_index=index)  # fmt: skip
+        self.attention_probe.update(call)
 
-    def _embedding_hook(self, name: str) -> Any:
+    def _output_hook(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             tensor = output[0] if isinstance(output, tuple) else output
             if isinstance(tensor, Tensor):
@@ -142,79 +208,67 @@ class Monitor:
 
         return hook
 
-    def _on_embedding(self, name: str, output: Tensor) -> None:
-        rows = output.detach().reshape(-1, output.shape[-1])
-        if name not in self.embedding_metrics:
-            d = rows.shape[1]
-            alpha = AlphaReQ(d).to(rows.device) if d > 100 else None
-            self.embedding_metrics[name] = (RankMe(d).to(rows.device), alpha)
-        for metric in self.embedding_metrics[name]:
-            if metric is not None:
-                metric.update(rows)
+    def _head_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if inputs and isinstance(inputs[0], Tensor):
+            self._guard(f"capture of the input of head {self.head!r}", self._on_head_input, module, inputs[0])
 
-    def compute(self) -> dict[str, Tensor]:
-        """Values of the finished windows (a collective under DDP: call it on every rank), keyed by geomon's scheme."""
-        values: dict[str, Tensor] = {}
-        for name, metric in self.attention_metrics.items():
-            result = metric.compute()
-            values[f"geomon/attention/entropy/{name}"] = result["entropy"]
-            values[f"geomon/attention/entropy_normalized/{name}"] = result["entropy_normalized"]
-            values[f"geomon/attention/max_logit/{name}"] = result["max_logit"]
-            metric.reset()
-        modules = dict(self.model.named_modules()) if self.model is not None else {}
-        for name, metric in self.spectral_metrics.items():
-            weight = modules[name].weight.detach()
-            metric.to(weight.device).update(weight)
-            values[f"geomon/spectral/sigma/{name}"] = metric.compute()
-        for name, (rankme, alpha) in self.embedding_metrics.items():
-            # every rank decides from the synchronised row count, so all ranks take the same branch
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", GeomonWarning)
-                value = rankme.compute()
-            if any("needs at least" in str(w.message) for w in caught):
-                continue  # keep accumulating rows: the window is not full yet
-            for w in caught:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            values[f"geomon/rankme/{name}"] = value
-            rankme.reset()
-            if alpha is not None:
-                values[f"geomon/alpha_req/{name}"] = alpha.compute()
-                alpha.reset()
+    def _on_head_input(self, module: nn.Module, features: Tensor) -> None:
+        assert self.head is not None
+        features = features.detach()
+        self._on_embedding(self.head + ".input", features)
+        if self.collapse is None:
+            return
+        if self._labels is None:
+            self._warn_once(
+                "labels",
+                "geomon: neural collapse is on but this step has no labels (pass labels= to Monitor.step, or "
+                "labels_fn= to GeomonCallback); it is skipped (neural_collapse=False silences this)",
+            )
+            return
+        weight, bias = head_weight(module)
+        self.collapse.update(features, self._labels, weight, bias)
+
+    def _on_embedding(self, name: str, tensor: Tensor) -> None:
+        rows = tensor.detach().reshape(-1, tensor.shape[-1])
+        if name not in self.embeddings:
+            self.embeddings[name] = EmbeddingProbe(name, rows.shape[1], min_rows=self.window_rows).to(rows.device)
+        self.embeddings[name].update(rows)
+
+    def _warn_once(self, tag: str, message: str) -> None:
+        if tag not in self._warned:
+            self._warned.add(tag)
+            warnings.warn(message, stacklevel=3)
+
+    # values ----------------------------------------------------------------------------------------------------
+    def compute(self, *, spectra: bool = False) -> dict[str, Tensor]:
+        """Scalar values of the finished windows (a collective under DDP: call it on every rank), keyed by geomon's
+        scheme; per-head vectors (and, with ``spectra=True``, the singular values of each full embedding window)
+        go to :attr:`details` under the same keys."""
+        values, self.details = self.attention_probe.compute()
+        if self.model is not None:
+            values.update(self.spectral.compute(dict(self.model.named_modules())))
+        for probe in self.embeddings.values():
+            scalars, details = probe.compute(spectrum=spectra)
+            values.update(scalars)
+            self.details.update(details)
+        if self.collapse is not None:
+            values.update(self.collapse.compute())
         return values
 
     def state_dict(self) -> dict[str, Any]:
-        """Open windows, for checkpoints: a resumed run continues them."""
+        """Open windows and power-iteration vectors, for checkpoints: a resumed run continues them."""
         return {
-            "spectral": {name: m.state_dict() for name, m in self.spectral_metrics.items()},
-            "attention": {name: (m.num_heads, m.state_dict()) for name, m in self.attention_metrics.items()},
-            "embeddings": {
-                name: (r.num_features, r.state_dict(), None if a is None else a.state_dict())
-                for name, (r, a) in self.embedding_metrics.items()
-            },
+            "attention": self.attention_probe.state_dict(),
+            "spectral": self.spectral.state_dict(),
+            "embeddings": {name: probe.state_dict() for name, probe in self.embeddings.items()},
+            "collapse": None if self.collapse is None else self.collapse.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, metric_state in state.get("spectral", {}).items():
-            metric = self.spectral_metrics[name] = SpectralNorm()
-            metric.load_state_dict(metric_state)
-        for name, (heads, metric_state) in state["attention"].items():
-            metric = self.attention_metrics[name] = AttentionEntropy(heads, backend=self.backend)
-            metric.load_state_dict(metric_state)
-        for name, (d, rankme_state, alpha_state) in state["embeddings"].items():
-            rankme, alpha = RankMe(d), (AlphaReQ(d) if alpha_state is not None else None)
-            rankme.load_state_dict(rankme_state)
-            if alpha is not None:
-                alpha.load_state_dict(alpha_state)
-            self.embedding_metrics[name] = (rankme, alpha)
-
-
-def _resolve(patterns: Sequence[str], names: list[str], what: str) -> list[str]:
-    """The names matching each ``fnmatch`` pattern, in order; a pattern that matches nothing fails, listing names."""
-    resolved: list[str] = []
-    for pattern in patterns:
-        matches = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
-        if not matches:
-            shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
-            raise ValueError(f"{what} pattern {pattern!r} matches no module; the candidates are: {shown}")
-        resolved += [name for name in matches if name not in resolved]
-    return resolved
+        """Restore :meth:`state_dict` (after :meth:`attach`)."""
+        self.attention_probe.load_state_dict(state.get("attention", {}))
+        self.spectral.load_state_dict(state.get("spectral", {}))
+        for name, probe_state in state.get("embeddings", {}).items():
+            self.embeddings[name] = EmbeddingProbe.from_state_dict(name, probe_state)
+        if self.collapse is not None and state.get("collapse") is not None:
+            self.collapse.load_state_dict(state["collapse"])

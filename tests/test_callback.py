@@ -109,8 +109,8 @@ def test_callback_state_restores_the_monitor_windows(tmp_path):
     restored.load_state_dict(first.state_dict())
     module = _module_class(lightning)()
     restored.setup(None, module, "fit")
-    original = first.monitor.embedding_metrics["model.blocks.0.mlp.1"][0]
-    copy = restored.monitor.embedding_metrics["model.blocks.0.mlp.1"][0]
+    original = first.monitor.embeddings["model.blocks.0.mlp.1"].rankme
+    copy = restored.monitor.embeddings["model.blocks.0.mlp.1"].rankme
     assert float(original.n) == 288  # an open window: 3 measured steps x 96 rows, 4 x 128 = 512 needed
     assert torch.equal(copy.n, original.n) and torch.equal(copy.gram, original.gram)
 

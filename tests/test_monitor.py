@@ -31,7 +31,7 @@ def test_off_schedule_steps_do_nothing():
             assert F.scaled_dot_product_attention is SDPA  # nothing armed
             assert all(not m._forward_hooks for m in model.modules())
             model(_batches(1)[0])
-    assert monitor.attention_metrics == {} and monitor.embedding_metrics == {}
+    assert monitor.attention_probe.metrics == {} and monitor.embeddings == {}
     assert monitor.compute() == {}
 
 
@@ -150,7 +150,7 @@ def test_spectral_norms_of_chosen_weights_follow_training():
     restored = Monitor(spectral_modules=["blocks.*.attn.qkv"]).attach(model)
     restored.load_state_dict(monitor.state_dict())
     assert torch.equal(
-        restored.spectral_metrics["blocks.0.attn.qkv"].u, monitor.spectral_metrics["blocks.0.attn.qkv"].u
+        restored.spectral.metrics["blocks.0.attn.qkv"].u, monitor.spectral.metrics["blocks.0.attn.qkv"].u
     )
 
 

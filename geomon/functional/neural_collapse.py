@@ -64,17 +64,25 @@ def _validate(features, labels, weight, bias, num_classes, class_means) -> None:
 
 
 def _nc4_update(
-    features: Tensor, weight: Tensor, bias: Tensor | None, class_means: Tensor, backend: Backend = "auto"
+    features: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    class_means: Tensor,
+    backend: Backend = "auto",
+    keep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(mismatches, samples)``: classifier argmax over all classes vs nearest finite class mean (no sync)."""
+    """``(mismatches, samples)``: classifier argmax over all classes vs nearest finite class mean (no sync);
+    rows where ``keep`` is False are not counted."""
     dtype = compute_dtype(features)
     h = features.detach().to(dtype)
     w = weight.detach().to(dtype)
     offset = torch.zeros(w.shape[0], dtype=dtype, device=h.device) if bias is None else bias.detach().to(dtype)
     decision = tiled_argmax(h, w, offset, backend)
     nearest = nearest_centre(h, class_means.detach().to(dtype), backend)
-    mismatch = (decision != nearest).sum().to(torch.float64)
-    return mismatch, torch.full((), float(h.shape[0]), dtype=torch.float64, device=h.device)
+    if keep is None:
+        mismatch = (decision != nearest).sum().to(torch.float64)
+        return mismatch, torch.full((), float(h.shape[0]), dtype=torch.float64, device=h.device)
+    return ((decision != nearest) & keep).sum().to(torch.float64), keep.sum().to(torch.float64)
 
 
 def _neural_collapse_update(
@@ -86,17 +94,23 @@ def _neural_collapse_update(
     num_classes: int,
     class_means: Tensor | None = None,
     backend: Backend = "auto",
+    ignore_index: int | None = None,
 ) -> ClassStats:
     """Statistics of one batch. Labels outside ``[0, C)`` are counted (and rejected at compute), not indexed;
-    ``nc4`` is counted only when both ``weight`` and reference ``class_means`` are given. No host sync."""
+    ``nc4`` is counted only when both ``weight`` and reference ``class_means`` are given. Rows labelled
+    ``ignore_index`` (which must lie outside ``[0, C)``, e.g. -100 for padding) are left out of everything.
+    No host sync."""
     _validate(features, labels, weight, bias, num_classes, class_means)
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index must lie outside [0, num_classes = {num_classes}), got {ignore_index}")
     h = features.detach().double()
     valid = (labels >= 0) & (labels < num_classes)
+    kept_rows = None if ignore_index is None else labels != ignore_index
     kept = h * valid.double()[:, None]
     zeros = torch.zeros((), dtype=torch.float64, device=h.device)
     mismatch, decided = zeros, zeros
     if weight is not None and class_means is not None:
-        mismatch, decided = _nc4_update(features, weight, bias, class_means, backend)
+        mismatch, decided = _nc4_update(features, weight, bias, class_means, backend, kept_rows)
     unsupported = "float64 features are reduced by the torch path only" if features.dtype == torch.float64 else None
     if choose_backend(backend, "class statistics", features, labels, unsupported=unsupported) == "triton":
         from geomon.kernels.class_stats import class_stats_triton
@@ -105,6 +119,8 @@ def _neural_collapse_update(
     else:
         count, feature_sum, sq_norm_sum = _class_sums_torch(h, labels, valid, num_classes)
         n_invalid = (~valid).sum().to(torch.float64)
+    if kept_rows is not None:
+        n_invalid = n_invalid - (~kept_rows).sum().to(torch.float64)
     return ClassStats(count, feature_sum, sq_norm_sum, kept.T @ h, n_invalid, mismatch, decided)
 
 

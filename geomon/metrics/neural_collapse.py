@@ -30,6 +30,7 @@ class NeuralCollapse(StatsMetric):
         num_classes: ``C`` (rows of the classifier).
         num_features: ``D``.
         cdnv_exponent: as in :func:`geomon.functional.neural_collapse`.
+        ignore_index: rows with this label (outside ``[0, C)``, e.g. -100 for padding) are left out.
         backend: class statistics and ``nc4`` decisions by ``"auto"`` (Triton kernels on CUDA), ``"torch"``,
             or ``"triton"``.
         kwargs: torchmetrics ``Metric`` options.
@@ -42,9 +43,13 @@ class NeuralCollapse(StatsMetric):
         *,
         cdnv_exponent: float = 2.0,
         backend: Backend = "auto",
+        ignore_index: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if ignore_index is not None and 0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index must lie outside [0, num_classes = {num_classes}), got {ignore_index}")
+        self.ignore_index = ignore_index
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -66,7 +71,8 @@ class NeuralCollapse(StatsMetric):
             raise ValueError(f"features must have {self.num_features} features, got shape {tuple(features.shape)}")
         reference = self.reference_means if self._has_reference else None
         stats = _neural_collapse_update(
-            features, labels, weight, bias, num_classes=self.num_classes, class_means=reference, backend=self.backend
+            features, labels, weight, bias, num_classes=self.num_classes, class_means=reference, backend=self.backend,
+            ignore_index=self.ignore_index,
         )
         self._accumulate(stats)
         if weight is not None:  # a copy: the live parameter moves on (or is resharded) before compute

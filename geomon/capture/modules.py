@@ -1,0 +1,101 @@
+"""Which modules to watch: name patterns, the output head, and what ``torch.compile`` hides from hooks.
+
+Everything here runs once, at setup, so that a misconfiguration fails before training starts, with a message that
+lists what was available.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+#: Last name components that mark a model's output head when the model does not say which it is.
+HEAD_NAMES = ("lm_head", "head", "classifier", "fc", "score", "output", "out", "logits")
+
+
+def resolve_patterns(patterns: Sequence[str], names: Sequence[str], what: str) -> list[str]:
+    """The names matching each ``fnmatch`` pattern, in order; a pattern that matches nothing fails, listing names.
+
+    Example:
+        >>> resolve_patterns(["blocks.*.attn"], ["blocks.0.attn", "blocks.1.attn", "head"], "attention")
+        ['blocks.0.attn', 'blocks.1.attn']
+    """
+    resolved: list[str] = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{what} patterns must be strings, got {pattern!r}")
+        matches = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            raise ValueError(f"{what} pattern {pattern!r} matches no module; the candidates are: {_shown(names)}")
+        resolved += [name for name in matches if name not in resolved]
+    return resolved
+
+
+def _shown(names: Sequence[str], limit: int = 40) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "") or "(none)"
+
+
+def linear_like(module: nn.Module) -> bool:
+    """A module with a 2-D ``weight`` (``nn.Linear``, Hugging Face ``Conv1D``, ...)."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, Tensor) and weight.ndim == 2 and not isinstance(module, nn.Embedding)
+
+
+def head_dims(module: nn.Module) -> tuple[int, int]:
+    """``(num_classes, num_features)`` of a classifier head: ``nn.Linear`` is ``[C, D]``, ``Conv1D`` is ``[D, C]``."""
+    weight = module.weight
+    if type(module).__name__ == "Conv1D":
+        return int(weight.shape[1]), int(weight.shape[0])
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def find_head(model: nn.Module, head: str | None) -> str | None:
+    """The qualified name of the output head: ``head`` itself (checked), else the model's own answer
+    (``get_output_embeddings()``, Hugging Face), else the last linear layer whose name ends in a usual head name.
+
+    Example:
+        >>> model = nn.Sequential()
+        >>> model.add_module("body", nn.Linear(4, 8)); model.add_module("classifier", nn.Linear(8, 3))
+        >>> find_head(model, "auto")
+        'classifier'
+    """
+    named = {name: module for name, module in model.named_modules() if name}
+    linears = [name for name, module in named.items() if linear_like(module)]
+    if head is None:
+        return None
+    if head != "auto":
+        if head not in linears:
+            raise ValueError(f"head {head!r} is not a module with a 2-D weight; the candidates are: {_shown(linears)}")
+        return head
+    for _, module in model.named_modules():  # a Hugging Face model (possibly inside a LightningModule) names its head
+        getter = getattr(module, "get_output_embeddings", None)
+        output = _safe_call(getter) if callable(getter) else None
+        found = next((n for n, m in named.items() if m is output), None)
+        if found in linears:
+            return found
+    candidates = [name for name in linears if name.rsplit(".", 1)[-1] in HEAD_NAMES]
+    return candidates[-1] if candidates else None
+
+
+def _safe_call(getter: object) -> object:
+    try:
+        return getter()  # type: ignore[operator]
+    except Exception:  # a model whose getter is unimplemented has no head to offer
+        return None
+
+
+def compiled_parts(model: nn.Module) -> list[str]:
+    """Names of the parts of ``model`` that ``torch.compile`` runs as a graph (``""`` for the model itself).
+
+    Forward hooks and the interception of the attention call are not seen inside a compiled graph (or would force a
+    recompilation), so the monitor refuses hook-based probes on these parts.
+    """
+    parts = []
+    if getattr(model, "_compiler_ctx", None):  # Lightning's unwrapped `torch.compile(LightningModule)`
+        parts.append("")
+    for name, module in model.named_modules():
+        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
+            parts.append(name)
+    return parts
