@@ -1,4 +1,4 @@
-"""``GeomonCallback``: the thin Lightning adapter over :class:`geomon.Monitor` (first version).
+"""``GeomonCallback``: the thin Lightning adapter over :class:`geomon.Monitor`.
 
 One class serves both ``lightning.pytorch`` and ``pytorch_lightning`` Trainers: it derives from the ``Callback``
 class of each package that is installed, so either Trainer accepts it and users import it the same way.
@@ -10,23 +10,38 @@ see them; ``pl_module.log`` is not used because Lightning would repeat a callbac
 - ``geomon/attention/entropy/<module>``: mean entropy (nats) over batch, heads and valid query rows;
 - ``geomon/attention/entropy_normalized/<module>``: mean of ``H / log n`` (rows with at least 2 keys);
 - ``geomon/attention/max_logit/<module>``: largest attention logit;
-- ``geomon/rankme/<module>``, ``geomon/alpha_req/<module>``: for the ``embedding_modules`` (when a window of
-  ``4 x D`` rows is full);
-- ``geomon/spectral/sigma/<module>``: σ(W) of the ``spectral_modules``' weights (warm-started power iteration).
+- ``geomon/rankme/<probe>``, ``geomon/alpha_req/<probe>`` (``D > 100``): when a window of ``4 x D`` rows is full;
+  probes: ``<head>.input`` (the features entering the output head), the ``embedding_modules``, and the names of
+  tensors returned from ``training_step`` under ``outputs["geomon"]``;
+- ``geomon/nc/<stat>/<head>.input``: neural collapse (``nc1``, ``nc2_*``, ``nc3``, ``nc4``, ``cdnv``, ``gnc2_*``,
+  ``unc3``, ``nc3_cos_mean``) of the head's input against the head, with labels from ``labels_fn(batch)``;
+- ``geomon/spectral/sigma/<module>``, ``geomon/spectral/stable_rank/<module>``: of the ``spectral_modules``.
+
+Per-head values and spectra are media, not scalars: ``geomon_heads.csv`` in each logger's directory, heatmap and
+spectrum images for W&B and TensorBoard (see :mod:`geomon._media`).
 
 Measurement happens on the first micro-batch of every ``every_n_steps``-th optimizer step (gradient accumulation
 gives one measurement per optimizer step); other steps do no work and no host-device sync. Under DDP ``compute``
-runs on every rank (it is a collective) and the values, identical on all ranks, are logged.
+runs on every rank (it is a collective) and the values, identical on all ranks, are logged by rank zero.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
-from typing import Any
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
+import torch
+from torch import Tensor
+
+from geomon import _media
 from geomon.functional._dispatch import Backend
 from geomon.monitor import Monitor
+from geomon.probes.collapse import IGNORE_INDEX
+
+#: Key under which ``training_step`` may return ``{name: tensor [..., D]}`` for RankMe / alpha-ReQ.
+OUTPUT_KEY = "geomon"
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -41,17 +56,48 @@ def _callback_bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
+def default_labels(batch: Any) -> Tensor | None:
+    """Labels for neural collapse, one per row of the head's input: ``batch["labels"]`` of a Hugging Face causal LM
+    (shifted, as the model shifts them: position ``t`` predicts label ``t + 1``; the last position gets -100), or
+    the second element of an ``(inputs, targets)`` tuple as is; ``None`` when the batch has neither.
+
+    Example:
+        >>> default_labels({"labels": torch.tensor([[5, 6, 7]])})
+        tensor([[   6,    7, -100]])
+    """
+    if isinstance(batch, Mapping) and isinstance(batch.get("labels"), Tensor):
+        labels = batch["labels"]
+        if labels.ndim < 2:
+            return labels
+        padding = torch.full_like(labels[..., :1], IGNORE_INDEX)
+        return torch.cat([labels[..., 1:], padding], dim=-1)
+    pair = isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor)
+    if pair and not batch[1].is_floating_point():
+        return batch[1]
+    return None
+
+
 class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
     """Watch a LightningModule's geometry during ``fit``.
 
     Args:
         every_n_steps: measure every this many optimizer steps.
-        attention: measure every ``F.scaled_dot_product_attention`` call inside the module.
+        attention: measure every attention call inside the module (SDPA, Hugging Face, timm, ``nn.MultiheadAttention``).
+        head: the output head whose input feeds RankMe and neural collapse (``"auto"``, a module name, ``None``).
+        neural_collapse: ``"auto"``, ``True`` or ``False`` (see :class:`geomon.Monitor`).
+        labels_fn: ``batch -> labels`` aligned with the head's input rows (default :func:`default_labels`).
         embedding_modules: ``fnmatch`` patterns of modules whose outputs feed RankMe / alpha-ReQ.
-        spectral_modules: ``fnmatch`` patterns of modules with a 2-D weight whose σ(W) is logged.
+        spectral_modules: ``fnmatch`` patterns of modules with a 2-D weight whose σ(W) and stable rank are logged.
+        window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
         query_rows: measure at most this many evenly spaced query rows per attention call.
+        media: per-head files, heatmaps and spectra for the loggers that take them.
         backend: ``"auto"`` (Triton kernels on CUDA), ``"torch"`` or ``"triton"``.
         strict: raise probe errors instead of warning (for tests).
+
+    Example:
+        >>> callback = GeomonCallback(every_n_steps=100, query_rows=256)
+        >>> callback.monitor.every_n_steps
+        100
     """
 
     def __init__(
@@ -59,21 +105,32 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         *,
         every_n_steps: int = 50,
         attention: bool = True,
+        head: str | None = "auto",
+        neural_collapse: bool | Literal["auto"] = "auto",
+        labels_fn: Callable[[Any], Tensor | None] = default_labels,
         embedding_modules: Sequence[str] = (),
         spectral_modules: Sequence[str] = (),
+        window_rows: int | None = None,
         query_rows: int | None = None,
+        media: bool = True,
         backend: Backend = "auto",
         strict: bool = False,
     ) -> None:
+        if not callable(labels_fn):
+            raise TypeError(f"labels_fn must be callable (batch -> labels), got {labels_fn!r}")
         self.monitor = Monitor(
             every_n_steps=every_n_steps,
             attention=attention,
+            head=head,
+            neural_collapse=neural_collapse,
             embedding_modules=embedding_modules,
             spectral_modules=spectral_modules,
+            window_rows=window_rows,
             query_rows=query_rows,
             backend=backend,
             strict=strict,
         )
+        self.labels_fn, self.media, self.strict = labels_fn, media, strict
         self._armed: Any = None
         self._measured_step = 0
         self._pending_state: dict[str, Any] | None = None
@@ -84,10 +141,17 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             self.monitor.load_state_dict(self._pending_state)
             self._pending_state = None
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.media and trainer.is_global_zero:
+            self._quietly("W&B summaries", _media.define_wandb_summaries, trainer.loggers)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         first_micro_batch = batch_idx % max(1, trainer.accumulate_grad_batches) == 0
         if first_micro_batch and self.monitor.is_scheduled(trainer.global_step):
-            self._armed = self.monitor.step(trainer.global_step)
+            labels = None
+            if self.monitor.collapse is not None:
+                labels = self._quietly("labels_fn", self.labels_fn, batch)
+            self._armed = self.monitor.step(trainer.global_step, labels=labels)
             self._armed.__enter__()
             self._measured_step = trainer.global_step
 
@@ -95,13 +159,26 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         if self._armed is None:
             return
         self._disarm()
-        values = {key: value.float() for key, value in self.monitor.compute().items()}
-        if not values:
-            return
+        if isinstance(outputs, Mapping) and isinstance(outputs.get(OUTPUT_KEY), Mapping):
+            for name, tensor in outputs[OUTPUT_KEY].items():
+                self.monitor.observe(str(name), tensor)
+        values = {key: value.float() for key, value in self.monitor.compute(spectra=self.media).items()}
         trainer.callback_metrics.update(values)
-        scalars = {key: float(value) for key, value in values.items()}  # the logging step: a sync is fine here
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=self._measured_step)
+        if values:
+            scalars = {key: float(value) for key, value in values.items()}  # the logging step: a sync is fine here
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=self._measured_step)
+        if self.media and trainer.is_global_zero and self.monitor.details:
+            self._quietly("media", _media.log_media, trainer.loggers, self._measured_step, self.monitor.details)
+
+    def _quietly(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as error:  # monitoring must never break training
+            if self.strict:
+                raise
+            warnings.warn(f"geomon: {what} failed and was skipped: {error!r}", stacklevel=2)
+            return None
 
     def _disarm(self) -> None:
         armed, self._armed = self._armed, None
@@ -119,4 +196,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         return self.monitor.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = state_dict  # applied at setup, once the module is attached
+        if self.monitor.model is not None:  # Lightning restores callbacks after setup when it resumes a fit
+            self.monitor.load_state_dict(state_dict)
+        else:
+            self._pending_state = state_dict  # applied at setup, once the module is attached

@@ -89,7 +89,7 @@ def test_one_measurement_per_optimizer_step_under_gradient_accumulation(tmp_path
     calls = []
     callback = GeomonCallback(every_n_steps=1)
     original = callback.monitor.compute
-    callback.monitor.compute = lambda: calls.append(1) or original()
+    callback.monitor.compute = lambda **kw: calls.append(1) or original(**kw)
     _fit(lightning, tmp_path, [callback], accumulate=2)
     assert len(calls) == 3  # 3 optimizer steps over 6 micro-batches
 

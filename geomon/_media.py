@@ -1,0 +1,144 @@
+"""Per-head values and spectra as media, one small writer per tracker (the only tracker-specific code of geomon).
+
+Scalars go through every Lightning logger unchanged; this module adds, on rank zero at logging steps:
+
+- every logger with a directory (CSV, TensorBoard, W&B's run files): ``geomon_heads.csv`` (``step,key,head,value``)
+  with every per-head value, so that ``geomon report`` can draw the layer x head heatmaps from any run;
+- W&B: a layer x head heatmap of normalised entropy and the singular-value spectra as images on the trainer's
+  global step, and ``define_metric`` summaries (min entropy, max logit);
+- TensorBoard: the same figures, and a histogram of each layer's per-head values.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import warnings
+from typing import Any
+
+from torch import Tensor
+
+HEADS_FILE = "geomon_heads.csv"
+ENTROPY_NORMALIZED = "geomon/attention/entropy_normalized/"
+
+#: W&B run summaries: (key glob, summary) - the worst value a run reached is what a dashboard should show.
+WANDB_SUMMARIES = (
+    ("geomon/attention/entropy/*", "min"),
+    ("geomon/attention/entropy_normalized/*", "min"),
+    ("geomon/attention/max_logit/*", "max"),
+    ("geomon/rankme/*", "min"),
+)
+
+
+def logger_directory(logger: Any) -> str | None:
+    """Where a Lightning logger writes its files (W&B: the run's ``files`` directory), or ``None``."""
+    if type(logger).__name__ == "WandbLogger":
+        return getattr(logger.experiment, "dir", None)
+    if type(logger).__name__ in ("CSVLogger", "TensorBoardLogger"):
+        return logger.log_dir
+    return None
+
+
+def define_wandb_summaries(loggers: list[Any]) -> None:
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            run = logger.experiment
+            for pattern, summary in WANDB_SUMMARIES:
+                run.define_metric(pattern, step_metric="trainer/global_step", summary=summary)
+
+
+def write_heads(directory: str, step: int, heads: dict[str, Tensor]) -> None:
+    """Append every per-head value of this step to ``<directory>/geomon_heads.csv``."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, HEADS_FILE)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new:
+            writer.writerow(["step", "key", "head", "value"])
+        for key, values in heads.items():
+            for head, value in enumerate(values.tolist()):
+                writer.writerow([step, key, head, value])
+
+
+def heatmap_figure(heads: dict[str, Tensor], step: int) -> Any:
+    """Layer x head normalised entropy at one step (NaN where a layer has fewer heads or no valid row)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    layers = [key[len(ENTROPY_NORMALIZED) :] for key in heads if key.startswith(ENTROPY_NORMALIZED)]
+    width = max(len(heads[ENTROPY_NORMALIZED + layer]) for layer in layers)
+    grid = [heads[ENTROPY_NORMALIZED + layer].tolist() + [math.nan] * width for layer in layers]
+    figure, axes = plt.subplots(figsize=(1.2 + 0.45 * width, 1.0 + 0.35 * len(layers)), layout="constrained")
+    image = axes.imshow([row[:width] for row in grid], vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    axes.set_xlabel("head")
+    axes.set_ylabel("layer")
+    axes.set_yticks(range(len(layers)), layers, fontsize=7)
+    axes.set_xticks(range(width))
+    axes.set_title(f"normalised attention entropy, step {step}", fontsize=9)
+    figure.colorbar(image, ax=axes, label="H / log n")
+    return figure
+
+
+def spectrum_figure(spectra: dict[str, Tensor], step: int) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.5), layout="constrained")
+    for key, values in spectra.items():
+        positive = values[values > 0].tolist()
+        axes.loglog(range(1, len(positive) + 1), positive, label=key.removeprefix("geomon/rankme/"))
+    axes.set_xlabel("rank k")
+    axes.set_ylabel("singular value σ_k")
+    axes.set_title(f"embedding spectra, step {step}", fontsize=9)
+    axes.legend(fontsize=7)
+    return figure
+
+
+def log_media(loggers: list[Any], step: int, details: dict[str, Tensor]) -> None:
+    """Write the per-head values and figures of one logging step to every logger that can take them."""
+    heads = {key: value for key, value in details.items() if key.startswith("geomon/attention/")}
+    spectra = {key: value for key, value in details.items() if key.startswith("geomon/rankme/")}
+    for logger in loggers:
+        directory = logger_directory(logger)
+        if directory is not None and heads:
+            write_heads(directory, step, heads)
+    figures = _figures(heads, spectra, step)
+    for logger in loggers:
+        kind = type(logger).__name__
+        if kind == "WandbLogger":
+            import wandb
+
+            media = {f"geomon/media/{name}": wandb.Image(figure) for name, figure in figures.items()}
+            logger.log_metrics(media, step=step)
+        elif kind == "TensorBoardLogger":
+            writer = logger.experiment
+            for name, figure in figures.items():
+                writer.add_figure(f"geomon/media/{name}", figure, global_step=step, close=False)
+            for key, values in heads.items():
+                if values.isfinite().any():
+                    writer.add_histogram(key, values[values.isfinite()], global_step=step)
+    if figures:
+        import matplotlib.pyplot as plt
+
+        for figure in figures.values():
+            plt.close(figure)
+
+
+def _figures(heads: dict[str, Tensor], spectra: dict[str, Tensor], step: int) -> dict[str, Any]:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        warnings.warn("geomon: matplotlib is not installed, so no heatmaps or spectra are drawn", stacklevel=3)
+        return {}
+    figures = {}
+    if any(key.startswith(ENTROPY_NORMALIZED) for key in heads):
+        figures["entropy_heatmap"] = heatmap_figure(heads, step)
+    if spectra:
+        figures["spectra"] = spectrum_figure(spectra, step)
+    return figures
