@@ -5,25 +5,30 @@ PY := $(VENV)/bin/python
 # The small CPU build on machines without a GPU is found by pip's local find-links; on a GPU machine the same
 # pin resolves to the CUDA build. Override with `make test TORCH_SPEC='torch>=2.3'` to keep your own torch.
 TORCH_SPEC ?= torch==2.13.0
+# timm (ViT capture tests) needs torchvision, and no torchvision is built for the small CPU torch: the tests install
+# the newest matching pair instead (a CUDA build of torch that also runs on the CPU; about a minute here).
+TEST_TORCH_SPEC ?= torch torchvision
 BASE_STAMP := $(VENV)/.geomon-base-installed
 STAMP := $(VENV)/.geomon-installed
 LINT_PATHS := geomon tests examples benchmarks
 
 .PHONY: demo test test-gpu lint docs bench bench-gpu clean
 
-# The demo needs only the package; the tests add the dev extras (lightning, wandb, triton, ...) on top.
+# The demo needs the package and its command's extras (Lightning, TensorBoard, matplotlib, rich); the tests add the
+# dev extras (wandb, triton, transformers, timm, ...) on top.
 $(BASE_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[cli]"
 	touch $(BASE_STAMP)
 
 $(STAMP): $(BASE_STAMP)
+	$(PY) -m pip install -q $(TEST_TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(BASE_STAMP)
-	$(PY) -m geomon.demo
+	$(VENV)/bin/geomon demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
