@@ -1,0 +1,97 @@
+"""The ``geomon`` command.
+
+Usage::
+
+    geomon demo [DEMO ARGS...]                     # train the tiny CPU GPT and print its geometry (geomon.demo)
+    geomon report RUN [--out DIR] [--steps S1,S2]  # HTML + PNG report of a logged run
+
+``python -m geomon`` is the same command. Errors a user can fix (a missing path, an unreadable file, a run without
+``geomon/...`` values) print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def parse_steps(text: str) -> list[int]:
+    """``"100,2000, 5000"`` -> ``[100, 2000, 5000]`` (for ``--steps``).
+
+    Example:
+        >>> parse_steps("100,2000, 5000")
+        [100, 2000, 5000]
+    """
+    try:
+        steps = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer steps, got {text!r}") from None
+    if not steps:
+        raise argparse.ArgumentTypeError("expected at least one step")
+    return steps
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (``demo`` is listed here; its arguments go to the demo unparsed)."""
+    parser = argparse.ArgumentParser(prog="geomon", description="Training-time geometry monitoring for PyTorch.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser(
+        "demo", add_help=False, help="train a tiny GPT on CPU and print its geometry (arguments go to the demo)"
+    )
+    report = commands.add_parser(
+        "report",
+        help="write an HTML report with figures from a logged run",
+        description="Read a run (Lightning CSV logs, TensorBoard event files, an offline W&B run, or the demo's "
+        "metrics.csv) and write index.html with embedded figures, plus the PNGs, into --out.",
+    )
+    report.add_argument("run", metavar="RUN", help="run directory or data file")
+    report.add_argument("--out", metavar="DIR", help="output directory (default: RUN/geomon-report)")
+    report.add_argument(
+        "--steps",
+        metavar="S1,S2,...",
+        type=parse_steps,
+        help="steps for the per-head heatmap (nearest logged; default: first, middle, last)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``geomon`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        return _demo(argv[1:])
+    args = build_parser().parse_args(argv)
+    return _report(args.run, args.out, args.steps)
+
+
+def _demo(argv: list[str]) -> int:
+    from geomon import demo
+
+    result = demo.main(argv)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _error(message: str) -> int:
+    print(f"geomon: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _report(run: str, out: str | None, steps: list[int] | None) -> int:
+    try:
+        from geomon.report import ReportError, build_report
+    except ImportError as error:  # matplotlib is an optional dependency
+        return _error(f"geomon report needs {error.name or 'matplotlib'}: pip install 'geomon[report]'")
+    try:
+        report = build_report(run, out, steps=steps, progress=True)
+    except ReportError as error:
+        return _error(str(error))
+    except ImportError as error:
+        return _error(f"geomon report needs {error.name}: pip install 'geomon[report]'")
+    span = report.run.step_range()
+    steps_text = f", steps {span[0]}..{span[1]}" if span else ""
+    print(f"read {report.run.source} run {report.run.path} ({len(report.run.geomon_keys())} geomon series{steps_text})")
+    print(f"wrote {report.html}")
+    names = ", ".join(path.name for path in report.figures) or "none (no series to draw)"
+    print(f"wrote {len(report.figures)} figures to {report.out}: {names}")
+    return 0
