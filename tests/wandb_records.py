@@ -22,3 +22,19 @@ def history(run_file: Path) -> list[dict[str, object]]:
                 {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             )
     return rows
+
+
+def alerts(run_file: Path) -> list[dict[str, object]]:
+    """Every ``run.alert(...)`` of the run: its title, text, level and wait duration (milliseconds)."""
+    from wandb.proto import wandb_internal_pb2
+
+    found = []
+    for payload in _payloads(Path(run_file).read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "alert":
+            alert = record.alert
+            found.append(
+                {"title": alert.title, "text": alert.text, "level": alert.level, "wait_duration": alert.wait_duration}
+            )
+    return found

@@ -1,0 +1,148 @@
+"""NonFinite, Threshold, Drop, Custom; constructor validation of every rule and sink."""
+
+import math
+
+import pytest
+import torch
+
+from geomon.alerts import (
+    AlertEngine,
+    CallableSink,
+    Custom,
+    Drop,
+    EntropyCollapse,
+    LoggingSink,
+    MaxLogitAbove,
+    NonFinite,
+    RankCollapse,
+    StopFlag,
+    Threshold,
+    WandbSink,
+)
+from tests.alerts.sequences import ENT, RANK, run, summary
+
+NAN, INF = math.nan, math.inf
+
+
+def test_non_finite_fires_once_naming_the_keys_and_recovers():
+    frames = [
+        {RANK.format("a"): 10.0, "geomon/alpha_req/a": NAN, "geomon/nc/nc4/head": NAN},  # NaN by definition: ignored
+        {RANK.format("a"): NAN, "geomon/spectral/sigma/w": INF, "geomon/alpha_req/a": NAN},
+        {RANK.format("a"): NAN, "geomon/spectral/sigma/w": 3.0},
+        {RANK.format("a"): 9.0, "geomon/spectral/sigma/w": 3.0},
+    ]
+    events = run(NonFinite(), scalars=frames)
+    assert summary(events) == [(1, "fired", RANK.format("a"), ()), (3, "recovered", "non_finite", ())]
+    fired = events[0]
+    assert fired.level == "ERROR" and math.isnan(fired.value)
+    assert fired.details["keys"] == [RANK.format("a"), "geomon/spectral/sigma/w"]
+    assert fired.text == (
+        "Non-finite values at step 50 in 2 keys: geomon/rankme/a (nan), geomon/spectral/sigma/w (inf)."
+    )
+    assert events[1].text == "All watched values are finite again at step 150 (non-finite since step 50)."
+
+
+def test_non_finite_per_head_values_and_ignore_patterns():
+    heads = {ENT.format(0): [0.5, NAN, 0.4], ENT.format(1): torch.tensor([INF, 0.3])}
+    (event,) = NonFinite().evaluate(0, {}, heads)
+    assert event.details["keys"] == [ENT.format(0) + "/head1", ENT.format(1) + "/head0"]
+    assert NonFinite(ignore=["geomon/attention/*"]).evaluate(0, {}, heads) == []
+    only_head = NonFinite(ignore=[ENT.format(0) + "/head1"]).evaluate(0, {}, heads)
+    assert only_head[0].details["keys"] == [ENT.format(1) + "/head0"]
+    # with no ignore list, the definitional NaNs fire too
+    assert NonFinite(ignore=()).evaluate(0, {"geomon/alpha_req/a": NAN}, {})[0].key == "geomon/alpha_req/a"
+
+
+def test_non_finite_patience_and_cooldown():
+    frames = [{"k": v} for v in [NAN, 1.0, NAN, NAN, 1.0, NAN, NAN, NAN, 1.0]]
+    events = run(NonFinite(patience=2, cooldown=250), scalars=frames)
+    # bad at 2, 3 -> fired at 3; recovery needs 2 finite evaluations in a row, which never come
+    assert summary(events) == [(3, "fired", "k", ())]
+    events = run(NonFinite(patience=1, cooldown=250), scalars=[{"k": v} for v in [NAN, 1.0, NAN, NAN, NAN, NAN, NAN]])
+    # fired at 0, recovered at 1 (step 50); cooldown until step 300: NaN from 2 fires only at evaluation 6
+    assert summary(events) == [(0, "fired", "k", ()), (1, "recovered", "non_finite", ()), (6, "fired", "k", ())]
+
+
+def test_threshold_above_and_below_with_hysteresis():
+    rule = Threshold("geomon/spectral/sigma/*", above=10.0, below=1.0, patience=2, hysteresis=0.1, name="sigma")
+    key = "geomon/spectral/sigma/blocks.0.qkv"
+    values = [5.0, 12.0, 11.0, 9.5, 8.9, 8.0, 0.5, 0.5, 1.05, 1.2, 1.2]
+    events = run(rule, scalars=[{key: v, "geomon/other": 100.0} for v in values])
+    # above 10 at 1, 2 -> fired at 2; clear (<= 9) at 4, 5 -> recovered at 5; below 1 at 6, 7 -> fired at 7;
+    # 1.05 is inside the band (clear >= 1.1); clear at 9, 10 -> recovered at 10
+    assert summary(events) == [
+        (2, "fired", key, ()),
+        (5, "recovered", key, ()),
+        (7, "fired", key, ()),
+        (10, "recovered", key, ()),
+    ]
+    assert events[0].title == "sigma: geomon/spectral/sigma/blocks.0.qkv" and "above 10" in events[0].text
+    assert "below 1," in events[2].text and events[2].threshold == 1.0 and events[0].threshold == 10.0
+
+
+def test_drop_fires_on_a_sharp_drop_only():
+    key = "geomon/alpha_req/ln_f"
+    rule = Drop("geomon/alpha_req/*", 0.4, patience=2, baseline_steps=3, name="alpha_drop")
+    values = [2.0, 2.1, 1.9, 1.8, 1.0, 1.1, 1.0, 1.9, 2.0, 2.0]
+    events = run(rule, scalars=[{key: v} for v in values])
+    # baseline median(2.0, 2.1, 1.9) = 2.0 (1.8 then joins: median(2.1, 1.9, 1.8) = 1.9); 1.0, 1.1 < 1.14 -> fired
+    # at 5; clear once >= min(1.14 * 1.1, 1.9) = 1.254: 7, 8 -> recovered at 8
+    assert summary(events) == [(5, "fired", key, ()), (8, "recovered", key, ())]
+    assert events[0].baseline == 1.9 and events[0].threshold is None
+    negative = Drop("k", 0.5, patience=1, baseline_steps=1)
+    assert run(negative, scalars=[{"k": v} for v in [-1.0, -5.0, 0.0]]) == []  # non-positive baselines: not tested
+
+
+def test_custom_rule_text_patience_and_recovery():
+    def too_wide(step, scalars, heads):
+        logit = scalars.get("logit", 0.0)
+        return f"logit {logit} at step {step}" if logit > 30 else None
+
+    events = run(
+        Custom("wide", too_wide, patience=2, level="ERROR"), scalars=[{"logit": v} for v in [40, 40, 40, 1, 1]]
+    )
+    assert summary(events) == [(1, "fired", "wide", ()), (4, "recovered", "wide", ())]
+    assert events[0].text == "logit 40.0 at step 50" and events[0].level == "ERROR"
+    assert run(Custom("flag", lambda step, s, h: True), scalars=[{}])[0].text == "Rule flag fired at step 0."
+    assert Custom("heads", lambda step, s, h: h["x"] == (1.0, 2.0)).evaluate(0, {}, {"x": torch.tensor([1.0, 2.0])})
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: EntropyCollapse(threshold=1.5),
+            r"EntropyCollapse: threshold must be a normalised entropy in \(0, 1\)",
+        ),
+        (lambda: EntropyCollapse(patience=0), r"patience must be an integer >= 1, got 0"),
+        (lambda: EntropyCollapse(patience=2.5), r"patience must be an integer >= 1, got 2.5"),
+        (lambda: EntropyCollapse(relative_drop=1.0), r"relative_drop must be a number in \(0, 1\) or None"),
+        (lambda: EntropyCollapse(share_levels=(0.6, 0.5)), r"share_levels must be \(warn, error\)"),
+        (lambda: EntropyCollapse(hysteresis=-1), r"hysteresis must be a number >= 0"),
+        (lambda: EntropyCollapse(name="my rule"), r"name must be a non-empty string of letters"),
+        (lambda: MaxLogitAbove(threshold=-3), r"MaxLogitAbove: threshold must be a positive number"),
+        (lambda: MaxLogitAbove(threshold=math.inf), r"threshold must be a positive number, got inf"),
+        (lambda: MaxLogitAbove(level="CRITICAL"), r"level must be one of INFO, WARN, ERROR, got 'CRITICAL'"),
+        (lambda: RankCollapse(min_ratio=None, relative_drop=None), r"every test is off"),
+        (lambda: RankCollapse(floor=0), r"floor must be a positive number or None"),
+        (lambda: RankCollapse(dims={"ln_f": 0}), r"dims\['ln_f'\] must be an integer >= 1"),
+        (lambda: NonFinite(ignore="geomon/*"), r"ignore must be a sequence of non-empty fnmatch patterns"),
+        (lambda: Threshold("k"), r"give above=, below= or both"),
+        (lambda: Threshold("k", above=1.0, below=2.0), r"below must be smaller than above"),
+        (lambda: Threshold("", above=1.0), r"pattern must be a non-empty fnmatch pattern"),
+        (lambda: Drop("k", 1.5), r"Drop: fraction must be a number in \(0, 1\), got 1.5"),
+        (lambda: Drop("k", 0.5, baseline_steps=0), r"baseline_steps must be an integer >= 1"),
+        (lambda: Custom("c", "not callable"), r"fn must be callable as fn\(step, scalars, heads\)"),
+        (lambda: Custom("c", print, cooldown=-1), r"cooldown must be an integer >= 0"),
+        (lambda: CallableSink(42), r"CallableSink: fn must be callable"),
+        (lambda: LoggingSink(kinds=["fired", "cleared"]), r"kinds must be a non-empty collection"),
+        (lambda: StopFlag(min_level="FATAL"), r"StopFlag: min_level must be one of INFO, WARN, ERROR"),
+        (lambda: WandbSink(wait_duration=0), r"wait_duration must be positive seconds or a timedelta"),
+        (lambda: AlertEngine([Threshold("a", above=1.0), Threshold("b", above=2.0)]), r"'threshold' appears twice"),
+        (lambda: AlertEngine([object()]), r"every rule needs a str name and an evaluate\(\) method"),
+        (lambda: AlertEngine(sinks=[3]), r"every sink must be callable"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_that_say_what_is_allowed(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
