@@ -52,3 +52,87 @@ def test_tensorboard_event_files_hold_the_values(tmp_path):
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     assert [event.step for event in events.Scalars(KEY)] == [0, 2, 4]
+
+
+def _wandb_run(tmp_path, monkeypatch, callback, steps=5):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = lightning.loggers.WandbLogger(project="geomon-test", save_dir=str(tmp_path), offline=True)
+    torch.manual_seed(0)
+    trainer = lightning.Trainer(
+        max_steps=steps, logger=logger, callbacks=[callback], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(_module_class(lightning)(), _loader())
+    files_dir = logger.experiment.dir
+    logger.experiment.finish()
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    return run_file, files_dir
+
+
+def _records(run_file, kind, ready):
+    from geomon.report.wandb_log import records
+
+    deadline = time.monotonic() + 30
+    while True:  # the service may still be flushing the file after finish() on a loaded machine
+        found = [r for r in records(run_file) if r.WhichOneof("record_type") == kind]
+        if ready(found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def test_wandb_gets_heatmaps_per_head_files_and_worst_value_summaries(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("matplotlib")
+    import csv
+
+    from tests.wandb_records import history
+
+    run_file, files_dir = _wandb_run(tmp_path, monkeypatch, GeomonCallback(every_n_steps=2, strict=True))
+    media = "geomon/media/entropy_heatmap/_type"
+    deadline = time.monotonic() + 30
+    while True:  # the service may still be flushing the file after finish() on a loaded machine
+        rows, images = ([row for row in history(run_file) if key in row] for key in (KEY, media))
+        if len(images) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert [row["trainer/global_step"] for row in images] == [0, 2, 4]
+    assert all(row[media] == "image-file" for row in images)
+    # the run defines worst-value summaries on the trainer's step (W&B computes them when the run is synced)
+    metrics = {r.metric.glob_name: r.metric for r in _records(run_file, "metric", lambda found: len(found) >= 4)}
+    assert metrics["geomon/attention/max_logit/*"].summary.max
+    assert metrics["geomon/attention/entropy_normalized/*"].summary.min
+    assert metrics["geomon/attention/entropy/*"].step_metric == "trainer/global_step"
+    assert len(rows) == 3 and all(0 < row[KEY] < 2.5 for row in rows)
+    with open(f"{files_dir}/geomon_heads.csv") as handle:
+        heads = list(csv.DictReader(handle))
+    assert {int(r["step"]) for r in heads} == {0, 2, 4} and {int(r["head"]) for r in heads} == {0, 1, 2, 3}
+
+
+def test_tensorboard_gets_per_head_histograms_and_heatmap_images(tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = lightning.loggers.TensorBoardLogger(tmp_path, name="run")
+    _fit(logger)
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    histograms = events.Histograms("geomon/attention/entropy_normalized/model.blocks.0.attn")
+    assert [h.step for h in histograms] == [0, 2, 4]
+    assert all(h.histogram_value.num == 4 for h in histograms)  # one value per head
+    assert [image.step for image in events.Images("geomon/media/entropy_heatmap")] == [0, 2, 4]
+
+
+def test_mlflow_local_file_store_holds_the_values(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
+    from mlflow.tracking import MlflowClient
+
+    uri = f"file:{tmp_path / 'mlruns'}"
+    logger = lightning.loggers.MLFlowLogger(experiment_name="geomon-test", tracking_uri=uri)
+    _fit(logger)
+    history = MlflowClient(tracking_uri=uri).get_metric_history(logger.run_id, KEY)
+    assert [m.step for m in history] == [0, 2, 4]
+    assert all(0 < m.value < 2.5 for m in history)
