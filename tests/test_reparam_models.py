@@ -1,0 +1,250 @@
+"""σReparam converter on real Hugging Face models (GPT-2, Llama, ViT), training, checkpoints, removal."""
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from geomon._tiny_gpt import TinyGPT
+from geomon.functional import GeomonWarning
+from geomon.reparam import SigmaReparamLinear, remove_sigma_reparam, sigma_reparam, sigma_reparam_stats
+
+transformers = pytest.importorskip("transformers")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+
+def _convertible(model):
+    return [n for n, m in model.named_modules() if n and (type(m) is nn.Linear or type(m) is Conv1D)]
+
+
+# ------------------------------------------------------------------------------------- the converter, real models
+
+
+def _gpt2():
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
+    config.bos_token_id = config.eos_token_id = 0
+    return transformers.GPT2LMHeadModel(config), lambda g: {"input_ids": torch.randint(0, 100, (2, 12), generator=g)}
+
+
+def _llama():
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(config), lambda g: {"input_ids": torch.randint(0, 100, (2, 12), generator=g)}
+
+
+def _vit():
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
+    return transformers.ViTModel(config), lambda g: {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+
+
+def _outputs(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return (
+        out.logits
+        if hasattr(out, "logits")
+        else torch.cat([out.last_hidden_state.flatten(), out.pooler_output.flatten()])
+    )
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama, _vit], ids=["gpt2", "llama", "vit"])
+def test_conversion_keeps_the_outputs_of_real_models(build, gen):
+    torch.manual_seed(0)
+    model, make_inputs = build()
+    model.eval()
+    inputs = make_inputs(gen)
+    before = _outputs(model, inputs)
+    candidates = _convertible(model)
+    tied = [
+        name for name in candidates if name == "lm_head" and model.lm_head.weight is model.get_input_embeddings().weight
+    ]
+    state = torch.get_rng_state()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sigma_reparam(model)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [str(w.message) for w in caught if issubclass(w.category, GeomonWarning)] == [
+        f"sigma_reparam skips {name!r}: its parameters are shared with transformer.wte (weight tying); "
+        "pass exclude=[...] with its name to silence this warning"
+        for name in tied
+    ]
+    converted = sorted(sigma_reparam_stats(model))
+    assert converted == sorted(set(candidates) - set(tied)) and len(converted) >= 8
+    assert not _convertible(model) or _convertible(model) == tied
+    assert (_outputs(model, inputs) - before).abs().max() <= 1e-6
+    if tied:  # the tie is intact
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+    remove_sigma_reparam(model)
+    assert _convertible(model) == candidates and not sigma_reparam_stats(model)
+    assert (_outputs(model, inputs) - before).abs().max() <= 1e-6
+
+
+def test_tied_layer_excluded_explicitly_gives_no_warning_and_include_selects():
+    model, _ = _gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sigma_reparam(model, include=["transformer.h.*.attn.*", "lm_head"], exclude="lm_head")
+    assert sorted(sigma_reparam_stats(model)) == [
+        f"transformer.h.{i}.attn.{p}" for i in (0, 1) for p in ("c_attn", "c_proj")
+    ]
+    assert type(model.transformer.h[0].mlp.c_fc) is Conv1D
+
+
+def test_bad_input_fails_fast_with_the_candidates():
+    model, _ = _llama()
+    with pytest.raises(ValueError, match=r"'\*\.qkv'.*candidates are: model\.layers\.0\.self_attn\.q_proj"):
+        sigma_reparam(model, include=["*.q_proj", "*.qkv"])
+    with pytest.raises(ValueError, match="'nothing'"):
+        sigma_reparam(model, exclude=["nothing"])
+    assert not sigma_reparam_stats(model)  # nothing was converted before the failure
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        sigma_reparam({"weight": torch.ones(2, 2)})
+    with pytest.raises(TypeError, match="from_linear"):
+        sigma_reparam(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        remove_sigma_reparam("model")
+    with pytest.raises(TypeError, match="sequence of strings"):
+        sigma_reparam(model, include=[3])
+    with pytest.warns(GeomonWarning, match="converted no layer"):
+        sigma_reparam(nn.Sequential(nn.ReLU()))
+
+
+# ------------------------------------------------------------------------------------------- training, checkpoints
+
+
+def _tiny(seed):
+    torch.manual_seed(seed)
+    return sigma_reparam(TinyGPT(vocab_size=13, d_model=32, n_layer=2, n_head=4, context=12))
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(step)
+    start = torch.randint(0, 13, (8, 1), generator=g)
+    return (start + torch.arange(12)) % 13  # a counting sequence: easy to learn
+
+
+def _train(model, optimizer, steps, first=0):
+    losses = []
+    for step in range(first, first + steps):
+        x = _batch(step)
+        logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_training_a_converted_model_is_stable_and_learns():
+    model = _tiny(0).train()
+    assert len(sigma_reparam_stats(model)) >= 8
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = _train(model, optimizer, 30)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    stats = sigma_reparam_stats(model)
+    assert any(abs(float(s["ratio"]) - 1) > 1e-3 for s in stats.values())  # γ learned away from σ
+    for name, s in stats.items():
+        layer = model.get_submodule(name)
+        assert torch.equal(s["gamma"], layer.gamma.detach()) and torch.equal(s["sigma"], layer.sigma)
+        assert float(s["ratio"]) == pytest.approx(float(layer.gamma / layer.sigma), rel=1e-6)
+    with torch.no_grad():  # weights fixed: more training-mode forwards converge every σ to the spectral norm
+        for _ in range(30):
+            model(_batch(0))
+    for name, s in sigma_reparam_stats(model).items():
+        exact = torch.linalg.matrix_norm(model.get_submodule(name).weight.double(), 2)
+        assert float(exact) * (1 - 5e-3) <= float(s["sigma"]) <= float(exact) * (1 + 1e-6), name  # a lower bound
+
+
+def test_state_dict_round_trip_restores_gamma_sigma_u_and_the_training_trajectory():
+    model = _tiny(0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    _train(model, optimizer, 5)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)  # weights_only=True: plain tensors only
+    restored = _tiny(1).train()
+    assert not torch.equal(restored.head.weight, model.head.weight)
+    restored.load_state_dict(saved["model"])
+    restored_optimizer = torch.optim.AdamW(restored.parameters(), lr=3e-3)
+    restored_optimizer.load_state_dict(saved["optimizer"])
+    for (name, a), b in zip(sigma_reparam_stats(model).items(), sigma_reparam_stats(restored).values(), strict=True):
+        assert torch.equal(a["gamma"], b["gamma"]) and torch.equal(a["sigma"], b["sigma"]), name
+        assert torch.equal(model.get_submodule(name).u, restored.get_submodule(name).u), name
+    x = _batch(99)
+    assert torch.equal(model.eval()(x), restored.eval()(x))
+    assert _train(model.train(), optimizer, 3, first=5) == _train(restored.train(), restored_optimizer, 3, first=5)
+    for a, b in zip(model.state_dict().values(), restored.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_remove_round_trip_after_training_keeps_the_function():
+    model, make_inputs = _gpt2()
+    sigma_reparam(model, exclude="lm_head")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):
+        loss = model(**make_inputs(torch.Generator().manual_seed(step)), labels=None).logits.pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    inputs = make_inputs(torch.Generator().manual_seed(7))
+    before = _outputs(model, inputs)
+    assert any(abs(float(s["ratio"]) - 1) > 1e-4 for s in sigma_reparam_stats(model).values())
+    state = torch.get_rng_state()
+    remove_sigma_reparam(model)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert {type(m) for m in model.modules()} & {SigmaReparamLinear, Conv1D} == {Conv1D}
+    assert (_outputs(model, inputs) - before).abs().max() <= 1e-6
+    sigma_reparam(model, exclude="lm_head")  # and back again
+    assert (_outputs(model, inputs) - before).abs().max() <= 1e-6
+
+
+def test_lightning_checkpoint_restores_gamma_sigma_and_u(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Lit(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = _tiny(0)
+
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            return F.cross_entropy(self.model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    data = torch.utils.data.TensorDataset(torch.cat([_batch(i) for i in range(3)]))
+    module = Lit()
+    trainer = pl.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    restored = Lit.load_from_checkpoint(tmp_path / "last.ckpt")
+    stats, restored_stats = sigma_reparam_stats(module), sigma_reparam_stats(restored)
+    assert any(abs(float(s["ratio"]) - 1) > 1e-4 for s in stats.values())
+    for name, s in stats.items():
+        assert torch.equal(s["gamma"], restored_stats[name]["gamma"]), name
+        assert torch.equal(s["sigma"], restored_stats[name]["sigma"]), name
+        assert torch.equal(module.get_submodule(name).u, restored.get_submodule(name).u), name
