@@ -15,7 +15,8 @@ see them; ``pl_module.log`` is not used because Lightning would repeat a callbac
   tensors returned from ``training_step`` under ``outputs["geomon"]``;
 - ``geomon/nc/<stat>/<head>.input``: neural collapse (``nc1``, ``nc2_*``, ``nc3``, ``nc4``, ``cdnv``, ``gnc2_*``,
   ``unc3``, ``nc3_cos_mean``) of the head's input against the head, with labels from ``labels_fn(batch)``;
-- ``geomon/spectral/sigma/<module>``, ``geomon/spectral/stable_rank/<module>``: of the ``spectral_modules``.
+- ``geomon/spectral/sigma/<module>``, ``geomon/spectral/stable_rank/<module>``: of the ``spectral_modules``;
+- ``geomon/alerts/<rule>``: how many alerts each rule has fired so far (see ``alerts`` and ``on_alert``).
 
 Per-head values and spectra are media, not scalars: ``geomon_heads.csv`` in each logger's directory, heatmap and
 spectrum images for W&B and TensorBoard (see :mod:`geomon._media`).
@@ -36,9 +37,12 @@ import torch
 from torch import Tensor
 
 from geomon import _media
+from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink, WandbSink
 from geomon.functional._dispatch import Backend
 from geomon.monitor import Monitor
 from geomon.probes.collapse import IGNORE_INDEX
+
+OnAlert = Literal["warn", "checkpoint", "stop"] | Callable[[Any], None]
 
 #: Key under which ``training_step`` may return ``{name: tensor [..., D]}`` for RankMe / alpha-ReQ.
 OUTPUT_KEY = "geomon"
@@ -91,6 +95,14 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
         query_rows: measure at most this many evenly spaced query rows per attention call.
         media: per-head files, heatmaps and spectra for the loggers that take them.
+        alerts: the alert rules (``None``: :func:`geomon.alerts.default_rules`; ``()``: none). Events are logged
+            (rank zero), sent to W&B as ``wandb.alert`` when a W&B logger is attached, written to
+            ``geomon_alerts.csv`` in each logger's directory, and counted under ``geomon/alerts/<rule>``.
+        on_alert: what a fired alert of at least ``action_level`` does besides that: ``"warn"`` (nothing more),
+            ``"checkpoint"`` (save ``geomon-alert-step<step>.ckpt`` in the trainer's root directory),
+            ``"stop"`` (stop training on every rank at the same step), a callable ``(event) -> None`` (rank zero),
+            or a sequence of these.
+        action_level: the least severe level that triggers ``on_alert``.
         backend: ``"auto"`` (Triton kernels on CUDA), ``"torch"`` or ``"triton"``.
         strict: raise probe errors instead of warning (for tests).
 
@@ -113,9 +125,19 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         window_rows: int | None = None,
         query_rows: int | None = None,
         media: bool = True,
+        alerts: Sequence[Rule] | None = None,
+        on_alert: OnAlert | Sequence[OnAlert] = "warn",
+        action_level: Level = "WARN",
         backend: Backend = "auto",
         strict: bool = False,
     ) -> None:
+        actions = [on_alert] if isinstance(on_alert, str) or callable(on_alert) else list(on_alert)
+        for action in actions:
+            if not callable(action) and action not in ("warn", "checkpoint", "stop"):
+                raise ValueError(f"on_alert must be 'warn', 'checkpoint', 'stop' or a callable, got {action!r}")
+        if action_level not in ("INFO", "WARN", "ERROR"):
+            raise ValueError(f"action_level must be 'INFO', 'WARN' or 'ERROR', got {action_level!r}")
+        self.actions, self.action_level = actions, action_level
         if not callable(labels_fn):
             raise TypeError(f"labels_fn must be callable (batch -> labels), got {labels_fn!r}")
         self.monitor = Monitor(
@@ -127,6 +149,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             spectral_modules=spectral_modules,
             window_rows=window_rows,
             query_rows=query_rows,
+            alerts=alerts,
             backend=backend,
             strict=strict,
         )
@@ -137,9 +160,31 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.monitor.attach(pl_module)
+        engine = self.monitor.alert_engine
+        engine.is_rank_zero = trainer.is_global_zero
+        engine.sinks = self._sinks(trainer)
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
             self._pending_state = None
+
+    def _sinks(self, trainer: Any) -> list[Sink]:
+        sinks: list[Sink] = [LoggingSink()]
+        for logger in trainer.loggers if trainer.is_global_zero else ():
+            if type(logger).__name__ == "WandbLogger":
+                sinks.append(WandbSink(logger.experiment))
+            directory = _media.logger_directory(logger)
+            if directory is not None:
+                sinks.append(CsvSink(f"{directory}/geomon_alerts.csv"))
+        act = {"kinds": ("fired",), "min_level": self.action_level}
+        for action in self.actions:
+            if action == "stop":
+                sinks.append(CallableSink(lambda event: setattr(trainer, "should_stop", True), **act))
+            elif action == "checkpoint":
+                sinks.append(CallableSink(lambda event: trainer.save_checkpoint(
+                    f"{trainer.default_root_dir}/geomon-alert-step{event.step}.ckpt"), **act))  # fmt: skip
+            elif callable(action):
+                sinks.append(CallableSink(action, all_ranks=False, **act))
+        return sinks
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.media and trainer.is_global_zero:
@@ -162,7 +207,9 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         if isinstance(outputs, Mapping) and isinstance(outputs.get(OUTPUT_KEY), Mapping):
             for name, tensor in outputs[OUTPUT_KEY].items():
                 self.monitor.observe(str(name), tensor)
-        values = {key: value.float() for key, value in self.monitor.compute(spectra=self.media).items()}
+        values = {
+            key: value.float() for key, value in self.monitor.compute(self._measured_step, spectra=self.media).items()
+        }
         trainer.callback_metrics.update(values)
         if values:
             scalars = {key: float(value) for key, value in values.items()}  # the logging step: a sync is fine here

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from geomon.alerts import AlertEngine, AlertEvent, LoggingSink, Rule, default_rules
 from geomon.capture import AttentionCall
 
 try:  # the adapters for attention that does not go through SDPA
@@ -68,6 +69,9 @@ class Monitor:
         spectral_modules: ``fnmatch`` patterns of modules with a 2-D ``weight``: σ(W) and stable rank.
         window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
         query_rows: if set, measure at most this many evenly spaced query rows per attention call.
+        alerts: rules evaluated on every :meth:`compute` given a ``step`` (``None``: the default rules: entropy
+            collapse, max logit above 100, rank collapse, non-finite values; ``()``: none); events are logged on
+            rank zero, counted under ``geomon/alerts/<rule>``, and kept in :attr:`events`.
         backend: kernels or torch (see :mod:`geomon.functional`).
         strict: raise probe errors instead of warning (for tests).
     """
@@ -83,6 +87,7 @@ class Monitor:
         spectral_modules: Sequence[str] = (),
         window_rows: int | None = None,
         query_rows: int | None = None,
+        alerts: Sequence[Rule] | None = None,
         backend: Backend = "auto",
         strict: bool = False,
     ) -> None:
@@ -111,6 +116,8 @@ class Monitor:
         self.collapse: CollapseProbe | None = None
         self.spectral = SpectralProbe([])
         self.details: dict[str, Tensor] = {}  #: per-head vectors and spectra of the latest compute (media)
+        self.alert_engine = AlertEngine(default_rules() if alerts is None else alerts, [LoggingSink()], strict=strict)
+        self.events: list[AlertEvent] = []  #: alert events of the latest compute
         self._labels: Tensor | None = None
         self._warned: set[str] = set()
 
@@ -240,10 +247,11 @@ class Monitor:
             warnings.warn(message, stacklevel=3)
 
     # values ----------------------------------------------------------------------------------------------------
-    def compute(self, *, spectra: bool = False) -> dict[str, Tensor]:
+    def compute(self, step: int | None = None, *, spectra: bool = False) -> dict[str, Tensor]:
         """Scalar values of the finished windows (a collective under DDP: call it on every rank), keyed by geomon's
         scheme; per-head vectors (and, with ``spectra=True``, the singular values of each full embedding window)
-        go to :attr:`details` under the same keys."""
+        go to :attr:`details` under the same keys. Given the ``step``, the alert rules run over the values: their
+        events go to the sinks and :attr:`events`, their counts into the values as ``geomon/alerts/<rule>``."""
         values, self.details = self.attention_probe.compute()
         if self.model is not None:
             values.update(self.spectral.compute(dict(self.model.named_modules())))
@@ -253,6 +261,14 @@ class Monitor:
             self.details.update(details)
         if self.collapse is not None:
             values.update(self.collapse.compute())
+        self.events = []
+        if step is not None and self.alert_engine.rules:
+            dims = {name: probe.num_features for name, probe in self.embeddings.items()}
+            for rule in self.alert_engine.rules:
+                if callable(getattr(rule, "set_dims", None)):
+                    rule.set_dims(dims)
+            self.events = self.alert_engine.evaluate(step, values, self.details)
+            values.update({key: torch.tensor(float(n)) for key, n in self.alert_engine.counters().items()})
         return values
 
     def state_dict(self) -> dict[str, Any]:
@@ -262,6 +278,7 @@ class Monitor:
             "spectral": self.spectral.state_dict(),
             "embeddings": {name: probe.state_dict() for name, probe in self.embeddings.items()},
             "collapse": None if self.collapse is None else self.collapse.state_dict(),
+            "alerts": self.alert_engine.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -272,3 +289,5 @@ class Monitor:
             self.embeddings[name] = EmbeddingProbe.from_state_dict(name, probe_state)
         if self.collapse is not None and state.get("collapse") is not None:
             self.collapse.load_state_dict(state["collapse"])
+        if "alerts" in state:
+            self.alert_engine.load_state_dict(state["alerts"])

@@ -89,7 +89,7 @@ def test_one_measurement_per_optimizer_step_under_gradient_accumulation(tmp_path
     calls = []
     callback = GeomonCallback(every_n_steps=1)
     original = callback.monitor.compute
-    callback.monitor.compute = lambda **kw: calls.append(1) or original(**kw)
+    callback.monitor.compute = lambda *a, **kw: calls.append(1) or original(*a, **kw)
     _fit(lightning, tmp_path, [callback], accumulate=2)
     assert len(calls) == 3  # 3 optimizer steps over 6 micro-batches
 
@@ -108,7 +108,7 @@ def test_callback_state_restores_the_monitor_windows(tmp_path):
     restored = GeomonCallback(every_n_steps=2, embedding_modules=["model.blocks.0.mlp.1"])
     restored.load_state_dict(first.state_dict())
     module = _module_class(lightning)()
-    restored.setup(None, module, "fit")
+    restored.setup(lightning.Trainer(logger=False, accelerator="cpu"), module, "fit")
     original = first.monitor.embeddings["model.blocks.0.mlp.1"].rankme
     copy = restored.monitor.embeddings["model.blocks.0.mlp.1"].rankme
     assert float(original.n) == 288  # an open window: 3 measured steps x 96 rows, 4 x 128 = 512 needed
