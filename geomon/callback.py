@@ -16,6 +16,9 @@ see them; ``pl_module.log`` is not used because Lightning would repeat a callbac
 - ``geomon/nc/<stat>/<head>.input``: neural collapse (``nc1``, ``nc2_*``, ``nc3``, ``nc4``, ``cdnv``, ``gnc2_*``,
   ``unc3``, ``nc3_cos_mean``) of the head's input against the head, with labels from ``labels_fn(batch)``;
 - ``geomon/spectral/sigma/<module>``, ``geomon/spectral/stable_rank/<module>``: of the ``spectral_modules``;
+- ``geomon/spectral/logit_sigma/<module>``: largest σ(W_Q,hᵀ W_K,h)·scale over the heads of each attention layer
+  whose projections geomon knows; ``geomon/spectral/entropy_bound/<module>`` with ``entropy_bound=True``;
+  ``geomon/spectral/reparam_{gamma,sigma,ratio}/<module>`` for σReparam layers;
 - ``geomon/alerts/<rule>``: how many alerts each rule has fired so far (see ``alerts`` and ``on_alert``).
 
 Per-head values and spectra are media, not scalars: ``geomon_heads.csv`` in each logger's directory, heatmap and
@@ -92,6 +95,8 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         labels_fn: ``batch -> labels`` aligned with the head's input rows (default :func:`default_labels`).
         embedding_modules: ``fnmatch`` patterns of modules whose outputs feed RankMe / alpha-ReQ.
         spectral_modules: ``fnmatch`` patterns of modules with a 2-D weight whose σ(W) and stable rank are logged.
+        entropy_bound: also log Theorem 3.1's entropy lower bound per attention layer
+            (``geomon/spectral/entropy_bound/<module>``; see :class:`geomon.Monitor`).
         window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
         query_rows: measure at most this many evenly spaced query rows per attention call.
         media: per-head files, heatmaps and spectra for the loggers that take them.
@@ -122,6 +127,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         labels_fn: Callable[[Any], Tensor | None] = default_labels,
         embedding_modules: Sequence[str] = (),
         spectral_modules: Sequence[str] = (),
+        entropy_bound: bool = False,
         window_rows: int | None = None,
         query_rows: int | None = None,
         media: bool = True,
@@ -147,6 +153,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             neural_collapse=neural_collapse,
             embedding_modules=embedding_modules,
             spectral_modules=spectral_modules,
+            entropy_bound=entropy_bound,
             window_rows=window_rows,
             query_rows=query_rows,
             alerts=alerts,

@@ -24,7 +24,7 @@ Example:
     ...         logits = model(x)
     ...     values = monitor.compute() if monitor.is_scheduled(step) else {}
     >>> sorted({key.split("/")[1] for key in values})
-    ['attention', 'nc', 'rankme']
+    ['attention', 'nc', 'rankme', 'spectral']
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ from geomon.capture.modules import compiled_parts, find_head, head_dims, linear_
 from geomon.functional._dispatch import BACKENDS, Backend
 from geomon.probes import AttentionProbe, CollapseProbe, EmbeddingProbe, SpectralProbe
 from geomon.probes.collapse import head_weight
+from geomon.probes.logit_map import LogitMapProbe
+from geomon.reparam import sigma_reparam_stats
 
 #: Neural collapse is switched on automatically only below this state size (C x D float64 values: 128 MiB).
 AUTO_COLLAPSE_MAX_ELEMENTS = 1 << 24
@@ -67,6 +69,10 @@ class Monitor:
         embedding_modules: ``fnmatch`` patterns over ``named_modules()``; each match's output ``[..., D]`` feeds
             RankMe and alpha-ReQ (alpha only where ``D > 100``).
         spectral_modules: ``fnmatch`` patterns of modules with a 2-D ``weight``: σ(W) and stable rank.
+        entropy_bound: also log Theorem 3.1's entropy lower bound per attention layer (the inputs' largest
+            singular value is measured on the measured step: a batched SVD per layer). The logit maps' spectral
+            norms ``geomon/spectral/logit_sigma/<module>`` and, for σReparam layers, ``reparam_gamma``,
+            ``reparam_sigma`` and ``reparam_ratio`` are always logged.
         window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
         query_rows: if set, measure at most this many evenly spaced query rows per attention call.
         alerts: rules evaluated on every :meth:`compute` given a ``step`` (``None``: the default rules: entropy
@@ -85,6 +91,7 @@ class Monitor:
         neural_collapse: bool | Literal["auto"] = "auto",
         embedding_modules: Sequence[str] = (),
         spectral_modules: Sequence[str] = (),
+        entropy_bound: bool = False,
         window_rows: int | None = None,
         query_rows: int | None = None,
         alerts: Sequence[Rule] | None = None,
@@ -107,7 +114,8 @@ class Monitor:
         self.every_n_steps, self.attention, self.head_option = every_n_steps, attention, head
         self.neural_collapse_option, self.window_rows, self.strict = neural_collapse, window_rows, strict
         self.patterns, self.spectral_patterns = list(embedding_modules), list(spectral_modules)
-        self.backend = backend
+        self.backend, self.entropy_bound = backend, entropy_bound
+        self.logit_maps = LogitMapProbe({})
         self.model: nn.Module | None = None
         self.head: str | None = None
         self.embedding_names: list[str] = []
@@ -131,6 +139,7 @@ class Monitor:
         linears = [name for name, module in modules.items() if linear_like(module)]
         spectral = resolve_patterns(self.spectral_patterns, linears, "spectral_modules (modules with a 2-D weight)")
         self.spectral = SpectralProbe(spectral)
+        self.logit_maps = LogitMapProbe(modules, bound=self.entropy_bound)
         self.head = find_head(model, self.head_option)
         self.collapse = None
         if self.neural_collapse_option is True and self.head is None:
@@ -185,6 +194,9 @@ class Monitor:
                 stack.callback(handle.remove)
             if self.head is not None:
                 handle = modules[self.head].register_forward_hook(self._head_hook, always_call=True)
+                stack.callback(handle.remove)
+            for name in self.logit_maps.names if self.entropy_bound else ():
+                handle = modules[name].register_forward_pre_hook(self.logit_maps.pre_hook(name), with_kwargs=True)
                 stack.callback(handle.remove)
             if self.attention:
                 stack.enter_context(capture_attention(self.model, self._on_attention, strict=self.strict))
@@ -254,7 +266,13 @@ class Monitor:
         events go to the sinks and :attr:`events`, their counts into the values as ``geomon/alerts/<rule>``."""
         values, self.details = self.attention_probe.compute()
         if self.model is not None:
-            values.update(self.spectral.compute(dict(self.model.named_modules())))
+            modules = dict(self.model.named_modules())
+            values.update(self.spectral.compute(modules))
+            logit_sigma, per_head = self.logit_maps.compute(modules)
+            values.update(logit_sigma)
+            self.details.update(per_head)
+            for name, stats in sigma_reparam_stats(self.model).items():
+                values.update({f"geomon/spectral/reparam_{stat}/{name}": value for stat, value in stats.items()})
         for probe in self.embeddings.values():
             scalars, details = probe.compute(spectrum=spectra)
             values.update(scalars)

@@ -1,0 +1,113 @@
+"""σReparam diagnostics of attention layers: the spectral norm of each head's logit map, and the entropy lower bound.
+
+Head ``h`` scores ``s_ij = scale · x_iᵀ W_Q,hᵀ W_K,h x_j``; its logit map ``A_h = W_Q,hᵀ W_K,h`` is ``D x D``, but
+``σ(A_h) = σ(R_Q,h R_K,hᵀ)`` with ``W_Q,hᵀ = Q_Q,h R_Q,h`` and ``W_K,hᵀ = Q_K,h R_K,h`` (thin QR, ``R`` is
+``Dh x Dh``), so nothing larger than ``D x Dh`` is formed: ``O(H·D·Dh²)`` FLOPs per layer, in float64.
+
+With the largest ``|X Xᵀ|₂ = σ_max(X)²`` over the sequences entering the layer, Theorem 3.1 of Zhai et al. bounds
+every row's entropy from below (:func:`geomon.functional.entropy_lower_bound`). The bound needs the logits to be
+exactly that bilinear form: it is not reported for layers with rotary embeddings or QK-norm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from geomon.functional import entropy_lower_bound
+
+
+def _heads(module: nn.Module, default: int | None = None) -> int | None:
+    for name in ("n_head", "num_heads", "num_attention_heads", "n_heads"):
+        value = getattr(module, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    config = getattr(module, "config", None)
+    value = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    return value if isinstance(value, int) else default
+
+
+def qk_weights(module: nn.Module) -> tuple[Tensor, Tensor, float, bool] | None:
+    """``(W_Q [H, Dh, D], W_K [Hk, Dh, D], scale, has_qk_norm)`` of an attention module whose layout is known
+    (fused ``qkv``/``c_attn`` as in nanoGPT, timm and GPT-2; separate ``q_proj``/``k_proj``; ``in_proj_weight`` of
+    ``nn.MultiheadAttention``), else ``None``."""
+    heads = _heads(module)
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is None:
+            return None
+        w_q, w_k, _ = module.in_proj_weight.detach().chunk(3, dim=0)
+        heads = module.num_heads
+    elif hasattr(module, "q_proj") and hasattr(module, "k_proj") and heads is not None:
+        w_q, w_k = module.q_proj.weight.detach(), module.k_proj.weight.detach()
+    elif isinstance(fused := getattr(module, "qkv", None) or getattr(module, "c_attn", None), nn.Module):
+        weight = fused.weight.detach()
+        weight = weight.T if type(fused).__name__ == "Conv1D" else weight
+        if weight.shape[0] % 3 or heads is None:
+            return None
+        w_q, w_k, _ = weight.chunk(3, dim=0)
+    else:
+        return None
+    head_dim = getattr(module, "head_dim", None) or w_q.shape[0] // heads
+    if w_q.shape[0] != heads * head_dim or w_k.shape[0] % head_dim:
+        return None
+    scale = getattr(module, "scale", None) or getattr(module, "scaling", None)
+    scale = float(scale) if isinstance(scale, (int, float)) else 1.0 / math.sqrt(head_dim)
+    qk_norm = any(not isinstance(getattr(module, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm"))
+    d = w_q.shape[1]
+    return w_q.reshape(heads, head_dim, d), w_k.reshape(-1, head_dim, d), scale, qk_norm
+
+
+def logit_map_sigma(w_q: Tensor, w_k: Tensor, scale: float) -> Tensor:
+    """``σ(W_Q,hᵀ W_K,h) · scale`` per query head ``[H]`` (float64); query head ``h`` reads key head
+    ``h // (H / Hk)``."""
+    w_q, w_k = w_q.double(), w_k.double()
+    w_k = w_k.repeat_interleave(w_q.shape[0] // w_k.shape[0], dim=0)
+    r_q = torch.linalg.qr(w_q.transpose(1, 2)).R  # [H, Dh, Dh]
+    r_k = torch.linalg.qr(w_k.transpose(1, 2)).R
+    return torch.linalg.matrix_norm(r_q @ r_k.transpose(1, 2), 2) * scale
+
+
+class LogitMapProbe:
+    """``geomon/spectral/logit_sigma/<module>`` (largest over heads, per head in details) for every attention
+    module with a known layout and, with ``bound=True``, ``geomon/spectral/entropy_bound/<module>`` from the inputs
+    seen on the measured step (a forward pre-hook records ``max σ_max(X)²`` and the sequence length)."""
+
+    def __init__(self, modules: dict[str, nn.Module], *, bound: bool = False) -> None:
+        self.names = [name for name, module in modules.items() if qk_weights(module) is not None]
+        self.bound = bound
+        self.inputs: dict[str, tuple[Tensor, int, bool]] = {}
+
+    def pre_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("hidden_states")
+            if not isinstance(x, Tensor) or x.ndim != 3:
+                return
+            if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+                x = x.transpose(0, 1)
+            rotary = kwargs.get("position_embeddings") is not None or kwargs.get("rotary_pos_emb") is not None
+            with torch.no_grad():
+                gram = torch.linalg.matrix_norm(x.detach().double(), 2).amax().square()
+            previous = self.inputs.get(name)
+            if previous is not None:
+                gram = torch.maximum(gram, previous[0])
+            self.inputs[name] = (gram, x.shape[1], rotary)
+
+        return hook
+
+    def compute(self, modules: dict[str, nn.Module]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        scalars: dict[str, Tensor] = {}
+        heads: dict[str, Tensor] = {}
+        for name in self.names:
+            w_q, w_k, scale, qk_norm = qk_weights(modules[name])  # type: ignore[misc]
+            sigma = logit_map_sigma(w_q, w_k, scale)
+            key = f"geomon/spectral/logit_sigma/{name}"
+            scalars[key], heads[key] = sigma.max(), sigma
+            seen = self.inputs.get(name)
+            if self.bound and seen is not None and not seen[2] and not qk_norm and seen[1] > 1:
+                bound = entropy_lower_bound(sigma.max() * seen[0], seen[1])
+                scalars[f"geomon/spectral/entropy_bound/{name}"] = bound
+        self.inputs = {}
+        return scalars, heads
