@@ -1,0 +1,200 @@
+"""The machinery every attention source shares: which module of the model is running, what was already reported.
+
+A :class:`Session` lives for one ``with`` block. It keeps
+
+- the stack of the model's modules that are running, from *global* module hooks
+  (``torch.nn.modules.module.register_module_forward_pre_hook`` / ``register_module_forward_hook``). Global hooks
+  leave every module's own hook dictionaries empty, so code that changes path when hooks are present (the fused
+  inference path of ``nn.TransformerEncoderLayer`` checks ``m._forward_hooks``) runs exactly as without geomon;
+- a counter of reported attention computations. Every source reports through :meth:`Session.report`; a module-level
+  fallback (an adapter that recomputes Q/K from the module's weights) runs at the module's exit only when nothing
+  was reported while the module ran, and a function wrapper (Hugging Face) only when the wrapped call reported
+  nothing itself. That is the whole of the exactly-once rule: the innermost source that saw the computation wins;
+- the guard: a failure inside a probe becomes a warning naming the module (``strict=True`` raises).
+
+Nothing is reported while autograd runs a backward pass (a checkpointed block recomputing its forward), so one
+forward pass is reported once.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention computation's inputs, detached, in ``scaled_dot_product_attention``'s conventions."""
+
+    module: str  #: name of the attention module in ``model.named_modules()`` ("" for the model itself)
+    q: Tensor  #: [B, H, Nq, Dh]
+    k: Tensor  #: [B, Hk, Nk, Dh], Hk dividing H (query head h reads key head h // (H / Hk))
+    attn_mask: Tensor | None  #: SDPA semantics: boolean True = may attend, floating = added to the scores
+    is_causal: bool  #: SDPA's top-left causal mask
+    scale: float | None  #: softmax scale; None = 1/sqrt(Dh)
+
+
+class Found(NamedTuple):
+    """Q/K that an adapter recovered, to be reported under the module's name plus ``suffix``."""
+
+    suffix: str
+    q: Tensor
+    k: Tensor
+    attn_mask: Tensor | None = None
+    is_causal: bool = False
+    scale: float | None = None
+
+
+#: ``fallback(module, args, kwargs, output) -> computations``; called at the module's exit, under ``no_grad``.
+Fallback = Callable[[nn.Module, tuple, dict, Any], Sequence[Found]]
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (e.g. a checkpointed forward being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class Session:
+    """State of one capture block over ``model``; see the module docstring."""
+
+    def __init__(self, model: nn.Module, on_attention: Callable[[AttentionCall], None], strict: bool) -> None:
+        self.names = {id(module): name for name, module in model.named_modules()}
+        self.on_attention = on_attention
+        self.strict = strict
+        self.stack: list[tuple[int, str, int]] = []  # (id(module), name, reports when it started)
+        self.reports = 0
+        self.fallbacks: dict[int, Fallback] = {}
+        self.expected: dict[int, str] = {}  # attention modules (id -> kind): warn if one runs and nothing is seen
+        self.warned: set[str] = set()
+        self.busy = False  # geomon's own computation is running: ignore module calls and SDPA calls
+
+    def name_of(self, module: object) -> str | None:
+        """The module's name in the watched model, None for modules outside it."""
+        return self.names.get(id(module))
+
+    def current(self) -> str | None:
+        """Name of the innermost running module of the model, None when none runs (or geomon itself computes)."""
+        if not self.stack or self.busy or in_backward():
+            return None
+        return self.stack[-1][1]
+
+    def report(
+        self, name: str, q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None
+    ) -> None:
+        """Hand one computation to the callback, detached (call inside :meth:`guarded`)."""
+        self.reports += 1
+        mask = None if attn_mask is None else attn_mask.detach()
+        with torch.no_grad():
+            self.on_attention(AttentionCall(name, q.detach(), k.detach(), mask, bool(is_causal), scale))
+
+    def guarded(self, name: str, fn: Callable[[], None]) -> None:
+        """Run a probe under ``no_grad``, turning its failure into a warning (``strict``: raising)."""
+        busy, self.busy = self.busy, True
+        try:
+            with torch.no_grad():
+                fn()
+        except Exception as error:  # monitoring must never break training
+            if self.strict:
+                raise
+            warnings.warn(f"geomon: attention capture in {name!r} failed: {error!r}", stacklevel=3)
+        finally:
+            self.busy = busy
+
+    def report_found(self, name: str, found: Sequence[Found]) -> None:
+        for item in found:
+            self.report(name + item.suffix, item.q, item.k, item.attn_mask, item.is_causal, item.scale)
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    # -- global module hooks ------------------------------------------------------------------------------------
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        name = self.names.get(id(module))
+        if name is not None and not self.busy and not in_backward():
+            self.stack.append((id(module), name, self.reports))
+
+    def _leave(self, module: nn.Module, args: tuple, *rest: Any) -> None:
+        # torch passes (kwargs, output) after a forward, and (output,) alone when the forward raised
+        key = id(module)
+        name = self.names.get(key)
+        if name is None or self.busy or in_backward():
+            return
+        depth = next((i for i in range(len(self.stack) - 1, -1, -1) if self.stack[i][0] == key), None)
+        if depth is None:
+            return
+        before = self.stack[depth][2]
+        del self.stack[depth:]  # with any module whose exit was missed
+        if len(rest) != 2 or self.reports != before:
+            return  # the forward raised, or its attention was already seen inside
+        kwargs, output = rest
+        fallback = self.fallbacks.get(key)
+        if fallback is not None:
+            self.reports += 1  # handled, even if the fallback fails: no outer module reports it again
+            self.guarded(name, lambda: self.report_found(name, fallback(module, args, kwargs, output)))
+        elif key in self.expected:
+            self.warn_once(
+                name,
+                f"geomon: attention module {name!r} ({self.expected[key]}) ran but its attention was not seen; "
+                "see docs/guides/capture.md for what each implementation exposes",
+            )
+
+    @contextmanager
+    def module_hooks(self) -> Iterator[None]:
+        """Track the running modules of the model with global hooks, removed however the block exits."""
+        pre = _module_hooks.register_module_forward_pre_hook(self._enter)
+        try:
+            post = _module_hooks.register_module_forward_hook(self._leave, with_kwargs=True, always_call=True)
+        except BaseException:
+            pre.remove()
+            raise
+        try:
+            yield
+        finally:
+            pre.remove()
+            post.remove()
+            _module_hooks._global_forward_hooks_with_kwargs.pop(post.id, None)  # torch's handle forgets this one
+
+    # -- F.scaled_dot_product_attention -------------------------------------------------------------------------
+
+    @contextmanager
+    def sdpa_wrapped(self) -> Iterator[None]:
+        """Report every call of ``F.scaled_dot_product_attention`` made inside the model, after it ran."""
+        original = F.scaled_dot_product_attention
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            name = self.current()
+            if name is not None:
+                self.guarded(name, lambda: self.report(name, *_sdpa_arguments(args, kwargs)))
+            return out
+
+        F.scaled_dot_product_attention = wrapper
+        try:
+            yield
+        finally:
+            if F.scaled_dot_product_attention is wrapper:
+                F.scaled_dot_product_attention = original
+
+
+def _sdpa_arguments(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None, bool, float | None]:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    return bound["query"], bound["key"], bound.get("attn_mask"), bool(bound.get("is_causal", False)), bound.get("scale")
+
+
+def bind(names: Sequence[str], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Arguments of a call by parameter name (positional first, then keywords)."""
+    return dict(zip(names, args, strict=False)) | kwargs

@@ -1,0 +1,122 @@
+"""Capture attention queries and keys as the model really uses them, for every common attention implementation.
+
+:func:`capture_attention` combines the interception of ``F.scaled_dot_product_attention`` with adapters for the
+implementations that never call it:
+
+=============================================  =================================================================
+implementation                                 how it is seen
+=============================================  =================================================================
+anything calling ``F.scaled_dot_product_att``  the SDPA call itself (after rotary / QK-norm, real mask and GQA)
+transformers, any ``attn_implementation``      the attention-interface call (eager global, registry entries)
+``nn.MultiheadAttention`` (weights / fast)     Q/K recomputed from ``in_proj_weight`` (``torch_mha``)
+``nn.TransformerEncoderLayer`` fused (eval)    Q/K recomputed from the layer input, under ``<layer>.self_attn``
+timm ``Attention`` / ``AttentionRope`` eager   Q/K recomputed from ``qkv``, QK-norm, rotary (``timm``)
+nanoGPT ``CausalSelfAttention`` eager          Q/K recomputed from ``c_attn``, causal (``nanogpt``)
+=============================================  =================================================================
+
+Each attention computation is reported once: the innermost source that saw it wins (a module-level adapter runs at
+the module's exit only if nothing was reported while it ran; a function wrapper only if the function did not reach
+SDPA). Calls are attributed to the attention module's name in ``model.named_modules()``. Everything is installed on
+entry and removed however the block exits; a failing probe becomes a warning (``strict=True`` raises); the model's
+computation is untouched (the originals run with the same arguments, geomon's recomputation runs afterwards under
+``no_grad`` on detached tensors and draws no random numbers). Nothing is reported during a backward pass (a
+checkpointed forward being recomputed). An attention module that ran without being seen is named in a warning, once.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+from torch import nn
+
+from geomon.capture import hf, nanogpt, timm_vit, torch_mha
+from geomon.capture._session import AttentionCall, Fallback, Session
+
+__all__ = ["capture_attention", "find_attention_modules"]
+
+
+def _recognise(module: nn.Module) -> tuple[str | None, Fallback | None]:
+    kind, fallback = torch_mha.fallback_for(module)
+    if kind is not None or fallback is not None:
+        return kind, fallback
+    if "transformers" in sys.modules:
+        kind = hf.kind(module)
+        if kind is not None:
+            return kind, None
+    for adapter in (timm_vit, nanogpt):
+        kind, fallback = adapter.fallback_for(module)
+        if kind is not None:
+            return kind, fallback
+    return None, None
+
+
+def find_attention_modules(model: nn.Module) -> dict[str, str]:
+    """Names of the modules of ``model`` recognisably attention, with the adapter that covers each.
+
+    Kinds: ``"torch_mha"`` (``nn.MultiheadAttention``), ``"hf:<attn_implementation>"`` (transformers),
+    ``"timm"`` (timm ``Attention`` / ``AttentionRope``), ``"timm:sdpa-only"`` (other timm attention: seen when fused),
+    ``"nanogpt"`` and ``"tiny_gpt"``. Modules that simply call SDPA are seen too without being listed here.
+
+    Example:
+        >>> from torch import nn
+        >>> layer = nn.TransformerEncoderLayer(16, 2, batch_first=True)
+        >>> find_attention_modules(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+        {'layers.0.self_attn': 'torch_mha', 'layers.1.self_attn': 'torch_mha'}
+    """
+    found = {}
+    for name, module in model.named_modules():
+        kind, _ = _recognise(module)
+        if kind is not None:
+            found[name] = kind
+    return found
+
+
+@contextmanager
+def capture_attention(
+    model: nn.Module, on_attention: Callable[[AttentionCall], None], *, strict: bool = False
+) -> Iterator[None]:
+    """Call ``on_attention`` once per attention computation of ``model`` while the block runs.
+
+    Args:
+        model: the model; only computations made inside its modules are reported.
+        on_attention: receives an :class:`~geomon.capture.AttentionCall` (detached ``q [B, H, Nq, Dh]``,
+            ``k [B, Hk, Nk, Dh]``, an SDPA-semantics ``attn_mask``, ``is_causal``, ``scale``), under ``no_grad``.
+        strict: raise the errors of the probes and of ``on_attention`` instead of warning (for tests).
+
+    Example:
+        >>> import torch
+        >>> mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        >>> model = torch.nn.ModuleDict({"attn": mha})
+        >>> x = torch.randn(1, 5, 8)
+        >>> seen = []
+        >>> with capture_attention(model, lambda call: seen.append((call.module, tuple(call.q.shape)))):
+        ...     _ = mha(x, x, x)  # need_weights=True: no SDPA; Q and K come from in_proj_weight
+        >>> seen
+        [('attn', (1, 2, 5, 4))]
+    """
+    session = Session(model, on_attention, strict)
+    for module in model.modules():
+        kind, fallback = _recognise(module)
+        if fallback is not None:
+            session.fallbacks[id(module)] = fallback
+        if kind is not None:
+            session.expected[id(module)] = kind
+    with ExitStack() as stack:
+        if "transformers" in sys.modules:
+            _enter(stack, hf.patched(model, session), strict)
+        stack.enter_context(session.module_hooks())
+        stack.enter_context(session.sdpa_wrapped())
+        yield
+
+
+def _enter(stack: ExitStack, context: Any, strict: bool) -> None:
+    try:
+        stack.enter_context(context)
+    except Exception as error:  # a setup failure costs one source, not training
+        if strict:
+            raise
+        warnings.warn(f"geomon: attention capture of transformers modules unavailable: {error!r}", stacklevel=4)

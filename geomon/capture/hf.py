@@ -1,0 +1,227 @@
+"""Adapter for Hugging Face transformers attention modules, whatever their ``attn_implementation``.
+
+A transformers attention module (``LlamaAttention``, ``GPT2Attention``, ``BertSelfAttention``...) projects its Q/K,
+applies rotary embeddings or QK-norm, and then calls one *attention function*:
+``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)(module, query, key,
+value, attention_mask, scaling=..., dropout=..., **kwargs)`` with ``query [B, H, Nq, Dh]`` and ``key
+[B, Hk, Nk, Dh]`` (not repeated for grouped-query attention). That call is the single place where the model's real
+Q/K, mask and scale are all in hand, so it is intercepted there, while the capture block runs:
+
+- ``"sdpa"``: transformers' SDPA function calls ``F.scaled_dot_product_attention``, seen by the SDPA wrapper; left
+  alone here (any function that reaches SDPA is reported by SDPA and not again by its wrapper).
+- ``"eager"``: ``eager_attention_forward`` is a global of each modeling module, looked up at call time; it is
+  replaced in the namespace (``forward.__globals__``) of each attention class found in the model. Its mask is the 4-D
+  additive float mask that eager adds to the scores (or None), reported as such. GPT-2's
+  ``_upcast_and_reordered_attn`` (eager with ``reorder_and_upcast_attn``) is wrapped on its class likewise.
+- everything else (``flash_attention_2/3/4``, ``flex_attention``, ``paged|eager``, functions registered with
+  ``AttentionInterface.register``): the entries of ``transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS`` (the class
+  mapping, and the local mapping of every interface instance a modeling module uses) are wrapped. Their masks follow
+  the mask function of the implementation and are converted to SDPA semantics: a 4-D boolean (True = may attend) or
+  float (added) mask is kept; a ``BlockMask`` (flex) is materialised as a boolean mask from its ``mask_mod``; a 2-D
+  ``[B, Nk]`` padding mask (flash, 1 = token) or None gets the causal flag from the call's ``is_causal`` keyword or
+  ``module.is_causal``, aligned bottom-right when ``Nq != Nk`` as flash-attn does, with ``sliding_window`` and packed
+  sequences (flash with ``position_ids`` and no mask, batch of one) applied. Flash drops padded query tokens: their
+  rows are masked out entirely (NaN, excluded from means).
+
+Everything is restored on exit (an entry is put back only if it is still geomon's wrapper). Attention with logit
+soft-capping (``softcap``) or attention sinks (``s_aux``) is not modelled by the entropy definition: a warning, no
+value. ``transformers`` is never imported by geomon: only models whose classes are already loaded are inspected.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from geomon.capture._session import Found, Session, bind, in_backward
+
+_INTERFACE_ARGS = ("attention_mask", "scaling", "dropout")
+_UNMODELLED = {"softcap": "logit soft-capping", "s_aux": "attention sinks"}
+_REORDER = "_upcast_and_reordered_attn"
+
+
+@functools.cache
+def _forward_function(cls: type) -> Any:
+    return inspect.unwrap(cls.forward)
+
+
+@functools.cache
+def _is_attention_class(cls: type) -> bool:
+    code = getattr(_forward_function(cls), "__code__", None)
+    return code is not None and bool({"ALL_ATTENTION_FUNCTIONS", "eager_attention_forward"} & set(code.co_names))
+
+
+def kind(module: nn.Module) -> str | None:
+    """``"hf:<attn_implementation>"`` for a transformers-style attention module, else None.
+
+    Recognised by its ``forward`` reading the global ``ALL_ATTENTION_FUNCTIONS`` or ``eager_attention_forward``
+    (also true of ``trust_remote_code`` models written in the transformers style).
+    """
+    if not _is_attention_class(type(module)):
+        return None
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    return f"hf:{implementation}" if implementation else "hf"
+
+
+def _is_transformers_sdpa(fn: object) -> bool:
+    return getattr(fn, "__name__", "") == "sdpa_attention_forward" and "transformers" in getattr(fn, "__module__", "")
+
+
+@contextmanager
+def patched(model: nn.Module, session: Session) -> Iterator[None]:
+    """Wrap the attention functions the transformers modules of ``model`` may call; restore them on exit."""
+    classes = {type(m) for m in model.modules() if _is_attention_class(type(m))}
+    undo: list[Callable[[], None]] = []
+    try:
+        if classes:
+            _patch(classes, session, undo)
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+def _patch(classes: set[type], session: Session, undo: list[Callable[[], None]]) -> None:
+    namespaces = {id(g): g for g in (_forward_function(cls).__globals__ for cls in classes)}
+    interfaces: dict[int, Any] = {}
+    utils = sys.modules.get("transformers.modeling_utils")
+    if utils is not None and hasattr(utils, "ALL_ATTENTION_FUNCTIONS"):
+        interfaces[id(utils.ALL_ATTENTION_FUNCTIONS)] = utils.ALL_ATTENTION_FUNCTIONS
+    for g in namespaces.values():
+        eager = g.get("eager_attention_forward")
+        if callable(eager):
+            _swap(g, "eager_attention_forward", _wrap(eager, session, registry=False), undo)
+        interface = g.get("ALL_ATTENTION_FUNCTIONS")
+        if interface is not None and hasattr(interface, "_local_mapping"):
+            interfaces[id(interface)] = interface
+    mappings = {id(i._local_mapping): i._local_mapping for i in interfaces.values()}
+    for interface in interfaces.values():
+        mapping = getattr(type(interface), "_global_mapping", None)
+        if isinstance(mapping, dict):
+            mappings[id(mapping)] = mapping
+    for mapping in mappings.values():
+        for key, fn in list(mapping.items()):
+            if callable(fn) and not _is_transformers_sdpa(fn):
+                _swap(mapping, key, _wrap(fn, session, registry=True), undo)
+    for cls in classes:
+        owner = next((c for c in cls.__mro__ if _REORDER in c.__dict__), None)
+        if owner is not None:
+            original = owner.__dict__[_REORDER]
+            wrapper = _wrap_reordered(original, session)
+            setattr(owner, _REORDER, wrapper)
+            undo.append(functools.partial(_restore_attribute, owner, _REORDER, wrapper, original))
+
+
+def _swap(mapping: dict, key: str, new: Callable, undo: list[Callable[[], None]]) -> None:
+    old = mapping[key]
+    mapping[key] = new
+
+    def restore() -> None:
+        if mapping.get(key) is new:  # a function registered inside the block stays
+            mapping[key] = old
+
+    undo.append(restore)
+
+
+def _restore_attribute(owner: type, name: str, wrapper: object, original: object) -> None:
+    if owner.__dict__.get(name) is wrapper:
+        setattr(owner, name, original)
+
+
+def _wrap(original: Callable, session: Session, *, registry: bool) -> Callable:
+    @functools.wraps(original)
+    def wrapper(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
+        before = session.reports
+        out = original(module, query, key, value, *args, **kwargs)
+        name = session.name_of(module)
+        if name is not None and session.reports == before and not session.busy and not in_backward():
+            session.reports += 1
+            call = bind(_INTERFACE_ARGS, args, kwargs)
+            reason = next((why for arg, why in _UNMODELLED.items() if kwargs.get(arg) is not None), None)
+            if reason is not None:
+                session.warn_once(name, f"geomon: attention of {name!r} uses {reason}, which attention entropy "
+                                        "does not model; it is not reported")  # fmt: skip
+            else:
+                session.guarded(name, lambda: session.report_found(name, _found(module, query, key, call, registry)))
+        return out
+
+    return wrapper
+
+
+def _wrap_reordered(original: Callable, session: Session) -> Callable:
+    @functools.wraps(original)
+    def wrapper(self: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None = None):
+        out = original(self, query, key, value, attention_mask)
+        name = session.name_of(self)
+        if name is not None and not session.busy and not in_backward():
+            session.reports += 1
+            call = {"attention_mask": attention_mask, "scaling": getattr(self, "scaling", None)}
+            session.guarded(name, lambda: session.report_found(name, _found(self, query, key, call, False)))
+        return out
+
+    return wrapper
+
+
+def _found(module: nn.Module, query: Tensor, key: Tensor, call: dict, registry: bool) -> list[Found]:
+    mask = call.get("attention_mask")
+    scale = call.get("scaling")
+    scale = None if scale is None else float(scale)
+    if not registry:  # eager: the mask is exactly what is added to the scores
+        if mask is not None and mask.shape[-1] != key.shape[-2]:
+            mask = mask[..., : key.shape[-2]]
+        return [Found("", query, key, mask, False, scale)]
+    converted, is_causal = interface_mask(module, query, key, mask, call)
+    return [Found("", query, key, converted, is_causal, scale)]
+
+
+def interface_mask(
+    module: nn.Module, query: Tensor, key: Tensor, mask: Any, kwargs: dict
+) -> tuple[Tensor | None, bool]:
+    """The mask an attention-interface function received, as ``(attn_mask, is_causal)`` in SDPA semantics.
+
+    Example:
+        >>> import torch
+        >>> module = torch.nn.Module(); module.is_causal = True
+        >>> q, k = torch.zeros(2, 4, 3, 8), torch.zeros(2, 2, 5, 8)   # 3 new queries over 5 keys
+        >>> padding = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])  # flash's 2-D mask: 1 = token
+        >>> mask, causal = interface_mask(module, q, k, padding, {})
+        >>> mask.shape, causal, mask[1, 0].int().tolist()
+        (torch.Size([2, 1, 3, 5]), False, [[0, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
+    """
+    batch, n_q, n_k, device = query.shape[0], query.shape[-2], key.shape[-2], query.device
+    if hasattr(mask, "mask_mod") and not isinstance(mask, Tensor):  # flex's BlockMask
+        from torch.nn.attention.flex_attention import create_mask
+
+        return create_mask(mask.mask_mod, batch, 1, n_q, n_k, device=device), False
+    if isinstance(mask, Tensor) and mask.dim() == 4:
+        return (mask[..., :n_k] if mask.shape[-1] > n_k else mask), False
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
+    window = kwargs.get("sliding_window")
+    allowed = None
+    if isinstance(mask, Tensor):  # [B, Nk] padding, 1 = token; flash also drops the padded queries
+        if mask.dim() != 2 or mask.shape[-1] != n_k:
+            raise ValueError(f"cannot read an attention mask of shape {tuple(mask.shape)} for {n_k} keys")
+        tokens = mask.bool()
+        allowed = tokens[:, None, None, :] & tokens[:, None, n_k - n_q :, None]
+    elif mask is None and kwargs.get("position_ids") is not None and batch == 1 and n_q == n_k:
+        segment = torch.cumsum(kwargs["position_ids"].reshape(-1)[-n_q:] == 0, dim=0)  # packed sequences
+        allowed = (segment[:, None] == segment[None, :])[None, None]
+    if allowed is None and window is None and (not causal or n_q == n_k):
+        return None, causal  # SDPA's own causal flag (top-left) is exact when Nq == Nk
+    rows = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)  # bottom-right alignment
+    cols = torch.arange(n_k, device=device)[None, :]
+    rule = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if causal:
+        rule &= cols <= rows
+    if window is not None:
+        rule &= (rows - cols).abs() < int(window)
+    allowed = rule[None, None] if allowed is None else allowed & rule
+    return allowed, False

@@ -1,0 +1,96 @@
+"""Adapter for timm's attention layers (``timm.layers.attention.Attention``, used by ``vision_transformer``, and
+``AttentionRope``).
+
+With ``fused_attn=True`` (timm's default on recent torch) the layer calls ``F.scaled_dot_product_attention`` and
+the SDPA wrapper sees it. With ``fused_attn=False`` it computes ``(q * scale) @ kᵀ`` itself; then Q and K are
+recomputed at the layer's exit from its input: ``qkv`` (only the Q and K thirds of the weight when ``qkv`` is a plain
+``nn.Linear``; the whole module's ``forward`` otherwise, e.g. under LoRA), ``q_norm`` / ``k_norm`` (QK-norm), and for
+``AttentionRope`` the rotary embedding passed to the call (prefix tokens left unrotated), with ``num_kv_heads`` key
+heads (grouped-query; timm's ``repeat_interleave`` matches geomon's "query head h reads key head h // G").
+Masks are already in SDPA semantics in timm (boolean True = may attend, float added); ``is_causal`` wins over a mask,
+as in timm. Other timm attention classes (with a ``fused_attn`` flag) are seen on their SDPA path only.
+
+Cost of a recomputation: the Q and K projections, ``2·B·N·E·(2·attn_dim)`` FLOPs, plus QK-norm / rotary.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from geomon.capture._session import Found, bind
+
+
+def _classes() -> tuple[type | None, type | None]:
+    module = sys.modules.get("timm.layers.attention")  # timm is never imported by geomon
+    if module is None:
+        return None, None
+    return getattr(module, "Attention", None), getattr(module, "AttentionRope", None)
+
+
+def _project(proj: nn.Module, x: Tensor, width: int) -> Tensor:
+    """The first ``width`` output features of ``proj(x)`` (only those rows of a plain Linear are computed)."""
+    if type(proj) is nn.Linear:
+        bias = None if proj.bias is None else proj.bias[:width]
+        return F.linear(x, proj.weight[:width], bias)
+    return proj.forward(x)[..., :width]
+
+
+def _mask(attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor | None, bool]:
+    return (None, True) if is_causal else (attn_mask, False)
+
+
+def attention_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
+    """Q/K of a ``timm.layers.attention.Attention`` call that did not use SDPA."""
+    call = bind(("x", "attn_mask", "is_causal"), args, kwargs)
+    x = call["x"]
+    batch, n, _ = x.shape
+    heads, dim = module.num_heads, module.head_dim
+    qk = _project(module.qkv, x, 2 * heads * dim).reshape(batch, n, 2, heads, dim).permute(2, 0, 3, 1, 4)
+    q, k = module.q_norm.forward(qk[0]), module.k_norm.forward(qk[1])
+    mask, causal = _mask(call.get("attn_mask"), bool(call.get("is_causal", False)))
+    return [Found("", q, k, mask, causal, float(module.scale))]
+
+
+def rope_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
+    """Q/K of a ``timm.layers.attention.AttentionRope`` call that did not use SDPA (rotary applied as timm does)."""
+    call = bind(("x", "rope", "attn_mask", "is_causal"), args, kwargs)
+    x = call["x"]
+    batch, n, _ = x.shape
+    heads, dim = module.num_heads, module.head_dim
+    if module.qkv is not None:
+        qk = _project(module.qkv, x, 2 * heads * dim).reshape(batch, n, 2, heads, dim).permute(2, 0, 3, 1, 4)
+        q, k = qk[0], qk[1]
+    else:
+        q = module.q_proj.forward(x).reshape(batch, n, heads, dim).transpose(1, 2)
+        k = module.k_proj.forward(x).reshape(batch, n, module.num_kv_heads, dim).transpose(1, 2)
+    dtype = q.dtype
+    q, k = module.q_norm.forward(q), module.k_norm.forward(k)
+    rope = call.get("rope")
+    if rope is not None:
+        from timm.layers import apply_rot_embed_cat
+
+        prefix = module.num_prefix_tokens
+        half = getattr(module, "rotate_half", False)
+        q, k = (
+            torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=half)], dim=2).to(dtype)
+            for t in (q, k)
+        )
+    mask, causal = _mask(call.get("attn_mask"), bool(call.get("is_causal", False)))
+    return [Found("", q, k, mask, causal, float(module.scale))]
+
+
+def fallback_for(module: nn.Module) -> tuple[str | None, Any]:
+    """``(kind, fallback)``: "timm" for the two classes handled, "timm:sdpa-only" for other timm attention."""
+    attention, rope = _classes()
+    if rope is not None and isinstance(module, rope):
+        return "timm", rope_fallback
+    if attention is not None and isinstance(module, attention):
+        return "timm", attention_fallback
+    if type(module).__module__.startswith("timm.") and hasattr(module, "fused_attn"):
+        return "timm:sdpa-only", None
+    return None, None

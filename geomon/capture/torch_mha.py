@@ -1,0 +1,189 @@
+"""Adapter for ``torch.nn.MultiheadAttention`` and the fused inference path of ``nn.TransformerEncoderLayer``.
+
+``nn.MultiheadAttention`` reaches ``F.scaled_dot_product_attention`` only on one of its three paths
+(``need_weights=False`` outside the fast path), where the SDPA interception sees it. Its other two paths compute
+attention without SDPA: ``need_weights=True`` (explicit ``baddbmm`` + softmax inside
+``F.multi_head_attention_forward``) and the inference fast path (``torch._native_multi_head_attention``: eval mode,
+no grad, ``batch_first``, self-attention). For those, Q and K are recomputed at the module's exit from its input
+and its input-projection weights (``in_proj_weight`` or ``q_proj_weight``/``k_proj_weight`` when ``kdim``/``vdim``
+differ from ``embed_dim``), with ``bias_k`` and ``add_zero_attn`` keys appended as the module appends them.
+
+``nn.TransformerEncoderLayer`` in eval mode without grad runs ``torch._transformer_encoder_layer_fwd``, one fused
+native op that never calls ``self_attn``. There Q and K are recomputed from the layer's input (through ``norm1``
+first when ``norm_first``) and reported under the name of the layer's ``self_attn``, as in training. The input may be
+a nested tensor (``nn.TransformerEncoder``'s sparsity fast path with ``src_key_padding_mask``): it is padded, and
+the padded positions are masked as keys *and* as queries (those query rows do not exist in the nested computation:
+they read NaN and drop out of every mean).
+
+Masks are converted to SDPA semantics. ``nn.MultiheadAttention``'s boolean masks mean the opposite of SDPA's
+(True = *not* allowed); ``attn_mask`` is ``[L, S]`` or ``[B·H, L, S]``, ``key_padding_mask`` ``[B, S]``. When every
+mask is boolean the result is a boolean "may attend" mask; otherwise an additive float mask (booleans become
+``-inf``, as the module itself does). ``is_causal`` is only a hint on these two paths (the module applies the mask it
+was given), so it is not reported. Dropout is not applied.
+
+Cost: two ``[B·L, E] x [E, E]`` projections (Q and K, not V) per recomputed call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from geomon.capture._session import Found, bind
+
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights")
+_LAYER_ARGS = ("src", "src_mask", "src_key_padding_mask", "is_causal")
+
+
+def _unnest(x: Tensor) -> tuple[Tensor, list[int] | None]:
+    """A nested ``[B, (L_b), E]`` tensor as a zero-padded ``[B, L, E]`` one and its lengths (others unchanged)."""
+    if not x.is_nested:
+        return x, None
+    return x.to_padded_tensor(0.0), [part.shape[0] for part in x.unbind()]
+
+
+def mha_query_key(
+    mha: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    batch_first: bool | None = None,
+    lengths: list[int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Q ``[B, H, L, Dh]``, K ``[B, H, S', Dh]`` and the SDPA-semantics mask of one ``nn.MultiheadAttention`` call.
+
+    Args:
+        mha: the module (its weights are read, never changed).
+        query: ``[L, E]`` (unbatched), ``[B, L, E]`` (``batch_first``) or ``[L, B, E]``; may be nested.
+        key: the key input, laid out as ``query``.
+        attn_mask: the module's ``attn_mask``: ``[L, S]`` or ``[B·H, L, S]``, boolean True = not allowed, or float.
+        key_padding_mask: ``[B, S]`` (``[S]`` unbatched), boolean True = padding, or float.
+        batch_first: layout of batched inputs; default ``mha.batch_first``.
+        lengths: valid lengths of each sequence when the input was nested (its padded tail is masked).
+
+    Example:
+        >>> import torch
+        >>> mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        >>> x = torch.randn(3, 5, 8)
+        >>> q, k, mask = mha_query_key(mha, x, x, attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1))
+        >>> q.shape, k.shape, mask.shape, bool(mask[0, 0, 0, 1]), bool(mask[0, 0, 1, 0])
+        (torch.Size([3, 2, 5, 4]), torch.Size([3, 2, 5, 4]), torch.Size([1, 1, 5, 5]), False, True)
+    """
+    if query.is_nested or key.is_nested:
+        query, lengths = _unnest(query)
+        key, _ = _unnest(key)
+    batch_first = mha.batch_first if batch_first is None else batch_first
+    if query.dim() == 2:  # unbatched
+        query, key = query.unsqueeze(0), key.unsqueeze(0)
+        key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+    elif not batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    batch, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
+    heads, embed = mha.num_heads, mha.embed_dim
+    if mha._qkv_same_embed_dim:
+        w_q, w_k = mha.in_proj_weight[:embed], mha.in_proj_weight[embed : 2 * embed]
+    else:
+        w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
+    b_q = b_k = None
+    if mha.in_proj_bias is not None:
+        b_q, b_k = mha.in_proj_bias[:embed], mha.in_proj_bias[embed : 2 * embed]
+    q = F.linear(query, w_q, b_q)
+    k = F.linear(key, w_k, b_k)
+    extra = 0
+    if mha.bias_k is not None:
+        k = torch.cat([k, mha.bias_k.to(k.dtype).expand(batch, 1, embed)], dim=1)
+        extra += 1
+    if mha.add_zero_attn:
+        k = torch.cat([k, k.new_zeros(batch, 1, embed)], dim=1)
+        extra += 1
+    q = q.view(batch, n_q, heads, embed // heads).transpose(1, 2)
+    k = k.view(batch, n_k + extra, heads, embed // heads).transpose(1, 2)
+
+    masks = []  # each broadcastable to [B, H, L, S], in the module's semantics
+    if attn_mask is not None:
+        masks.append(attn_mask.view(1, 1, n_q, n_k) if attn_mask.dim() == 2 else attn_mask.view(batch, heads, n_q, n_k))
+    if key_padding_mask is not None:
+        masks.append(key_padding_mask.view(batch, 1, 1, n_k))
+    mask = _to_sdpa(masks, q.dtype, extra)
+    if lengths is not None:
+        valid = torch.arange(n_k, device=q.device) < torch.tensor(lengths, device=q.device)[:, None]  # [B, L]
+        rows = valid[:, None, :, None] & valid[:, None, None, :]
+        if extra:
+            rows = F.pad(rows, (0, extra), value=True) & valid[:, None, :, None]
+        mask = rows if mask is None else _combine(mask, rows)
+    return q, k, mask
+
+
+def _to_sdpa(masks: list[Tensor], dtype: torch.dtype, extra: int) -> Tensor | None:
+    """``nn.MultiheadAttention`` masks (True = blocked, or additive) as one SDPA mask, ``extra`` keys appended."""
+    if not masks:
+        return None
+    if all(m.dtype == torch.bool for m in masks):
+        allowed = ~masks[0]
+        for m in masks[1:]:
+            allowed = allowed & ~m
+        return F.pad(allowed, (0, extra), value=True) if extra else allowed
+    additive = None
+    for m in masks:
+        term = (
+            torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, -math.inf) if m.dtype == torch.bool else m
+        )
+        additive = term if additive is None else additive + term
+    assert additive is not None
+    return F.pad(additive, (0, extra), value=0.0) if extra else additive
+
+
+def _combine(mask: Tensor, allowed: Tensor) -> Tensor:
+    """Restrict an SDPA mask (boolean or additive) to where ``allowed`` is True."""
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, -math.inf)
+
+
+def mha_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
+    """Q/K of an ``nn.MultiheadAttention`` call that did not reach SDPA (weights requested, or its fast path)."""
+    assert isinstance(module, nn.MultiheadAttention)
+    call = bind(_MHA_ARGS, args, kwargs)
+    q, k, mask = mha_query_key(
+        module,
+        call["query"],
+        call["key"],
+        attn_mask=call.get("attn_mask"),
+        key_padding_mask=call.get("key_padding_mask"),
+    )
+    return [Found("", q, k, mask)]
+
+
+def encoder_layer_fallback(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
+    """Q/K of an ``nn.TransformerEncoderLayer`` that ran its fused path (``self_attn`` was never called)."""
+    assert isinstance(layer, nn.TransformerEncoderLayer)
+    call = bind(_LAYER_ARGS, args, kwargs)
+    x, lengths = _unnest(call["src"])
+    if layer.norm_first:
+        x = layer.norm1.forward(x)  # .forward: no hooks of the user's run for geomon's recomputation
+    q, k, mask = mha_query_key(
+        layer.self_attn,
+        x,
+        x,
+        attn_mask=call.get("src_mask"),
+        key_padding_mask=call.get("src_key_padding_mask"),
+        lengths=lengths,
+    )
+    return [Found(".self_attn", q, k, mask)]
+
+
+def fallback_for(module: nn.Module) -> tuple[str | None, Any]:
+    """``(kind, fallback)`` for the modules this adapter handles (kind None: handled but not an attention module)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "torch_mha", mha_fallback
+    if isinstance(module, nn.TransformerEncoderLayer) and isinstance(
+        getattr(module, "self_attn", None), nn.MultiheadAttention
+    ):
+        return None, encoder_layer_fallback
+    return None, None

@@ -1,0 +1,82 @@
+"""Independent references for the capture tests: float64 softmax rows, entropies of given probabilities, cleanliness."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules import module as module_hooks
+
+from geomon.capture import AttentionCall, capture_attention
+from geomon.functional import attention_entropy
+
+ORIGINAL_SDPA = F.scaled_dot_product_attention
+
+
+def softmax_rows(
+    q: Tensor, k: Tensor, *, scale: float | None = None, allowed: Tensor | None = None, additive: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Entropy and max logit of every row of softmax(scale q kᵀ + additive) over allowed keys, in float64."""
+    q, k = q.double(), k.double()
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # query head h reads key head h // G
+    scores = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if additive is not None:
+        scores = scores + additive.double()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf)
+    p = torch.softmax(scores, dim=-1)
+    entropy = -torch.special.xlogy(p, p).sum(-1)
+    max_logit = scores.amax(-1)
+    empty = max_logit == -math.inf
+    return entropy.masked_fill(empty, math.nan), max_logit.masked_fill(empty, math.nan)
+
+
+def entropy_of(weights: Tensor) -> Tensor:
+    """Row entropies of attention probabilities a model returned itself."""
+    weights = weights.double()
+    return -torch.special.xlogy(weights, weights).sum(-1)
+
+
+def rows_of(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
+    """``(entropy, max_logit, n_keys)`` per row, by geomon's functional from a captured call (torch backend)."""
+    return attention_entropy(
+        call.q,
+        call.k,
+        scale=call.scale,
+        is_causal=call.is_causal,
+        attn_mask=call.attn_mask,
+        backend="torch",
+        return_n_keys=True,
+    )
+
+
+def assert_rows_close(actual: Tensor, expected: Tensor, rows: Tensor | None = None, tol: float = 1e-5) -> None:
+    """Equal where ``rows`` (a boolean over the last dim or full shape) selects, NaN-equal elsewhere unless selected."""
+    actual, expected = actual.double(), expected.double()
+    if rows is not None:
+        rows = rows.expand(actual.shape)
+        actual, expected = actual[rows], expected[rows]
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, equal_nan=True)
+
+
+def collect(model: torch.nn.Module, run, **kwargs) -> tuple[list[AttentionCall], object]:
+    """The calls reported (strict) while ``run()`` executes, and its result."""
+    calls: list[AttentionCall] = []
+    with capture_attention(model, calls.append, strict=True, **kwargs):
+        result = run()
+    return calls, result
+
+
+def hook_counts() -> tuple[int, int]:
+    return len(module_hooks._global_forward_pre_hooks), len(module_hooks._global_forward_hooks)
+
+
+def assert_clean(model: torch.nn.Module, global_hooks: tuple[int, int] = (0, 0)) -> None:
+    """No SDPA wrapper, no global hooks beyond ``global_hooks``, no per-module hooks left behind."""
+    assert F.scaled_dot_product_attention is ORIGINAL_SDPA
+    assert hook_counts() == global_hooks
+    assert not module_hooks._global_forward_hooks_always_called
+    assert not module_hooks._global_forward_hooks_with_kwargs
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

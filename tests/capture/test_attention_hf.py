@@ -1,0 +1,308 @@
+"""capture_attention on Hugging Face models (small configs, no downloads) for every attention implementation:
+"sdpa" (seen at SDPA), "eager" (the modeling module's eager function), and the AttentionInterface registry (custom
+functions registered here, one with flash's 2-D padding masks, one that itself calls SDPA). References: an eager copy
+with identical weights returning its own probabilities (``output_attentions=True``, the test's reference only), and
+float64 softmax rows written here from GPT-2's and Llama's weights."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+
+from geomon.capture import capture_attention, find_attention_modules  # noqa: E402
+from geomon.capture.hf import interface_mask  # noqa: E402
+from tests.capture._reference import (  # noqa: E402
+    assert_clean,
+    assert_rows_close,
+    collect,
+    entropy_of,
+    rows_of,
+    softmax_rows,
+)
+
+VARLEN, THROUGH_SDPA = "geomon_test_varlen", "geomon_test_via_sdpa"
+
+
+def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A flash-like function on CPU: 2-D padding mask (or None), causality from module.is_causal, bottom-right."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    n_q, n_k = scores.shape[-2:]
+    allowed = torch.ones(n_q, n_k, dtype=torch.bool)
+    if module.is_causal:
+        allowed = allowed.tril(n_k - n_q)
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num()
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+def _via_sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    AttentionInterface.register(VARLEN, _varlen_attention)
+    AttentionMaskInterface.register(VARLEN, flash_attention_mask)
+    AttentionInterface.register(THROUGH_SDPA, _via_sdpa)
+    AttentionMaskInterface.register(THROUGH_SDPA, AttentionMaskInterface._global_mapping["sdpa"])
+    yield
+    for interface in (AttentionInterface, AttentionMaskInterface):
+        for name in (VARLEN, THROUGH_SDPA):
+            interface._global_mapping.pop(name, None)
+
+
+def _config(name, implementation):
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
+    elif name == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            vocab_size=100,
+        )
+    else:
+        config = transformers.BertConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100
+        )
+    config._attn_implementation = implementation
+    return config
+
+
+def _models(name, implementation, **overrides):
+    """The model under test and an eager copy with the same weights (the reference)."""
+    cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM, "bert": transformers.BertModel}
+    config = _config(name, implementation)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = cls[name](config).eval()
+    eager_config = copy.deepcopy(config)
+    eager_config._attn_implementation = "eager"
+    eager = cls[name](eager_config).eval()
+    eager.load_state_dict(model.state_dict())
+    return model, eager
+
+
+def _batch():
+    ids = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # right padding
+    mask[2, 3:] = 0
+    return ids, mask
+
+
+LAYERS = {
+    "gpt2": "transformer.h.{}.attn",
+    "llama": "model.layers.{}.self_attn",
+    "bert": "encoder.layer.{}.attention.self",
+}
+CASES = [(m, i) for m in ("gpt2", "llama", "bert") for i in ("sdpa", "eager", VARLEN, THROUGH_SDPA)]
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize(("name", "implementation"), CASES)
+def test_each_layer_once_with_the_entropy_of_the_eager_probabilities(name, implementation, padded):
+    model, eager = _models(name, implementation)
+    ids, mask = _batch()
+    mask = mask if padded else torch.ones_like(mask)
+    assert find_attention_modules(model) == {LAYERS[name].format(i): f"hf:{implementation}" for i in range(2)}
+    with torch.no_grad():
+        calls, out = collect(model, lambda: model(ids, attention_mask=mask))
+        reference = eager(ids, attention_mask=mask, output_attentions=True)
+    assert [c.module for c in calls] == [LAYERS[name].format(i) for i in range(2)]
+    first = out.logits if name != "bert" else out.last_hidden_state
+    second = reference.logits if name != "bert" else reference.last_hidden_state
+    torch.testing.assert_close(first, second, atol=1e-5, rtol=1e-5)
+    tokens = mask.bool()
+    # rows of real tokens; padded queries are computed by eager/SDPA but dropped by flash-style varlen functions
+    rows = tokens[:, None, :] if implementation == VARLEN else torch.ones_like(tokens)[:, None, :]
+    causal = name != "bert"
+    for call, weights in zip(calls, reference.attentions, strict=True):
+        entropy, _, n_keys = rows_of(call)
+        assert_rows_close(entropy, entropy_of(weights), rows)
+        position = torch.arange(9)
+        expected_keys = torch.minimum(position + 1, tokens.sum(1, keepdim=True)) if causal else tokens.sum(1)[:, None]
+        assert_rows_close(n_keys[:, 0].double(), expected_keys.expand(3, 9).double(), rows[:, 0])
+        if implementation == VARLEN:
+            assert entropy[~rows.expand_as(entropy)].isnan().all()
+        if name == "llama" and (implementation in ("eager", VARLEN) or (implementation == "sdpa" and not padded)):
+            assert call.k.shape[1] == 2 < call.q.shape[1] == 4  # grouped-query layout as the model used it
+
+
+def _llama_by_hand(model, ids):
+    """float64 Q/K of layer 0 from its weights: RMSNorm, projections, rotary (rotate-half), GQA kept."""
+    attention = model.model.layers[0].self_attn
+    norm = model.model.layers[0].input_layernorm
+    x = model.model.embed_tokens.weight[ids].double()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.double()
+    q = (x @ attention.q_proj.weight.double().T).unflatten(-1, (4, 16)).transpose(1, 2)
+    k = (x @ attention.k_proj.weight.double().T).unflatten(-1, (2, 16)).transpose(1, 2)
+    inv_freq = 1.0 / (model.config.rope_parameters["rope_theta"] ** (torch.arange(0, 16, 2).double() / 16))
+    angles = torch.arange(ids.shape[1]).double()[:, None] * inv_freq[None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+    def rotate(t):
+        half = torch.cat([-t[..., 8:], t[..., :8]], dim=-1)
+        return t * cos + half * sin
+
+    return rotate(q), rotate(k)
+
+
+def _gpt2_by_hand(model, ids):
+    """float64 Q/K of GPT-2's layer 0 from its weights (Conv1D: x @ W + b)."""
+    block = model.transformer.h[0]
+    x = (model.transformer.wte.weight[ids] + model.transformer.wpe.weight[: ids.shape[1]]).double()
+    x = torch.nn.functional.layer_norm(x, (64,), block.ln_1.weight.double(), block.ln_1.bias.double(), 1e-5)
+    qkv = x @ block.attn.c_attn.weight.double() + block.attn.c_attn.bias.double()
+    q, k = (t.unflatten(-1, (4, 16)).transpose(1, 2) for t in qkv.split(64, dim=-1)[:2])
+    return q, k
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", VARLEN])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_max_logit_and_entropy_equal_a_float64_reference_after_rotary(name, implementation):
+    model, _ = _models(name, implementation)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        calls, _ = collect(model, lambda: model(ids))
+        q, k = (_gpt2_by_hand if name == "gpt2" else _llama_by_hand)(model, ids)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    expected_entropy, expected_max = softmax_rows(q, k, allowed=causal)
+    entropy, max_logit, _ = rows_of(calls[0])
+    assert_rows_close(entropy, expected_entropy, tol=1e-4)
+    assert_rows_close(max_logit, expected_max, tol=1e-4)
+
+
+def test_gpt2_reordered_upcast_eager_path_is_seen():
+    model, eager = _models("gpt2", "eager", reorder_and_upcast_attn=True, scale_attn_by_inverse_layer_idx=True)
+    ids, mask = _batch()
+    with torch.no_grad():
+        calls, _ = collect(model, lambda: model(ids, attention_mask=mask))
+        reference = eager(ids, attention_mask=mask, output_attentions=True)
+    assert [c.module for c in calls] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert calls[1].scale == pytest.approx(0.25 / 2)
+    for call, weights in zip(calls, reference.attentions, strict=True):
+        assert_rows_close(rows_of(call)[0], entropy_of(weights))
+
+
+@pytest.mark.parametrize("implementation", ["eager", VARLEN, "sdpa"])
+def test_training_is_bit_identical_and_everything_is_restored(implementation):
+    def snapshot():
+        import transformers.models.gpt2.modeling_gpt2 as gpt2
+
+        return (
+            gpt2.eager_attention_forward,
+            gpt2.GPT2Attention.__dict__["_upcast_and_reordered_attn"],
+            dict(AttentionInterface._global_mapping),
+            dict(ALL_ATTENTION_FUNCTIONS._local_mapping),
+        )
+
+    def train(capture):
+        model, _ = _models("gpt2", implementation)  # GPT-2's dropouts are on: the random stream must not move
+        model.train()
+        ids, mask = _batch()
+        torch.manual_seed(7)
+        if capture:
+            with capture_attention(model, lambda call: rows_of(call)):
+                loss = model(ids, attention_mask=mask, labels=ids).loss
+        else:
+            loss = model(ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()], torch.rand(2), model
+
+    before = snapshot()
+    plain, captured = train(False), train(True)
+    assert torch.equal(plain[0], captured[0]) and torch.equal(plain[2], captured[2])
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], captured[1], strict=True))
+    assert snapshot() == before
+    assert_clean(captured[3])
+    model = captured[3]
+    with pytest.raises(RuntimeError, match="boom"), capture_attention(model, lambda call: None):
+        model(_batch()[0])
+        assert snapshot() != before or implementation == "sdpa"
+        raise RuntimeError("boom")
+    assert snapshot() == before
+    assert_clean(model)
+
+
+def test_flex_block_mask_is_materialised_as_the_sdpa_mask():
+    from transformers.masking_utils import create_causal_mask
+
+    _, mask = _batch()
+    masks = {}
+    for implementation in ("flex_attention", "sdpa"):
+        config = _config("llama", implementation)
+        masks[implementation] = create_causal_mask(
+            config=config,
+            inputs_embeds=torch.zeros(3, 9, 64),
+            attention_mask=mask,
+            past_key_values=None,
+            position_ids=torch.arange(9)[None].expand(3, -1),
+        )
+    q, k = torch.zeros(3, 4, 9, 16), torch.zeros(3, 2, 9, 16)
+    dense, causal = interface_mask(torch.nn.Module(), q, k, masks["flex_attention"], {})
+    assert not causal and torch.equal(dense, masks["sdpa"].expand_as(dense))
+
+
+def test_interface_mask_sliding_window_and_packed_sequences():
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k = torch.zeros(1, 2, 6, 4), torch.zeros(1, 2, 6, 4)
+    window, causal = interface_mask(module, q, k, None, {"sliding_window": 3})
+    assert not causal and window[0, 0].sum(-1).tolist() == [1, 2, 3, 3, 3, 3]
+    packed, _ = interface_mask(module, q, k, None, {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]])})
+    assert packed[0, 0].sum(-1).tolist() == [1, 2, 3, 1, 2, 1]
+    plain, causal = interface_mask(module, q, k, None, {"position_ids": torch.arange(6)[None]})
+    assert causal or plain[0, 0].sum(-1).tolist() == [1, 2, 3, 4, 5, 6]
+    none, causal = interface_mask(module, q, k, None, {"is_causal": False})
+    assert none is None and not causal
+
+
+def test_soft_capped_attention_warns_instead_of_reporting_a_wrong_entropy():
+    config = transformers.Gemma2Config(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=100,
+        attn_implementation="eager",
+    )
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    seen = []
+    with torch.no_grad(), pytest.warns(UserWarning, match="soft-capping"), capture_attention(model, seen.append):
+        model(torch.randint(0, 100, (1, 5)))
+    assert seen == []
+
+
+class _UnknownAttention(torch.nn.Module):
+    """Looks like a transformers attention module (reads the global) but computes attention in its own way."""
+
+    def forward(self, x):
+        _ = ALL_ATTENTION_FUNCTIONS
+        return torch.softmax(x @ x.transpose(-1, -2), -1) @ x
+
+
+def test_an_attention_module_that_runs_unseen_is_named_in_a_warning():
+    model = torch.nn.Sequential(_UnknownAttention())
+    assert find_attention_modules(model) == {"0": "hf"}
+    with pytest.warns(UserWarning, match="'0' \\(hf\\) ran but its attention was not seen"):
+        calls, _ = collect(model, lambda: model(torch.randn(1, 3, 4)))
+    assert calls == []

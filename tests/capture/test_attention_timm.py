@@ -1,0 +1,123 @@
+"""capture_attention on timm attention layers: a ViT with fused attention (seen at SDPA) and without (Q/K recomputed
+from qkv), QK-norm, and AttentionRope with rotary embeddings and grouped-query heads. References: float64 softmax
+rows written here from the weights, and the same layer's fused path (what SDPA received)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+timm = pytest.importorskip("timm")
+
+from timm.layers import Attention, AttentionRope  # noqa: E402
+
+from geomon.capture import capture_attention, find_attention_modules  # noqa: E402
+from tests.capture._reference import assert_clean, assert_rows_close, collect, rows_of, softmax_rows  # noqa: E402
+
+
+def _vit(fused):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    return model
+
+
+def _inputs_of(model, names):
+    """Each attention layer's input, from a separate run with ordinary hooks (the reference's own capture)."""
+    inputs = {}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: inputs.update({n: a[0].detach()})) for n in names]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+def _by_hand(attention, x, allowed=None):
+    heads, dim = attention.num_heads, attention.head_dim
+    qkv = x.double() @ attention.qkv.weight.double().T + attention.qkv.bias.double()
+    q, k, _ = qkv.unflatten(-1, (3, heads, dim)).permute(2, 0, 3, 1, 4)
+    if not isinstance(attention.q_norm, torch.nn.Identity):
+        norm = attention.q_norm
+        q = F.layer_norm(q, (dim,), norm.weight.double(), norm.bias.double(), norm.eps)
+        norm = attention.k_norm
+        k = F.layer_norm(k, (dim,), norm.weight.double(), norm.bias.double(), norm.eps)
+    return softmax_rows(q, k, scale=attention.scale, allowed=allowed)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_vit_layers_reported_once_and_equal_a_float64_reference(fused):
+    model = _vit(fused).eval()
+    names = [f"blocks.{i}.attn" for i in range(len(model.blocks))]
+    assert find_attention_modules(model) == dict.fromkeys(names, "timm")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        calls, _ = collect(model, lambda: model(images))
+    assert [c.module for c in calls] == names
+    inputs = _inputs_of(model, names)
+    for call in calls:
+        entropy, max_logit, n_keys = rows_of(call)
+        expected_entropy, expected_max = _by_hand(model.get_submodule(call.module), inputs[call.module])
+        assert_rows_close(entropy, expected_entropy)
+        assert_rows_close(max_logit, expected_max)
+        assert (n_keys == 17).all()  # 16 patches + class token, no mask
+    assert_clean(model)
+
+
+def test_qk_norm_mask_and_causal_flag_on_the_eager_path():
+    torch.manual_seed(0)
+    layer = Attention(32, num_heads=4, qk_norm=True, norm_layer=torch.nn.LayerNorm, qkv_bias=True)
+    torch.nn.init.normal_(layer.q_norm.weight)
+    torch.nn.init.normal_(layer.k_norm.bias)
+    x = torch.randn(2, 6, 32)
+    mask = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(2)) < 0.7
+    mask[..., 0] = True
+    seen = {}
+    for fused in (True, False):  # fused: what SDPA received; eager: recomputed by geomon
+        layer.fused_attn = fused
+        for kwargs in ({"attn_mask": mask}, {"is_causal": True}):
+            calls, _ = collect(layer, lambda kw=kwargs: layer(x, **kw))
+            assert len(calls) == 1
+            seen[fused, "is_causal" in kwargs] = rows_of(calls[0])
+    for causal in (False, True):
+        for a, b in zip(seen[True, causal], seen[False, causal], strict=True):
+            assert_rows_close(a, b)
+    for causal, allowed in ((False, mask), (True, torch.ones(6, 6, dtype=torch.bool).tril())):
+        expected_entropy, expected_max = _by_hand(layer, x, allowed)
+        assert_rows_close(seen[False, causal][0], expected_entropy)
+        assert_rows_close(seen[False, causal][1], expected_max)
+
+
+@pytest.mark.parametrize("separate_projections", [False, True])
+def test_attention_rope_eager_equals_what_the_fused_path_passes_to_sdpa(separate_projections):
+    torch.manual_seed(0)
+    kwargs = {"num_kv_heads": 2, "qkv_fused": False} if separate_projections else {}
+    layer = AttentionRope(32, num_heads=4, num_prefix_tokens=1, qk_norm=True, norm_layer=torch.nn.LayerNorm, **kwargs)
+    x = torch.randn(2, 7, 32)
+    rope = torch.randn(6, 16)  # sin | cos for the 6 non-prefix tokens, head_dim 8
+    calls = {}
+    for fused in (True, False):
+        layer.fused_attn = fused
+        calls[fused], _ = collect(layer, lambda: layer(x, rope=rope))
+    sdpa, eager = calls[True][0], calls[False][0]
+    for a, b in zip(rows_of(sdpa), rows_of(eager), strict=True):
+        assert_rows_close(a, b)
+    if separate_projections:
+        assert eager.k.shape[1] == 2 and sdpa.k.shape[1] == 4  # geomon keeps the grouped layout
+
+
+def test_outputs_and_gradients_are_bit_identical():
+    def run(capture):
+        model = _vit(False).train()
+        images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        if capture:
+            with capture_attention(model, lambda call: rows_of(call)):
+                out = model(images)
+        else:
+            out = model(images)
+        out.sum().backward()
+        return out.detach(), [p.grad for p in model.parameters()]
+
+    (a, grads_a), (b, grads_b) = run(False), run(True)
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(grads_a, grads_b, strict=True))
