@@ -38,12 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from geomon.alerts import AlertEngine, AlertEvent, LoggingSink, Rule, default_rules
-from geomon.capture import AttentionCall
-
-try:  # the adapters for attention that does not go through SDPA
-    from geomon.capture import capture_attention
-except ImportError:  # pragma: no cover - until they land
-    from geomon.capture import capture_sdpa as capture_attention
+from geomon.capture import AttentionCall, capture_attention
 from geomon.capture.modules import compiled_parts, find_head, head_dims, linear_like, resolve_patterns
 from geomon.functional._dispatch import BACKENDS, Backend
 from geomon.probes import AttentionProbe, CollapseProbe, EmbeddingProbe, SpectralProbe
