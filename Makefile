@@ -12,7 +12,7 @@ BASE_STAMP := $(VENV)/.geomon-base-installed
 STAMP := $(VENV)/.geomon-installed
 LINT_PATHS := geomon tests examples benchmarks
 
-.PHONY: demo test test-gpu lint docs bench bench-gpu clean
+.PHONY: demo test test-gpu lint docs bench bench-overhead bench-gpu clean
 
 # The demo needs the package and its command's extras (Lightning, TensorBoard, matplotlib, rich); the tests add the
 # dev extras (wandb, triton, transformers, timm, ...) on top.
@@ -42,6 +42,10 @@ test: lint docs
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention_entropy_cpu.py
+
+# Step-time overhead of the monitor, monitored and plain steps interleaved (results in benchmarks/results/).
+bench-overhead: $(STAMP)
+	$(PY) benchmarks/overhead.py --threads 1
 
 # On a CUDA machine: the kernel tests on the GPU (bf16/fp16 included), then the kernel benchmarks, whose results
 # go to benchmarks/results/<device>-<date>.md.
