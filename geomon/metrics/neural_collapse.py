@@ -71,7 +71,13 @@ class NeuralCollapse(StatsMetric):
             raise ValueError(f"features must have {self.num_features} features, got shape {tuple(features.shape)}")
         reference = self.reference_means if self._has_reference else None
         stats = _neural_collapse_update(
-            features, labels, weight, bias, num_classes=self.num_classes, class_means=reference, backend=self.backend,
+            features,
+            labels,
+            weight,
+            bias,
+            num_classes=self.num_classes,
+            class_means=reference,
+            backend=self.backend,
             ignore_index=self.ignore_index,
         )
         self._accumulate(stats)
