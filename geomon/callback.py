@@ -84,6 +84,19 @@ def default_labels(batch: Any) -> Tensor | None:
     return None
 
 
+def _checkpoint_once_per_step(trainer: Any) -> Callable[[Any], None]:
+    """The checkpoint action: one ``geomon-alert-step<step>.ckpt`` per alert step, however many layers fired there
+    (every rank gets the same events, so every rank joins the same saves)."""
+    saved: set[int] = set()
+
+    def save(event: Any) -> None:
+        if event.step not in saved:
+            saved.add(event.step)
+            trainer.save_checkpoint(f"{trainer.default_root_dir}/geomon-alert-step{event.step}.ckpt")
+
+    return save
+
+
 class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
     """Watch a LightningModule's geometry during ``fit``.
 
@@ -187,8 +200,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             if action == "stop":
                 sinks.append(CallableSink(lambda event: setattr(trainer, "should_stop", True), **act))
             elif action == "checkpoint":
-                sinks.append(CallableSink(lambda event: trainer.save_checkpoint(
-                    f"{trainer.default_root_dir}/geomon-alert-step{event.step}.ckpt"), **act))  # fmt: skip
+                sinks.append(CallableSink(_checkpoint_once_per_step(trainer), **act))
             elif callable(action):
                 sinks.append(CallableSink(action, all_ranks=False, **act))
         return sinks
