@@ -60,6 +60,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import cpu_model, loadavg
+
 THREADS = 2
 B, H, DH = 1, 8, 64
 SIZES = (256, 512, 1024, 2048, 4096, 8192)
@@ -282,25 +284,6 @@ def _table(rows: list[dict]) -> list[str]:
     return [line(head), rule, *(line(b) for b in body)]
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def _drive(args: argparse.Namespace) -> int:
     import torch
 
@@ -315,7 +298,7 @@ def _drive(args: argparse.Namespace) -> int:
         out = Path(tempfile.gettempdir()) / f"cpu-attention-entropy-{date}-quick.md"
     else:
         out = RESULTS / f"cpu-attention-entropy-{date}.md"
-    load_start = _loadavg()
+    load_start = loadavg()
     rows, notes, failed = [], [], False
     per_call_s: dict[tuple[int, bool], float] = {}  # geomon's seconds per call, for the budget projection
     with tempfile.TemporaryDirectory(prefix="geomon-bench-") as tmp:
@@ -376,12 +359,12 @@ def _drive(args: argparse.Namespace) -> int:
     header = [
         "# attention_entropy on CPU: geomon (chunked online softmax) vs naive (materialised N x N)",
         "",
-        f"- machine: {_cpu_model()}, {os.cpu_count()} cores; torch.get_num_threads() = "
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores; torch.get_num_threads() = "
         f"{', '.join(map(str, sorted(threads))) or torch.get_num_threads()}",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- command: `{shlex.join([sys.executable, *sys.argv])}`",
-        f"- load average (1, 5, 15 min) at start: {load_start}; at end: {_loadavg()}; total run {elapsed:.0f} s",
+        f"- load average (1, 5, 15 min) at start: {load_start}; at end: {loadavg()}; total run {elapsed:.0f} s",
         f"- shapes: q, k [B, H, N, Dh] = [{B}, {H}, N, {DH}], float32, torch.randn (seed {SEED}); "
         f"torch.set_num_threads({THREADS})",
         "- time: median of `reps` calls after one warm-up call (ms); peak: increase of ru_maxrss during the "

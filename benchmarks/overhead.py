@@ -71,6 +71,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _machine import cpu_model, loadavg
 
 from geomon import Monitor
 from geomon._tiny_gpt import CharTokenizer, TinyGPT, load_corpus, random_batch
@@ -228,25 +229,6 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return [line(head), rule, *(line(b) for b in body)]
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def _without_notes(argv: list[str]) -> list[str]:
     kept, skip = [], False
     for arg in argv:
@@ -289,7 +271,7 @@ def main() -> int:
     data = tokenizer.encode(text)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     date = datetime.date.today().isoformat()
-    load_start, start = _loadavg(), time.perf_counter()
+    load_start, start = loadavg(), time.perf_counter()
     d_model, layers, heads, context, batch = shape
     print(f"TinyGPT d_model {d_model}, {layers} layers, {heads} heads, context {context}, batch {batch}, "
           f"vocab {len(tokenizer)} on {gpu or 'cpu'}; threads {torch.get_num_threads()}", flush=True)  # fmt: skip
@@ -307,7 +289,7 @@ def main() -> int:
     print("\n" + "\n".join(lines))
 
     params = sum(p.numel() for p in TinyGPT(len(tokenizer), d_model, layers, heads, context).parameters())
-    machine = f"{_cpu_model()}, {os.cpu_count()} cores, torch.get_num_threads() = {torch.get_num_threads()}"
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, torch.get_num_threads() = {torch.get_num_threads()}"
     if gpu:
         machine = f"{gpu} (CUDA {torch.version.cuda}); host {machine}"
     header = [
@@ -318,7 +300,7 @@ def main() -> int:
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- command: `{shlex.join(['python', 'benchmarks/overhead.py', *_without_notes(sys.argv[1:])])}`"
         + (" (the `--note` lines are below)" if args.note else ""),
-        f"- load average (1, 5, 15 min) at start: {load_start}; at end: {_loadavg()}; total run {elapsed:.0f} s",
+        f"- load average (1, 5, 15 min) at start: {load_start}; at end: {loadavg()}; total run {elapsed:.0f} s",
         f"- model: TinyGPT d_model {d_model}, {layers} layers, {heads} heads, context {context}, batch {batch}, "
         f"vocab {len(tokenizer)} (characters), {params / 1e6:.2f} M parameters, AdamW"
         + (", bf16 autocast" if args.device == "cuda" else ", float32"),

@@ -88,7 +88,7 @@ def sigma_reparam(
         for name in module_names:
             _set_module(model, name, replacement)
         converted += 1
-        if float(replacement.gamma) == 0:
+        if float(replacement.gamma.detach()) == 0:
             zero.append(module_names[0])
     if zero:
         warn(f"sigma_reparam converted all-zero weights, which get no gradient and stay zero: {', '.join(zero)}")

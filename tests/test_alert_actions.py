@@ -13,28 +13,14 @@ import torch.distributed as dist
 
 lightning = pytest.importorskip("lightning.pytorch")
 
-import torch.nn.functional as F  # noqa: E402
 
-from geomon._tiny_gpt import TinyGPT  # noqa: E402
 from geomon.alerts import Custom, EntropyCollapse  # noqa: E402
 from geomon.callback import GeomonCallback  # noqa: E402
 from tests.test_callback import _loader  # noqa: E402
+from tests.test_callback_ddp import TinyLitGPT as LitGPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EVERY, FIRE_AT, MAX_STEPS = 2, 4, 12
-
-
-class LitGPT(lightning.LightningModule):  # at module level, so that spawned processes can unpickle it
-    def __init__(self):
-        super().__init__()
-        self.model = TinyGPT(vocab_size=19, d_model=32, n_layer=2, n_head=4, context=12)
-
-    def training_step(self, batch, batch_idx):
-        (x,) = batch
-        return F.cross_entropy(self.model(x).flatten(0, 1), x.flatten())
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
 class ShardedGPT(LitGPT):

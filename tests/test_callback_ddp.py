@@ -15,7 +15,7 @@ from geomon.callback import GeomonCallback  # noqa: E402
 from tests.test_callback import _loader  # noqa: E402
 
 
-class LitGPT(lightning.LightningModule):  # at module level, so that spawned processes can unpickle it
+class TinyLitGPT(lightning.LightningModule):  # at module level, so that spawned processes can unpickle it
     def __init__(self):
         super().__init__()
         self.model = TinyGPT(vocab_size=19, d_model=32, n_layer=2, n_head=4, context=12)
@@ -27,6 +27,8 @@ class LitGPT(lightning.LightningModule):  # at module level, so that spawned pro
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
+
+class LitGPT(TinyLitGPT):
     def train_dataloader(self):
         """Rank r gets rows [16k + 8r, 16k + 8r + 8) of global batch k: the union is the one-process batch."""
         data = _loader().dataset

@@ -43,12 +43,17 @@ def linear_like(module: nn.Module) -> bool:
     return isinstance(weight, Tensor) and weight.ndim == 2 and not isinstance(module, nn.Embedding)
 
 
+def weight_out_in(module: nn.Module) -> Tensor:
+    """The module's 2-D weight, detached, as ``[out, in]``: ``nn.Linear``'s layout; Hugging Face's ``Conv1D`` stores
+    ``[in, out]`` and is transposed (a view, no copy)."""
+    weight = module.weight.detach()
+    return weight.T if type(module).__name__ == "Conv1D" else weight
+
+
 def head_dims(module: nn.Module) -> tuple[int, int]:
-    """``(num_classes, num_features)`` of a classifier head: ``nn.Linear`` is ``[C, D]``, ``Conv1D`` is ``[D, C]``."""
-    weight = module.weight
-    if type(module).__name__ == "Conv1D":
-        return int(weight.shape[1]), int(weight.shape[0])
-    return int(weight.shape[0]), int(weight.shape[1])
+    """``(num_classes, num_features)`` of a classifier head."""
+    out_features, in_features = weight_out_in(module).shape
+    return int(out_features), int(in_features)
 
 
 def find_head(model: nn.Module, head: str | None) -> str | None:
@@ -69,10 +74,10 @@ def find_head(model: nn.Module, head: str | None) -> str | None:
         if head not in linears:
             raise ValueError(f"head {head!r} is not a module with a 2-D weight; the candidates are: {_shown(linears)}")
         return head
+    names_by_id = {id(module): name for name, module in named.items()}
     for _, module in model.named_modules():  # a Hugging Face model (possibly inside a LightningModule) names its head
         getter = getattr(module, "get_output_embeddings", None)
-        output = _safe_call(getter) if callable(getter) else None
-        found = next((n for n, m in named.items() if m is output), None)
+        found = names_by_id.get(id(_safe_call(getter))) if callable(getter) else None
         if found in linears:
             return found
     candidates = [name for name in linears if name.rsplit(".", 1)[-1] in HEAD_NAMES]

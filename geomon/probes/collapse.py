@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from geomon.capture.modules import weight_out_in
 from geomon.functional._dispatch import Backend
 from geomon.metrics import NeuralCollapse
 from geomon.probes._sync import synced_sum
@@ -61,8 +62,6 @@ class CollapseProbe:
 
 def head_weight(module: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
     """``(weight [C, D], bias [C] or None)`` of a head, transposing Hugging Face's ``Conv1D`` layout."""
-    weight = module.weight.detach()
-    if type(module).__name__ == "Conv1D":
-        weight = weight.T
+    weight = weight_out_in(module)
     bias = getattr(module, "bias", None)
     return weight, None if bias is None else bias.detach()

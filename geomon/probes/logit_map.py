@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from geomon.capture.modules import weight_out_in
 from geomon.functional import entropy_lower_bound
 
 
@@ -43,8 +44,7 @@ def qk_weights(module: nn.Module) -> tuple[Tensor, Tensor, float, bool] | None:
     elif hasattr(module, "q_proj") and hasattr(module, "k_proj") and heads is not None:
         w_q, w_k = module.q_proj.weight.detach(), module.k_proj.weight.detach()
     elif isinstance(fused := getattr(module, "qkv", None) or getattr(module, "c_attn", None), nn.Module):
-        weight = fused.weight.detach()
-        weight = weight.T if type(fused).__name__ == "Conv1D" else weight
+        weight = weight_out_in(fused)
         if weight.shape[0] % 3 or heads is None:
             return None
         w_q, w_k, _ = weight.chunk(3, dim=0)
