@@ -201,7 +201,8 @@ def _top_left_singular_vector(matrix: Tensor) -> Tensor:
     """The unit top left singular vector (float64) of ``matrix`` ``[out, in]``, by matrix-vector products only.
 
     Golub–Kahan–Lanczos bidiagonalisation with full reorthogonalisation, started from the private fixed-seed vector:
-    ``LANCZOS_STEPS`` products with ``W`` and ``Wᵀ`` (exact when ``min(out, in)`` is smaller). Where power iteration
+    ``LANCZOS_STEPS`` products with ``W`` and ``Wᵀ`` (exact when ``min(out, in)`` is smaller: the start vector is
+    taken in the row space of ``W``, so the Krylov space never spends a step on its null space). Where power iteration
     stalls on the tiny gap ``σ₂/σ₁`` of a randomly initialised weight, this reaches the precision of the products
     (float32 for all but float64 weights) even for a random 2048 x 2048 matrix, without the cost of a full SVD.
     """
@@ -210,7 +211,11 @@ def _top_left_singular_vector(matrix: Tensor) -> Tensor:
     tolerance = 1e-12 * float(matrix.norm())
     left = torch.zeros(steps, out_features, dtype=torch.float64, device=matrix.device)
     right = torch.zeros(steps, in_features, dtype=torch.float64, device=matrix.device)
-    right[0] = _initial_vector((in_features,), torch.float64, matrix.device)
+    start = (matrix.mT @ _initial_vector((out_features,), matrix.dtype, matrix.device)).double()
+    start_norm = start.norm()
+    if float(start_norm) <= tolerance:  # a zero weight (or a start vector in its left null space)
+        return _initial_vector((out_features,), torch.float64, matrix.device)
+    right[0] = start / start_norm
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
     for j in range(steps):
