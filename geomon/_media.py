@@ -100,10 +100,8 @@ def spectrum_figure(spectra: dict[str, Tensor], step: int) -> Any:
     return figure
 
 
-def log_media(loggers: list[Any], step: int, details: dict[str, Tensor]) -> None:
-    """Write the per-head values and figures of one logging step to every logger that can take them."""
-    heads = {key: value for key, value in details.items() if key.startswith("geomon/attention/")}
-    spectra = {key: value for key, value in details.items() if key.startswith("geomon/rankme/")}
+def log_media(loggers: list[Any], step: int, heads: dict[str, Tensor], spectra: dict[str, Tensor]) -> None:
+    """Write the per-head values and embedding spectra of one logging step to every logger that can take them."""
     for logger in loggers:
         directory = logger_directory(logger)
         if directory is not None and heads:

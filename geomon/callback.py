@@ -234,8 +234,10 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             scalars = {key: float(value) for key, value in values.items()}  # the logging step: a sync is fine here
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=self._measured_step)
-        if self.media and trainer.is_global_zero and self.monitor.details:
-            self._quietly("media", _media.log_media, trainer.loggers, self._measured_step, self.monitor.details)
+        monitor = self.monitor
+        if self.media and trainer.is_global_zero and (monitor.details or monitor.spectra):
+            self._quietly("media", _media.log_media, trainer.loggers, self._measured_step, monitor.details,
+                          monitor.spectra)  # fmt: skip
 
     def _quietly(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:

@@ -118,7 +118,8 @@ class Monitor:
         self.embeddings: dict[str, EmbeddingProbe] = {}
         self.collapse: CollapseProbe | None = None
         self.spectral = SpectralProbe([])
-        self.details: dict[str, Tensor] = {}  #: per-head vectors and spectra of the latest compute (media)
+        self.details: dict[str, Tensor] = {}  #: per-head vectors of the latest compute (media, alert rules)
+        self.spectra: dict[str, Tensor] = {}  #: singular values of the embedding windows closed by it (media)
         self.alert_engine = AlertEngine(default_rules() if alerts is None else alerts, [LoggingSink()], strict=strict)
         self.events: list[AlertEvent] = []  #: alert events of the latest compute
         self._labels: Tensor | None = None
@@ -256,10 +257,12 @@ class Monitor:
     # values ----------------------------------------------------------------------------------------------------
     def compute(self, step: int | None = None, *, spectra: bool = False) -> dict[str, Tensor]:
         """Scalar values of the finished windows (a collective under DDP: call it on every rank), keyed by geomon's
-        scheme; per-head vectors (and, with ``spectra=True``, the singular values of each full embedding window)
-        go to :attr:`details` under the same keys. Given the ``step``, the alert rules run over the values: their
-        events go to the sinks and :attr:`events`, their counts into the values as ``geomon/alerts/<rule>``."""
+        scheme; per-head vectors go to :attr:`details` and, with ``spectra=True``, the singular values of each full
+        embedding window to :attr:`spectra`, under the same keys. Given the ``step``, the alert rules run over the
+        values and the per-head vectors: their events go to the sinks and :attr:`events`, their counts into the
+        values as ``geomon/alerts/<rule>``."""
         values, self.details = self.attention_probe.compute()
+        self.spectra = {}
         if self.model is not None:
             modules = dict(self.model.named_modules())
             values.update(self.spectral.compute(modules))
@@ -269,9 +272,9 @@ class Monitor:
             for name, stats in sigma_reparam_stats(self.model).items():
                 values.update({f"geomon/spectral/reparam_{stat}/{name}": value for stat, value in stats.items()})
         for probe in self.embeddings.values():
-            scalars, details = probe.compute(spectrum=spectra)
+            scalars, spectrum = probe.compute(spectrum=spectra)
             values.update(scalars)
-            self.details.update(details)
+            self.spectra.update(spectrum)
         if self.collapse is not None:
             values.update(self.collapse.compute())
         self.events = []

@@ -210,3 +210,16 @@ def test_logit_map_sigma_and_entropy_bound_hold_on_the_measured_inputs():
     sigma_reparam(model, include=["blocks.*.attn.qkv"])
     values = Monitor(every_n_steps=1, attention=False).attach(model).compute()
     assert float(values["geomon/spectral/reparam_ratio/blocks.0.attn.qkv"]) == pytest.approx(1.0)
+
+
+def test_embedding_spectra_are_media_not_per_head_values_for_the_alert_rules():
+    # regression: singular values filed under the RankMe key were read by RankCollapse as 32 "heads" far below 1% of D
+    model = _model().eval()
+    monitor = Monitor(every_n_steps=1, window_rows=48, strict=True).attach(model)
+    with torch.no_grad(), monitor.step(0):
+        model(_batches(1)[0])
+    values = monitor.compute(0, spectra=True)
+    key = "geomon/rankme/head.input"
+    assert float(values[key]) > 5 and monitor.spectra[key].shape == (32,)
+    assert key not in monitor.details
+    assert not [event for event in monitor.events if event.rule == "rank_collapse"]
