@@ -234,7 +234,9 @@ def _top_left_singular_vector(matrix: Tensor) -> Tensor:
     k = len(alphas)
     if k == 0:  # a zero weight (or a start vector in its null space)
         return _initial_vector((out_features,), torch.float64, matrix.device)
-    bidiagonal = torch.diag(torch.stack(alphas)) + torch.diag(torch.stack(betas[: k - 1]), 1)
+    bidiagonal = torch.diag(torch.stack(alphas))
+    if k > 1:  # a Krylov space that closed after one step (a rank-one weight) has no superdiagonal
+        bidiagonal = bidiagonal + torch.diag(torch.stack(betas[: k - 1]), 1)
     top = torch.linalg.svd(bidiagonal)[0][:, 0] @ left[:k]
     return top / top.norm()
 

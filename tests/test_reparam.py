@@ -85,6 +85,7 @@ def test_forward_gradients_match_the_analytic_ones(gen, transposed):
 def test_eval_freezes_u_training_moves_it_and_the_global_rng_is_untouched(gen):
     layer = _layer(gen)
     x = torch.randn(4, 40, generator=gen)
+    plain = nn.Linear(40, 24)  # initialised from the global RNG before its state is taken
     state = torch.get_rng_state()
     u0 = layer.u.clone()
     layer.eval()
@@ -93,7 +94,7 @@ def test_eval_freezes_u_training_moves_it_and_the_global_rng_is_untouched(gen):
     assert torch.equal(layer(x), first)  # deterministic eval outputs
     layer.train()(x)
     assert not torch.equal(layer.u, u0)
-    converted = SigmaReparamLinear.from_linear(nn.Linear(40, 24, device="meta").to_empty(device="cpu"))
+    converted = SigmaReparamLinear.from_linear(plain)
     converted.train()(x)
     assert torch.equal(torch.get_rng_state(), state)
 
@@ -210,3 +211,19 @@ def test_gamma_equals_sigma_of_wide_and_tall_weights(shape):
         layer = SigmaReparamLinear.from_linear(linear)
         expected = float(torch.linalg.matrix_norm(weight.double(), 2))
         assert float(layer.gamma.detach()) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (1, 7), (7, 1)])
+def test_rank_one_weights_convert_to_their_exact_singular_pair(shape):
+    # regression: the Krylov space of a rank-one weight closes after one step, which left the bidiagonal without a
+    # superdiagonal and crashed from_linear
+    g = torch.Generator().manual_seed(11)
+    left, right = torch.randn(shape[0], generator=g), torch.randn(shape[1], generator=g)
+    linear = nn.Linear(shape[1], shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(torch.outer(left, right))
+    layer = SigmaReparamLinear.from_linear(linear)
+    assert float(layer.gamma.detach()) == pytest.approx(float(left.norm() * right.norm()), rel=1e-6)
+    assert abs(float(layer.u.double() @ (left.double() / left.norm()))) == pytest.approx(1.0, rel=1e-6)
+    x = torch.randn(3, shape[1], generator=g)
+    torch.testing.assert_close(layer(x), linear(x))
