@@ -35,7 +35,8 @@ class RankMe(EmbeddingMetric):
 
     Args:
         num_features: embedding width ``D``.
-        eps, centered: as in :func:`geomon.functional.rankme`.
+        eps: as in :func:`geomon.functional.rankme`.
+        centered: as in :func:`geomon.functional.rankme`.
         min_samples: fewer rows than this give NaN and a warning; default ``4 * num_features`` (RankMe is biased low
             on fewer rows: a 256-D Gaussian reads about 205 at N = 256).
         kwargs: torchmetrics ``Metric`` options (``sync_on_compute``, ``process_group``, ...).
