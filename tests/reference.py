@@ -175,16 +175,23 @@ def ref_neural_collapse(
 
     var = {c: np.mean(np.sum((h[y == c] - mu[c]) ** 2, axis=1)) for c in seen}
     muhat = m / norms[None, :]
-    cdnv, logs = [], []
+    cdnv, logs, coincident = [], [], 0
     for a in range(cs):
         for b in range(a + 1, cs):
             ca, cb = seen[a], seen[b]
             dist = np.linalg.norm(mu[ca] - mu[cb])
-            cdnv.append((var[ca] + var[cb]) / (2.0 * dist**cdnv_exponent))
-            logs.append(np.log(1.0 / np.linalg.norm(muhat[:, a] - muhat[:, b])))
-    out["cdnv"] = float(np.mean(cdnv))
-    out["gnc2_mean"] = float(np.mean(logs))
-    out["gnc2_var"] = float(np.var(logs, ddof=1))
+            # pairs whose means coincide to float64 rounding have an infinite CDNV: left out and counted
+            if dist**2 > 1e-12 * (mu[ca] @ mu[ca] + mu[cb] @ mu[cb]):
+                cdnv.append((var[ca] + var[cb]) / (2.0 * dist**cdnv_exponent))
+            else:
+                coincident += 1
+            unit_dist = np.linalg.norm(muhat[:, a] - muhat[:, b])
+            if unit_dist**2 > 2e-12:
+                logs.append(np.log(1.0 / unit_dist))
+    out["cdnv"] = float(np.mean(cdnv)) if cdnv else float("nan")
+    out["gnc2_mean"] = float(np.mean(logs)) if logs else float("nan")
+    out["gnc2_var"] = float(np.var(logs, ddof=1)) if len(logs) > 1 else float("nan")
+    out["coincident_pairs"] = coincident / (cs * (cs - 1) / 2)
 
     if weight is not None:
         w = np.asarray(weight, dtype=np.float64)

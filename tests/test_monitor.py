@@ -223,3 +223,24 @@ def test_embedding_spectra_are_media_not_per_head_values_for_the_alert_rules():
     assert float(values[key]) > 5 and monitor.spectra[key].shape == (32,)
     assert key not in monitor.details
     assert not [event for event in monitor.events if event.rule == "rank_collapse"]
+
+
+def test_next_tokens_seen_only_after_one_prefix_raise_no_non_finite_alert():
+    # regression: every sequence starts with token 0, and tokens 15-18 only ever follow it, so those four classes
+    # share the position-0 feature and their means coincide: cdnv read inf, gnc2_var NaN, and the non-finite rule
+    # fired on a healthy run
+    model = _model().eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(1, 15, (8, 12), generator=g)
+    x[:, 0] = 0
+    x[:, 1] = 15 + torch.arange(8) % 4
+    monitor = Monitor(every_n_steps=1, window_rows=80).attach(model)
+    with torch.no_grad(), monitor.step(0, labels=torch.cat([x[:, 1:], torch.full((8, 1), -100)], dim=1)):
+        model(x)
+    with pytest.warns(UserWarning, match="coinciding means"):
+        values = monitor.compute(0)
+    nc = {key.split("/")[2]: float(value) for key, value in values.items() if key.startswith("geomon/nc/")}
+    assert nc["coincident_pairs"] == pytest.approx(6 / math.comb(18, 2))  # 4 classes -> 6 of the 18 seen's pairs
+    assert math.isnan(nc.pop("nc4"))  # the first window has no previous window's means to decide by
+    assert all(math.isfinite(value) for value in nc.values()), {k: v for k, v in nc.items() if not math.isfinite(v)}
+    assert not [event for event in monitor.events if event.rule == "non_finite"]

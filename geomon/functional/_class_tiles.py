@@ -50,27 +50,40 @@ def nearest_centre(features: Tensor, means: Tensor, backend: Backend = "torch") 
     return tiled_argmax(features, 2 * centres, offset, backend)
 
 
+#: Two class means coincide when ``|μ_c - μ_c'|² <= COINCIDENT * (|μ_c|² + |μ_c'|²)``: a difference at the rounding
+#: level of the float64 means of identical float32 features. Their CDNV and ``log(1/|μ̂_c - μ̂_c'|)`` are infinite.
+COINCIDENT = 1e-12
+
+
 class PairSums(NamedTuple):
-    """Sums over ordered pairs ``c != c'`` of seen classes (float64)."""
+    """Sums over ordered pairs ``c != c'`` of seen classes (float64).
+
+    The CDNV sum runs over the pairs whose means are apart, the ``g`` sums over the pairs whose centred-mean
+    directions are apart (``COINCIDENT``): an infinite term would make the mean infinite and the variance NaN.
+    """
 
     cos_shifted: Tensor  #: Σ (cos + 1/(C-1))
     cos_shifted_sq: Tensor  #: Σ (cos + 1/(C-1))²
     cos_shifted_abs: Tensor  #: Σ |cos + 1/(C-1)|
-    log_inv_dist_shifted: Tensor  #: Σ (g - g_etf), g = log(1/|μ̂_c - μ̂_c'|)
-    log_inv_dist_shifted_sq: Tensor  #: Σ (g - g_etf)²
-    cdnv: Tensor  #: Σ (V_c + V_c') / (2 |μ_c - μ_c'|^exponent)
+    log_inv_dist_shifted: Tensor  #: Σ (g - g_etf), g = log(1/|μ̂_c - μ̂_c'|), over pairs of distinct directions
+    log_inv_dist_shifted_sq: Tensor  #: Σ (g - g_etf)², over the same pairs
+    cdnv: Tensor  #: Σ (V_c + V_c') / (2 |μ_c - μ_c'|^exponent), over pairs of distinct means
+    n_means_apart: Tensor  #: how many ordered pairs have distinct means
+    n_directions_apart: Tensor  #: how many ordered pairs have distinct centred-mean directions
 
 
-def pair_sums(centred_means: Tensor, variances: Tensor, exponent: float) -> PairSums:
+def pair_sums(centred_means: Tensor, variances: Tensor, exponent: float, mean_sq_norms: Tensor) -> PairSums:
     """One tiled pass over class pairs giving every pairwise neural-collapse statistic.
 
     Sums are shifted by their simplex-ETF values (``cos = -1/(C-1)``, ``g = -½ log(2C/(C-1))``) so that the
-    variances computed from them do not cancel catastrophically near collapse.
+    variances computed from them do not cancel catastrophically near collapse. ``mean_sq_norms`` are the squared
+    norms of the uncentred means: the scale against which two means (or a mean and the global mean) coincide.
     """
     c = centred_means.shape[0]
     norms = centred_means.norm(dim=1)
-    unit = centred_means / norms[:, None]
     sq_norms = norms**2
+    has_direction = sq_norms > COINCIDENT * mean_sq_norms  # a mean at the global mean has no direction
+    unit = centred_means / norms[:, None]  # NaN for a mean exactly at the global mean: nc2_* read NaN
     cos_etf = -1.0 / (c - 1)
     g_etf = -0.5 * math.log(2 * c / (c - 1))
     zero = torch.zeros((), dtype=centred_means.dtype, device=centred_means.device)
@@ -81,10 +94,24 @@ def pair_sums(centred_means: Tensor, variances: Tensor, exponent: float) -> Pair
         off_diagonal = torch.arange(start, stop, device=unit.device)[:, None] != torch.arange(c, device=unit.device)
         cos = unit[start:stop] @ unit.T
         shifted = cos - cos_etf
-        g = -0.5 * torch.log((2 - 2 * cos).clamp(min=0)) - g_etf
+        unit_dist_sq = (2 - 2 * cos).clamp(min=0)
+        directions_apart = (
+            off_diagonal & has_direction[start:stop, None] & has_direction[None, :] & (unit_dist_sq > 2 * COINCIDENT)
+        )
+        g = -0.5 * torch.log(torch.where(directions_apart, unit_dist_sq, 1.0)) - g_etf
         dist_sq = sq_norms[start:stop, None] + sq_norms[None, :] - 2 * centred_means[start:stop] @ centred_means.T
-        dist_sq = dist_sq.clamp(min=0)
-        cdnv = (variances[start:stop, None] + variances[None, :]) / (2 * dist_sq ** (exponent / 2))
-        parts = (shifted, shifted**2, shifted.abs(), g, g**2, cdnv)
-        totals = [t + torch.where(off_diagonal, p, 0.0).sum() for t, p in zip(totals, parts, strict=True)]
+        means_apart = off_diagonal & (dist_sq > COINCIDENT * (mean_sq_norms[start:stop, None] + mean_sq_norms[None, :]))
+        safe_dist_sq = torch.where(means_apart, dist_sq, 1.0)
+        cdnv = (variances[start:stop, None] + variances[None, :]) / (2 * safe_dist_sq ** (exponent / 2))
+        masked = (
+            (shifted, off_diagonal),
+            (shifted**2, off_diagonal),
+            (shifted.abs(), off_diagonal),
+            (g, directions_apart),
+            (g**2, directions_apart),
+            (cdnv, means_apart),
+            (torch.ones_like(cdnv), means_apart),
+            (torch.ones_like(cdnv), directions_apart),
+        )
+        totals = [t + torch.where(mask, p, 0.0).sum() for t, (p, mask) in zip(totals, masked, strict=True)]
     return PairSums(*totals)

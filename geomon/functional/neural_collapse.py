@@ -23,7 +23,16 @@ from geomon.functional._class_tiles import nearest_centre, pair_sums, tiled_argm
 from geomon.functional._common import check_float_tensor, check_int_tensor, compute_dtype, nan, warn
 from geomon.functional._dispatch import Backend, choose_backend
 
-STATISTICS = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "cdnv", "gnc2_mean", "gnc2_var")
+STATISTICS = (
+    "nc1",
+    "nc2_equinorm",
+    "nc2_equiangular",
+    "nc2_maxangle",
+    "cdnv",
+    "gnc2_mean",
+    "gnc2_var",
+    "coincident_pairs",
+)
 HEAD_STATISTICS = ("nc3", "nc3_cos_mean", "unc3", "nc4")
 
 
@@ -166,18 +175,26 @@ def _neural_collapse_compute(
     sigma_b = centred.T @ centred / n_seen
     norms = centred.norm(dim=1)
     variances = (stats.sq_norm_sum[seen] / counts - (means * means).sum(dim=1)).clamp(min=0)
-    pairs = pair_sums(centred, variances, cdnv_exponent)
+    pairs = pair_sums(centred, variances, cdnv_exponent, (means * means).sum(dim=1))
     n_ordered = n_seen * (n_seen - 1)
-    n_unordered = n_ordered // 2
-    g_shift_mean = pairs.log_inv_dist_shifted / n_ordered
+    n_means_apart, n_directions_apart = int(pairs.n_means_apart.item()), int(pairs.n_directions_apart.item())
+    if n_means_apart < n_ordered:
+        warn(  # one fixed text, so that the warnings filter shows it once rather than on every step
+            "neural_collapse: some pairs of classes have coinciding means (an infinite CDNV); cdnv and gnc2_* are "
+            "averaged over the other pairs and coincident_pairs reports the share of such pairs"
+        )
+    g_shift_mean = _mean_or_nan(pairs.log_inv_dist_shifted, n_directions_apart)
     out = {
         "nc1": torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, hermitian=True)) / n_seen,
         "nc2_equinorm": norms.std() / norms.mean(),
         "nc2_equiangular": _unbiased_variance(pairs.cos_shifted, pairs.cos_shifted_sq, n_ordered).sqrt(),
         "nc2_maxangle": pairs.cos_shifted_abs / n_ordered,
-        "cdnv": pairs.cdnv / n_ordered,
+        "cdnv": _mean_or_nan(pairs.cdnv, n_means_apart),
         "gnc2_mean": g_shift_mean - 0.5 * torch.log(torch.tensor(2 * n_seen / (n_seen - 1), dtype=torch.float64)),
-        "gnc2_var": _unbiased_variance(pairs.log_inv_dist_shifted / 2, pairs.log_inv_dist_shifted_sq / 2, n_unordered),
+        "gnc2_var": _unbiased_variance(
+            pairs.log_inv_dist_shifted / 2, pairs.log_inv_dist_shifted_sq / 2, n_directions_apart // 2
+        ),
+        "coincident_pairs": 1.0 - pairs.n_means_apart / n_ordered,
     }
     if weight is not None:
         w = weight.detach().double()[seen]
@@ -187,6 +204,10 @@ def _neural_collapse_compute(
         out["unc3"] = cos.std() / cos.mean()
         out["nc4"] = stats.nc4_mismatch / stats.nc4_count if bool(stats.nc4_count > 0) else nan(device)
     return out
+
+
+def _mean_or_nan(total: Tensor, n: int) -> Tensor:
+    return total / n if n else nan(total.device)
 
 
 def _unbiased_variance(total: Tensor, total_sq: Tensor, n: int) -> Tensor:
@@ -220,8 +241,11 @@ def neural_collapse(
         backend: class statistics and ``nc4`` decisions by ``"torch"``, ``"triton"`` kernels, or ``"auto"``.
 
     Returns:
-        ``nc1, nc2_equinorm, nc2_equiangular, nc2_maxangle, cdnv, gnc2_mean, gnc2_var`` and, with ``weight``,
-        ``nc3, nc3_cos_mean, unc3, nc4``; float64 scalars, NaN (with a warning) when fewer than 2 classes are seen.
+        ``nc1, nc2_equinorm, nc2_equiangular, nc2_maxangle, cdnv, gnc2_mean, gnc2_var, coincident_pairs`` and,
+        with ``weight``, ``nc3, nc3_cos_mean, unc3, nc4``; float64 scalars, NaN (with a warning) when fewer than 2
+        classes are seen. Pairs of classes whose means coincide (to float64 rounding, e.g. two next tokens seen only
+        after the same prefix) have an infinite CDNV: ``cdnv`` and ``gnc2_*`` average over the other pairs (with a
+        warning) and ``coincident_pairs`` is the share of such pairs (0 when all means are apart).
 
     Example:
         >>> import torch

@@ -202,3 +202,48 @@ def test_labels_out_of_range_are_rejected_in_both_paths():
 def test_bad_input_is_rejected(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         neural_collapse(*args, **kwargs)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_classes_with_coinciding_means_are_counted_not_averaged_as_infinite(scale, rng):
+    # Two next tokens seen only after the same prefix share one feature vector: their CDNV is infinite. Regression:
+    # cdnv read inf and gnc2_var NaN, which raised the non-finite alert on healthy language-model runs.
+    features, labels = _clustered(rng, 200, 6, 8)
+    features = features * scale
+    shared = features[0].clone()
+    twins = torch.tensor([6, 7, 6, 7, 7])
+    features = torch.cat([features, shared.expand(len(twins), -1)])
+    labels = torch.cat([labels, twins])
+    weight = torch.from_numpy(rng.standard_normal((8, 8)))
+    with pytest.warns(GeomonWarning, match="coinciding means"):
+        values = neural_collapse(features, labels, weight)
+    assert all(math.isfinite(float(v)) for v in values.values())
+    assert float(values["coincident_pairs"]) == pytest.approx(1 / math.comb(8, 2))
+    expected = ref_neural_collapse(features.numpy(), labels.numpy(), weight.numpy())
+    _assert_matches(values, expected)
+    # the other pairs' CDNV, computed directly: the 6 distinct classes plus each twin against them
+    means = torch.stack([features[labels == c].mean(dim=0) for c in range(8)])
+    variances = torch.stack([((features[labels == c] - means[c]) ** 2).sum(dim=1).mean() for c in range(8)])
+    direct = [
+        (variances[a] + variances[b]) / (2 * (means[a] - means[b]).norm() ** 2)
+        for a in range(8)
+        for b in range(a + 1, 8)
+        if (a, b) != (6, 7)
+    ]
+    assert float(values["cdnv"]) == pytest.approx(float(torch.stack(direct).mean()), rel=1e-8)
+
+
+def test_means_apart_report_no_coincident_pairs(rng):
+    features, labels = _clustered(rng, 150, 5, 6, spread=1e-9)  # near-perfect within-class collapse, means apart
+    values = neural_collapse(features, labels)
+    assert float(values["coincident_pairs"]) == 0.0
+    assert math.isfinite(float(values["cdnv"])) and math.isfinite(float(values["gnc2_var"]))
+
+
+def test_all_means_coinciding_leaves_cdnv_undefined(rng):
+    features = torch.from_numpy(rng.standard_normal(5)).expand(12, -1).clone()
+    labels = torch.arange(12) % 3
+    with pytest.warns(GeomonWarning, match="coinciding means"):
+        values = neural_collapse(features, labels)
+    assert float(values["coincident_pairs"]) == 1.0
+    assert math.isnan(float(values["cdnv"])) and math.isnan(float(values["gnc2_mean"]))
