@@ -244,3 +244,26 @@ def test_next_tokens_seen_only_after_one_prefix_raise_no_non_finite_alert():
     assert math.isnan(nc.pop("nc4"))  # the first window has no previous window's means to decide by
     assert all(math.isfinite(value) for value in nc.values()), {k: v for k, v in nc.items() if not math.isfinite(v)}
     assert not [event for event in monitor.events if event.rule == "non_finite"]
+
+
+def test_rankme_alpha_and_spectrum_of_a_window_equal_float64_references():
+    # RankMe, alpha-ReQ and the spectrum media all come from one window's sums: each against its own reference
+    import numpy as np
+
+    from tests.reference import ref_alpha_req, ref_rankme
+
+    g = torch.Generator().manual_seed(5)
+    scales = torch.arange(1, 161, dtype=torch.float32) ** -0.6
+    chunks = [torch.randn(3, 100, 160, generator=g) * scales for _ in range(3)]  # 900 rows of D = 160 in 3 steps
+    monitor = Monitor(every_n_steps=1, attention=False, head=None, window_rows=900, strict=True)
+    monitor.attach(torch.nn.Linear(1, 1))
+    for step, chunk in enumerate(chunks):
+        with monitor.step(step):
+            monitor.observe("z", chunk)
+        values = monitor.compute(step, spectra=True)
+        assert ("geomon/rankme/z" in values) == (step == 2)  # reported once the window is full, not before
+    z = torch.cat([c.reshape(-1, 160) for c in chunks]).double().numpy()
+    assert float(values["geomon/rankme/z"]) == pytest.approx(ref_rankme(z), rel=1e-9)
+    assert float(values["geomon/alpha_req/z"]) == pytest.approx(ref_alpha_req(z)[0], rel=1e-9)
+    expected_spectrum = np.linalg.svd(z, compute_uv=False)
+    np.testing.assert_allclose(monitor.spectra["geomon/rankme/z"].numpy(), expected_spectrum, rtol=1e-6, atol=1e-9)
