@@ -4,9 +4,10 @@ Usage::
 
     geomon demo [DEMO ARGS...]                     # train the tiny CPU GPT and print its geometry (geomon.demo)
     geomon report RUN [--out DIR] [--steps S1,S2]  # HTML + PNG report of a logged run
+    geomon inspect MODEL [--seq-len N] [--batch-size B] [--measure] [--json]  # what geomon would watch, and its cost
 
 ``python -m geomon`` is the same command. Errors a user can fix (a missing path, an unreadable file, a run without
-``geomon/...`` values) print one line on stderr and exit with status 2.
+``geomon/...`` values, a MODEL that does not load) print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ def parse_steps(text: str) -> list[int]:
     return steps
 
 
+def positive_int(text: str) -> int:
+    """A positive integer argument (``--seq-len``, ``--batch-size``, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (``demo`` is listed here; its arguments go to the demo unparsed)."""
     parser = argparse.ArgumentParser(prog="geomon", description="Training-time geometry monitoring for PyTorch.")
@@ -53,6 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_steps,
         help="steps for the per-head heatmap (nearest logged; default: first, middle, last)",
     )
+    inspect = commands.add_parser(
+        "inspect",
+        help="list what geomon would monitor on a model with default settings, and what it costs",
+        description="Load MODEL and list the attention modules geomon finds (heads per module), the output head and "
+        "whether neural collapse would be on, the probes and their logged keys, and the cost per monitored step "
+        "(state memory; matmul FLOPs relative to the model's forward). Nothing is downloaded.",
+    )
+    inspect.add_argument(
+        "model",
+        metavar="MODEL",
+        help="module:factory (e.g. mypkg.models:build), path/to/file.py:factory, a Hugging Face config name in the "
+        "local cache, or a directory with a config.json",
+    )
+    inspect.add_argument("--seq-len", type=positive_int, help="sequence length N (default: the model's, at most 512)")
+    inspect.add_argument("--batch-size", type=positive_int, default=8, help="batch size B (default 8)")
+    inspect.add_argument("--every-n-steps", type=positive_int, default=50, help="monitoring period (default 50)")
+    inspect.add_argument(
+        "--measure", action="store_true", help="run one random batch with and without the monitor on the CPU"
+    )
+    inspect.add_argument("--repeats", type=positive_int, default=3, help="timed forwards with --measure (default 3)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -62,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["demo"]:
         return _demo(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        return _inspect(args)
     return _report(args.run, args.out, args.steps)
 
 
@@ -94,4 +129,27 @@ def _report(run: str, out: str | None, steps: list[int] | None) -> int:
     print(f"wrote {report.html}")
     names = ", ".join(path.name for path in report.figures) or "none (no series to draw)"
     print(f"wrote {len(report.figures)} figures to {report.out}: {names}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from geomon.inspect_model import InspectError, inspect, jsonable, render
+
+    try:
+        report = inspect(
+            args.model,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            every_n_steps=args.every_n_steps,
+            measure_cost=args.measure,
+            repeats=args.repeats,
+        )
+    except InspectError as error:
+        return _error(str(error))
+    if args.json:
+        print(json.dumps(jsonable(report), indent=2, allow_nan=False, default=str))
+    else:
+        render(report)
     return 0
