@@ -79,6 +79,8 @@ ALLOWED = (
 F64 = 8
 #: Default sequence length when the model does not say how long its context is (and the cap when it does).
 DEFAULT_SEQ_LEN = 512
+#: Most monitored steps --measure runs before it counts one (the first window must close for nc4 to run).
+MAX_WARM_STEPS = 32
 #: Default batch size of the cost estimate.
 DEFAULT_BATCH_SIZE = 8
 
@@ -632,7 +634,9 @@ def measure(model: nn.Module, found: dict[str, Any], *, batch_size: int, seq_len
             seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """One random batch through ``model`` (train mode, autograd on, no backward) with and without a default
     :class:`geomon.Monitor` measuring every step: median times, FLOPs counted by ``torch.utils.flop_counter``, the
-    attention modules the monitor saw (with their head counts), and the keys it logged."""
+    attention modules the monitor saw (with their head counts), and the keys it logged. FLOPs are counted on the
+    first step after the first window closed (``4·D`` rows, at most :data:`MAX_WARM_STEPS` steps in), where the
+    steady-state cost model applies."""
     generator = torch.Generator().manual_seed(seed)
     inputs = example_input(model, batch_size, seq_len, generator)
     modules = dict(model.named_modules())
@@ -679,15 +683,18 @@ def measure(model: nn.Module, found: dict[str, Any], *, batch_size: int, seq_len
                 values.update(monitor.compute(step))
                 return middle - started, time.perf_counter() - middle
 
-            monitored_step(0)  # the first window: neural collapse has reference means from the second one on
+            d = found["head"]["num_features"]
+            warm = 1 if rows is None or d is None else min(MAX_WARM_STEPS, math.ceil(4 * d / rows))
+            for step in range(warm):  # the first window: neural collapse has reference means from the second on
+                monitored_step(step)
             with FlopCounterMode(display=False) as counter:
-                with monitor.step(1, labels=labels):
+                with monitor.step(warm, labels=labels):
                     _call(model, inputs)
                 capture_flops = int(counter.get_total_flops()) - plain_flops
-                values.update(monitor.compute(1))
+                values.update(monitor.compute(warm))
                 compute_flops = int(counter.get_total_flops()) - plain_flops - capture_flops
             times: dict[str, list[float]] = {"plain": [], "monitored": [], "compute": []}
-            for step in range(2, 2 + repeats):  # interleaved, so that a machine's drift hits both alike
+            for step in range(warm + 1, warm + 1 + repeats):  # interleaved, so that a machine's drift hits both alike
                 times["plain"].append(_timed(lambda: _call(model, inputs)))
                 forward_s, compute_s = monitored_step(step)
                 times["monitored"].append(forward_s)
@@ -701,6 +708,7 @@ def measure(model: nn.Module, found: dict[str, Any], *, batch_size: int, seq_len
         "input": _shape(inputs),
         "rows_per_step": rows,
         "repeats": repeats,
+        "counted_step": warm,
         "forward_s": plain_s,
         "monitored_forward_s": monitored_s,
         "compute_s": compute_s,

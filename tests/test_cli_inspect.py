@@ -1,0 +1,273 @@
+"""``geomon inspect MODEL``: what it lists is what a real monitor watches and logs, its cost model agrees with torch's
+FLOP counter and with the monitor's real state, and every user error is one line with status 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from geomon import Monitor, cli
+from geomon._tiny_gpt import CausalSelfAttention, TinyGPT
+from geomon.monitor import AUTO_COLLAPSE_MAX_ELEMENTS
+
+ROOT = Path(__file__).resolve().parents[1]
+#: TinyGPT as the factory builds it: D = 128 > 100 (alpha-ReQ on), B x N = 16 x 32 = 4 x D rows (a window per step)
+VOCAB, WIDTH, LAYERS, HEADS, CONTEXT, BATCH = 40, 128, 2, 4, 32, 16
+FACTORY = f"""
+from torch import nn
+from geomon._tiny_gpt import TinyGPT
+
+def build():
+    return TinyGPT(vocab_size={VOCAB}, d_model={WIDTH}, n_layer={LAYERS}, n_head={HEADS}, context={CONTEXT})
+
+def encoder():
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)
+    return nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+
+MODEL = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+
+def not_a_model():
+    return 42
+
+def needs_arguments(width):
+    return nn.Linear(width, width)
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        raise RuntimeError("this forward always fails")
+"""
+
+
+@pytest.fixture
+def factory(tmp_path: Path) -> Path:
+    path = tmp_path / f"inspect_models_{uuid.uuid4().hex[:8]}.py"
+    path.write_text(FACTORY)
+    return path
+
+
+def _json(capsys, argv: list[str]) -> dict:
+    assert cli.main(["inspect", *argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out)  # the whole of stdout is the JSON document
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    assert cli.main(["inspect", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("geomon: error: ")
+    return lines[0]
+
+
+def _state_tensors(state) -> list[Tensor]:
+    if isinstance(state, Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for value in state.values() for t in _state_tensors(value)]
+    if isinstance(state, (list, tuple)):
+        return [t for value in state for t in _state_tensors(value)]
+    return []
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def test_tiny_gpt_factory_lists_what_a_real_monitor_watches_and_costs(factory, capsys):
+    report = _json(capsys, [f"{factory}:build", "--measure", "--seq-len", str(CONTEXT), "--batch-size", str(BATCH),
+                            "--repeats", "1"])  # fmt: skip
+    torch.manual_seed(0)
+    model = TinyGPT(VOCAB, d_model=WIDTH, n_layer=LAYERS, n_head=HEADS, context=CONTEXT)
+    attention = [name for name, module in model.named_modules() if isinstance(module, CausalSelfAttention)]
+    assert [a["module"] for a in report["attention"]] == attention == ["blocks.0.attn", "blocks.1.attn"]
+    assert all(a["heads"] == a["kv_heads"] == HEADS and a["head_dim"] == WIDTH // HEADS for a in report["attention"])
+    assert report["measured"]["seen_attention"] == dict.fromkeys(attention, HEADS)
+    assert report["class"] == "TinyGPT" and report["parameters"] == sum(p.numel() for p in model.parameters())
+    assert report["head"]["module"] == "head"
+    assert (report["head"]["num_classes"], report["head"]["num_features"]) == (VOCAB, WIDTH)
+    assert report["neural_collapse"]["enabled"] and report["neural_collapse"]["state_elements"] == VOCAB * WIDTH
+
+    # a default monitor on the same model, fed two windows of labels covering every class
+    monitor = Monitor().attach(model)
+    assert monitor.head == report["head"]["module"] and monitor.collapse is not None
+    x = torch.randint(0, VOCAB, (BATCH, CONTEXT), generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(BATCH * CONTEXT).reshape(BATCH, CONTEXT) % VOCAB
+    plain = _flops(lambda: model(x))
+    logged: dict[str, Tensor] = {}
+    for step in (0, 50):
+        with FlopCounterMode(display=False) as counter:
+            with monitor.step(step, labels=labels):
+                model(x)
+            captured = int(counter.get_total_flops()) - plain
+            logged.update(monitor.compute(step))
+            computed = int(counter.get_total_flops()) - plain - captured
+    assert report["keys"] == sorted(logged) == report["measured"]["keys"]
+    assert "geomon/alpha_req/head.input" in report["keys"]  # D > 100
+    assert sum(len(probe["keys"]) for probe in report["probes"]) == len(report["keys"])
+
+    # the cost model against torch's counter (second window: nc4 runs) and the monitor's real state
+    cost = report["cost"]
+    assert cost["rows_per_step"] == BATCH * CONTEXT and cost["steps_per_window"] == 1
+    assert cost["model_forward"] == plain == report["measured"]["forward_flops"]
+    assert cost["capture"] == captured == report["measured"]["capture_flops"]
+    assert cost["compute_matmul"] + cost["window_matmul"] == computed
+    state = sum(t.numel() * t.element_size() for t in _state_tensors(monitor.state_dict()))
+    assert report["state_bytes"]["total"] == state
+    assert report["state_bytes"]["attention"] == LAYERS * 5 * HEADS * 8  # five float64 sums per head
+    measured = report["measured"]
+    assert all(math.isfinite(measured[k]) and measured[k] > 0 for k in ("forward_s", "monitored_forward_s"))
+
+
+def test_python_m_geomon_on_a_transformer_encoder(factory):
+    module = factory.stem  # imported by name: the current directory is on the path, as with python -m
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-m", "geomon", "inspect", f"{module}:encoder", "--json", "--measure", "--seq-len", "16",
+         "--repeats", "1"],
+        cwd=factory.parent, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)
+    model = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+    expected = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    assert [a["module"] for a in report["attention"]] == expected and len(expected) == 3
+    assert all(a["kind"] == "torch_mha" and a["heads"] == 4 and a["head_dim"] == 8 for a in report["attention"])
+    assert report["measured"]["seen_attention"] == dict.fromkeys(expected, 4)
+    assert report["head"]["module"] is None and not report["neural_collapse"]["enabled"]
+    assert "no output head" in report["neural_collapse"]["reason"]
+    assert report["state_bytes"]["embedding"] == report["state_bytes"]["neural_collapse"] == 0
+    keys = set(report["keys"])
+    assert keys == set(report["measured"]["keys"])
+    assert {f"geomon/attention/entropy/{name}" for name in expected} <= keys
+    assert not any(key.startswith(("geomon/rankme/", "geomon/nc/")) for key in keys)
+    values = report["measured"]["values"]
+    for name in expected:  # the monitor really ran: entropies between 0 and log(16 keys)
+        assert 0 <= values[f"geomon/attention/entropy/{name}"] <= math.log(16) + 1e-9
+
+
+transformers = None
+
+
+def _gpt2_config(path: Path, **sizes):
+    global transformers
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(bos_token_id=0, eos_token_id=0, **sizes)
+    config.save_pretrained(path)
+    return config
+
+
+def test_hugging_face_gpt2_from_a_local_config(tmp_path, capsys):
+    config = _gpt2_config(tmp_path, n_layer=2, n_head=4, n_embd=64, vocab_size=300, n_positions=64)
+    report = _json(capsys, [str(tmp_path)])  # built on the meta device: no weights
+    assert report["source"] == "huggingface" and "GPT2Config" in report["description"]
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(config)
+    expected = [name for name, m in model.named_modules() if isinstance(m, GPT2Attention)]
+    assert [a["module"] for a in report["attention"]] == expected == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert all(a["kind"].startswith("hf") and a["heads"] == 4 and a["head_dim"] == 16 for a in report["attention"])
+    assert report["head"]["module"] == "lm_head" and "get_output_embeddings" in report["head"]["reason"]
+    assert (report["head"]["num_classes"], report["head"]["num_features"]) == (300, 64)
+    assert report["neural_collapse"]["enabled"]
+    assert report["cost"]["seq_len"] == 64  # the model's own context, below the default cap
+    assert report["parameters"] == sum(p.numel() for p in model.parameters())
+    measured = _json(capsys, [str(tmp_path), "--measure", "--seq-len", "16", "--repeats", "1"])
+    assert measured["measured"]["seen_attention"] == dict.fromkeys(expected, 4)
+    assert measured["measured"]["input"] == "input_ids=[8, 16]"
+    assert set(measured["keys"]) == set(measured["measured"]["keys"])
+    assert measured["cost"]["capture"] == measured["measured"]["capture_flops"]
+
+
+def test_large_vocabulary_turns_neural_collapse_off_as_the_monitor_does(tmp_path, capsys):
+    config = _gpt2_config(tmp_path, n_layer=1, n_head=2, n_embd=384, vocab_size=50257, n_positions=2048)
+    report = _json(capsys, [str(tmp_path), "--seq-len", "4096"])
+    assert AUTO_COLLAPSE_MAX_ELEMENTS < 50257 * 384
+    nc = report["neural_collapse"]
+    assert not nc["enabled"] and "50257 x 384" in nc["reason"] and "neural_collapse=True" in nc["reason"]
+    assert not any(key.startswith("geomon/nc/") for key in report["keys"])
+    assert report["cost"]["seq_len"] == 2048 and any("2048 positions" in note for note in report["notes"])
+    with torch.device("meta"), pytest.warns(UserWarning, match="neural collapse is off"):
+        monitor = Monitor().attach(transformers.GPT2LMHeadModel(config))
+    assert monitor.collapse is None and monitor.head == report["head"]["module"]
+
+
+def test_module_instance_and_text_output(factory, capsys, monkeypatch):
+    report = _json(capsys, [f"{factory}:MODEL"])  # an nn.Module attribute is used as is
+    assert report["class"] == "Sequential" and report["attention"] == []
+    assert any("scaled_dot_product_attention" in note for note in report["notes"])
+    assert cli.main(["inspect", f"{factory}:build"]) == 0
+    text = capsys.readouterr().out
+    assert "blocks.0.attn" in text and "blocks.1.attn" in text and "neural collapse" in text and "on:" in text
+    monkeypatch.setitem(sys.modules, "rich.console", None)  # without rich: plain text
+    assert cli.main(["inspect", f"{factory}:build"]) == 0
+    plain = capsys.readouterr().out
+    assert "blocks.1.attn | tiny_gpt | 4" in plain and "┃" not in plain
+
+
+def test_bad_model_specs(capsys):
+    for spec, words in [
+        ("", "empty MODEL"),
+        (":build", "nothing before the colon"),
+        ("mypkg.models:", "not a Python name"),
+        ("my pkg:build", "neither a module name nor a .py file"),
+        ("models.py", "needs the factory"),
+        ("models.py:1build", "not a Python name"),
+    ]:
+        line = _error_line(capsys, [spec])
+        assert words in line, line
+        assert "module:factory" in line
+
+
+def test_modules_that_do_not_import_or_do_not_give_a_model(factory, tmp_path, capsys):
+    broken = tmp_path / "broken_import.py"
+    broken.write_text("import geomon_no_such_package_xyz\n")
+    line = _error_line(capsys, [f"{broken}:build"])
+    assert "could not import" in line and "geomon_no_such_package_xyz" in line
+    line = _error_line(capsys, ["geomon_no_such_package_xyz.models:build"])
+    assert "could not import module 'geomon_no_such_package_xyz.models'" in line
+    assert "no such file" in _error_line(capsys, [f"{tmp_path / 'missing.py'}:build"])
+    line = _error_line(capsys, [f"{factory}:not_a_model"])
+    assert "returned int 42" in line and "not a torch.nn.Module" in line
+    line = _error_line(capsys, [f"{factory}:needs_arguments"])
+    assert "with no arguments failed" in line and "width" in line
+    line = _error_line(capsys, [f"{factory}:nowhere"])
+    assert "has no attribute 'nowhere'" in line and "build" in line
+    line = _error_line(capsys, [f"{factory}:Broken", "--measure"])
+    assert "--measure" in line and "this forward always fails" in line
+
+
+def test_uncached_hugging_face_name_is_not_downloaded(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = _error_line(capsys, ["geomon-tests/no-such-model-xyz"])
+    assert "not in the local cache" in line and "never downloads" in line
+    (tmp_path / "notes.txt").write_text("not a config")
+    assert "holds no readable Hugging Face config" in _error_line(capsys, [str(tmp_path)])
+
+
+def test_bad_numbers_are_argparse_errors(capsys):
+    for argv in (["--seq-len", "0"], ["--batch-size", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["inspect", "torch.nn:Identity", *argv])
+        assert exit_info.value.code == 2
+        assert "positive integer" in capsys.readouterr().err
