@@ -147,6 +147,7 @@ class Case:
     head: str | None = None  # the output head whose input's RankMe is checked
     window_rows: int | None = None
     kinds: dict[str, str] = field(default_factory=dict)  # expected find_attention_modules() of the bare model
+    precision: str = "32-true"
 
 
 def fit(case: Case, tmp_path) -> tuple[Any, Recorder, GeomonCallback]:
@@ -164,6 +165,7 @@ def fit(case: Case, tmp_path) -> tuple[Any, Recorder, GeomonCallback]:
         log_every_n_steps=1,
         accelerator="cpu",
         devices=1,
+        precision=case.precision,
     )
     loader = torch.utils.data.DataLoader(case.data, batch_size=BATCH, shuffle=False)
     trainer.fit(module, loader)
@@ -250,6 +252,10 @@ def head_hook(record: dict):
     ids=["eager", "sdpa", "eager-reordered-layer-scaled", "sdpa-layer-scaled"],
 )
 def test_gpt2_logged_entropy_equals_a_reference_from_c_attn(implementation, layer_scaled, tmp_path):
+    check(gpt2_case(implementation, layer_scaled), tmp_path)
+
+
+def gpt2_case(implementation: str, layer_scaled: bool = False, precision: str = "32-true") -> Case:
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
         n_layer=2,
@@ -280,11 +286,9 @@ def test_gpt2_logged_entropy_equals_a_reference_from_c_attn(implementation, laye
     def scale(layer):
         return head_dim**-0.5 / (int(layer.split(".")[-2]) + 1 if layer_scaled else 1)
 
-    check(
-        Case(model, hf_loss, lm_data(), install, lm_allowed, layers, scale=scale, head="model.lm_head",
-             window_rows=BATCH * SEQ, kinds={f"transformer.h.{i}.attn": f"hf:{implementation}" for i in range(2)}),
-        tmp_path,
-    )  # fmt: skip
+    return Case(model, hf_loss, lm_data(), install, lm_allowed, layers, scale=scale, head="model.lm_head",
+                window_rows=BATCH * SEQ, precision=precision,
+                kinds={f"transformer.h.{i}.attn": f"hf:{implementation}" for i in range(2)})  # fmt: skip
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
@@ -438,6 +442,10 @@ class NanoGPT(nn.Module):
 
 @pytest.mark.parametrize("flash", [True, False], ids=["flash", "eager"])
 def test_nanogpt_logged_entropy_equals_a_reference_from_c_attn(flash, tmp_path):
+    check(nanogpt_case(flash), tmp_path)
+
+
+def nanogpt_case(flash: bool, precision: str = "32-true") -> Case:
     torch.manual_seed(0)
     model = NanoGPT(flash)
     layers = [f"model.transformer.h.{i}.attn" for i in range(2)]
@@ -455,12 +463,10 @@ def test_nanogpt_logged_entropy_equals_a_reference_from_c_attn(flash, tmp_path):
         x, y = batch
         return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
-    check(
-        Case(model, loss, list(zip(ids[:, :-1], ids[:, 1:], strict=True)), install,
-             lambda record: torch.ones(SEQ, SEQ, dtype=torch.bool).tril(), layers, head="model.lm_head",
-             window_rows=BATCH * SEQ, kinds={f"transformer.h.{i}.attn": "nanogpt" for i in range(2)}),
-        tmp_path,
-    )  # fmt: skip
+    return Case(model, loss, list(zip(ids[:, :-1], ids[:, 1:], strict=True)), install,
+                lambda record: torch.ones(SEQ, SEQ, dtype=torch.bool).tril(), layers, head="model.lm_head",
+                window_rows=BATCH * SEQ, precision=precision,
+                kinds={f"transformer.h.{i}.attn": "nanogpt" for i in range(2)})  # fmt: skip
 
 
 # -- nn.TransformerEncoder ------------------------------------------------------------------------------------------
@@ -512,3 +518,28 @@ def test_transformer_encoder_logged_entropy_equals_a_reference_from_in_proj(norm
              kinds={f"encoder.layers.{i}.self_attn": "torch_mha" for i in range(2)}),
         tmp_path,
     )  # fmt: skip
+
+
+# -- bf16 autocast: the model computes in bfloat16, geomon's statistics of what it computed stay float32 -----------
+
+
+@pytest.mark.parametrize("model", ["gpt2-sdpa", "nanogpt-eager"])
+def test_bf16_mixed_fit_logs_float32_statistics_of_the_bfloat16_qk(model, tmp_path):
+    """Under ``precision="bf16-mixed"`` the captured Q/K are bfloat16 and geomon's probes run inside the model's
+    autocast region. The logged values must be those of the float32 (here float64) softmax of those bfloat16 Q/K:
+    before the fix autocast ran geomon's own score products in bfloat16 (max logits on the bfloat16 grid, 4.5 for
+    4.4912, entropies 1e-4 off)."""
+    case = gpt2_case("sdpa", precision="bf16-mixed") if model == "gpt2-sdpa" else nanogpt_case(False, "bf16-mixed")
+    dtypes = []
+    install = case.install
+
+    def install_and_note_dtypes(pl_module, record):
+        handles = install(pl_module, record)
+        for name in case.layers:
+            note = lambda module, args, output: dtypes.append(output.dtype)  # noqa: E731
+            handles.append(dict(pl_module.named_modules())[name + ".c_attn"].register_forward_hook(note))
+        return handles
+
+    case.install = install_and_note_dtypes
+    check(case, tmp_path)
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # the model really ran its projections in bfloat16

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from geomon.functional._common import TILE_ELEMENTS
+from geomon.functional._common import TILE_ELEMENTS, autocast_off
 from geomon.functional._dispatch import Backend, choose_backend
 
 
@@ -33,7 +33,8 @@ def tiled_argmax(features: Tensor, rows: Tensor, offset: Tensor, backend: Backen
     best_index = torch.zeros(n, dtype=torch.int64, device=features.device)
     tile = max(1, TILE_ELEMENTS // max(1, n))
     for start in range(0, c, tile):
-        scores = features @ rows[start : start + tile].T + offset[start : start + tile]
+        with autocast_off(features.device):  # in the features' dtype even inside the model's autocast region
+            scores = features @ rows[start : start + tile].T + offset[start : start + tile]
         value, index = scores.max(dim=1)
         better = value > best_value  # strict: an earlier tile keeps a tie
         best_value = torch.where(better, value, best_value)

@@ -7,6 +7,7 @@ values are computed, on the logging step.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import TypeVar
 
@@ -26,6 +27,16 @@ class GeomonWarning(UserWarning):
 def warn(message: str) -> None:
     """Emit a :class:`GeomonWarning` pointing at the caller of the public function."""
     warnings.warn(message, GeomonWarning, stacklevel=3)
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Turn off ``torch.autocast`` on ``device`` while geomon computes, so that a metric documented as computed in
+    float32 is, also when it is called inside the model's autocast region (a forward hook under bf16-mixed training):
+    autocast would otherwise run its float32 matrix products in bfloat16 / float16."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know (meta): nothing to turn off
+        return contextlib.nullcontext()
 
 
 def check_float_tensor(x: object, name: str, ndim: int | tuple[int, ...], shape_doc: str) -> Tensor:

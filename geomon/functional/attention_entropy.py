@@ -24,7 +24,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from geomon.functional._common import TILE_ELEMENTS, check_float_tensor, check_int_tensor, nan, warn
+from geomon.functional._common import (
+    TILE_ELEMENTS,
+    autocast_off,
+    check_float_tensor,
+    check_int_tensor,
+    nan,
+    warn,
+)
 from geomon.functional._dispatch import Backend, choose_backend
 
 
@@ -190,7 +197,8 @@ def _attention_rows(
         from geomon.kernels.attention_entropy import attention_rows_triton
 
         return attention_rows_triton(q, k, scale, is_causal, attn_mask, query_index)
-    return _attention_rows_torch(q, k, scale, is_causal, attn_mask, chunk_size, query_index)
+    with autocast_off(q.device):  # float32 scores even inside the model's autocast region
+        return _attention_rows_torch(q, k, scale, is_causal, attn_mask, chunk_size, query_index)
 
 
 def attention_entropy(
