@@ -100,7 +100,8 @@ class Recorder(lightning.Callback):
         self.handles: list = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step in MEASURED:
+        first_micro_batch = batch_idx % trainer.accumulate_grad_batches == 0
+        if first_micro_batch and trainer.global_step in MEASURED:
             record = self.records[trainer.global_step] = {"batch": batch, "qk": {}}
             self.handles = self.install(pl_module, record)
 
@@ -148,6 +149,7 @@ class Case:
     window_rows: int | None = None
     kinds: dict[str, str] = field(default_factory=dict)  # expected find_attention_modules() of the bare model
     precision: str = "32-true"
+    accumulate: int = 1  # micro-batches per optimizer step
 
 
 def fit(case: Case, tmp_path) -> tuple[Any, Recorder, GeomonCallback]:
@@ -166,6 +168,7 @@ def fit(case: Case, tmp_path) -> tuple[Any, Recorder, GeomonCallback]:
         accelerator="cpu",
         devices=1,
         precision=case.precision,
+        accumulate_grad_batches=case.accumulate,
     )
     loader = torch.utils.data.DataLoader(case.data, batch_size=BATCH, shuffle=False)
     trainer.fit(module, loader)
@@ -293,6 +296,16 @@ def gpt2_case(implementation: str, layer_scaled: bool = False, precision: str = 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_llama_logged_entropy_equals_a_reference_with_rotary_and_grouped_query_heads(implementation, tmp_path):
+    check(llama_case(implementation), tmp_path)
+
+
+def test_gradient_accumulation_logs_the_first_micro_batch_of_each_measured_step(tmp_path):
+    """Two micro-batches per optimizer step: the logged values are those of the first one alone (the recorder
+    keeps only that one), not of both pooled."""
+    check(llama_case("sdpa", accumulate=2), tmp_path)
+
+
+def llama_case(implementation: str, accumulate: int = 1) -> Case:
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         num_hidden_layers=2,
@@ -332,11 +345,9 @@ def test_llama_logged_entropy_equals_a_reference_with_rotary_and_grouped_query_h
             handles.append(modules[name + ".k_proj"].register_forward_hook(keep("k", 2)))
         return handles
 
-    check(
-        Case(model, hf_loss, lm_data(), install, lm_allowed, layers, head="model.lm_head", window_rows=BATCH * SEQ,
-             kinds={f"model.layers.{i}.self_attn": f"hf:{implementation}" for i in range(2)}),
-        tmp_path,
-    )  # fmt: skip
+    return Case(model, hf_loss, lm_data(), install, lm_allowed, layers, head="model.lm_head",
+                window_rows=BATCH * SEQ, accumulate=accumulate,
+                kinds={f"model.layers.{i}.self_attn": f"hf:{implementation}" for i in range(2)})  # fmt: skip
 
 
 # -- timm ViT -------------------------------------------------------------------------------------------------------
