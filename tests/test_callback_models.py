@@ -10,7 +10,10 @@ applied by hand for Llama, the mask is the one the test built into the batch, an
 float64. The logged values are, per layer: the mean entropy (nats) over batch, heads and query rows with an allowed
 key; the mean of ``H / log n`` over rows with ``n >= 2`` allowed keys; the largest allowed logit
 (docs/guides/monitoring.md, METRICS.md §3). Steps 0 and 2 of a 3-step fit are measured (``every_n_steps=2``), so a
-value from the wrong step or the wrong weights would not match.
+value from the wrong step or the wrong weights would not match. Also checked: RankMe of the language models' head
+input as logged (one batch fills a window) against ``tests.reference.ref_rankme``; left padding (rows with no key
+left out); gradient accumulation (the first micro-batch is measured); ``precision="bf16-mixed"`` (float32 statistics
+of the bfloat16 Q/K).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from tests.reference import ref_rankme  # noqa: E402
 STEPS, EVERY = 3, 2
 MEASURED = (0, 2)
 SEQ, VOCAB, BATCH = 12, 50, 4
-LENGTHS = (12, 9, 12, 5, 7, 12, 12, 10)  # right padding: every query row keeps at least one allowed key
+LENGTHS = (12, 9, 12, 5, 7, 12, 12, 10)  # tokens per sequence; the rest is padding (right, or left)
 TOL = 2e-5  # float32 model activations against a float64 reference
 
 
@@ -64,11 +67,12 @@ def reference(q: Tensor, k: Tensor, allowed: Tensor, scale: float | None = None)
     }
 
 
-def causal_padding_mask(lengths: Tensor, n: int) -> Tensor:
-    """``[B, 1, N, N]``: key j allowed for query i iff j <= i and j is a token (not right padding)."""
+def causal_padding_mask(tokens: Tensor) -> Tensor:
+    """``[B, 1, N, N]`` from a ``[B, N]`` attention mask (1 = token): key j allowed for query i iff j <= i and j is
+    a token. With left padding the padded query rows have no allowed key: no entropy, left out of the means."""
+    n = tokens.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool).tril()
-    tokens = torch.arange(n)[None, :] < lengths[:, None]
-    return causal[None, None] & tokens[:, None, None, :]
+    return causal[None, None] & tokens.bool()[:, None, None, :]
 
 
 def heads(x: Tensor, n_heads: int) -> Tensor:
@@ -219,10 +223,12 @@ def check(case: Case, tmp_path) -> dict[str, dict[int, float]]:
 # -- language-model data: right-padded token batches --------------------------------------------------------------
 
 
-def lm_data() -> list[dict[str, Tensor]]:
+def lm_data(left_padding: bool = False) -> list[dict[str, Tensor]]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, VOCAB, (len(LENGTHS), SEQ), generator=g)
     tokens = torch.arange(SEQ)[None, :] < torch.tensor(LENGTHS)[:, None]
+    if left_padding:
+        tokens = tokens.flip(-1)
     ids = ids.masked_fill(~tokens, 0)
     labels = ids.masked_fill(~tokens, -100)
     return [
@@ -232,7 +238,7 @@ def lm_data() -> list[dict[str, Tensor]]:
 
 
 def lm_allowed(record: dict) -> Tensor:
-    return causal_padding_mask(record["batch"]["attention_mask"].sum(-1), SEQ)
+    return causal_padding_mask(record["batch"]["attention_mask"])
 
 
 def hf_loss(model: nn.Module, batch: dict) -> Tensor:
@@ -299,13 +305,23 @@ def test_llama_logged_entropy_equals_a_reference_with_rotary_and_grouped_query_h
     check(llama_case(implementation), tmp_path)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_llama_left_padding_leaves_the_query_rows_without_keys_out(implementation, tmp_path):
+    """Left-padded sequences: a padded query row sees no token (causal), so it has no entropy and no max logit; the
+    logged means are over the other rows (the reference drops the rows with no allowed key)."""
+    case = llama_case(implementation, left_padding=True)
+    tokens = torch.stack([item["attention_mask"] for item in case.data])
+    assert not causal_padding_mask(tokens).any(-1).all()  # some query rows see no key
+    check(case, tmp_path)
+
+
 def test_gradient_accumulation_logs_the_first_micro_batch_of_each_measured_step(tmp_path):
     """Two micro-batches per optimizer step: the logged values are those of the first one alone (the recorder
     keeps only that one), not of both pooled."""
     check(llama_case("sdpa", accumulate=2), tmp_path)
 
 
-def llama_case(implementation: str, accumulate: int = 1) -> Case:
+def llama_case(implementation: str, accumulate: int = 1, left_padding: bool = False) -> Case:
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         num_hidden_layers=2,
@@ -345,7 +361,7 @@ def llama_case(implementation: str, accumulate: int = 1) -> Case:
             handles.append(modules[name + ".k_proj"].register_forward_hook(keep("k", 2)))
         return handles
 
-    return Case(model, hf_loss, lm_data(), install, lm_allowed, layers, head="model.lm_head",
+    return Case(model, hf_loss, lm_data(left_padding), install, lm_allowed, layers, head="model.lm_head",
                 window_rows=BATCH * SEQ, accumulate=accumulate,
                 kinds={f"model.layers.{i}.self_attn": f"hf:{implementation}" for i in range(2)})  # fmt: skip
 
