@@ -371,7 +371,7 @@ def describe(model: nn.Module, *, every_n_steps: int = 50) -> dict[str, Any]:
         head_info.update(num_classes=c, num_features=d)
         head_info["reason"] = _head_reason(model, modules, head)
         collapse["state_elements"] = c * d
-        state = _mib((2 * c * d + 2 * c + d * d + 3) * F64)
+        state = _mib(_scaled_bytes(probe_layout(d, c)["collapse"], {_CLASSES: c, _stand_in(d): d}))
         if c * d <= AUTO_COLLAPSE_MAX_ELEMENTS:
             collapse.update(enabled=True, reason=f"C x D = {c} x {d} = {c * d:,} <= {AUTO_COLLAPSE_MAX_ELEMENTS:,} "
                             f"(float64 state {state}); fed on steps whose batch has labels")  # fmt: skip
@@ -380,9 +380,9 @@ def describe(model: nn.Module, *, every_n_steps: int = 50) -> dict[str, Any]:
                 f"C x D = {c} x {d} = {c * d:,} > {AUTO_COLLAPSE_MAX_ELEMENTS:,}: its float64 state would take "
                 f"{state}; pass neural_collapse=True to watch it anyway"
             )
-        embedding = [f"geomon/rankme/{head}.input"] + ([f"geomon/alpha_req/{head}.input"] if d > 100 else [])
-        probes.append({"probe": "rankme" + ("+alpha_req" if d > 100 else ""), "target": f"{head}.input",
-                       "keys": embedding})  # fmt: skip
+        embedding = embedding_keys(f"{head}.input", d)
+        kinds = "+".join(key.split("/")[1] for key in embedding)
+        probes.append({"probe": kinds, "target": f"{head}.input", "keys": embedding})
         if collapse["enabled"]:
             stats = STATISTICS + HEAD_STATISTICS
             probes.append({"probe": "neural_collapse", "target": f"{head}.input",
@@ -463,6 +463,29 @@ def _scaled_bytes(shapes: list[tuple[tuple[int, ...], int]], sizes: dict[int, in
     return sum(math.prod(sizes.get(dim, dim) for dim in shape) * size for shape, size in shapes)
 
 
+def _stand_in(num_features: int) -> int:
+    return _WIDE if num_features > 100 else _NARROW
+
+
+def embedding_keys(name: str, num_features: int) -> list[str]:
+    """The keys an embedding probe of width ``num_features`` reports when its window closes, read off a probe of
+    the monitor's own class run once at a stand-in width (RankMe always; alpha-ReQ where the width allows its fit).
+
+    Example:
+        >>> embedding_keys("head.input", 64), embedding_keys("head.input", 768)
+        (['geomon/rankme/head.input'], ['geomon/rankme/head.input', 'geomon/alpha_req/head.input'])
+    """
+    from geomon.probes import EmbeddingProbe
+
+    d0 = _stand_in(num_features)
+    probe = EmbeddingProbe("stand-in", d0, min_rows=1)
+    probe.update(torch.randn(2 * d0, d0, generator=torch.Generator().manual_seed(0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scalars, _ = probe.compute()
+    return [key.rsplit("/", 1)[0] + "/" + name for key in scalars]
+
+
 def probe_layout(num_features: int, num_classes: int | None) -> dict[str, Any]:
     """The state layout of the monitor's own probes (:class:`~geomon.probes.EmbeddingProbe`,
     :class:`~geomon.probes.CollapseProbe`, :class:`~geomon.metrics.AttentionEntropy`), read by building them at
@@ -470,7 +493,7 @@ def probe_layout(num_features: int, num_classes: int | None) -> dict[str, Any]:
     from geomon.metrics import AttentionEntropy
     from geomon.probes import CollapseProbe, EmbeddingProbe
 
-    d0 = _WIDE if num_features > 100 else _NARROW
+    d0 = _stand_in(num_features)
     embedding = _state_shapes(EmbeddingProbe("probe", d0).state_dict())
     layout = {
         "d0": d0,
@@ -773,7 +796,8 @@ def inspect(spec: str, *, seq_len: int | None = None, batch_size: int = DEFAULT_
         if missing:
             notes.append(f"listed attention modules that reported nothing in the forward: {', '.join(missing)}")
         for warning in measured["warnings"]:
-            notes.append(f"warning during the measured forward: {warning}")
+            if "neural collapse is off" not in warning:  # already said, with the reason
+                notes.append(f"warning during the measured forward: {warning}")
     rows = measured["rows_per_step"] if measured else None
     cost = estimate_flops(found, model, batch_size=batch_size, seq_len=seq_len, rows=rows)
     if cost["attention_not_estimated"]:

@@ -152,6 +152,8 @@ def test_python_m_geomon_on_a_transformer_encoder(factory):
     assert [a["module"] for a in report["attention"]] == expected and len(expected) == 3
     assert all(a["kind"] == "torch_mha" and a["heads"] == 4 and a["head_dim"] == 8 for a in report["attention"])
     assert report["measured"]["seen_attention"] == dict.fromkeys(expected, 4)
+    assert report["cost"]["model_forward"] == report["measured"]["forward_flops"]  # in_proj_weight counted
+    assert report["cost"]["capture"] == report["measured"]["capture_flops"] > 0
     assert report["head"]["module"] is None and not report["neural_collapse"]["enabled"]
     assert "no output head" in report["neural_collapse"]["reason"]
     assert report["state_bytes"]["embedding"] == report["state_bytes"]["neural_collapse"] == 0
@@ -196,6 +198,7 @@ def test_hugging_face_gpt2_from_a_local_config(tmp_path, capsys):
     assert measured["measured"]["input"] == "input_ids=[8, 16]"
     assert set(measured["keys"]) == set(measured["measured"]["keys"])
     assert measured["cost"]["capture"] == measured["measured"]["capture_flops"]
+    assert measured["cost"]["model_forward"] == measured["measured"]["forward_flops"]  # tied lm_head counted
 
 
 def test_large_vocabulary_turns_neural_collapse_off_as_the_monitor_does(tmp_path, capsys):
