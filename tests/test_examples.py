@@ -32,7 +32,8 @@ def test_entropy_collapse_example_alerts_on_the_collapse_only(tmp_path, monkeypa
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    results = _load("entropy_collapse").main(["--fast", "--out", str(tmp_path)])
+    figure = tmp_path / "entropy.png"
+    results = _load("entropy_collapse").main(["--fast", "--out", str(tmp_path), "--figure", str(figure)])
     collapse, reparam, healthy = results["collapse"], results["sigma_reparam"], results["healthy"]
     first = collapse["entropy_alert_steps"][0]  # the alert fires ...
     if collapse["spike_step"] is not None:  # ... before the loss spikes, or, where the fast run ends first,
@@ -55,3 +56,5 @@ def test_entropy_collapse_example_alerts_on_the_collapse_only(tmp_path, monkeypa
     for run in (reparam, healthy):  # no alert of any rule, no false alarm
         assert run["alerts"] == [] and not run["alerts_csv"].exists()
         assert run["spike_step"] is None and run["min_entropy"] > 0.3 and math.isfinite(run["final_loss"])
+    data = figure.read_bytes()  # --figure: the entropy and max-logit curves of the three runs
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 150_000
