@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -42,12 +43,41 @@ from geomon.capture import AttentionCall, capture_attention
 from geomon.capture.modules import compiled_parts, find_head, head_dims, linear_like, resolve_patterns
 from geomon.functional._dispatch import BACKENDS, Backend
 from geomon.probes import AttentionProbe, CollapseProbe, EmbeddingProbe, SpectralProbe
-from geomon.probes.collapse import head_weight
+from geomon.probes._sync import fsdp1_flattened, fsdp1_units, fsdp1_whole_parameters
+from geomon.probes.collapse import IGNORE_INDEX, head_weight
 from geomon.probes.logit_map import LogitMapProbe
 from geomon.reparam import sigma_reparam_stats
 
 #: Neural collapse is switched on automatically only below this state size (C x D float64 values: 128 MiB).
 AUTO_COLLAPSE_MAX_ELEMENTS = 1 << 24
+
+#: Name components that wrappers insert between a module and its parent: FSDP1's ``FullyShardedDataParallel`` and
+#: activation checkpointing's ``CheckpointWrapper``. geomon names modules without them.
+WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+FSDP1_WEIGHTS = (
+    "the model is sharded with FSDP1 (FullyShardedDataParallel): outside its forward a module's weight is only this "
+    "rank's piece of a flat parameter, so geomon computes no weight-based value ({what}); attention, RankMe, "
+    "alpha-ReQ and neural collapse (read during the forward pass) are computed. Shard with FSDP2 "
+    "(torch.distributed.fsdp.fully_shard; Lightning's ModelParallelStrategy), whose weights geomon gathers whole"
+)
+WEIGHT_VALUES = "geomon/spectral/*: logit_sigma, entropy_bound, σReparam's gamma and sigma"
+
+
+def plain_name(name: str) -> str:
+    """``name`` without wrapper components (:data:`WRAPPER_PARTS`), as on the unwrapped model.
+
+    Example:
+        >>> plain_name("_fsdp_wrapped_module.blocks.0._fsdp_wrapped_module.attn")
+        'blocks.0.attn'
+    """
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
+
+
+def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``model``'s modules by :func:`plain_name`: names resolved before FSDP1 wraps the model still find their modules
+    after, and keys read the same with or without the wrappers (a wrapper yields to the module it wraps)."""
+    return {plain_name(name): module for name, module in model.named_modules()}
 
 
 class Monitor:
@@ -124,19 +154,32 @@ class Monitor:
         self.events: list[AlertEvent] = []  #: alert events of the latest compute
         self._labels: Tensor | None = None
         self._warned: set[str] = set()
+        self._fsdp1 = False  # FSDP1 flattens the weights: no weight-based value (see attach)
 
     # setup -----------------------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> Monitor:
         """Resolve what to watch on ``model``; a misconfiguration fails here, listing what was available."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor.attach needs a torch.nn.Module, got {type(model).__name__}")
-        modules = {name: module for name, module in model.named_modules() if name}
+        self._fsdp1 = self._uses_fsdp1(model)
+        if self._fsdp1 and self.spectral_patterns:
+            raise ValueError("spectral_modules cannot be measured: " + FSDP1_WEIGHTS.format(what="σ(W), stable rank"))
+        with fsdp1_whole_parameters(model):  # FSDP1's flat shards hide the shapes the resolution reads
+            self._resolve(model)
+        if self._fsdp1:
+            self._warn_once("fsdp1", "geomon: " + FSDP1_WEIGHTS.format(what=WEIGHT_VALUES))
+        self.model = model
+        return self
+
+    def _resolve(self, model: nn.Module) -> None:
+        modules = {name: module for name, module in plain_modules(model).items() if name}
         self.embedding_names = resolve_patterns(self.patterns, list(modules), "embedding_modules")
         linears = [name for name, module in modules.items() if linear_like(module)]
         spectral = resolve_patterns(self.spectral_patterns, linears, "spectral_modules (modules with a 2-D weight)")
         self.spectral = SpectralProbe(spectral)
-        self.logit_maps = LogitMapProbe(modules, bound=self.entropy_bound)
-        self.head = find_head(model, self.head_option)
+        self.logit_maps = LogitMapProbe({} if self._fsdp1 else modules, bound=self.entropy_bound)
+        head = find_head(model, self.head_option)
+        self.head = None if head is None else plain_name(head)
         self.collapse = None
         if self.neural_collapse_option is True and self.head is None:
             raise ValueError("neural_collapse=True needs the output head: pass head=<module name>; modules with a "
@@ -159,8 +202,10 @@ class Monitor:
                 "model before compiling it, or pass attention=False, head=None, embedding_modules=() and hand "
                 "tensors to the monitor yourself (Monitor.observe, or a 'geomon' dict returned from training_step)."
             )
-        self.model = model
-        return self
+
+    @staticmethod
+    def _uses_fsdp1(model: nn.Module) -> bool:
+        return bool(fsdp1_units(model)) or any(fsdp1_flattened(module) for module in model.modules())
 
     def detach(self) -> None:
         """Forget the model (no hook outlives a :meth:`step` block anyway)."""
@@ -181,7 +226,7 @@ class Monitor:
     @contextmanager
     def _armed(self, labels: Tensor | None) -> Iterator[None]:
         assert self.model is not None
-        modules = dict(self.model.named_modules())
+        modules = plain_modules(self.model)
         self._labels = labels
         with ExitStack() as stack:
             stack.callback(setattr, self, "_labels", None)
@@ -213,6 +258,8 @@ class Monitor:
             warnings.warn(f"geomon: {what} failed and was skipped: {error!r}", stacklevel=3)
 
     def _on_attention(self, call: AttentionCall) -> None:
+        if WRAPPER_PARTS.intersection(call.module.split(".")):
+            call = dataclasses.replace(call, module=plain_name(call.module))
         self.attention_probe.update(call)
 
     def _output_hook(self, name: str) -> Any:
@@ -230,18 +277,23 @@ class Monitor:
     def _on_head_input(self, module: nn.Module, features: Tensor) -> None:
         assert self.head is not None
         features = features.detach()
+        # the head's weight first, on every rank alike: gathering a sharded one (FSDP2) is a collective, so nothing
+        # that may differ between ranks (labels, a failing capture) may decide whether it happens
+        weight, bias = head_weight(module) if self.collapse is not None else (None, None)
         self._on_embedding(self.head + ".input", features)
         if self.collapse is None:
             return
-        if self._labels is None:
+        labels = self._labels
+        if labels is None:
             self._warn_once(
                 "labels",
                 "geomon: neural collapse is on but this step has no labels (pass labels= to Monitor.step, or "
-                "labels_fn= to GeomonCallback); it is skipped (neural_collapse=False silences this)",
+                "labels_fn= to GeomonCallback); its rows are skipped (neural_collapse=False silences this)",
             )
-            return
-        weight, bias = head_weight(module)
-        self.collapse.update(features, self._labels, weight, bias)
+            # no row is labelled, but the head's weight is recorded as on a rank that has labels: every rank then
+            # computes the same nc3 / unc3 (and evaluates the same alerts) from the synced window
+            labels = torch.full(features.shape[:-1], IGNORE_INDEX, dtype=torch.long, device=features.device)
+        self.collapse.update(features, labels, weight, bias)
 
     def _on_embedding(self, name: str, tensor: Tensor) -> None:
         rows = tensor.detach().reshape(-1, tensor.shape[-1])
@@ -264,13 +316,21 @@ class Monitor:
         values, self.details = self.attention_probe.compute()
         self.spectra = {}
         if self.model is not None:
-            modules = dict(self.model.named_modules())
+            modules = plain_modules(self.model)
+            if not self._fsdp1 and self._uses_fsdp1(self.model):  # wrapped after attach, as Lightning's FSDP does
+                self._fsdp1 = True
+                what = f"σ(W), stable rank, {WEIGHT_VALUES}" if self.spectral.metrics else WEIGHT_VALUES
+                if self.strict and self.spectral.metrics:  # asked for by name: as attach would have refused it
+                    raise RuntimeError("geomon: " + FSDP1_WEIGHTS.format(what=what))
+                self._warn_once("fsdp1", "geomon: " + FSDP1_WEIGHTS.format(what=what))
+                self.spectral, self.logit_maps = SpectralProbe([]), LogitMapProbe({})
             values.update(self.spectral.compute(modules))
             logit_sigma, per_head = self.logit_maps.compute(modules)
             values.update(logit_sigma)
             self.details.update(per_head)
-            for name, stats in sigma_reparam_stats(self.model).items():
-                values.update({f"geomon/spectral/reparam_{stat}/{name}": value for stat, value in stats.items()})
+            for name, stats in {} if self._fsdp1 else sigma_reparam_stats(self.model).items():
+                prefix = plain_name(name)
+                values.update({f"geomon/spectral/reparam_{stat}/{prefix}": value for stat, value in stats.items()})
         for probe in self.embeddings.values():
             scalars, spectrum = probe.compute(spectrum=spectra)
             values.update(scalars)

@@ -10,7 +10,7 @@ from torch import Tensor
 from geomon.capture.modules import weight_out_in
 from geomon.functional._dispatch import Backend
 from geomon.metrics import NeuralCollapse
-from geomon.probes._sync import synced_sum
+from geomon.probes._sync import synced_sum, whole
 
 #: Label of rows that carry no class (Hugging Face's convention for padding and the last position of a sequence).
 IGNORE_INDEX = -100
@@ -61,7 +61,8 @@ class CollapseProbe:
 
 
 def head_weight(module: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
-    """``(weight [C, D], bias [C] or None)`` of a head, transposing Hugging Face's ``Conv1D`` layout."""
-    weight = weight_out_in(module)
+    """``(weight [C, D], bias [C] or None)`` of a head, transposing Hugging Face's ``Conv1D`` layout; sharded
+    ``DTensor`` parameters (FSDP2) are gathered whole, a collective (every rank must call this at the same point)."""
+    weight = whole(weight_out_in(module))
     bias = getattr(module, "bias", None)
-    return weight, None if bias is None else bias.detach()
+    return weight, None if bias is None else whole(bias)

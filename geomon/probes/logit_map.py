@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from geomon.capture.modules import weight_out_in
 from geomon.functional import entropy_lower_bound
+from geomon.probes._sync import whole
 
 
 def _heads(module: nn.Module, default: int | None = None) -> int | None:
@@ -31,20 +32,29 @@ def _heads(module: nn.Module, default: int | None = None) -> int | None:
     return value if isinstance(value, int) else default
 
 
-def qk_weights(module: nn.Module) -> tuple[Tensor, Tensor, float, bool] | None:
+def _whole(weight: Tensor, gather: bool) -> Tensor:
+    """A sharded ``DTensor`` (FSDP2) as the whole weight: gathered (a collective, every rank must call it at the same
+    point) or, for a layout check, a meta tensor of its global shape (no communication)."""
+    if gather or not hasattr(weight, "full_tensor"):
+        return whole(weight)
+    return torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+
+
+def qk_weights(module: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tensor, float, bool] | None:
     """``(W_Q [H, Dh, D], W_K [Hk, Dh, D], scale, has_qk_norm)`` of an attention module whose layout is known
     (fused ``qkv``/``c_attn`` as in nanoGPT, timm and GPT-2; separate ``q_proj``/``k_proj``; ``in_proj_weight`` of
-    ``nn.MultiheadAttention``), else ``None``."""
+    ``nn.MultiheadAttention``), else ``None``. Sharded weights (FSDP2 ``DTensor``) are gathered whole, a collective;
+    ``gather=False`` returns meta tensors of their shapes instead, for a layout check without communication."""
     heads = _heads(module)
     if isinstance(module, nn.MultiheadAttention):
         if module.in_proj_weight is None:
             return None
-        w_q, w_k, _ = module.in_proj_weight.detach().chunk(3, dim=0)
+        w_q, w_k, _ = _whole(module.in_proj_weight.detach(), gather).chunk(3, dim=0)
         heads = module.num_heads
     elif hasattr(module, "q_proj") and hasattr(module, "k_proj") and heads is not None:
-        w_q, w_k = module.q_proj.weight.detach(), module.k_proj.weight.detach()
+        w_q, w_k = _whole(module.q_proj.weight.detach(), gather), _whole(module.k_proj.weight.detach(), gather)
     elif isinstance(fused := getattr(module, "qkv", None) or getattr(module, "c_attn", None), nn.Module):
-        weight = weight_out_in(fused)
+        weight = _whole(weight_out_in(fused), gather)
         if weight.shape[0] % 3 or heads is None:
             return None
         w_q, w_k, _ = weight.chunk(3, dim=0)
@@ -76,7 +86,7 @@ class LogitMapProbe:
     seen on the measured step (a forward pre-hook records ``max σ_max(X)²`` and the sequence length)."""
 
     def __init__(self, modules: dict[str, nn.Module], *, bound: bool = False) -> None:
-        self.names = [name for name, module in modules.items() if qk_weights(module) is not None]
+        self.names = [name for name, module in modules.items() if qk_weights(module, gather=False) is not None]
         self.bound = bound
         self.inputs: dict[str, tuple[Tensor, int, bool]] = {}
 

@@ -7,15 +7,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from geomon.metrics import SpectralNorm
+from geomon.probes._sync import whole
 
 
 def full_weight(module: nn.Module) -> Tensor:
     """The module's whole 2-D weight, detached; a sharded ``DTensor`` (FSDP2) is gathered, which is a collective:
     every rank must call this at the same point (the monitor's compute does)."""
-    weight = module.weight
-    if hasattr(weight, "full_tensor"):
-        weight = weight.full_tensor()
-    return weight.detach()
+    return whole(module.weight)
 
 
 class SpectralProbe:
