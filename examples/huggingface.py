@@ -1,10 +1,11 @@
 """A Hugging Face transformers model trained with Lightning and ``GeomonCallback``, neural collapse included.
 
-Run: ``python examples/huggingface.py`` (400 steps, a few minutes on a laptop CPU; ``--steps 20 --every 10`` for
-seconds; ``--arch gpt2`` for GPT-2 instead of Llama). The model is built from a small config with random weights
-(``LlamaForCausalLM``: 2 layers, hidden 64, 4 query heads sharing 2 key/value heads, rotary positions), so nothing
-is downloaded; it learns Python's documentation text one character at a time (the characters are the vocabulary,
-no tokenizer to fetch). Batches are what a transformers data collator makes: ``{"input_ids", "labels"}``.
+Run: ``python examples/huggingface.py`` (400 steps, about a minute and a half on a 2-core CPU;
+``--steps 20 --every 10`` for seconds; ``--arch gpt2`` for GPT-2 instead of Llama). The model is built from a small
+config with random weights (``LlamaForCausalLM``: 2 layers, hidden 64, 4 query heads sharing 2 key/value heads,
+rotary positions), so nothing is downloaded; it learns Python's documentation text one character at a time (the
+characters are the vocabulary, no tokenizer to fetch). Batches are what a transformers data collator makes:
+``{"input_ids", "labels"}``.
 
 What geomon does with it, all by default:
 

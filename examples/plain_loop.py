@@ -1,8 +1,9 @@
 """geomon in a hand-written PyTorch loop: ``geomon.Monitor`` with attach, step, compute, state_dict, detach.
 
-Run: ``python examples/plain_loop.py`` (300 steps, under a minute on a laptop CPU; ``--steps 20 --every 10`` for a
-few seconds). A character-level GPT (``geomon._tiny_gpt.TinyGPT``, d_model 64) learns Python's documentation text
-with AdamW; every ``--every`` steps the monitor watches the forward pass and prints what it measured:
+Run: ``python examples/plain_loop.py`` (300 steps, about a minute and a half on a 2-core CPU;
+``--steps 20 --every 10`` for a few seconds). A character-level GPT (``geomon._tiny_gpt.TinyGPT``, d_model 64)
+learns Python's documentation text with AdamW; every ``--every`` steps the monitor watches the forward pass and
+prints what it measured:
 
 - ``geomon/attention/entropy/blocks.{i}.attn`` (nats; 0 = one-hot, ``log n`` = uniform over the ``n`` keys a causal
   query sees), ``entropy_normalized`` (``H / log n``, in [0, 1]) and ``max_logit`` per attention layer: they fall as

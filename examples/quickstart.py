@@ -1,9 +1,9 @@
 """Quickstart: watch a small GPT's geometry while Lightning trains it, with ``GeomonCallback()`` and a CSV log.
 
-Run: ``python examples/quickstart.py`` (600 steps, about two minutes on a laptop CPU; ``--steps 20 --every 10`` for
-a few seconds; ``--wandb`` adds an offline W&B run). It trains a character-level GPT (``geomon._tiny_gpt.TinyGPT``:
-2 layers, 4 heads, d_model 128, context 64) on Python's own documentation text, which ships with Python, so nothing
-is downloaded.
+Run: ``python examples/quickstart.py`` (300 steps of 16 x 64 characters, about three minutes on a 2-core CPU;
+``--steps 20 --every 10`` for seconds; ``--wandb`` adds an offline W&B run). It trains a character-level GPT
+(``geomon._tiny_gpt.TinyGPT``: 2 layers, 4 heads, d_model 128, context 64) on Python's own documentation text,
+which ships with Python, so nothing is downloaded.
 
 What to look at: ``<out>/csv/version_*/metrics.csv``, one row per logged step, a column per key:
 
@@ -72,9 +72,9 @@ class CharGPT(pl.LightningModule):
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Lightning + GeomonCallback on a small GPT (CPU).")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=50, help="measure every N steps (GeomonCallback's default)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart"))
     parser.add_argument("--wandb", action="store_true", help="also log to an offline W&B run (needs wandb)")
