@@ -1,7 +1,7 @@
 """geomon in a 2-process Lightning DDP run on a CPU (gloo): what each rank measures, what rank zero logs.
 
-Run: ``python examples/ddp.py`` (about a minute on a laptop CPU; ``--steps 4 --every 2`` for a few seconds of
-training). ``--devices 1`` runs the same fit in one process: with the same ``--global-batch`` it logs the same values.
+Run: ``python examples/ddp.py`` (200 steps: about 15 s on a 2-core CPU; ``--steps 4 --every 2`` for a quick look).
+``--devices 1`` runs the same fit in one process: with the same ``--global-batch`` it logs the same values.
 
 A character-level GPT (``geomon._tiny_gpt.TinyGPT`` on Python's documentation text) trains with
 ``Trainer(strategy="ddp", accelerator="cpu", devices=2)``; Lightning starts the second process by running this

@@ -152,8 +152,21 @@ def _fsdp2_body(rank, world):
             "unlabelled": _fsdp2_monitored(rank, world, _rank1_unlabelled_at_odd_steps)}  # fmt: skip
 
 
+def _reparam_refusal():
+    """What fully_shard says of a σReparam model (its γ is a 0-d parameter)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from geomon.reparam import sigma_reparam
+
+    try:
+        fully_shard(sigma_reparam(_model()).blocks[0])
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _body(rank, world):
-    return {"fsdp2": _fsdp2_body(rank, world), "fsdp1": _fsdp1_body(rank, world)}
+    return {"fsdp2": _fsdp2_body(rank, world), "fsdp1": _fsdp1_body(rank, world), "reparam": _reparam_refusal()}
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +332,14 @@ def test_fsdp1_refuses_weights_at_attach_and_computes_the_rest(spawned):
         for run in runs:
             assert sum("FSDP1" in w for w in run["warnings"]) == 1  # said once, at attach or at the first compute
     assert any("nc/nc3/" in key for key in weight_free[-1])
+
+
+@pytest.mark.slow
+def test_fully_shard_refuses_sigma_reparam_layers(spawned):
+    """A fact the distributed guide states: σReparam's scalar γ cannot be sharded by FSDP2 (FSDP1 can wrap it, but
+    then geomon computes no weight-based value, σReparam's included)."""
+    for rank in spawned:
+        assert rank["reparam"] is not None and "scalar parameters" in rank["reparam"]
 
 
 def test_lightning_refuses_its_fsdp_strategy_on_cpu():
