@@ -165,8 +165,19 @@ def _reparam_refusal():
     return None
 
 
+def _attach_on_rank0_only(rank, world):
+    """Under FSDP2 attach reads shapes only: were it a collective, rank 0's would meet rank 1's barrier (an error) or
+    nothing (a hang, failed by the spawn's deadline)."""
+    model = _shard2(_model())
+    if rank == 0:
+        _monitor(spectral_modules=SPECTRAL).attach(model)
+    dist.barrier()
+    return True
+
+
 def _body(rank, world):
-    return {"fsdp2": _fsdp2_body(rank, world), "fsdp1": _fsdp1_body(rank, world), "reparam": _reparam_refusal()}
+    return {"attach_alone": _attach_on_rank0_only(rank, world), "fsdp2": _fsdp2_body(rank, world),
+            "fsdp1": _fsdp1_body(rank, world), "reparam": _reparam_refusal()}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +343,11 @@ def test_fsdp1_refuses_weights_at_attach_and_computes_the_rest(spawned):
         for run in runs:
             assert sum("FSDP1" in w for w in run["warnings"]) == 1  # said once, at attach or at the first compute
     assert any("nc/nc3/" in key for key in weight_free[-1])
+
+
+@pytest.mark.slow
+def test_fsdp2_attach_communicates_nothing(spawned):
+    assert [rank["attach_alone"] for rank in spawned] == [True, True]
 
 
 @pytest.mark.slow
