@@ -228,9 +228,9 @@ def _load_huggingface(name: str, materialise: bool) -> Loaded:
             if local:
                 raise InspectError(f"{name} holds no readable Hugging Face config: {_one_line(error)}") from error
             raise InspectError(
-                f"Hugging Face config {name!r} is not in the local cache and geomon inspect never downloads "
-                f"(fetch it first, e.g. `hf download {name} config.json`, or pass a directory with a config.json); "
-                "a factory is given as module:factory or path/to/file.py:factory"
+                f"Hugging Face config {name!r} could not be loaded from the local cache ({_one_line(error)}); geomon "
+                f"inspect never downloads (fetch it first, e.g. `hf download {name} config.json`, or pass a "
+                "directory with a config.json); a factory is given as module:factory or path/to/file.py:factory"
             ) from error
         with nullcontext() if materialise else torch.device("meta"):
             model = _model_from_config(transformers, config)

@@ -290,6 +290,8 @@ class Monitor:
                 "geomon: neural collapse is on but this step has no labels (pass labels= to Monitor.step, or "
                 "labels_fn= to GeomonCallback); its rows are skipped (neural_collapse=False silences this)",
             )
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                return  # one process: nothing to keep in step with
             # no row is labelled, but the head's weight is recorded as on a rank that has labels: every rank then
             # computes the same nc3 / unc3 (and evaluates the same alerts) from the synced window
             labels = torch.full(features.shape[:-1], IGNORE_INDEX, dtype=torch.long, device=features.device)

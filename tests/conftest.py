@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ def to_np(x: torch.Tensor) -> np.ndarray:
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """A numpy generator seeded from the test's name: fresh inputs per test, reproducible runs."""
-    return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**32))
+    # crc32, not hash(): Python salts str hashes per process, which gave every run (and xdist worker) new inputs
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture

@@ -180,13 +180,17 @@ def ref_neural_collapse(
         for b in range(a + 1, cs):
             ca, cb = seen[a], seen[b]
             dist = np.linalg.norm(mu[ca] - mu[cb])
-            # pairs whose means coincide to float64 rounding have an infinite CDNV: left out and counted
-            if dist**2 > 1e-12 * (mu[ca] @ mu[ca] + mu[cb] @ mu[cb]):
+            # pairs whose means coincide to float64 rounding have an infinite CDNV: left out and counted (the scale
+            # of a class: |mu_c|^2 + |mu_c - mu_G|^2)
+            scale_a = mu[ca] @ mu[ca] + norms[a] ** 2
+            scale_b = mu[cb] @ mu[cb] + norms[b] ** 2
+            if dist**2 > 1e-12 * (scale_a + scale_b):
                 cdnv.append((var[ca] + var[cb]) / (2.0 * dist**cdnv_exponent))
             else:
                 coincident += 1
             unit_dist = np.linalg.norm(muhat[:, a] - muhat[:, b])
-            if unit_dist**2 > 2e-12:
+            directions = norms[a] ** 2 > 1e-12 * scale_a and norms[b] ** 2 > 1e-12 * scale_b
+            if directions and unit_dist**2 > 2e-12:
                 logs.append(np.log(1.0 / unit_dist))
     out["cdnv"] = float(np.mean(cdnv)) if cdnv else float("nan")
     out["gnc2_mean"] = float(np.mean(logs)) if logs else float("nan")

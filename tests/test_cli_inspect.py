@@ -263,7 +263,7 @@ def test_uncached_hugging_face_name_is_not_downloaded(tmp_path, capsys, monkeypa
     pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     line = _error_line(capsys, ["geomon-tests/no-such-model-xyz"])
-    assert "not in the local cache" in line and "never downloads" in line
+    assert "could not be loaded from the local cache" in line and "never downloads" in line
     (tmp_path / "notes.txt").write_text("not a config")
     assert "holds no readable Hugging Face config" in _error_line(capsys, [str(tmp_path)])
 

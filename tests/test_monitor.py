@@ -154,6 +154,34 @@ def test_spectral_norms_of_chosen_weights_follow_training():
     )
 
 
+@pytest.mark.parametrize("reparametrise", ["prune", "spectral_norm", "weight_norm"])
+def test_hook_reparametrised_weights_are_not_taken_for_fsdp1_shards(reparametrise):
+    # regression: prune / the hook-based spectral_norm and weight_norm leave a plain tensor as `weight`, which the
+    # FSDP1 check took for a flattened shard: attach refused spectral_modules, and logit maps were dropped
+    import warnings as warnings_module
+
+    from torch.nn.utils import prune, spectral_norm
+
+    model = _model()
+    with warnings_module.catch_warnings():
+        warnings_module.simplefilter("ignore", FutureWarning)  # weight_norm's hook form is deprecated
+        for block in model.blocks:
+            if reparametrise == "prune":
+                prune.l1_unstructured(block.attn.qkv, "weight", amount=0.3)
+            elif reparametrise == "spectral_norm":
+                spectral_norm(block.attn.qkv)
+            else:
+                torch.nn.utils.weight_norm(block.attn.qkv)
+    monitor = Monitor(every_n_steps=1, attention=False, spectral_modules=["blocks.*.attn.qkv"], strict=True)
+    monitor.attach(model)
+    with torch.no_grad(), monitor.step(0):
+        model(_batches(1)[0])
+    values = monitor.compute()
+    for j in range(2):
+        exact = torch.linalg.matrix_norm(model.blocks[j].attn.qkv.weight.detach().double(), 2)
+        assert float(values[f"geomon/spectral/sigma/blocks.{j}.attn.qkv"]) == pytest.approx(float(exact), rel=1e-3)
+
+
 def test_spectral_patterns_only_match_modules_with_a_matrix_weight():
     with pytest.raises(ValueError, match=r"spectral_modules \(modules with a 2-D weight\) pattern 'ln_f'"):
         Monitor(spectral_modules=["ln_f"]).attach(_model())

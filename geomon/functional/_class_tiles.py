@@ -51,8 +51,9 @@ def nearest_centre(features: Tensor, means: Tensor, backend: Backend = "torch") 
     return tiled_argmax(features, 2 * centres, offset, backend)
 
 
-#: Two class means coincide when ``|μ_c - μ_c'|² <= COINCIDENT * (|μ_c|² + |μ_c'|²)``: a difference at the rounding
-#: level of the float64 means of identical float32 features. Their CDNV and ``log(1/|μ̂_c - μ̂_c'|)`` are infinite.
+#: Two class means coincide when ``|μ_c - μ_c'|² <= COINCIDENT * (s_c + s_c')``, ``s_c = |μ_c|² + |μ_c - μ_G|²``: a
+#: difference at the rounding level of the float64 means of identical float32 features (and of the distance computed
+#: from the centred means). Their CDNV and ``log(1/|μ̂_c - μ̂_c'|)`` are infinite.
 COINCIDENT = 1e-12
 
 
@@ -73,17 +74,17 @@ class PairSums(NamedTuple):
     n_directions_apart: Tensor  #: how many ordered pairs have distinct centred-mean directions
 
 
-def pair_sums(centred_means: Tensor, variances: Tensor, exponent: float, mean_sq_norms: Tensor) -> PairSums:
+def pair_sums(centred_means: Tensor, variances: Tensor, exponent: float, scales: Tensor) -> PairSums:
     """One tiled pass over class pairs giving every pairwise neural-collapse statistic.
 
     Sums are shifted by their simplex-ETF values (``cos = -1/(C-1)``, ``g = -½ log(2C/(C-1))``) so that the
-    variances computed from them do not cancel catastrophically near collapse. ``mean_sq_norms`` are the squared
-    norms of the uncentred means: the scale against which two means (or a mean and the global mean) coincide.
+    variances computed from them do not cancel catastrophically near collapse. ``scales`` are the ``s_c`` of
+    ``COINCIDENT``: the scale against which two means (or a mean and the global mean) coincide.
     """
     c = centred_means.shape[0]
     norms = centred_means.norm(dim=1)
     sq_norms = norms**2
-    has_direction = sq_norms > COINCIDENT * mean_sq_norms  # a mean at the global mean has no direction
+    has_direction = sq_norms > COINCIDENT * scales  # a mean at the global mean has no direction
     unit = centred_means / norms[:, None]  # NaN for a mean exactly at the global mean: nc2_* read NaN
     cos_etf = -1.0 / (c - 1)
     g_etf = -0.5 * math.log(2 * c / (c - 1))
@@ -101,7 +102,7 @@ def pair_sums(centred_means: Tensor, variances: Tensor, exponent: float, mean_sq
         )
         g = -0.5 * torch.log(torch.where(directions_apart, unit_dist_sq, 1.0)) - g_etf
         dist_sq = sq_norms[start:stop, None] + sq_norms[None, :] - 2 * centred_means[start:stop] @ centred_means.T
-        means_apart = off_diagonal & (dist_sq > COINCIDENT * (mean_sq_norms[start:stop, None] + mean_sq_norms[None, :]))
+        means_apart = off_diagonal & (dist_sq > COINCIDENT * (scales[start:stop, None] + scales[None, :]))
         safe_dist_sq = torch.where(means_apart, dist_sq, 1.0)
         cdnv = (variances[start:stop, None] + variances[None, :]) / (2 * safe_dist_sq ** (exponent / 2))
         masked = (

@@ -175,13 +175,17 @@ def _neural_collapse_compute(
     sigma_b = centred.T @ centred / n_seen
     norms = centred.norm(dim=1)
     variances = (stats.sq_norm_sum[seen] / counts - (means * means).sum(dim=1)).clamp(min=0)
-    pairs = pair_sums(centred, variances, cdnv_exponent, (means * means).sum(dim=1))
+    # the scale of each class's mean for the coincidence test: the rounding of the pair distances, computed from
+    # the centred means, grows with |μ_c - μ_G|², and that of the means themselves with |μ_c|²
+    scales = (means * means).sum(dim=1) + (centred * centred).sum(dim=1)
+    pairs = pair_sums(centred, variances, cdnv_exponent, scales)
     n_ordered = n_seen * (n_seen - 1)
     n_means_apart, n_directions_apart = int(pairs.n_means_apart.item()), int(pairs.n_directions_apart.item())
-    if n_means_apart < n_ordered:
+    if n_means_apart < n_ordered or n_directions_apart < n_ordered:
         warn(  # one fixed text, so that the warnings filter shows it once rather than on every step
-            "neural_collapse: some pairs of classes have coinciding means (an infinite CDNV); cdnv and gnc2_* are "
-            "averaged over the other pairs and coincident_pairs reports the share of such pairs"
+            "neural_collapse: some pairs of classes have coinciding means (an infinite CDNV) or mean directions (a "
+            "mean at the global mean, or two on one ray from it); cdnv and gnc2_* are averaged over the other pairs, "
+            "and coincident_pairs reports the share of pairs whose means coincide"
         )
     g_shift_mean = _mean_or_nan(pairs.log_inv_dist_shifted, n_directions_apart)
     out = {

@@ -46,7 +46,15 @@ def fsdp1_flattened(module: nn.Module) -> bool:
         and not isinstance(weight, nn.Parameter)
         and "weight" not in module._buffers
         and not parametrize.is_parametrized(module, "weight")
+        # torch.nn.utils.prune and the hook-based spectral_norm / weight_norm also leave a plain tensor as `weight`,
+        # recomputed from parameters of their own
+        and not any(name in module._parameters for name in _HOOK_WEIGHT_SOURCES)
     )
+
+
+#: Parameters from which ``torch.nn.utils.prune`` (``weight_orig``), the hook-based ``spectral_norm``
+#: (``weight_orig``) and ``weight_norm`` (``weight_g``, ``weight_v``) recompute a plain-tensor ``weight``.
+_HOOK_WEIGHT_SOURCES = ("weight_orig", "weight_g", "weight_v")
 
 
 def fsdp1_units(model: nn.Module) -> list[str]:

@@ -211,7 +211,7 @@ def test_classes_with_coinciding_means_are_counted_not_averaged_as_infinite(scal
     features, labels = _clustered(rng, 200, 6, 8)
     features = features * scale
     shared = features[0].clone()
-    twins = torch.tensor([6, 7, 6, 7, 7])
+    twins = torch.tensor([6, 7, 6, 7, 6, 7])  # equal counts: bit-identical means, so nc4's tie goes to class 6 in both
     features = torch.cat([features, shared.expand(len(twins), -1)])
     labels = torch.cat([labels, twins])
     weight = torch.from_numpy(rng.standard_normal((8, 8)))
@@ -247,3 +247,19 @@ def test_all_means_coinciding_leaves_cdnv_undefined(rng):
         values = neural_collapse(features, labels)
     assert float(values["coincident_pairs"]) == 1.0
     assert math.isnan(float(values["cdnv"])) and math.isnan(float(values["gnc2_mean"]))
+
+
+def test_coinciding_means_near_the_origin_beside_far_classes_are_found(rng):
+    # regression: the coincidence test scaled with |μ_c|² only, while the rounding of the distance (computed from the
+    # centred means) scales with |μ_c - μ_G|²: twins near the origin beside classes near 1000 went unflagged about
+    # half the time, and cdnv spiked to ~1e3
+    for _ in range(8):
+        far, labels_far = _clustered(rng, 120, 4, 6)
+        far = far * 500 + 1000
+        shared = torch.from_numpy(rng.standard_normal((3, 6))) * 1e-2
+        features = torch.cat([far, shared, shared])  # classes 4 and 5: the same three rows
+        labels = torch.cat([labels_far, torch.full((3,), 4), torch.full((3,), 5)])
+        with pytest.warns(GeomonWarning, match="coinciding means"):
+            values = neural_collapse(features, labels)
+        assert float(values["coincident_pairs"]) == pytest.approx(1 / math.comb(6, 2))
+        _assert_matches(values, ref_neural_collapse(features.numpy(), labels.numpy()))
