@@ -1,6 +1,7 @@
 """σReparam converter on real Hugging Face models (GPT-2, Llama, ViT), training, checkpoints, removal."""
 
 import io
+import math
 import warnings
 
 import pytest
@@ -264,3 +265,56 @@ def test_lightning_checkpoint_restores_gamma_sigma_and_u(tmp_path):
         assert torch.equal(s["gamma"], restored_stats[name]["gamma"]), name
         assert torch.equal(s["sigma"], restored_stats[name]["sigma"]), name
         assert torch.equal(module.get_submodule(name).u, restored.get_submodule(name).u), name
+
+
+def _applied_weight(layer):
+    """The [out, in] weight a layer applies, read off its outputs on the identity (eval mode, bias removed)."""
+    in_features = layer.in_features if hasattr(layer, "in_features") else layer.weight.shape[0]
+    eye = torch.eye(in_features, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        out = layer(eye) - layer(torch.zeros_like(eye))
+    return out.T.double()
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_logit_maps_of_sigma_reparam_layers_use_the_weight_they_apply(build, gen):
+    # regression: the logit-map σ read W itself from σReparam layers, not γ W / σ(W), and read a converted GPT-2
+    # Conv1D (stored [in, out]) as [out, in]
+    from geomon import Monitor
+
+    torch.manual_seed(0)
+    model, make_inputs = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GeomonWarning)
+        sigma_reparam(model)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, SigmaReparamLinear):
+                layer.gamma.mul_(2.5)  # the applied weight is now 2.5 x W / σ(W), far from W
+    model.eval()
+    monitor = Monitor(every_n_steps=1, head=None, strict=True).attach(model)
+    with torch.no_grad(), monitor.step(0):
+        model(**make_inputs(gen))
+    values = monitor.compute()
+    config = model.config
+    heads, width = config.num_attention_heads, config.hidden_size
+    head_dim = width // heads
+    for j in range(config.num_hidden_layers):
+        if build is _gpt2:
+            attn = model.transformer.h[j].attn
+            w_q, w_k, _ = _applied_weight(attn.c_attn).split(width, dim=0)
+            name = f"transformer.h.{j}.attn"
+        else:
+            attn = model.model.layers[j].self_attn
+            w_q, w_k = _applied_weight(attn.q_proj), _applied_weight(attn.k_proj)
+            name = f"model.layers.{j}.self_attn"
+        group = heads // (w_k.shape[0] // head_dim)
+        per_head = [
+            torch.linalg.matrix_norm(
+                w_q[h * head_dim : (h + 1) * head_dim].T @ w_k[(h // group) * head_dim : (h // group + 1) * head_dim],
+                2,
+            )
+            / math.sqrt(head_dim)
+            for h in range(heads)
+        ]
+        assert float(values[f"geomon/spectral/logit_sigma/{name}"]) == pytest.approx(float(max(per_head)), rel=1e-5)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
+
+from geomon._reparam_layer import SigmaReparamLinear
 
 #: Last name components that mark a model's output head when the model does not say which it is.
 HEAD_NAMES = ("lm_head", "head", "classifier", "fc", "score", "output", "out", "logits")
@@ -44,8 +47,12 @@ def linear_like(module: nn.Module) -> bool:
 
 
 def weight_out_in(module: nn.Module) -> Tensor:
-    """The module's 2-D weight, detached, as ``[out, in]``: ``nn.Linear``'s layout; Hugging Face's ``Conv1D`` stores
-    ``[in, out]`` and is transposed (a view, no copy)."""
+    """The weight the module applies, detached, as ``[out, in]``: ``nn.Linear``'s layout; Hugging Face's ``Conv1D``
+    stores ``[in, out]`` and is transposed (a view, no copy); a σReparam layer applies ``γ W / σ(W)``, not ``W``."""
+    if isinstance(module, SigmaReparamLinear):
+        with torch.no_grad():
+            weight = module._effective_weight(update=False)  # u is left as it is
+        return weight.T if module.transposed else weight
     weight = module.weight.detach()
     return weight.T if type(module).__name__ == "Conv1D" else weight
 

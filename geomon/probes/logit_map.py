@@ -52,7 +52,7 @@ def qk_weights(module: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tenso
         w_q, w_k, _ = _whole(module.in_proj_weight.detach(), gather).chunk(3, dim=0)
         heads = module.num_heads
     elif hasattr(module, "q_proj") and hasattr(module, "k_proj") and heads is not None:
-        w_q, w_k = _whole(module.q_proj.weight.detach(), gather), _whole(module.k_proj.weight.detach(), gather)
+        w_q, w_k = _whole(weight_out_in(module.q_proj), gather), _whole(weight_out_in(module.k_proj), gather)
     elif isinstance(fused := getattr(module, "qkv", None) or getattr(module, "c_attn", None), nn.Module):
         weight = _whole(weight_out_in(fused), gather)
         if weight.shape[0] % 3 or heads is None:
