@@ -190,19 +190,20 @@ def read_curves(path: Path, prefix: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def draw(results: dict[str, dict[str, Any]], path: Path) -> None:
-    """Normalised attention entropy (left) and max attention logit (right) per layer over steps, every run, as a PNG;
-    the first entropy_collapse alert of each run as a dotted line."""
+    """Normalised attention entropy (left), max attention logit (middle) and the logit-map spectral norm (right) per
+    layer over steps, every run, as a PNG; the first entropy_collapse alert of each run as a dotted line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(9.5, 5), layout="constrained")
+    figure = Figure(figsize=(13, 5), layout="constrained")
     FigureCanvasAgg(figure)
-    left, right = figure.subplots(1, 2, sharex=True)
+    left, right, spectral = figure.subplots(1, 3, sharex=True)
     colours = {"collapse": "tab:red", "sigma_reparam": "tab:blue", "healthy": "tab:green"}
     styles = ["-", "--", "-.", ":"]
     for name, result in results.items():
         label = f"{name} (lr {result['lr']:.0e})"
-        for ax, prefix in ((left, ENTROPY_KEY), (right, "geomon/attention/max_logit/")):
+        panels = (left, ENTROPY_KEY), (right, "geomon/attention/max_logit/"), (spectral, "geomon/spectral/logit_sigma/")
+        for ax, prefix in panels:
             for layer, (module, points) in enumerate(sorted(read_curves(result["metrics_csv"], prefix).items())):
                 ax.plot(*zip(*points, strict=True), styles[layer % len(styles)], color=colours.get(name),
                         linewidth=1, label=f"{label}, {module.removeprefix('model.')}")  # fmt: skip
@@ -212,7 +213,7 @@ def draw(results: dict[str, dict[str, Any]], path: Path) -> None:
                          label=f"{name}: first entropy_collapse alert (step {step})")  # fmt: skip
         if result["spike_step"] is not None:
             spike = result["spike_step"]
-            for ax in (left, right):
+            for ax in (left, right, spectral):
                 ax.axvline(spike, color=colours.get(name), linestyle=(0, (1, 3)), linewidth=1.5,
                            label=f"{name}: loss spike (step {spike})" if ax is right else None)  # fmt: skip
     left.set_title("mean normalised attention entropy H / log n, per layer", fontsize=10)
@@ -222,7 +223,10 @@ def draw(results: dict[str, dict[str, Any]], path: Path) -> None:
     right.set_ylabel("max logit (log scale)")
     right.set_yscale("log")
     right.axhline(100, color="grey", linewidth=0.8, linestyle="--", label="max_logit rule threshold (100)")
-    for ax in (left, right):
+    spectral.set_title("logit-map spectral norm max_h σ(W_Q,hᵀ W_K,h)·scale", fontsize=10)
+    spectral.set_ylabel("σ of the applied weights (log scale)")
+    spectral.set_yscale("log")
+    for ax in (left, right, spectral):
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3, which="both")
     legend = dict(zip(*reversed(left.get_legend_handles_labels()), strict=True))  # the curves are in both panels
@@ -253,7 +257,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--out", type=Path, default=Path("runs/entropy_collapse"))
     parser.add_argument("--no-wandb", action="store_true", help="do not write offline W&B runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest for this model, exact)")
-    parser.add_argument("--figure", type=Path, help="write a PNG of entropy and max logit per layer over steps here")
+    parser.add_argument(
+        "--figure", type=Path, help="write a PNG of entropy, max logit and logit-map σ per layer over steps here"
+    )
     args = parser.parse_args(argv)
     if args.fast:
         args.steps = 150
