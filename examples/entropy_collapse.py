@@ -54,8 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from geomon._tiny_gpt import CharTokenizer, TinyGPT, load_corpus, random_batch
+from geomon._tiny_gpt import CharTokenizer, TinyGPT, load_corpus
 from geomon.callback import GeomonCallback
+from geomon.demo import CorpusWindows
 from geomon.reparam import sigma_reparam
 
 #: run name -> (learning rate, σReparam)
@@ -63,18 +64,6 @@ RUNS = {"collapse": (3e-2, False), "sigma_reparam": (3e-2, True), "healthy": (1e
 #: σReparam on every linear of the attention and MLP blocks; the head stays a plain nn.Linear (see above).
 REPARAM_LAYERS = ["blocks.*.attn.*", "blocks.*.mlp.*"]
 ENTROPY_KEY = "geomon/attention/entropy_normalized/"
-
-
-class CorpusWindows(torch.utils.data.IterableDataset):
-    """Endless random windows of the corpus and their next-character targets, from a private generator."""
-
-    def __init__(self, data: Tensor, context: int, batch: int, seed: int) -> None:
-        self.data, self.context, self.batch, self.seed = data, context, batch, seed
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        while True:
-            yield random_batch(self.data, self.batch, self.context, generator)
 
 
 class CharGPT(pl.LightningModule):

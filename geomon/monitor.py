@@ -43,7 +43,7 @@ from geomon.capture import AttentionCall, capture_attention
 from geomon.capture.modules import compiled_parts, find_head, head_dims, linear_like, resolve_patterns
 from geomon.functional._dispatch import BACKENDS, Backend
 from geomon.probes import AttentionProbe, CollapseProbe, EmbeddingProbe, SpectralProbe
-from geomon.probes._sync import fsdp1_flattened, fsdp1_units, fsdp1_whole_parameters
+from geomon.probes._sync import fsdp1_flattened, fsdp1_units, fsdp1_whole_parameters, multi_process
 from geomon.probes.collapse import IGNORE_INDEX, head_weight
 from geomon.probes.logit_map import LogitMapProbe
 from geomon.reparam import sigma_reparam_stats
@@ -290,7 +290,7 @@ class Monitor:
                 "geomon: neural collapse is on but this step has no labels (pass labels= to Monitor.step, or "
                 "labels_fn= to GeomonCallback); its rows are skipped (neural_collapse=False silences this)",
             )
-            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            if not multi_process():
                 return  # one process: nothing to keep in step with
             # no row is labelled, but the head's weight is recorded as on a rank that has labels: every rank then
             # computes the same nc3 / unc3 (and evaluates the same alerts) from the synced window

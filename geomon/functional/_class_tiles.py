@@ -112,8 +112,7 @@ def pair_sums(centred_means: Tensor, variances: Tensor, exponent: float, scales:
             (g, directions_apart),
             (g**2, directions_apart),
             (cdnv, means_apart),
-            (torch.ones_like(cdnv), means_apart),
-            (torch.ones_like(cdnv), directions_apart),
         )
-        totals = [t + torch.where(mask, p, 0.0).sum() for t, (p, mask) in zip(totals, masked, strict=True)]
+        sums = [torch.where(mask, p, 0.0).sum() for p, mask in masked] + [means_apart.sum(), directions_apart.sum()]
+        totals = [t + s for t, s in zip(totals, sums, strict=True)]
     return PairSums(*totals)

@@ -18,10 +18,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 
+def multi_process() -> bool:
+    """Whether a default process group of more than one process is running (values must then be kept in step)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def synced_sum(value: Tensor) -> Tensor:
     """``value`` summed over the default process group (a copy; ``value`` itself is unchanged)."""
     total = value.detach().clone()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_process():
         dist.all_reduce(total)
     return total
 

@@ -26,7 +26,7 @@ class EmbeddingProbe:
         self.name, self.num_features = name, num_features
         self.min_rows = 4 * num_features if min_rows is None else min_rows
         self.rankme = RankMe(num_features, min_samples=1)
-        self.fit_range = (11, 100) if num_features > 100 else None  # alpha-ReQ's default fit, where D allows it
+        self.with_alpha = num_features > 100  # alpha-ReQ's default fit runs over eigenvalues 11..100
 
     def to(self, device: torch.device) -> EmbeddingProbe:
         self.rankme.to(device)
@@ -44,8 +44,8 @@ class EmbeddingProbe:
         with self.rankme.sync_context():  # one all-reduce of the window's sums serves every value below
             stats = self.rankme._stats()
             scalars[key] = _rankme_compute(stats, eps=self.rankme.eps, min_samples=1)
-            if self.fit_range is not None:
-                scalars[f"geomon/alpha_req/{self.name}"] = _alpha_req_compute(stats, fit_range=self.fit_range)[0]
+            if self.with_alpha:
+                scalars[f"geomon/alpha_req/{self.name}"] = _alpha_req_compute(stats)[0]
             if spectrum:  # singular values of the window's rows, for the spectrum plot
                 details[key] = _eigvalsh_descending(stats.gram).clamp(min=0).sqrt()
         self.rankme.reset()
