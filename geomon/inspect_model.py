@@ -38,7 +38,20 @@ both sides of the ratio.
 State (float64, lives for the run; read off the probes' own state layout): ``5·H`` values per attention module,
 ``1 + D + D²`` per embedding Gram, and ``2·C·D + 2·C + D² + 3`` for neural collapse (sums and the previous
 window's class means). ``--measure`` runs the model on a random batch on the CPU with and
-without the monitor and reports the time ratio and the FLOPs torch's counter saw.
+without the monitor and reports the time ratio and the FLOPs torch's counter saw, with attention counted as below
+(:func:`flop_counter`).
+
+Attention FLOPs, counted the same way whichever SDPA backend runs: a call of ``F.scaled_dot_product_attention`` with
+queries ``[..., Nq, Dh]`` (``B·H`` in ``...``, ``H`` the query heads), keys ``[..., Nk, Dh]`` and values
+``[..., Nk, Dv]`` counts ``2·B·H·Nq·Nk·Dh`` (``QKᵀ``) ``+ 2·B·H·Nq·Nk·Dv`` (``PV``): every query against every key,
+for a causal or masked call too (nothing is taken off for the masked pairs), and grouped-query attention by its
+query heads. That is what torch's counter sees on the math backend, whose ``bmm`` calls it counts, and what its
+formula for the fused CUDA kernels gives. But which kernel runs depends on the CPU's instruction set, the dtype, the
+shapes and the torch release, and the counter has no formula for some of them: torch 2.14 counts nothing for
+``aten._scaled_dot_product_flash_attention_for_cpu``, the kernel the CPU path picks on many machines.
+:func:`flop_counter` gives every fused SDPA kernel of :data:`SDPA_KERNELS` that one formula, in place of torch's, and
+their backward kernels the math backend's four gradient products, ``4·B·H·Nq·Nk·(Dh + Dv)`` (without the ``QKᵀ`` a
+fused kernel recomputes); a kernel replaces the whole call, so nothing inside it is counted twice.
 """
 
 from __future__ import annotations
@@ -653,10 +666,89 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - started
 
 
+#: The aten kernels ``F.scaled_dot_product_attention`` dispatches to besides the math path (which the FLOP counter
+#: sees as ``bmm`` calls): CUDA's flash, memory-efficient and cuDNN kernels, the CPU's flash kernel, the one
+#: out-of-tree backends override, and MPS's. Those a torch release lacks are skipped.
+SDPA_KERNELS = (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable",
+    "_scaled_dot_product_attention_math_for_mps",
+)
+
+
+def _attention_terms(query: Any, key: Any, value: Any) -> tuple[int, int, int]:
+    """``(B·H·Nq·Nk, Dh, Dv)`` from the shapes ``[..., Nq, Dh]``, ``[..., Nk, Dh]``, ``[..., Nk, Dv]``, where
+    ``...`` of the queries is ``B·H`` (the query heads; keys may have fewer)."""
+    return math.prod(query[:-2]) * query[-2] * key[-2], query[-1], value[-1]
+
+
+def sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of one attention forward from the shapes of its queries, keys and values: ``2·B·H·Nq·Nk·Dh`` for
+    ``QKᵀ`` plus ``2·B·H·Nq·Nk·Dv`` for ``PV``, every query against every key (a causal call counts the same as the
+    math backend's ``bmm`` calls do) and ``H`` the query heads (grouped-query attention included).
+
+    Example:
+        >>> sdpa_flops((2, 8, 16, 32), (2, 2, 16, 32), (2, 2, 16, 32)) == 2 * 2 * 8 * 16 * 16 * (32 + 32)
+        True
+    """
+    pairs, dh, dv = _attention_terms(query, key, value)
+    return 2 * pairs * (dh + dv)
+
+
+def sdpa_backward_flops(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
+                        **kwargs: Any) -> int:  # fmt: skip
+    """FLOPs of one attention backward, as the math backend computes it: the gradients of the two products of the
+    forward, ``dP = dO Vᵀ``, ``dV = Pᵀ dO``, ``dQ = dS K`` and ``dK = dSᵀ Q``, that is ``4·B·H·Nq·Nk·(Dh + Dv)``.
+    (torch's own formula for its fused CUDA kernels adds the ``QKᵀ`` they recompute, ``2·B·H·Nq·Nk·Dh``; left out
+    here, so that a backward counts the same on every backend.)
+
+    Example:
+        >>> shape = (2, 8, 16, 32)
+        >>> sdpa_backward_flops(shape, shape, shape, shape) == 4 * 2 * 8 * 16 * 16 * (32 + 32)
+        True
+    """
+    pairs, dh, dv = _attention_terms(query, key, value)
+    return 4 * pairs * (dh + dv)
+
+
+def attention_flop_formulas() -> dict[Any, Callable[..., int]]:
+    """``custom_mapping`` for :class:`torch.utils.flop_counter.FlopCounterMode`: :func:`sdpa_flops` (and
+    :func:`sdpa_backward_flops` for the ``_backward`` kernels) for every kernel of :data:`SDPA_KERNELS` this torch
+    has, so that attention counts the same on every backend.
+
+    Example:
+        >>> torch.ops.aten._scaled_dot_product_flash_attention_for_cpu in attention_flop_formulas()
+        True
+    """
+    formulas: dict[Any, Callable[..., int]] = {}
+    for name in SDPA_KERNELS:
+        for op, formula in ((name, sdpa_flops), (f"{name}_backward", sdpa_backward_flops)):
+            if hasattr(torch.ops.aten, op):
+                formulas[getattr(torch.ops.aten, op)] = formula
+    return formulas
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent :class:`~torch.utils.flop_counter.FlopCounterMode` whose attention FLOPs do not depend on the SDPA
+    backend (:func:`attention_flop_formulas`): what ``--measure`` counts with.
+
+    Example:
+        >>> q = torch.randn(1, 2, 8, 4)
+        >>> with flop_counter() as counter:
+        ...     _ = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        >>> counter.get_total_flops() == sdpa_flops(q.shape, q.shape, q.shape)
+        True
+    """
+    return FlopCounterMode(display=False, custom_mapping=attention_flop_formulas())
+
+
 def measure(model: nn.Module, found: dict[str, Any], *, batch_size: int, seq_len: int, repeats: int = 3,
             seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """One random batch through ``model`` (train mode, autograd on, no backward) with and without a default
-    :class:`geomon.Monitor` measuring every step: median times, FLOPs counted by ``torch.utils.flop_counter``, the
+    :class:`geomon.Monitor` measuring every step: median times, FLOPs counted by :func:`flop_counter`, the
     attention modules the monitor saw (with their head counts), and the keys it logged. FLOPs are counted on the
     first step after the first window closed (``4·D`` rows, at most :data:`MAX_WARM_STEPS` steps in), where the
     steady-state cost model applies."""
@@ -692,7 +784,7 @@ def measure(model: nn.Module, found: dict[str, Any], *, batch_size: int, seq_len
                 c = found["head"]["num_classes"]
                 labels = torch.randint(0, c, seen_rows[0], generator=generator)
             rows = math.prod(seen_rows[0]) if seen_rows else None
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 _call(model, inputs)
             plain_flops = int(counter.get_total_flops())
             monitor = Monitor(every_n_steps=1).attach(model)
@@ -710,7 +802,7 @@ def measure(model: nn.Module, found: dict[str, Any], *, batch_size: int, seq_len
             warm = 1 if rows is None or d is None else min(MAX_WARM_STEPS, math.ceil(4 * d / rows))
             for step in range(warm):  # the first window: neural collapse has reference means from the second on
                 monitored_step(step)
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 with monitor.step(warm, labels=labels):
                     _call(model, inputs)
                 capture_flops = int(counter.get_total_flops()) - plain_flops

@@ -1,5 +1,6 @@
 """``geomon inspect MODEL``: what it lists is what a real monitor watches and logs, its cost model agrees with torch's
-FLOP counter and with the monitor's real state, and every user error is one line with status 2."""
+FLOP counter and with the monitor's real state, whichever SDPA backend runs the attention, and every user error is
+one line with status 2."""
 
 from __future__ import annotations
 
@@ -9,15 +10,21 @@ import os
 import subprocess
 import sys
 import uuid
+import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from geomon import Monitor, cli
 from geomon._tiny_gpt import CausalSelfAttention, TinyGPT
+from geomon.inspect_model import flop_counter, sdpa_backward_flops, sdpa_flops
 from geomon.monitor import AUTO_COLLAPSE_MAX_ELEMENTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,15 +92,57 @@ def _state_tensors(state) -> list[Tensor]:
     return []
 
 
+def _reference_counter() -> FlopCounterMode:
+    """torch's own counter, no custom formulas, on the math backend: it sees the attention as the ``bmm`` calls it
+    decomposes into, so its count is independent of geomon's attention formulas (and of the machine's kernels)."""
+    return FlopCounterMode(display=False)
+
+
 def _flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with sdpa_kernel(SDPBackend.MATH), _reference_counter() as counter:
         fn()
     return int(counter.get_total_flops())
 
 
-def test_tiny_gpt_factory_lists_what_a_real_monitor_watches_and_costs(factory, capsys):
-    report = _json(capsys, [f"{factory}:build", "--measure", "--seq-len", str(CONTEXT), "--batch-size", str(BATCH),
-                            "--repeats", "1"])  # fmt: skip
+#: SDPA backends the tests run attention on: whatever this machine picks, the math path, and the fused kernels
+BACKENDS = {
+    "default": None,
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+
+
+def _backend(name: str, probe: Callable[[], object] | None = None) -> AbstractContextManager:
+    """The ``sdpa_kernel`` context of backend ``name``; skips the test when the backend has no kernel for ``probe``
+    (default: causal float32 attention on the CPU)."""
+    backend = BACKENDS[name]
+    if backend is None:
+        return nullcontext()
+    q = torch.randn(1, 4, 8, 32)
+    try:
+        with sdpa_kernel(backend), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch says why each kernel declined
+            probe() if probe is not None else F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    except RuntimeError as error:
+        pytest.skip(f"no {name} SDPA kernel here: {str(error).splitlines()[0]}")
+    return sdpa_kernel(backend)
+
+
+def _tiny_gpt_forward_flops(batch: int, seq: int) -> int:
+    """TinyGPT's forward from its configuration alone: ``2·B·N`` per weight entry (per layer ``qkv`` 3·W², ``proj``
+    W², the MLP 8·W²; the head V·W) plus, per layer, ``QKᵀ`` and ``PV`` over every (query, key) pair."""
+    weights = LAYERS * 12 * WIDTH**2 + VOCAB * WIDTH
+    attention = LAYERS * 2 * 2 * batch * HEADS * seq * seq * (WIDTH // HEADS)
+    return 2 * batch * seq * weights + attention
+
+
+@pytest.mark.parametrize("backend", ["default", "math", "flash"])
+def test_tiny_gpt_factory_lists_what_a_real_monitor_watches_and_costs(factory, capsys, backend):
+    with _backend(backend):  # the measured FLOPs must not depend on which SDPA kernel runs
+        report = _json(capsys, [f"{factory}:build", "--measure", "--seq-len", str(CONTEXT), "--batch-size",
+                                str(BATCH), "--repeats", "1"])  # fmt: skip
     torch.manual_seed(0)
     model = TinyGPT(VOCAB, d_model=WIDTH, n_layer=LAYERS, n_head=HEADS, context=CONTEXT)
     attention = [name for name, module in model.named_modules() if isinstance(module, CausalSelfAttention)]
@@ -111,9 +160,10 @@ def test_tiny_gpt_factory_lists_what_a_real_monitor_watches_and_costs(factory, c
     x = torch.randint(0, VOCAB, (BATCH, CONTEXT), generator=torch.Generator().manual_seed(1))
     labels = torch.arange(BATCH * CONTEXT).reshape(BATCH, CONTEXT) % VOCAB
     plain = _flops(lambda: model(x))
+    assert plain == _tiny_gpt_forward_flops(BATCH, CONTEXT)
     logged: dict[str, Tensor] = {}
     for step in (0, 50):
-        with FlopCounterMode(display=False) as counter:
+        with sdpa_kernel(SDPBackend.MATH), _reference_counter() as counter:
             with monitor.step(step, labels=labels):
                 model(x)
             captured = int(counter.get_total_flops()) - plain
@@ -123,7 +173,7 @@ def test_tiny_gpt_factory_lists_what_a_real_monitor_watches_and_costs(factory, c
     assert "geomon/alpha_req/head.input" in report["keys"]  # D > 100
     assert sum(len(probe["keys"]) for probe in report["probes"]) == len(report["keys"])
 
-    # the cost model against torch's counter (second window: nc4 runs) and the monitor's real state
+    # the cost model against torch's counter on the math backend (second window: nc4 runs) and the monitor's state
     cost = report["cost"]
     assert cost["rows_per_step"] == BATCH * CONTEXT and cost["steps_per_window"] == 1
     assert cost["model_forward"] == plain == report["measured"]["forward_flops"]
@@ -134,6 +184,47 @@ def test_tiny_gpt_factory_lists_what_a_real_monitor_watches_and_costs(factory, c
     assert report["state_bytes"]["attention"] == LAYERS * 5 * HEADS * 8  # five float64 sums per head
     measured = report["measured"]
     assert all(math.isfinite(measured[k]) and measured[k] > 0 for k in ("forward_s", "monitored_forward_s"))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("case", ["causal", "mask", "gqa", "cross"])
+def test_attention_flops_do_not_depend_on_the_sdpa_backend(device, backend, case):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    b, h, n, dh = 2, 8, 64, 32
+    kv_heads, keys, sdpa = h, n, {"is_causal": True}
+    if case == "mask":
+        offsets = torch.arange(n, device=device)
+        sdpa = {"attn_mask": (offsets[:, None] - offsets[None, :]).abs() < 16}  # a sliding window
+    elif case == "gqa":
+        kv_heads, sdpa = 2, {"is_causal": True, "enable_gqa": True}
+    elif case == "cross":
+        keys, sdpa = 48, {}
+    generator = torch.Generator(device).manual_seed(0)
+    dtype = torch.float16 if device == "cuda" else torch.float32  # CUDA's fused kernels take half precision
+
+    def tensors() -> tuple[Tensor, Tensor, Tensor]:
+        q = torch.randn(b, h, n, dh, device=device, dtype=dtype, generator=generator)
+        k, v = (torch.randn(b, kv_heads, keys, dh, device=device, dtype=dtype, generator=generator) for _ in "kv")
+        return q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+
+    def count(counter: FlopCounterMode) -> tuple[int, int]:
+        q, k, v = tensors()
+        with counter:
+            out = F.scaled_dot_product_attention(q, k, v, **sdpa)
+            forward = int(counter.get_total_flops())
+            out.float().square().sum().backward()
+        return forward, int(counter.get_total_flops()) - forward
+
+    with sdpa_kernel(SDPBackend.MATH):
+        reference = count(_reference_counter())  # torch's counter sees the math path's bmm calls
+    with _backend(backend, lambda: F.scaled_dot_product_attention(*tensors(), **sdpa)):
+        counted = count(flop_counter())
+    shapes = ((b, h, n, dh), (b, kv_heads, keys, dh), (b, kv_heads, keys, dh))
+    expected = (2 * b * h * n * keys * (dh + dh), 4 * b * h * n * keys * (dh + dh))
+    assert (sdpa_flops(*shapes), sdpa_backward_flops((b, h, n, dh), *shapes)) == expected
+    assert counted == reference == expected
 
 
 def test_python_m_geomon_on_a_transformer_encoder(factory):
