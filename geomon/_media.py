@@ -6,7 +6,11 @@ Scalars go through every Lightning logger unchanged; this module adds, on rank z
   with every per-head value, so that ``geomon report`` can draw the layer x head heatmaps from any run;
 - W&B: a layer x head heatmap of normalised entropy and the singular-value spectra as images on the trainer's
   global step, and ``define_metric`` summaries (min entropy, max logit);
-- TensorBoard: the same figures, and a histogram of each layer's per-head values.
+- TensorBoard: the same images, and a histogram of each layer's per-head values.
+
+The figures are drawn only when a logger takes images (W&B, TensorBoard), once per step for all of them, with
+matplotlib's object API on an Agg canvas: geomon never switches the user's matplotlib backend nor touches pyplot's
+figure registry (a notebook's inline or interactive backend stays as it was).
 """
 
 from __future__ import annotations
@@ -62,17 +66,20 @@ def write_heads(directory: str, step: int, heads: dict[str, Tensor]) -> None:
                 writer.writerow([step, key, head, value])
 
 
+def takes_images(logger: Any) -> bool:
+    """Whether geomon hands this Lightning logger images (W&B and TensorBoard do)."""
+    return type(logger).__name__ in ("WandbLogger", "TensorBoardLogger")
+
+
 def heatmap_figure(heads: dict[str, Tensor], step: int) -> Any:
     """Layer x head normalised entropy at one step (NaN where a layer has fewer heads or no valid row)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     layers = [key[len(ENTROPY_NORMALIZED) :] for key in heads if key.startswith(ENTROPY_NORMALIZED)]
     width = max(len(heads[ENTROPY_NORMALIZED + layer]) for layer in layers)
     grid = [heads[ENTROPY_NORMALIZED + layer].tolist() + [math.nan] * width for layer in layers]
-    figure, axes = plt.subplots(figsize=(1.2 + 0.45 * width, 1.0 + 0.35 * len(layers)), layout="constrained")
+    figure = Figure(figsize=(1.2 + 0.45 * width, 1.0 + 0.35 * len(layers)), layout="constrained")
+    axes = figure.add_subplot()
     image = axes.imshow([row[:width] for row in grid], vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     axes.set_xlabel("head")
     axes.set_ylabel("layer")
@@ -84,12 +91,11 @@ def heatmap_figure(heads: dict[str, Tensor], step: int) -> Any:
 
 
 def spectrum_figure(spectra: dict[str, Tensor], step: int) -> Any:
-    import matplotlib
+    """Singular values against rank, log-log, one line per embedding."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5, 3.5), layout="constrained")
+    figure = Figure(figsize=(5, 3.5), layout="constrained")
+    axes = figure.add_subplot()
     for key, values in spectra.items():
         positive = values[values > 0].tolist()
         axes.loglog(range(1, len(positive) + 1), positive, label=key.removeprefix("geomon/rankme/"))
@@ -100,43 +106,48 @@ def spectrum_figure(spectra: dict[str, Tensor], step: int) -> Any:
     return figure
 
 
+def render_rgb(figure: Any) -> Any:
+    """The figure as an ``[height, width, 3]`` uint8 numpy array, drawn on its own Agg canvas (no pyplot)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
+
+
 def log_media(loggers: list[Any], step: int, heads: dict[str, Tensor], spectra: dict[str, Tensor]) -> None:
     """Write the per-head values and embedding spectra of one logging step to every logger that can take them."""
     for logger in loggers:
         directory = logger_directory(logger)
         if directory is not None and heads:
             write_heads(directory, step, heads)
-    figures = _figures(heads, spectra, step)
+    images = _images(heads, spectra, step) if any(takes_images(logger) for logger in loggers) else {}
     for logger in loggers:
         kind = type(logger).__name__
-        if kind == "WandbLogger":
+        if kind == "WandbLogger" and images:
             import wandb
 
-            media = {f"geomon/media/{name}": wandb.Image(figure) for name, figure in figures.items()}
-            logger.log_metrics(media, step=step)
+            logger.log_metrics({f"geomon/media/{name}": wandb.Image(rgb) for name, rgb in images.items()}, step=step)
         elif kind == "TensorBoardLogger":
             writer = logger.experiment
-            for name, figure in figures.items():
-                writer.add_figure(f"geomon/media/{name}", figure, global_step=step, close=False)
+            for name, rgb in images.items():
+                writer.add_image(f"geomon/media/{name}", rgb, global_step=step, dataformats="HWC")
             for key, values in heads.items():
                 if values.isfinite().any():
                     writer.add_histogram(key, values[values.isfinite()], global_step=step)
-    if figures:
-        import matplotlib.pyplot as plt
-
-        for figure in figures.values():
-            plt.close(figure)
 
 
-def _figures(heads: dict[str, Tensor], spectra: dict[str, Tensor], step: int) -> dict[str, Any]:
+def _images(heads: dict[str, Tensor], spectra: dict[str, Tensor], step: int) -> dict[str, Any]:
+    """This step's heatmap and spectra, each drawn once and rendered to an RGB array that every logger shares."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         warnings.warn("geomon: matplotlib is not installed, so no heatmaps or spectra are drawn", stacklevel=3)
         return {}
-    figures = {}
+    images = {}
     if any(key.startswith(ENTROPY_NORMALIZED) for key in heads):
-        figures["entropy_heatmap"] = heatmap_figure(heads, step)
+        images["entropy_heatmap"] = render_rgb(heatmap_figure(heads, step))
     if spectra:
-        figures["spectra"] = spectrum_figure(spectra, step)
-    return figures
+        images["spectra"] = render_rgb(spectrum_figure(spectra, step))
+    return images
