@@ -12,6 +12,13 @@ A :class:`Session` lives for one ``with`` block. It keeps
   nothing itself. That is the whole of the exactly-once rule: the innermost source that saw the computation wins;
 - the guard: a failure inside a probe becomes a warning naming the module (``strict=True`` raises).
 
+Functions geomon replaces (``F.scaled_dot_product_attention``, transformers' attention functions) are replaced once
+for all the sessions active at a time, by a :class:`SharedPatch`: the first session to need one installs a
+dispatcher that notifies every active session (each reports only the calls made inside its own model), and the
+last session to leave restores the original, whatever order the blocks exit in (two monitors, nested blocks,
+exceptions). If something else replaced the function meanwhile, it is left in place and geomon's dispatcher, which
+it may still call, passes calls straight through once no session remains.
+
 Nothing is reported while autograd runs a backward pass (a checkpointed block recomputing its forward), so one
 forward pass is reported once.
 """
@@ -171,22 +178,88 @@ class Session:
     @contextmanager
     def sdpa_wrapped(self) -> Iterator[None]:
         """Report every call of ``F.scaled_dot_product_attention`` made inside the model, after it ran."""
-        original = F.scaled_dot_product_attention
-
-        @functools.wraps(original)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
-            name = self.current()
-            if name is not None:
-                self.guarded(name, lambda: self.report(name, *_sdpa_arguments(args, kwargs)))
-            return out
-
-        F.scaled_dot_product_attention = wrapper
-        try:
+        with SharedPatch.joined(F, "scaled_dot_product_attention", _sdpa_dispatcher, self):
             yield
+
+
+#: ``make(original, sessions) -> dispatcher``: calls ``original`` once, then lets each of ``sessions`` (the live list
+#: of the active sessions) report the call.
+MakeDispatcher = Callable[[Callable, list[Session]], Callable]
+
+
+class SharedPatch:
+    """One attribute (a module global, a mapping entry, a class attribute) replaced for all active sessions.
+
+    ``owner`` is a dict (entries) or any other object (its own ``__dict__`` attribute). Patches are keyed by
+    ``(id(owner), name)``; each holds its owner, so the id cannot be reused while it is installed.
+    """
+
+    def __init__(self, owner: Any, name: str, make: MakeDispatcher) -> None:
+        self.owner, self.name = owner, name
+        self.original = self._get()
+        self.sessions: list[Session] = []
+        self.dispatcher = make(self.original, self.sessions)
+        self._set(self.dispatcher)
+
+    def _get(self) -> Any:
+        return (self.owner if isinstance(self.owner, dict) else vars(self.owner)).get(self.name)
+
+    def _set(self, value: Any) -> None:
+        if isinstance(self.owner, dict):
+            self.owner[self.name] = value
+        else:
+            setattr(self.owner, self.name, value)
+
+    @classmethod
+    def join(cls, owner: Any, name: str, make: MakeDispatcher, session: Session) -> SharedPatch:
+        """Add ``session`` to the patch of ``owner.name``, installing one (over whatever is there now) if needed."""
+        key = (id(owner), name)
+        patch = _INSTALLED.get(key)
+        if patch is None or patch._get() is not patch.dispatcher:  # none, or replaced since by someone else
+            patch = _INSTALLED[key] = cls(owner, name, make)
+        patch.sessions.append(session)
+        return patch
+
+    def leave(self, session: Session) -> None:
+        """Remove ``session``; the last one out restores the original if the dispatcher is still in place."""
+        self.sessions.remove(session)
+        if self.sessions:
+            return
+        key = (id(self.owner), self.name)
+        if _INSTALLED.get(key) is self:
+            del _INSTALLED[key]
+        if self._get() is self.dispatcher:
+            self._set(self.original)
+
+    @classmethod
+    @contextmanager
+    def joined(cls, owner: Any, name: str, make: MakeDispatcher, session: Session) -> Iterator[SharedPatch]:
+        """:meth:`join` for the block, :meth:`leave` however it exits."""
+        patch = cls.join(owner, name, make, session)
+        try:
+            yield patch
         finally:
-            if F.scaled_dot_product_attention is wrapper:
-                F.scaled_dot_product_attention = original
+            patch.leave(session)
+
+
+_INSTALLED: dict[tuple[int, str], SharedPatch] = {}  # the patches installed now, by (id(owner), name)
+
+
+def _sdpa_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
+    @functools.wraps(original)
+    def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        for session in tuple(sessions):
+            name = session.current()
+            if name is not None:
+                session.guarded(name, functools.partial(_report_sdpa, session, name, args, kwargs))
+        return out
+
+    return scaled_dot_product_attention
+
+
+def _report_sdpa(session: Session, name: str, args: tuple, kwargs: dict) -> None:
+    session.report(name, *_sdpa_arguments(args, kwargs))
 
 
 def _sdpa_arguments(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None, bool, float | None]:

@@ -23,7 +23,9 @@ Q/K, mask and scale are all in hand, so it is intercepted there, while the captu
   sequences (flash with ``position_ids`` and no mask, batch of one) applied. Flash drops padded query tokens: their
   rows are masked out entirely (NaN, excluded from means).
 
-Everything is restored on exit (an entry is put back only if it is still geomon's wrapper). Attention with logit
+Each function is replaced once for all the capture blocks active at a time (a ``SharedPatch``: one wrapper notifies
+every block, each of which reports only its own model's modules) and the original is put back when the last block
+exits, in whatever order they exit; a function put there by someone else meanwhile is left. Attention with logit
 soft-capping (``softcap``) or attention sinks (``s_aux``) is not modelled by the entropy definition: a warning, no
 value. ``transformers`` is never imported by geomon: only models whose classes are already loaded are inspected.
 """
@@ -34,13 +36,13 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from geomon.capture._session import Found, Session, bind, in_backward
+from geomon.capture._session import Found, MakeDispatcher, Session, SharedPatch, bind, in_backward
 
 _INTERFACE_ARGS = ("attention_mask", "scaling", "dropout")
 _UNMODELLED = {"softcap": "logit soft-capping", "s_aux": "attention sinks"}
@@ -78,26 +80,24 @@ def _is_transformers_sdpa(fn: object) -> bool:
 def patched(model: nn.Module, session: Session) -> Iterator[None]:
     """Wrap the attention functions the transformers modules of ``model`` may call; restore them on exit."""
     classes = {type(m) for m in model.modules() if _is_attention_class(type(m))}
-    undo: list[Callable[[], None]] = []
-    try:
+    with ExitStack() as stack:
         if classes:
-            _patch(classes, session, undo)
+            _patch(classes, session, stack)
         yield
-    finally:
-        for restore in reversed(undo):
-            restore()
 
 
-def _patch(classes: set[type], session: Session, undo: list[Callable[[], None]]) -> None:
+def _patch(classes: set[type], session: Session, stack: ExitStack) -> None:
+    def join(owner: Any, name: str, make: MakeDispatcher) -> None:
+        stack.enter_context(SharedPatch.joined(owner, name, make, session))
+
     namespaces = {id(g): g for g in (_forward_function(cls).__globals__ for cls in classes)}
     interfaces: dict[int, Any] = {}
     utils = sys.modules.get("transformers.modeling_utils")
     if utils is not None and hasattr(utils, "ALL_ATTENTION_FUNCTIONS"):
         interfaces[id(utils.ALL_ATTENTION_FUNCTIONS)] = utils.ALL_ATTENTION_FUNCTIONS
     for g in namespaces.values():
-        eager = g.get("eager_attention_forward")
-        if callable(eager):
-            _swap(g, "eager_attention_forward", _wrap(eager, session, registry=False), undo)
+        if callable(g.get("eager_attention_forward")):
+            join(g, "eager_attention_forward", _eager_dispatcher)
         interface = g.get("ALL_ATTENTION_FUNCTIONS")
         if interface is not None and hasattr(interface, "_local_mapping"):
             interfaces[id(interface)] = interface
@@ -109,64 +109,57 @@ def _patch(classes: set[type], session: Session, undo: list[Callable[[], None]])
     for mapping in mappings.values():
         for key, fn in list(mapping.items()):
             if callable(fn) and not _is_transformers_sdpa(fn):
-                _swap(mapping, key, _wrap(fn, session, registry=True), undo)
+                join(mapping, key, _registry_dispatcher)
     for cls in classes:
         owner = next((c for c in cls.__mro__ if _REORDER in c.__dict__), None)
         if owner is not None:
-            original = owner.__dict__[_REORDER]
-            wrapper = _wrap_reordered(original, session)
-            setattr(owner, _REORDER, wrapper)
-            undo.append(functools.partial(_restore_attribute, owner, _REORDER, wrapper, original))
+            join(owner, _REORDER, _reordered_dispatcher)
 
 
-def _swap(mapping: dict, key: str, new: Callable, undo: list[Callable[[], None]]) -> None:
-    old = mapping[key]
-    mapping[key] = new
-
-    def restore() -> None:
-        if mapping.get(key) is new:  # a function registered inside the block stays
-            mapping[key] = old
-
-    undo.append(restore)
-
-
-def _restore_attribute(owner: type, name: str, wrapper: object, original: object) -> None:
-    if owner.__dict__.get(name) is wrapper:
-        setattr(owner, name, original)
-
-
-def _wrap(original: Callable, session: Session, *, registry: bool) -> Callable:
-    @functools.wraps(original)
-    def wrapper(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
-        before = session.reports
-        out = original(module, query, key, value, *args, **kwargs)
-        name = session.name_of(module)
-        if name is not None and session.reports == before and not session.busy and not in_backward():
-            session.reports += 1
+def _interface_dispatcher(registry: bool) -> MakeDispatcher:
+    def make(original: Callable, sessions: list[Session]) -> Callable:
+        @functools.wraps(original)
+        def wrapper(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
+            before = [(session, session.reports) for session in sessions]
+            out = original(module, query, key, value, *args, **kwargs)
             call = bind(_INTERFACE_ARGS, args, kwargs)
-            reason = next((why for arg, why in _UNMODELLED.items() if kwargs.get(arg) is not None), None)
-            if reason is not None:
-                session.warn_once(name, f"geomon: attention of {name!r} uses {reason}, which attention entropy "
-                                        "does not model; it is not reported")  # fmt: skip
-            else:
-                session.guarded(name, lambda: session.report_found(name, _found(module, query, key, call, registry)))
-        return out
+            for session, reports in before:
+                if session.reports == reports:  # the function reported nothing itself (did not reach SDPA)
+                    _report(session, module, query, key, call, registry)
+            return out
 
-    return wrapper
+        return wrapper
+
+    return make
 
 
-def _wrap_reordered(original: Callable, session: Session) -> Callable:
+_eager_dispatcher, _registry_dispatcher = _interface_dispatcher(False), _interface_dispatcher(True)
+
+
+def _reordered_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
     @functools.wraps(original)
     def wrapper(self: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None = None):
         out = original(self, query, key, value, attention_mask)
-        name = session.name_of(self)
-        if name is not None and not session.busy and not in_backward():
-            session.reports += 1
-            call = {"attention_mask": attention_mask, "scaling": getattr(self, "scaling", None)}
-            session.guarded(name, lambda: session.report_found(name, _found(self, query, key, call, False)))
+        call = {"attention_mask": attention_mask, "scaling": getattr(self, "scaling", None)}
+        for session in tuple(sessions):
+            _report(session, self, query, key, call, False)
         return out
 
     return wrapper
+
+
+def _report(session: Session, module: nn.Module, query: Tensor, key: Tensor, call: dict, registry: bool) -> None:
+    """Report one attention-function call to ``session`` if ``module`` belongs to its model."""
+    name = session.name_of(module)
+    if name is None or session.busy or in_backward():
+        return
+    session.reports += 1
+    reason = next((why for arg, why in _UNMODELLED.items() if call.get(arg) is not None), None)
+    if reason is not None:
+        session.warn_once(name, f"geomon: attention of {name!r} uses {reason}, which attention entropy "
+                                "does not model; it is not reported")  # fmt: skip
+    else:
+        session.guarded(name, lambda: session.report_found(name, _found(module, query, key, call, registry)))
 
 
 def _found(module: nn.Module, query: Tensor, key: Tensor, call: dict, registry: bool) -> list[Found]:
