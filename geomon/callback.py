@@ -32,7 +32,6 @@ runs on every rank (it is a collective) and the values, identical on all ranks, 
 from __future__ import annotations
 
 import importlib
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -176,16 +175,19 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         self.labels_fn, self.media, self.strict = labels_fn, media, strict
         self._armed: Any = None
         self._measured_step = 0
+        self._to_compute = False
         self._pending_state: dict[str, Any] | None = None
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # here, not in setup: the model exists (configure_model has run) and sits on its device, wrapped as the
+        # strategy wraps it (FSDP), so the plan reads the structure that will train
         self.monitor.attach(pl_module)
-        engine = self.monitor.alert_engine
-        engine.is_rank_zero = trainer.is_global_zero
-        engine.sinks = self._sinks(trainer)
+        self.monitor.alert_engine.sinks = self._sinks(trainer)
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
             self._pending_state = None
+        if self.media and trainer.is_global_zero:
+            self.monitor.guard.run("W&B summaries", _media.define_wandb_summaries, trainer.loggers)
 
     def _sinks(self, trainer: Any) -> list[Sink]:
         sinks: list[Sink] = [LoggingSink()]
@@ -205,23 +207,21 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
                 sinks.append(CallableSink(action, all_ranks=False, **act))
         return sinks
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.media and trainer.is_global_zero:
-            self._quietly("W&B summaries", _media.define_wandb_summaries, trainer.loggers)
-
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         first_micro_batch = batch_idx % max(1, trainer.accumulate_grad_batches) == 0
-        if first_micro_batch and self.monitor.is_scheduled(trainer.global_step):
+        if self.monitor.model is not None and first_micro_batch and self.monitor.is_scheduled(trainer.global_step):
             labels = None
             if self.monitor.collapse is not None:
-                labels = self._quietly("labels_fn", self.labels_fn, batch)
-            self._armed = self.monitor.step(trainer.global_step, labels=labels)
-            self._armed.__enter__()
-            self._measured_step = trainer.global_step
+                labels = self.monitor.guard.run("labels_fn", self.labels_fn, batch)
+            armed = self.monitor.step(trainer.global_step, labels=labels)
+            if self.monitor.guard.run("arming the capture", armed.__enter__, default=False) is not False:
+                self._armed = armed
+            self._measured_step, self._to_compute = trainer.global_step, True
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._armed is None:
+        if not self._to_compute:  # set on every rank alike: compute is a collective
             return
+        self._to_compute = False
         self._disarm()
         if isinstance(outputs, Mapping) and isinstance(outputs.get(OUTPUT_KEY), Mapping):
             for name, tensor in outputs[OUTPUT_KEY].items():
@@ -236,17 +236,8 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
                 logger.log_metrics(scalars, step=self._measured_step)
         monitor = self.monitor
         if self.media and trainer.is_global_zero and (monitor.details or monitor.spectra):
-            self._quietly("media", _media.log_media, trainer.loggers, self._measured_step, monitor.details,
+            self.monitor.guard.run("media", _media.log_media, trainer.loggers, self._measured_step, monitor.details,
                           monitor.spectra)  # fmt: skip
-
-    def _quietly(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except Exception as error:  # monitoring must never break training
-            if self.strict:
-                raise
-            warnings.warn(f"geomon: {what} failed and was skipped: {error!r}", stacklevel=2)
-            return None
 
     def _disarm(self) -> None:
         armed, self._armed = self._armed, None
@@ -254,6 +245,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             armed.__exit__(None, None, None)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._to_compute = False
         self._disarm()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -267,4 +259,4 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         if self.monitor.model is not None:  # Lightning restores callbacks after setup when it resumes a fit
             self.monitor.load_state_dict(state_dict)
         else:
-            self._pending_state = state_dict  # applied at setup, once the module is attached
+            self._pending_state = state_dict  # applied at on_fit_start, once the module is attached

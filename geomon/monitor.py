@@ -11,7 +11,9 @@ geomon's key scheme (a collective under DDP: call it on every rank) and starts t
 - σ(W) and stable rank of the ``spectral_modules``.
 
 Embedding and neural-collapse windows keep accumulating rows over measured steps until they hold ``4 x D``
-(RankMe's small-sample bias), then report and reset.
+(RankMe's small-sample bias), then report and reset. What is watched is decided once, at :meth:`Monitor.attach`,
+from the model's structure (:mod:`geomon.probes.plan`): every rank holds the same probes, so no rank can wait for
+another in a reduction, and a value that nothing measured is simply not logged.
 
 Example:
     >>> import torch
@@ -29,31 +31,23 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+import operator
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from geomon._guard import Guard
 from geomon.alerts import AlertEngine, AlertEvent, LoggingSink, Rule, default_rules
-from geomon.capture import AttentionCall, capture_attention
-from geomon.capture.modules import compiled_parts, find_head, head_dims, linear_like, resolve_patterns
+from geomon.capture.modules import compiled_parts
 from geomon.functional._dispatch import BACKENDS, Backend
-from geomon.probes import AttentionProbe, CollapseProbe, EmbeddingProbe, SpectralProbe
-from geomon.probes._sync import fsdp1_flattened, fsdp1_units, fsdp1_whole_parameters, multi_process
-from geomon.probes.collapse import IGNORE_INDEX, head_weight
-from geomon.probes.logit_map import LogitMapProbe
-from geomon.reparam import sigma_reparam_stats
-
-#: Neural collapse is switched on automatically only below this state size (C x D float64 values: 128 MiB).
-AUTO_COLLAPSE_MAX_ELEMENTS = 1 << 24
-
-#: Name components that wrappers insert between a module and its parent: FSDP1's ``FullyShardedDataParallel`` and
-#: activation checkpointing's ``CheckpointWrapper``. geomon names modules without them.
-WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+from geomon.probes._sync import fsdp1_flattened, fsdp1_units, fsdp1_whole_parameters
+from geomon.probes.embedding import EmbeddingProbe
+from geomon.probes.plan import MEMORY_BUDGET_MIB, Plan, PlanOptions, build_plan
 
 FSDP1_WEIGHTS = (
     "the model is sharded with FSDP1 (FullyShardedDataParallel): outside its forward a module's weight is only this "
@@ -63,21 +57,23 @@ FSDP1_WEIGHTS = (
 )
 WEIGHT_VALUES = "geomon/spectral/*: logit_sigma, entropy_bound, σReparam's gamma and sigma"
 
-
-def plain_name(name: str) -> str:
-    """``name`` without wrapper components (:data:`WRAPPER_PARTS`), as on the unwrapped model.
-
-    Example:
-        >>> plain_name("_fsdp_wrapped_module.blocks.0._fsdp_wrapped_module.attn")
-        'blocks.0.attn'
-    """
-    return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
+COMPILED = (
+    "the model is compiled with torch.compile ({parts}): forward hooks and the attention interception would have to "
+    "run inside the compiled graph, which changes what is compiled and so the training itself. Keep the compiled "
+    "model as it is and pass attention=False, head=None, embedding_modules=() (spectral_modules and the attention "
+    "layers' logit maps, read off the weights, still work); hand the tensors you want measured to Monitor.observe "
+    "(or return them under outputs['geomon'] from training_step): that leaves training bit-identical"
+)
 
 
-def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """``model``'s modules by :func:`plain_name`: names resolved before FSDP1 wraps the model still find their modules
-    after, and keys read the same with or without the wrappers (a wrapper yields to the module it wraps)."""
-    return {plain_name(name): module for name, module in model.named_modules()}
+def step_number(step: object) -> int:
+    """``step`` as an ``int`` (Python, numpy and 0-d integer tensors are accepted), else a ``TypeError``."""
+    try:
+        return operator.index(step)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"the step must be an integer (int, numpy integer or 0-d integer tensor), got {step!r}"
+        ) from None
 
 
 class Monitor:
@@ -104,6 +100,9 @@ class Monitor:
             collapse, max logit above 100, rank collapse, non-finite values; ``()``: none); events are logged on
             rank zero, counted under ``geomon/alerts/<rule>``, and kept in :attr:`events`.
         backend: kernels or torch (see :mod:`geomon.functional`).
+        memory_budget_mib: the most memory all probe state together may take (MiB, per process); :meth:`attach`
+            fails naming the largest probes when the plan needs more, and a probe found later that would exceed it
+            is dropped with a warning.
         strict: raise probe errors instead of warning (for tests).
     """
 
@@ -121,6 +120,7 @@ class Monitor:
         query_rows: int | None = None,
         alerts: Sequence[Rule] | None = None,
         backend: Backend = "auto",
+        memory_budget_mib: float = MEMORY_BUDGET_MIB,
         strict: bool = False,
     ) -> None:
         for name, value in (("every_n_steps", every_n_steps), ("window_rows", window_rows),
@@ -136,76 +136,57 @@ class Monitor:
         for name, patterns in (("embedding_modules", embedding_modules), ("spectral_modules", spectral_modules)):
             if isinstance(patterns, str):
                 raise TypeError(f"{name} must be a sequence of patterns, e.g. [{patterns!r}], not a string")
-        self.every_n_steps, self.attention, self.head_option = every_n_steps, attention, head
-        self.neural_collapse_option, self.window_rows, self.strict = neural_collapse, window_rows, strict
-        self.patterns, self.spectral_patterns = list(embedding_modules), list(spectral_modules)
-        self.backend, self.entropy_bound = backend, entropy_bound
-        self.logit_maps = LogitMapProbe({})
+        if isinstance(memory_budget_mib, bool) or not isinstance(memory_budget_mib, (int, float)) or \
+                not memory_budget_mib > 0:  # fmt: skip
+            raise ValueError(f"memory_budget_mib must be a positive number, got {memory_budget_mib!r}")
+        self.every_n_steps, self.strict = every_n_steps, strict
+        self.options = PlanOptions(
+            attention=attention, head=head, neural_collapse=neural_collapse,
+            embedding_modules=tuple(embedding_modules), spectral_modules=tuple(spectral_modules),
+            entropy_bound=entropy_bound, window_rows=window_rows, query_rows=query_rows, backend=backend,
+            memory_budget_mib=memory_budget_mib,
+        )  # fmt: skip
+        self.guard = Guard(strict)
         self.model: nn.Module | None = None
-        self.head: str | None = None
-        self.embedding_names: list[str] = []
-        self.attention_probe = AttentionProbe(backend=backend, query_rows=query_rows)
-        self.embeddings: dict[str, EmbeddingProbe] = {}
-        self.collapse: CollapseProbe | None = None
-        self.spectral = SpectralProbe([])
+        self.plan: Plan | None = None
         self.details: dict[str, Tensor] = {}  #: per-head vectors of the latest compute (media, alert rules)
         self.spectra: dict[str, Tensor] = {}  #: singular values of the embedding windows closed by it (media)
         self.alert_engine = AlertEngine(default_rules() if alerts is None else alerts, [LoggingSink()], strict=strict)
         self.events: list[AlertEvent] = []  #: alert events of the latest compute
-        self._labels: Tensor | None = None
-        self._warned: set[str] = set()
+        self._measured = False  # a step was measured since the last compute
         self._fsdp1 = False  # FSDP1 flattens the weights: no weight-based value (see attach)
+
+    @property
+    def head(self) -> str | None:
+        """The output head's name (plain), once attached."""
+        return None if self.plan is None else self.plan.head
+
+    @property
+    def collapse(self) -> Any:
+        """The neural-collapse probe, or ``None``."""
+        found = [] if self.plan is None else self.plan.of_kind("collapse")
+        return found[0] if found else None
 
     # setup -----------------------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> Monitor:
-        """Resolve what to watch on ``model``; a misconfiguration fails here, listing what was available."""
+        """Decide what to watch on ``model`` (the plan) and allocate its state; a misconfiguration fails here,
+        listing what was available."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor.attach needs a torch.nn.Module, got {type(model).__name__}")
-        self._fsdp1 = self._uses_fsdp1(model)
-        if self._fsdp1 and self.spectral_patterns:
+        options = self.options
+        compiled = compiled_parts(model)
+        if compiled and (options.attention or options.embedding_modules or options.head is not None):
+            raise ValueError(COMPILED.format(parts=", ".join(repr(p) if p else "the model" for p in compiled)))
+        self._fsdp1 = bool(fsdp1_units(model)) or any(fsdp1_flattened(module) for module in model.modules())
+        if self._fsdp1 and options.spectral_modules:
             raise ValueError("spectral_modules cannot be measured: " + FSDP1_WEIGHTS.format(what="σ(W), stable rank"))
-        with fsdp1_whole_parameters(model):  # FSDP1's flat shards hide the shapes the resolution reads
-            self._resolve(model)
+        with fsdp1_whole_parameters(model):  # FSDP1's flat shards hide the shapes the plan reads
+            self.plan = build_plan(model, replace(options, weights=not self._fsdp1), self.guard)
         if self._fsdp1:
-            self._warn_once("fsdp1", "geomon: " + FSDP1_WEIGHTS.format(what=WEIGHT_VALUES))
+            self.guard.warn_once("fsdp1", "geomon: " + FSDP1_WEIGHTS.format(what=WEIGHT_VALUES))
+        self.plan.allocate(next((p.device for p in model.parameters()), self.plan.device))
         self.model = model
         return self
-
-    def _resolve(self, model: nn.Module) -> None:
-        modules = {name: module for name, module in plain_modules(model).items() if name}
-        self.embedding_names = resolve_patterns(self.patterns, list(modules), "embedding_modules")
-        linears = [name for name, module in modules.items() if linear_like(module)]
-        spectral = resolve_patterns(self.spectral_patterns, linears, "spectral_modules (modules with a 2-D weight)")
-        self.spectral = SpectralProbe(spectral)
-        self.logit_maps = LogitMapProbe({} if self._fsdp1 else modules, bound=self.entropy_bound)
-        head = find_head(model, self.head_option)
-        self.head = None if head is None else plain_name(head)
-        self.collapse = None
-        if self.neural_collapse_option is True and self.head is None:
-            raise ValueError("neural_collapse=True needs the output head: pass head=<module name>; modules with a "
-                             f"2-D weight: {', '.join(linears[:40]) or '(none)'}")  # fmt: skip
-        if self.head is not None and self.neural_collapse_option is not False:
-            c, d = head_dims(modules[self.head])
-            if self.neural_collapse_option is True or c * d <= AUTO_COLLAPSE_MAX_ELEMENTS:
-                self.collapse = CollapseProbe(self.head + ".input", c, d, min_rows=self.window_rows,
-                                              backend=self.backend)  # fmt: skip
-            else:
-                warnings.warn(f"geomon: neural collapse is off for head {self.head!r}: its {c} x {d} float64 state "
-                              "is large; pass neural_collapse=True to watch it anyway", stacklevel=2)  # fmt: skip
-        hooked = self.attention or self.embedding_names or self.head is not None
-        compiled = compiled_parts(model)
-        if compiled and hooked:
-            raise ValueError(
-                f"the model is compiled with torch.compile ({', '.join(repr(p) or 'the model' for p in compiled)}): "
-                "forward hooks and the attention interception do not see inside a compiled graph, so attention "
-                "entropy, the head's input and embedding_modules cannot be captured. Either attach geomon to the "
-                "model before compiling it, or pass attention=False, head=None, embedding_modules=() and hand "
-                "tensors to the monitor yourself (Monitor.observe, or a 'geomon' dict returned from training_step)."
-            )
-
-    @staticmethod
-    def _uses_fsdp1(model: nn.Module) -> bool:
-        return bool(fsdp1_units(model)) or any(fsdp1_flattened(module) for module in model.modules())
 
     def detach(self) -> None:
         """Forget the model (no hook outlives a :meth:`step` block anyway)."""
@@ -213,159 +194,75 @@ class Monitor:
 
     # capture ---------------------------------------------------------------------------------------------------
     def is_scheduled(self, global_step: int) -> bool:
-        return global_step % self.every_n_steps == 0
+        return step_number(global_step) % self.every_n_steps == 0
 
     def step(self, global_step: int, labels: Tensor | None = None) -> Any:
         """Context manager around the forward pass of ``global_step``; a no-op off schedule.
 
         ``labels`` (one per row of the head's input, ``-100`` = none) feed neural collapse."""
-        if self.model is None:
+        if self.model is None or self.plan is None:
             raise RuntimeError("Monitor.step() before attach(model)")
-        return self._armed(labels) if self.is_scheduled(global_step) else nullcontext()
-
-    @contextmanager
-    def _armed(self, labels: Tensor | None) -> Iterator[None]:
-        assert self.model is not None
-        modules = plain_modules(self.model)
-        self._labels = labels
-        with ExitStack() as stack:
-            stack.callback(setattr, self, "_labels", None)
-            for name in self.embedding_names:
-                handle = modules[name].register_forward_hook(self._output_hook(name), always_call=True)
-                stack.callback(handle.remove)
-            if self.head is not None:
-                handle = modules[self.head].register_forward_hook(self._head_hook, always_call=True)
-                stack.callback(handle.remove)
-            for name in self.logit_maps.names if self.entropy_bound else ():
-                handle = modules[name].register_forward_pre_hook(self.logit_maps.pre_hook(name), with_kwargs=True)
-                stack.callback(handle.remove)
-            if self.attention:
-                stack.enter_context(capture_attention(self.model, self._on_attention, strict=self.strict))
-            yield
+        if not self.is_scheduled(global_step):
+            return nullcontext()
+        self._measured = True
+        return self.plan.armed(self.model, labels)
 
     def observe(self, name: str, tensor: Tensor) -> None:
         """Add embeddings ``[..., D]`` to probe ``name`` (``geomon/rankme/<name>``) yourself: for models that
         hooks cannot see into (``torch.compile``) or tensors that no module outputs."""
-        self._guard(f"observed tensor {name!r}", self._on_embedding, name, tensor)
-
-    def _guard(self, what: str, fn: Any, *args: Any) -> None:
-        try:
-            with torch.no_grad():
-                fn(*args)
-        except Exception as error:  # a probe must never break training
-            if self.strict:
-                raise
-            warnings.warn(f"geomon: {what} failed and was skipped: {error!r}", stacklevel=3)
-
-    def _on_attention(self, call: AttentionCall) -> None:
-        if WRAPPER_PARTS.intersection(call.module.split(".")):
-            call = dataclasses.replace(call, module=plain_name(call.module))
-        self.attention_probe.update(call)
-
-    def _output_hook(self, name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            tensor = output[0] if isinstance(output, tuple) else output
-            if isinstance(tensor, Tensor):
-                self._guard(f"embedding capture of {name!r}", self._on_embedding, name, tensor)
-
-        return hook
-
-    def _head_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if inputs and isinstance(inputs[0], Tensor):
-            self._guard(f"capture of the input of head {self.head!r}", self._on_head_input, module, inputs[0])
-
-    def _on_head_input(self, module: nn.Module, features: Tensor) -> None:
-        assert self.head is not None
-        features = features.detach()
-        # the head's weight first, on every rank alike: gathering a sharded one (FSDP2) is a collective, so nothing
-        # that may differ between ranks (labels, a failing capture) may decide whether it happens
-        weight, bias = head_weight(module) if self.collapse is not None else (None, None)
-        self._on_embedding(self.head + ".input", features)
-        if self.collapse is None:
-            return
-        labels = self._labels
-        if labels is None:
-            self._warn_once(
-                "labels",
-                "geomon: neural collapse is on but this step has no labels (pass labels= to Monitor.step, or "
-                "labels_fn= to GeomonCallback); its rows are skipped (neural_collapse=False silences this)",
-            )
-            if not multi_process():
-                return  # one process: nothing to keep in step with
-            # no row is labelled, but the head's weight is recorded as on a rank that has labels: every rank then
-            # computes the same nc3 / unc3 (and evaluates the same alerts) from the synced window
-            labels = torch.full(features.shape[:-1], IGNORE_INDEX, dtype=torch.long, device=features.device)
-        self.collapse.update(features, labels, weight, bias)
-
-    def _on_embedding(self, name: str, tensor: Tensor) -> None:
-        rows = tensor.detach().reshape(-1, tensor.shape[-1])
-        if name not in self.embeddings:
-            self.embeddings[name] = EmbeddingProbe(name, rows.shape[1], min_rows=self.window_rows).to(rows.device)
-        self.embeddings[name].update(rows)
-
-    def _warn_once(self, tag: str, message: str) -> None:
-        if tag not in self._warned:
-            self._warned.add(tag)
-            warnings.warn(message, stacklevel=3)
+        if self.plan is None:
+            raise RuntimeError("Monitor.observe() before attach(model)")
+        self.guard.run(f"observed tensor {name!r}", self.plan.observe, name, tensor)
 
     # values ----------------------------------------------------------------------------------------------------
     def compute(self, step: int | None = None, *, spectra: bool = False) -> dict[str, Tensor]:
-        """Scalar values of the finished windows (a collective under DDP: call it on every rank), keyed by geomon's
-        scheme; per-head vectors go to :attr:`details` and, with ``spectra=True``, the singular values of each full
-        embedding window to :attr:`spectra`, under the same keys. Given the ``step``, the alert rules run over the
-        values and the per-head vectors: their events go to the sinks and :attr:`events`, their counts into the
-        values as ``geomon/alerts/<rule>``."""
-        values, self.details = self.attention_probe.compute()
-        self.spectra = {}
-        if self.model is not None:
-            modules = plain_modules(self.model)
-            if not self._fsdp1 and self._uses_fsdp1(self.model):  # wrapped after attach, as Lightning's FSDP does
-                self._fsdp1 = True
-                what = f"σ(W), stable rank, {WEIGHT_VALUES}" if self.spectral.metrics else WEIGHT_VALUES
-                if self.strict and self.spectral.metrics:  # asked for by name: as attach would have refused it
-                    raise RuntimeError("geomon: " + FSDP1_WEIGHTS.format(what=what))
-                self._warn_once("fsdp1", "geomon: " + FSDP1_WEIGHTS.format(what=what))
-                self.spectral, self.logit_maps = SpectralProbe([]), LogitMapProbe({})
-            values.update(self.spectral.compute(modules))
-            logit_sigma, per_head = self.logit_maps.compute(modules)
-            values.update(logit_sigma)
-            self.details.update(per_head)
-            for name, stats in {} if self._fsdp1 else sigma_reparam_stats(self.model).items():
-                prefix = plain_name(name)
-                values.update({f"geomon/spectral/reparam_{stat}/{prefix}": value for stat, value in stats.items()})
-        for probe in self.embeddings.values():
-            scalars, spectrum = probe.compute(spectrum=spectra)
-            values.update(scalars)
-            self.spectra.update(spectrum)
-        if self.collapse is not None:
-            values.update(self.collapse.compute())
-        self.events = []
+        """Scalar values of what was measured since the last compute (a collective under DDP: call it on every
+        rank), keyed by geomon's scheme; nothing for what no rank measured. Per-head vectors go to :attr:`details`
+        and, with ``spectra=True``, the singular values of each full embedding window to :attr:`spectra`, under
+        the same keys. Given the ``step``, the alert rules run over the values and the per-head vectors: their
+        events go to the sinks and :attr:`events`, their counts into the values as ``geomon/alerts/<rule>``."""
+        step = None if step is None else step_number(step)
+        self.details, self.spectra, self.events = {}, {}, []
+        if self.model is None or self.plan is None:
+            return {}
+        self._check_fsdp1()
+        measured, self._measured = self._measured, False
+        out = self.plan.compute(self.model, spectra=spectra, measured=measured)
+        values, self.details, self.spectra = out.scalars, out.details, out.spectra
         if step is not None and self.alert_engine.rules:
-            dims = {name: probe.num_features for name, probe in self.embeddings.items()}
+            self.alert_engine.is_rank_zero = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+            dims = {p.name: p.spec[0] for p in self.plan.of_kind(EmbeddingProbe.kind) if p.agreed}
             for rule in self.alert_engine.rules:
                 if callable(getattr(rule, "set_dims", None)):
                     rule.set_dims(dims)
             self.events = self.alert_engine.evaluate(step, values, self.details)
-            values.update({key: torch.tensor(float(n)) for key, n in self.alert_engine.counters().items()})
+            values.update({name: torch.tensor(float(n)) for name, n in self.alert_engine.counters().items()})
         return values
+
+    def _check_fsdp1(self) -> None:
+        """FSDP1 wrapped the model after attach (a plain loop that wraps late): drop the weight-based probes."""
+        assert self.model is not None and self.plan is not None
+        if self._fsdp1 or not (fsdp1_units(self.model) or any(fsdp1_flattened(m) for m in self.model.modules())):
+            return
+        self._fsdp1 = True
+        asked = bool(self.options.spectral_modules)
+        what = f"σ(W), stable rank, {WEIGHT_VALUES}" if asked else WEIGHT_VALUES
+        if self.strict and asked:  # asked for by name: as attach would have refused it
+            raise RuntimeError("geomon: " + FSDP1_WEIGHTS.format(what=what))
+        self.guard.warn_once("fsdp1", "geomon: " + FSDP1_WEIGHTS.format(what=what))
+        for probe in [p for p in self.plan if p.weight_based]:
+            self.plan.probes.pop(probe.pid)
 
     def state_dict(self) -> dict[str, Any]:
         """Open windows and power-iteration vectors, for checkpoints: a resumed run continues them."""
-        return {
-            "attention": self.attention_probe.state_dict(),
-            "spectral": self.spectral.state_dict(),
-            "embeddings": {name: probe.state_dict() for name, probe in self.embeddings.items()},
-            "collapse": None if self.collapse is None else self.collapse.state_dict(),
-            "alerts": self.alert_engine.state_dict(),
-        }
+        return {"plan": {} if self.plan is None else self.plan.state_dict(), "alerts": self.alert_engine.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (after :meth:`attach`)."""
-        self.attention_probe.load_state_dict(state.get("attention", {}))
-        self.spectral.load_state_dict(state.get("spectral", {}))
-        for name, probe_state in state.get("embeddings", {}).items():
-            self.embeddings[name] = EmbeddingProbe.from_state_dict(name, probe_state)
-        if self.collapse is not None and state.get("collapse") is not None:
-            self.collapse.load_state_dict(state["collapse"])
+        if self.plan is None:
+            raise RuntimeError("Monitor.load_state_dict() before attach(model)")
+        if "plan" not in state:
+            raise ValueError("this monitor state was saved by an older geomon (no 'plan'); it cannot be restored")
+        self.plan.load_state_dict(state["plan"])
         if "alerts" in state:
             self.alert_engine.load_state_dict(state["alerts"])

@@ -108,9 +108,9 @@ def test_callback_state_restores_the_monitor_windows(tmp_path):
     restored = GeomonCallback(every_n_steps=2, embedding_modules=["model.blocks.0.mlp.1"])
     restored.load_state_dict(first.state_dict())
     module = _module_class(lightning)()
-    restored.setup(lightning.Trainer(logger=False, accelerator="cpu"), module, "fit")
-    original = first.monitor.embeddings["model.blocks.0.mlp.1"].rankme
-    copy = restored.monitor.embeddings["model.blocks.0.mlp.1"].rankme
+    restored.on_fit_start(lightning.Trainer(logger=False, accelerator="cpu"), module)
+    original = first.monitor.plan.probes["embedding:model.blocks.0.mlp.1"].rankme
+    copy = restored.monitor.plan.probes["embedding:model.blocks.0.mlp.1"].rankme
     assert float(original.n) == 288  # an open window: 3 measured steps x 96 rows, 4 x 128 = 512 needed
     assert torch.equal(copy.n, original.n) and torch.equal(copy.gram, original.gram)
 

@@ -5,22 +5,19 @@ about labels; FSDP1 (``FullyShardedDataParallel``) says at attach what it cannot
 Each test spawns 2 ranks that write what they saw to a file; a rank that hangs fails the test after a deadline."""
 
 import math
-import os
-import socket
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from geomon import Monitor
 from geomon._tiny_gpt import Block, TinyGPT
+from tests.ranks import spawn
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="this torch build has no gloo backend"
@@ -81,34 +78,8 @@ class _nothing:
         return False
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank, world, port, body, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two ranks on a 2-core machine
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.save(body(rank, world), Path(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def _spawn(body, tmp_path, timeout=120):
-    """Run ``body(rank, world)`` on 2 gloo ranks; their results, or a failure if one raises or they outlive
-    ``timeout`` (a hang)."""
-    context = mp.start_processes(_worker, args=(WORLD, _free_port(), body, str(tmp_path)), nprocs=WORLD,
-                                 join=False, start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the 2 ranks did not finish within {timeout} s: a collective hung")
-    return [torch.load(Path(tmp_path, f"rank{rank}.pt"), weights_only=False) for rank in range(WORLD)]
+    return spawn(body, tmp_path, WORLD, timeout)
 
 
 def _shard2(model, head_alone=True):

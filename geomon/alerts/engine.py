@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from geomon import keys
 from geomon.alerts._base import Heads, Rule, Scalars
 from geomon.alerts.events import AlertEvent, as_floats
 from geomon.alerts.rules import default_rules
@@ -18,7 +19,7 @@ from geomon.functional import GeomonWarning
 
 Sink = Callable[[AlertEvent], Any]
 
-COUNTER_PREFIX = "geomon/alerts/"
+COUNTER_PREFIX = keys.prefix(keys.ALERTS)
 
 
 class AlertEngine:

@@ -5,64 +5,129 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
+from geomon import keys
+from geomon.capture._session import in_backward
 from geomon.capture.modules import weight_out_in
 from geomon.functional._dispatch import Backend
 from geomon.metrics import NeuralCollapse
-from geomon.probes._sync import synced_sum, whole
+from geomon.probes._sync import multi_process, synced_sum, whole
+from geomon.probes.base import FLOAT64, Context, Probe, Step, Values
 
 #: Label of rows that carry no class (Hugging Face's convention for padding and the last position of a sequence).
 IGNORE_INDEX = -100
 
+#: Statistics :func:`geomon.functional.neural_collapse` returns, logged as ``geomon/nc/<stat>/<head>.input``.
+STATS = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "nc3", "nc4", "cdnv", "gnc2_mean", "gnc2_var",
+         "unc3", "nc3_cos_mean", "coincident_pairs")  # fmt: skip
 
-class CollapseProbe:
-    """NC1-NC4, CDNV, GNC2 and UNC3 of one head's input features under ``geomon/nc/<stat>/<name>``.
 
-    A window closes once it holds ``min_rows`` labelled rows over all processes; ``nc4`` compares against the class
-    means of the previous window (so it is NaN in the first one). State: ``O(C·D + D²)`` float64.
+class CollapseProbe(Probe):
+    """NC1-NC4, CDNV, GNC2 and UNC3 of one head's input features under ``geomon/nc/<stat>/<head>.input``.
+
+    Fed by a hook on the head with the step's labels (one per row of the head's input; ``-100`` = none; other labels
+    outside ``[0, C)`` are ignored too and counted, and the count is reported once). A window closes once it holds
+    ``min_rows`` labelled rows over all processes; ``nc4`` compares against the class means of the previous window
+    (so it is not logged in the first one); ``nc3`` and ``unc3`` use the head's weight of the window's last measured
+    step. State: ``O(C·D + D²)`` float64.
     """
 
-    def __init__(
-        self, name: str, num_classes: int, num_features: int, *, min_rows: int | None = None,
-        backend: Backend = "auto",
-    ) -> None:  # fmt: skip
-        self.name, self.num_classes, self.num_features = name, num_classes, num_features
-        self.min_rows = 4 * num_features if min_rows is None else min_rows
-        self.metric = NeuralCollapse(num_classes, num_features, backend=backend, ignore_index=IGNORE_INDEX)
+    kind = "collapse"
+
+    def __init__(self, head: str, classes: int, features: int, *, min_rows: int | None = None,
+                 backend: Backend = "auto") -> None:  # fmt: skip
+        super().__init__(head + ".input", (classes, features))
+        self.head, self.backend = head, backend
+        self.min_rows = 4 * features if min_rows is None else min_rows
+        self.metric: NeuralCollapse | None = None
+        self.ignored: Tensor | None = None  # rows whose label lay outside [0, C), counted on the device
+
+    @property
+    def module(self) -> str | None:
+        return self.head
+
+    def keys(self) -> list[str]:
+        return [keys.key(keys.nc(stat), self.name) for stat in STATS]
+
+    def state_bytes(self) -> int:
+        c, d = self.spec  # type: ignore[misc]
+        # states and their defaults (2 x (counts, sums, squared norms, Gram)), nc4's reference means, the weight copy
+        return (2 * (2 * c + c * d + d * d + 3) + 2 * c * d) * FLOAT64
+
+    def allocate(self, device: torch.device) -> None:
+        if self.metric is None:
+            c, d = self.spec  # type: ignore[misc]
+            self.metric = NeuralCollapse(c, d, backend=self.backend, ignore_index=IGNORE_INDEX).to(device)
+            self.ignored = torch.zeros((), dtype=torch.long, device=device)
+
+    def to(self, device: torch.device) -> None:
+        if self.metric is not None:
+            self.metric.to(device)
+            self.ignored = self.ignored.to(device)  # type: ignore[union-attr]
+
+    def arm(self, module: nn.Module, step: Step) -> list[RemovableHandle]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if inputs and isinstance(inputs[0], Tensor) and not in_backward():
+                step.guard.run(f"neural collapse of {self.name!r}", self._on_head, module, inputs[0], step)
+
+        return [module.register_forward_hook(hook, always_call=True)]
+
+    def _on_head(self, module: nn.Module, features: Tensor, step: Step) -> None:
+        # the weight first, on every rank alike: gathering a sharded one (FSDP2) is a collective, so nothing that may
+        # differ between ranks (labels, a failing capture) may decide whether it happens
+        weight = whole(weight_out_in(module))
+        bias = getattr(module, "bias", None)
+        bias = None if bias is None else whole(bias)
+        if step.labels is None:
+            step.guard.warn_once("labels", "geomon: neural collapse is on but this step has no labels (pass labels= "
+                                 "to Monitor.step, or labels_fn= to GeomonCallback); its rows are skipped "
+                                 "(neural_collapse=False silences this)")  # fmt: skip
+            return
+        self.update(features, step.labels, weight, bias)
 
     def update(self, features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-        """Add head inputs ``[..., D]`` with their labels (same leading shape; ``-100`` = no label)."""
-        rows = features.reshape(-1, features.shape[-1])
-        labels = labels.to(rows.device).reshape(-1)
+        """Add head inputs ``[..., D]`` with their labels (same leading shape)."""
+        rows = features.detach().reshape(-1, features.shape[-1])
+        labels = labels.to(rows.device).reshape(-1).long()
         if labels.shape[0] != rows.shape[0]:
             raise ValueError(
                 f"labels {tuple(labels.shape)} do not align with the head's input rows {tuple(features.shape)}: "
                 "give one label per row (return aligned labels from labels_fn)"
             )
-        self.metric.to(rows.device).update(rows, labels.long(), weight, bias)
+        self.allocate(rows.device)
+        assert self.metric is not None and self.ignored is not None
+        outside = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.metric.num_classes))
+        self.ignored += outside.sum()  # counted on the device: no host sync on a measured step
+        self.metric.update(rows, labels.masked_fill(outside, IGNORE_INDEX), weight, bias)
 
-    def compute(self) -> dict[str, Tensor]:
-        if float(synced_sum(self.metric.count.sum())) < self.min_rows:
-            return {}
-        values = {f"geomon/nc/{stat}/{self.name}": value for stat, value in self.metric.compute().items()}
-        self.metric.reset()
-        return values
+    def compute(self, context: Context, out: Values) -> None:
+        metric = self.metric
+        assert metric is not None and self.ignored is not None
+        ignored = int(synced_sum(self.ignored))
+        if ignored:
+            self.ignored.zero_()
+            context.guard.warn_once("ignored-labels", f"geomon: {ignored} rows fed to neural collapse of {self.name!r} "
+                                    f"had labels outside [0, {metric.num_classes}) other than {IGNORE_INDEX} and were "
+                                    "ignored (this is said once)")  # fmt: skip
+        if float(synced_sum(metric.count.sum())) < self.min_rows:
+            return
+        if multi_process():  # a rank without labelled rows holds no weight: every rank takes the same (DDP: equal)
+            have = metric._weight is not None
+            weight = metric._weight if have else torch.zeros(self.spec, dtype=torch.float64, device=metric.count.device)
+            total = synced_sum(weight.double())
+            metric._weight = total / synced_sum(torch.tensor(float(have), dtype=torch.float64, device=total.device))
+        with metric.sync_context():
+            result = type(metric).compute(metric)  # the unwrapped compute: the context has synced the window
+        metric.reset()
+        for stat, value in result.items():
+            if not (stat == "nc4" and not bool(value.isfinite())):  # nc4 needs a previous window's class means
+                out.scalars[keys.key(keys.nc(stat), self.name)] = value
 
     def state_dict(self) -> dict[str, Any]:
-        return {"c": self.num_classes, "d": self.num_features, "min_rows": self.min_rows,
-                "metric": self.metric.state_dict()}  # fmt: skip
+        return {} if self.metric is None else {"min_rows": self.min_rows, "metric": self.metric.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["c"], state["d"]) != (self.num_classes, self.num_features):
-            raise ValueError(f"checkpoint's neural-collapse probe {self.name!r} is {state['c']} x {state['d']}, "
-                             f"the model's head is {self.num_classes} x {self.num_features}")  # fmt: skip
-        self.metric.load_state_dict(state["metric"])
-
-
-def head_weight(module: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
-    """``(weight [C, D], bias [C] or None)`` of a head, transposing Hugging Face's ``Conv1D`` layout; sharded
-    ``DTensor`` parameters (FSDP2) are gathered whole, a collective (every rank must call this at the same point)."""
-    weight = whole(weight_out_in(module))
-    bias = getattr(module, "bias", None)
-    return weight, None if bias is None else whole(bias)
+        if state and self.metric is not None:
+            self.metric.load_state_dict(state["metric"])

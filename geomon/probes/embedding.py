@@ -2,60 +2,121 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
+from geomon import keys
+from geomon.capture._session import in_backward
 from geomon.functional._embedding import _eigvalsh_descending
 from geomon.functional.alpha_req import _alpha_req_compute
 from geomon.functional.rankme import _rankme_compute
 from geomon.metrics import RankMe
 from geomon.probes._sync import synced_sum
+from geomon.probes.base import FLOAT64, Context, Probe, Step, Values
+
+Source = Literal["output", "input"]
 
 
-class EmbeddingProbe:
-    """Accumulates rows ``[..., D]`` of one probe until the window holds ``min_rows`` (over all processes), then
-    reports ``geomon/rankme/<name>`` and, where ``D > 100``, ``geomon/alpha_req/<name>`` and starts a new window.
+class EmbeddingProbe(Probe):
+    """Accumulates rows ``[..., D]`` until the window holds ``min_rows`` over all processes, then logs
+    ``geomon/rankme/<name>`` and, where ``D > 100``, ``geomon/alpha_req/<name>`` and starts a new window.
 
-    RankMe is biased low on few rows (METRICS.md §1), hence the default window of ``4 x D`` rows. Both metrics are
-    computed from one accumulated Gram (:class:`~geomon.metrics.RankMe`'s state), synced once per window.
+    RankMe is biased low on few rows (METRICS.md §1), hence the default window of ``4 x D`` rows. Both values come
+    from one accumulated Gram (:class:`~geomon.metrics.RankMe`'s state), reduced once per window.
+
+    Args:
+        name: the probe's name (a module's name, ``<head>.input``, or a name given to ``Monitor.observe``).
+        features: ``D`` (``None``: read off the first rows; agreed across ranks at compute).
+        module: the module whose ``source`` (its output, or its first input) is captured; ``None`` for rows handed
+            over with :meth:`update`.
+        min_rows: rows per window (default ``4 x D``).
     """
 
-    def __init__(self, name: str, num_features: int, *, min_rows: int | None = None) -> None:
-        self.name, self.num_features = name, num_features
-        self.min_rows = 4 * num_features if min_rows is None else min_rows
-        self.rankme = RankMe(num_features, min_samples=1)
-        self.with_alpha = num_features > 100  # alpha-ReQ's default fit runs over eigenvalues 11..100
+    kind = "embedding"
 
-    def to(self, device: torch.device) -> EmbeddingProbe:
-        self.rankme.to(device)
-        return self
+    def __init__(
+        self, name: str, features: int | None, *, module: str | None = None, source: Source = "output",
+        min_rows: int | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(name, None if features is None else (features,))
+        self._module, self.source, self._min_rows = module, source, min_rows
+        self.rankme: RankMe | None = None
 
-    def update(self, rows: Tensor) -> None:
+    @property
+    def module(self) -> str | None:
+        return self._module
+
+    @property
+    def num_features(self) -> int | None:
+        return None if self.spec is None else self.spec[0]
+
+    @property
+    def min_rows(self) -> int:
+        assert self.spec is not None
+        return 4 * self.spec[0] if self._min_rows is None else self._min_rows
+
+    def keys(self) -> list[str]:
+        with_alpha = self.spec is None or self.spec[0] > 100  # alpha-ReQ's default fit runs over eigenvalues 11..100
+        return [keys.key(keys.RANKME, self.name)] + ([keys.key(keys.ALPHA_REQ, self.name)] if with_alpha else [])
+
+    def state_bytes(self) -> int:
+        return 0 if self.spec is None else 2 * (1 + self.spec[0] + self.spec[0] ** 2) * FLOAT64
+
+    def allocate(self, device: torch.device) -> None:
+        if self.rankme is None and self.spec is not None:
+            self.rankme = RankMe(self.spec[0], min_samples=1).to(device)
+
+    def to(self, device: torch.device) -> None:
+        if self.rankme is not None:
+            self.rankme.to(device)
+
+    def update(self, tensor: Tensor) -> bool:
+        """Add rows ``[..., D]``; ``False`` (nothing added) when ``D`` differs from the spec."""
+        rows = tensor.detach().reshape(-1, tensor.shape[-1])
+        if self.spec is None:
+            self.spec = (rows.shape[1],)
+        if self.spec != (rows.shape[1],):
+            return False
+        self.allocate(rows.device)
+        assert self.rankme is not None
         self.rankme.update(rows)
+        return True
 
-    def compute(self, spectrum: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Values when the window is full (all ranks decide from the same synced count), else nothing yet."""
-        if float(synced_sum(self.rankme.n)) < self.min_rows:
-            return {}, {}
-        key = f"geomon/rankme/{self.name}"
-        scalars, details = {}, {}
-        with self.rankme.sync_context():  # one all-reduce of the window's sums serves every value below
-            stats = self.rankme._stats()
-            scalars[key] = _rankme_compute(stats, eps=self.rankme.eps, min_samples=1)
-            if self.with_alpha:
-                scalars[f"geomon/alpha_req/{self.name}"] = _alpha_req_compute(stats)[0]
-            if spectrum:  # singular values of the window's rows, for the spectrum plot
-                details[key] = _eigvalsh_descending(stats.gram).clamp(min=0).sqrt()
-        self.rankme.reset()
-        return scalars, details
+    def arm(self, module: nn.Module, step: Step) -> list[RemovableHandle]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            found = inputs[0] if self.source == "input" and inputs else output
+            tensor = found[0] if isinstance(found, tuple) and found else found
+            if isinstance(tensor, Tensor) and not in_backward():  # a checkpointed block's recomputation: seen once
+                step.guard.run(f"embedding capture of {self.name!r}", self._update_checked, tensor, step)
+
+        return [module.register_forward_hook(hook, always_call=True)]
+
+    def _update_checked(self, tensor: Tensor, step: Step) -> None:
+        if not self.update(tensor):
+            step.guard.warn_once(f"features:{self.name}", f"geomon: probe {self.name!r} has {self.spec[0]} features "
+                                 f"but got rows of shape {tuple(tensor.shape)}; they are skipped")  # fmt: skip
+
+    def compute(self, context: Context, out: Values) -> None:
+        metric = self.rankme
+        assert metric is not None and self.spec is not None
+        if float(synced_sum(metric.n)) < self.min_rows:  # every rank decides from the same reduced count
+            return
+        name = keys.key(keys.RANKME, self.name)
+        with metric.sync_context():  # one all-reduce of the window's sums serves every value below
+            stats = metric._stats()
+            out.scalars[name] = _rankme_compute(stats, eps=metric.eps, min_samples=1)
+            if self.spec[0] > 100:
+                out.scalars[keys.key(keys.ALPHA_REQ, self.name)] = _alpha_req_compute(stats)[0]
+            if context.spectra:  # singular values of the window's rows, for the spectrum plot
+                out.spectra[name] = _eigvalsh_descending(stats.gram).clamp(min=0).sqrt()
+        metric.reset()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"d": self.num_features, "min_rows": self.min_rows, "rankme": self.rankme.state_dict()}
+        return {} if self.rankme is None else {"min_rows": self._min_rows, "rankme": self.rankme.state_dict()}
 
-    @classmethod
-    def from_state_dict(cls, name: str, state: dict[str, Any]) -> EmbeddingProbe:
-        probe = cls(name, state["d"], min_rows=state["min_rows"])
-        probe.rankme.load_state_dict(state["rankme"])  # a checkpoint's separate alpha state held the same sums
-        return probe
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and self.rankme is not None:
+            self.rankme.load_state_dict(state["rankme"])

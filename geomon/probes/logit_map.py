@@ -12,17 +12,21 @@ exactly that bilinear form: it is not reported for layers with rotary embeddings
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
+from geomon import keys
+from geomon.capture._session import in_backward
 from geomon.capture.modules import weight_out_in
 from geomon.functional import entropy_lower_bound
 from geomon.probes._sync import whole
+from geomon.probes.base import Context, Probe, Step, Values
 
 
-def _heads(module: nn.Module, default: int | None = None) -> int | None:
+def head_count(module: nn.Module, default: int | None = None) -> int | None:
+    """Query heads of an attention module as its attributes or config say, else ``default``."""
     for name in ("n_head", "num_heads", "num_attention_heads", "n_heads"):
         value = getattr(module, name, None)
         if isinstance(value, int) and value > 0:
@@ -45,7 +49,7 @@ def qk_weights(module: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tenso
     (fused ``qkv``/``c_attn`` as in nanoGPT, timm and GPT-2; separate ``q_proj``/``k_proj``; ``in_proj_weight`` of
     ``nn.MultiheadAttention``), else ``None``. Sharded weights (FSDP2 ``DTensor``) are gathered whole, a collective;
     ``gather=False`` returns meta tensors of their shapes instead, for a layout check without communication."""
-    heads = _heads(module)
+    heads = head_count(module)
     if isinstance(module, nn.MultiheadAttention):
         if module.in_proj_weight is None:
             return None
@@ -80,44 +84,51 @@ def logit_map_sigma(w_q: Tensor, w_k: Tensor, scale: float) -> Tensor:
     return torch.linalg.matrix_norm(r_q @ r_k.transpose(1, 2), 2) * scale
 
 
-class LogitMapProbe:
-    """``geomon/spectral/logit_sigma/<module>`` (largest over heads, per head in details) for every attention
-    module with a known layout and, with ``bound=True``, ``geomon/spectral/entropy_bound/<module>`` from the inputs
-    seen on the measured step (a forward pre-hook records ``max σ_max(X)²`` and the sequence length)."""
+class LogitMapProbe(Probe):
+    """``geomon/spectral/logit_sigma/<module>`` (largest over heads, per head in details) of an attention module
+    with a known layout and, with ``bound=True``, ``geomon/spectral/entropy_bound/<module>`` from the inputs seen on
+    the measured step (a forward pre-hook records ``max σ_max(X)²`` and the sequence length)."""
 
-    def __init__(self, modules: dict[str, nn.Module], *, bound: bool = False) -> None:
-        self.names = [name for name, module in modules.items() if qk_weights(module, gather=False) is not None]
+    kind = "logit_map"
+    weight_based = True
+
+    def __init__(self, name: str, *, bound: bool = False) -> None:
+        super().__init__(name, ())
         self.bound = bound
-        self.inputs: dict[str, tuple[Tensor, int, bool]] = {}
+        self.seen: tuple[Tensor, int, bool] | None = None  # (max |X|², sequence length, rotary) of the measured step
 
-    def pre_hook(self, name: str) -> Any:
+    @property
+    def module(self) -> str | None:
+        return self.name if self.bound else None
+
+    def keys(self) -> list[str]:
+        families = (keys.LOGIT_SIGMA, keys.ENTROPY_BOUND) if self.bound else (keys.LOGIT_SIGMA,)
+        return [keys.key(family, self.name) for family in families]
+
+    def arm(self, module: nn.Module, step: Step) -> list[RemovableHandle]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("hidden_states")
-            if not isinstance(x, Tensor) or x.ndim != 3:
-                return
-            if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
-                x = x.transpose(0, 1)
-            rotary = kwargs.get("position_embeddings") is not None or kwargs.get("rotary_pos_emb") is not None
-            with torch.no_grad():
-                gram = torch.linalg.matrix_norm(x.detach().double(), 2).amax().square()
-            previous = self.inputs.get(name)
-            if previous is not None:
-                gram = torch.maximum(gram, previous[0])
-            self.inputs[name] = (gram, x.shape[1], rotary)
+            if not in_backward():
+                step.guard.run(f"entropy-bound input of {self.name!r}", self._record, module, args, kwargs)
 
-        return hook
+        return [module.register_forward_pre_hook(hook, with_kwargs=True)]
 
-    def compute(self, modules: dict[str, nn.Module]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        scalars: dict[str, Tensor] = {}
-        heads: dict[str, Tensor] = {}
-        for name in self.names:
-            w_q, w_k, scale, qk_norm = qk_weights(modules[name])  # type: ignore[misc]
-            sigma = logit_map_sigma(w_q, w_k, scale)
-            key = f"geomon/spectral/logit_sigma/{name}"
-            scalars[key], heads[key] = sigma.max(), sigma
-            seen = self.inputs.get(name)
-            if self.bound and seen is not None and not seen[2] and not qk_norm and seen[1] > 1:
-                bound = entropy_lower_bound(sigma.max() * seen[0], seen[1])
-                scalars[f"geomon/spectral/entropy_bound/{name}"] = bound
-        self.inputs = {}
-        return scalars, heads
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("hidden_states")
+        if not isinstance(x, Tensor) or x.ndim != 3:
+            return
+        if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+            x = x.transpose(0, 1)
+        rotary = kwargs.get("position_embeddings") is not None or kwargs.get("rotary_pos_emb") is not None
+        gram = torch.linalg.matrix_norm(x.detach().double(), 2).amax().square()
+        if self.seen is not None:
+            gram = torch.maximum(gram, self.seen[0])
+        self.seen = (gram, x.shape[1], rotary)
+
+    def compute(self, context: Context, out: Values) -> None:
+        seen, self.seen = self.seen, None
+        w_q, w_k, scale, qk_norm = qk_weights(context.modules[self.name])  # type: ignore[misc]
+        sigma = logit_map_sigma(w_q, w_k, scale)
+        key = keys.key(keys.LOGIT_SIGMA, self.name)
+        out.scalars[key], out.details[key] = sigma.max(), sigma
+        if self.bound and seen is not None and not seen[2] and not qk_norm and seen[1] > 1:
+            out.scalars[keys.key(keys.ENTROPY_BOUND, self.name)] = entropy_lower_bound(sigma.max() * seen[0], seen[1])

@@ -1,41 +1,72 @@
-"""σ(W) and stable rank of chosen weights, by warm-started power iteration at each logging step."""
+"""Weight-based probes: σ(W) and stable rank of chosen weights, and the statistics of σReparam layers.
+
+Both read the model's weights at compute time (every rank holds the same weights, or gathers them whole under FSDP2),
+so they keep no streamed state to reduce; they run on logging steps that follow a measured step.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
+from geomon import keys
+from geomon._reparam_layer import SigmaReparamLinear
 from geomon.metrics import SpectralNorm
 from geomon.probes._sync import whole
+from geomon.probes.base import Context, Probe, Values
 
 
-def full_weight(module: nn.Module) -> Tensor:
-    """The module's whole 2-D weight, detached; a sharded ``DTensor`` (FSDP2) is gathered, which is a collective:
-    every rank must call this at the same point (the monitor's compute does)."""
-    return whole(module.weight)
+class SpectralProbe(Probe):
+    """``geomon/spectral/sigma/<module>`` and ``geomon/spectral/stable_rank/<module>`` (``|W|_F² / σ²``), by
+    warm-started power iteration (one step per compute once converged)."""
 
+    kind = "spectral"
+    weight_based = True
 
-class SpectralProbe:
-    """``geomon/spectral/sigma/<module>`` and ``geomon/spectral/stable_rank/<module>`` (``|W|_F² / σ²``)."""
+    def __init__(self, name: str) -> None:
+        super().__init__(name, ())
+        self.metric = SpectralNorm()
 
-    def __init__(self, names: list[str]) -> None:
-        self.metrics = {name: SpectralNorm() for name in names}
+    def keys(self) -> list[str]:
+        return [keys.key(keys.SIGMA, self.name), keys.key(keys.STABLE_RANK, self.name)]
 
-    def compute(self, modules: dict[str, nn.Module]) -> dict[str, Tensor]:
-        values: dict[str, Tensor] = {}
-        for name, metric in self.metrics.items():
-            weight = full_weight(modules[name])
-            metric.to(weight.device).update(weight)
-            sigma = metric.compute()
-            values[f"geomon/spectral/sigma/{name}"] = sigma
-            values[f"geomon/spectral/stable_rank/{name}"] = weight.double().square().sum() / sigma.double().square()
-        return values
+    def compute(self, context: Context, out: Values) -> None:
+        weight = whole(context.modules[self.name].weight)  # FSDP2: a collective, at the same point on every rank
+        self.metric.to(weight.device).update(weight)
+        sigma = self.metric.compute()
+        out.scalars[keys.key(keys.SIGMA, self.name)] = sigma
+        out.scalars[keys.key(keys.STABLE_RANK, self.name)] = weight.double().square().sum() / sigma.double().square()
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: m.state_dict() for name, m in self.metrics.items()}
+        return self.metric.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, metric_state in state.items():
-            if name in self.metrics:
-                self.metrics[name].load_state_dict(metric_state)
+        if state:
+            self.metric.load_state_dict(state)
+
+
+class ReparamProbe(Probe):
+    """``geomon/spectral/reparam_{gamma,sigma,ratio}/<module>`` of a σReparam layer (σ as estimated by the layer's
+    latest training-mode forward)."""
+
+    kind = "reparam"
+    weight_based = True
+    STATS = ("gamma", "sigma", "ratio")
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, ())
+
+    def keys(self) -> list[str]:
+        return [keys.key(keys.reparam(stat), self.name) for stat in self.STATS]
+
+    def compute(self, context: Context, out: Values) -> None:
+        layer = context.modules[self.name]
+        gamma, sigma = layer.gamma.detach().to(layer.sigma.dtype), layer.sigma.detach().clone()
+        for stat, value in zip(self.STATS, (gamma, sigma, gamma / sigma), strict=True):
+            out.scalars[keys.key(keys.reparam(stat), self.name)] = value
+
+
+def reparam_layers(modules: dict[str, nn.Module]) -> list[str]:
+    """Names of the σReparam layers among ``modules``."""
+    return [name for name, module in modules.items() if isinstance(module, SigmaReparamLinear)]

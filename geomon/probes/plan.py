@@ -1,0 +1,327 @@
+"""The plan: what a monitor watches on a model, decided once at attach and identical on every rank.
+
+:func:`build_plan` reads the model's structure alone (never a forward pass, so every rank builds the same plan):
+one probe per attention module a capture adapter recognises, the head's input (RankMe, alpha-ReQ, neural collapse),
+the ``embedding_modules``, the ``spectral_modules``, the logit map of every attention module with a known layout and
+every σReparam layer. Probes are kept in the order of their ids (``<kind>:<name>``), and their state exists from the
+start, so ranks can never disagree about what is reduced, whatever each of them ran: a probe that saw nothing on a
+rank reduces zeros, and a value that no rank measured is not logged.
+
+What the structure cannot tell is settled by agreement, never by position: an attention call inside a module no
+adapter recognises, a tensor handed to ``observe``, an embedding whose width only its output shows. Such a probe is
+created where it is first seen, and at the next compute, before any reduction, the ranks exchange the ids and shapes
+they learnt (one small ``all_gather_object``) and every rank holds the union, in id order (:meth:`Plan.agree`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from geomon._guard import Guard
+from geomon.capture import AttentionCall, capture_attention, find_attention_modules
+from geomon.capture.modules import find_head, head_dims, linear_like, resolve_patterns
+from geomon.functional import GeomonWarning
+from geomon.functional._dispatch import Backend
+from geomon.probes._sync import multi_process
+from geomon.probes.attention import AttentionProbe
+from geomon.probes.base import Context, Probe, Step, Values
+from geomon.probes.collapse import CollapseProbe
+from geomon.probes.embedding import EmbeddingProbe
+from geomon.probes.logit_map import LogitMapProbe, head_count, qk_weights
+from geomon.probes.spectral import ReparamProbe, SpectralProbe, reparam_layers
+
+#: Neural collapse is switched on automatically only below this state size (C x D float64 values: 128 MiB).
+AUTO_COLLAPSE_MAX_ELEMENTS = 1 << 24
+
+#: Default of :attr:`PlanOptions.memory_budget_mib`: all probe state together.
+MEMORY_BUDGET_MIB = 1024
+
+#: Name components that wrappers insert between a module and its parent: FSDP1's ``FullyShardedDataParallel`` and
+#: activation checkpointing's ``CheckpointWrapper`` and ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``).
+#: geomon names modules without them.
+WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+MIB = 1 << 20
+
+
+def plain_name(name: str) -> str:
+    """``name`` without wrapper components (:data:`WRAPPER_PARTS`), as on the unwrapped model.
+
+    Example:
+        >>> plain_name("_fsdp_wrapped_module.blocks.0._fsdp_wrapped_module.attn")
+        'blocks.0.attn'
+    """
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
+
+
+def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``model``'s modules by :func:`plain_name`: names resolved before FSDP1 wraps the model still find their modules
+    after, and keys read the same with or without the wrappers (a wrapper yields to the module it wraps)."""
+    return {plain_name(name): module for name, module in model.named_modules()}
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What to watch (the :class:`geomon.Monitor` arguments of the same names)."""
+
+    attention: bool = True
+    head: str | None = "auto"
+    neural_collapse: bool | Literal["auto"] = "auto"
+    embedding_modules: Sequence[str] = ()
+    spectral_modules: Sequence[str] = ()
+    entropy_bound: bool = False
+    window_rows: int | None = None
+    query_rows: int | None = None
+    backend: Backend = "auto"
+    weights: bool = True  #: weight-based probes (off under FSDP1, whose module weights are flat shards)
+    memory_budget_mib: float = MEMORY_BUDGET_MIB
+
+
+def output_features(module: nn.Module) -> int | None:
+    """The width of ``module``'s output as its parameters tell it (linear layers, embeddings, norms), else ``None``."""
+    if linear_like(module):
+        return head_dims(module)[0]
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and weight.ndim == 1 and not list(module.children()):  # LayerNorm, RMSNorm
+        return weight.shape[0]
+    return None
+
+
+def build_plan(model: nn.Module, options: PlanOptions, guard: Guard | None = None) -> Plan:
+    """The plan for ``model`` (no state allocated yet: see :meth:`Plan.allocate`); a misconfiguration fails here,
+    listing what was available."""
+    plan = Plan(options, guard or Guard())
+    modules = {name: module for name, module in plain_modules(model).items() if name}
+    linears = [name for name, module in modules.items() if linear_like(module)]
+    if options.attention:
+        for name in find_attention_modules(model):
+            name = plain_name(name)
+            plan.add(AttentionProbe(name, head_count(modules.get(name) or model), backend=options.backend,
+                                    query_rows=options.query_rows))  # fmt: skip
+    head = find_head(model, options.head)
+    plan.head = None if head is None else plain_name(head)
+    if options.neural_collapse is True and plan.head is None:
+        raise ValueError("neural_collapse=True needs the output head: pass head=<module name>; modules with a "
+                         f"2-D weight: {', '.join(linears[:40]) or '(none)'}")  # fmt: skip
+    if plan.head is not None:
+        classes, features = head_dims(modules[plan.head])
+        plan.add(EmbeddingProbe(plan.head + ".input", features, module=plan.head, source="input",
+                                min_rows=options.window_rows))  # fmt: skip
+        if options.neural_collapse is True or (options.neural_collapse == "auto" and
+                                               classes * features <= AUTO_COLLAPSE_MAX_ELEMENTS):  # fmt: skip
+            plan.add(CollapseProbe(plan.head, classes, features, min_rows=options.window_rows,
+                                   backend=options.backend))  # fmt: skip
+        elif options.neural_collapse == "auto":
+            warnings.warn(
+                f"geomon: neural collapse is off for head {plan.head!r}: its {classes} x {features} float64 state "
+                "is large; pass neural_collapse=True to watch it anyway",
+                GeomonWarning,
+                stacklevel=3,
+            )
+    for name in resolve_patterns(options.embedding_modules, list(modules), "embedding_modules"):
+        plan.add(EmbeddingProbe(name, output_features(modules[name]), module=name, min_rows=options.window_rows))
+    spectral = resolve_patterns(options.spectral_modules, linears, "spectral_modules (modules with a 2-D weight)")
+    if options.weights:
+        for name in spectral:
+            plan.add(SpectralProbe(name))
+        for name, module in modules.items():
+            if qk_weights(module, gather=False) is not None:
+                plan.add(LogitMapProbe(name, bound=options.entropy_bound))
+        for name in reparam_layers(modules):
+            plan.add(ReparamProbe(name))
+    plan.check_budget()
+    return plan
+
+
+class Plan:
+    """The probes of one monitored model, in a stable order; see the module docstring."""
+
+    def __init__(self, options: PlanOptions, guard: Guard) -> None:
+        self.options, self.guard = options, guard
+        self.probes: dict[str, Probe] = {}
+        self.head: str | None = None
+        self.dropped: set[str] = set()  # probes given up (ranks disagreed on their shape, over the memory budget)
+        self.device = torch.device("cpu")
+
+    def add(self, probe: Probe) -> Probe:
+        self.probes[probe.pid] = probe
+        self.probes = dict(sorted(self.probes.items()))
+        return probe
+
+    def __iter__(self) -> Iterator[Probe]:
+        return iter(self.probes.values())
+
+    def of_kind(self, kind: str) -> list[Probe]:
+        return [probe for probe in self if probe.kind == kind]
+
+    def keys(self) -> list[str]:
+        """Every scalar key the plan can log (alert counters aside)."""
+        return [name for probe in self for name in probe.keys()]  # noqa: SIM118
+
+    # memory -----------------------------------------------------------------------------------------------------
+    def state_bytes(self) -> int:
+        return sum(probe.state_bytes() for probe in self)
+
+    def check_budget(self) -> None:
+        """Fail if the probes' state exceeds the memory budget, naming the largest."""
+        budget = self.options.memory_budget_mib * MIB
+        if self.state_bytes() <= budget:
+            return
+        sizes = sorted(((probe.state_bytes(), probe.pid) for probe in self), reverse=True)
+        listed = ", ".join(f"{pid} {size / MIB:.1f} MiB" for size, pid in sizes[:12] if size)
+        raise ValueError(
+            f"geomon's probes would hold {self.state_bytes() / MIB:.1f} MiB of state, over memory_budget_mib="
+            f"{self.options.memory_budget_mib:g}: {listed}. Narrow embedding_modules, pass neural_collapse=False, "
+            "or raise memory_budget_mib"
+        )
+
+    def allocate(self, device: torch.device) -> None:
+        """Create the state of every probe whose shape is known, on ``device``."""
+        self.device = device
+        for probe in self:
+            probe.allocate(device)
+
+    # feeding ----------------------------------------------------------------------------------------------------
+    def attention_call(self, call: AttentionCall) -> None:
+        """Route one captured attention call to its module's probe (created here if no adapter planned it)."""
+        name = plain_name(call.module)
+        pid = f"{AttentionProbe.kind}:{name}"
+        if pid in self.dropped:
+            return
+        probe = self.probes.get(pid)
+        if probe is None:
+            probe = self.add(AttentionProbe(name, None, backend=self.options.backend,
+                                            query_rows=self.options.query_rows))  # fmt: skip
+        assert isinstance(probe, AttentionProbe)
+        if probe.accepts(call):
+            probe.update(call)
+        else:
+            self.guard.warn_once(f"heads:{name}", f"geomon: attention module {name!r} is planned with "
+                                 f"{probe.spec[0]} heads, but a call had {call.q.shape[1]}; such calls are "  # type: ignore[index]
+                                 "skipped")  # fmt: skip
+
+    def observe(self, name: str, tensor: Tensor) -> None:
+        """Add rows ``[..., D]`` to the embedding probe ``name`` (created on first use)."""
+        pid = f"{EmbeddingProbe.kind}:{name}"
+        if pid in self.dropped:
+            return
+        probe = self.probes.get(pid) or self.add(EmbeddingProbe(name, None, min_rows=self.options.window_rows))
+        assert isinstance(probe, EmbeddingProbe)
+        if not probe.update(tensor):
+            self.guard.warn_once(f"features:{name}", f"geomon: probe {name!r} has {probe.spec[0]} features but "  # type: ignore[index]
+                                 f"got a tensor of shape {tuple(tensor.shape)}; it is skipped")  # fmt: skip
+
+    @contextmanager
+    def armed(self, model: nn.Module, labels: Tensor | None) -> Iterator[None]:
+        """The hooks of one measured step, removed however the block exits."""
+        step = Step(labels, self.guard)
+        modules = plain_modules(model)
+        with ExitStack() as stack:
+            for probe in list(self):
+                if probe.module is None:
+                    continue
+                module = modules.get(probe.module)
+                if module is None:
+                    self._missing(probe.module, probe)
+                    continue
+                for handle in probe.arm(module, step):
+                    stack.callback(handle.remove)
+            if self.options.attention:
+                stack.enter_context(capture_attention(model, self._on_attention, strict=self.guard.strict))
+            yield
+
+    def _missing(self, module: str, probe: Probe) -> None:
+        self.guard.warn_once(f"missing:{module}", f"geomon: module {module!r} is no longer in the model (removed "
+                             f"or renamed after attach): {probe.pid} is skipped")  # fmt: skip
+
+    def _on_attention(self, call: AttentionCall) -> None:
+        self.guard.run(f"attention probe of {call.module!r}", self.attention_call, call)
+
+    # agreement and values ---------------------------------------------------------------------------------------
+    def agree(self) -> None:
+        """Make every rank hold the same probes with the same shapes (a collective; see the module docstring)."""
+        local = {pid: probe.spec for pid, probe in self.probes.items() if not probe.agreed and probe.spec is not None}
+        gathered = [local]
+        if multi_process():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local)
+        specs: dict[str, set[tuple[int, ...]]] = {}
+        for rank_specs in gathered:
+            for pid, spec in (rank_specs or {}).items():
+                specs.setdefault(pid, set()).add(tuple(spec))
+        for pid in sorted(specs):
+            if len(specs[pid]) > 1:
+                self._drop(pid, f"the ranks saw different shapes for it ({sorted(specs[pid])})")
+                continue
+            (spec,) = specs[pid]
+            probe = self.probes.get(pid) or self.add(self._late_probe(pid))
+            probe.spec, probe.agreed = spec, True
+            if self.state_bytes() > self.options.memory_budget_mib * MIB:
+                self._drop(pid, f"its state ({probe.state_bytes() / MIB:.1f} MiB) would exceed memory_budget_mib="
+                           f"{self.options.memory_budget_mib:g}")  # fmt: skip
+                continue
+            probe.allocate(self.device)
+
+    def _late_probe(self, pid: str) -> Probe:
+        kind, name = pid.split(":", 1)
+        if kind == AttentionProbe.kind:
+            return AttentionProbe(name, None, backend=self.options.backend, query_rows=self.options.query_rows)
+        if kind == EmbeddingProbe.kind:
+            return EmbeddingProbe(name, None, min_rows=self.options.window_rows)
+        raise ValueError(f"geomon: no probe of kind {kind!r} is created at run time")
+
+    def _drop(self, pid: str, why: str) -> None:
+        self.probes.pop(pid, None)
+        self.dropped.add(pid)
+        self.guard.warn_once(f"dropped:{pid}", f"geomon: probe {pid} is dropped: {why}")
+
+    def compute(self, model: nn.Module, *, spectra: bool = False, measured: bool = True) -> Values:
+        """Values of every probe (a collective: every rank calls it; probes run in id order on every rank).
+
+        Only probes that every rank holds with a known shape take part; weight-based probes run only when a step
+        was ``measured`` since the last compute."""
+        self.agree()
+        modules = plain_modules(model)
+        self.device = next((p.device for p in model.parameters()), self.device)
+        context = Context(modules, self.guard, spectra=spectra)
+        out = Values()
+        for probe in list(self):
+            if not probe.agreed or (probe.weight_based and not measured):
+                continue
+            if probe.weight_based and probe.name not in modules:
+                self._missing(probe.name, probe)
+                continue
+            probe.to(self.device)
+            self.guard.run(f"{probe.pid}", probe.compute, context, out)
+        return out
+
+    # checkpoints ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {pid: {"spec": probe.spec, "state": probe.state_dict()} for pid, probe in self.probes.items()
+                if probe.agreed}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for pid, saved in state.items():
+            spec = None if saved["spec"] is None else tuple(saved["spec"])
+            probe = self.probes.get(pid)
+            if probe is None:
+                if pid.split(":", 1)[0] not in (AttentionProbe.kind, EmbeddingProbe.kind):
+                    self.guard.warn_once(f"restore:{pid}", f"geomon: the checkpoint's probe {pid} is not in this "
+                                         "model's plan; its state is not restored")  # fmt: skip
+                    continue
+                probe = self.add(self._late_probe(pid))
+            if probe.spec is not None and spec != probe.spec:
+                raise ValueError(f"the checkpoint's probe {pid} has shape {spec}, the model's plan {probe.spec}")
+            probe.spec, probe.agreed = spec, spec is not None
+            probe.allocate(self.device)
+            probe.load_state_dict(saved["state"])
