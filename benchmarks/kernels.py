@@ -47,7 +47,7 @@ def _time_ms(fn: Callable[[], object], device: str, reps: int) -> float:
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=5, rep=max(20, reps * 5)))
+        return float(triton.testing.do_bench(fn, warmup=5, rep=max(20, reps * 5), return_mode="median"))
     fn()
     samples = []
     for _ in range(reps):

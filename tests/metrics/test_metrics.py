@@ -161,17 +161,22 @@ def test_bad_configuration_fails_at_construction(factory, match):
 
 def test_metrics_run_their_kernels_when_asked(gen):
     pytest.importorskip("triton")
-    q, k = torch.randn(2, 4, 9, 16, generator=gen), torch.randn(2, 2, 9, 16, generator=gen)
-    fused, reference = AttentionEntropy(num_heads=4, backend="triton"), AttentionEntropy(num_heads=4, backend="torch")
-    index = torch.tensor([1, 4, 8])
+    # The kernels run on CUDA tensors, or on CPU tensors in the interpreter, which tests/conftest.py turns on only
+    # when there is no GPU: so the inputs (and the metrics' states) go where the kernels can run.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = torch.randn(2, 4, 9, 16, generator=gen).to(device), torch.randn(2, 2, 9, 16, generator=gen).to(device)
+    fused = AttentionEntropy(num_heads=4, backend="triton").to(device)
+    reference = AttentionEntropy(num_heads=4, backend="torch").to(device)
+    index = torch.tensor([1, 4, 8], device=device)
     for metric in (fused, reference):
         metric.update(q, k, is_causal=True, query_index=index)
     for key, value in reference.compute().items():
         torch.testing.assert_close(fused.compute()[key], value, atol=1e-5, rtol=1e-6)
     features, labels = _clustered(gen, 90, 5, 16)
-    weight = torch.randn(5, 16, generator=gen)
-    nc_fused = NeuralCollapse(num_classes=5, num_features=16, backend="triton")
-    nc_reference = NeuralCollapse(num_classes=5, num_features=16, backend="torch")
+    features, labels = features.to(device), labels.to(device)
+    weight = torch.randn(5, 16, generator=gen).to(device)
+    nc_fused = NeuralCollapse(num_classes=5, num_features=16, backend="triton").to(device)
+    nc_reference = NeuralCollapse(num_classes=5, num_features=16, backend="torch").to(device)
     for metric in (nc_fused, nc_reference):
         metric.update(features.float(), labels, weight)
     for key, value in nc_reference.compute().items():
