@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     logged = read_logged(Path(logger.log_dir))
     show(logged)
-    # nc4 compares a window's class means with the previous window's: the first window has none (NaN)
+    # nc4 compares a window's class means with the previous window's: the first window has none (not logged)
     odd = sorted({key for (_, key), value in logged.items() if not math.isfinite(value)})
     print(f"{len(logged)} values logged by rank zero of {trainer.world_size} processes; not finite: {odd or 'none'}")
     print(f"log: {logger.log_dir}/metrics.csv")

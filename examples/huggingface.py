@@ -15,7 +15,7 @@ What geomon does with it, all by default:
   (``geomon/rankme/model.lm_head.input``, 1 to 64);
 - neural collapse of that input against the head, with labels from ``batch["labels"]`` shifted as the model shifts
   them (position ``t`` predicts label ``t + 1``; the last position has none): ``geomon/nc/*/model.lm_head.input``.
-  ``nc4`` is NaN in the first window (it needs the previous window's class means).
+  ``nc4`` is not logged in the first window (it needs the previous window's class means).
 
 Values go to ``<out>/csv/version_*/metrics.csv``; the run ends with the last measured values.
 """

@@ -77,7 +77,8 @@ def measure(model: nn.Module, monitor: Monitor, epoch: int, x: Tensor, y: Tensor
         logits = model(x)
     model.train(was_training)
     values = monitor.compute()
-    row = {stat: float(values[f"geomon/nc/{stat}/{HEAD}.input"]) for stat in STATS}
+    # nc4 is not logged in the first window (no previous class means): nan here
+    row = {stat: float(values.get(f"geomon/nc/{stat}/{HEAD}.input", math.nan)) for stat in STATS}
     row["rankme"] = float(values[f"geomon/rankme/{HEAD}.input"])
     row["train_error"] = float((logits.argmax(dim=1) != y).float().mean())
     row["train_loss"] = float(F.cross_entropy(logits, y))

@@ -9,7 +9,7 @@ prints what it measured:
   query sees), ``entropy_normalized`` (``H / log n``, in [0, 1]) and ``max_logit`` per attention layer: they fall as
   heads specialise;
 - ``geomon/rankme/head.input``: effective rank (1 to 64) of the features entering the output head;
-- ``geomon/nc/*/head.input``: neural collapse of those features against the targets (``nc4`` is NaN in the first
+- ``geomon/nc/*/head.input``: neural collapse of those features against the targets (``nc4`` is not logged in the first
   window: it compares against the previous window's class means);
 - ``geomon/spectral/logit_sigma/*`` and ``geomon/alerts/*``.
 

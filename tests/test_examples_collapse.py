@@ -53,7 +53,7 @@ def test_neural_collapse_example_measures_the_head_input():
     with torch.no_grad():  # the features entering the head, taken by hand
         h = model.body(x).double().numpy()
     assert row["nc1"] == pytest.approx(_nc1_reference(h, y.numpy()), rel=1e-6)
-    assert math.isnan(row["nc4"])  # no previous window's class means yet
+    assert math.isnan(row["nc4"])  # no previous window's class means yet: not logged, printed as nan
     assert 0.8 < row["train_error"] <= 1.0  # an untrained 10-way classifier
 
 

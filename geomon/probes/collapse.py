@@ -84,6 +84,9 @@ class CollapseProbe(Probe):
             step.guard.warn_once("labels", "geomon: neural collapse is on but this step has no labels (pass labels= "
                                  "to Monitor.step, or labels_fn= to GeomonCallback); its rows are skipped "
                                  "(neural_collapse=False silences this)")  # fmt: skip
+            self.allocate(features.device)
+            assert self.metric is not None
+            self.metric._weight = weight.detach().clone()  # nc3 / unc3 read the weight of the last measured step
             return
         self.update(features, step.labels, weight, bias)
 
