@@ -1,4 +1,4 @@
-"""``geomon inspect MODEL``: what geomon watches on a model with default settings, and what that costs.
+"""``geomon inspect MODEL``: what a default monitor watches on a model, and what that costs.
 
 MODEL is one of
 
@@ -11,47 +11,31 @@ MODEL is one of
   (the class in ``config.architectures`` when transformers has it, else ``AutoModelForCausalLM``, else
   ``AutoModel``). Without ``--measure`` it is built on the ``meta`` device: no memory, no initialisation.
 
-What is listed is decided by the code the monitor itself runs: :func:`geomon.capture.attention.find_attention_modules`
-for the attention modules, :func:`geomon.capture.modules.find_head` / :func:`~geomon.capture.modules.head_dims` and
-:data:`geomon.monitor.AUTO_COLLAPSE_MAX_ELEMENTS` for the output head and neural collapse,
-:class:`geomon.probes.logit_map.LogitMapProbe` for the logit-map spectral norms.
+Nothing is decided here: what is listed is the plan :meth:`geomon.Monitor.attach` builds
+(:func:`geomon.probes.plan.build_plan`, from a default monitor's options; it allocates nothing, so a ``meta`` model
+will do): its probes, their keys and state sizes, the output head and whether a
+:class:`~geomon.probes.CollapseProbe` is in it. This module adds shapes read off the model for the cost model, the
+FLOP counting of ``--measure`` and the rendering.
 
-Cost model (per monitored step; ``B`` batch, ``N`` sequence length, ``R`` rows entering the head per step, assumed
-``B·N`` (a token-level head) unless ``--measure`` saw the real number; ``D`` the head's input width, ``C`` its
-outputs; per attention module ``H`` query heads of width ``Dh``). FLOPs are ``2 x`` multiply-adds of the matrix
-products, as :mod:`torch.utils.flop_counter` counts them; elementwise work (softmax, entropy, norms) is left out on
-both sides of the ratio.
+Cost model (per monitored step, see docs/guides/inspect.md): ``B`` batch, ``N`` sequence length, ``R`` rows
+entering the head (``B·N`` unless ``--measure`` saw the real number), ``D`` the head's input width, ``C`` its outputs,
+``H`` query heads of width ``Dh`` per attention module; FLOPs are ``2 x`` the multiply-adds of matrix products, as
+:mod:`torch.utils.flop_counter` counts them (elementwise work is left out on both sides of the ratio).
 
-- model forward: ``2·B·N·P + Σ_attention 4·B·H·N²·Dh``, where ``P`` counts the entries of the 2-D weights of every
-  non-embedding module (each weight applied to every token; a tied head counts) and the second term is ``QKᵀ`` and
-  ``AV``;
-- capture, during the forward: ``Σ_attention 2·B·H·N²·Dh`` (the logits, recomputed for the entropy) +
-  ``2·R·D²`` per ``D x D`` Gram the head-input probe keeps (RankMe's; alpha-ReQ reads the same window) + neural
-  collapse ``2·R·D²`` (its Gram) + ``4·R·C·D`` (nc4: the head's decision and the nearest class mean, from the
-  second window on);
-- every ``compute``: the logit maps, ``Σ 2·H·Dh³`` (``R_Q R_Kᵀ`` per head) plus their thin QRs
-  (``2·(2·D·Dh² - ⅔·Dh³)`` per head, two per head);
-- once per closed window (every ``⌈4·D / R⌉`` monitored steps): neural collapse ``4·C·D² + 2·D³ + 4·C²·D``
-  (matrix products) and the dense solvers, counted with textbook constants: ``⁴⁄₃·D³`` per symmetric
-  eigenvalue solve (RankMe, alpha-ReQ) and ``9·D³`` for the eigendecomposition behind NC1's pseudo-inverse.
+- forward: ``2·B·N·P + Σ_attention 4·B·H·N²·Dh`` (``P``: entries of the 2-D weights of non-embedding modules);
+- capture: ``Σ_attention 2·B·H·N²·Dh`` (the logits again) + ``2·R·D²`` per embedding probe (its Gram) + per
+  collapse probe ``2·R·D² + 4·R·C·D`` (its Gram; nc4's decisions from the second window on);
+- every compute: per logit map ``Σ 2·H·Dh³`` (``R_Q R_Kᵀ``) and two thin QRs ``2·(2·D·Dh² - ⅔·Dh³)`` per head;
+- per closed window: neural collapse ``4·C·D² + 2·D³ + 4·C²·D`` and the solvers, ``⁴⁄₃·D³`` per symmetric
+  eigenvalue solve (one per RankMe / alpha-ReQ value) and ``9·D³`` for NC1's pseudo-inverse.
 
-State (float64, lives for the run; read off the probes' own state layout): ``5·H`` values per attention module,
-``1 + D + D²`` per embedding Gram, and ``2·C·D + 2·C + D² + 3`` for neural collapse (sums and the previous
-window's class means). ``--measure`` runs the model on a random batch on the CPU with and
-without the monitor and reports the time ratio and the FLOPs torch's counter saw, with attention counted as below
-(:func:`flop_counter`).
-
-Attention FLOPs, counted the same way whichever SDPA backend runs: a call of ``F.scaled_dot_product_attention`` with
-queries ``[..., Nq, Dh]`` (``B·H`` in ``...``, ``H`` the query heads), keys ``[..., Nk, Dh]`` and values
-``[..., Nk, Dv]`` counts ``2·B·H·Nq·Nk·Dh`` (``QKᵀ``) ``+ 2·B·H·Nq·Nk·Dv`` (``PV``): every query against every key,
-for a causal or masked call too (nothing is taken off for the masked pairs), and grouped-query attention by its
-query heads. That is what torch's counter sees on the math backend, whose ``bmm`` calls it counts, and what its
-formula for the fused CUDA kernels gives. But which kernel runs depends on the CPU's instruction set, the dtype, the
-shapes and the torch release, and the counter has no formula for some of them: torch 2.14 counts nothing for
-``aten._scaled_dot_product_flash_attention_for_cpu``, the kernel the CPU path picks on many machines.
-:func:`flop_counter` gives every fused SDPA kernel of :data:`SDPA_KERNELS` that one formula, in place of torch's, and
-their backward kernels the math backend's four gradient products, ``4·B·H·Nq·Nk·(Dh + Dv)`` (without the ``QKᵀ`` a
-fused kernel recomputes); a kernel replaces the whole call, so nothing inside it is counted twice.
+Attention FLOPs are counted alike whichever SDPA backend runs: a call with queries ``[..., Nq, Dh]`` (``B·H`` in
+``...``, ``H`` the query heads), keys ``[..., Nk, Dh]`` and values ``[..., Nk, Dv]`` counts ``2·B·H·Nq·Nk·(Dh + Dv)``
+(``QKᵀ`` and ``PV``, every query against every key, masked or causal alike), as torch's counter sees the math
+backend's ``bmm`` calls. Which kernel runs depends on the machine, dtype, shapes and torch release, and torch's counter
+has no formula for some (torch 2.14 counts nothing for ``aten._scaled_dot_product_flash_attention_for_cpu``), so
+:func:`flop_counter` gives every fused kernel of :data:`SDPA_KERNELS` that formula, and their backward kernels the
+math backend's four gradient products, ``4·B·H·Nq·Nk·(Dh + Dv)``.
 """
 
 from __future__ import annotations
@@ -66,7 +50,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,28 +58,39 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from geomon.alerts import default_rules
+from geomon import keys
 from geomon.capture.attention import find_attention_modules
-from geomon.capture.modules import compiled_parts, find_head, head_dims, linear_like
-from geomon.functional.neural_collapse import HEAD_STATISTICS, STATISTICS
-from geomon.monitor import AUTO_COLLAPSE_MAX_ELEMENTS, Monitor
-from geomon.probes.attention import FIELDS as ATTENTION_FIELDS
-from geomon.probes.logit_map import LogitMapProbe, _heads, qk_weights
-from geomon.reparam import sigma_reparam_stats
+from geomon.capture.modules import compiled_parts, head_dims, linear_like
+from geomon.monitor import Monitor
+from geomon.probes import AttentionProbe, CollapseProbe, EmbeddingProbe, LogitMapProbe
+from geomon.probes.logit_map import qk_weights
+from geomon.probes.plan import AUTO_COLLAPSE_MAX_ELEMENTS, MIB, Plan, build_plan, plain_modules, plain_name
 
 #: What MODEL may be, for error messages.
 ALLOWED = (
     "expected module:factory (e.g. mypkg.models:build), path/to/file.py:factory, a Hugging Face config name in the "
     "local cache, or a directory holding a config.json"
 )
-#: Bytes of one float64 state value.
-F64 = 8
 #: Default sequence length when the model does not say how long its context is (and the cap when it does).
 DEFAULT_SEQ_LEN = 512
 #: Most monitored steps --measure runs before it counts one (the first window must close for nc4 to run).
 MAX_WARM_STEPS = 32
 #: Default batch size of the cost estimate.
 DEFAULT_BATCH_SIZE = 8
+
+
+NO_HEAD = (
+    "no output head found: the model has no get_output_embeddings() and no linear layer named like a head (lm_head, "
+    "head, classifier, fc, ...); pass head=<module name> to watch one"
+)
+COMPILED = (
+    "the model is compiled with torch.compile: Monitor.attach refuses the hook-based probes (attention, head input); "
+    "attach before compiling, or hand tensors to Monitor.observe"
+)
+NO_ATTENTION = (
+    "no module recognisably attention; modules that call F.scaled_dot_product_attention are still seen at run time "
+    "(--measure lists what a forward reports)"
+)
 
 
 class InspectError(Exception):
@@ -270,41 +265,26 @@ def _model_from_config(transformers: Any, config: Any) -> nn.Module:
     raise InspectError(f"transformers could not build a model from config {type(config).__name__}: {errors[-1]}")
 
 
-# -- what is watched ----------------------------------------------------------------------------------------------
+# -- what is watched: the plan ------------------------------------------------------------------------------------
 
 
-@dataclass
-class AttentionInfo:
-    module: str
-    kind: str
-    heads: int | None
-    kv_heads: int | None
-    head_dim: int | None
-    keys: list[str] = field(default_factory=list)
-
-
-def attention_shape(module: nn.Module) -> tuple[int | None, int | None, int | None]:
-    """``(query heads, key heads, head width)`` of an attention module, from its weights or attributes (None where
-    unknown; ``--measure`` sees the real head count).
+def attention_shape(module: nn.Module, heads: int | None) -> tuple[int | None, int | None]:
+    """``(key heads, head width)`` of an attention module with ``heads`` query heads, from its Q/K weights or its
+    attributes (None where unknown), for the cost model.
 
     Example:
-        >>> attention_shape(nn.MultiheadAttention(16, 4))
-        (4, 4, 4)
+        >>> attention_shape(nn.MultiheadAttention(16, 4), 4)
+        (4, 4)
     """
-    found = qk_weights(module)
+    found = qk_weights(module, gather=False)
     if found is not None:
-        w_q, w_k, _, _ = found
-        return int(w_q.shape[0]), int(w_k.shape[0]), int(w_q.shape[1])
-    if isinstance(module, nn.MultiheadAttention):
-        return module.num_heads, module.num_heads, module.head_dim
-    heads = _heads(module)
+        return int(found[1].shape[0]), int(found[0].shape[1])
     config = getattr(module, "config", None)
     head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
     if head_dim is None and heads and isinstance(getattr(config, "hidden_size", None), int):
         head_dim = config.hidden_size // heads
     kv = getattr(module, "num_key_value_heads", None) or getattr(config, "num_key_value_heads", None) or heads
-    as_int = [value if isinstance(value, int) and value > 0 else None for value in (heads, kv, head_dim)]
-    return as_int[0], as_int[1], as_int[2]
+    return tuple(v if isinstance(v, int) and v > 0 else None for v in (kv, head_dim))  # type: ignore[return-value]
 
 
 def matmul_parameters(model: nn.Module) -> int:
@@ -315,283 +295,158 @@ def matmul_parameters(model: nn.Module) -> int:
         >>> matmul_parameters(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)))
         12
     """
-    total = 0
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            continue
-        for parameter in module.parameters(recurse=False):
-            if parameter.ndim >= 2:
-                total += parameter.numel()
-    return total
+    modules = [m for m in model.modules() if not isinstance(m, nn.Embedding)]
+    return sum(p.numel() for m in modules for p in m.parameters(recurse=False) if p.ndim >= 2)
 
 
 def max_positions(model: nn.Module, config: Any = None) -> int | None:
     """The longest sequence the model takes, when it says (a Hugging Face config, or a ``context`` /
     ``block_size`` / ``max_seq_len`` attribute)."""
     config = config if config is not None else getattr(model, "config", None)
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    for name in ("context", "block_size", "max_seq_len"):
-        value = getattr(model, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    found = [getattr(config, name, None) for name in ("n_positions", "max_position_embeddings")]
+    found += [getattr(model, name, None) for name in ("context", "block_size", "max_seq_len")]
+    return next((value for value in found if isinstance(value, int) and value > 0), None)
 
 
-def _alerts_keys() -> list[str]:
-    return [f"geomon/alerts/{rule.name}" for rule in default_rules()]
-
-
-def describe(model: nn.Module, *, every_n_steps: int = 50) -> dict[str, Any]:
-    """What a default :class:`geomon.Monitor` attached to ``model`` watches and logs (no forward, no state).
+def describe(model: nn.Module, *, every_n_steps: int = 50) -> tuple[Plan, dict[str, Any]]:
+    """The plan a default :class:`geomon.Monitor` builds at attach for ``model``, and what it lists (no forward, no
+    state allocated).
 
     Example:
         >>> from geomon._tiny_gpt import TinyGPT
-        >>> found = describe(TinyGPT(vocab_size=20, d_model=32, n_layer=1, n_head=2, context=8))
+        >>> plan, found = describe(TinyGPT(vocab_size=20, d_model=32, n_layer=1, n_head=2, context=8))
         >>> [a["module"] for a in found["attention"]], found["head"]["module"], found["neural_collapse"]["enabled"]
         (['blocks.0.attn'], 'head', True)
     """
-    modules = {name: module for name, module in model.named_modules() if name}
-    logit_names = LogitMapProbe(modules).names
-    attention = []
-    for name, kind in find_attention_modules(model).items():
-        heads, kv_heads, head_dim = attention_shape(modules[name]) if name else attention_shape(model)
-        keys = [f"{prefix}/{name}" for prefix, _, _ in ATTENTION_FIELDS]
-        attention.append(AttentionInfo(name, kind, heads, kv_heads, head_dim, keys))
-    probes: list[dict[str, Any]] = [
-        {"probe": "attention", "target": info.module, "keys": info.keys} for info in attention
-    ]
-    logit_maps = []
-    for name in logit_names:
-        heads, _, head_dim = attention_shape(modules[name])
-        width = int(qk_weights(modules[name])[0].shape[2])  # type: ignore[index]
-        logit_maps.append({"module": name, "heads": heads, "head_dim": head_dim, "width": width})
-        probes.append({"probe": "logit_sigma", "target": name, "keys": [f"geomon/spectral/logit_sigma/{name}"]})
-
-    head = find_head(model, "auto")
-    head_info: dict[str, Any] = {"module": head, "num_classes": None, "num_features": None}
-    collapse: dict[str, Any] = {"enabled": False, "state_elements": None, "limit": AUTO_COLLAPSE_MAX_ELEMENTS}
-    if head is None:
-        head_info["reason"] = (
-            "no output head found: the model has no get_output_embeddings() and no linear layer named like a head "
-            "(lm_head, head, classifier, fc, ...); pass head=<module name> to watch one"
-        )
-        collapse["reason"] = "no output head"
-    else:
-        c, d = head_dims(modules[head])
-        head_info.update(num_classes=c, num_features=d)
-        head_info["reason"] = _head_reason(model, modules, head)
-        collapse["state_elements"] = c * d
-        state = _mib(_scaled_bytes(probe_layout(d, c)["collapse"], {_CLASSES: c, _stand_in(d): d}))
-        if c * d <= AUTO_COLLAPSE_MAX_ELEMENTS:
-            collapse.update(enabled=True, reason=f"C x D = {c} x {d} = {c * d:,} <= {AUTO_COLLAPSE_MAX_ELEMENTS:,} "
-                            f"(float64 state {state}); fed on steps whose batch has labels")  # fmt: skip
-        else:
-            collapse["reason"] = (
-                f"C x D = {c} x {d} = {c * d:,} > {AUTO_COLLAPSE_MAX_ELEMENTS:,}: its float64 state would take "
-                f"{state}; pass neural_collapse=True to watch it anyway"
-            )
-        embedding = embedding_keys(f"{head}.input", d)
-        kinds = "+".join(key.split("/")[1] for key in embedding)
-        probes.append({"probe": kinds, "target": f"{head}.input", "keys": embedding})
-        if collapse["enabled"]:
-            stats = STATISTICS + HEAD_STATISTICS
-            probes.append({"probe": "neural_collapse", "target": f"{head}.input",
-                           "keys": [f"geomon/nc/{stat}/{head}.input" for stat in stats]})  # fmt: skip
-    reparam = sorted(_reparam_names(model))
-    for name in reparam:
-        keys = [f"geomon/spectral/reparam_{stat}/{name}" for stat in ("gamma", "sigma", "ratio")]
-        probes.append({"probe": "sigma_reparam", "target": name, "keys": keys})
-    probes.append({"probe": "alerts", "target": "default rules", "keys": _alerts_keys()})
+    monitor = Monitor(every_n_steps=every_n_steps)
     notes = []
-    compiled = compiled_parts(model)
-    if compiled:
-        notes.append(
-            "the model is compiled with torch.compile: Monitor.attach refuses the hook-based probes (attention, head "
-            "input); attach before compiling, or hand tensors to Monitor.observe"
-        )
-    if not attention:
-        notes.append(
-            "no module recognisably attention; modules that call F.scaled_dot_product_attention are still seen at "
-            "run time (--measure lists what a forward reports)"
-        )
-    return {
-        "attention": [vars(info) for info in attention],
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:  # the budget is checked below, so that a plan over it is still listed
+            plan = build_plan(model, replace(monitor.options, memory_budget_mib=math.inf))
+        except ValueError as error:
+            raise InspectError(f"a default Monitor.attach fails on this model: {_one_line(error)}") from error
+    notes += [f"warning: {w.message}" for w in caught if "neural collapse is off" not in str(w.message)]
+    plan.options, budget = monitor.options, monitor.options.memory_budget_mib
+    try:
+        plan.check_budget()
+    except ValueError as error:
+        notes.append(f"Monitor.attach would refuse this plan: {error}")
+    modules = plain_modules(model)
+    kinds = {plain_name(name): kind for name, kind in find_attention_modules(model).items()}
+    attention = []
+    for probe in plan.of_kind(AttentionProbe.kind):
+        heads = None if probe.spec is None else probe.spec[0]
+        kv_heads, head_dim = attention_shape(modules[probe.name], heads)
+        attention.append({"module": probe.name, "kind": kinds.get(probe.name, "?"), "heads": heads,
+                          "kv_heads": kv_heads, "head_dim": head_dim, "keys": probe.keys()})  # fmt: skip
+    logit_maps = []
+    for probe in plan.of_kind(LogitMapProbe.kind):
+        w_q = qk_weights(modules[probe.name], gather=False)[0]  # type: ignore[index]
+        logit_maps.append(dict(zip(("module", "heads", "head_dim", "width"), (probe.name, *w_q.shape), strict=True)))
+
+    head: dict[str, Any] = {"module": plan.head, "num_classes": None, "num_features": None, "reason": NO_HEAD}
+    collapse = plan.of_kind(CollapseProbe.kind)
+    nc = {"enabled": bool(collapse), "reason": "no output head", "state_elements": None,
+          "limit": AUTO_COLLAPSE_MAX_ELEMENTS}  # fmt: skip
+    if plan.head is not None:
+        c, d = head_dims(modules[plan.head])
+        head.update(num_classes=c, num_features=d, reason=_head_reason(model, modules[plan.head]))
+        size = _mib((collapse[0] if collapse else CollapseProbe(plan.head, c, d)).state_bytes())  # not allocated
+        cap = AUTO_COLLAPSE_MAX_ELEMENTS
+        limit = f"C x D = {c} x {d} = {c * d:,} {'<=' if c * d <= cap else '>'} {cap:,} (AUTO_COLLAPSE_MAX_ELEMENTS)"
+        nc.update(state_elements=c * d, reason=f"{limit}; float64 state {size}, fed on steps whose batch has labels"
+                  if collapse else f"{limit}; its float64 state would take {size}: pass neural_collapse=True to "
+                  "watch it anyway")  # fmt: skip
+    probes = [{"probe": p.pid, "kind": p.kind, "target": p.name, "keys": p.keys(), "state_bytes": p.state_bytes()}
+              for p in plan]  # fmt: skip
+    alerts = [keys.key(keys.ALERTS, rule.name) for rule in monitor.alert_engine.rules]
+    probes.append({"probe": "alerts", "kind": "alerts", "target": "default rules", "keys": alerts, "state_bytes": 0})
+    by_kind: dict[str, int] = {}
+    for p in plan:
+        by_kind[p.kind] = by_kind.get(p.kind, 0) + p.state_bytes()
+    notes += [COMPILED] if compiled_parts(model) else []
+    notes += [] if attention else [NO_ATTENTION]
+    return plan, {
+        "attention": attention,
         "logit_maps": logit_maps,
-        "head": head_info,
-        "neural_collapse": collapse,
+        "head": head,
+        "neural_collapse": nc,
         "probes": probes,
-        "keys": sorted({key for probe in probes for key in probe["keys"]}),
+        "keys": sorted(plan.keys() + alerts),
+        "state_bytes": {"by_kind": by_kind, "total": plan.state_bytes(), "budget": round(budget * MIB)},
         "every_n_steps": every_n_steps,
         "notes": notes,
     }
 
 
-def _reparam_names(model: nn.Module) -> list[str]:
-    try:
-        return list(sigma_reparam_stats(model))
-    except Exception:  # a model sigma_reparam refuses (e.g. compiled) has no σReparam layers to report
-        return []
-
-
-def _head_reason(model: nn.Module, modules: dict[str, nn.Module], head: str) -> str:
+def _head_reason(model: nn.Module, head: nn.Module) -> str:
     for module in model.modules():  # as find_head asks: any submodule's get_output_embeddings()
         getter = getattr(module, "get_output_embeddings", None)
-        if callable(getter) and _safe(getter) is modules[head]:
+        if callable(getter) and _safe(getter) is head:
             return "the model's get_output_embeddings()"
     return "the last linear layer named like a head"
 
 
 def _mib(n_bytes: float) -> str:
-    if n_bytes < 1 << 20:
-        return f"{n_bytes / 1024:.1f} KiB"
-    if n_bytes < 1 << 30:
-        return f"{n_bytes / (1 << 20):.1f} MiB"
-    return f"{n_bytes / (1 << 30):.2f} GiB"
+    if not n_bytes:
+        return "none"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n_bytes / 1024:.1f} KiB"
 
 
 # -- cost ---------------------------------------------------------------------------------------------------------
 
 
-#: Stand-in sizes at which the probes are built to read their state's layout: every state dimension equal to one of
-#: these is that size (distinct primes; the feature stand-in is above 100 when the real width is, since probes
-#: switch alpha-ReQ on there).
-_HEADS, _CLASSES, _NARROW, _WIDE = 3, 7, 5, 101
-
-
-def _state_shapes(state: Any) -> list[tuple[tuple[int, ...], int]]:
-    """``(shape, bytes per element)`` of every tensor in a (nested) state dict."""
-    if isinstance(state, Tensor):
-        return [(tuple(state.shape), state.element_size())]
-    if isinstance(state, dict):
-        return [item for value in state.values() for item in _state_shapes(value)]
-    if isinstance(state, (list, tuple)):
-        return [item for value in state for item in _state_shapes(value)]
-    return []
-
-
-def _scaled_bytes(shapes: list[tuple[tuple[int, ...], int]], sizes: dict[int, int]) -> int:
-    return sum(math.prod(sizes.get(dim, dim) for dim in shape) * size for shape, size in shapes)
-
-
-def _stand_in(num_features: int) -> int:
-    return _WIDE if num_features > 100 else _NARROW
-
-
-def embedding_keys(name: str, num_features: int) -> list[str]:
-    """The keys an embedding probe of width ``num_features`` reports when its window closes, read off a probe of
-    the monitor's own class run once at a stand-in width (RankMe always; alpha-ReQ where the width allows its fit).
-
-    Example:
-        >>> embedding_keys("head.input", 64), embedding_keys("head.input", 768)
-        (['geomon/rankme/head.input'], ['geomon/rankme/head.input', 'geomon/alpha_req/head.input'])
-    """
-    from geomon.probes import EmbeddingProbe
-
-    d0 = _stand_in(num_features)
-    probe = EmbeddingProbe("stand-in", d0, min_rows=1)
-    probe.update(torch.randn(2 * d0, d0, generator=torch.Generator().manual_seed(0)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scalars, _ = probe.compute()
-    return [key.rsplit("/", 1)[0] + "/" + name for key in scalars]
-
-
-def probe_layout(num_features: int, num_classes: int | None) -> dict[str, Any]:
-    """The state layout of the monitor's own probes (:class:`~geomon.probes.EmbeddingProbe`,
-    :class:`~geomon.probes.CollapseProbe`, :class:`~geomon.metrics.AttentionEntropy`), read by building them at
-    small stand-in sizes: the state shapes, and how many ``D x D`` Grams each feeds per update."""
-    from geomon.metrics import AttentionEntropy
-    from geomon.probes import CollapseProbe, EmbeddingProbe
-
-    d0 = _stand_in(num_features)
-    embedding = _state_shapes(EmbeddingProbe("probe", d0).state_dict())
-    layout = {
-        "d0": d0,
-        "attention": _state_shapes(AttentionEntropy(_HEADS, backend="torch").state_dict()),
-        "embedding": embedding,
-        "embedding_grams": sum(shape == (d0, d0) for shape, _ in embedding),
-        "collapse": [],
-        "collapse_grams": 0,
-    }
-    if num_classes is not None:
-        collapse = _state_shapes(CollapseProbe("probe", _CLASSES, d0, backend="torch").state_dict())
-        layout["collapse"] = collapse
-        layout["collapse_grams"] = sum(shape == (d0, d0) for shape, _ in collapse)
-    return layout
-
-
-def state_bytes(found: dict[str, Any]) -> dict[str, int]:
-    """Bytes of the state a default monitor keeps for the run, by part: per-head buffers of every attention module,
-    the embedding probe of the head's input (its ``D x D`` Gram), neural collapse (``C x D`` sums and reference
-    means, a ``D x D`` Gram). Read off the probes' own state layout (:func:`probe_layout`).
-
-    Example:
-        >>> found = {"attention": [{"heads": 4}], "head": {"num_classes": 10, "num_features": 8},
-        ...          "neural_collapse": {"enabled": True}}
-        >>> sizes = state_bytes(found)
-        >>> sizes["attention"], sizes["embedding"], sizes["neural_collapse"]   # 5 x 4, 1 + 8 + 64, 2·80 + 20 + 64 + 3
-        (160, 584, 1976)
-    """
-    heads = [info["heads"] for info in found["attention"] if info["heads"]]
-    c, d = found["head"]["num_classes"], found["head"]["num_features"]
-    layout = probe_layout(d or 1, c)
-    attention = sum(_scaled_bytes(layout["attention"], {_HEADS: h}) for h in heads)
-    embedding = collapse = 0
-    if d is not None:
-        sizes = {layout["d0"]: d, _CLASSES: c}
-        embedding = _scaled_bytes(layout["embedding"], sizes)
-        if found["neural_collapse"]["enabled"]:
-            collapse = _scaled_bytes(layout["collapse"], sizes)
-    total = attention + embedding + collapse
-    return {"attention": attention, "embedding": embedding, "neural_collapse": collapse, "total": total}
-
-
-def estimate_flops(found: dict[str, Any], model: nn.Module, *, batch_size: int, seq_len: int,
+def estimate_flops(plan: Plan, found: dict[str, Any], model: nn.Module, *, batch_size: int, seq_len: int,
                    rows: int | None = None) -> dict[str, Any]:  # fmt: skip
-    """The cost model of the module docstring, term by term (``rows``: head input rows per step, default ``B·N``).
+    """The cost model of the module docstring, probe by probe of the plan (``rows``: head input rows per step,
+    default ``B·N``).
 
     Example:
         >>> from geomon._tiny_gpt import TinyGPT
         >>> model = TinyGPT(vocab_size=50, d_model=128, n_layer=2, n_head=4, context=64)
-        >>> cost = estimate_flops(describe(model), model, batch_size=8, seq_len=64)
+        >>> plan, found = describe(model)
+        >>> cost = estimate_flops(plan, found, model, batch_size=8, seq_len=64)
         >>> cost["model_forward"] == 2 * 512 * 399616 + 2 * 4 * 8 * 4 * 64**2 * 32   # P = 399,616 weights
         True
     """
     b, n = batch_size, seq_len
     r = b * n if rows is None else rows
-    terms: dict[str, int | float] = {}
     forward = 2 * b * n * matmul_parameters(model)
-    attention_logits = 0
-    unknown = []
-    for info in found["attention"]:
-        if info["heads"] is None or info["head_dim"] is None:
-            unknown.append(info["module"])
-            continue
-        per_call = b * info["heads"] * n * n * info["head_dim"]
-        forward += 4 * per_call
-        attention_logits += 2 * per_call
-    terms["attention_logits"] = attention_logits
-    d, c = found["head"]["num_features"], found["head"]["num_classes"]
-    nc_on = found["neural_collapse"]["enabled"]
-    layout = probe_layout(d or 1, c)
-    terms["embedding_gram"] = 0 if d is None else 2 * r * d * d * layout["embedding_grams"]
-    terms["nc_gram"] = 2 * r * d * d * layout["collapse_grams"] if nc_on else 0
-    terms["nc4_decisions"] = 4 * r * c * d if nc_on else 0
+    terms = dict.fromkeys(("attention_logits", "embedding_gram", "nc_gram", "nc4_decisions"), 0)
+    logit_matmul = logit_qr = window_matmul = solvers = 0.0
+    window_rows, unknown = None, []
+    attention = {info["module"]: info for info in found["attention"]}
+    logit_maps = {info["module"]: info for info in found["logit_maps"]}
+    for probe in plan:
+        if isinstance(probe, AttentionProbe):
+            h, dh = attention[probe.name]["heads"], attention[probe.name]["head_dim"]
+            if h is None or dh is None:
+                unknown.append(probe.name)
+                continue
+            forward += 4 * b * h * n * n * dh
+            terms["attention_logits"] += 2 * b * h * n * n * dh
+        elif isinstance(probe, EmbeddingProbe) and probe.spec is not None:
+            d = probe.spec[0]
+            on_head = probe.module == plan.head and probe.source == "input"
+            terms["embedding_gram"] += 2 * (r if on_head else b * n) * d * d
+            solvers += (4 / 3) * d**3 * len(probe.keys())  # one eigenvalue solve per value (RankMe, alpha-ReQ)
+            window_rows = probe.min_rows if on_head else window_rows
+        elif isinstance(probe, CollapseProbe):
+            c, d = probe.spec  # type: ignore[misc]
+            terms["nc_gram"] += 2 * r * d * d
+            terms["nc4_decisions"] += 4 * r * c * d
+            window_matmul += 4 * c * d * d + 2 * d**3 + 4 * c * c * d
+            solvers += 9 * d**3
+        elif isinstance(probe, LogitMapProbe):
+            h, dh, width = (logit_maps[probe.name][k] for k in ("heads", "head_dim", "width"))
+            logit_matmul += 2 * h * dh**3
+            logit_qr += 2 * h * 2 * (2 * width * dh * dh - (2 * dh**3) / 3)
     capture = sum(terms.values())
-    logit_matmul = logit_qr = 0
-    for info in found["logit_maps"]:
-        h, dh, width = info["heads"], info["head_dim"], info["width"]
-        logit_matmul += 2 * h * dh**3
-        logit_qr += 2 * h * 2 * (2 * width * dh * dh - (2 * dh**3) / 3)
-    window_matmul = (4 * c * d * d + 2 * d**3 + 4 * c * c * d) if nc_on else 0
-    solvers = 0.0
-    if d is not None:
-        solvers += (4 / 3) * d**3 * (2 if d > 100 else 1) + (9 * d**3 if nc_on else 0)
     per_step = capture + logit_matmul + logit_qr
-    rows_per_window = None if d is None else 4 * d
     return {
         "batch_size": b,
         "seq_len": n,
@@ -603,8 +458,8 @@ def estimate_flops(found: dict[str, Any], model: nn.Module, *, batch_size: int, 
         "compute_qr": round(logit_qr),
         "per_monitored_step": round(per_step),
         "ratio": per_step / forward if forward else math.nan,
-        "window_rows": rows_per_window,
-        "steps_per_window": None if rows_per_window is None else math.ceil(rows_per_window / r),
+        "window_rows": window_rows,
+        "steps_per_window": None if window_rows is None else math.ceil(window_rows / r),
         "window_matmul": int(window_matmul),
         "window_solvers": round(solvers),
         "attention_not_estimated": unknown,
@@ -745,17 +600,18 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=attention_flop_formulas())
 
 
-def measure(model: nn.Module, found: dict[str, Any], *, batch_size: int, seq_len: int, repeats: int = 3,
+def measure(model: nn.Module, plan: Plan, *, batch_size: int, seq_len: int, repeats: int = 3,
             seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """One random batch through ``model`` (train mode, autograd on, no backward) with and without a default
     :class:`geomon.Monitor` measuring every step: median times, FLOPs counted by :func:`flop_counter`, the
-    attention modules the monitor saw (with their head counts), and the keys it logged. FLOPs are counted on the
-    first step after the first window closed (``4·D`` rows, at most :data:`MAX_WARM_STEPS` steps in), where the
-    steady-state cost model applies."""
+    attention modules that reported values (with the head counts in the monitor's plan), and the keys it logged.
+    FLOPs are counted on the first step after the first window of the head's input closed (at most
+    :data:`MAX_WARM_STEPS` steps in), where the steady-state cost model applies."""
     generator = torch.Generator().manual_seed(seed)
     inputs = example_input(model, batch_size, seq_len, generator)
-    modules = dict(model.named_modules())
-    head = found["head"]["module"]
+    collapse = plan.of_kind(CollapseProbe.kind)
+    window = next((p.min_rows for p in plan.of_kind(EmbeddingProbe.kind)
+                   if p.module == plan.head and p.source == "input"), None)  # type: ignore[attr-defined]  # fmt: skip
     seen_rows: list[tuple[int, ...]] = []
 
     def record(module: nn.Module, args: tuple, output: Any) -> None:
@@ -768,7 +624,7 @@ def measure(model: nn.Module, found: dict[str, Any], *, batch_size: int, seq_len
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            handle = modules[head].register_forward_hook(record) if head is not None else None
+            handle = None if plan.head is None else plain_modules(model)[plan.head].register_forward_hook(record)
             try:
                 torch.manual_seed(seed)
                 _call(model, inputs)  # warm-up, and the shape of the head's input
@@ -780,9 +636,8 @@ def measure(model: nn.Module, found: dict[str, Any], *, batch_size: int, seq_len
                 if handle is not None:
                     handle.remove()
             labels = None
-            if head is not None and seen_rows and found["neural_collapse"]["enabled"]:
-                c = found["head"]["num_classes"]
-                labels = torch.randint(0, c, seen_rows[0], generator=generator)
+            if collapse and seen_rows:
+                labels = torch.randint(0, collapse[0].spec[0], seen_rows[0], generator=generator)  # type: ignore[index]
             rows = math.prod(seen_rows[0]) if seen_rows else None
             with flop_counter() as counter:
                 _call(model, inputs)
@@ -798,8 +653,7 @@ def measure(model: nn.Module, found: dict[str, Any], *, batch_size: int, seq_len
                 values.update(monitor.compute(step))
                 return middle - started, time.perf_counter() - middle
 
-            d = found["head"]["num_features"]
-            warm = 1 if rows is None or d is None else min(MAX_WARM_STEPS, math.ceil(4 * d / rows))
+            warm = 1 if rows is None or window is None else min(MAX_WARM_STEPS, math.ceil(window / rows))
             for step in range(warm):  # the first window: neural collapse has reference means from the second on
                 monitored_step(step)
             with flop_counter() as counter:
@@ -818,7 +672,9 @@ def measure(model: nn.Module, found: dict[str, Any], *, batch_size: int, seq_len
     finally:
         model.train(was_training)
     plain_s, monitored_s, compute_s = (statistics.median(times[k]) for k in ("plain", "monitored", "compute"))
-    seen = {name: metric.num_heads for name, metric in monitor.attention_probe.metrics.items()}
+    assert monitor.plan is not None
+    seen = {p.name: p.spec[0] for p in monitor.plan.of_kind(AttentionProbe.kind)  # type: ignore[index]
+            if keys.key(keys.ENTROPY, p.name) in values}  # fmt: skip
     return {
         "input": _shape(inputs),
         "rows_per_step": rows,
@@ -869,8 +725,8 @@ def inspect(spec: str, *, seq_len: int | None = None, batch_size: int = DEFAULT_
     """Everything ``geomon inspect`` prints, as one JSON-able dict (see the module docstring)."""
     loaded = load_model(spec, materialise=measure_cost)
     model = loaded.model
-    found = describe(model, every_n_steps=every_n_steps)
-    notes = list(found.pop("notes"))
+    plan, found = describe(model, every_n_steps=every_n_steps)
+    notes = found.pop("notes")
     limit = max_positions(model, loaded.config)
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
@@ -879,34 +735,29 @@ def inspect(spec: str, *, seq_len: int | None = None, batch_size: int = DEFAULT_
         seq_len = limit
     measured = None
     if measure_cost:
-        measured = measure(model, found, batch_size=batch_size, seq_len=seq_len, repeats=repeats)
-        static = {info["module"] for info in found["attention"]}
-        extra = sorted(set(measured["seen_attention"]) - static)
-        if extra:
-            notes.append(f"attention seen at run time in modules not listed statically: {', '.join(extra)}")
-        missing = sorted(static - set(measured["seen_attention"]))
-        if missing:
-            notes.append(f"listed attention modules that reported nothing in the forward: {', '.join(missing)}")
-        for warning in measured["warnings"]:
-            if "neural collapse is off" not in warning:  # already said, with the reason
-                notes.append(f"warning during the measured forward: {warning}")
+        measured = measure(model, plan, batch_size=batch_size, seq_len=seq_len, repeats=repeats)
+        planned, seen = {info["module"] for info in found["attention"]}, set(measured["seen_attention"])
+        if seen - planned:
+            notes.append(f"attention seen at run time in modules not in the plan: {', '.join(sorted(seen - planned))}")
+        if planned - seen:
+            notes.append(f"planned attention modules that reported nothing: {', '.join(sorted(planned - seen))}")
+        notes += [f"warning during the measured forward: {warning}" for warning in measured["warnings"]
+                  if "neural collapse is off" not in warning]  # already said, with the reason  # fmt: skip
     rows = measured["rows_per_step"] if measured else None
-    cost = estimate_flops(found, model, batch_size=batch_size, seq_len=seq_len, rows=rows)
+    cost = estimate_flops(plan, found, model, batch_size=batch_size, seq_len=seq_len, rows=rows)
     if cost["attention_not_estimated"]:
         notes.append(
             f"attention FLOPs of {', '.join(cost['attention_not_estimated'])} not estimated: head count unknown"
         )
-    if rows is None and found["head"]["module"] is not None:
+    if rows is None and plan.head is not None:
         notes.append("rows per step assumed B·N (a token-level head); --measure reads the real number")
-    n_params = sum(p.numel() for p in model.parameters())
     return {
         "model": spec,
         "source": loaded.source,
         "description": loaded.description,
         "class": type(model).__name__,
-        "parameters": n_params,
+        "parameters": sum(p.numel() for p in model.parameters()),
         **found,
-        "state_bytes": state_bytes(found),
         "cost": cost,
         "measured": measured,
         "notes": notes,
@@ -920,26 +771,22 @@ def _flops(value: float) -> str:
     return f"{value:.0f} FLOP"
 
 
-def _compress_keys(keys: list[str]) -> str:
+def _compress_keys(names: list[str]) -> str:
     """``geomon/a/x/m, geomon/b/x/m`` -> ``geomon/{a,b}/x/m`` style grouping by everything but the stat."""
-    if len(keys) <= 3:
-        return "\n".join(keys)
-    parts = [key.split("/") for key in keys]
-    if all(len(p) == len(parts[0]) for p in parts):
+    parts = [name.split("/") for name in names]
+    if len(names) > 3 and all(len(p) == len(parts[0]) for p in parts):
         varying = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
         if len(varying) == 1:
             i = varying[0]
             middle = "{" + ",".join(dict.fromkeys(p[i] for p in parts)) + "}"
             return "/".join([*parts[0][:i], middle, *parts[0][i + 1 :]])
-    return "\n".join(keys)
+    return "\n".join(names)
 
 
 def sections(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """The report as titled tables of strings (shared by the rich and the plain rendering)."""
-    out = []
     measured = report["measured"]
     seen = measured["seen_attention"] if measured else None
-    header = ["module", "kind", "heads", "kv heads", "head dim", "logit σ logged"]
     logit = {item["module"] for item in report["logit_maps"]}
     rows = []
     for info in report["attention"]:
@@ -948,31 +795,25 @@ def sections(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str
             heads += f" (seen {seen[info['module']]})" if info["module"] in seen else " (not seen)"
         rows.append([info["module"] or "(the model)", info["kind"], heads, str(info["kv_heads"] or "?"),
                      str(info["head_dim"] or "?"), "yes" if info["module"] in logit else "no"])  # fmt: skip
-    out.append((f"attention modules ({len(rows)})", header, rows or [["(none found)", "", "", "", "", ""]]))
+    header = ["module", "kind", "heads", "kv heads", "head dim", "logit σ logged"]
+    out = [(f"attention modules ({len(rows)})", header, rows or [["(none found)", "", "", "", "", ""]])]
 
     head, nc = report["head"], report["neural_collapse"]
-    if head["module"] is None:
-        head_rows = [["output head", "none"], ["why", head["reason"]]]
-    else:
-        d = head["num_features"]
-        head_rows = [
-            ["output head", f"{head['module']} ({head['num_classes']} x {d}), found as {head['reason']}"],
-            ["RankMe", f"{head['module']}.input" + (", and alpha-ReQ (D > 100)" if d > 100 else "")],
-        ]
+    found = f"{head['module']} ({head['num_classes']} x {head['num_features']}), found as {head['reason']}"
+    head_rows = (
+        [["output head", "none"], ["why", head["reason"]]] if head["module"] is None else [["output head", found]]
+    )
     head_rows.append(["neural collapse", ("on: " if nc["enabled"] else "off: ") + nc["reason"]])
     out.append(("output head", ["", ""], head_rows))
 
-    probe_rows = [[p["probe"], p["target"], _compress_keys(p["keys"])] for p in report["probes"]]
-    out.append((f"probes and logged keys ({len(report['keys'])} keys)", ["probe", "on", "keys"], probe_rows))
+    probe_rows = [[p["kind"], p["target"], _compress_keys(p["keys"]), _mib(p["state_bytes"])] for p in report["probes"]]
+    out.append((f"probes and logged keys ({len(report['keys'])} keys)", ["probe", "on", "keys", "state"], probe_rows))
 
     cost, state = report["cost"], report["state_bytes"]
-    b, n = cost["batch_size"], cost["seq_len"]
-    cost_rows = [
-        ["state: attention per-head buffers", _mib(state["attention"])],
-        ["state: RankMe / alpha-ReQ Gram (D x D)", _mib(state["embedding"])],
-        ["state: neural collapse (C x D, 2 copies, + D x D)", _mib(state["neural_collapse"])],
-        ["state: total (float64, kept for the run)", _mib(state["total"])],
-        [f"model forward (B={b}, N={n})", _flops(cost["model_forward"])],
+    cost_rows = [[f"state: {kind} probes", _mib(size)] for kind, size in state["by_kind"].items() if size]
+    cost_rows += [
+        ["state: total (float64, kept for the run)", f"{_mib(state['total'])} of {_mib(state['budget'])} budget"],
+        [f"model forward (B={cost['batch_size']}, N={cost['seq_len']})", _flops(cost["model_forward"])],
         ["capture during the forward", _flops(cost["capture"])],
         ["logit maps, every compute", _flops(cost["compute_matmul"] + cost["compute_qr"])],
         ["extra per monitored step / forward", f"{cost['ratio']:.1%}"],
@@ -980,10 +821,8 @@ def sections(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str
     ]
     if cost["window_rows"] is not None:
         window = f"{cost['window_rows']} rows = {cost['steps_per_window']} step(s) of {cost['rows_per_step']}"
-        cost_rows += [
-            ["window (rows per step)", window],
-            ["per closed window (solvers + NC)", _flops(cost["window_matmul"] + cost["window_solvers"])],
-        ]
+        solvers = _flops(cost["window_matmul"] + cost["window_solvers"])
+        cost_rows += [["window (rows per step)", window], ["per closed window (solvers + NC)", solvers]]
     if measured:
         capture = f"{measured['monitored_forward_s'] * 1e3:.1f} ms, capture {_flops(measured['capture_flops'])}"
         ratio = f"time {measured['time_overhead']:+.1%}, matmul FLOPs {measured['flop_overhead']:+.1%}"

@@ -22,10 +22,15 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from geomon import Monitor, cli
+from geomon import Monitor, cli, keys
 from geomon._tiny_gpt import CausalSelfAttention, TinyGPT
 from geomon.inspect_model import flop_counter, sdpa_backward_flops, sdpa_flops
-from geomon.monitor import AUTO_COLLAPSE_MAX_ELEMENTS
+from geomon.probes.base import FLOAT64, metric_bytes
+from geomon.probes.collapse import STATS as NC_STATS
+from geomon.probes.plan import AUTO_COLLAPSE_MAX_ELEMENTS
+
+#: key families of the head's input: RankMe, alpha-ReQ and the neural-collapse statistics
+HEAD_FAMILIES = {keys.RANKME, keys.ALPHA_REQ, *(keys.nc(stat) for stat in NC_STATS)}
 
 ROOT = Path(__file__).resolve().parents[1]
 #: TinyGPT as the factory builds it: D = 128 > 100 (alpha-ReQ on), B x N = 16 x 32 = 4 x D rows (a window per step)
@@ -82,14 +87,15 @@ def _error_line(capsys, argv: list[str]) -> str:
     return lines[0]
 
 
-def _state_tensors(state) -> list[Tensor]:
-    if isinstance(state, Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for value in state.values() for t in _state_tensors(value)]
-    if isinstance(state, (list, tuple)):
-        return [t for value in state for t in _state_tensors(value)]
-    return []
+def _held_bytes(probe) -> int:
+    """Bytes a monitor's probe really holds: its metrics' states, their reset defaults and buffers, and the head
+    weight a collapse probe copies (counted in float64, as the plan counts it)."""
+    held = 0
+    for metric in (getattr(probe, name, None) for name in ("metric", "rankme")):
+        if metric is not None and hasattr(metric, "_defaults"):
+            weight = getattr(metric, "_weight", None)
+            held += metric_bytes(metric) + (0 if weight is None else weight.numel() * FLOAT64)
+    return held
 
 
 def _reference_counter() -> FlopCounterMode:
@@ -170,7 +176,7 @@ def test_tiny_gpt_factory_lists_what_a_real_monitor_watches_and_costs(factory, c
             logged.update(monitor.compute(step))
             computed = int(counter.get_total_flops()) - plain - captured
     assert report["keys"] == sorted(logged) == report["measured"]["keys"]
-    assert "geomon/alpha_req/head.input" in report["keys"]  # D > 100
+    assert keys.key(keys.ALPHA_REQ, "head.input") in report["keys"]  # D > 100
     assert sum(len(probe["keys"]) for probe in report["probes"]) == len(report["keys"])
 
     # the cost model against torch's counter on the math backend (second window: nc4 runs) and the monitor's state
@@ -179,9 +185,11 @@ def test_tiny_gpt_factory_lists_what_a_real_monitor_watches_and_costs(factory, c
     assert cost["model_forward"] == plain == report["measured"]["forward_flops"]
     assert cost["capture"] == captured == report["measured"]["capture_flops"]
     assert cost["compute_matmul"] + cost["window_matmul"] == computed
-    state = sum(t.numel() * t.element_size() for t in _state_tensors(monitor.state_dict()))
-    assert report["state_bytes"]["total"] == state
-    assert report["state_bytes"]["attention"] == LAYERS * 5 * HEADS * 8  # five float64 sums per head
+    planned = {probe["probe"]: probe["state_bytes"] for probe in report["probes"] if probe["kind"] != "alerts"}
+    assert planned == {probe.pid: _held_bytes(probe) for probe in monitor.plan}  # what the monitor really holds
+    assert report["state_bytes"]["total"] == sum(planned.values()) == monitor.plan.state_bytes()
+    assert report["state_bytes"]["by_kind"]["attention"] == LAYERS * 2 * 5 * HEADS * 8  # 5 float64 sums per head, x2
+    assert report["state_bytes"]["budget"] == monitor.options.memory_budget_mib * 2**20
     measured = report["measured"]
     assert all(math.isfinite(measured[k]) and measured[k] > 0 for k in ("forward_s", "monitored_forward_s"))
 
@@ -247,14 +255,14 @@ def test_python_m_geomon_on_a_transformer_encoder(factory):
     assert report["cost"]["capture"] == report["measured"]["capture_flops"] > 0
     assert report["head"]["module"] is None and not report["neural_collapse"]["enabled"]
     assert "no output head" in report["neural_collapse"]["reason"]
-    assert report["state_bytes"]["embedding"] == report["state_bytes"]["neural_collapse"] == 0
-    keys = set(report["keys"])
-    assert keys == set(report["measured"]["keys"])
-    assert {f"geomon/attention/entropy/{name}" for name in expected} <= keys
-    assert not any(key.startswith(("geomon/rankme/", "geomon/nc/")) for key in keys)
+    assert set(report["state_bytes"]["by_kind"]) == {"attention", "logit_map"}  # no embedding or collapse state
+    logged = set(report["keys"])
+    assert logged == set(report["measured"]["keys"])
+    assert {keys.key(keys.ENTROPY, name) for name in expected} <= logged
+    assert not any(keys.split(key)[0] in HEAD_FAMILIES for key in logged)
     values = report["measured"]["values"]
     for name in expected:  # the monitor really ran: entropies between 0 and log(16 keys)
-        assert 0 <= values[f"geomon/attention/entropy/{name}"] <= math.log(16) + 1e-9
+        assert 0 <= values[keys.key(keys.ENTROPY, name)] <= math.log(16) + 1e-9
 
 
 transformers = None
@@ -298,7 +306,8 @@ def test_large_vocabulary_turns_neural_collapse_off_as_the_monitor_does(tmp_path
     assert AUTO_COLLAPSE_MAX_ELEMENTS < 50257 * 384
     nc = report["neural_collapse"]
     assert not nc["enabled"] and "50257 x 384" in nc["reason"] and "neural_collapse=True" in nc["reason"]
-    assert not any(key.startswith("geomon/nc/") for key in report["keys"])
+    assert not any(keys.split(key)[0] in HEAD_FAMILIES - {keys.RANKME, keys.ALPHA_REQ} for key in report["keys"])
+    assert not any(probe["kind"] == "collapse" for probe in report["probes"])
     assert report["cost"]["seq_len"] == 2048 and any("2048 positions" in note for note in report["notes"])
     with torch.device("meta"), pytest.warns(UserWarning, match="neural collapse is off"):
         monitor = Monitor().attach(transformers.GPT2LMHeadModel(config))
