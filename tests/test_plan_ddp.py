@@ -3,8 +3,8 @@
 The model routes its hidden states through attention blocks in an order the caller gives; per step the two ranks run
 different routes on their halves of the global batch:
 
-- step 0: rank 0 runs block ``b`` only (``a`` and ``c`` skipped on the first measured step: with state created on
-  first sight, rank 1 then waited in a reduction rank 0 never joined);
+- step 0: rank 0 runs block ``b`` only, rank 1 ``a`` and ``b`` (with state created on first sight, rank 1 waited in
+  a reduction of ``a`` that rank 0 never joined); no rank runs ``c``, which is then not logged;
 - step 1: the ranks run the blocks in opposite orders (reduced by position, layer ``a`` of one rank was summed with
   layer ``c`` of the other);
 - step 2: rank 0's batch is empty;
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 
 VOCAB, D, T, BATCH = 23, 16, 10, 8
 ROUTES = [  # (rank 0, rank 1) per step
-    ("b", "abc"),
+    ("b", "ab"),
     ("cba", "abc"),
     ("", "abc"),
     ("abc", "abc"),
@@ -119,7 +119,8 @@ def test_ranks_running_different_layers_log_what_one_process_logs(tmp_path):
     ranks = spawn(_ranks_body, tmp_path)
     single = _single()
     assert any(key.startswith("geomon/attention/entropy/blocks.a") for key in single[0])  # found at run time
-    assert "geomon/attention/entropy/blocks.b" in single[0]
+    assert "geomon/attention/entropy/blocks.b.attn" in single[0]
+    assert "geomon/attention/entropy/blocks.a" in single[0]  # run on rank 1 alone, found at run time
     assert not [key for key in single[0] if key.endswith("blocks.c")]  # no rank ran it: not logged, and not NaN
     for step, want in enumerate(single):
         for rank, logged in enumerate(ranks):
