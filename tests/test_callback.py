@@ -102,6 +102,20 @@ def test_early_stopping_can_monitor_a_geomon_key(tmp_path):
     assert 0 < float(stopper.best_score) <= 1
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_early_stopping_on_a_windowed_key_needs_strict_false_before_the_first_window(tmp_path, strict):
+    key = "geomon/rankme/model.ln_f"  # a window of 10,000 rows: never closes in this fit
+    stopper = lightning.callbacks.EarlyStopping(monitor=key, patience=100, check_on_train_epoch_end=True,
+                                                strict=strict)  # fmt: skip
+    callback = GeomonCallback(every_n_steps=2, embedding_modules=["model.ln_f"], window_rows=10_000)
+    if strict:
+        with pytest.raises(RuntimeError, match="conditioned on metric"):
+            _fit(lightning, tmp_path, [callback, stopper])
+    else:
+        _, trainer = _fit(lightning, tmp_path, [callback, stopper])
+        assert trainer.global_step == 6 and key not in trainer.callback_metrics
+
+
 def test_callback_state_restores_the_monitor_windows(tmp_path):
     first = GeomonCallback(every_n_steps=2, embedding_modules=["model.blocks.0.mlp.1"])
     _fit(lightning, tmp_path, [first])
