@@ -56,8 +56,8 @@ from torch import Tensor
 
 from geomon._tiny_gpt import CharTokenizer, TinyGPT, load_corpus
 from geomon.callback import GeomonCallback
-from geomon.demo import CorpusWindows
 from geomon.reparam import sigma_reparam
+from geomon.tools.demo import CorpusWindows
 
 #: run name -> (learning rate, σReparam)
 RUNS = {"collapse": (3e-2, False), "sigma_reparam": (3e-2, True), "healthy": (1e-3, False)}

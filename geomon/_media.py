@@ -23,15 +23,17 @@ from typing import Any
 
 from torch import Tensor
 
+from geomon import keys
+
 HEADS_FILE = "geomon_heads.csv"
-ENTROPY_NORMALIZED = "geomon/attention/entropy_normalized/"
+ENTROPY_NORMALIZED = keys.prefix(keys.ENTROPY_NORMALIZED)
 
 #: W&B run summaries: (key glob, summary) - the worst value a run reached is what a dashboard should show.
 WANDB_SUMMARIES = (
-    ("geomon/attention/entropy/*", "min"),
-    ("geomon/attention/entropy_normalized/*", "min"),
-    ("geomon/attention/max_logit/*", "max"),
-    ("geomon/rankme/*", "min"),
+    (keys.pattern(keys.ENTROPY), "min"),
+    (keys.pattern(keys.ENTROPY_NORMALIZED), "min"),
+    (keys.pattern(keys.MAX_LOGIT), "max"),
+    (keys.pattern(keys.RANKME), "min"),
 )
 
 
@@ -98,7 +100,7 @@ def spectrum_figure(spectra: dict[str, Tensor], step: int) -> Any:
     axes = figure.add_subplot()
     for key, values in spectra.items():
         positive = values[values > 0].tolist()
-        axes.loglog(range(1, len(positive) + 1), positive, label=key.removeprefix("geomon/rankme/"))
+        axes.loglog(range(1, len(positive) + 1), positive, label=key.removeprefix(keys.prefix(keys.RANKME)))
     axes.set_xlabel("rank k")
     axes.set_ylabel("singular value σ_k")
     axes.set_title(f"embedding spectra, step {step}", fontsize=9)
@@ -128,11 +130,12 @@ def log_media(loggers: list[Any], step: int, heads: dict[str, Tensor], spectra: 
         if kind == "WandbLogger" and images:
             import wandb
 
-            logger.log_metrics({f"geomon/media/{name}": wandb.Image(rgb) for name, rgb in images.items()}, step=step)
+            media = {keys.key(keys.MEDIA, name): wandb.Image(rgb) for name, rgb in images.items()}
+            logger.log_metrics(media, step=step)
         elif kind == "TensorBoardLogger":
             writer = logger.experiment
             for name, rgb in images.items():
-                writer.add_image(f"geomon/media/{name}", rgb, global_step=step, dataformats="HWC")
+                writer.add_image(keys.key(keys.MEDIA, name), rgb, global_step=step, dataformats="HWC")
             for key, values in heads.items():
                 if values.isfinite().any():
                     writer.add_histogram(key, values[values.isfinite()], global_step=step)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from geomon import cli
+from geomon.tools import cli
 from tests.report_runs import EXPECTED_FIGURES, log_all, write_alerts, write_heads
 
 lightning = pytest.importorskip("lightning.pytorch")
@@ -23,11 +23,11 @@ def _error_line(capsys) -> str:
 
 
 def test_report_prints_where_it_wrote(tmp_path, capsys, monkeypatch):
-    import geomon.report
+    import geomon.tools.report
 
     seen = []
-    build = geomon.report.build_report
-    monkeypatch.setattr(geomon.report, "build_report", lambda *a, **k: seen.append(k["steps"]) or build(*a, **k))
+    build = geomon.tools.report.build_report
+    monkeypatch.setattr(geomon.tools.report, "build_report", lambda *a, **k: seen.append(k["steps"]) or build(*a, **k))
     logger = lightning.loggers.CSVLogger(tmp_path, name="run")
     log_all(logger)
     write_heads(logger.log_dir)
@@ -109,7 +109,7 @@ def test_bad_steps_argument_is_a_usage_error(tmp_path, capsys):
 
 
 def test_demo_forwards_its_arguments(monkeypatch):
-    from geomon import demo
+    from geomon.tools import demo
 
     calls = []
     monkeypatch.setattr(demo, "main", lambda argv=None: calls.append(argv) or {"geomon/rankme/ln_f": 1.0})

@@ -22,12 +22,13 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from geomon import Monitor, cli, keys
+from geomon import Monitor, keys
 from geomon._tiny_gpt import CausalSelfAttention, TinyGPT
-from geomon.inspect_model import flop_counter, sdpa_backward_flops, sdpa_flops
 from geomon.probes.base import FLOAT64, metric_bytes
 from geomon.probes.collapse import STATS as NC_STATS
 from geomon.probes.plan import AUTO_COLLAPSE_MAX_ELEMENTS
+from geomon.tools import cli
+from geomon.tools.cost import flop_counter, sdpa_backward_flops, sdpa_flops
 
 #: key families of the head's input: RankMe, alpha-ReQ and the neural-collapse statistics
 HEAD_FAMILIES = {keys.RANKME, keys.ALPHA_REQ, *(keys.nc(stat) for stat in NC_STATS)}

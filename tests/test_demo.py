@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from geomon import demo
+from geomon.tools import demo
 
 pytest.importorskip("lightning")
 

@@ -10,9 +10,9 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from geomon.report import build_report, read_run
-from geomon.report.heatmap import head_matrix, heatmap_steps
-from geomon.report.phases import COMPRESSION_SEEKING, ENTROPY_SEEKING, WARMUP, detect_phases
+from geomon.tools.report import build_report, read_run
+from geomon.tools.report.heatmap import head_matrix, heatmap_steps
+from geomon.tools.report.phases import COMPRESSION_SEEKING, ENTROPY_SEEKING, WARMUP, detect_phases
 from tests.report_runs import (
     EXPECTED_FIGURES,
     HEADS,
@@ -168,7 +168,7 @@ def test_default_output_directory_and_only_figures_with_data(tmp_path):
 def test_time_series_figures_are_labelled_and_show_every_alert(csv_run):
     from matplotlib.colors import to_hex
 
-    from geomon.report.figures import plan_figures
+    from geomon.tools.report.figures import plan_figures
 
     run = read_run(csv_run)
     for plan in plan_figures(run):
@@ -241,8 +241,8 @@ def test_phase_detection_reports_nothing_it_cannot_see():
 
 
 def test_phases_are_shaded_on_the_rankme_figure(tmp_path):
-    from geomon.report.plots import rank_figure
-    from geomon.report.run import RunData
+    from geomon.tools.report.plots import rank_figure
+    from geomon.tools.report.run import RunData
 
     steps, rankme, alpha = _phase_curves()
     scalars = [(s, "geomon/rankme/z", r) for s, r in zip(steps, rankme, strict=True)]

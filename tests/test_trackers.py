@@ -72,7 +72,7 @@ def _wandb_run(tmp_path, monkeypatch, callback, steps=5):
 
 
 def _records(run_file, kind, ready):
-    from geomon.report.wandb_log import records
+    from geomon.tools.report.wandb_log import records
 
     deadline = time.monotonic() + 30
     while True:  # the service may still be flushing the file after finish() on a loaded machine

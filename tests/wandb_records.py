@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from geomon.report.wandb_log import iter_payloads as _payloads
+from geomon.tools.report.wandb_log import iter_payloads as _payloads
 
 
 def history(run_file: Path) -> list[dict[str, object]]:

@@ -192,7 +192,7 @@ def test_values_that_are_not_numbers_are_left_out_with_one_warning():
 
 
 def test_csv_sink_writes_the_report_sidecar(tmp_path):
-    from geomon.report.readers import read_alerts
+    from geomon.tools.report.readers import read_alerts
 
     path = tmp_path / "logs" / "geomon_alerts.csv"
     engine = AlertEngine([MaxLogitAbove()], [CsvSink(path)])

@@ -1,9 +1,9 @@
-"""Turn a run directory or file into :class:`~geomon.report.run.RunData`, whichever logger wrote it.
+"""Turn a run directory or file into :class:`~geomon.tools.report.run.RunData`, whichever logger wrote it.
 
 Understood inputs (a directory is searched; it must hold exactly one run):
 
 - a Lightning ``CSVLogger`` version directory: ``metrics.csv`` in wide form (a ``step`` column, one column per key,
-  empty cells where a key was not logged); also the long form ``step,key,value`` written by ``geomon.demo``;
+  empty cells where a key was not logged); also the long form ``step,key,value`` written by ``geomon.tools.demo``;
 - TensorBoard event files ``events.out.tfevents.*`` (scalars; every event file of the directory, in name order);
 - a W&B run directory (``wandb/offline-run-*/run-*.wandb``): history rows, the step being ``trainer/global_step``
   when the row has it, else W&B's ``_step``.
@@ -21,8 +21,8 @@ import math
 import os
 from pathlib import Path
 
-from geomon.report.progress import track
-from geomon.report.run import Alert, ReportError, RunData
+from geomon.tools.report.progress import track
+from geomon.tools.report.run import Alert, ReportError, RunData
 
 HEADS_FILE, ALERTS_FILE = "geomon_heads.csv", "geomon_alerts.csv"
 TB_PREFIX = "events.out.tfevents."
@@ -208,7 +208,7 @@ def wandb_step(row: dict[str, object]) -> int | None:
 def read_wandb(file: Path) -> list[tuple[int, str, float]]:
     """Numeric history values of a W&B run file (W&B's own ``_``-prefixed columns left out)."""
     try:
-        from geomon.report.wandb_log import history
+        from geomon.tools.report.wandb_log import history
 
         rows = history(file)
     except ImportError:

@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from geomon.report.heatmap import head_heatmap, heatmap_steps
-from geomon.report.keys import ALPHA, BOUND, ENTROPY, MAX_LOGIT, NC, NORMALIZED, RANKME, RANKME_COV, SIGMA
-from geomon.report.plots import attention_figure, bound_figure, nc_figure, rank_figure, sigma_figure, slug
-from geomon.report.run import RunData
+from geomon.tools.report.heatmap import head_heatmap, heatmap_steps
+from geomon.tools.report.keys import ALPHA, BOUND, ENTROPY, MAX_LOGIT, NC, NORMALIZED, RANKME, SIGMA
+from geomon.tools.report.plots import attention_figure, bound_figure, nc_figure, rank_figure, sigma_figure, slug
+from geomon.tools.report.run import RunData
 
 
 @dataclass
@@ -38,7 +38,7 @@ def plan_figures(run: RunData, steps: Sequence[int] | None = None) -> list[Figur
         plans.append(
             FigurePlan("head_entropy_heatmap.png", title, _HEATMAP_CAPTION, partial(head_heatmap, run, chosen))
         )
-    for probe in sorted({*run.names(RANKME), *run.names(RANKME_COV), *run.names(ALPHA)}):
+    for probe in sorted({*run.names(RANKME), *run.names(ALPHA)}):
         draw = partial(rank_figure, run, probe, alerts)
         plans.append(
             FigurePlan(f"rankme_alpha_{slug(probe)}.png", f"RankMe and alpha-ReQ of {probe}", _RANK_CAPTION, draw)

@@ -1,8 +1,9 @@
 """``geomon report``: a self-contained HTML page and PNG figures from any run geomon logged to.
 
 Reads Lightning CSV logs, TensorBoard event files, offline W&B runs and the demo's long CSV
-(:mod:`geomon.report.readers`), draws the figures the run has data for (:mod:`geomon.report.figures`) and writes
-``index.html`` with every PNG embedded, plus the PNGs beside it. Needs matplotlib (and rich for progress bars).
+(:mod:`geomon.tools.report.readers`), draws the figures the run has data for
+(:mod:`geomon.tools.report.figures`) and writes ``index.html`` with every PNG embedded, plus the PNGs beside it.
+Needs matplotlib (and rich for progress bars).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from geomon.report.readers import read_run
-from geomon.report.run import Alert, ReportError, RunData
+from geomon.tools.report.readers import read_run
+from geomon.tools.report.run import Alert, ReportError, RunData
 
 __all__ = ["Alert", "Report", "ReportError", "RunData", "build_report", "read_run"]
 
@@ -38,7 +39,7 @@ def build_report(
     """Read the run at ``run_path`` and write ``index.html`` and one PNG per figure into ``out``.
 
     Args:
-        run_path: a run directory or data file (see :func:`geomon.report.readers.read_run`).
+        run_path: a run directory or data file (see :func:`geomon.tools.report.readers.read_run`).
         out: output directory; default ``<run_path>/geomon-report``.
         steps: steps for the per-head heatmap (the nearest logged steps are used); default first, middle, last.
         progress: show progress bars on a terminal.
@@ -46,10 +47,10 @@ def build_report(
     Raises:
         ReportError: the run is missing, unreadable, or has no ``geomon/...`` values.
     """
-    from geomon.report.figures import plan_figures
-    from geomon.report.html import render_html
-    from geomon.report.plots import render_png
-    from geomon.report.progress import track
+    from geomon.tools.report.figures import plan_figures
+    from geomon.tools.report.html import render_html
+    from geomon.tools.report.plots import render_png
+    from geomon.tools.report.progress import track
 
     run_path = Path(run_path)
     run = read_run(run_path, progress=progress)

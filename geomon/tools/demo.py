@@ -1,6 +1,6 @@
 """geomon's main job: a real monitored training run on the CPU, logged to local trackers, summarised at the end.
 
-``geomon demo`` (or ``python -m geomon.demo``; ``make demo``) trains a small character GPT on Python's own
+``geomon demo`` (or ``python -m geomon.tools.demo``; ``make demo``) trains a small character GPT on Python's own
 documentation text with Lightning and :class:`geomon.GeomonCallback`, every probe on: attention entropy, normalised
 entropy and max logit per layer (per head as media), RankMe / alpha-ReQ and neural collapse of the features entering
 the output head, σ(W) and stable rank of every attention projection. Values go to a CSV log and, when installed,
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from geomon import keys
 from geomon._tiny_gpt import CharTokenizer, TinyGPT, load_corpus, random_batch
 
 
@@ -80,13 +81,13 @@ def make_loggers(pl: Any, out: Path, wandb: bool) -> list[Any]:
 
 def summary_rows(values: dict[str, float]) -> list[tuple[str, ...]]:
     """Per attention layer: entropy, normalised entropy, max logit, σ(W_qkv); then each RankMe probe."""
-    prefix = "geomon/attention/entropy/"
+    prefix = keys.prefix(keys.ENTROPY)
     rows = []
     for key in sorted(k for k in values if k.startswith(prefix)):
         layer = key[len(prefix) :]
-        sigma = values.get(f"geomon/spectral/sigma/{layer}.qkv", math.nan)
-        rows.append((layer, f"{values[key]:.3f}", f"{values[f'geomon/attention/entropy_normalized/{layer}']:.3f}",
-                     f"{values[f'geomon/attention/max_logit/{layer}']:.2f}", f"{sigma:.2f}"))  # fmt: skip
+        sigma = values.get(keys.key(keys.SIGMA, f"{layer}.qkv"), math.nan)
+        rows.append((layer, f"{values[key]:.3f}", f"{values[keys.key(keys.ENTROPY_NORMALIZED, layer)]:.3f}",
+                     f"{values[keys.key(keys.MAX_LOGIT, layer)]:.2f}", f"{sigma:.2f}"))  # fmt: skip
     return rows
 
 
@@ -107,9 +108,10 @@ def print_summary(values: dict[str, float], step: int) -> None:
         print(f"attention geometry at step {step}")
         for row in (header, *rows):
             print("  " + "".join(f"{cell:>16}" for cell in row))
-    for key in sorted(k for k in values if k.startswith(("geomon/rankme/", "geomon/alpha_req/"))):
+    for key in sorted(k for k in values if k.startswith((keys.prefix(keys.RANKME), keys.prefix(keys.ALPHA_REQ)))):
         print(f"{key}: {values[key]:.3f}")
-    nc = {k.split("/")[2]: v for k, v in values.items() if k.startswith("geomon/nc/")}
+    nc_prefix = keys.ROOT + keys.nc("")  # geomon/nc/<stat>/<probe>
+    nc = {keys.split(k)[0].removeprefix(keys.nc("")): v for k, v in values.items() if k.startswith(nc_prefix)}
     if nc:
         print("neural collapse: " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(nc.items())))
 
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(num_workers|bottleneck|does not have many workers).*")
         trainer.fit(module, loader)
-    values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("geomon/")}
+    values = {k: float(v) for k, v in trainer.callback_metrics.items() if keys.is_geomon(k)}
     values["train_loss"] = float(trainer.callback_metrics.get("train_loss", math.nan))
     print(f"\ndone in {time.perf_counter() - started:.0f} s; train loss {values['train_loss']:.3f}")
     print_summary(values, trainer.global_step)
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         else:
             print(f"  {type(logger).__name__:<18} {logger.log_dir}")
     if not args.no_report and importlib.util.find_spec("matplotlib"):
-        from geomon.report import build_report
+        from geomon.tools.report import build_report
 
         report = build_report(loggers[0].log_dir, Path(args.out) / "report", progress=not args.quiet)
         print(f"  report             {report.html} ({len(report.figures)} figures)")

@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from geomon.report.run import RunData, natural_key
+from geomon.tools.report.keys import NORMALIZED
+from geomon.tools.report.run import RunData, natural_key
 
-HEAD_KEY = "geomon/attention/entropy_normalized/"
+HEAD_KEY = NORMALIZED  #: per-head rows of the normalised entropy
 
 
 def head_steps(run: RunData) -> list[int]:

@@ -2,7 +2,7 @@
 
 Usage::
 
-    geomon demo [DEMO ARGS...]                     # train the tiny CPU GPT and print its geometry (geomon.demo)
+    geomon demo [DEMO ARGS...]                     # train the tiny CPU GPT and print its geometry (geomon.tools.demo)
     geomon report RUN [--out DIR] [--steps S1,S2]  # HTML + PNG report of a logged run
     geomon inspect MODEL [--seq-len N] [--batch-size B] [--measure] [--json]  # what geomon would watch, and its cost
 
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from geomon import demo
+    from geomon.tools import demo
 
     result = demo.main(argv)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
@@ -114,7 +114,7 @@ def _error(message: str) -> int:
 
 def _report(run: str, out: str | None, steps: list[int] | None) -> int:
     try:
-        from geomon.report import ReportError, build_report
+        from geomon.tools.report import ReportError, build_report
     except ImportError as error:  # matplotlib is an optional dependency
         return _error(f"geomon report needs {error.name or 'matplotlib'}: pip install 'geomon[report]'")
     try:
@@ -135,7 +135,7 @@ def _report(run: str, out: str | None, steps: list[int] | None) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import json
 
-    from geomon.inspect_model import InspectError, inspect, jsonable, render
+    from geomon.tools.inspect_model import InspectError, inspect, jsonable, render
 
     try:
         report = inspect(

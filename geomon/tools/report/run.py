@@ -13,7 +13,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
-ALERTS_PREFIX = "geomon/alerts/"
+from geomon import keys
+from geomon.tools.report.keys import ALERTS
 
 
 class ReportError(Exception):
@@ -67,7 +68,7 @@ class RunData:
 
     def geomon_keys(self) -> list[str]:
         """The ``geomon/...`` scalar keys."""
-        return [key for key in self._series if key.startswith("geomon/")]
+        return [key for key in self._series if keys.is_geomon(key)]
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """Steps (ascending) and values of one key; empty lists if it was never logged."""
@@ -93,8 +94,8 @@ class RunData:
         and rule), sorted by step."""
         found = set(self.sidecar_alerts)
         seen = {(alert.step, alert.rule) for alert in found}
-        for rule in self.names(ALERTS_PREFIX):
-            steps, counts = self.series(ALERTS_PREFIX + rule)
+        for rule in self.names(ALERTS):
+            steps, counts = self.series(ALERTS + rule)
             for step, before, after in count_rises(steps, counts):
                 if (step, rule) not in seen:
                     found.add(Alert(step, rule, text=f"{rule}: alert count {before:g} -> {after:g}"))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geomon.report.keys import (
+from geomon.tools.report.keys import (
     ALPHA,
     BOUND,
     ENTROPY,
@@ -22,11 +22,10 @@ from geomon.report.keys import (
     NC,
     NORMALIZED,
     RANKME,
-    RANKME_COV,
     SIGMA,
 )
-from geomon.report.phases import PHASES, Phase, detect_phases
-from geomon.report.run import RunData
+from geomon.tools.report.phases import PHASES, Phase, detect_phases
+from geomon.tools.report.run import RunData
 
 PHASE_COLORS = dict(zip(PHASES, ("#b0b0b0", "#9ed99e", "#f7c08a"), strict=True))
 MAX_LEGEND = 12  # more layers than this get a depth colour bar instead of a legend entry each
@@ -155,7 +154,6 @@ def attention_figure(
 def rank_figure(run: RunData, probe: str, alerts: Sequence[int]) -> object:
     """RankMe (top) and alpha-ReQ (bottom) of one probe, detected phases shaded on both."""
     panels = [(key, label) for key, label in ((RANKME, "RankMe"), (ALPHA, "alpha-ReQ α")) if run.series(key + probe)[0]]
-    panels = panels or [(RANKME_COV, "covariance RankMe")]
     figure = new_figure(9.0, 3.0 + 2.4 * len(panels))
     axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     phases = probe_phases(run, probe)
@@ -164,8 +162,6 @@ def rank_figure(run: RunData, probe: str, alerts: Sequence[int]) -> object:
             name = phase.name if ax is axes[0] else None
             ax.axvspan(phase.start, phase.end, color=PHASE_COLORS[phase.name], alpha=0.5, linewidth=0, label=name)
         ax.plot(*run.series(key + probe), "-", color="tab:blue", label=label)
-        if key == RANKME and run.series(RANKME_COV + probe)[0]:
-            ax.plot(*run.series(RANKME_COV + probe), "--", color="tab:purple", label="covariance RankMe")
         draw_alerts(ax, alerts)
         finish_axes(ax, label, xlabel=ax is axes[-1])
     axes[0].set_title(f"RankMe and alpha-ReQ of {probe}" + ("" if phases else " (no phase detected)"))
@@ -173,8 +169,8 @@ def rank_figure(run: RunData, probe: str, alerts: Sequence[int]) -> object:
 
 
 def probe_phases(run: RunData, probe: str) -> list[Phase]:
-    """Phases of one probe from its RankMe (covariance RankMe if that is all there is) and alpha-ReQ."""
-    rank_steps, rank = run.series(RANKME + probe) if run.series(RANKME + probe)[0] else run.series(RANKME_COV + probe)
+    """Phases of one probe from its RankMe and alpha-ReQ."""
+    rank_steps, rank = run.series(RANKME + probe)
     alpha = dict(zip(*run.series(ALPHA + probe), strict=True))
     common = [(s, r, alpha[s]) for s, r in zip(rank_steps, rank, strict=True) if s in alpha]
     return detect_phases(*map(list, zip(*common, strict=True))) if common else []
