@@ -188,3 +188,14 @@ def test_a_compiled_model_is_refused_with_advice_that_keeps_training_unchanged()
     for a, b in zip(plain.parameters(), watched.parameters(), strict=True):
         assert torch.equal(a, b)
     assert "geomon/spectral/sigma/blocks.0.attn.qkv" in values  # named as on the model itself
+
+
+def test_the_default_budget_admits_a_70b_shaped_head():
+    from geomon.probes.plan import PlanOptions, build_plan
+
+    with torch.device("meta"):  # nothing is allocated: the plan reads shapes
+        model = nn.ModuleDict({"body": nn.Linear(8192, 8192), "lm_head": nn.Linear(8192, 128256, bias=False)})
+    with pytest.warns(GeomonWarning, match="neural collapse is off"):
+        plan = build_plan(model, PlanOptions())
+    assert "embedding:lm_head.input" in plan.probes and "collapse:lm_head.input" not in plan.probes
+    assert 1 << 30 <= plan.state_bytes() < PlanOptions().memory_budget_mib * (1 << 20)
