@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from geomon import keys
 from geomon.alerts._base import (
     Episode,
     Heads,
@@ -23,7 +24,7 @@ from geomon.alerts.events import AlertEvent, Level, as_floats, fmt, make_title
 
 #: Keys that are NaN by definition at times: ``nc4`` needs the class means of a previous window (NaN in the first),
 #: alpha-ReQ is NaN while the covariance has fewer non-zero eigenvalues than its fit range needs.
-DEFAULT_IGNORE: tuple[str, ...] = ("geomon/nc/nc4/*", "geomon/alpha_req/*")
+DEFAULT_IGNORE: tuple[str, ...] = (keys.pattern(keys.nc("nc4")), keys.pattern(keys.ALPHA_REQ))
 
 
 class _Latch:

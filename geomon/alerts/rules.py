@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from geomon import keys
 from geomon.alerts._base import Rule, check_float, check_fraction, check_int
 from geomon.alerts._watch import Direction, WatchRule
 from geomon.alerts.events import Level, fmt, subject
@@ -61,7 +62,7 @@ class EntropyCollapse(WatchRule):
         hysteresis: float = 0.5,
         share_levels: tuple[float, float] = (0.1, 0.5),
         cooldown: int = 0,
-        pattern: str = "geomon/attention/entropy_normalized/*",
+        pattern: str = keys.pattern(keys.ENTROPY_NORMALIZED),
         name: str = "entropy_collapse",
     ) -> None:
         owner = "EntropyCollapse"
@@ -129,7 +130,7 @@ class MaxLogitAbove(WatchRule):
         hysteresis: float = 0.1,
         level: Level = "WARN",
         cooldown: int = 0,
-        pattern: str = "geomon/attention/max_logit/*",
+        pattern: str = keys.pattern(keys.MAX_LOGIT),
         name: str = "max_logit",
     ) -> None:
         owner = "MaxLogitAbove"
@@ -184,7 +185,7 @@ class RankCollapse(WatchRule):
         hysteresis: float = 0.1,
         level: Level = "WARN",
         cooldown: int = 0,
-        pattern: str = "geomon/rankme/*",
+        pattern: str = keys.pattern(keys.RANKME),
         name: str = "rank_collapse",
     ) -> None:
         owner = "RankCollapse"
