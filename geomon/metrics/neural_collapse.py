@@ -81,8 +81,13 @@ class NeuralCollapse(StatsMetric):
             ignore_index=self.ignore_index,
         )
         self._accumulate(stats)
-        if weight is not None:  # a copy: the live parameter moves on (or is resharded) before compute
-            self._weight = weight.detach().clone()
+        if weight is not None:
+            self.record_weight(weight)
+
+    def record_weight(self, weight: Tensor) -> None:
+        """Keep a copy of the classifier weight ``[C, D]`` for ``nc3`` / ``unc3`` (the live parameter moves on, or is
+        resharded, before compute)."""
+        self._weight = weight.detach().clone()
 
     def compute(self) -> dict[str, Tensor]:
         stats = self._stats()

@@ -86,7 +86,7 @@ class CollapseProbe(Probe):
                                  "(neural_collapse=False silences this)")  # fmt: skip
             self.allocate(features.device)
             assert self.metric is not None
-            self.metric._weight = weight.detach().clone()  # nc3 / unc3 read the weight of the last measured step
+            self.metric.record_weight(weight)  # nc3 / unc3 read the weight of the last measured step
             return
         self.update(features, step.labels, weight, bias)
 
@@ -120,7 +120,8 @@ class CollapseProbe(Probe):
             have = metric._weight is not None
             weight = metric._weight if have else torch.zeros(self.spec, dtype=torch.float64, device=metric.count.device)
             total = synced_sum(weight.double())
-            metric._weight = total / synced_sum(torch.tensor(float(have), dtype=torch.float64, device=total.device))
+            holders = synced_sum(torch.tensor(float(have), dtype=torch.float64, device=total.device))
+            metric.record_weight(total / holders)
         with metric.sync_context():
             result = type(metric).compute(metric)  # the unwrapped compute: the context has synced the window
         metric.reset()
