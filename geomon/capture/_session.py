@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
+from geomon.capture._padding import PaddingRule
+
 
 @dataclass(frozen=True)
 class AttentionCall:
@@ -59,6 +61,7 @@ class Found(NamedTuple):
     attn_mask: Tensor | None = None
     is_causal: bool = False
     scale: float | None = None
+    cross: bool | None = None  #: cross-attention (None: decided by the padding rule)
 
 
 #: ``fallback(module, args, kwargs, output) -> computations``; called at the module's exit, under ``no_grad``.
@@ -83,6 +86,8 @@ class Session:
         self.expected: dict[int, str] = {}  # attention modules (id -> kind): warn if one runs and nothing is seen
         self.warned: set[str] = set()
         self.busy = False  # geomon's own computation is running: ignore module calls and SDPA calls
+        self.padding = PaddingRule()
+        self.cross_hint: dict[str, bool] = {}  # nn.MultiheadAttention modules by name: called with query is not key
 
     def name_of(self, module: object) -> str | None:
         """The module's name in the watched model, None for modules outside it."""
@@ -95,12 +100,21 @@ class Session:
         return self.stack[-1][1]
 
     def report(
-        self, name: str, q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None
+        self,
+        name: str,
+        q: Tensor,
+        k: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        scale: float | None,
+        cross: bool | None = None,
     ) -> None:
-        """Hand one computation to the callback, detached (call inside :meth:`guarded`)."""
+        """Hand one computation to the callback, detached, padded query rows excluded (call inside :meth:`guarded`)."""
         self.reports += 1
-        mask = None if attn_mask is None else attn_mask.detach()
+        if cross is None:
+            cross = self.cross_hint.get(name)
         with torch.no_grad():
+            mask = self.padding.apply(q, k, None if attn_mask is None else attn_mask.detach(), cross, name)
             self.on_attention(AttentionCall(name, q.detach(), k.detach(), mask, bool(is_causal), scale))
 
     def guarded(self, name: str, fn: Callable[[], None]) -> None:
@@ -118,7 +132,7 @@ class Session:
 
     def report_found(self, name: str, found: Sequence[Found]) -> None:
         for item in found:
-            self.report(name + item.suffix, item.q, item.k, item.attn_mask, item.is_causal, item.scale)
+            self.report(name + item.suffix, item.q, item.k, item.attn_mask, item.is_causal, item.scale, item.cross)
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
@@ -131,6 +145,8 @@ class Session:
         name = self.names.get(id(module))
         if name is not None and not self.busy and not in_backward():
             self.stack.append((id(module), name, self.reports))
+            if isinstance(module, nn.MultiheadAttention) and len(args) >= 2:
+                self.cross_hint[name] = args[0] is not args[1]
 
     def _leave(self, module: nn.Module, args: tuple, *rest: Any) -> None:
         # torch passes (kwargs, output) after a forward, and (output,) alone when the forward raised

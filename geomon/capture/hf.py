@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -45,7 +46,9 @@ from torch import Tensor, nn
 from geomon.capture._session import Found, MakeDispatcher, Session, SharedPatch, bind, in_backward
 
 _INTERFACE_ARGS = ("attention_mask", "scaling", "dropout")
-_UNMODELLED = {"softcap": "logit soft-capping", "s_aux": "attention sinks"}
+_UNMODELLED = {"softcap": "logit soft-capping", "s_aux": "attention sinks", "sinks": "attention sinks"}
+#: keyword arguments the eager functions add to the scores before the softmax (T5-style relative position biases)
+_ADDITIVE = ("position_bias",)
 _REORDER = "_upcast_and_reordered_attn"
 
 
@@ -155,6 +158,8 @@ def _report(session: Session, module: nn.Module, query: Tensor, key: Tensor, cal
         return
     session.reports += 1
     reason = next((why for arg, why in _UNMODELLED.items() if call.get(arg) is not None), None)
+    if reason is None:
+        reason = _unknown_score_term(query, key, call, registry)
     if reason is not None:
         session.warn_once(name, f"geomon: attention of {name!r} uses {reason}, which attention entropy "
                                 "does not model; it is not reported")  # fmt: skip
@@ -162,14 +167,41 @@ def _report(session: Session, module: nn.Module, query: Tensor, key: Tensor, cal
         session.guarded(name, lambda: session.report_found(name, _found(module, query, key, call, registry)))
 
 
+def _unknown_score_term(query: Tensor, key: Tensor, call: dict, registry: bool) -> str | None:
+    """Why a call cannot be reported exactly: a tensor argument shaped like the scores that geomon does not model."""
+    known = set(_INTERFACE_ARGS) | (set() if registry else set(_ADDITIVE))
+    n_q, n_k = query.shape[-2], key.shape[-2]
+    for arg, value in call.items():
+        if arg in known or not isinstance(value, Tensor) or value.dim() < 3:
+            continue
+        if value.shape[-2] in (1, n_q) and value.shape[-1] in (1, n_k) and value.shape[-2:] != (1, 1):
+            return f"an argument {arg!r} shaped like the attention scores {tuple(value.shape)}"
+    return None
+
+
+def _additive(mask: Tensor | None, terms: list[Tensor], dtype: torch.dtype) -> Tensor | None:
+    """``mask`` (boolean or additive) plus the additive ``terms``, as one additive mask."""
+    if not terms:
+        return mask
+    total = terms[0].to(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    for term in terms[1:]:
+        total = total + term
+    if mask is None:
+        return total
+    if mask.dtype == torch.bool:
+        return total.masked_fill(~mask, -math.inf)
+    return total + mask
+
+
 def _found(module: nn.Module, query: Tensor, key: Tensor, call: dict, registry: bool) -> list[Found]:
     mask = call.get("attention_mask")
     scale = call.get("scaling")
     scale = None if scale is None else float(scale)
-    if not registry:  # eager: the mask is exactly what is added to the scores
+    if not registry:  # eager: the mask and the position bias are exactly what is added to the scores
         if mask is not None and mask.shape[-1] != key.shape[-2]:
             mask = mask[..., : key.shape[-2]]
-        return [Found("", query, key, mask, False, scale)]
+        terms = [call[arg] for arg in _ADDITIVE if isinstance(call.get(arg), Tensor)]
+        return [Found("", query, key, _additive(mask, terms, query.dtype), False, scale)]
     converted, is_causal = interface_mask(module, query, key, mask, call)
     return [Found("", query, key, converted, is_causal, scale)]
 

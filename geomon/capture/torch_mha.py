@@ -157,7 +157,7 @@ def mha_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> l
         attn_mask=call.get("attn_mask"),
         key_padding_mask=call.get("key_padding_mask"),
     )
-    return [Found("", q, k, mask)]
+    return [Found("", q, k, mask, cross=call["query"] is not call["key"])]
 
 
 def encoder_layer_fallback(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
@@ -175,7 +175,7 @@ def encoder_layer_fallback(layer: nn.Module, args: tuple, kwargs: dict, output: 
         key_padding_mask=call.get("src_key_padding_mask"),
         lengths=lengths,
     )
-    return [Found(".self_attn", q, k, mask)]
+    return [Found(".self_attn", q, k, mask, cross=False)]
 
 
 def fallback_for(module: nn.Module) -> tuple[str | None, Any]:

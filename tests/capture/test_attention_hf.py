@@ -130,8 +130,8 @@ def test_each_layer_once_with_the_entropy_of_the_eager_probabilities(name, imple
     second = reference.logits if name != "bert" else reference.last_hidden_state
     torch.testing.assert_close(first, second, atol=1e-5, rtol=1e-5)
     tokens = mask.bool()
-    # rows of real tokens; padded queries are computed by eager/SDPA but dropped by flash-style varlen functions
-    rows = tokens[:, None, :] if implementation == VARLEN else torch.ones_like(tokens)[:, None, :]
+    # rows of real tokens only, on every path: eager/SDPA compute padded queries, flash-style functions drop them
+    rows = tokens[:, None, :]
     causal = name != "bert"
     for call, weights in zip(calls, reference.attentions, strict=True):
         entropy, _, n_keys = rows_of(call)
@@ -139,8 +139,7 @@ def test_each_layer_once_with_the_entropy_of_the_eager_probabilities(name, imple
         position = torch.arange(9)
         expected_keys = torch.minimum(position + 1, tokens.sum(1, keepdim=True)) if causal else tokens.sum(1)[:, None]
         assert_rows_close(n_keys[:, 0].double(), expected_keys.expand(3, 9).double(), rows[:, 0])
-        if implementation == VARLEN:
-            assert entropy[~rows.expand_as(entropy)].isnan().all()
+        assert entropy[~rows.expand_as(entropy)].isnan().all()
         if name == "llama" and (implementation in ("eager", VARLEN) or (implementation == "sdpa" and not padded)):
             assert call.k.shape[1] == 2 < call.q.shape[1] == 4  # grouped-query layout as the model used it
 
@@ -197,8 +196,10 @@ def test_gpt2_reordered_upcast_eager_path_is_seen():
         reference = eager(ids, attention_mask=mask, output_attentions=True)
     assert [c.module for c in calls] == ["transformer.h.0.attn", "transformer.h.1.attn"]
     assert calls[1].scale == pytest.approx(0.25 / 2)
+    real = mask.bool()[:, None, :]
     for call, weights in zip(calls, reference.attentions, strict=True):
-        assert_rows_close(rows_of(call)[0], entropy_of(weights))
+        assert_rows_close(rows_of(call)[0], entropy_of(weights), real)
+        assert rows_of(call)[0][~real.expand(-1, 4, -1)].isnan().all()
 
 
 @pytest.mark.parametrize("implementation", ["eager", VARLEN, "sdpa"])

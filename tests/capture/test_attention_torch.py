@@ -39,7 +39,12 @@ def _by_hand(mha, query, key, attn_mask=None, key_padding_mask=None):
         elif mask.dim() == 3:
             mask = mask.view(-1, H, n_q, n_k)
         additive = additive + (torch.where(mask, -math.inf, 0.0) if mask.dtype == torch.bool else mask.double())
-    return softmax_rows(q, k, additive=additive)
+    entropy, max_logit = softmax_rows(q, k, additive=additive)
+    if key_padding_mask is not None and query is key:  # self-attention: padded tokens' query rows are excluded
+        padded = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask <= -1e4
+        padded = padded[:, None, :, None].expand(-1, H, -1, 1)[..., 0]
+        entropy, max_logit = entropy.masked_fill(padded, math.nan), max_logit.masked_fill(padded, math.nan)
+    return entropy, max_logit
 
 
 def _masks(kind, gen):
@@ -112,9 +117,11 @@ def test_cross_attention_with_kdim_vdim_and_extra_keys(gen):
         assert len(calls) == 1 and calls[0].k.shape[2] == L + 2
     with torch.no_grad():
         _, weights = extra(x, x, x, key_padding_mask=padding, average_attn_weights=False)
+    real = ~padding[:, None, :]  # self-attention: the padded tokens' query rows are excluded
     for calls in seen.values():
         entropy, _, n_keys = rows_of(calls[0])
-        assert_rows_close(entropy, entropy_of(weights))
+        assert_rows_close(entropy, entropy_of(weights), real)
+        assert entropy[~real.expand_as(entropy)].isnan().all()
         assert int(n_keys[0, 0, 0]) == 3 + 2 and int(n_keys[1, 0, 0]) == L + 2
 
 
@@ -143,7 +150,8 @@ def test_the_multihead_attention_inference_fast_path_is_recomputed(monkeypatch, 
         _, weights = mha.train()(x, x, x, key_padding_mask=padding, average_attn_weights=False)  # not fused
     assert torch.equal(out, expected)
     assert len(calls) == 1
-    assert_rows_close(rows_of(calls[0])[0], entropy_of(weights))
+    assert_rows_close(rows_of(calls[0])[0], entropy_of(weights), ~padding[:, None, :])
+    assert rows_of(calls[0])[0][1, :, 2:].isnan().all()  # padded queries excluded, as on every path
     assert rows_of(calls[0])[2][1, 0, 0] == 2
 
 
@@ -183,10 +191,10 @@ def test_transformer_encoder_every_path_reports_each_layer_once(mode, norm_first
         h = layer.norm1(x) if norm_first else x
         _, weights = layer.self_attn(h, h, h, key_padding_mask=padding, average_attn_weights=False)
     entropy, _, n_keys = rows_of(calls[0])
-    valid = ~padding[:, None, :] if mode == "eval_nested" else torch.ones(B, 1, L, dtype=torch.bool)
+    valid = ~padding[:, None, :]
     assert_rows_close(entropy, entropy_of(weights), valid)
-    if mode == "eval_nested":  # padded queries do not exist in the nested computation
-        assert entropy[padding[:, None, :].expand_as(entropy)].isnan().all()
+    # padded queries are excluded on every path (in the nested computation they do not even exist)
+    assert entropy[padding[:, None, :].expand_as(entropy)].isnan().all()
     assert n_keys[2, 0, 0] == 2 and n_keys[1, 0, 0] == 4 and n_keys[0, 0, 0] == L
     assert_clean(encoder)
 
