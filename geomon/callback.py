@@ -35,14 +35,13 @@ import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from geomon import _media
 from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink, WandbSink
 from geomon.functional._dispatch import Backend
+from geomon.labels import LabelKind, default_labels, label_kind, shifts_unknown
 from geomon.monitor import Monitor
-from geomon.probes.collapse import IGNORE_INDEX
 
 OnAlert = Literal["warn", "checkpoint", "stop"] | Callable[[Any], None]
 
@@ -60,27 +59,6 @@ def _callback_bases() -> tuple[type, ...]:
     if not bases:
         raise ImportError("GeomonCallback needs Lightning: pip install 'geomon[lightning]'")
     return tuple(bases)
-
-
-def default_labels(batch: Any) -> Tensor | None:
-    """Labels for neural collapse, one per row of the head's input: ``batch["labels"]`` of a Hugging Face causal LM
-    (shifted, as the model shifts them: position ``t`` predicts label ``t + 1``; the last position gets -100), or
-    the second element of an ``(inputs, targets)`` tuple as is; ``None`` when the batch has neither.
-
-    Example:
-        >>> default_labels({"labels": torch.tensor([[5, 6, 7]])})
-        tensor([[   6,    7, -100]])
-    """
-    if isinstance(batch, Mapping) and isinstance(batch.get("labels"), Tensor):
-        labels = batch["labels"]
-        if labels.ndim < 2:
-            return labels
-        padding = torch.full_like(labels[..., :1], IGNORE_INDEX)
-        return torch.cat([labels[..., 1:], padding], dim=-1)
-    pair = isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor)
-    if pair and not batch[1].is_floating_point():
-        return batch[1]
-    return None
 
 
 def _checkpoint_once_per_step(trainer: Any) -> Callable[[Any], None]:
@@ -104,7 +82,9 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         attention: measure every attention call inside the module (SDPA, Hugging Face, timm, ``nn.MultiheadAttention``).
         head: the output head whose input feeds RankMe and neural collapse (``"auto"``, a module name, ``None``).
         neural_collapse: ``"auto"``, ``True`` or ``False`` (see :class:`geomon.Monitor`).
-        labels_fn: ``batch -> labels`` aligned with the head's input rows (default :func:`default_labels`).
+        labels_fn: ``batch -> labels`` aligned with the head's input rows (default: :func:`default_labels` for the
+            kind of the Hugging Face model that owns the head - a causal LM's ``labels`` shifted, a masked LM's,
+            token classifier's or seq2seq model's as they are; a warning, once, when the kind is unknown).
         embedding_modules: ``fnmatch`` patterns of modules whose outputs feed RankMe / alpha-ReQ.
         spectral_modules: ``fnmatch`` patterns of modules with a 2-D weight whose σ(W) and stable rank are logged.
         entropy_bound: also log Theorem 3.1's entropy lower bound per attention layer
@@ -173,6 +153,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             strict=strict,
         )
         self.labels_fn, self.media, self.strict = labels_fn, media, strict
+        self.label_kind: LabelKind | None = None  #: the kind of the model owning the head (default labels_fn)
         self._armed: Any = None
         self._measured_step = 0
         self._to_compute = False
@@ -182,6 +163,8 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         # here, not in setup: the model exists (configure_model has run) and sits on its device, wrapped as the
         # strategy wraps it (FSDP), so the plan reads the structure that will train
         self.monitor.attach(pl_module)
+        if self.labels_fn is default_labels and self.monitor.head is not None:
+            self.label_kind = self.monitor.guard.run("the model's kind", label_kind, pl_module, self.monitor.head)
         self.monitor.alert_engine.sinks = self._sinks(trainer)
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
@@ -212,11 +195,25 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         if self.monitor.model is not None and first_micro_batch and self.monitor.is_scheduled(trainer.global_step):
             labels = None
             if self.monitor.collapse is not None:
-                labels = self.monitor.guard.run("labels_fn", self.labels_fn, batch)
+                labels = self.monitor.guard.run("labels_fn", self._labels, batch)
             armed = self.monitor.step(trainer.global_step, labels=labels)
             if self.monitor.guard.run("arming the capture", armed.__enter__, default=False) is not False:
                 self._armed = armed
             self._measured_step, self._to_compute = trainer.global_step, True
+
+    def _labels(self, batch: Any) -> Tensor | None:
+        if self.labels_fn is not default_labels:
+            return self.labels_fn(batch)
+        if shifts_unknown(batch, self.label_kind):
+            self.monitor.guard.warn_once(
+                "label-kind",
+                f"geomon: cannot tell whether head {self.monitor.head!r} "
+                "belongs to a causal LM, so batch['labels'] are shifted as a causal LM shifts them (the row of "
+                "position t gets label t + 1; the last gets -100). Only a Hugging Face model says its kind; if your "
+                "model does not shift its labels (masked LM, token classification, seq2seq), pass "
+                "labels_fn=lambda batch: batch['labels'] (any batch -> labels aligned with the head's input rows)",
+            )
+        return default_labels(batch, self.label_kind)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._to_compute:  # set on every rank alike: compute is a collective
