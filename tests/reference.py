@@ -9,17 +9,13 @@ def _exp_entropy(p: np.ndarray) -> float:
 
 
 def ref_rankme(z: np.ndarray, eps: float = 1e-7, centered: bool = False) -> float:
-    """RankMe (METRICS.md section 1): uncentred singular values, or centred covariance eigenvalues."""
+    """RankMe (METRICS.md section 1) over the min(N, D) values the SVD gives: the singular values of the uncentred
+    z, or the squared singular values of the centred z (the covariance eigenvalues PCA keeps, up to a scale)."""
     z = np.asarray(z, dtype=np.float64)
-    _, d = z.shape
     if centered:
-        lam = np.linalg.eigvalsh(np.atleast_2d(np.cov(z, rowvar=False)))
-        values = np.clip(lam, 0.0, None)
+        values = np.linalg.svd(z - z.mean(axis=0), compute_uv=False) ** 2
     else:
-        sigma = np.linalg.svd(z, compute_uv=False)
-        # The streaming D x D Gram has D eigenvalues: pad the missing ones (N < D) with zeros.
-        values = np.zeros(d)
-        values[: sigma.shape[0]] = sigma
+        values = np.linalg.svd(z, compute_uv=False)
     p = values / values.sum() + eps
     return _exp_entropy(p)
 

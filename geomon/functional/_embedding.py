@@ -56,6 +56,29 @@ def _eigvalsh_descending(matrix: Tensor) -> Tensor:
     return torch.where(values > tolerance, values, 0.0)
 
 
+def _rank(stats: EmbeddingStats) -> int:
+    """``min(N, D)``: how many singular values ``N`` rows of width ``D`` have."""
+    return min(int(stats.n.item()), stats.gram.shape[-1])
+
+
+def _singular_values(stats: EmbeddingStats) -> Tensor:
+    """The ``min(N, D)`` singular values of the uncentred rows, descending, from the Gram (float64).
+
+    The ``D x D`` Gram has ``D`` eigenvalues; when ``N < D`` the ``D - N`` smallest are zeros that the rows do
+    not have as singular values, so only the largest ``min(N, D)`` are kept.
+    """
+    return _eigvalsh_descending(stats.gram)[: _rank(stats)].sqrt()
+
+
+def _covariance_eigenvalues(stats: EmbeddingStats) -> Tensor:
+    """The largest ``min(N, D)`` eigenvalues of the covariance of the centred rows, descending (float64).
+
+    ``min(N, D)`` as PCA keeps components (the centred rows have rank at most ``N - 1``, so with ``N <= D`` the
+    last kept value is a zero).
+    """
+    return _eigvalsh_descending(_covariance(stats))[: _rank(stats)]
+
+
 def _spectral_entropy_rank(values: Tensor, eps: float) -> Tensor:
     """``exp(-Σ p log p)`` with ``p = v / Σv + eps`` (RankMe's smoothed effective rank)."""
     p = values / values.sum() + eps

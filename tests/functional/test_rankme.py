@@ -36,9 +36,91 @@ def test_identity_check_value():
 
 
 def test_rank_one_check_value(gen):
+    # METRICS.md: rank-1 Z with D = 2048 (and N >= D rows) -> 1.0033: 2047 zero singular values add -eps log eps each
     direction = torch.randn(2048, generator=gen)
-    z = torch.randn(50, 1, generator=gen) * direction
+    z = torch.randn(4096, 1, generator=gen) * direction
     assert float(rankme(z)) == pytest.approx(1.0033, abs=5e-5)
+
+
+@pytest.mark.parametrize("n", [1, 50, 2048, 4096])
+def test_rank_one_counts_min_n_d_zero_singular_values(n, gen):
+    # analytic: p = (1 + eps, eps x (k - 1)) with k = min(N, D) values, so with N = 50 rows only 49 zeros count
+    eps, k = 1e-7, min(n, 2048)
+    z = torch.randn(n, 1, generator=gen, dtype=torch.float64) * torch.randn(2048, generator=gen, dtype=torch.float64)
+    entropy = -(1 + eps) * math.log1p(eps) - (k - 1) * eps * math.log(eps)
+    assert float(rankme(z, eps=eps)) == pytest.approx(math.exp(entropy), rel=1e-9)
+
+
+def _svdvals_rankme(z: torch.Tensor, eps: float, centered: bool) -> float:
+    """Reference from METRICS.md §1 via torch.linalg.svdvals in float64: exactly min(N, D) values."""
+    x = z.double()
+    if centered:
+        x = x - x.mean(dim=0)
+    sigma = torch.linalg.svdvals(x)
+    values = sigma**2 if centered else sigma  # covariance eigenvalues are sigma^2 / (N - 1); the scale cancels
+    assert values.shape[0] == min(z.shape)
+    p = values / values.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _spread(n: int, d: int, gen: torch.Generator, rank: int | None = None) -> torch.Tensor:
+    """Rows with an uneven spectrum and a non-zero mean (so centring matters); rank-deficient if ``rank``."""
+    z = torch.randn(n, d, generator=gen, dtype=torch.float64) * torch.arange(1, d + 1, dtype=torch.float64) ** -0.5
+    if rank is not None:
+        z = z[:, :rank] @ torch.randn(rank, d, generator=gen, dtype=torch.float64)
+    return z + 0.3 * torch.randn(d, generator=gen, dtype=torch.float64)
+
+
+SHAPES = [(100, 512), (30, 200), (64, 64), (512, 100), (7, 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("eps", [1e-7, 1e-5])
+def test_one_shot_equals_svdvals_reference(shape, centered, eps, gen):
+    z = _spread(*shape, gen)
+    expected = _svdvals_rankme(z, eps, centered)
+    assert float(rankme(z, eps=eps, centered=centered)) == pytest.approx(expected, rel=1e-9)
+    assert float(rankme(z.float(), eps=eps, centered=centered)) == pytest.approx(
+        _svdvals_rankme(z.float(), eps, centered), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("eps", [1e-7, 1e-5])
+def test_streamed_metric_equals_svdvals_reference(shape, centered, eps, gen):
+    from geomon.metrics import RankMe
+
+    z = _spread(*shape, gen)
+    metric = RankMe(num_features=shape[1], eps=eps, centered=centered, min_samples=1)
+    for chunk in z.split(max(1, shape[0] // 4 + 1)):  # several chunks, the last one shorter
+        metric.update(chunk)
+    assert float(metric.compute()) == pytest.approx(_svdvals_rankme(z, eps, centered), rel=1e-9)
+
+
+@pytest.mark.parametrize(("shape", "rank"), [((100, 512), 20), ((512, 100), 20), ((64, 64), 63)])
+@pytest.mark.parametrize("centered", [False, True])
+def test_rank_deficient_rows_equal_svdvals_reference(shape, rank, centered, gen):
+    z = _spread(*shape, gen, rank=rank)
+    for eps in (1e-7, 1e-5):
+        assert float(rankme(z, eps=eps, centered=centered)) == pytest.approx(
+            _svdvals_rankme(z, eps, centered), rel=1e-8
+        )
+
+
+def test_wide_gaussian_is_not_inflated_by_the_grams_extra_zeros(gen):
+    # randn(100, 512): the D - N = 412 zero eigenvalues of the Gram are not singular values of Z; counting them would
+    # multiply RankMe by about exp(412 eps log(1/eps)) (6.6e-4 off at eps = 1e-7, 5% at eps = 1e-5)
+    z = torch.randn(100, 512, generator=gen, dtype=torch.float64)
+    for eps in (1e-7, 1e-5):
+        value, expected = float(rankme(z, eps=eps)), _svdvals_rankme(z, eps, False)
+        padded = torch.cat([torch.linalg.svdvals(z), torch.zeros(412, dtype=torch.float64)])
+        p = padded / padded.sum() + eps
+        all_d = float(torch.exp(-(p * p.log()).sum()))  # the wrong form, to show the test can tell the two apart
+        assert value == pytest.approx(expected, rel=1e-10)
+        assert all_d / expected - 1 == pytest.approx(math.expm1(412 * eps * math.log(1 / eps)), rel=0.05)
+        assert value < 100 * (1 + 100 * eps)
 
 
 def test_power_law_spectrum_distinguishes_the_two_variants(rng):
