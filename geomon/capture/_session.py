@@ -76,7 +76,14 @@ def in_backward() -> bool:
 class Session:
     """State of one capture block over ``model``; see the module docstring."""
 
-    def __init__(self, model: nn.Module, on_attention: Callable[[AttentionCall], None], strict: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        on_attention: Callable[[AttentionCall], None],
+        strict: bool,
+        warn: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.warn = warn  # warn(tag, message): a caller's warn-once across blocks; default: once per block
         self.names = {id(module): name for name, module in model.named_modules()}
         self.on_attention = on_attention
         self.strict = strict
@@ -84,6 +91,8 @@ class Session:
         self.reports = 0
         self.fallbacks: dict[int, Fallback] = {}
         self.expected: dict[int, str] = {}  # attention modules (id -> kind): warn if one runs and nothing is seen
+        self.lookalikes: set[int] = set()  # modules that look like attention: warn if one runs and nothing is seen
+        self.unseen = 0  # modules found unseen so far: an enclosing look-alike is not named again
         self.warned: set[str] = set()
         self.busy = False  # geomon's own computation is running: ignore module calls and SDPA calls
         self.padding = PaddingRule()
@@ -135,7 +144,9 @@ class Session:
             self.report(name + item.suffix, item.q, item.k, item.attn_mask, item.is_causal, item.scale, item.cross)
 
     def warn_once(self, key: str, message: str) -> None:
-        if key not in self.warned:
+        if self.warn is not None:
+            self.warn(f"capture:{key}", message)
+        elif key not in self.warned:
             self.warned.add(key)
             warnings.warn(message, stacklevel=3)
 
@@ -144,7 +155,7 @@ class Session:
     def _enter(self, module: nn.Module, args: tuple) -> None:
         name = self.names.get(id(module))
         if name is not None and not self.busy and not in_backward():
-            self.stack.append((id(module), name, self.reports))
+            self.stack.append((id(module), name, self.reports + self.unseen))
             if isinstance(module, nn.MultiheadAttention) and len(args) >= 2:
                 self.cross_hint[name] = args[0] is not args[1]
 
@@ -159,18 +170,29 @@ class Session:
             return
         before = self.stack[depth][2]
         del self.stack[depth:]  # with any module whose exit was missed
-        if len(rest) != 2 or self.reports != before:
-            return  # the forward raised, or its attention was already seen inside
+        if len(rest) != 2 or self.reports + self.unseen != before:
+            return  # the forward raised, or its attention was already seen (or found unseen) inside
         kwargs, output = rest
         fallback = self.fallbacks.get(key)
         if fallback is not None:
             self.reports += 1  # handled, even if the fallback fails: no outer module reports it again
             self.guarded(name, lambda: self.report_found(name, fallback(module, args, kwargs, output)))
         elif key in self.expected:
+            self.unseen += 1
             self.warn_once(
                 name,
                 f"geomon: attention module {name!r} ({self.expected[key]}) ran but its attention was not seen; "
                 "see docs/guides/capture.md for what each implementation exposes",
+            )
+        elif key in self.lookalikes:
+            self.unseen += 1
+            self.warn_once(
+                name,
+                f"geomon: module {name!r} ({type(module).__name__}) looks like attention but no attention computation "
+                "was seen inside it, so it has no attention entropy; geomon sees softmax attention computed with "
+                "F.scaled_dot_product_attention (called at run time) or one of the implementations in "
+                "docs/guides/capture.md#not-seen-and-why. If it is softmax attention, compute it with "
+                "F.scaled_dot_product_attention; if it is not (linear attention, a pooling), ignore this warning",
             )
 
     @contextmanager

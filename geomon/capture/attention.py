@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import nn
 
-from geomon.capture import hf, nanogpt, timm_vit, torch_mha
+from geomon.capture import hf, nanogpt, timm_vit, torch_mha, xtransformers
 from geomon.capture._session import AttentionCall, Fallback, Session
 
 __all__ = ["capture_attention", "find_attention_modules"]
@@ -47,11 +47,43 @@ def _recognise(module: nn.Module) -> tuple[str | None, Fallback | None]:
         kind = hf.kind(module)
         if kind is not None:
             return kind, None
-    for adapter in (timm_vit, nanogpt):
+    for adapter in (timm_vit, nanogpt, xtransformers):
         kind, fallback = adapter.fallback_for(module)
         if kind is not None:
             return kind, fallback
     return None, None
+
+
+#: children names of query / key projections, separate or fused, in the common codebases
+_QUERY_KEY_PARTS = (
+    {"q_proj", "k_proj"}, {"query", "key"}, {"to_q", "to_k"}, {"wq", "wk"}, {"q", "k"}, {"q_lin", "k_lin"},
+)  # fmt: skip
+_FUSED_PARTS = frozenset({"qkv", "c_attn", "query_key_value", "wqkv", "to_qkv", "qkv_proj", "in_proj", "to_qk"})
+_LAYERS_WITHOUT_ATTENTION = (nn.Linear, nn.Dropout, nn.LayerNorm, nn.Identity, nn.Embedding)
+
+
+def looks_like_attention(module: nn.Module) -> bool:
+    """Whether a module looks like an attention layer by its class name or its Q/K projections.
+
+    Used only to say what was *not* seen: a module that looks like attention, runs, and yields no captured
+    attention is named in a warning.
+
+    Example:
+        >>> from torch import nn
+        >>> class Attend(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.to_q, self.to_k, self.to_v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        >>> looks_like_attention(Attend()), looks_like_attention(nn.Linear(8, 8))
+        (True, False)
+    """
+    if isinstance(module, _LAYERS_WITHOUT_ATTENTION):
+        return False
+    cls = type(module).__name__.lower()
+    if "attention" in cls or cls.endswith(("attn", "attend")):
+        return True
+    children = {name.lower() for name, _ in module.named_children()}
+    return bool(children & _FUSED_PARTS) or any(parts <= children for parts in _QUERY_KEY_PARTS)
 
 
 def find_attention_modules(model: nn.Module) -> dict[str, str]:
@@ -77,7 +109,11 @@ def find_attention_modules(model: nn.Module) -> dict[str, str]:
 
 @contextmanager
 def capture_attention(
-    model: nn.Module, on_attention: Callable[[AttentionCall], None], *, strict: bool = False
+    model: nn.Module,
+    on_attention: Callable[[AttentionCall], None],
+    *,
+    strict: bool = False,
+    warn: Callable[[str, str], None] | None = None,
 ) -> Iterator[None]:
     """Call ``on_attention`` once per attention computation of ``model`` while the block runs.
 
@@ -86,6 +122,9 @@ def capture_attention(
         on_attention: receives an :class:`~geomon.capture.AttentionCall` (detached ``q [B, H, Nq, Dh]``,
             ``k [B, Hk, Nk, Dh]``, an SDPA-semantics ``attn_mask``, ``is_causal``, ``scale``), under ``no_grad``.
         strict: raise the errors of the probes and of ``on_attention`` instead of warning (for tests).
+        warn: ``warn(tag, message)`` for what could not be seen (a module that ran unseen, an unmodelled term);
+            default: ``warnings.warn``, once per block. The monitor passes its own warn-once, so each is said once
+            per run.
 
     Example:
         >>> import torch
@@ -98,13 +137,15 @@ def capture_attention(
         >>> seen
         [('attn', (1, 2, 5, 4))]
     """
-    session = Session(model, on_attention, strict)
+    session = Session(model, on_attention, strict, warn)
     for module in model.modules():
         kind, fallback = _recognise(module)
         if fallback is not None:
             session.fallbacks[id(module)] = fallback
         if kind is not None:
             session.expected[id(module)] = kind
+        elif fallback is None and looks_like_attention(module):
+            session.lookalikes.add(id(module))
     with ExitStack() as stack:
         if "transformers" in sys.modules:
             _enter(stack, hf.patched(model, session), strict)

@@ -237,7 +237,8 @@ class Plan:
                 for handle in probe.arm(module, step):
                     stack.callback(handle.remove)
             if self.options.attention:
-                stack.enter_context(capture_attention(model, self._on_attention, strict=self.guard.strict))
+                stack.enter_context(capture_attention(model, self._on_attention, strict=self.guard.strict,
+                                                        warn=self.guard.warn_once))  # fmt: skip
             yield
 
     def _missing(self, module: str, probe: Probe) -> None:

@@ -1,0 +1,110 @@
+"""What geomon cannot capture it says, once: a module that looks like attention and runs unseen is named."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import geomon
+from geomon.capture import capture_attention
+from geomon.capture.attention import looks_like_attention
+
+
+class ManualAttention(nn.Module):
+    """Softmax attention written by hand (no SDPA): geomon cannot see its scores."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        return (weights @ v).transpose(1, 2).flatten(2)
+
+
+class SdpaAttention(ManualAttention):
+    def forward(self, x):
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        return out.transpose(1, 2).flatten(2)
+
+
+class AttentionBlock(nn.Module):  # looks like attention by its name, and contains an attention module
+    def __init__(self, attention):
+        super().__init__()
+        self.attn, self.mlp = attention, nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+def _model(attention_cls):
+    torch.manual_seed(0)
+    return nn.Sequential(AttentionBlock(attention_cls()), AttentionBlock(attention_cls()), nn.Linear(16, 10))
+
+
+def _messages(caught):
+    return [str(w.message) for w in caught if "looks like attention" in str(w.message)]
+
+
+def test_a_hand_written_attention_is_named_once_per_block_and_its_wrapper_is_not():
+    model = _model(ManualAttention)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with capture_attention(model, lambda call: None), torch.no_grad():
+            model(torch.randn(2, 5, 16))
+            model(torch.randn(2, 5, 16))
+    messages = _messages(caught)
+    assert len(messages) == 2  # each layer once, the blocks around them not at all
+    assert "'0.attn' (ManualAttention)" in messages[0] and "'1.attn' (ManualAttention)" in messages[1]
+
+
+def test_attention_through_sdpa_raises_no_warning():
+    model = _model(SdpaAttention)
+    calls = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with capture_attention(model, calls.append), torch.no_grad():
+            model(torch.randn(2, 5, 16))
+    assert [c.module for c in calls] == ["0.attn", "1.attn"]
+    assert _messages(caught) == []
+
+
+def test_the_monitor_says_it_once_per_run_not_once_per_measured_step():
+    model = _model(ManualAttention)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = geomon.Monitor(every_n_steps=1, head=None).attach(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            with monitor.step(step):
+                loss = model(torch.randn(4, 5, 16)).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            monitor.compute()
+    messages = _messages(caught)
+    assert len(messages) == 2 and all(isinstance(w.message, geomon.GeomonWarning) for w in caught if
+                                      "looks like attention" in str(w.message))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        (ManualAttention(), True),
+        (AttentionBlock(nn.Identity()), True),
+        (nn.MultiheadAttention(8, 2), True),
+        (nn.Sequential(nn.Linear(8, 8), nn.GELU()), False),
+        (nn.Linear(8, 8), False),
+        (nn.LayerNorm(8), False),
+    ],
+)
+def test_looks_like_attention(module, expected):
+    assert looks_like_attention(module) is expected
