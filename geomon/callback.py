@@ -10,7 +10,8 @@ see them; ``pl_module.log`` is not used because Lightning would repeat a callbac
 - ``geomon/attention/entropy/<module>``: mean entropy (nats) over batch, heads and valid query rows;
 - ``geomon/attention/entropy_normalized/<module>``: mean of ``H / log n`` (rows with at least 2 keys);
 - ``geomon/attention/max_logit/<module>``: largest attention logit;
-- ``geomon/rankme/<probe>``, ``geomon/alpha_req/<probe>`` (``D > 100``): when a window of ``4 x D`` rows is full;
+- ``geomon/rankme/<probe>``, ``geomon/rankme_cov/<probe>`` (of the centred covariance), ``geomon/alpha_req/<probe>``
+  (``D > 100``): when a window of ``4 x D`` rows is full;
   probes: ``<head>.input`` (the features entering the output head), the ``embedding_modules``, and the names of
   tensors returned from ``training_step`` under ``outputs["geomon"]``;
 - ``geomon/nc/<stat>/<head>.input``: neural collapse (``nc1``, ``nc2_*``, ``nc3``, ``nc4``, ``cdnv``, ``gnc2_*``,

@@ -23,6 +23,7 @@ ENTROPY_NORMALIZED = "attention/entropy_normalized"  #: mean of H / log n over r
 MAX_LOGIT = "attention/max_logit"  #: largest attention logit
 ATTENTION_FAMILIES = (ENTROPY, ENTROPY_NORMALIZED, MAX_LOGIT)
 RANKME = "rankme"  #: effective rank of an embedding window (METRICS.md §1)
+RANKME_COV = "rankme_cov"  #: RankMe of the centred covariance eigenvalues of the same window (METRICS.md §1)
 ALPHA_REQ = "alpha_req"  #: eigenspectrum decay of an embedding window (METRICS.md §2)
 SIGMA = "spectral/sigma"  #: σ(W) of a chosen weight
 STABLE_RANK = "spectral/stable_rank"  #: |W|_F² / σ(W)²

@@ -6,8 +6,9 @@ geomon's key scheme (a collective under DDP: call it on every rank) and starts t
 
 - every attention call inside the model (queries and keys as the model really uses them, see
   :mod:`geomon.capture`): entropy, normalised entropy and max logit per module, per head in :attr:`Monitor.details`;
-- the input of the output head (found automatically): RankMe / alpha-ReQ, and neural collapse against the head
-  when labels are given; the outputs of any ``embedding_modules``; tensors handed to :meth:`Monitor.observe`;
+- the input of the output head (found automatically): RankMe (uncentred, and of the centred covariance) /
+  alpha-ReQ, and neural collapse against the head when labels are given; the outputs of any ``embedding_modules``;
+  tensors handed to :meth:`Monitor.observe`;
 - σ(W) and stable rank of the ``spectral_modules``.
 
 Embedding and neural-collapse windows keep accumulating rows over measured steps until they hold ``4 x D``
@@ -26,7 +27,7 @@ Example:
     ...         logits = model(x)
     ...     values = monitor.compute() if monitor.is_scheduled(step) else {}
     >>> sorted({key.split("/")[1] for key in values})
-    ['attention', 'nc', 'rankme', 'spectral']
+    ['attention', 'nc', 'rankme', 'rankme_cov', 'spectral']
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class Monitor:
         every_n_steps: measure on steps where ``global_step % every_n_steps == 0``.
         attention: measure every attention call inside the model.
         head: the output head whose *input* feeds RankMe / alpha-ReQ (probe ``<head>.input``) and neural collapse:
-            ``"auto"`` (the model's ``get_output_embeddings()`` or the last linear layer named like a head),
+            ``"auto"`` (the model's ``get_output_embeddings()``, else the last linear layer named like a head, else
+            the last linear layer when it projects onto an embedding's rows; a warning at attach when none is found),
             a module name, or ``None``.
         neural_collapse: ``"auto"`` (on when a head is found and its ``C x D`` state is small, fed on steps that
             pass labels), ``True`` (a head is required), or ``False``.
@@ -208,7 +210,7 @@ class Monitor:
         return self.plan.armed(self.model, labels)
 
     def observe(self, name: str, tensor: Tensor) -> None:
-        """Add embeddings ``[..., D]`` to probe ``name`` (``geomon/rankme/<name>``) yourself: for models that
+        """Add embeddings ``[..., D]`` to probe ``name`` (``geomon/rankme/<name>``, ...) yourself: for models that
         hooks cannot see into (``torch.compile``) or tensors that no module outputs."""
         if self.plan is None:
             raise RuntimeError("Monitor.observe() before attach(model)")

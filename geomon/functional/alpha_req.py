@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from geomon.functional._common import nan, warn
-from geomon.functional._embedding import EmbeddingStats, _covariance, _eigvalsh_descending, _embedding_update
+from geomon.functional._embedding import EmbeddingStats, _covariance_eigenvalues, _embedding_update
 
 _alpha_req_update = _embedding_update
 
@@ -44,8 +44,13 @@ def _power_law_fit(eigenvalues: Tensor, fit_range: tuple[int, int]) -> tuple[Ten
     return -slope, r2
 
 
-def _alpha_req_compute(stats: EmbeddingStats, *, fit_range: tuple[int, int] = (11, 100)) -> tuple[Tensor, Tensor]:
-    """``(α, R²)`` from accumulated :class:`EmbeddingStats`; both NaN (with a warning) when not computable."""
+def _alpha_req_compute(
+    stats: EmbeddingStats, *, fit_range: tuple[int, int] = (11, 100), eigenvalues: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(α, R²)`` from accumulated :class:`EmbeddingStats`; both NaN (with a warning) when not computable.
+
+    ``eigenvalues``: ``_covariance_eigenvalues(stats)`` when the caller already has them (one eigenproblem).
+    """
     fit_range = _check_fit_range(fit_range)
     device = stats.gram.device
     n = int(stats.n.item())
@@ -56,7 +61,8 @@ def _alpha_req_compute(stats: EmbeddingStats, *, fit_range: tuple[int, int] = (1
     if not bool(stats.gram.isfinite().all()) or not bool(stats.total.isfinite().all()):
         warn("alpha_req: the embeddings contain NaN or Inf; returning NaN")
         return nan(device), nan(device)
-    eigenvalues = _eigvalsh_descending(_covariance(stats))
+    if eigenvalues is None:
+        eigenvalues = _covariance_eigenvalues(stats)  # the zeros past min(N, D) are never fitted (see below)
     nonzero = int((eigenvalues > 0).sum().item())
     if nonzero <= fit_range[1]:
         warn(

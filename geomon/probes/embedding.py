@@ -10,7 +10,7 @@ from torch.utils.hooks import RemovableHandle
 
 from geomon import keys
 from geomon.capture._session import in_backward
-from geomon.functional._embedding import _eigvalsh_descending
+from geomon.functional._embedding import _covariance_eigenvalues, _singular_values
 from geomon.functional.alpha_req import _alpha_req_compute
 from geomon.functional.rankme import _rankme_compute
 from geomon.metrics import RankMe
@@ -22,10 +22,13 @@ Source = Literal["output", "input"]
 
 class EmbeddingProbe(Probe):
     """Accumulates rows ``[..., D]`` until the window holds ``min_rows`` over all processes, then logs
-    ``geomon/rankme/<name>`` and, where ``D > 100``, ``geomon/alpha_req/<name>`` and starts a new window.
+    ``geomon/rankme/<name>`` (uncentred RankMe), ``geomon/rankme_cov/<name>`` (RankMe of the centred covariance
+    eigenvalues, the curve the "Tracing the Representation Geometry" study reads its phases from) and, where
+    ``D > 100``, ``geomon/alpha_req/<name>``, and starts a new window.
 
-    RankMe is biased low on few rows (METRICS.md §1), hence the default window of ``4 x D`` rows. Both values come
-    from one accumulated Gram (:class:`~geomon.metrics.RankMe`'s state), reduced once per window.
+    RankMe is biased low on few rows (METRICS.md §1), hence the default window of ``4 x D`` rows. Every value comes
+    from one accumulated Gram and row sum (:class:`~geomon.metrics.RankMe`'s state), reduced once per window; the
+    covariance's eigenvalues serve both the centred RankMe and alpha-ReQ.
 
     Args:
         name: the probe's name (a module's name, ``<head>.input``, or a name given to ``Monitor.observe``).
@@ -60,7 +63,8 @@ class EmbeddingProbe(Probe):
 
     def keys(self) -> list[str]:
         with_alpha = self.spec is None or self.spec[0] > 100  # alpha-ReQ's default fit runs over eigenvalues 11..100
-        return [keys.key(keys.RANKME, self.name)] + ([keys.key(keys.ALPHA_REQ, self.name)] if with_alpha else [])
+        rank = [keys.key(keys.RANKME, self.name), keys.key(keys.RANKME_COV, self.name)]
+        return rank + ([keys.key(keys.ALPHA_REQ, self.name)] if with_alpha else [])
 
     def state_bytes(self) -> int:
         return 0 if self.spec is None else 2 * (1 + self.spec[0] + self.spec[0] ** 2) * FLOAT64
@@ -107,11 +111,19 @@ class EmbeddingProbe(Probe):
         name = keys.key(keys.RANKME, self.name)
         with metric.sync_context():  # one all-reduce of the window's sums serves every value below
             stats = metric._stats()
-            out.scalars[name] = _rankme_compute(stats, eps=metric.eps, min_samples=1)
+            # Each eigenproblem is solved once; non-finite sums (which eigvalsh cannot take) and a 1-row window
+            # (no covariance) are left to the compute functions, which warn and return NaN.
+            finite = bool(stats.gram.isfinite().all()) and bool(stats.total.isfinite().all())
+            sigma = _singular_values(stats) if finite else None
+            lam = _covariance_eigenvalues(stats) if finite and float(stats.n) >= 2 else None
+            out.scalars[name] = _rankme_compute(stats, eps=metric.eps, min_samples=1, spectrum=sigma)
+            out.scalars[keys.key(keys.RANKME_COV, self.name)] = _rankme_compute(
+                stats, eps=metric.eps, centered=True, min_samples=1, spectrum=lam
+            )
             if self.spec[0] > 100:
-                out.scalars[keys.key(keys.ALPHA_REQ, self.name)] = _alpha_req_compute(stats)[0]
-            if context.spectra:  # singular values of the window's rows, for the spectrum plot
-                out.spectra[name] = _eigvalsh_descending(stats.gram).clamp(min=0).sqrt()
+                out.scalars[keys.key(keys.ALPHA_REQ, self.name)] = _alpha_req_compute(stats, eigenvalues=lam)[0]
+            if context.spectra and sigma is not None:  # singular values of the window's rows, for the spectrum plot
+                out.spectra[name] = sigma
         metric.reset()
 
     def state_dict(self) -> dict[str, Any]:

@@ -10,7 +10,8 @@ entering the head (``B·N`` unless ``--measure`` saw the real number), ``D`` the
   collapse probe ``2·R·D² + 4·R·C·D`` (its Gram; nc4's decisions from the second window on);
 - every compute: per logit map ``Σ 2·H·Dh³`` (``R_Q R_Kᵀ``) and two thin QRs ``2·(2·D·Dh² - ⅔·Dh³)`` per head;
 - per closed window: neural collapse ``4·C·D² + 2·D³ + 4·C²·D`` and the solvers, ``⁴⁄₃·D³`` per symmetric
-  eigenvalue solve (one per RankMe / alpha-ReQ value) and ``9·D³`` for NC1's pseudo-inverse.
+  eigenvalue solve (two per embedding probe: the Gram's for RankMe, the covariance's for the centred RankMe and
+  alpha-ReQ) and ``9·D³`` for NC1's pseudo-inverse.
 
 Attention FLOPs are counted alike whichever SDPA backend runs (:func:`flop_counter`). A call of
 ``F.scaled_dot_product_attention`` with queries ``[..., Nq, Dh]`` (``B·H`` in ``...``, ``H`` the query heads), keys
@@ -95,7 +96,7 @@ def estimate_flops(plan: Plan, found: dict[str, Any], model: nn.Module, *, batch
             d = probe.spec[0]
             on_head = probe.module == plan.head and probe.source == "input"
             terms["embedding_gram"] += 2 * (r if on_head else b * n) * d * d
-            solvers += (4 / 3) * d**3 * len(probe.keys())  # one eigenvalue solve per value (RankMe, alpha-ReQ)
+            solvers += 2 * (4 / 3) * d**3  # the Gram's eigenvalues and the covariance's (RankMe_cov, alpha-ReQ)
             window_rows = probe.min_rows if on_head else window_rows
         elif isinstance(probe, CollapseProbe):
             c, d = probe.spec  # type: ignore[misc]
