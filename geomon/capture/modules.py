@@ -17,6 +17,14 @@ from geomon._reparam_layer import SigmaReparamLinear
 #: Last name components that mark a model's output head when the model does not say which it is.
 HEAD_NAMES = ("lm_head", "head", "classifier", "fc", "score", "output", "out", "logits")
 
+#: What ``head="auto"`` looks for, in order (said in the warning when nothing is found).
+HEAD_RULES = (
+    "the model's get_output_embeddings()",
+    f"the last linear layer named {', '.join(HEAD_NAMES)}",
+    "the last linear layer when it has as many outputs as an nn.Embedding has rows and is not square (a vocabulary "
+    "projection)",
+)
+
 
 def resolve_patterns(patterns: Sequence[str], names: Sequence[str], what: str) -> list[str]:
     """The names matching each ``fnmatch`` pattern, in order; a pattern that matches nothing fails, listing names.
@@ -64,14 +72,19 @@ def head_dims(module: nn.Module) -> tuple[int, int]:
 
 
 def find_head(model: nn.Module, head: str | None) -> str | None:
-    """The qualified name of the output head: ``head`` itself (checked), else the model's own answer
-    (``get_output_embeddings()``, Hugging Face), else the last linear layer whose name ends in a usual head name.
+    """The qualified name of the output head: ``head`` itself (checked), else (``"auto"``) the first of
+    :data:`HEAD_RULES`: the model's own answer (``get_output_embeddings()``, Hugging Face), else the last linear layer
+    whose name ends in a usual head name (:data:`HEAD_NAMES`), else the model's last linear layer when it projects onto
+    a vocabulary (as many outputs as an embedding has rows, and not square); ``None`` when none applies.
 
     Example:
         >>> model = nn.Sequential()
         >>> model.add_module("body", nn.Linear(4, 8)); model.add_module("classifier", nn.Linear(8, 3))
         >>> find_head(model, "auto")
         'classifier'
+        >>> model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 8), nn.Linear(8, 50))  # no head names
+        >>> find_head(model, "auto")
+        '2'
     """
     named = {name: module for name, module in model.named_modules() if name}
     linears = [name for name, module in named.items() if linear_like(module)]
@@ -88,7 +101,14 @@ def find_head(model: nn.Module, head: str | None) -> str | None:
         if found in linears:
             return found
     candidates = [name for name in linears if name.rsplit(".", 1)[-1] in HEAD_NAMES]
-    return candidates[-1] if candidates else None
+    if candidates:
+        return candidates[-1]
+    if linears:  # a vocabulary projection: Lightning's demo Transformer's `decoder`, x-transformers' `to_logits`
+        out_features, in_features = head_dims(named[linears[-1]])
+        rows = {module.num_embeddings for module in named.values() if isinstance(module, nn.Embedding)}
+        if out_features in rows and out_features != in_features:
+            return linears[-1]
+    return None
 
 
 def _safe_call(getter: object) -> object:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from geomon._guard import Guard
 from geomon.capture import AttentionCall, capture_attention, find_attention_modules
-from geomon.capture.modules import find_head, head_dims, linear_like, resolve_patterns
+from geomon.capture.modules import HEAD_RULES, find_head, head_dims, linear_like, resolve_patterns
 from geomon.functional import GeomonWarning
 from geomon.functional._dispatch import Backend
 from geomon.probes._sync import multi_process
@@ -110,6 +110,12 @@ def build_plan(model: nn.Module, options: PlanOptions, guard: Guard | None = Non
                                     query_rows=options.query_rows))  # fmt: skip
     head = find_head(model, options.head)
     plan.head = None if head is None else plain_name(head)
+    if head is None and options.head == "auto" and linears:
+        last = ", ".join(linears[-8:])
+        plan.guard.warn_once("head", f"geomon: head='auto' found no output head in {type(model).__name__} (looked for "
+                             f"{'; '.join(HEAD_RULES)}): no RankMe of the head's input and no neural collapse. Pass "
+                             f"head='<module name>' (the last modules with a 2-D weight: {last}), or head=None to "
+                             "silence this")  # fmt: skip
     if options.neural_collapse is True and plan.head is None:
         raise ValueError("neural_collapse=True needs the output head: pass head=<module name>; modules with a "
                          f"2-D weight: {', '.join(linears[:40]) or '(none)'}")  # fmt: skip
