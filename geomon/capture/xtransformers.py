@@ -1,0 +1,150 @@
+"""Adapter for x-transformers (``x_transformers.attend.Attend``, the core of every ``Attention`` layer it builds).
+
+``Attention`` projects Q/K/V, applies QK-norm, rotary / xPos embeddings, memory and null key/values, builds the
+boolean mask (padding, ``attn_mask``, ``max_attend_past``) and the additive bias (ALiBi, T5-style relative bias,
+dynamic / data-dependent biases), and hands all of it to its ``attend`` child:
+``attend(q, k, v, mask=..., attn_bias=..., prev_attn=..., causal=...)``. That call is where the final logits meet:
+
+- ``flash=True``: ``Attend.flash_attn`` calls ``F.scaled_dot_product_attention`` with the mask, bias and causal flag
+  folded in as x-transformers does; the SDPA wrapper sees it.
+- otherwise ``Attend`` computes ``softmax(scale·q·kᵀ + prev_attn + attn_bias)`` under the mask and causal flag
+  itself. Its inputs are taken at its exit (nothing is recomputed): ``q``, ``k`` (grouped key heads tiled as
+  x-transformers tiles them: query head ``h`` reads key head ``h mod Hk``), ``scale`` (``dim_head ** -0.5``, or
+  the QK-norm scale), the boolean mask, the additive ``attn_bias`` and residual ``prev_attn`` as a float mask,
+  the causal mask aligned bottom-right when there are more keys than queries (``n == 1`` is not causal), and the
+  zero key of ``add_zero_kv``. Cross-attention blocks (``'c'`` layers of an ``Encoder`` / ``Decoder``) are reported
+  as cross-attention.
+
+Configurations whose softmax is not ``softmax(scale·q·kᵀ + additive terms)`` are recognised and warned about by
+name, not reported: talking heads, logit soft-clamping, sparse top-k / sigmoid / hard / gumbel / custom attention
+functions, CoPE, selective attention, signed (cog) attention, learned sinks, inverted attention, l2-distance scores
+(except on the flash path, where SDPA receives the augmented Q/K), an ``attn_delta`` and packed flash sequences.
+
+Cost: none beyond the callback (a boolean or float ``B·H·Nq·Nk`` mask when one must be combined).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from geomon.capture._session import Found, bind
+
+#: ``Attend`` modules of an ``Encoder`` / ``Decoder``: "a" (self-attention) or "c" (cross-attention) layers
+_LAYER_TYPE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+#: memory key/values (``attn_num_mem_kv``) the ``Attention`` layer puts before the keys, by its ``Attend``
+_MEMORY: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+_ARGS = ("q", "k", "v", "mask", "attn_bias", "prev_attn", "attn_delta", "row_mask", "flash_pack_seq_kwargs", "causal")
+
+
+class NotModelled(RuntimeError):
+    """A call uses something attention entropy does not model."""
+
+
+def _classes() -> tuple[type | None, type | None, type | None]:
+    attend = sys.modules.get("x_transformers.attend")  # x-transformers is never imported by geomon
+    layers = sys.modules.get("x_transformers.x_transformers")
+    names = ((attend, "Attend"), (layers, "AttentionLayers"), (layers, "Attention"))
+    return tuple(getattr(module, name, None) for module, name in names)  # type: ignore[return-value]
+
+
+def _is_softmax(fn: Any) -> bool:
+    return isinstance(fn, functools.partial) and fn.func is F.softmax and not fn.args and fn.keywords.get("dim") == -1
+
+
+def unmodelled(module: nn.Module) -> str | None:
+    """What in an ``Attend``'s configuration changes its softmax, None when it is ``softmax(scores + bias)``."""
+    flags = (
+        (getattr(module, "pre_softmax_talking_heads", None) is not None, "talking heads"),
+        (getattr(module, "post_softmax_talking_heads", None) is not None, "talking heads"),
+        (getattr(module, "pre_scale_post_talking_heads", None) is not None, "talking heads"),
+        (getattr(module, "softclamp_logits", False), "logit soft-clamping"),
+        (getattr(module, "cog_signed", False), "signed (cog) attention"),
+        (getattr(module, "cope", None) is not None, "contextual position encoding (CoPE)"),
+        (getattr(module, "selective", False), "selective attention"),
+        (getattr(module, "head_learned_sink", False), "learned attention sinks"),
+        (getattr(module, "inverted_attention", False), "inverted attention"),
+        (getattr(module, "l2_distance", False) and not module.flash, "l2-distance scores"),
+        (
+            not module.flash and not _is_softmax(getattr(module, "attn_fn", None)),
+            "an attention function other than softmax (sparse top-k, sigmoid, hard, gumbel or custom)",
+        ),
+    )
+    return next((why for flag, why in flags if flag), None)
+
+
+def _causal_allowed(n_q: int, n_k: int, device: torch.device) -> Tensor:
+    """x-transformers' causal mask, aligned bottom-right (query i sees keys up to i + n_k - n_q), as allowed keys."""
+    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q)
+
+
+def attend_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
+    """Q/K, mask and additive terms of an ``Attend`` call that did not reach SDPA, as ``Attend.forward`` uses them."""
+    call = bind(_ARGS, args, kwargs)
+    if call.get("attn_delta") is not None:
+        raise NotModelled("an attn_delta is added to the attention probabilities; not reported")
+    if call.get("flash_pack_seq_kwargs") is not None and module.flash:
+        raise NotModelled("packed sequences through flash_attn varlen are not seen; not reported")
+    q, k = call["q"], call["k"]
+    heads, kv_heads, n_q = q.shape[1], k.shape[1], q.shape[-2]
+    if 1 < kv_heads < heads:
+        k = k.repeat(1, heads // kv_heads, 1, 1)  # 'b kvh n d -> b (r kvh) n d': head h reads key head h mod Hk
+    causal = module.causal if call.get("causal") is None else call["causal"]
+    causal = bool(causal) and n_q != 1
+    allowed, bias = call.get("mask"), call.get("attn_bias")
+    if allowed is not None and allowed.dim() == 2:
+        allowed = allowed[:, None, None, :]
+    leading = _MEMORY.get(module, 0)  # memory key/values, put first by the Attention layer
+    if getattr(module, "add_zero_kv", False):  # a zero key, put first by Attend
+        leading += 1
+        k = F.pad(k, (0, 0, 1, 0), value=0.0)
+        allowed = None if allowed is None else F.pad(allowed, (1, 0), value=True)
+        bias = None if bias is None else F.pad(bias, (1, 0), value=0.0)
+    prev = call.get("prev_attn")
+    if prev is not None:
+        bias = prev if bias is None else prev + bias
+    n_k = k.shape[-2]
+    is_causal = causal and n_q == n_k and allowed is None and bias is None  # else an explicit mask (SDPA's rule)
+    if causal and not is_causal:
+        rows = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)  # aligned bottom-right
+        allowed = rows if allowed is None else allowed & rows
+    attn_mask = allowed
+    if bias is not None:
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        attn_mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+    aligned = n_k - leading == n_q  # key j is token j once the extra keys are moved last (the padding rule's reading)
+    if leading and aligned:
+        k = k.roll(-leading, dims=-2)
+        attn_mask = None if attn_mask is None else attn_mask.roll(-leading, dims=-1)
+    scale = module.scale if module.scale is not None else q.shape[-1] ** -0.5
+    cross = _LAYER_TYPE.get(module)
+    cross = None if cross is None or (cross == "a" and not aligned) else cross == "c"
+    return [Found("", q, k, attn_mask, is_causal, float(scale), cross)]
+
+
+def fallback_for(module: nn.Module) -> tuple[str | None, Any]:
+    """``(kind, fallback)``: "x_transformers" for an ``Attend`` whose softmax geomon models; for one it does not,
+    a kind naming the feature and no fallback (so that the module is named in a warning when it runs)."""
+    attend, layers, attention = _classes()
+    if attention is not None and isinstance(module, attention):
+        if isinstance(getattr(module, "attend", None), nn.Module):
+            _MEMORY[module.attend] = int(getattr(module, "num_mem_kv", 0))
+        return None, None
+    if layers is not None and isinstance(module, layers):
+        for (_, block, _), layer_type in zip(module.layers, module.layer_types, strict=False):
+            if layer_type in ("a", "c") and isinstance(getattr(block, "attend", None), nn.Module):
+                _LAYER_TYPE[block.attend] = layer_type
+        return None, None
+    if attend is None or not isinstance(module, attend):
+        return None, None
+    why = unmodelled(module)
+    if why is not None:
+        return f"x_transformers: {why}, not modelled", None
+    return "x_transformers", attend_fallback
