@@ -8,7 +8,11 @@ recomputed at the layer's exit from its input: ``qkv`` (only the Q and K thirds 
 ``AttentionRope`` the rotary embedding passed to the call (prefix tokens left unrotated), with ``num_kv_heads`` key
 heads (grouped-query; timm's ``repeat_interleave`` matches geomon's "query head h reads key head h // G").
 Masks are already in SDPA semantics in timm (boolean True = may attend, float added); ``is_causal`` wins over a mask,
-as in timm. Other timm attention classes (with a ``fused_attn`` flag) are seen on their SDPA path only.
+as in timm. EVA's ``EvaAttention`` is recomputed likewise (its ``q_bias`` / ``k_bias`` added, or separate ``q_proj`` /
+``k_proj``). Swin's ``WindowAttention`` (non-fused unless ``TIMM_FUSED_ATTN=2``) is recomputed from ``qkv`` per window
+(windows are the batch), with its relative position bias plus the shifted windows' 0 / -100 mask as the additive
+mask, exactly what it adds. Other timm attention classes (with a ``fused_attn`` flag) are seen on their SDPA path
+only, and named in a warning when they run without it.
 
 Cost of a recomputation: the Q and K projections, ``2·B·N·E·(2·attn_dim)`` FLOPs, plus QK-norm / rotary.
 """
@@ -84,13 +88,72 @@ def rope_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     return [Found("", q, k, mask, causal, float(module.scale))]
 
 
+def swin_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
+    """Q/K of a Swin ``WindowAttention`` call that did not use SDPA, with its relative position bias and the shifted
+    windows' mask (0 / -100, added as Swin adds it) as the additive mask; windows are the batch."""
+    call = bind(("x", "mask"), args, kwargs)
+    x, mask = call["x"], call.get("mask")
+    windows, n, _ = x.shape
+    heads = module.num_heads
+    width = 2 * (module.qkv.out_features // 3)
+    qk = _project(module.qkv, x, width).reshape(windows, n, 2, heads, -1).permute(2, 0, 3, 1, 4)
+    bias = module._get_rel_pos_bias()  # [1, H, N, N]
+    if mask is not None:  # [num_win, N, N], window w of every image: x is [B * num_win, N, C]
+        bias = (bias.unsqueeze(1) + mask[None, :, None]).reshape(-1, heads, n, n)
+        bias = bias.repeat(windows // bias.shape[0], 1, 1, 1) if bias.shape[0] != windows else bias
+    return [Found("", qk[0], qk[1], bias, False, float(module.scale), False)]
+
+
+def eva_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
+    """Q/K of a timm ``EvaAttention`` call that did not use SDPA: its ``qkv`` (with the ``q_bias`` / ``k_bias`` it
+    adds) or ``q_proj`` / ``k_proj``, QK-norm, rotary with prefix tokens unrotated; mask and causal flag as timm's
+    ``resolve_self_attn_mask`` (causal wins)."""
+    call = bind(("x", "rope", "attn_mask", "is_causal"), args, kwargs)
+    x = call["x"]
+    batch, n, _ = x.shape
+    heads = module.num_heads
+    if module.qkv is not None:
+        width = 2 * (module.qkv.out_features // 3)
+        qk = _project(module.qkv, x, width)
+        if module.q_bias is not None:
+            qk = qk + torch.cat((module.q_bias, module.k_bias))
+        q, k = qk.reshape(batch, n, 2, heads, -1).permute(2, 0, 3, 1, 4)
+    else:
+        q = module.q_proj.forward(x).reshape(batch, n, heads, -1).transpose(1, 2)
+        k = module.k_proj.forward(x).reshape(batch, n, heads, -1).transpose(1, 2)
+    dtype = q.dtype
+    q, k = module.q_norm.forward(q), module.k_norm.forward(k)
+    rope = call.get("rope")
+    if rope is not None:
+        from timm.layers import apply_rot_embed_cat
+
+        prefix, half = module.num_prefix_tokens, getattr(module, "rotate_half", False)
+        q, k = (
+            torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=half)], dim=2).to(dtype)
+            for t in (q, k)
+        )
+    mask, causal = _mask(call.get("attn_mask"), bool(call.get("is_causal", False)))
+    return [Found("", q, k, mask, causal, float(module.scale))]
+
+
+def _model_class(path: str, name: str) -> type | None:
+    return getattr(sys.modules.get(path), name, None)
+
+
 def fallback_for(module: nn.Module) -> tuple[str | None, Any]:
-    """``(kind, fallback)``: "timm" for the two classes handled, "timm:sdpa-only" for other timm attention."""
+    """``(kind, fallback)``: "timm" for the classes handled (ViT ``Attention``, ``AttentionRope``, EVA's
+    ``EvaAttention``, Swin's ``WindowAttention``), "timm:sdpa-only" for other timm attention."""
     attention, rope = _classes()
     if rope is not None and isinstance(module, rope):
         return "timm", rope_fallback
     if attention is not None and isinstance(module, attention):
         return "timm", attention_fallback
+    eva = _model_class("timm.models.eva", "EvaAttention")
+    if eva is not None and isinstance(module, eva):
+        return "timm", eva_fallback
+    swin = _model_class("timm.models.swin_transformer", "WindowAttention")
+    if swin is not None and type(module) is swin:
+        return "timm", swin_fallback
     if type(module).__module__.startswith("timm.") and hasattr(module, "fused_attn"):
         return "timm:sdpa-only", None
     return None, None
