@@ -4,25 +4,51 @@ Head ``h`` scores ``s_ij = scale · x_iᵀ W_Q,hᵀ W_K,h x_j``; its logit map `
 ``σ(A_h) = σ(R_Q,h R_K,hᵀ)`` with ``W_Q,hᵀ = Q_Q,h R_Q,h`` and ``W_K,hᵀ = Q_K,h R_K,h`` (thin QR, ``R`` is
 ``Dh x Dh``), so nothing larger than ``D x Dh`` is formed: ``O(H·D·Dh²)`` FLOPs per layer, in float64.
 
-With the largest ``|X Xᵀ|₂ = σ_max(X)²`` over the sequences entering the layer, Theorem 3.1 of Zhai et al. bounds
-every row's entropy from below (:func:`geomon.functional.entropy_lower_bound`). The bound needs the logits to be
-exactly that bilinear form: it is not reported for layers with rotary embeddings or QK-norm.
+With rotary position embeddings the logits are ``x_iᵀ W_Qᵀ R_{j-i} W_K x_j`` (``R_r`` a rotation by the offset):
+every offset has its own logit map, whose norm differs from ``σ(W_Qᵀ W_K)`` (the map at offset 0 only), so for such
+layers (a ``rope`` / ``position_embeddings`` / ``rotary_pos_emb`` / ``freqs_cis`` argument seen in a forward) the
+logit-map σ is not logged, with one warning.
+
+The entropy bound (Theorem 3.1 of Zhai et al., :func:`geomon.functional.entropy_lower_bound`) holds for rows whose
+logits are exactly ``x_iᵀ M x_j`` over the same ``T`` keys ``x_j`` that the row's own ``x_i`` is one of: then
+``|a_i| <= |M| |X|² ``. geomon logs it only where the measured step shows exactly that:
+
+- Q/K projection biases are folded in exactly: ``x' = [x, 1]`` and ``W_Q' = [W_Q, b_Q]``; the key bias only adds
+  ``q_i · b_K`` to every logit of row ``i``, which softmax ignores, so ``W_K' = [W_K, 0]``. The bound then uses
+  ``σ(W_Q'ᵀ W_K')`` and ``|X' X'ᵀ|₂``.
+- Causal rows are not covered by a layer-wide value: row ``i`` sees ``i`` keys, its bound is that of ``(σ_i, i)``,
+  which grows with the key count, and the first row (one key, entropy 0) leaves 0 as the only value below every row.
+- Masks and additive terms (padding, ALiBi, relative position biases), rotary embeddings, QK-norm, keys that are
+  not the layer's own input (cross-attention, caches, extra key tokens) are outside the theorem.
+
+Whether a layer qualifies is read off the measured step: its forward's arguments (pre-hook) and the attention
+computations the capture attributes to it (causal flag, mask, query and key counts); a layer with no captured
+computation on the step has nothing to check and gets no bound. Each reason is said once, naming the layer.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from geomon import keys
-from geomon.capture._session import in_backward
+from geomon._guard import Guard
+from geomon.capture._session import AttentionCall, in_backward
 from geomon.capture.modules import weight_out_in
 from geomon.functional import entropy_lower_bound
 from geomon.probes._sync import whole
 from geomon.probes.base import Context, Probe, Step, Values
+
+#: Forward arguments that carry rotary position embeddings (timm EVA ``rope``, Hugging Face ``position_embeddings``,
+#: ``rotary_pos_emb`` / ``freqs_cis`` of other implementations).
+ROTARY_ARGUMENTS = ("rope", "position_embeddings", "rotary_pos_emb", "freqs_cis", "rotary_emb")
+#: Forward arguments that carry the keys' source when it is not the module's input (cross-attention).
+KEY_SOURCE_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
 
 
 def head_count(module: nn.Module, default: int | None = None) -> int | None:
@@ -44,34 +70,113 @@ def _whole(weight: Tensor, gather: bool) -> Tensor:
     return torch.empty(weight.shape, dtype=weight.dtype, device="meta")
 
 
-def qk_weights(module: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tensor, float, bool] | None:
-    """``(W_Q [H, Dh, D], W_K [Hk, Dh, D], scale, has_qk_norm)`` of an attention module whose layout is known
-    (fused ``qkv``/``c_attn`` as in nanoGPT, timm and GPT-2; separate ``q_proj``/``k_proj``; ``in_proj_weight`` of
-    ``nn.MultiheadAttention``), else ``None``. Sharded weights (FSDP2 ``DTensor``) are gathered whole, a collective;
-    ``gather=False`` returns meta tensors of their shapes instead, for a layout check without communication."""
+class QKLayout(NamedTuple):
+    """The query and key projections of an attention module, per head."""
+
+    w_q: Tensor  #: [H, Dh, D]
+    w_k: Tensor  #: [Hk, Dh, D], Hk dividing H
+    scale: float  #: softmax scale
+    qk_norm: bool  #: queries and keys are normalised after the projection
+    b_q: Tensor | None  #: [H, Dh] query bias, if any
+    b_k: Tensor | None  #: [Hk, Dh] key bias, if any (softmax ignores it: see the module docstring)
+
+
+def _module(module: nn.Module, name: str) -> nn.Module | None:
+    value = getattr(module, name, None)
+    return value if isinstance(value, nn.Module) else None
+
+
+def _bias(module: nn.Module | None, gather: bool) -> Tensor | None:
+    bias = getattr(module, "bias", None)
+    return _whole(bias.detach(), gather) if isinstance(bias, Tensor) else None
+
+
+def _tensor(module: nn.Module, name: str, gather: bool) -> Tensor | None:
+    value = getattr(module, name, None)
+    return _whole(value.detach(), gather) if isinstance(value, Tensor) else None
+
+
+def looks_like_attention(module: nn.Module) -> bool:
+    """The module has the projections :func:`qk_layout` reads (fused ``qkv`` / ``c_attn``, ``q_proj`` and
+    ``k_proj``, or ``nn.MultiheadAttention``), whether or not their layout is understood."""
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        or _module(module, "qkv") is not None
+        or _module(module, "c_attn") is not None
+        or (_module(module, "q_proj") is not None and _module(module, "k_proj") is not None)
+    )
+
+
+def qk_layout(module: nn.Module, *, gather: bool = True) -> QKLayout | str | None:
+    """The query/key projections of ``module`` (:class:`QKLayout`); a string saying why not for a module that looks
+    like attention (:func:`looks_like_attention`) whose layout is not understood; ``None`` for any other module.
+
+    Layouts: ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q_proj_weight`` / ``k_proj_weight``); separate
+    ``q_proj`` / ``k_proj`` (Hugging Face, timm EVA); fused ``qkv`` / ``c_attn`` (nanoGPT, timm, GPT-2), with the
+    biases of the fused layer or separate ``q_bias`` / ``k_bias`` (timm EVA). Sharded weights (FSDP2 ``DTensor``) are
+    gathered whole, a collective; ``gather=False`` returns meta tensors of their shapes instead, for a layout check
+    without communication."""
+    if not looks_like_attention(module):
+        return None
     heads = head_count(module)
     if isinstance(module, nn.MultiheadAttention):
-        if module.in_proj_weight is None:
-            return None
-        w_q, w_k, _ = _whole(module.in_proj_weight.detach(), gather).chunk(3, dim=0)
         heads = module.num_heads
-    elif hasattr(module, "q_proj") and hasattr(module, "k_proj") and heads is not None:
-        w_q, w_k = _whole(weight_out_in(module.q_proj), gather), _whole(weight_out_in(module.k_proj), gather)
-    elif isinstance(fused := getattr(module, "qkv", None) or getattr(module, "c_attn", None), nn.Module):
-        weight = _whole(weight_out_in(fused), gather)
-        if weight.shape[0] % 3 or heads is None:
-            return None
-        w_q, w_k, _ = weight.chunk(3, dim=0)
+        bias = _tensor(module, "in_proj_bias", gather)
+        b_q, b_k = (None, None) if bias is None else bias.chunk(3, dim=0)[:2]
+        if module.in_proj_weight is not None:
+            w_q, w_k, _ = _whole(module.in_proj_weight.detach(), gather).chunk(3, dim=0)
+        elif module.q_proj_weight is not None and module.k_proj_weight is not None:
+            w_q = _whole(module.q_proj_weight.detach(), gather)
+            w_k = _whole(module.k_proj_weight.detach(), gather)
+        else:
+            return "nn.MultiheadAttention without query/key projection weights"
+    elif (q_proj := _module(module, "q_proj")) is not None and (k_proj := _module(module, "k_proj")) is not None:
+        w_q, w_k = _whole(weight_out_in(q_proj), gather), _whole(weight_out_in(k_proj), gather)
+        b_q, b_k = _bias(q_proj, gather), _bias(k_proj, gather)
     else:
-        return None
-    head_dim = getattr(module, "head_dim", None) or w_q.shape[0] // heads
-    if w_q.shape[0] != heads * head_dim or w_k.shape[0] % head_dim:
-        return None
+        fused = _module(module, "qkv") or _module(module, "c_attn")
+        assert fused is not None
+        weight = _whole(weight_out_in(fused), gather)
+        if weight.ndim != 2 or weight.shape[0] % 3:
+            return f"its fused projection's weight has shape {tuple(weight.shape)}, not [3·H·Dh, D]"
+        w_q, w_k, _ = weight.chunk(3, dim=0)
+        bias = _bias(fused, gather)
+        b_q, b_k = (None, None) if bias is None else bias.chunk(3, dim=0)[:2]
+        if bias is None:  # timm EVA: q_bias, k_bias next to a bias-free fused qkv
+            b_q, b_k = _tensor(module, "q_bias", gather), _tensor(module, "k_bias", gather)
+    if heads is None:
+        return "its head count is not known (no n_head / num_heads / num_attention_heads attribute or config)"
+    if w_q.ndim != 2 or w_k.ndim != 2 or w_q.shape[1] != w_k.shape[1]:
+        return f"its query and key weights have shapes {tuple(w_q.shape)} and {tuple(w_k.shape)}"
+    head_dim = getattr(module, "head_dim", None)
+    head_dim = head_dim if isinstance(head_dim, int) and head_dim > 0 else w_q.shape[0] // heads
+    if head_dim == 0 or w_q.shape[0] != heads * head_dim or w_k.shape[0] % head_dim or not w_k.shape[0]:
+        return f"its query/key weights ({tuple(w_q.shape)}, {tuple(w_k.shape)}) do not split into {heads} heads"
+    hk = w_k.shape[0] // head_dim
+    if heads % hk:
+        return f"its {heads} query heads do not share {hk} key heads evenly"
+    for b, w in ((b_q, w_q), (b_k, w_k)):
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            return f"a query/key bias has shape {tuple(b.shape)}, not ({w.shape[0]},)"
     scale = getattr(module, "scale", None) or getattr(module, "scaling", None)
     scale = float(scale) if isinstance(scale, (int, float)) else 1.0 / math.sqrt(head_dim)
     qk_norm = any(not isinstance(getattr(module, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm"))
     d = w_q.shape[1]
-    return w_q.reshape(heads, head_dim, d), w_k.reshape(-1, head_dim, d), scale, qk_norm
+    return QKLayout(
+        w_q.reshape(heads, head_dim, d),
+        w_k.reshape(hk, head_dim, d),
+        scale,
+        qk_norm,
+        None if b_q is None else b_q.reshape(heads, head_dim),
+        None if b_k is None else b_k.reshape(hk, head_dim),
+    )
+
+
+def qk_weights(module: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tensor, float, bool] | None:
+    """``(W_Q [H, Dh, D], W_K [Hk, Dh, D], scale, has_qk_norm)`` of an attention module whose layout is known (see
+    :func:`qk_layout`), else ``None``."""
+    layout = qk_layout(module, gather=gather)
+    return tuple(layout[:4]) if isinstance(layout, QKLayout) else None  # type: ignore[return-value]
 
 
 def logit_map_sigma(w_q: Tensor, w_k: Tensor, scale: float) -> Tensor:
@@ -84,22 +189,56 @@ def logit_map_sigma(w_q: Tensor, w_k: Tensor, scale: float) -> Tensor:
     return torch.linalg.matrix_norm(r_q @ r_k.transpose(1, 2), 2) * scale
 
 
+def bound_sigma(layout: QKLayout) -> Tensor:
+    """Per query head, ``σ`` of the logit map that Theorem 3.1 needs, biases folded in (module docstring): with a
+    query bias, ``σ([W_Q, b_Q]ᵀ [W_K, 0]) · scale``, to be multiplied by ``|[X, 1]|₂²``; else the logit-map σ."""
+    if layout.b_q is None:
+        return logit_map_sigma(layout.w_q, layout.w_k, layout.scale)
+    w_q = torch.cat([layout.w_q.double(), layout.b_q.double()[..., None]], dim=-1)
+    w_k = torch.cat([layout.w_k.double(), torch.zeros_like(layout.w_k[..., :1], dtype=torch.float64)], dim=-1)
+    return logit_map_sigma(w_q, w_k, layout.scale)
+
+
+@dataclass
+class _Measured:
+    """What one measured step showed of a layer (see the module docstring)."""
+
+    inputs: list[tuple[Tensor, int]] = field(default_factory=list)  #: per forward: (max |X'|₂² over sequences, T)
+    augmented: bool = False  #: the inputs carry the constant coordinate of a query bias
+    why: str | None = None  #: a reason read off the forward's arguments
+    calls: int = 0
+    causal: bool = False
+    masked: Tensor | None = None  #: a bool tensor: some call's mask excludes or shifts a logit
+    counts: set[tuple[int, int]] = field(default_factory=set)  #: (queries, keys) of the calls
+    scales: set[float] = field(default_factory=set)
+
+
+def _mask_matters(mask: Tensor) -> Tensor:
+    """A 0-dim bool tensor (no host sync): the SDPA-convention mask changes some logit."""
+    if mask.dtype == torch.bool:
+        return ~mask.all()
+    return (mask != 0).any()
+
+
 class LogitMapProbe(Probe):
     """``geomon/spectral/logit_sigma/<module>`` (largest over heads, per head in details) of an attention module
-    with a known layout and, with ``bound=True``, ``geomon/spectral/entropy_bound/<module>`` from the inputs seen on
-    the measured step (a forward pre-hook records ``max σ_max(X)²`` and the sequence length)."""
+    with a known layout and, with ``bound=True``, ``geomon/spectral/entropy_bound/<module>`` where Theorem 3.1 holds
+    on the measured step (module docstring); a forward pre-hook records the inputs' ``max σ_max(X)²``, the sequence
+    length and what the arguments show (rotary embeddings, a separate key source)."""
 
     kind = "logit_map"
     weight_based = True
 
-    def __init__(self, name: str, *, bound: bool = False) -> None:
+    def __init__(self, name: str, *, bound: bool = False, query_bias: bool = False) -> None:
         super().__init__(name, ())
         self.bound = bound
-        self.seen: tuple[Tensor, int, bool] | None = None  # (max |X|², sequence length, rotary) of the measured step
+        self.query_bias = query_bias  #: record |[X, 1]|₂², the inputs of a query bias folded in
+        self.seen = _Measured()
+        self.rotary: str | None = None  #: the rotary argument a forward was seen with (sticky)
 
     @property
     def module(self) -> str | None:
-        return self.name if self.bound else None
+        return self.name
 
     def keys(self) -> list[str]:
         families = (keys.LOGIT_SIGMA, keys.ENTROPY_BOUND) if self.bound else (keys.LOGIT_SIGMA,)
@@ -108,27 +247,117 @@ class LogitMapProbe(Probe):
     def arm(self, module: nn.Module, step: Step) -> list[RemovableHandle]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if not in_backward():
-                step.guard.run(f"entropy-bound input of {self.name!r}", self._record, module, args, kwargs)
+                step.guard.run(f"logit-map input of {self.name!r}", self._record, module, args, kwargs)
 
         return [module.register_forward_pre_hook(hook, with_kwargs=True)]
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("hidden_states")
+        seen = self.seen
+        rotary = next((n for n in ROTARY_ARGUMENTS if kwargs.get(n) is not None), None)
+        if rotary is not None:
+            self.rotary = self.rotary or rotary
+            seen.why = seen.why or f"rotary position embeddings (argument {rotary!r}) rotate its queries and keys"
+        if not self.bound:
+            return
+        source = next((n for n in KEY_SOURCE_ARGUMENTS if kwargs.get(n) is not None), None)
+        if source is not None:
+            seen.why = seen.why or f"its keys come from argument {source!r}, not from its input alone"
+        x = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("hidden_states", kwargs.get("query"))
+        if isinstance(module, nn.MultiheadAttention):
+            if module.bias_k is not None or module.add_zero_attn:
+                seen.why = seen.why or "bias_k / add_zero_attn append keys that are not its input"
+            if (args[1] if len(args) >= 2 else kwargs.get("key")) is not x:
+                seen.why = seen.why or "it is called with a key that is not its query input (cross-attention)"
         if not isinstance(x, Tensor) or x.ndim != 3:
+            seen.why = seen.why or "its input is not a [batch, sequence, width] tensor"
             return
         if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
             x = x.transpose(0, 1)
-        rotary = kwargs.get("position_embeddings") is not None or kwargs.get("rotary_pos_emb") is not None
-        gram = torch.linalg.matrix_norm(x.detach().double(), 2).amax().square()
-        if self.seen is not None:
-            gram = torch.maximum(gram, self.seen[0])
-        self.seen = (gram, x.shape[1], rotary)
+        x = x.detach().double()
+        if self.query_bias:
+            x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+            seen.augmented = True
+        seen.inputs.append((torch.linalg.matrix_norm(x, 2).amax().square(), x.shape[1]))
+
+    def note_call(self, call: AttentionCall) -> None:
+        """Record an attention computation that the capture attributed to this module on the measured step."""
+        if not self.bound:
+            return
+        seen = self.seen
+        seen.calls += 1
+        seen.causal |= call.is_causal
+        if call.attn_mask is not None:
+            matters = _mask_matters(call.attn_mask)
+            seen.masked = matters if seen.masked is None else seen.masked | matters
+        seen.counts.add((call.q.shape[-2], call.k.shape[-2]))
+        seen.scales.add(call.scale if call.scale is not None else 1.0 / math.sqrt(call.q.shape[-1]))
+
+    def _unbounded(self, seen: _Measured, layout: QKLayout) -> str | None:
+        """Why Theorem 3.1 does not bound this layer's rows on the measured step, or ``None`` if it does."""
+        if seen.why is not None:
+            return seen.why
+        if layout.qk_norm:
+            return "QK-norm normalises its queries and keys after the projection"
+        if not seen.inputs:
+            return "its forward was not called with a [batch, sequence, width] input on the measured step"
+        if not seen.calls:
+            return ("no attention computation of it was captured on the measured step (attention=False, or a "
+                    "path geomon does not capture): nothing shows that every row sees all T keys unmasked")  # fmt: skip
+        if seen.causal:
+            return ("its rows are causal: row i sees i keys, so a bound for T keys is not one for them, and the "
+                    "only value below every row is 0 (the first row has one key and entropy 0)")  # fmt: skip
+        lengths = {t for _, t in seen.inputs}
+        if any(nq != nk or nk not in lengths for nq, nk in seen.counts):
+            return (f"its computations' (query, key) counts {sorted(seen.counts)} are not its input lengths "
+                    f"{sorted(lengths)} (a cache, extra keys or cross-attention)")  # fmt: skip
+        if any(not math.isclose(s, layout.scale, rel_tol=1e-6) for s in seen.scales):
+            return f"its softmax scale {sorted(seen.scales)} is not the module's {layout.scale:g}"
+        if seen.masked is not None and bool(seen.masked):
+            return "a mask or additive term (causal or padding mask, ALiBi, relative position bias) changes its logits"
+        if layout.b_q is not None and not seen.augmented:
+            return "it has a query bias that it did not have at attach"
+        return None
 
     def compute(self, context: Context, out: Values) -> None:
-        seen, self.seen = self.seen, None
-        w_q, w_k, scale, qk_norm = qk_weights(context.modules[self.name])  # type: ignore[misc]
-        sigma = logit_map_sigma(w_q, w_k, scale)
+        seen, self.seen = self.seen, _Measured()
+        layout = qk_layout(context.modules[self.name])
+        if not isinstance(layout, QKLayout):
+            context.guard.warn_once(f"logit_map:{self.name}", f"geomon: the logit map of {self.name!r} is not "
+                                    f"logged: {layout or 'its query/key projections are gone'}")  # fmt: skip
+            return
+        if self.rotary is not None:
+            context.guard.warn_once(
+                f"logit_map:{self.name}",
+                f"geomon: the logit map of {self.name!r} is not logged: rotary position embeddings (argument "
+                f"{self.rotary!r}) make it W_Qᵀ R_(j-i) W_K, one map per query-key offset with its own norm, and "
+                "σ(W_Qᵀ W_K) is only the map at offset 0; the entropy bound is not logged either",
+            )
+            return
+        sigma = logit_map_sigma(layout.w_q, layout.w_k, layout.scale)
         key = keys.key(keys.LOGIT_SIGMA, self.name)
         out.scalars[key], out.details[key] = sigma.max(), sigma
-        if self.bound and seen is not None and not seen[2] and not qk_norm and seen[1] > 1:
-            out.scalars[keys.key(keys.ENTROPY_BOUND, self.name)] = entropy_lower_bound(sigma.max() * seen[0], seen[1])
+        if not self.bound:
+            return
+        why = self._unbounded(seen, layout)
+        if why is not None:
+            context.guard.warn_once(f"entropy_bound:{self.name}", f"geomon: no entropy bound is logged for "
+                                    f"{self.name!r} (Theorem 3.1 does not hold there): {why}")  # fmt: skip
+            return
+        map_sigma = bound_sigma(layout).max()
+        bounds = [entropy_lower_bound(map_sigma * gram, t) for gram, t in seen.inputs]
+        out.scalars[keys.key(keys.ENTROPY_BOUND, self.name)] = torch.stack(bounds).amin()
+
+
+def logit_map_probe(name: str, module: nn.Module, *, bound: bool, guard: Guard) -> LogitMapProbe | None:
+    """The logit-map probe of ``module`` if its query/key layout is understood; a module that looks like attention
+    but is not understood (or whose layout cannot be read) gets one warning naming it and why, never an error."""
+    try:
+        layout = qk_layout(module, gather=False)
+    except Exception as error:  # an odd module must never break attach
+        layout = f"reading its query/key projections failed ({error!r})"
+    if isinstance(layout, str):
+        guard.warn_once(f"logit_map:{name}", f"geomon: attention module {name!r} is skipped by the logit-map "
+                        f"diagnostics (logit_sigma, entropy_bound): {layout}")  # fmt: skip
+    if not isinstance(layout, QKLayout):
+        return None
+    return LogitMapProbe(name, bound=bound, query_bias=layout.b_q is not None)

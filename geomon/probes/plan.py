@@ -35,7 +35,7 @@ from geomon.probes.attention import AttentionProbe
 from geomon.probes.base import Context, Probe, Step, Values
 from geomon.probes.collapse import CollapseProbe
 from geomon.probes.embedding import EmbeddingProbe
-from geomon.probes.logit_map import LogitMapProbe, head_count, qk_weights
+from geomon.probes.logit_map import LogitMapProbe, head_count, logit_map_probe
 from geomon.probes.spectral import ReparamProbe, SpectralProbe, reparam_layers
 
 #: Neural collapse is switched on automatically only below this state size (C x D float64 values: 128 MiB).
@@ -141,8 +141,8 @@ def build_plan(model: nn.Module, options: PlanOptions, guard: Guard | None = Non
         for name in spectral:
             plan.add(SpectralProbe(name))
         for name, module in modules.items():
-            if qk_weights(module, gather=False) is not None:
-                plan.add(LogitMapProbe(name, bound=options.entropy_bound))
+            if (logit_map := logit_map_probe(name, module, bound=options.entropy_bound, guard=plan.guard)) is not None:
+                plan.add(logit_map)
         for name in reparam_layers(modules):
             plan.add(ReparamProbe(name))
     plan.check_budget()
@@ -201,6 +201,9 @@ class Plan:
     def attention_call(self, call: AttentionCall) -> None:
         """Route one captured attention call to its module's probe (created here if no adapter planned it)."""
         name = plain_name(call.module)
+        logit_map = self.probes.get(f"{LogitMapProbe.kind}:{name}")
+        if isinstance(logit_map, LogitMapProbe):
+            logit_map.note_call(call)  # what the entropy bound's conditions need to see
         pid = f"{AttentionProbe.kind}:{name}"
         if pid in self.dropped:
             return
