@@ -92,10 +92,13 @@ class Monitor:
         embedding_modules: ``fnmatch`` patterns over ``named_modules()``; each match's output ``[..., D]`` feeds
             RankMe and alpha-ReQ (alpha only where ``D > 100``).
         spectral_modules: ``fnmatch`` patterns of modules with a 2-D ``weight``: σ(W) and stable rank.
-        entropy_bound: also log Theorem 3.1's entropy lower bound per attention layer (the inputs' largest
-            singular value is measured on the measured step: a batched SVD per layer). The logit maps' spectral
-            norms ``geomon/spectral/logit_sigma/<module>`` and, for σReparam layers, ``reparam_gamma``,
-            ``reparam_sigma`` and ``reparam_ratio`` are always logged.
+        entropy_bound: also log Theorem 3.1's entropy lower bound per attention layer where the measured step
+            shows that it holds (self-attention without causal rows, masks, additive biases, rotary embeddings or
+            QK-norm; query biases are folded in), with one warning per layer where it does not (see
+            :mod:`geomon.probes.logit_map`); the inputs' largest singular value is measured on the measured step: a
+            batched SVD per layer. The logit maps' spectral norms ``geomon/spectral/logit_sigma/<module>`` (not for
+            rotary layers) and, for σReparam layers, ``reparam_gamma``, ``reparam_sigma`` and ``reparam_ratio`` are
+            always logged.
         window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
         query_rows: if set, measure at most this many evenly spaced query rows per attention call.
         alerts: rules evaluated on every :meth:`compute` given a ``step`` (``None``: the default rules: entropy
