@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import math
 import time
 from html.parser import HTMLParser
 
@@ -12,7 +11,7 @@ import pytest
 
 from geomon.tools.report import build_report, read_run
 from geomon.tools.report.heatmap import head_matrix, heatmap_steps
-from geomon.tools.report.phases import COMPRESSION_SEEKING, ENTROPY_SEEKING, WARMUP, detect_phases
+from geomon.tools.report.phases import COMPRESSION_SEEKING, ENTROPY_SEEKING, WARMUP
 from tests.report_runs import (
     EXPECTED_FIGURES,
     HEADS,
@@ -201,54 +200,46 @@ def test_heatmap_panels_and_matrix(csv_run):
     np.testing.assert_array_equal(matrix, expected)
 
 
-def _phase_curves(boundaries=(60, 200), n=300, noise=0.0, seed=0):
-    """RankMe falls to the first boundary, rises to the second, falls after; alpha does the opposite after warm-up."""
-    steps = np.arange(n) * 10
-    b1, b2 = boundaries
-    t = np.arange(n)
-    rankme = np.where(t < b1, 100 - 0.8 * t, np.where(t < b2, 100 - 0.8 * b1 + 0.6 * (t - b1), 0.0))
-    rankme = np.where(t >= b2, 100 - 0.8 * b1 + 0.6 * (b2 - b1) - 0.4 * (t - b2), rankme)
-    alpha = np.where(t < b1, 1.0, np.where(t < b2, 1.0 - 0.004 * (t - b1), 1.0 - 0.004 * (b2 - b1) + 0.005 * (t - b2)))
-    rng = np.random.default_rng(seed)
-    rankme = rankme + noise * rng.standard_normal(n)
-    alpha = alpha + noise * 0.01 * rng.standard_normal(n)
-    return steps.tolist(), rankme.tolist(), alpha.tolist()
-
-
-@pytest.mark.parametrize("noise", [0.0, 1.0])
-@pytest.mark.parametrize("boundaries", [(60, 200), (30, 150)])
-def test_phase_detection_finds_known_boundaries(boundaries, noise):
-    steps, rankme, alpha = _phase_curves(boundaries, noise=noise)
-    phases = detect_phases(steps, rankme, alpha)
-    assert [phase.name for phase in phases] == [WARMUP, ENTROPY_SEEKING, COMPRESSION_SEEKING]
-    (warm, seek, compress), (b1, b2) = phases, (10 * boundaries[0], 10 * boundaries[1])
-    tolerance = 10 * 300 // 10  # one smoothing window
-    assert warm.start == steps[0] and compress.end == steps[-1]
-    assert abs(warm.end - b1) <= tolerance and abs(seek.start - b1) <= tolerance
-    assert abs(seek.end - b2) <= tolerance and abs(compress.start - b2) <= tolerance
-
-
-def test_phase_detection_reports_nothing_it_cannot_see():
-    steps = list(range(50))
-    assert detect_phases(steps, [10.0] * 50, [1.0] * 50) == []  # flat
-    assert detect_phases(steps[:4], [4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]) == []  # too short
-    rising = detect_phases(steps, [10.0 + s for s in steps], [2.0 - 0.01 * s for s in steps])
-    assert [(p.name, p.start, p.end) for p in rising] == [(ENTROPY_SEEKING, 0.0, 49.0)]  # no warm-up before it
-    falling = detect_phases(steps, [60.0 - s for s in steps], [1.0] * 50)  # RankMe falls, alpha flat: no phase
-    assert falling == []
-    with_nan = detect_phases(steps, [math.nan] * 50, [1.0] * 50)
-    assert with_nan == []
-
-
-def test_phases_are_shaded_on_the_rankme_figure(tmp_path):
+def test_phases_are_shaded_on_the_rankme_figure_from_the_covariance_rankme(tmp_path):
+    from geomon.tools.report.figures import plan_figures
     from geomon.tools.report.plots import rank_figure
     from geomon.tools.report.run import RunData
+    from tests.test_phases import GRIDS, paper_curves
 
-    steps, rankme, alpha = _phase_curves()
-    scalars = [(s, "geomon/rankme/z", r) for s, r in zip(steps, rankme, strict=True)]
+    steps = GRIDS["few early points"].tolist()
+    cov, alpha = paper_curves(steps, 400, 20000)
+    uncentred = [100.0 - 0.0005 * s for s in steps]  # falls throughout: phases read from it would be none
+    scalars = [(s, "geomon/rankme_cov/z", r) for s, r in zip(steps, cov, strict=True)]
     scalars += [(s, "geomon/alpha_req/z", a) for s, a in zip(steps, alpha, strict=True)]
-    figure = rank_figure(RunData(tmp_path, "csv", scalars=scalars), "z", [])
+    scalars += [(s, "geomon/rankme/z", r) for s, r in zip(steps, uncentred, strict=True)]
+    run = RunData(tmp_path, "csv", scalars=scalars)
+    figure = rank_figure(run, "z", [])
     labels = figure.axes[0].get_legend_handles_labels()[1]
     assert labels[:3] == [WARMUP, ENTROPY_SEEKING, COMPRESSION_SEEKING]
     assert len(figure.axes[0].patches) == 3
-    assert [ax.get_ylabel() for ax in figure.axes] == ["RankMe", "alpha-ReQ α"]
+    assert [ax.get_ylabel() for ax in figure.axes] == ["RankMe (covariance)", "RankMe", "alpha-ReQ α"]
+    assert "phases from covariance RankMe" in figure.axes[0].get_title()
+    assert figure.axes[0].get_xscale() == "symlog"  # five decades of steps
+    (plan,) = [plan for plan in plan_figures(run) if plan.name == "rankme_alpha_z.png"]
+    assert "read from the covariance RankMe" in plan.caption
+
+    # without the covariance RankMe the uncentred one is read, and the report says so
+    only_uncentred = RunData(
+        tmp_path, "csv", scalars=[(s, "geomon/rankme/z", r) for s, r in zip(steps, cov, strict=True)]
+    )
+    figure = rank_figure(only_uncentred, "z", [])
+    assert len(figure.axes[0].patches) == 3
+    assert "phases from uncentred RankMe: no rankme_cov" in figure.axes[0].get_title()
+    (plan,) = plan_figures(only_uncentred)
+    assert "logged no covariance RankMe" in plan.caption
+
+
+def test_probe_rows_hold_the_covariance_rankme(tmp_path):
+    from geomon.tools.report.html import probe_rows
+    from geomon.tools.report.run import RunData
+
+    scalars = [(0, "geomon/rankme/z", 5.0), (0, "geomon/rankme_cov/z", 3.0), (1, "geomon/rankme_cov/w", 2.5)]
+    header, rows = probe_rows(RunData(tmp_path, "csv", scalars=scalars))
+    assert header == ["probe", "RankMe", "RankMe (covariance)"]
+    assert [row[0] for row in rows] == ["w", "z"]
+    assert rows == [["w", "–", "2.5"], ["z", "5", "3"]]  # "–": not logged for that probe

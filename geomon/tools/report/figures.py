@@ -9,8 +9,16 @@ from dataclasses import dataclass
 from functools import partial
 
 from geomon.tools.report.heatmap import head_heatmap, heatmap_steps
-from geomon.tools.report.keys import ALPHA, BOUND, ENTROPY, MAX_LOGIT, NC, NORMALIZED, RANKME, SIGMA
-from geomon.tools.report.plots import attention_figure, bound_figure, nc_figure, rank_figure, sigma_figure, slug
+from geomon.tools.report.keys import ALPHA, BOUND, ENTROPY, MAX_LOGIT, NC, NORMALIZED, RANKME, RANKME_COV, SIGMA
+from geomon.tools.report.plots import (
+    attention_figure,
+    bound_figure,
+    nc_figure,
+    phase_source,
+    rank_figure,
+    sigma_figure,
+    slug,
+)
 from geomon.tools.report.run import RunData
 
 
@@ -38,11 +46,11 @@ def plan_figures(run: RunData, steps: Sequence[int] | None = None) -> list[Figur
         plans.append(
             FigurePlan("head_entropy_heatmap.png", title, _HEATMAP_CAPTION, partial(head_heatmap, run, chosen))
         )
-    for probe in sorted({*run.names(RANKME), *run.names(ALPHA)}):
+    for probe in sorted({*run.names(RANKME), *run.names(RANKME_COV), *run.names(ALPHA)}):
         draw = partial(rank_figure, run, probe, alerts)
-        plans.append(
-            FigurePlan(f"rankme_alpha_{slug(probe)}.png", f"RankMe and alpha-ReQ of {probe}", _RANK_CAPTION, draw)
-        )
+        source = _COV_SOURCE if phase_source(run, probe) == RANKME_COV else _UNCENTRED_SOURCE
+        title = f"RankMe and alpha-ReQ of {probe}"
+        plans.append(FigurePlan(f"rankme_alpha_{slug(probe)}.png", title, _RANK_CAPTION + " " + source, draw))
     if run.names(NC):
         plans.append(
             FigurePlan(
@@ -89,9 +97,15 @@ _HEATMAP_CAPTION = (
     "1 = uniform). Dark cells are collapsed heads; compare panels to see when they went."
 )
 _RANK_CAPTION = (
-    "RankMe (effective rank, top) and alpha-ReQ (eigenspectrum decay, bottom). RankMe falling towards 1 is "
-    "dimensional collapse. Shaded when detected: warm-up collapse (grey), entropy-seeking (green: RankMe up, "
-    "alpha down), compression-seeking (orange: alpha up, RankMe down)."
+    "RankMe of the centred covariance eigenvalues, RankMe (effective rank) and alpha-ReQ (eigenspectrum decay), "
+    "the panels the run logged. RankMe falling towards 1 is dimensional collapse. Shaded when detected, on a "
+    "log-step axis: warm-up collapse (grey: the early fall to the minimum), entropy-seeking (green: the rise to the "
+    "peak, alpha down), compression-seeking (orange: the fall after the peak, alpha up)."
+)
+_COV_SOURCE = "The phases are read from the covariance RankMe, the curve the study reads them from."
+_UNCENTRED_SOURCE = (
+    "This run logged no covariance RankMe (geomon/rankme_cov/), so the phases are read from the uncentred RankMe: "
+    "a different number, whose phases may differ from the study's."
 )
 _NC_CAPTION = (
     "Neural-collapse statistics of the penultimate features; values falling towards 0 mean the features collapse "

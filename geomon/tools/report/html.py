@@ -10,7 +10,7 @@ import numpy as np
 
 from geomon.tools.report.figures import FigurePlan
 from geomon.tools.report.heatmap import head_matrix, head_steps
-from geomon.tools.report.keys import ALPHA, ENTROPY, MAX_LOGIT, NORMALIZED, RANKME
+from geomon.tools.report.keys import ALPHA, ENTROPY, MAX_LOGIT, NORMALIZED, RANKME, RANKME_COV
 from geomon.tools.report.run import RunData, natural_key
 
 STYLE = """
@@ -64,9 +64,9 @@ def layer_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
 
 
 def probe_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
-    """Per embedding probe: last RankMe and alpha-ReQ."""
-    probes = sorted({*run.names(RANKME), *run.names(ALPHA)}, key=natural_key)
-    columns = [(RANKME, "RankMe"), (ALPHA, "alpha-ReQ")]
+    """Per embedding probe: last RankMe, covariance RankMe and alpha-ReQ."""
+    probes = sorted({*run.names(RANKME), *run.names(RANKME_COV), *run.names(ALPHA)}, key=natural_key)
+    columns = [(RANKME, "RankMe"), (RANKME_COV, "RankMe (covariance)"), (ALPHA, "alpha-ReQ")]
     columns = [(prefix, label) for prefix, label in columns if run.names(prefix)]
     rows = [[probe, *(fmt(run.last(prefix + probe)) for prefix, _ in columns)] for probe in probes]
     return ["probe", *(label for _, label in columns)], rows

@@ -7,6 +7,7 @@ legend entries past 12 layers) and every alert step as a red dashed vertical lin
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from geomon.tools.report.keys import (
     NC,
     NORMALIZED,
     RANKME,
+    RANKME_COV,
     SIGMA,
 )
 from geomon.tools.report.phases import PHASES, Phase, detect_phases
@@ -152,11 +154,16 @@ def attention_figure(
 
 
 def rank_figure(run: RunData, probe: str, alerts: Sequence[int]) -> object:
-    """RankMe (top) and alpha-ReQ (bottom) of one probe, detected phases shaded on both."""
-    panels = [(key, label) for key, label in ((RANKME, "RankMe"), (ALPHA, "alpha-ReQ α")) if run.series(key + probe)[0]]
+    """Covariance RankMe, RankMe and alpha-ReQ of one probe (the panels it has), detected phases shaded on each,
+    steps on a log axis when they span more than two decades (the phases are read on log steps)."""
+    panels = [(RANKME_COV, "RankMe (covariance)"), (RANKME, "RankMe"), (ALPHA, "alpha-ReQ α")]
+    panels = [(key, label) for key, label in panels if run.series(key + probe)[0]]
     figure = new_figure(9.0, 3.0 + 2.4 * len(panels))
     axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     phases = probe_phases(run, probe)
+    steps = [step for key, _ in panels for step in run.series(key + probe)[0]]
+    positive = [step for step in steps if step > 0]
+    log_steps = bool(positive) and max(positive) >= 100 * min(positive)
     for ax, (key, label) in zip(axes, panels, strict=True):
         for phase in phases:
             name = phase.name if ax is axes[0] else None
@@ -164,16 +171,31 @@ def rank_figure(run: RunData, probe: str, alerts: Sequence[int]) -> object:
         ax.plot(*run.series(key + probe), "-", color="tab:blue", label=label)
         draw_alerts(ax, alerts)
         finish_axes(ax, label, xlabel=ax is axes[-1])
-    axes[0].set_title(f"RankMe and alpha-ReQ of {probe}" + ("" if phases else " (no phase detected)"))
+        if log_steps:
+            ax.set_xscale("symlog", linthresh=max(1, min(positive)))
+    source = "covariance RankMe" if phase_source(run, probe) == RANKME_COV else "uncentred RankMe: no rankme_cov"
+    detected = f"phases from {source}" if phases else "no phase detected"
+    axes[0].set_title(f"RankMe and alpha-ReQ of {probe} ({detected})")
     return figure
 
 
+def phase_source(run: RunData, probe: str) -> str:
+    """The RankMe the phases of ``probe`` are read from: the covariance RankMe the study uses when the run has it
+    (``RANKME_COV``), else the uncentred one (``RANKME``)."""
+    return RANKME_COV if run.series(RANKME_COV + probe)[0] else RANKME
+
+
 def probe_phases(run: RunData, probe: str) -> list[Phase]:
-    """Phases of one probe from its RankMe and alpha-ReQ."""
-    rank_steps, rank = run.series(RANKME + probe)
+    """Phases of one probe from its RankMe (:func:`phase_source`) and, where logged, alpha-ReQ."""
+    steps, rank = run.series(phase_source(run, probe) + probe)
+    if not steps:
+        return []
     alpha = dict(zip(*run.series(ALPHA + probe), strict=True))
-    common = [(s, r, alpha[s]) for s, r in zip(rank_steps, rank, strict=True) if s in alpha]
-    return detect_phases(*map(list, zip(*common, strict=True))) if common else []
+    aligned = [alpha.get(step, math.nan) for step in steps] if alpha else None
+    try:
+        return detect_phases(steps, rank, aligned)
+    except ValueError:  # steps that are not increasing and >= 0 (a log read back oddly): no phase, not a crash
+        return []
 
 
 def nc_figure(run: RunData, alerts: Sequence[int]) -> object:
