@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import nn
 
-from geomon.capture import hf, nanogpt, timm_vit, torch_mha, xtransformers
+from geomon.capture import hf, hf_alibi, nanogpt, timm_vit, torch_mha, xtransformers
 from geomon.capture._session import AttentionCall, Fallback, Session
 
 __all__ = ["capture_attention", "find_attention_modules"]
@@ -47,7 +47,7 @@ def _recognise(module: nn.Module) -> tuple[str | None, Fallback | None]:
         kind = hf.kind(module)
         if kind is not None:
             return kind, None
-    for adapter in (timm_vit, nanogpt, xtransformers):
+    for adapter in (timm_vit, nanogpt, xtransformers, hf_alibi):
         kind, fallback = adapter.fallback_for(module)
         if kind is not None:
             return kind, fallback
