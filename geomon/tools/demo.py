@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tokenizer = CharTokenizer(text)
     data = tokenizer.encode(text)
     module = build_module(pl, len(tokenizer), args.lr)
-    callback = GeomonCallback(
-        every_n_steps=args.every, spectral_modules=["model.blocks.*.attn.qkv", "model.head"], entropy_bound=True
-    )
+    callback = GeomonCallback(every_n_steps=args.every, spectral_modules=["model.blocks.*.attn.qkv", "model.head"])
     loggers = make_loggers(pl, args.out, wandb=not args.no_wandb)
     trainer = pl.Trainer(
         max_steps=args.steps, logger=loggers, callbacks=[callback], accelerator="cpu", devices=1,
