@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 from torch.utils.hooks import RemovableHandle
 
 from geomon import keys
@@ -249,6 +250,17 @@ class LogitMapProbe(Probe):
             if not in_backward():
                 step.guard.run(f"logit-map input of {self.name!r}", self._record, module, args, kwargs)
 
+        if isinstance(module, nn.MultiheadAttention):
+            # A hook of its own would move nn.TransformerEncoderLayer off its fused inference path (it checks its
+            # self_attn's hook dictionaries): watch it through a global hook instead. It is called positionally
+            # (query, key, value) by torch's layers, and takes no rotary arguments.
+            target = module
+
+            def global_hook(called: nn.Module, args: tuple) -> None:
+                if called is target:
+                    hook(called, args, {})
+
+            return [_module_hooks.register_module_forward_pre_hook(global_hook)] if self.bound else []
         return [module.register_forward_pre_hook(hook, with_kwargs=True)]
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -229,10 +229,6 @@ def _cells(family: str, build: Callable, implementations: tuple[str, ...], paddi
     return [Case(family, i, p, build, reference, **extra) for i in implementations for p in paddings]
 
 
-MONITOR_PATH = (
-    "the Monitor's logit-map pre-hook on self_attn moves nn.TransformerEncoderLayer off its fused "
-    "inference path (values exact, path changed)"
-)
 
 CASES: list[Case] = [
     *_cells(
@@ -398,7 +394,6 @@ CASES: list[Case] = [
         ("eval",),
         PADDINGS,
         "the module's softmax input with `need_weights=True`",
-        xfail=MONITOR_PATH,
     ),
     *_cells(
         "Lightning demo `Transformer` (`lightning.pytorch.demos`)",
@@ -413,7 +408,6 @@ CASES: list[Case] = [
         ("eval",),
         ("none",),
         "the module's softmax input with `need_weights=True`",
-        xfail=MONITOR_PATH,
     ),
     *_cells(
         "x-transformers (`TransformerWrapper` + `Decoder`)",
