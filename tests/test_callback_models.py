@@ -68,11 +68,11 @@ def reference(q: Tensor, k: Tensor, allowed: Tensor, scale: float | None = None)
 
 
 def causal_padding_mask(tokens: Tensor) -> Tensor:
-    """``[B, 1, N, N]`` from a ``[B, N]`` attention mask (1 = token): key j allowed for query i iff j <= i and j is
-    a token. With left padding the padded query rows have no allowed key: no entropy, left out of the means."""
+    """``[B, 1, N, N]`` from a ``[B, N]`` attention mask (1 = token): key j allowed for query i iff j <= i and both
+    are tokens. Padded query rows (left or right padding) have no allowed key: no entropy, left out of the means."""
     n = tokens.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool).tril()
-    return causal[None, None] & tokens.bool()[:, None, None, :]
+    return causal[None, None] & tokens.bool()[:, None, None, :] & tokens.bool()[:, None, :, None]
 
 
 def heads(x: Tensor, n_heads: int) -> Tensor:
