@@ -93,8 +93,9 @@ class WatchRule(Rule):
         """``(direction, value, reason)`` of the fixed thresholds that apply to ``key``."""
         return []
 
-    def level_for(self, share: float) -> Level:
-        """The level of a fired event; ``share`` = active units / units seen by this rule at this step."""
+    def level_for(self, share: float, key_share: float) -> Level:
+        """The level of a fired event: ``share`` = active units / units seen by this rule at this step (model-wide),
+        ``key_share`` = active units / units of the key (e.g. collapsed heads of one layer)."""
         return self.level
 
     def summary(self, active: int, seen: int) -> str:
@@ -140,8 +141,9 @@ class WatchRule(Rule):
                 continue
             group = self._groups.setdefault(key, [False, None, [], 0, None])
             active_now = sorted((lb for lb, unit in self._units[key].items() if unit.active), key=_label_order)
+            key_share = sum(self._units[key][label].active for label in present) / len(present)
+            level = self.level_for(active / seen if seen else 0.0, key_share)
             if not group[0] and active_now and step >= group[3]:
-                level = self.level_for(active / seen if seen else 0.0)
                 self._groups[key] = [True, step, active_now, 0, level]
                 events.append(self._fired(step, key, active_now, present, level, active, seen))
             elif group[0]:
@@ -149,6 +151,9 @@ class WatchRule(Rule):
                 if not active_now:
                     group[0], group[3] = False, step + self.cooldown
                     events.append(self._recovered(step, key, group, present))
+                elif _RANK[level] > _RANK.get(group[4], 0):  # the episode got worse: say so, at its new level
+                    escalated_from, group[4] = group[4], level
+                    events.append(self._fired(step, key, active_now, present, level, active, seen, escalated_from))
         return events
 
     # -- events -------------------------------------------------------------------------------------------------
@@ -162,15 +167,16 @@ class WatchRule(Rule):
         total = sum(1 for label in self._units[key] if label)
         return f"head{'s' if len(heads) > 1 else ''} {join_heads(heads)} of {total}, "
 
-    def _fired(self, step, key, labels, present, level, active, seen) -> AlertEvent:
+    def _fired(self, step, key, labels, present, level, active, seen, escalated_from=None) -> AlertEvent:
         candidates = [label for label in labels if label in present] or list(present)  # present is never empty
         worst = max(candidates, key=lambda lb: max((b.excess(present[lb][0]) for b in present[lb][1]), default=0))
         value, bars, baseline = present[worst]
         crossed = [bar for bar in bars if bar.violated(value)] or bars
         which = f" (head {worst})" if len([lb for lb in labels if lb]) > 1 else ""
         patience = f"{self.patience} consecutive evaluation{'s' if self.patience > 1 else ''}"
+        grown = "" if escalated_from is None else f" (grown from {escalated_from})"
         text = (
-            f"{self.title_text} in {self._subject(key)} at step {step}: {self._heads_clause(key, labels)}"
+            f"{self.title_text}{grown} in {self._subject(key)} at step {step}: {self._heads_clause(key, labels)}"
             f"{self.noun} {fmt(value)}{which}, {' and '.join(bar.reason for bar in crossed)}, for {patience}"
             f"{self.summary(active, seen)}."
         )
@@ -184,9 +190,11 @@ class WatchRule(Rule):
             "share": active / seen if seen else 0.0,
             "bars": [{"direction": b.direction, "value": b.value, "clear": b.clear} for b in bars],
         }
+        if escalated_from is not None:
+            details["escalated_from"] = escalated_from
         return AlertEvent(
             rule=self.name, key=key, step=step, kind="fired", level=level,
-            title=make_title(f"{self.title_text}: {subject(key) if self.where != 'key' else key}"), text=text,
+            title=make_title(f"{self.title_text}{grown}: {subject(key) if self.where != 'key' else key}"), text=text,
             value=value, threshold=absolute[0] if absolute else None, baseline=baseline,
             heads=tuple(int(label) for label in labels if label), details=details,
         )  # fmt: skip
@@ -226,6 +234,9 @@ class WatchRule(Rule):
         self._groups = {
             key: [bool(g[0]), g[1], list(g[2]), int(g[3]), g[4]] for key, g in state.get("groups", {}).items()
         }
+
+
+_RANK = {"INFO": 0, "WARN": 1, "ERROR": 2}
 
 
 def _label_order(label: str) -> tuple[int, int]:

@@ -23,20 +23,26 @@ class EntropyCollapse(WatchRule):
 
     A head is bad when its normalised entropy (1 = uniform, 0 = one-hot) is below ``threshold``, or more than
     ``relative_drop`` below its running baseline (median of its last ``baseline_steps`` healthy values). One event
-    per layer and episode names every collapsed head of the layer. The level grows with the share of collapsed
-    heads across the whole model: INFO below ``share_levels[0]``, WARN below ``share_levels[1]``, else ERROR.
-    Without a per-head vector for a layer, its scalar (the mean over heads) is watched as one unit.
+    per layer and episode names every collapsed head of the layer. The level says how much of the model is gone:
+    ERROR once ``share_levels[1]`` of all heads are collapsed; WARN once ``share_levels[0]`` of all heads, or
+    ``layer_share`` of one layer's heads, are; otherwise INFO (a few sharp heads - previous-token, first-token,
+    induction heads - are normal in healthy models). An episode that grows to a higher level fires again at that
+    level (``details["escalated_from"]``). Without a per-head vector for a layer, its scalar (the mean over heads)
+    is watched as one unit.
 
     Args:
         threshold: absolute bar on normalised entropy. Collapsed heads sit near 0 (Zhai et al.); healthy heads of
             trained LMs are mostly above 0.2, so 0.1 leaves room for sharp but sane heads.
-        relative_drop: fire when a head falls below ``(1 - relative_drop) x`` its baseline; ``None`` switches it off.
+        relative_drop: fire when a head falls below ``(1 - relative_drop) x`` its baseline; ``None`` (the default)
+            switches it off: healthy heads halve their entropy while they learn (benchmarks/alerts: at the sweep's
+            best learning rate, 0.5 fired a false WARN on early sharpening), and collapse reaches the threshold.
         patience: consecutive bad evaluations before firing (and clear ones before recovering).
         baseline_steps: size of the baseline window; the relative test is armed once it is full.
         hysteresis: a head is clear again once ``hysteresis x`` above the bar it crossed (0.1 -> 0.15), capped at
             the baseline for the relative bar.
-        share_levels: ``(warn, error)`` shares of collapsed heads model-wide. A few near-one-hot heads are normal in
-            trained models (attention sinks, previous-token heads), hence INFO below 10%.
+        share_levels: ``(warn, error)`` shares of collapsed heads model-wide (benchmarks/alerts: healthy runs keep
+            at most one sharp head per layer; the unstable ones lose every head of a layer).
+        layer_share: share of one layer's heads collapsed that makes the event a WARN.
         cooldown: steps after a recovery before the same layer may fire again.
         pattern: the keys watched.
         name: the rule's name (counter ``geomon/alerts/<name>``).
@@ -55,12 +61,13 @@ class EntropyCollapse(WatchRule):
     def __init__(
         self,
         threshold: float = 0.1,
-        relative_drop: float | None = 0.5,
+        relative_drop: float | None = None,
         patience: int = 3,
         *,
         baseline_steps: int = 10,
         hysteresis: float = 0.5,
-        share_levels: tuple[float, float] = (0.1, 0.5),
+        share_levels: tuple[float, float] = (0.25, 0.5),
+        layer_share: float = 0.5,
         cooldown: int = 0,
         pattern: str = keys.pattern(keys.ENTROPY_NORMALIZED),
         name: str = "entropy_collapse",
@@ -83,13 +90,14 @@ class EntropyCollapse(WatchRule):
                 f"model-wide at which the level becomes WARN and ERROR), got {share_levels!r}"
             )
         self.share_levels = (float(share_levels[0]), float(share_levels[1]))
+        self.layer_share = check_float(owner, "layer_share", layer_share, "a share in (0, 1]", lambda v: 0 < v <= 1)
 
     def absolute_bars(self, key: str) -> list[tuple[Direction, float, str]]:
         return [("below", self.threshold, f"below the threshold {fmt(self.threshold)}")]
 
-    def level_for(self, share: float) -> Level:
+    def level_for(self, share: float, key_share: float) -> Level:
         warn, error = self.share_levels
-        return "ERROR" if share >= error else "WARN" if share >= warn else "INFO"
+        return "ERROR" if share >= error else "WARN" if share >= warn or key_share >= self.layer_share else "INFO"
 
     def summary(self, active: int, seen: int) -> str:
         return f"; {active} of {seen} heads ({active / seen:.1%}) across the model are collapsed" if seen else ""

@@ -28,12 +28,12 @@ from tests.alerts.sequences import ENT, LOGIT, RANK
 
 
 def _frames(n: int = 40):
-    """A scripted run: head 1 of layer 0 collapses at 10..24, logits spike at 15..17, RankMe halves at 20..29,
-    a NaN at 30; every value is deterministic."""
+    """A scripted run: heads 1 and 2 of layer 0 (half the layer: a WARN) collapse at 10..24, logits spike at
+    15..17, RankMe halves at 20..29, a NaN at 30; every value is deterministic."""
     frames = []
     for t in range(n):
         head1 = 0.03 if 10 <= t < 25 else 0.55 + 0.01 * (t % 3)
-        heads = {ENT.format(0): [0.6, head1, 0.7, 0.5], ENT.format(1): [0.6, 0.65, 0.7, 0.5 + 0.02 * (t % 2)]}
+        heads = {ENT.format(0): [0.6, head1, head1 + 0.01, 0.5], ENT.format(1): [0.6, 0.65, 0.7, 0.5 + 0.02 * (t % 2)]}
         scalars = {
             LOGIT.format(0): 140.0 if 15 <= t < 18 else 20.0 + t,
             RANK.format("ln_f"): (40.0 if 20 <= t < 30 else 100.0) + (t % 4),

@@ -78,16 +78,28 @@ noisy = st.one_of(st.floats(0.0, 1.0), st.just(math.nan), st.just(0.01))
 @SETTINGS
 @given(st.lists(st.lists(noisy, min_size=3, max_size=3), min_size=1, max_size=60), st.integers(1, 4))
 def test_each_episode_is_one_fired_then_one_recovered_event(sequence, patience):
+    """An episode: one fired event, then one more per level it grows to (strictly higher each time), then one
+    recovered event."""
     rule = EntropyCollapse(patience=patience, baseline_steps=3, cooldown=2)
     kinds = defaultdict(list)
     for t, heads in enumerate(sequence):
         for event in rule.evaluate(t, {}, {ENT.format(0): heads[:2], ENT.format(1): heads[2:]}):
-            kinds[event.key].append((t, event.kind))
+            kinds[event.key].append((t, event.kind, event.level, event.details.get("escalated_from")))
+    rank = {"INFO": 0, "WARN": 1, "ERROR": 2}
     for events in kinds.values():
-        alternating = ["fired", "recovered"] * (len(events) // 2) + ["fired"] * (len(events) % 2)
-        assert [kind for _, kind in events] == alternating
-        fired_steps = [t for t, kind in events if kind == "fired"]
-        assert all(b - a >= patience for a, b in itertools.pairwise(fired_steps))
+        opened, level, starts = False, None, []
+        for t, kind, event_level, grown_from in events:
+            if kind == "recovered":
+                assert opened
+                opened = False
+            elif not opened:
+                assert grown_from is None
+                opened, level = True, event_level
+                starts.append(t)
+            else:  # an escalation inside the open episode
+                assert grown_from == level and rank[event_level] > rank[level]
+                level = event_level
+        assert all(b - a >= patience for a, b in itertools.pairwise(starts))
 
 
 values_or_nan = st.one_of(st.floats(-10.0, 200.0), st.just(math.nan))

@@ -18,11 +18,18 @@ def test_entropy_collapse_fires_after_patience_once_per_layer_and_recovers():
     frames = heads_frames([_layer(collapsed, 20), _layer({}, 20)])
     rule = EntropyCollapse(relative_drop=None, patience=3)
     events = run(rule, heads=frames)
-    # head 2 is bad at evaluations 5, 6, 7 -> fires at 7; head 3 (bad from 6) joins at 8 without a new event;
-    # both are clear (>= 0.15) from 13: 13, 14, 15 -> recovered at 15, naming both heads
-    assert summary(events) == [(7, "fired", ENT.format(0), (2,)), (15, "recovered", ENT.format(0), (2, 3))]
-    fired, recovered = events
-    assert fired.step == 350 and fired.level == "WARN" and fired.threshold == 0.1 and fired.value == 0.05
+    # head 2 is bad at evaluations 5, 6, 7 -> fires at 7 (1 of 4 heads of the layer: INFO); head 3 (bad from 6)
+    # joins at 8: half the layer -> the episode grows to WARN (fired again, once); both are clear (>= 0.15) from
+    # 13: 13, 14, 15 -> recovered at 15, naming both heads
+    assert summary(events) == [
+        (7, "fired", ENT.format(0), (2,)),
+        (8, "fired", ENT.format(0), (2, 3)),
+        (15, "recovered", ENT.format(0), (2, 3)),
+    ]
+    fired, grown, recovered = events
+    assert grown.level == "WARN" and grown.details["escalated_from"] == "INFO" and "grown from INFO" in grown.text
+    assert grown.title == "Entropy collapse (grown from INFO): blocks.0.attn"
+    assert fired.step == 350 and fired.level == "INFO" and fired.threshold == 0.1 and fired.value == 0.05
     assert fired.details["active_units"] == 1 and fired.details["units_seen"] == 8
     assert "layer blocks.0.attn" in fired.text and "step 350" in fired.text and "head 2 of 4" in fired.text
     assert "0.05" in fired.text and "threshold 0.1" in fired.text and "1 of 8 heads (12.5%)" in fired.text
@@ -49,8 +56,10 @@ def test_entropy_collapse_level_grows_with_the_share_of_collapsed_heads():
         events = run(EntropyCollapse(patience=3), heads=heads_frames(layers))
         return [(event.key, event.level) for event in events]
 
-    assert first_event([{1}, set(), set()]) == [(ENT.format(0), "INFO")]  # 1 of 12 heads: 8%
-    assert first_event([{1, 2}, set(), set()]) == [(ENT.format(0), "WARN")]  # 2 of 12: 17%
+    assert first_event([{1}, set(), set()]) == [(ENT.format(0), "INFO")]  # 1 of 12 heads: 8%, 1 of 4 in the layer
+    assert first_event([{1, 2}, set(), set()]) == [(ENT.format(0), "WARN")]  # half the layer (2 of 12 model-wide)
+    spread = first_event([{1}, {1}, {1}])  # one head in each layer, but 3 of 12 = 25% of the model
+    assert spread == [(ENT.format(i), "WARN") for i in range(3)]
     both = first_event([{0, 1, 2}, {0, 1, 2}, set()])  # 6 of 12: 50%
     assert both == [(ENT.format(0), "ERROR"), (ENT.format(1), "ERROR")]
     custom = EntropyCollapse(patience=1, share_levels=(0.0, 0.9))
@@ -73,8 +82,10 @@ def test_entropy_collapse_relative_baseline_does_not_chase_the_collapse():
 
 def test_entropy_slow_specialisation_does_not_trip_the_relative_test():
     head = [0.9 * 0.98**t for t in range(55)]  # 0.9 -> 0.30: heads sharpening over training, never sharply
-    assert run(EntropyCollapse(), heads=[{ENT.format(0): [v]} for v in head]) == []
-    sharp = run(EntropyCollapse(), heads=[{ENT.format(0): [v]} for v in [0.9] * 10 + [0.3] * 3])
+    assert run(EntropyCollapse(relative_drop=0.5), heads=[{ENT.format(0): [v]} for v in head]) == []
+    steps = [0.9] * 10 + [0.3] * 3
+    sharp = run(EntropyCollapse(relative_drop=0.5), heads=[{ENT.format(0): [v]} for v in steps])
+    assert run(EntropyCollapse(), heads=[{ENT.format(0): [v]} for v in steps]) == []  # off by default
     assert summary(sharp) == [(12, "fired", ENT.format(0), (0,))] and "baseline 0.9" in sharp[0].text
 
 
