@@ -229,7 +229,6 @@ def _cells(family: str, build: Callable, implementations: tuple[str, ...], paddi
     return [Case(family, i, p, build, reference, **extra) for i in implementations for p in paddings]
 
 
-
 CASES: list[Case] = [
     *_cells(
         "Hugging Face GPT-2 (`GPT2LMHeadModel`)",
