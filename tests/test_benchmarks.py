@@ -48,3 +48,34 @@ def test_overhead_benchmark_quick_run_prints_ratios_and_writes_results(tmp_path)
     for field in ("- machine: ", "cores, torch.get_num_threads() = 1", "- torch ", "- date: ", "median ratio [95% CI]"):
         assert field in text
     assert f"wrote {out}" in proc.stdout
+
+
+def test_alert_benchmark_fast_mode_records_and_replays(tmp_path):
+    """benchmarks/alerts: a few dozen steps of two scenarios are recorded and replayed into the table."""
+    records = tmp_path / "records"
+    script = ROOT / "benchmarks" / "alerts"
+    run = [sys.executable, str(script / "run.py"), "--fast", "--only", "logit_growth", "logit_growth_qk_norm"]
+    subprocess.run([*run, "--out", str(records)], check=True, capture_output=True, timeout=300)
+    out = tmp_path / "table.md"
+    proc = subprocess.run(
+        [sys.executable, str(script / "replay.py"), "--records", str(records), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    text = out.read_text()
+    assert "| logit_growth | unstable | 0.03 | 40 |" in text and "| logit_growth_qk_norm | healthy |" in text
+    assert "precision" in proc.stdout
+
+
+def test_loss_spike_definition():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "alerts"))
+    from scenarios import loss_spike
+
+    assert loss_spike([3.0 - 0.001 * t for t in range(500)]) is None  # a falling loss never spikes
+    # flat at 2.0, then 3.0 from step 100: the 20-step mean after k high steps is 2 + k / 20, above 1.2 x 2.0 = 2.4
+    # first at k = 9, i.e. at step 108
+    assert loss_spike([2.0] * 100 + [3.0] * 50) == 108
+    assert loss_spike([2.0] * 100 + [2.3] * 50) is None  # 15% up: below the 1.2 factor
+    assert loss_spike([2.0, 1.9, float("nan")]) == 2
