@@ -63,6 +63,7 @@ class WatchRule(Rule):
     noun = "value"  # "normalised attention entropy"
     where = "key"  # how a key is named in texts: "layer", "probe" (its last segment) or "key" (in full)
     low_is_bad = True  # which end is "worst" when several heads are involved
+    advice = ""  # what to try, appended to fired texts
 
     def __init__(
         self,
@@ -178,7 +179,7 @@ class WatchRule(Rule):
         text = (
             f"{self.title_text}{grown} in {self._subject(key)} at step {step}: {self._heads_clause(key, labels)}"
             f"{self.noun} {fmt(value)}{which}, {' and '.join(bar.reason for bar in crossed)}, for {patience}"
-            f"{self.summary(active, seen)}."
+            f"{self.summary(active, seen)}.{' ' + self.advice if self.advice and level != 'INFO' else ''}"
         )
         absolute = [bar.value for bar in crossed if not bar.relative] or [b.value for b in bars if not b.relative]
         details = {

@@ -17,6 +17,11 @@ from geomon.alerts._watch import Direction, WatchRule
 from geomon.alerts.events import Level, fmt, subject
 from geomon.alerts.generic import NonFinite
 
+_ATTENTION_ADVICE = (
+    "Try a lower learning rate or a longer warm-up, QK-layernorm, or σReparam (geomon.reparam.sigma_reparam); "
+    "see docs/guides/alerts.md#the-rules."
+)
+
 
 class EntropyCollapse(WatchRule):
     """Attention-entropy collapse (Zhai et al., 2023) per layer, from per-head normalised entropy.
@@ -57,6 +62,7 @@ class EntropyCollapse(WatchRule):
     title_text = "Entropy collapse"
     noun = "normalised attention entropy"
     where = "layer"
+    advice = _ATTENTION_ADVICE
 
     def __init__(
         self,
@@ -129,6 +135,7 @@ class MaxLogitAbove(WatchRule):
     noun = "max attention logit"
     where = "layer"
     low_is_bad = False
+    advice = _ATTENTION_ADVICE
 
     def __init__(
         self,
@@ -180,6 +187,10 @@ class RankCollapse(WatchRule):
     title_text = "Rank collapse"
     noun = "RankMe"
     where = "probe"
+    advice = (
+        "Dimensional collapse: check the learning rate and the regulariser that keeps the features spread (e.g. "
+        "VICReg's variance/covariance terms); see docs/guides/alerts.md#the-rules."
+    )
 
     def __init__(
         self,

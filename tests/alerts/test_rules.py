@@ -114,8 +114,9 @@ def test_max_logit_fires_recovers_below_the_band_and_refires():
     ]
     assert events[0].text == (
         "Max attention logit in layer blocks.0.attn at step 50: max attention logit 120, above the threshold 100, "
-        "for 1 consecutive evaluation."
-    )
+        "for 1 consecutive evaluation. Try a lower learning rate or a longer warm-up, QK-layernorm, or σReparam "
+        "(geomon.reparam.sigma_reparam); see docs/guides/alerts.md#the-rules."
+    )  # what crossed, where, since when, and what to try
     per_head = run(MaxLogitAbove(patience=2), heads=[{LOGIT.format(3): [10.0, 140.0, 101.0]}] * 2)
     assert summary(per_head) == [(1, "fired", LOGIT.format(3), (1, 2))] and per_head[0].value == 140.0
     assert "heads 1, 2 of 3" in per_head[0].text and "(head 1)" in per_head[0].text
