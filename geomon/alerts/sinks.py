@@ -66,7 +66,7 @@ class Sink:
 
 
 class LoggingSink(Sink):
-    """Log events: fired ones as warnings (errors for ``ERROR``), recovered ones as info. Rank zero only.
+    """Log events at their level (``INFO``, ``WARNING`` for WARN, ``ERROR``); recovered ones as info. Rank zero only.
 
     Example:
         >>> sink = LoggingSink()
@@ -78,10 +78,8 @@ class LoggingSink(Sink):
         self.logger = logger if logger is not None else logging.getLogger("geomon")
 
     def emit(self, event: AlertEvent) -> None:
-        if event.kind == "recovered":
-            self.logger.info("%s", event.text)
-        else:
-            self.logger.log(logging.ERROR if event.level == "ERROR" else logging.WARNING, "%s", event.text)
+        level = "INFO" if event.kind == "recovered" else event.level
+        self.logger.log({"INFO": logging.INFO, "WARN": logging.WARNING}.get(level, logging.ERROR), "%s", event.text)
 
 
 class WandbSink(Sink):

@@ -169,9 +169,10 @@ def test_logging_sink_levels(caplog):
         sink(event)
         sink(AlertEvent(rule="r", key="k", step=2, kind="fired", level="ERROR", title="t", text="failed"))
         sink(AlertEvent(rule="r", key="k", step=3, kind="recovered", level="INFO", title="t", text="cleared"))
+        sink(AlertEvent(rule="r", key="k", step=4, kind="fired", level="INFO", title="t", text="observed"))
         LoggingSink(logger, kinds=("fired",))(dataclasses.replace(event, kind="recovered", text="filtered out"))
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
-        ("WARNING", "warned"), ("ERROR", "failed"), ("INFO", "cleared"),
+        ("WARNING", "warned"), ("ERROR", "failed"), ("INFO", "cleared"), ("INFO", "observed"),
     ]  # fmt: skip
     assert LoggingSink().logger.name == "geomon"
 
