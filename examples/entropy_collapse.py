@@ -24,17 +24,18 @@ mean, or a non-finite loss (single batches are too noisy for a raw-loss rule). A
 
 What it printed here (torch 2.x, one CPU thread; other CPUs and versions may move the steps a little):
 
-- collapse: ``max_logit`` at step 50; ``entropy_collapse`` WARN at step 60 (1 of 8 heads below 0.1) and ERROR at
-  690 (5 of 8); the loss spikes at step 1349 (20-step mean from about 1.6 to 2.3); lowest head 0.0001.
-  ``--seed 1`` and ``--seed 2`` collapse too (WARN at 80 / 30, ERROR at 650 / 600); seed 2 spikes at 974, seed 1
-  not within 1500 steps.
+- collapse: ``max_logit`` at step 50 (WARN); ``entropy_collapse`` INFO at step 60 (1 of 8 heads below 0.1), grown
+  to WARN at 130 (half of layer 1's heads) and ERROR at 450 (4 of 8 heads), layer 0 ERROR at 690; the loss spikes
+  at step 1349 (20-step mean from about 1.6 to 2.3); lowest head 0.0001. The same recipe with seed 2
+  (``benchmarks/alerts``, scenario ``logit_growth_seed2``) spikes at 974 after WARN at 20 and ERROR at 170.
 - sigma_reparam: no alert, lowest head 0.19, no spike, final loss 1.47.
 - healthy: no alert, lowest head 0.125, no spike, final loss 1.57.
 
-Reading the levels: the share of collapsed heads sets the level (INFO < 10% <= WARN < 50% <= ERROR). A character
-model grows a sharp head even at a sane learning rate: the healthy run's sharpest head keeps sharpening (0.125 at
-step 1500; run on, it crosses 0.1 and the default rule reports it at step 1900 as WARN, 1 of 8 heads = 12.5%). One
-head is worth a look, not an emergency; a collapse takes most heads, and ERROR says so.
+Reading the levels: a collapsed head is INFO; WARN once half of a layer's heads or a quarter of all heads are
+collapsed; ERROR from half of all heads, and an episode that grows fires again at its new level. A character model
+grows a sharp head even at a sane learning rate (the healthy run's sharpest head reaches 0.125 at step 1500 and
+crosses 0.1 later): one head is worth a look (INFO), not an emergency; a collapse takes most heads, and WARN and
+ERROR say so. ``benchmarks/alerts`` measures these defaults on more unstable and healthy runs.
 """
 
 from __future__ import annotations
