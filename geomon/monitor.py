@@ -48,7 +48,7 @@ from geomon.capture.modules import compiled_parts
 from geomon.functional._dispatch import BACKENDS, Backend
 from geomon.probes._sync import fsdp1_flattened, fsdp1_units, fsdp1_whole_parameters
 from geomon.probes.embedding import EmbeddingProbe
-from geomon.probes.plan import MEMORY_BUDGET_MIB, Plan, PlanOptions, build_plan
+from geomon.probes.plan import MEMORY_BUDGET_MIB, Plan, PlanOptions, build_plan, unwrap
 
 FSDP1_WEIGHTS = (
     "the model is sharded with FSDP1 (FullyShardedDataParallel): outside its forward a module's weight is only this "
@@ -175,13 +175,19 @@ class Monitor:
     # setup -----------------------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> Monitor:
         """Decide what to watch on ``model`` (the plan) and allocate its state; a misconfiguration fails here,
-        listing what was available."""
+        listing what was available.
+
+        ``model`` may be the wrapper a framework returned (DDP, Lightning Fabric's ``fabric.setup``, accelerate's
+        ``prepare``, ``torch.compile``: :data:`geomon.probes.plan.MODEL_WRAPPERS`): the monitor watches the model
+        inside, and module names (keys, ``head``, ``embedding_modules``, ``spectral_modules``) are those of the
+        unwrapped model."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor.attach needs a torch.nn.Module, got {type(model).__name__}")
         options = self.options
         compiled = compiled_parts(model)
         if compiled and (options.attention or options.embedding_modules or options.head is not None):
             raise ValueError(COMPILED.format(parts=", ".join(repr(p) if p else "the model" for p in compiled)))
+        model = unwrap(model)
         self._fsdp1 = bool(fsdp1_units(model)) or any(fsdp1_flattened(module) for module in model.modules())
         if self._fsdp1 and options.spectral_modules:
             raise ValueError("spectral_modules cannot be measured: " + FSDP1_WEIGHTS.format(what="σ(W), stable rank"))

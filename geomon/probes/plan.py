@@ -49,7 +49,48 @@ MEMORY_BUDGET_MIB = 4096  # the head-input RankMe of a D = 8192 model (Llama-70B
 #: geomon names modules without them.
 WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 
+#: Wrappers around a whole model, by qualified class name (of the class or a base), with the attribute holding the
+#: model they wrap: torch's DDP and DataParallel (``module``), Lightning Fabric's ``_FabricModule``
+#: (``_forward_module``), DeepSpeed's engine (``module``; accelerate's DeepSpeed runs) and ``torch.compile``'s
+#: ``OptimizedModule`` (``_orig_mod``). accelerate's ``prepare`` adds no class of its own: it returns the model or
+#: one of these. :func:`unwrap` removes them from the object a monitor is attached to, so that keys name modules as
+#: on the unwrapped model. FSDP1's root is not among them (:data:`WRAPPER_PARTS` drops its name parts instead: the
+#: monitor needs the root to gather the flat parameters).
+MODEL_WRAPPERS = {
+    "torch.nn.parallel.distributed.DistributedDataParallel": "module",
+    "torch.nn.parallel.data_parallel.DataParallel": "module",
+    "lightning.fabric.wrappers._FabricModule": "_forward_module",
+    "lightning_fabric.wrappers._FabricModule": "_forward_module",
+    "deepspeed.runtime.engine.DeepSpeedEngine": "module",
+    "torch._dynamo.eval_frame.OptimizedModule": "_orig_mod",
+}
+
 MIB = 1 << 20
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers of :data:`MODEL_WRAPPERS` around ``model`` (``model`` itself if it is none).
+
+    Only the object handed over is unwrapped, layer after layer (``torch.compile`` around Fabric around DDP); a
+    submodule that happens to be called ``module`` keeps its name.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> unwrap(torch.nn.DataParallel(model)) is model
+        True
+    """
+    while True:
+        attribute = next((MODEL_WRAPPERS[name] for name in map(_qualified_name, type(model).__mro__)
+                          if name in MODEL_WRAPPERS), None)  # fmt: skip
+        inner = None if attribute is None else model._modules.get(attribute)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def plain_name(name: str) -> str:
