@@ -5,7 +5,7 @@ Scalars go through every Lightning logger unchanged; this module adds, on rank z
 - every logger with a directory (CSV, TensorBoard, W&B's run files): ``geomon_heads.csv`` (``step,key,head,value``)
   with every per-head value, so that ``geomon report`` can draw the layer x head heatmaps from any run;
 - W&B: a layer x head heatmap of normalised entropy and the singular-value spectra as images on the trainer's
-  global step, and ``define_metric`` summaries (min entropy, max logit);
+  global step (summaries, the overview section and the per-head tables: :mod:`geomon.wandb_dashboard`);
 - TensorBoard: the same images, and a histogram of each layer's per-head values.
 
 The figures are drawn only when a logger takes images (W&B, TensorBoard), once per step for all of them, with
@@ -28,14 +28,6 @@ from geomon import keys
 HEADS_FILE = "geomon_heads.csv"
 ENTROPY_NORMALIZED = keys.prefix(keys.ENTROPY_NORMALIZED)
 
-#: W&B run summaries: (key glob, summary) - the worst value a run reached is what a dashboard should show.
-WANDB_SUMMARIES = (
-    (keys.pattern(keys.ENTROPY), "min"),
-    (keys.pattern(keys.ENTROPY_NORMALIZED), "min"),
-    (keys.pattern(keys.MAX_LOGIT), "max"),
-    (keys.pattern(keys.RANKME), "min"),
-)
-
 
 def logger_directory(logger: Any) -> str | None:
     """Where a Lightning logger writes its files (W&B: the run's ``files`` directory), or ``None``."""
@@ -44,14 +36,6 @@ def logger_directory(logger: Any) -> str | None:
     if type(logger).__name__ in ("CSVLogger", "TensorBoardLogger"):
         return logger.log_dir
     return None
-
-
-def define_wandb_summaries(loggers: list[Any]) -> None:
-    for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
-            run = logger.experiment
-            for pattern, summary in WANDB_SUMMARIES:
-                run.define_metric(pattern, step_metric="trainer/global_step", summary=summary)
 
 
 def write_heads(directory: str, step: int, heads: dict[str, Tensor]) -> None:
@@ -74,20 +58,26 @@ def takes_images(logger: Any) -> bool:
 
 
 def heatmap_figure(heads: dict[str, Tensor], step: int) -> Any:
-    """Layer x head normalised entropy at one step (NaN where a layer has fewer heads or no valid row)."""
+    """Layer x head normalised entropy at one step (NaN where a layer has fewer heads or no valid row).
+
+    The figure grows with the grid (about 0.4 inch per head and 0.3 per layer, plus room for the longest layer
+    name) and is never narrower than its title, so the title and the step are never clipped."""
     from matplotlib.figure import Figure
 
     layers = [key[len(ENTROPY_NORMALIZED) :] for key in heads if key.startswith(ENTROPY_NORMALIZED)]
     width = max(len(heads[ENTROPY_NORMALIZED + layer]) for layer in layers)
     grid = [heads[ENTROPY_NORMALIZED + layer].tolist() + [math.nan] * width for layer in layers]
-    figure = Figure(figsize=(1.2 + 0.45 * width, 1.0 + 0.35 * len(layers)), layout="constrained")
+    label = max(len(layer) for layer in layers) * 0.065  # inches of the longest y tick label at 7 pt
+    figure = Figure(
+        figsize=(max(5.0, 2.2 + label + 0.4 * width), max(2.6, 1.6 + 0.3 * len(layers))), layout="constrained"
+    )
     axes = figure.add_subplot()
     image = axes.imshow([row[:width] for row in grid], vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     axes.set_xlabel("head")
     axes.set_ylabel("layer")
     axes.set_yticks(range(len(layers)), layers, fontsize=7)
-    axes.set_xticks(range(width))
-    axes.set_title(f"normalised attention entropy, step {step}", fontsize=9)
+    axes.set_xticks(range(width), [str(h) for h in range(width)], fontsize=7 if width <= 32 else 5)
+    figure.suptitle(f"normalised attention entropy H / log n\nstep {step}", fontsize=9)
     figure.colorbar(image, ax=axes, label="H / log n")
     return figure
 

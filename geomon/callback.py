@@ -23,7 +23,9 @@ see them; ``pl_module.log`` is not used because Lightning would repeat a callbac
 - ``geomon/alerts/<rule>``: how many alerts each rule has fired so far (see ``alerts`` and ``on_alert``).
 
 Per-head values and spectra are media, not scalars: ``geomon_heads.csv`` in each logger's directory, heatmap and
-spectrum images for W&B and TensorBoard (see :mod:`geomon._media`).
+spectrum images for W&B and TensorBoard (see :mod:`geomon._media`). A W&B run also gets, with ``media=True``,
+min / max summaries of each key, the ``geomon-overview/...`` keys, per-head tables under ``geomon-heads/...`` and
+every option under ``geomon`` in its config (see :mod:`geomon.wandb_dashboard`).
 
 Measurement happens on the first micro-batch of every ``every_n_steps``-th optimizer step (gradient accumulation
 gives one measurement per optimizer step); other steps do no work and no host-device sync. Under DDP ``compute``
@@ -43,6 +45,7 @@ from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink,
 from geomon.functional._dispatch import Backend
 from geomon.labels import LabelKind, default_labels, label_kind, shifts_unknown
 from geomon.monitor import Monitor
+from geomon.wandb_dashboard import LIGHTNING_STEP, WandbDashboard, config_value, monitor_settings
 
 OnAlert = Literal["warn", "checkpoint", "stop"] | Callable[[Any], None]
 
@@ -92,7 +95,8 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             (``geomon/spectral/entropy_bound/<module>``; see :class:`geomon.Monitor`).
         window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
         query_rows: measure at most this many evenly spaced query rows per attention call.
-        media: per-head files, heatmaps and spectra for the loggers that take them.
+        media: per-head files, heatmaps and spectra for the loggers that take them; for W&B also the summaries,
+            overview keys, per-head tables and config of :mod:`geomon.wandb_dashboard`.
         alerts: the alert rules (``None``: :func:`geomon.alerts.default_rules`; ``()``: none). Events are logged
             (rank zero), sent to W&B as ``wandb.alert`` when a W&B logger is attached, written to
             ``geomon_alerts.csv`` in each logger's directory, and counted under ``geomon/alerts/<rule>``.
@@ -159,6 +163,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         self._measured_step = 0
         self._to_compute = False
         self._pending_state: dict[str, Any] | None = None
+        self._dashboards: list[WandbDashboard] = []
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # here, not in setup: the model exists (configure_model has run) and sits on its device, wrapped as the
@@ -170,8 +175,19 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
             self._pending_state = None
+        self._dashboards = []
         if self.media and trainer.is_global_zero:
-            self.monitor.guard.run("W&B summaries", _media.define_wandb_summaries, trainer.loggers)
+            self.monitor.guard.run("the W&B dashboard", self._setup_dashboards, trainer.loggers)
+
+    def _setup_dashboards(self, loggers: list[Any]) -> None:
+        settings = {**monitor_settings(self.monitor), "media": self.media, "on_alert": config_value(self.actions),
+                    "action_level": self.action_level, "labels_fn": config_value(self.labels_fn),
+                    "label_kind": self.label_kind}  # fmt: skip
+        for logger in loggers:
+            if type(logger).__name__ == "WandbLogger":
+                dashboard = WandbDashboard(logger.experiment, step_metric=LIGHTNING_STEP, head=self.monitor.head)
+                dashboard.setup(settings, [] if self.monitor.plan is None else self.monitor.plan.keys())
+                self._dashboards.append(dashboard)
 
     def _sinks(self, trainer: Any) -> list[Sink]:
         sinks: list[Sink] = [LoggingSink()]
@@ -230,8 +246,13 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         trainer.callback_metrics.update(values)
         if values:
             scalars = {key: float(value) for key, value in values.items()}  # the logging step: a sync is fine here
+            for dashboard in self._dashboards:  # before logging: a summary counts only values logged after it
+                self.monitor.guard.run("the W&B dashboard", dashboard.define, scalars)
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=self._measured_step)
+            for dashboard in self._dashboards:
+                self.monitor.guard.run("the W&B dashboard", dashboard.log, self._measured_step, scalars,
+                                       self.monitor.details)  # fmt: skip
         monitor = self.monitor
         if self.media and trainer.is_global_zero and (monitor.details or monitor.spectra):
             self.monitor.guard.run("media", _media.log_media, trainer.loggers, self._measured_step, monitor.details,
