@@ -181,7 +181,7 @@ def test_the_heatmap_grows_with_the_model_and_keeps_its_title():
         assert "step 123456" in title.get_text()
         assert box.x0 >= 0 and box.x1 <= rgb.shape[1] and box.y1 <= rgb.shape[0]
         sizes[layers] = rgb.shape[:2]
-    assert sizes[2][0] >= 250 and sizes[2][1] >= 450  # readable even for a tiny model
+    assert sizes[2][0] >= 260 and sizes[2][1] >= 500  # readable even for a tiny model
     assert sizes[24][0] > 2 * sizes[2][0] and sizes[24][1] > sizes[2][1]
 
 
@@ -209,3 +209,13 @@ def test_the_recommended_workspace_is_built_without_network(runs):
         OVERVIEW_PREFIX + "entropy_normalized_min"
     ]
     assert view["entity"] == "my-entity" and math.isfinite(len(spec))
+
+
+def test_the_docs_list_every_overview_key_and_section():
+    from pathlib import Path
+
+    from geomon.wandb_dashboard import OVERVIEW
+
+    page = (Path(__file__).parents[1] / "docs" / "guides" / "wandb.md").read_text()
+    assert all(f"| `{OVERVIEW_PREFIX}{item.name}` |" in page for item in OVERVIEW)
+    assert all(f"| {section.name} " in page for section in workspace_sections())
