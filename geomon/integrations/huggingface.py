@@ -1,0 +1,350 @@
+"""``GeomonTrainerCallback``: the Hugging Face ``Trainer`` adapter over :class:`geomon.Monitor`.
+
+``Trainer(..., callbacks=[GeomonTrainerCallback()])``. At ``on_train_begin`` the monitor attaches to the model the
+Trainer trains (DDP / ``DataParallel`` wrappers unwrapped, so keys carry the model's own module paths); the forward
+pass of the first micro-batch of every ``every_n_steps``-th optimizer step is measured, and the values are logged
+at the step that optimizer step completes (the Trainer's numbering, as its loss: ``state.global_step`` after the
+update), under the same keys as :class:`geomon.GeomonCallback` (``geomon/attention/entropy/transformer.h.0.attn``,
+``geomon/rankme/lm_head.input``, ``geomon/nc/nc1/lm_head.input``, ``geomon/alerts/<rule>``, ...).
+
+Where the values go: through ``Trainer.log``, the path the Trainer's own loss takes, so they are in
+``trainer.state.log_history`` and reach every ``report_to`` integration's ``on_log``. transformers' integrations
+(W&B, TensorBoard, Comet, Neptune, Trackio, SwanLab) prefix every training key with ``train/``
+(``transformers.integrations.integration_utils.rewrite_logs``); while geomon logs its own values, that function
+passes keys that start with ``geomon/`` through unchanged (every other key is rewritten as before), so the keys
+arrive as they are. The callback finds the ``Trainer`` that calls it (a callback's hooks are not given it) by
+looking up the call stack once, at ``on_train_begin``, for the ``Trainer`` whose callbacks hold it.
+
+The batch: a forward pre-hook on the model, registered at ``on_step_begin`` of a measured step and removed by its
+first call, sees the measured micro-batch's inputs (``model(**inputs)``: ``input_ids``, ``labels``, ...); there it
+turns them into labels for neural collapse (``labels_fn``; by default a causal LM's ``labels`` shifted as the model
+shifts them, other kinds' as they are, see :mod:`geomon.labels`) and arms the capture. The capture is disarmed
+after that micro-batch (``on_substep_end``, or ``on_step_end`` without gradient accumulation), and
+``Monitor.compute`` runs at ``on_step_end`` on every rank (a collective under DDP); every rank logs like the
+Trainer does (its integrations write on the world's process zero only).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink, WandbSink
+from geomon.functional._dispatch import Backend
+from geomon.keys import is_geomon
+from geomon.labels import LabelKind, default_labels, label_kind, shifts_unknown
+from geomon.monitor import Monitor
+
+try:
+    from transformers import TrainerCallback
+except ImportError as error:  # pragma: no cover - transformers is what this module adapts to
+    raise ImportError("geomon.integrations.huggingface needs transformers: pip install transformers") from error
+
+OnAlert = Literal["warn", "checkpoint", "stop"] | Callable[[Any], None]
+
+#: The monitor's state in each Trainer checkpoint (``geomon_state_<rank>.pt`` when there are several processes).
+STATE_FILE = "geomon_state.pt"
+
+
+def state_file(rank: int, world_size: int) -> str:
+    """The name of the monitor's state file of process ``rank`` in a checkpoint directory."""
+    return STATE_FILE if world_size <= 1 else f"geomon_state_{rank}.pt"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / ``DataParallel`` wrappers (the one whose module paths name the keys)."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+@contextmanager
+def geomon_keys_unprefixed() -> Iterator[None]:
+    """While open, transformers' integrations log keys starting with ``geomon/`` as they are (no ``train/``)."""
+    try:
+        from transformers.integrations import integration_utils
+    except Exception:  # pragma: no cover - an unusual transformers build: keys get the integrations' prefix
+        yield
+        return
+    original = getattr(integration_utils, "rewrite_logs", None)
+    if not callable(original):  # pragma: no cover - a transformers that no longer rewrites
+        yield
+        return
+
+    def rewrite_logs(logs: dict[str, Any]) -> dict[str, Any]:
+        rewritten = original({key: value for key, value in logs.items() if not is_geomon(key)})
+        rewritten.update({key: value for key, value in logs.items() if is_geomon(key)})
+        return rewritten
+
+    integration_utils.rewrite_logs = rewrite_logs
+    try:
+        yield
+    finally:
+        integration_utils.rewrite_logs = original
+
+
+class GeomonTrainerCallback(TrainerCallback):
+    """Watch a model's geometry while a Hugging Face ``Trainer`` trains it.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (``None``: the Trainer's ``logging_steps``); the
+            first micro-batch of the optimizer step that completes step ``s`` is measured when
+            ``s % every_n_steps == 0``, and its values are logged at step ``s``.
+        attention: measure every attention call inside the model (transformers' attention interface, SDPA, ...).
+        head: the output head whose input feeds RankMe and neural collapse (``"auto"``, a module name, ``None``).
+        neural_collapse: ``"auto"``, ``True`` or ``False`` (see :class:`geomon.Monitor`).
+        labels_fn: ``batch -> labels`` aligned with the head's input rows, where ``batch`` is the keyword
+            arguments of the measured forward call (``model(**inputs)``); default: :func:`geomon.labels.default_labels`
+            for the kind of the model that owns the head.
+        embedding_modules: ``fnmatch`` patterns of modules whose outputs feed RankMe / alpha-ReQ.
+        spectral_modules: ``fnmatch`` patterns of modules with a 2-D weight whose σ(W) and stable rank are logged.
+        entropy_bound: also log Theorem 3.1's entropy lower bound per attention layer.
+        window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
+        query_rows: measure at most this many evenly spaced query rows per attention call.
+        alerts: the alert rules (``None``: :func:`geomon.alerts.default_rules`; ``()``: none). Events are logged
+            (process zero), sent as ``wandb.alert`` when a W&B run is active (``report_to`` W&B), written to
+            ``geomon_alerts.csv`` in the output directory, and counted under ``geomon/alerts/<rule>``.
+        on_alert: what a fired alert of at least ``action_level`` does besides that: ``"warn"`` (nothing more),
+            ``"checkpoint"`` (``control.should_save``: the Trainer saves a checkpoint at that step), ``"stop"``
+            (``control.should_training_stop`` on every rank at the same step), a callable ``(event) -> None``
+            (process zero), or a sequence of these.
+        action_level: the least severe level that triggers ``on_alert``.
+        backend: ``"auto"`` (Triton kernels on CUDA), ``"torch"`` or ``"triton"``.
+        strict: raise probe errors instead of warning (for tests).
+
+    Example:
+        >>> callback = GeomonTrainerCallback(every_n_steps=100, on_alert="stop")
+        >>> callback.monitor.every_n_steps
+        100
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        attention: bool = True,
+        head: str | None = "auto",
+        neural_collapse: bool | Literal["auto"] = "auto",
+        labels_fn: Callable[[Any], Tensor | None] = default_labels,
+        embedding_modules: Sequence[str] = (),
+        spectral_modules: Sequence[str] = (),
+        entropy_bound: bool = False,
+        window_rows: int | None = None,
+        query_rows: int | None = None,
+        alerts: Sequence[Rule] | None = None,
+        on_alert: OnAlert | Sequence[OnAlert] = "warn",
+        action_level: Level = "WARN",
+        backend: Backend = "auto",
+        strict: bool = False,
+    ) -> None:
+        actions = [on_alert] if isinstance(on_alert, str) or callable(on_alert) else list(on_alert)
+        for action in actions:
+            if not callable(action) and action not in ("warn", "checkpoint", "stop"):
+                raise ValueError(f"on_alert must be 'warn', 'checkpoint', 'stop' or a callable, got {action!r}")
+        if action_level not in ("INFO", "WARN", "ERROR"):
+            raise ValueError(f"action_level must be 'INFO', 'WARN' or 'ERROR', got {action_level!r}")
+        if not callable(labels_fn):
+            raise TypeError(f"labels_fn must be callable (batch -> labels), got {labels_fn!r}")
+        self.monitor = Monitor(
+            every_n_steps=50 if every_n_steps is None else every_n_steps,
+            attention=attention,
+            head=head,
+            neural_collapse=neural_collapse,
+            embedding_modules=embedding_modules,
+            spectral_modules=spectral_modules,
+            entropy_bound=entropy_bound,
+            window_rows=window_rows,
+            query_rows=query_rows,
+            alerts=alerts,
+            backend=backend,
+            strict=strict,
+        )
+        self.every_n_steps, self.actions, self.action_level = every_n_steps, actions, action_level
+        self.labels_fn, self.strict = labels_fn, strict
+        self.label_kind: LabelKind | None = None  #: the kind of the model owning the head (default labels_fn)
+        self.trainer: Any = None  #: the Trainer running this callback, between train begin and end
+        self._control: Any = None
+        self._hook: Any = None  # the forward pre-hook waiting for the measured micro-batch
+        self._armed: Any = None
+        self._measured_step = 0
+        self._to_compute = False
+        self._pending_state: dict[str, Any] | None = None
+
+    # setup -----------------------------------------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
+        self._release()
+        self.trainer, resume = self._find_trainer()
+        if model is None:
+            model = getattr(self.trainer, "model", None)
+        if model is None:
+            raise ValueError("GeomonTrainerCallback: the Trainer passed no model to on_train_begin")
+        if self.every_n_steps is None:
+            self.monitor.every_n_steps = max(1, int(getattr(state, "logging_steps", 0) or args.logging_steps or 50))
+        model = unwrap(model)
+        self.monitor.attach(model)
+        if self.labels_fn is default_labels and self.monitor.head is not None:
+            self.label_kind = self.monitor.guard.run("the model's kind", label_kind, model, self.monitor.head)
+        self.monitor.alert_engine.sinks = self._sinks(args, state)
+        if self._pending_state is None and state.global_step > 0:
+            self._pending_state = self._saved_state(args, state, resume)
+        if self._pending_state is not None:
+            self.monitor.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def _find_trainer(self) -> tuple[Any, Any]:
+        """The ``Trainer`` whose callback handler holds this callback, and the checkpoint it resumes from, read
+        from the stack (the Trainer's training loop called this hook through its handler)."""
+        frame = sys._getframe(1)
+        for _ in range(16):
+            if frame is None:
+                break
+            candidate = frame.f_locals.get("self")
+            callbacks = getattr(getattr(candidate, "callback_handler", None), "callbacks", ())
+            if callable(getattr(candidate, "log", None)) and any(cb is self for cb in callbacks):
+                return candidate, frame.f_locals.get("resume_from_checkpoint")
+            frame = frame.f_back
+        self.monitor.guard.warn_once(
+            "no-trainer",
+            "geomon: GeomonTrainerCallback was not called by a transformers Trainer's training loop; its values go "
+            "to state.log_history only (no report_to integration gets them)",
+        )
+        return None, None
+
+    def _sinks(self, args: Any, state: Any) -> list[Sink]:
+        sinks: list[Sink] = [LoggingSink()]
+        if state.is_world_process_zero:
+            wandb = sys.modules.get("wandb")  # imported by the Trainer's W&B integration when it reports there
+            if wandb is not None and getattr(wandb, "run", None) is not None:
+                sinks.append(WandbSink(wandb.run))
+            if args.output_dir:
+                sinks.append(CsvSink(os.path.join(args.output_dir, "geomon_alerts.csv")))
+        act = {"kinds": ("fired",), "min_level": self.action_level}
+        for action in self.actions:
+            if action == "stop":
+                sinks.append(CallableSink(lambda event: self._set_control("should_training_stop"), **act))
+            elif action == "checkpoint":
+                sinks.append(CallableSink(lambda event: self._set_control("should_save"), **act))
+            elif callable(action):
+                sinks.append(CallableSink(action, all_ranks=False, **act))
+        return sinks
+
+    def _set_control(self, flag: str) -> None:
+        if self._control is not None:
+            setattr(self._control, flag, True)
+
+    # capture ---------------------------------------------------------------------------------------------------
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # called on the first micro-batch of each optimizer step; it completes step global_step + 1
+        model = self.monitor.model
+        step = state.global_step + 1
+        if model is None or not self.monitor.is_scheduled(step):
+            return
+        self._measured_step, self._to_compute = step, True  # on every rank alike: compute is a collective
+        self._remove_hook()
+        self._hook = model.register_forward_pre_hook(self._arm, with_kwargs=True)
+
+    def _arm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._remove_hook()
+        labels = None
+        if self.monitor.collapse is not None:
+            labels = self.monitor.guard.run("labels_fn", self._labels, kwargs if kwargs else args)
+        armed = self.monitor.step(self._measured_step, labels=labels)
+        if self.monitor.guard.run("arming the capture", armed.__enter__, default=False) is not False:
+            self._armed = armed
+
+    def _labels(self, batch: Any) -> Tensor | None:
+        if self.labels_fn is not default_labels:
+            return self.labels_fn(batch)
+        if shifts_unknown(batch, self.label_kind):
+            self.monitor.guard.warn_once(
+                "label-kind",
+                f"geomon: cannot tell whether head {self.monitor.head!r} belongs to a causal LM, so the forward "
+                "call's labels are shifted as a causal LM shifts them (the row of position t gets label t + 1; the "
+                "last gets -100). If your model does not shift its labels (masked LM, token classification, "
+                "seq2seq), pass labels_fn=lambda batch: batch['labels']",
+            )
+        return default_labels(batch, self.label_kind)
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._release()  # only the first micro-batch of an accumulated step is measured
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._release()
+        if not self._to_compute:
+            return
+        self._to_compute, self._control = False, control
+        values = self.monitor.compute(self._measured_step)
+        if values:
+            self._log(state, {key: float(value) for key, value in values.items()})  # the logging step: sync is fine
+
+    def _log(self, state: Any, values: dict[str, float]) -> None:
+        log = getattr(self.trainer, "log", None)
+        if log is None:
+            state.log_history.append({**values, "step": state.global_step})
+            return
+        control = getattr(self.trainer, "control", None)
+        should_log = getattr(control, "should_log", False)
+        with geomon_keys_unprefixed():
+            log(values)
+        if control is not None:  # the handler's on_log cleared it: the Trainer's own log of this step still runs
+            control.should_log = should_log
+
+    def _remove_hook(self) -> None:
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            hook.remove()
+
+    def _release(self) -> None:
+        """Remove the waiting pre-hook and disarm the capture."""
+        self._remove_hook()
+        armed, self._armed = self._armed, None
+        if armed is not None:
+            armed.__exit__(None, None, None)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._release()
+        self._to_compute = False
+        self.monitor.detach()
+        self.trainer = self._control = None
+
+    # checkpoints -----------------------------------------------------------------------------------------------
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self.monitor.plan is None:
+            return
+        if not os.path.isdir(directory):
+            self.monitor.guard.warn_once("no-checkpoint-dir", f"geomon: no checkpoint directory {directory}; the "
+                                         "monitor's state is not saved with it")  # fmt: skip
+            return
+        path = os.path.join(directory, state_file(args.process_index, args.world_size))
+        self.monitor.guard.run("saving the monitor's state", torch.save, self.monitor.state_dict(), path)
+
+    def _saved_state(self, args: Any, state: Any, resume: Any) -> dict[str, Any] | None:
+        """The monitor's state saved in the checkpoint this run resumes from, if any."""
+        directories = [resume] if isinstance(resume, (str, os.PathLike)) else []
+        directories.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        name = state_file(args.process_index, args.world_size)
+        for directory in directories:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        self.monitor.guard.warn_once("no-state", f"geomon: resuming at step {state.global_step} without a saved "
+                                     f"monitor state ({name} in {directories}); windows start empty")  # fmt: skip
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (now when attached, else at the next ``on_train_begin``)."""
+        if self.monitor.plan is not None and self.monitor.model is not None:
+            self.monitor.load_state_dict(state_dict)
+        else:
+            self._pending_state = state_dict

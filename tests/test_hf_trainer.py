@@ -1,0 +1,232 @@
+"""The Hugging Face Trainer integration: keys as they are in W&B, TensorBoard and log_history; alerts stop the run;
+gradient accumulation measures the first micro-batch; the monitor's state round-trips through Trainer checkpoints."""
+
+import glob
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # the Trainer needs it
+
+from geomon.alerts import Threshold  # noqa: E402
+from geomon.integrations.huggingface import STATE_FILE, GeomonTrainerCallback  # noqa: E402
+from tests.reference import ref_rankme  # noqa: E402
+
+VOCAB, CONTEXT, BATCH, WIDTH = 50, 16, 8, 32  # one micro-batch = 128 rows = 4 x WIDTH: one full RankMe window
+RANKME = "geomon/rankme/lm_head.input"
+ENTROPY = "geomon/attention/entropy/transformer.h.0.attn"
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Random token rows as a data collator makes them: ``{"input_ids", "labels"}``."""
+
+    def __init__(self, rows: int = 256) -> None:
+        self.ids = torch.randint(0, VOCAB, (rows, CONTEXT), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=CONTEXT,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _trainer(tmp_path, callback, *, steps, report_to=(), accumulation=1, save_steps=None, model=None):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=1e-3,
+        lr_scheduler_type="constant", gradient_accumulation_steps=accumulation, logging_steps=2,
+        report_to=list(report_to), use_cpu=True,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, disable_tqdm=True, seed=0,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    return transformers.Trainer(model=model or _model(), args=args, train_dataset=Tokens(), callbacks=[callback])
+
+
+def _spy_computes(callback) -> dict[int, dict[str, float]]:
+    """What the monitor's compute returned, by step (read before any routing)."""
+    found, compute = {}, callback.monitor.compute
+
+    def spy(step=None, **kwargs):
+        values = compute(step, **kwargs)
+        found[step] = {key: float(value) for key, value in values.items()}
+        return values
+
+    callback.monitor.compute = spy
+    return found
+
+
+def _record_head_inputs(model) -> list[torch.Tensor]:
+    """The rows entering the LM head, one tensor per forward call (a hook of the test's own)."""
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].detach().reshape(-1, WIDTH)))
+    return rows
+
+
+def _geomon_rows(history):
+    return {row["step"]: row for row in history if any(key.startswith("geomon/") for key in row)}
+
+
+def _wandb_history(tmp_path, ready):
+    from tests.wandb_records import history
+
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + 30
+    while True:  # the W&B service may still be flushing the run file after finish() on a loaded machine
+        rows = history(run_file)
+        if ready(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # W&B keeps the settings (its directory) of the process's first run until torn down
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "geomon-test")
+    yield wandb
+    if wandb.run is not None:
+        wandb.finish()
+    wandb.teardown()
+
+
+def test_values_reach_wandb_tensorboard_and_log_history_unprefixed(tmp_path, offline_wandb):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    callback = GeomonTrainerCallback(every_n_steps=2, strict=True)
+    model = _model()
+    head_rows = _record_head_inputs(model)
+    computed = _spy_computes(callback)
+    trainer = _trainer(tmp_path, callback, steps=4, report_to=["wandb", "tensorboard"], model=model)
+    trainer.train()
+    offline_wandb.finish()
+
+    assert sorted(computed) == [2, 4] and all(computed.values())
+    # log_history: one row per measured step, at the step the measured update completed, keys as computed
+    rows = _geomon_rows(trainer.state.log_history)
+    assert sorted(rows) == [2, 4]
+    for step, values in computed.items():
+        assert {key: rows[step][key] for key in values} == values
+    assert not any(key.startswith("train/geomon") for row in trainer.state.log_history for key in row)
+    # an independent reference: RankMe of the rows the measured forward (the first of step 2) fed the head
+    assert len(head_rows) == 4
+    assert math.isclose(rows[2][RANKME], ref_rankme(head_rows[1].numpy().astype(np.float64)), rel_tol=1e-4)
+    assert math.isclose(rows[4][RANKME], ref_rankme(head_rows[3].numpy().astype(np.float64)), rel_tol=1e-4)
+    assert not math.isclose(rows[2][RANKME], ref_rankme(head_rows[0].numpy().astype(np.float64)), rel_tol=1e-4)
+
+    # TensorBoard: the same keys, unprefixed, at the same steps with the same values
+    (log_dir,) = {str(Path(f).parent) for f in glob.glob(f"{tmp_path}/runs/**/events.out.tfevents.*", recursive=True)}
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert set(computed[2]) | set(computed[4]) <= tags
+    assert "train/loss" in tags and not any(tag.startswith("train/geomon") for tag in tags)
+    for key in (ENTROPY, RANKME):
+        scalars = events.Scalars(key)
+        assert [event.step for event in scalars] == [2, 4]
+        assert [event.value for event in scalars] == pytest.approx([computed[s][key] for s in (2, 4)], rel=1e-6)
+
+    # W&B: the keys as they are, beside the Trainer's step
+    history = _wandb_history(tmp_path, lambda rows: sum(ENTROPY in row for row in rows) >= 2)
+    logged = [row for row in history if ENTROPY in row]
+    assert [row["train/global_step"] for row in logged] == [2, 4]
+    for row in logged:
+        step = row["train/global_step"]
+        assert {key: row[key] for key in computed[step]} == pytest.approx(computed[step], rel=1e-9)
+    assert not any(key.startswith("train/geomon") for row in history for key in row)
+    assert any("train/loss" in row for row in history)  # the Trainer's own logs still go there
+
+
+def test_an_alert_reaches_wandb_and_stops_training(tmp_path, offline_wandb):
+    from tests.wandb_records import alerts
+
+    always = Threshold("geomon/attention/entropy/*", below=1e6, name="forced_collapse")
+    callback = GeomonTrainerCallback(every_n_steps=2, alerts=[always], on_alert="stop", strict=True)
+    trainer = _trainer(tmp_path, callback, steps=10, report_to=["wandb"])
+    trainer.train()
+    offline_wandb.finish()
+
+    assert trainer.state.global_step == 2  # stopped at the first measured step, not at max_steps=10
+    rows = _geomon_rows(trainer.state.log_history)
+    assert rows[2]["geomon/alerts/forced_collapse"] == 2.0  # one event per attention layer
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + 30
+    while not (found := alerts(run_file)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    titles = [alert["title"] for alert in found]
+    assert titles and all("forced_collapse" in title for title in titles), found
+    assert (tmp_path / "geomon_alerts.csv").read_text().count("forced_collapse") >= 1
+
+
+def test_gradient_accumulation_measures_the_first_micro_batch(tmp_path):
+    callback = GeomonTrainerCallback(every_n_steps=2, attention=False, neural_collapse=False, strict=True)
+    model = _model()
+    head_rows = _record_head_inputs(model)
+    trainer = _trainer(tmp_path, callback, steps=4, accumulation=2, model=model)
+    trainer.train()
+
+    assert len(head_rows) == 8  # 4 optimizer steps x 2 micro-batches
+    rows = _geomon_rows(trainer.state.log_history)
+    assert sorted(rows) == [2, 4]
+    for step in (2, 4):
+        first, second = head_rows[2 * (step - 1)], head_rows[2 * (step - 1) + 1]
+        assert math.isclose(rows[step][RANKME], ref_rankme(first.numpy().astype(np.float64)), rel_tol=1e-4)
+        assert not math.isclose(rows[step][RANKME], ref_rankme(second.numpy().astype(np.float64)), rel_tol=1e-4)
+
+
+def test_checkpoint_resume_continues_the_open_window(tmp_path):
+    def callback():  # windows of 2 measured steps: the window open at step 3 must survive the checkpoint
+        return GeomonTrainerCallback(every_n_steps=1, attention=False, neural_collapse=False, window_rows=256,
+                                     strict=True)  # fmt: skip
+
+    model = _model()
+    head_rows = _record_head_inputs(model)
+    straight = _trainer(tmp_path / "straight", callback(), steps=4, model=model)
+    straight.train()
+    expected = _geomon_rows(straight.state.log_history)
+    assert RANKME in expected[4] and RANKME not in expected[3]
+    window = torch.cat([head_rows[2], head_rows[3]]).numpy().astype(np.float64)  # steps 3 and 4
+    assert math.isclose(expected[4][RANKME], ref_rankme(window), rel_tol=1e-4)
+
+    _trainer(tmp_path / "first", callback(), steps=3, save_steps=3).train()
+    checkpoint = tmp_path / "first" / "checkpoint-3"
+    assert (checkpoint / STATE_FILE).is_file()
+    bare = shutil.copytree(checkpoint, tmp_path / "bare" / "checkpoint-3")
+    (bare / STATE_FILE).unlink()
+
+    # resumed from an explicit path into another output directory: the state comes from that checkpoint
+    resumed = _trainer(tmp_path / "second", callback(), steps=4)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    rows = _geomon_rows(resumed.state.log_history)
+    assert rows[4][RANKME] == pytest.approx(expected[4][RANKME], rel=1e-5)
+
+    # without the saved state, the resumed window holds only step 4's rows: no RankMe at step 4
+    fresh = _trainer(tmp_path / "third", callback(), steps=4)
+    with pytest.warns(UserWarning, match="without a saved monitor state"):
+        fresh.train(resume_from_checkpoint=str(bare))
+    assert 4 in _geomon_rows(fresh.state.log_history)
+    assert RANKME not in _geomon_rows(fresh.state.log_history)[4]
+
+
+def test_bad_configuration_fails_at_construction():
+    with pytest.raises(ValueError, match="on_alert"):
+        GeomonTrainerCallback(on_alert="explode")
+    with pytest.raises(ValueError, match="every_n_steps"):
+        GeomonTrainerCallback(every_n_steps=0)
+    with pytest.raises(TypeError, match="labels_fn"):
+        GeomonTrainerCallback(labels_fn="labels")
