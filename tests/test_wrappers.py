@@ -120,6 +120,11 @@ def test_fabric_module_logs_the_unwrapped_names_and_values():
     _assert_same(_train(model, _monitor().attach(model)), reference, rel=1e-12)
 
 
+def test_names_given_with_a_wrapper_prefix_fail_at_attach_listing_the_real_ones():
+    with pytest.raises(ValueError, match=r"'module\.head' matches no module; the candidates are: .*\bhead\b"):
+        Monitor(spectral_modules=["module.head"]).attach(nn.DataParallel(Nest()))
+
+
 def _ddp_rank(rank, world):
     torch.set_num_threads(1)
     model = nn.parallel.DistributedDataParallel(Nest())
