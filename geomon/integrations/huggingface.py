@@ -247,7 +247,7 @@ class GeomonTrainerCallback(TrainerCallback):
         if model is None or not self.monitor.is_scheduled(step):
             return
         self._measured_step, self._to_compute = step, True  # on every rank alike: compute is a collective
-        self._remove_hook()
+        self._release()  # nothing is armed at a step's start, unless a measured forward raised before
         self._hook = model.register_forward_pre_hook(self._arm, with_kwargs=True)
 
     def _arm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
