@@ -28,7 +28,10 @@ min / max summaries of each key, the ``geomon-overview/...`` keys, per-head tabl
 every option under ``geomon`` in its config (see :mod:`geomon.wandb_dashboard`).
 
 Measurement happens on the first micro-batch of every ``every_n_steps``-th optimizer step (gradient accumulation
-gives one measurement per optimizer step); other steps do no work and no host-device sync. Under DDP ``compute``
+gives one measurement per optimizer step). When one step has fewer head-input rows than a RankMe / neural-collapse
+window needs (a classifier), the first micro-batch of the steps just before each measured step also feeds those
+windows (hooks on the head's input and the ``embedding_modules`` only: see :meth:`geomon.Monitor.fills`); other steps
+do no work. No step syncs the host with the device except the logging step. Under DDP ``compute``
 runs on every rank (it is a collective) and the values, identical on all ranks, are logged by rank zero.
 """
 
@@ -209,14 +212,19 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         first_micro_batch = batch_idx % max(1, trainer.accumulate_grad_batches) == 0
-        if self.monitor.model is not None and first_micro_batch and self.monitor.is_scheduled(trainer.global_step):
+        if self.monitor.model is None or not first_micro_batch:
+            return
+        step = trainer.global_step
+        scheduled = self.monitor.is_scheduled(step)
+        if scheduled or self.monitor.fills(step):  # a fill step arms the windowed probes' hooks only, no compute
             labels = None
             if self.monitor.collapse is not None:
                 labels = self.monitor.guard.run("labels_fn", self._labels, batch)
-            armed = self.monitor.step(trainer.global_step, labels=labels)
+            armed = self.monitor.step(step, labels=labels)
             if self.monitor.guard.run("arming the capture", armed.__enter__, default=False) is not False:
                 self._armed = armed
-            self._measured_step, self._to_compute = trainer.global_step, True
+        if scheduled:
+            self._measured_step, self._to_compute = step, True
 
     def _labels(self, batch: Any) -> Tensor | None:
         if self.labels_fn is not default_labels:
@@ -233,10 +241,10 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         return default_labels(batch, self.label_kind)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._disarm()
         if not self._to_compute:  # set on every rank alike: compute is a collective
             return
         self._to_compute = False
-        self._disarm()
         if isinstance(outputs, Mapping) and isinstance(outputs.get(OUTPUT_KEY), Mapping):
             for name, tensor in outputs[OUTPUT_KEY].items():
                 self.monitor.observe(str(name), tensor)

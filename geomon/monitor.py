@@ -11,8 +11,10 @@ geomon's key scheme (a collective under DDP: call it on every rank) and starts t
   tensors handed to :meth:`Monitor.observe`;
 - σ(W) and stable rank of the ``spectral_modules``.
 
-Embedding and neural-collapse windows keep accumulating rows over measured steps until they hold ``4 x D``
-(RankMe's small-sample bias), then report and reset. What is watched is decided once, at :meth:`Monitor.attach`,
+Embedding and neural-collapse windows keep accumulating rows until they hold ``4 x D`` (RankMe's small-sample
+bias), then report and reset; when one step has fewer rows than that (a classifier: one row per image), their hooks
+also run on the steps just before each measured step, every step if need be, so that a window fills within a few
+periods (:meth:`Monitor.fills`). What is watched is decided once, at :meth:`Monitor.attach`,
 from the model's structure (:mod:`geomon.probes.plan`): every rank holds the same probes, so no rank can wait for
 another in a reduction, and a value that nothing measured is simply not logged.
 
@@ -207,14 +209,25 @@ class Monitor:
     def is_scheduled(self, global_step: int) -> bool:
         return step_number(global_step) % self.every_n_steps == 0
 
+    def fills(self, global_step: int) -> bool:
+        """Whether ``global_step``, off schedule, is a fill step: one of the steps just before a measured step on
+        which the head input's (and ``embedding_modules``') hooks add rows to windows that one step cannot fill
+        (see :class:`~geomon.probes.embedding.EmbeddingProbe`). Decided on the host: no sync."""
+        if self.plan is None or self.is_scheduled(global_step):
+            return False
+        return bool(self.plan.fill_probes(-step_number(global_step) % self.every_n_steps))
+
     def step(self, global_step: int, labels: Tensor | None = None) -> Any:
-        """Context manager around the forward pass of ``global_step``; a no-op off schedule.
+        """Context manager around the forward pass of ``global_step``: everything is measured on scheduled steps;
+        on fill steps (:meth:`fills`) only the windowed probes' hooks run (a Gram and sums updated on the device);
+        a no-op otherwise.
 
         ``labels`` (one per row of the head's input, ``-100`` = none) feed neural collapse."""
         if self.model is None or self.plan is None:
             raise RuntimeError("Monitor.step() before attach(model)")
         if not self.is_scheduled(global_step):
-            return nullcontext()
+            fill = self.plan.fill_probes(-step_number(global_step) % self.every_n_steps)
+            return self.plan.armed(self.model, labels, only=fill) if fill else nullcontext()
         self._measured = True
         return self.plan.armed(self.model, labels)
 

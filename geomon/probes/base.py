@@ -32,10 +32,12 @@ class Values:
 
 @dataclass
 class Step:
-    """The measured step a probe is armed for: its labels and the guard its hooks run under."""
+    """The step a probe is armed for: its labels, the guard its hooks run under, and whether it is a fill step (one
+    between measured steps, on which only the probes that stream rows run: see :meth:`Probe.lead_steps`)."""
 
     labels: Tensor | None
     guard: Guard
+    fill: bool = False
 
 
 @dataclass
@@ -87,6 +89,12 @@ class Probe:
         """Register the hooks of a measured step on :attr:`module`; the plan removes them after the step."""
         return []
 
+    def lead_steps(self, world_size: int) -> int:
+        """How many optimizer steps, the measured one included, this probe's hooks run on before each compute: 1
+        (measured steps only) unless the probe streams rows into a window that one step cannot fill (see
+        :class:`~geomon.probes.embedding.EmbeddingProbe`). Decided on the host, from shapes: no sync."""
+        return 1
+
     def compute(self, context: Context, out: Values) -> None:
         """Add this probe's values to ``out`` (a collective: every rank calls it at the same point)."""
         raise NotImplementedError
@@ -96,6 +104,19 @@ class Probe:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (the spec has been checked by the plan)."""
+
+
+def steps_to_fill(min_rows: int, rows_per_step: int | None, world_size: int) -> int:
+    """Steps of ``rows_per_step`` rows on each of ``world_size`` processes that a window of ``min_rows`` needs (1 while
+    the rows per step are unknown).
+
+    Example:
+        >>> steps_to_fill(3072, 8, 1), steps_to_fill(256, 8, 2), steps_to_fill(3072, 4096, 1)
+        (384, 16, 1)
+    """
+    if not rows_per_step:
+        return 1
+    return max(1, -(-min_rows // (world_size * rows_per_step)))
 
 
 def metric_bytes(metric: Any) -> int:

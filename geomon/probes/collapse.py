@@ -14,7 +14,7 @@ from geomon.capture.modules import weight_out_in
 from geomon.functional._dispatch import Backend
 from geomon.metrics import NeuralCollapse
 from geomon.probes._sync import multi_process, synced_sum, whole
-from geomon.probes.base import FLOAT64, Context, Probe, Step, Values
+from geomon.probes.base import FLOAT64, Context, Probe, Step, Values, steps_to_fill
 
 #: Label of rows that carry no class (Hugging Face's convention for padding and the last position of a sequence).
 IGNORE_INDEX = -100
@@ -31,7 +31,10 @@ class CollapseProbe(Probe):
     outside ``[0, C)`` are ignored too and counted, and the count is reported once). A window closes once it holds
     ``min_rows`` labelled rows over all processes; ``nc4`` compares against the class means of the previous window
     (so it is not logged in the first one); ``nc3`` and ``unc3`` use the head's weight of the window's last measured
-    step. State: ``O(C·D + D²)`` float64.
+    step. Like the head input's RankMe, the window is filled from the steps just before each compute when one step
+    has too few rows (:meth:`lead_steps`): on those fill steps the head's weight is read only when it is a local tensor
+    (a sharded FSDP2 weight would need a collective there), else their rows get no ``nc4`` decision.
+    State: ``O(C·D + D²)`` float64.
     """
 
     kind = "collapse"
@@ -43,6 +46,10 @@ class CollapseProbe(Probe):
         self.min_rows = 4 * features if min_rows is None else min_rows
         self.metric: NeuralCollapse | None = None
         self.ignored: Tensor | None = None  # rows whose label lay outside [0, C), counted on the device
+        self.rows_per_step: int | None = None  #: rows of the latest hooked call (a host-side int, from the shape)
+
+    def lead_steps(self, world_size: int) -> int:
+        return steps_to_fill(self.min_rows, self.rows_per_step, world_size)
 
     @property
     def module(self) -> str | None:
@@ -75,6 +82,14 @@ class CollapseProbe(Probe):
         return [module.register_forward_hook(hook, always_call=True)]
 
     def _on_head(self, module: nn.Module, features: Tensor, step: Step) -> None:
+        self.rows_per_step = features.numel() // max(1, features.shape[-1]) if features.ndim else None
+        if step.fill:  # between measured steps: no collective, no warning; rows without labels are not counted
+            if step.labels is not None:
+                weight, bias = weight_out_in(module), getattr(module, "bias", None)
+                local = not any(hasattr(t, "full_tensor") for t in (weight, bias) if t is not None)
+                self.update(features, step.labels, weight.detach() if local else None,
+                            None if bias is None or not local else bias.detach())  # fmt: skip
+            return
         # the weight first, on every rank alike: gathering a sharded one (FSDP2) is a collective, so nothing that may
         # differ between ranks (labels, a failing capture) may decide whether it happens
         weight = whole(weight_out_in(module))
@@ -90,7 +105,7 @@ class CollapseProbe(Probe):
             return
         self.update(features, step.labels, weight, bias)
 
-    def update(self, features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    def update(self, features: Tensor, labels: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
         """Add head inputs ``[..., D]`` with their labels (same leading shape)."""
         rows = features.detach().reshape(-1, features.shape[-1])
         labels = labels.to(rows.device).reshape(-1).long()
@@ -130,8 +145,11 @@ class CollapseProbe(Probe):
                 out.scalars[keys.key(keys.nc(stat), self.name)] = value
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.metric is None else {"min_rows": self.min_rows, "metric": self.metric.state_dict()}
+        if self.metric is None:
+            return {}
+        return {"min_rows": self.min_rows, "metric": self.metric.state_dict(), "rows_per_step": self.rows_per_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state and self.metric is not None:
             self.metric.load_state_dict(state["metric"])
+            self.rows_per_step = state.get("rows_per_step")  # a resumed run fills on the steps the whole run would

@@ -15,7 +15,7 @@ from geomon.functional.alpha_req import _alpha_req_compute
 from geomon.functional.rankme import _rankme_compute
 from geomon.metrics import RankMe
 from geomon.probes._sync import synced_sum
-from geomon.probes.base import FLOAT64, Context, Probe, Step, Values
+from geomon.probes.base import FLOAT64, Context, Probe, Step, Values, steps_to_fill
 
 Source = Literal["output", "input"]
 
@@ -26,9 +26,13 @@ class EmbeddingProbe(Probe):
     eigenvalues, the curve the "Tracing the Representation Geometry" study reads its phases from) and, where
     ``D > 100``, ``geomon/alpha_req/<name>``, and starts a new window.
 
-    RankMe is biased low on few rows (METRICS.md §1), hence the default window of ``4 x D`` rows. Every value comes
-    from one accumulated Gram and row sum (:class:`~geomon.metrics.RankMe`'s state), reduced once per window; the
-    covariance's eigenvalues serve both the centred RankMe and alpha-ReQ.
+    RankMe is biased low on few rows (METRICS.md §1), hence the default window of ``4 x D`` rows. A probe fed by a
+    hook fills its window from the steps just before each compute, not only from the measured ones: when one step's
+    rows (``R`` per process, read off the shapes of the measured step) are fewer than the window needs, the hook also
+    runs on the ``ceil(min_rows / (R · processes)) - 1`` optimizer steps before each measured step, every step when
+    that is more than the period (:meth:`lead_steps`; the Gram update is the only work, on the device). Every value
+    comes from one accumulated Gram and row sum (:class:`~geomon.metrics.RankMe`'s state), reduced once per window;
+    the covariance's eigenvalues serve both the centred RankMe and alpha-ReQ.
 
     Args:
         name: the probe's name (a module's name, ``<head>.input``, or a name given to ``Monitor.observe``).
@@ -47,6 +51,7 @@ class EmbeddingProbe(Probe):
         super().__init__(name, None if features is None else (features,))
         self._module, self.source, self._min_rows = module, source, min_rows
         self.rankme: RankMe | None = None
+        self.rows_per_step: int | None = None  #: rows of the latest hooked call (a host-side int, from the shape)
 
     @property
     def module(self) -> str | None:
@@ -60,6 +65,11 @@ class EmbeddingProbe(Probe):
     def min_rows(self) -> int:
         assert self.spec is not None
         return 4 * self.spec[0] if self._min_rows is None else self._min_rows
+
+    def lead_steps(self, world_size: int) -> int:
+        if self._module is None or self.spec is None:
+            return 1
+        return steps_to_fill(self.min_rows, self.rows_per_step, world_size)
 
     def keys(self) -> list[str]:
         with_alpha = self.spec is None or self.spec[0] > 100  # alpha-ReQ's default fit runs over eigenvalues 11..100
@@ -99,6 +109,7 @@ class EmbeddingProbe(Probe):
         return [module.register_forward_hook(hook, always_call=True)]
 
     def _update_checked(self, tensor: Tensor, step: Step) -> None:
+        self.rows_per_step = tensor.numel() // max(1, tensor.shape[-1]) if tensor.ndim else None
         if not self.update(tensor):
             step.guard.warn_once(f"features:{self.name}", f"geomon: probe {self.name!r} has {self.spec[0]} features "
                                  f"but got rows of shape {tuple(tensor.shape)}; they are skipped")  # fmt: skip
@@ -127,8 +138,11 @@ class EmbeddingProbe(Probe):
         metric.reset()
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.rankme is None else {"min_rows": self._min_rows, "rankme": self.rankme.state_dict()}
+        if self.rankme is None:
+            return {}
+        return {"min_rows": self._min_rows, "rankme": self.rankme.state_dict(), "rows_per_step": self.rows_per_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state and self.rankme is not None:
             self.rankme.load_state_dict(state["rankme"])
+            self.rows_per_step = state.get("rows_per_step")  # a resumed run fills on the steps the whole run would

@@ -271,13 +271,20 @@ class Plan:
             self.guard.warn_once(f"features:{name}", f"geomon: probe {name!r} has {probe.spec[0]} features but "  # type: ignore[index]
                                  f"got a tensor of shape {tuple(tensor.shape)}; it is skipped")  # fmt: skip
 
+    def fill_probes(self, steps_to_compute: int) -> list[Probe]:
+        """The probes whose hooks run on a step ``steps_to_compute`` optimizer steps before the next measured one:
+        those whose :meth:`~geomon.probes.base.Probe.lead_steps` reach back that far (host-side: no sync)."""
+        world = dist.get_world_size() if multi_process() else 1
+        return [p for p in self if p.module is not None and p.lead_steps(world) > steps_to_compute]
+
     @contextmanager
-    def armed(self, model: nn.Module, labels: Tensor | None) -> Iterator[None]:
-        """The hooks of one measured step, removed however the block exits."""
-        step = Step(labels, self.guard)
+    def armed(self, model: nn.Module, labels: Tensor | None, only: Sequence[Probe] | None = None) -> Iterator[None]:
+        """The hooks of one measured step, removed however the block exits; with ``only``, the hooks of a fill step:
+        those probes' alone (no attention capture)."""
+        step = Step(labels, self.guard, fill=only is not None)
         modules = plain_modules(model)
         with ExitStack() as stack:
-            for probe in list(self):
+            for probe in list(self) if only is None else only:
                 if probe.module is None:
                     continue
                 module = modules.get(probe.module)
@@ -286,7 +293,7 @@ class Plan:
                     continue
                 for handle in probe.arm(module, step):
                     stack.callback(handle.remove)
-            if self.options.attention:
+            if self.options.attention and only is None:
                 stack.enter_context(capture_attention(model, self._on_attention, strict=self.guard.strict,
                                                         warn=self.guard.warn_once))  # fmt: skip
             yield
