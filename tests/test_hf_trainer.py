@@ -230,3 +230,32 @@ def test_bad_configuration_fails_at_construction():
         GeomonTrainerCallback(every_n_steps=0)
     with pytest.raises(TypeError, match="labels_fn"):
         GeomonTrainerCallback(labels_fn="labels")
+
+
+def _two_process_run(rank, world):
+    import os
+    import tempfile
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # the Trainer reads these
+    callback = GeomonTrainerCallback(every_n_steps=2, neural_collapse=False, strict=True)
+    model = _model()
+    head_rows = _record_head_inputs(model)
+    trainer = _trainer(Path(tempfile.mkdtemp()), callback, steps=4, model=model)
+    trainer.train()
+    return {"rows": _geomon_rows(trainer.state.log_history), "head": head_rows,
+            "wrapped": type(trainer.model_wrapped).__name__}  # fmt: skip
+
+
+def test_two_ddp_processes_log_the_union_of_their_batches(tmp_path):
+    from tests.ranks import spawn
+
+    first, second = spawn(_two_process_run, tmp_path, timeout=300)
+    assert first["wrapped"] == "DistributedDataParallel"
+    assert sorted(first["rows"]) == [2, 4] and first["rows"] == second["rows"]
+    assert ENTROPY in first["rows"][2]  # module paths of the model, not of the DDP wrapper (module.)
+    assert not any("module." in key for row in first["rows"].values() for key in row)
+    for step in (2, 4):  # RankMe of the rows both processes fed the head in the measured forward
+        union = torch.cat([first["head"][step - 1], second["head"][step - 1]]).numpy().astype(np.float64)
+        assert math.isclose(first["rows"][step][RANKME], ref_rankme(union), rel_tol=1e-4)
+        alone = first["head"][step - 1].numpy().astype(np.float64)
+        assert not math.isclose(first["rows"][step][RANKME], ref_rankme(alone), rel_tol=1e-4)
