@@ -8,9 +8,14 @@ Understood inputs (a directory is searched; it must hold exactly one run):
 - a W&B run directory (``wandb/offline-run-*/run-*.wandb``): history rows, the step being ``trainer/global_step``
   when the row has it, else W&B's ``_step``.
 
-Sidecars, read when present (first under the run's data directory, else the one file of that name under RUN):
+Sidecars, read when present beside the run's data, where geomon's callback writes them (the directory of
+``metrics.csv`` or of the event files; a W&B run's ``files/`` directory), never from anywhere else:
 ``geomon_heads.csv`` with columns ``step,key,head,value`` and ``geomon_alerts.csv`` with columns
-``step,rule,key,kind,level,text``.
+``step,rule,key,kind,level,text``. A sidecar none of whose keys the run's scalars have is another run's: an error.
+
+Malformed input is an error (:class:`ReportError`, naming the file, and the line where there is one): a row whose
+number of cells differs from the header's, a header with an empty or repeated column name, a step that is not an
+integer, a value that is not a number, a sidecar given as the run.
 """
 
 from __future__ import annotations
@@ -45,12 +50,34 @@ def read_run(path: str | Path, *, progress: bool = False) -> RunData:
         data.scalars = read_tensorboard(files, progress=progress)
     else:
         data.source, data.scalars = read_metrics_csv(files[0])
-    heads_file, alerts_file = (_sidecar(files[0].parent, path, name) for name in (HEADS_FILE, ALERTS_FILE))
+    heads_file, alerts_file = (sidecar(kind, files[0], name) for name in (HEADS_FILE, ALERTS_FILE))
     if heads_file is not None:
         data.heads, data.files = read_heads(heads_file), [*data.files, heads_file]
+        _check_own(heads_file, {row[1] for row in data.heads}, data)
     if alerts_file is not None:
         data.sidecar_alerts, data.files = read_alerts(alerts_file), [*data.files, alerts_file]
+        _check_own(alerts_file, {alert.key for alert in data.sidecar_alerts if alert.key}, data)
     return data
+
+
+def sidecar(kind: str, data_file: Path, name: str) -> Path | None:
+    """The sidecar ``name`` of the run whose data file is ``data_file``: in the same directory (a W&B run: its
+    ``files/`` directory, where ``run.dir`` points), or ``None``. Nothing else is searched: a file of that name in a
+    parent, sibling or child directory belongs to another run."""
+    folder = data_file.parent / "files" if kind == "wandb" else data_file.parent
+    found = folder / name
+    return found if found.is_file() else None
+
+
+def _check_own(file: Path, keys: set[str], data: RunData) -> None:
+    """A sidecar none of whose keys the run logged is another run's (a file copied or left in the wrong place)."""
+    logged = set(data.keys())
+    if keys and logged and not keys & logged:
+        some = ", ".join(sorted(keys)[:3])
+        raise ReportError(
+            f"{file}: none of its keys ({some}, ...) is among the {len(logged)} keys of the run's "
+            f"{data.files[0].name}: it belongs to another run; move it away, or pass that run"
+        )
 
 
 def find_data(path: Path) -> tuple[str, list[Path]]:
@@ -61,6 +88,9 @@ def find_data(path: Path) -> tuple[str, list[Path]]:
     """
     if path.is_file():
         name = path.name
+        if name in (HEADS_FILE, ALERTS_FILE):
+            raise ReportError(f"{path}: this is geomon's {name} sidecar, not a run's metrics; pass the run's directory "
+                              "or its metrics.csv / event file / run-*.wandb file")  # fmt: skip
         if name.endswith(".csv"):
             return "csv", [path]
         if name.startswith(TB_PREFIX):
@@ -87,14 +117,6 @@ def find_data(path: Path) -> tuple[str, list[Path]]:
     return next(iter(runs.values()))
 
 
-def _sidecar(data_dir: Path, run_path: Path, name: str) -> Path | None:
-    for top in (data_dir, run_path if run_path.is_dir() else data_dir):
-        found = sorted(Path(folder) / name for folder, _, names in os.walk(top) if name in names)
-        if len(found) == 1 or (found and top == data_dir):
-            return found[0]
-    return None
-
-
 def _table(file: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line number, cells) rows of a CSV file; ReportError if it is not readable CSV text."""
     try:
@@ -112,7 +134,17 @@ def _table(file: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     if not lines:
         raise ReportError(f"{file}: empty file, no header")
     header = [cell.strip() for cell in lines[0]]
-    return header, [(number, cells) for number, cells in enumerate(lines[1:], start=2) if cells]
+    if "" in header:
+        raise ReportError(f"{file}, line 1: the header has an empty column name (columns: {', '.join(header)})")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ReportError(f"{file}, line 1: the header repeats column {', '.join(map(repr, repeated))}")
+    rows = [(number, cells) for number, cells in enumerate(lines[1:], start=2) if cells]
+    for number, cells in rows:
+        if len(cells) != len(header):
+            raise ReportError(f"{file}, line {number}: {len(cells)} cells, but the header has {len(header)} columns "
+                              "(a truncated or mixed file?)")  # fmt: skip
+    return header, rows
 
 
 def _columns(file: Path, header: list[str], required: tuple[str, ...]) -> dict[str, int]:
@@ -206,11 +238,12 @@ def wandb_step(row: dict[str, object]) -> int | None:
 
 
 def read_wandb(file: Path) -> list[tuple[int, str, float]]:
-    """Numeric history values of a W&B run file (W&B's own ``_``-prefixed columns left out)."""
+    """Scalar history values of a W&B run file: numbers logged as values of their own (not the width, size or
+    count fields of an image, table, histogram or other media; W&B's own ``_``-prefixed columns left out)."""
     try:
         from geomon.tools.report.wandb_log import history
 
-        rows = history(file)
+        rows = history(file, scalars_only=True)
     except ImportError:
         raise ReportError(f"{file}: reading a W&B run needs the wandb package (pip install wandb)") from None
     except Exception as error:  # not a transaction log, or a record protobuf cannot parse
@@ -220,9 +253,7 @@ def read_wandb(file: Path) -> list[tuple[int, str, float]]:
         step = wandb_step(row)
         if step is None:
             continue
-        for key, value in row.items():
-            if not key.startswith("_") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                scalars.append((step, key, float(value)))
+        scalars += [(step, key, float(value)) for key, value in row.items() if not key.startswith("_")]  # type: ignore[arg-type]
     return scalars
 
 

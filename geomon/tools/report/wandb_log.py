@@ -72,15 +72,41 @@ def records(run_file: str | Path) -> Iterator[object]:
         yield record
 
 
-def history(run_file: str | Path) -> list[dict[str, object]]:
+def history(run_file: str | Path, *, scalars_only: bool = False) -> list[dict[str, object]]:
     """Every history row of the run (one per ``run.log`` commit), values decoded from JSON.
 
-    Nested keys are joined with ``/``; W&B's own columns (``_step``, ``_runtime``, ``_timestamp``) are kept.
+    Nested keys are joined with ``/``; W&B's own columns (``_step``, ``_runtime``, ``_timestamp``) are kept. With
+    ``scalars_only``, only numbers that are values of their own are kept: W&B writes a logged object (an image, a
+    table, a histogram, any media) as a group of entries under its key, one of them ``_type``, and every entry of
+    such a group is left out (see :func:`scalar_items`).
     """
     rows = []
     for record in records(run_file):
         if record.WhichOneof("record_type") == "history":
-            rows.append(
-                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            )
+            items = [(tuple(item.nested_key) or (item.key,), json.loads(item.value_json))
+                     for item in record.history.item]  # fmt: skip
+            if scalars_only:
+                items = scalar_items(items)
+            rows.append({"/".join(path): value for path, value in items})
     return rows
+
+
+def scalar_items(items: list[tuple[tuple[str, ...], object]]) -> list[tuple[tuple[str, ...], object]]:
+    """The entries of one history row that are scalar series: numbers (not booleans) that are not part of a logged
+    object, i.e. no prefix of their key path holds a ``_type`` entry (W&B's mark of media: images, tables,
+    histograms, ...) and the value is no such object itself.
+
+    Example:
+        >>> row = [(("loss",), 0.5), (("heatmap", "_type"), "image-file"), (("heatmap", "width"), 300),
+        ...        (("nested", "x"), 2), (("done",), True), (("table",), {"_type": "table-file", "nrows": 3})]
+        >>> [path for path, _ in scalar_items(row)]
+        [('loss',), ('nested', 'x')]
+    """
+    objects = {path[:-1] for path, _ in items if path and path[-1] == "_type"}
+    kept = []
+    for path, value in items:
+        if any(path[:end] in objects for end in range(1, len(path) + 1)):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            kept.append((path, value))
+    return kept
