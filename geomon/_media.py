@@ -5,7 +5,7 @@ Scalars go through every Lightning logger unchanged; this module adds, on rank z
 - every logger with a directory (CSV, TensorBoard, W&B's run files): ``geomon_heads.csv`` (``step,key,head,value``)
   with every per-head value, so that ``geomon report`` can draw the layer x head heatmaps from any run;
 - W&B: a layer x head heatmap of normalised entropy and the singular-value spectra as images on the trainer's
-  global step (summaries, the overview section and the per-head tables: :mod:`geomon.wandb_dashboard`);
+  global step (summaries, the overview section and the per-head tables: :mod:`geomon.integrations.wandb_dashboard`);
 - TensorBoard: the same images, and a histogram of each layer's per-head values.
 
 The figures are drawn only when a logger takes images (W&B, TensorBoard), once per step for all of them, with

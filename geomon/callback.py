@@ -25,7 +25,7 @@ see them; ``pl_module.log`` is not used because Lightning would repeat a callbac
 Per-head values and spectra are media, not scalars: ``geomon_heads.csv`` in each logger's directory, heatmap and
 spectrum images for W&B and TensorBoard (see :mod:`geomon._media`). A W&B run also gets, with ``media=True``,
 min / max summaries of each key, the ``geomon-overview/...`` keys, per-head tables under ``geomon-heads/...`` and
-every option under ``geomon`` in its config (see :mod:`geomon.wandb_dashboard`).
+every option under ``geomon`` in its config (see :mod:`geomon.integrations.wandb_dashboard`).
 
 Measurement happens on the first micro-batch of every ``every_n_steps``-th optimizer step (gradient accumulation
 gives one measurement per optimizer step). When one step has fewer head-input rows than a RankMe / neural-collapse
@@ -46,9 +46,9 @@ from torch import Tensor
 from geomon import _media
 from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink, WandbSink
 from geomon.functional._dispatch import Backend
+from geomon.integrations.wandb_dashboard import LIGHTNING_STEP, WandbDashboard, config_value, monitor_settings
 from geomon.labels import LabelKind, default_labels, label_kind, shifts_unknown
 from geomon.monitor import Monitor
-from geomon.wandb_dashboard import LIGHTNING_STEP, WandbDashboard, config_value, monitor_settings
 
 OnAlert = Literal["warn", "checkpoint", "stop"] | Callable[[Any], None]
 
@@ -99,7 +99,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
         query_rows: measure at most this many evenly spaced query rows per attention call.
         media: per-head files, heatmaps and spectra for the loggers that take them; for W&B also the summaries,
-            overview keys, per-head tables and config of :mod:`geomon.wandb_dashboard`.
+            overview keys, per-head tables and config of :mod:`geomon.integrations.wandb_dashboard`.
         alerts: the alert rules (``None``: :func:`geomon.alerts.default_rules`; ``()``: none). Events are logged
             (rank zero), sent to W&B as ``wandb.alert`` when a W&B logger is attached, written to
             ``geomon_alerts.csv`` in each logger's directory, and counted under ``geomon/alerts/<rule>``.

@@ -142,7 +142,10 @@ def test_values_reach_wandb_tensorboard_and_log_history_unprefixed(tmp_path, off
         assert [event.value for event in scalars] == pytest.approx([computed[s][key] for s in (2, 4)], rel=1e-6)
 
     # W&B: the keys as they are, beside the Trainer's step
-    history = _wandb_history(tmp_path, lambda rows: sum(ENTROPY in row for row in rows) >= 2)
+    overview_key = "geomon-overview/entropy_normalized_min"
+    history = _wandb_history(
+        tmp_path, lambda rows: sum(ENTROPY in r for r in rows) + sum(overview_key in r for r in rows) >= 4
+    )
     logged = [row for row in history if ENTROPY in row]
     assert [row["train/global_step"] for row in logged] == [2, 4]
     for row in logged:
@@ -150,6 +153,20 @@ def test_values_reach_wandb_tensorboard_and_log_history_unprefixed(tmp_path, off
         assert {key: row[key] for key in computed[step]} == pytest.approx(computed[step], rel=1e-9)
     assert not any(key.startswith("train/geomon") for row in history for key in row)
     assert any("train/loss" in row for row in history)  # the Trainer's own logs still go there
+    # the dashboard: summaries that apply (min of the normalised entropy over its history), the overview section,
+    # geomon's settings in the run config
+    from tests.wandb_records import config, summary
+
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    final = summary(run_file)
+    for key in (k for k in computed[2] if k.startswith("geomon/attention/entropy_normalized/")):
+        assert final[key] == {"min": pytest.approx(min(computed[s][key] for s in (2, 4)), rel=1e-6)}
+    overview = [row for row in history if overview_key in row]
+    assert [row["train/global_step"] for row in overview] == [2, 4]
+    normalized = [k for k in computed[4] if k.startswith("geomon/attention/entropy_normalized/")]
+    expected_min = min(computed[4][k] for k in normalized)
+    assert overview[-1][overview_key] == pytest.approx(expected_min, rel=1e-6)
+    assert config(run_file)["geomon"]["every_n_steps"] == 2
 
 
 def test_an_alert_reaches_wandb_and_stops_training(tmp_path, offline_wandb):

@@ -15,8 +15,8 @@ pytest.importorskip("wandb")
 
 from geomon._tiny_gpt import TinyGPT  # noqa: E402
 from geomon.callback import GeomonCallback  # noqa: E402
+from geomon.integrations.wandb_dashboard import OVERVIEW_PREFIX, recommended_workspace, workspace_sections  # noqa: E402
 from geomon.monitor import Monitor  # noqa: E402
-from geomon.wandb_dashboard import OVERVIEW_PREFIX, recommended_workspace, workspace_sections  # noqa: E402
 from tests.wandb_records import config, history, metrics, summary  # noqa: E402
 
 NORMALIZED = "geomon/attention/entropy_normalized/"
@@ -214,7 +214,7 @@ def test_the_recommended_workspace_is_built_without_network(runs):
 def test_the_docs_list_every_overview_key_and_section():
     from pathlib import Path
 
-    from geomon.wandb_dashboard import OVERVIEW
+    from geomon.integrations.wandb_dashboard import OVERVIEW
 
     page = (Path(__file__).parents[1] / "docs" / "guides" / "wandb.md").read_text()
     assert all(f"| `{OVERVIEW_PREFIX}{item.name}` |" in page for item in OVERVIEW)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink, WandbSink
 from geomon.functional._dispatch import Backend
+from geomon.integrations.wandb_dashboard import WandbDashboard, config_value, monitor_settings
 from geomon.keys import is_geomon
 from geomon.labels import LabelKind, default_labels, label_kind, shifts_unknown
 from geomon.monitor import Monitor
@@ -50,6 +51,10 @@ OnAlert = Literal["warn", "checkpoint", "stop"] | Callable[[Any], None]
 
 #: The monitor's state in each Trainer checkpoint (``geomon_state_<rank>.pt`` when there are several processes).
 STATE_FILE = "geomon_state.pt"
+
+
+#: the step metric transformers' W&B integration logs with every row
+HF_STEP = "train/global_step"
 
 
 def state_file(rank: int, world_size: int) -> str:
@@ -176,6 +181,7 @@ class GeomonTrainerCallback(TrainerCallback):
         self._measured_step = 0
         self._to_compute = False
         self._pending_state: dict[str, Any] | None = None
+        self._dashboard: WandbDashboard | None = None  # the W&B run's summaries, overview and per-head tables
 
     # setup -----------------------------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
@@ -192,6 +198,9 @@ class GeomonTrainerCallback(TrainerCallback):
         if self.labels_fn is default_labels and self.monitor.head is not None:
             self.label_kind = self.monitor.guard.run("the model's kind", label_kind, model, self.monitor.head)
         self.monitor.alert_engine.sinks = self._sinks(args, state)
+        self._dashboard = None
+        if state.is_world_process_zero:
+            self.monitor.guard.run("the W&B dashboard", self._setup_dashboard)
         if self._pending_state is None and state.global_step > 0:
             self._pending_state = self._saved_state(args, state, resume)
         if self._pending_state is not None:
@@ -216,6 +225,16 @@ class GeomonTrainerCallback(TrainerCallback):
             "to state.log_history only (no report_to integration gets them)",
         )
         return None, None
+
+    def _setup_dashboard(self) -> None:
+        run = getattr(sys.modules.get("wandb"), "run", None)  # the Trainer's W&B integration started it
+        if run is None:
+            return
+        settings = {**monitor_settings(self.monitor), "on_alert": config_value(self.actions),
+                    "action_level": self.action_level, "labels_fn": config_value(self.labels_fn),
+                    "label_kind": self.label_kind}  # fmt: skip
+        self._dashboard = WandbDashboard(run, step_metric=HF_STEP, head=self.monitor.head)
+        self._dashboard.setup(settings, [] if self.monitor.plan is None else self.monitor.plan.keys())
 
     def _sinks(self, args: Any, state: Any) -> list[Sink]:
         sinks: list[Sink] = [LoggingSink()]
@@ -291,10 +310,15 @@ class GeomonTrainerCallback(TrainerCallback):
             return
         control = getattr(self.trainer, "control", None)
         should_log = getattr(control, "should_log", False)
+        dashboard = self._dashboard
+        if dashboard is not None:  # before logging: a W&B summary counts only the values logged after it
+            self.monitor.guard.run("the W&B dashboard", dashboard.define, values)
         with geomon_keys_unprefixed():
             log(values)
         if control is not None:  # the handler's on_log cleared it: the Trainer's own log of this step still runs
             control.should_log = should_log
+        if dashboard is not None:
+            self.monitor.guard.run("the W&B dashboard", dashboard.log, state.global_step, values, self.monitor.details)
 
     def _remove_hook(self) -> None:
         hook, self._hook = self._hook, None
