@@ -41,3 +41,9 @@ def test_hf_trainer_example_logs_unprefixed_keys_to_log_history_and_tensorboard(
     assert [(event.step, event.value) for event in events.Scalars(key)] == [
         (step, pytest.approx(measured[step][key], rel=1e-6)) for step in (10, 20)
     ]
+    pytest.importorskip("matplotlib")
+    from geomon.tools.report import build_report
+
+    report = build_report(log_dir, tmp_path / "report")  # geomon report draws the Trainer's TensorBoard run
+    assert report.html.exists() and any(f.name == "attention_entropy.png" for f in report.figures)
+    assert report.html.read_text().count("transformer.h.1.attn") >= 1
