@@ -4,7 +4,8 @@ Usage::
 
     geomon demo [DEMO ARGS...]                     # train the tiny CPU GPT and print its geometry (geomon.tools.demo)
     geomon report RUN [--out DIR] [--steps S1,S2]  # HTML + PNG report of a logged run
-    geomon inspect MODEL [--seq-len N] [--batch-size B] [--measure] [--json]  # what geomon would watch, and its cost
+    geomon inspect MODEL [--seq-len N] [--batch-size B] [--input-shape C,H,W] [--measure] [--json]  # what geomon
+                                                   # would watch, what it costs, when its first values arrive
 
 ``python -m geomon`` is the same command. Errors a user can fix (a missing path, an unreadable file, a run without
 ``geomon/...`` values, a MODEL that does not load) print one line on stderr and exit with status 2.
@@ -42,6 +43,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    """A sample shape argument (``--input-shape 3,224,224``)."""
+    from geomon.tools.inputs import parse_input_shape
+
+    try:
+        return parse_input_shape(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--measure", action="store_true", help="run one random batch with and without the monitor on the CPU"
     )
     inspect.add_argument("--repeats", type=positive_int, default=3, help="timed forwards with --measure (default 3)")
+    inspect.add_argument(
+        "--input-shape",
+        metavar="C,H,W",
+        type=input_shape,
+        help="one sample's input shape, no batch dimension (default: read off an image model's attributes)",
+    )
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
@@ -145,6 +162,7 @@ def _inspect(args: argparse.Namespace) -> int:
             every_n_steps=args.every_n_steps,
             measure_cost=args.measure,
             repeats=args.repeats,
+            input_shape=args.input_shape,
         )
     except InspectError as error:
         return _error(str(error))

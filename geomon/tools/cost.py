@@ -9,6 +9,9 @@ entering the head (``B·N`` unless ``--measure`` saw the real number), ``D`` the
 - capture: ``Σ_attention 2·B·H·N²·Dh`` (the logits again) + ``2·R·D²`` per embedding probe (its Gram) + per
   collapse probe ``2·R·D² + 4·R·C·D`` (its Gram; nc4's decisions from the second window on);
 - every compute: per logit map ``Σ 2·H·Dh³`` (``R_Q R_Kᵀ``) and two thin QRs ``2·(2·D·Dh² - ⅔·Dh³)`` per head;
+- fill steps: when ``R`` is less than the window, the head input's Gram (and neural collapse's sums and decisions)
+  on the ``min(ceil(window / R), every_n_steps) - 1`` steps before each measured step (see
+  :meth:`geomon.Monitor.fills`), counted in the amortised ratio;
 - per closed window: neural collapse ``4·C·D² + 2·D³ + 4·C²·D`` and the solvers, ``⁴⁄₃·D³`` per symmetric
   eigenvalue solve (two per embedding probe: the Gram's for RankMe, the covariance's for the centred RankMe and
   alpha-ReQ) and ``9·D³`` for NC1's pseudo-inverse.
@@ -44,6 +47,7 @@ from geomon.capture.modules import linear_like
 from geomon.monitor import Monitor
 from geomon.probes import AttentionProbe, CollapseProbe, EmbeddingProbe, LogitMapProbe
 from geomon.probes.plan import Plan, plain_modules
+from geomon.tools.inputs import image_shape, require_image
 from geomon.tools.load import InspectError, one_line, safe_call
 
 #: Most monitored steps --measure runs before it counts one (the first window must close for nc4 to run).
@@ -62,10 +66,31 @@ def matmul_parameters(model: nn.Module) -> int:
     return sum(p.numel() for m in modules for p in m.parameters(recurse=False) if p.ndim >= 2)
 
 
+def plan_head_width(plan: Plan) -> int:
+    """``D`` of the head-input embedding probe (0 without one)."""
+    found = [p.spec[0] for p in plan.of_kind(EmbeddingProbe.kind)
+             if p.module == plan.head and p.source == "input" and p.spec]  # type: ignore[attr-defined]  # fmt: skip
+    return found[0] if found else 0
+
+
+def first_value_step(window: int, rows: int, every_n_steps: int, world_size: int = 1) -> int:
+    """The first logging step whose compute closes a window of ``window`` rows fed ``rows`` per step and process,
+    under the monitor's rule (:meth:`geomon.Monitor.fills`): step 0 is measured, then each period adds its measured
+    step and the ``k - 1`` fill steps before it (``k`` steps a window needs, at most the whole period).
+
+    Example:
+        >>> first_value_step(3072, 8, 50), first_value_step(256, 8, 50), first_value_step(3072, 4096, 50)
+        (400, 50, 0)
+    """
+    per_step = rows * world_size
+    k = math.ceil(window / per_step)
+    return every_n_steps * max(0, math.ceil((k - 1) / min(k, every_n_steps)))
+
+
 def estimate_flops(plan: Plan, found: dict[str, Any], model: nn.Module, *, batch_size: int, seq_len: int,
-                   rows: int | None = None) -> dict[str, Any]:  # fmt: skip
+                   rows: int | None = None, every_n_steps: int = 50) -> dict[str, Any]:  # fmt: skip
     """The cost model of the module docstring, probe by probe of the plan (``rows``: head input rows per step,
-    default ``B·N``).
+    default ``B·N``), and when the head input's first window closes (:func:`first_value_step`).
 
     Example:
         >>> from geomon._tiny_gpt import TinyGPT
@@ -110,6 +135,9 @@ def estimate_flops(plan: Plan, found: dict[str, Any], model: nn.Module, *, batch
             logit_qr += 2 * h * 2 * (2 * width * dh * dh - (2 * dh**3) / 3)
     capture = sum(terms.values())
     per_step = capture + logit_matmul + logit_qr
+    # fill steps (Monitor.fills): the head input's windows are fed on the steps before each measured one as well
+    fill_steps = 0 if window_rows is None else min(math.ceil(window_rows / r), every_n_steps) - 1
+    fill_capture = sum(terms[name] for name in ("nc_gram", "nc4_decisions")) + 2 * r * (plan_head_width(plan) ** 2)
     return {
         "batch_size": b,
         "seq_len": n,
@@ -123,6 +151,10 @@ def estimate_flops(plan: Plan, found: dict[str, Any], model: nn.Module, *, batch
         "ratio": per_step / forward if forward else math.nan,
         "window_rows": window_rows,
         "steps_per_window": None if window_rows is None else math.ceil(window_rows / r),
+        "first_value_step": None if window_rows is None else first_value_step(window_rows, r, every_n_steps),
+        "fill_steps": fill_steps,
+        "fill_step_capture": int(fill_capture),
+        "amortised_ratio": (per_step + fill_steps * fill_capture) / (every_n_steps * forward) if forward else math.nan,
         "window_matmul": int(window_matmul),
         "window_solvers": round(solvers),
         "attention_not_estimated": unknown,
@@ -137,20 +169,32 @@ def estimate_flops(plan: Plan, found: dict[str, Any], model: nn.Module, *, batch
 # -- measuring ---------------------------------------------------------------------------------------------------------
 
 
-def example_input(model: nn.Module, batch_size: int, seq_len: int, generator: torch.Generator) -> Any:
-    """A random input for one forward, from the first of the model's modules that is an embedding, an attention or
-    a linear layer: token ids ``[B, N]`` below the embedding's size (``{"input_ids": ...}`` for a transformers
-    model), else floats ``[B, N, D]`` (``[N, B, D]`` for a non-batch-first ``nn.MultiheadAttention``) of its width.
+def example_input(model: nn.Module, batch_size: int, seq_len: int, generator: torch.Generator,
+                  input_shape: tuple[int, ...] | None = None) -> Any:  # fmt: skip
+    """A random input for one forward: floats ``[B, *input_shape]`` when given; images ``[B, C, H, W]`` for an image
+    model (:func:`geomon.tools.inputs.image_shape`; ``{"pixel_values": ...}`` for a transformers model); else, from
+    the first of the model's modules that is an embedding, an attention or a linear layer: token ids ``[B, N]`` below
+    the embedding's size (``{"input_ids": ...}`` for a transformers model), else floats ``[B, N, D]`` (``[N, B, D]``
+    for a non-batch-first ``nn.MultiheadAttention``) of its width.
 
     Example:
         >>> x = example_input(nn.TransformerEncoderLayer(16, 2), 3, 5, torch.Generator().manual_seed(0))
         >>> list(x.shape)
         [5, 3, 16]
+        >>> list(example_input(nn.Conv2d(3, 4, 8), 2, 5, torch.Generator(), (3, 32, 32)).shape)
+        [2, 3, 32, 32]
     """
     main_input = getattr(model, "main_input_name", None)  # transformers models name the input they take
-    if main_input not in (None, "input_ids"):
-        raise InspectError(f"--measure builds token ids or [B, N, D] floats; this model takes {main_input}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    require_image(model, input_shape)
+    image = image_shape(model)
+    if input_shape is not None or image is not None:
+        shape = input_shape or image[0]  # type: ignore[index]
+        x = torch.randn(batch_size, *shape, generator=generator).to(device)
+        return {main_input: x} if main_input not in (None, "input_ids") else x
+    if main_input not in (None, "input_ids"):
+        raise InspectError(f"--measure builds token ids, images or [B, N, D] floats; this model takes {main_input}: "
+                           "pass --input-shape")  # fmt: skip
     getter = getattr(model, "get_input_embeddings", None)
     first = safe_call(getter) if callable(getter) else None
     if not isinstance(first, nn.Embedding):
@@ -183,15 +227,15 @@ def _shape(inputs: Any) -> str:
     return str(list(inputs.shape))
 
 
-def measure(model: nn.Module, plan: Plan, *, batch_size: int, seq_len: int, repeats: int = 3,
-            seed: int = 0) -> dict[str, Any]:  # fmt: skip
+def measure(model: nn.Module, plan: Plan, *, batch_size: int, seq_len: int, repeats: int = 3, seed: int = 0,
+            input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:  # fmt: skip
     """One random batch through ``model`` (train mode, autograd on, no backward) with and without a default
     :class:`geomon.Monitor` measuring every step: median times, FLOPs counted by :func:`flop_counter`, the
     attention modules that reported values (with the head counts in the monitor's plan), and the keys it logged.
     FLOPs are counted on the first step after the first window of the head's input closed (at most
     :data:`MAX_WARM_STEPS` steps in), where the steady-state cost model applies."""
     generator = torch.Generator().manual_seed(seed)
-    inputs = example_input(model, batch_size, seq_len, generator)
+    inputs = example_input(model, batch_size, seq_len, generator, input_shape)
     collapse = plan.of_kind(CollapseProbe.kind)
     window = next((p.min_rows for p in plan.of_kind(EmbeddingProbe.kind)
                    if p.module == plan.head and p.source == "input"), None)  # type: ignore[attr-defined]  # fmt: skip

@@ -28,6 +28,7 @@ from geomon.probes import AttentionProbe, CollapseProbe, LogitMapProbe
 from geomon.probes.logit_map import qk_weights
 from geomon.probes.plan import AUTO_COLLAPSE_MAX_ELEMENTS, MIB, Plan, build_plan, plain_modules, plain_name
 from geomon.tools.cost import estimate_flops, measure
+from geomon.tools.inputs import image_shape, image_tokens, require_image
 from geomon.tools.load import InspectError, load_model, one_line, safe_call
 
 __all__ = ["InspectError", "describe", "estimate_flops", "inspect", "jsonable", "measure", "render"]
@@ -175,21 +176,31 @@ def _mib(n_bytes: float) -> str:
 
 
 def inspect(spec: str, *, seq_len: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, every_n_steps: int = 50,
-            measure_cost: bool = False, repeats: int = 3) -> dict[str, Any]:  # fmt: skip
+            measure_cost: bool = False, repeats: int = 3, input_shape: tuple[int, ...] | None = None,
+            ) -> dict[str, Any]:  # fmt: skip
     """Everything ``geomon inspect`` prints, as one JSON-able dict (see the module docstring)."""
     loaded = load_model(spec, materialise=measure_cost)
     model = loaded.model
     plan, found = describe(model, every_n_steps=every_n_steps)
     notes = found.pop("notes")
+    require_image(model, input_shape)
+    image = image_shape(model)
+    if image is not None and input_shape is None:
+        input_shape = image[0]
+        if not image[1]:
+            notes.append(f"the model does not say its image size: {'x'.join(map(str, input_shape))} assumed "
+                         "(pass --input-shape C,H,W)")  # fmt: skip
+    tokens = None if image is None else image_tokens(model, input_shape)  # type: ignore[arg-type]
     limit = max_positions(model, loaded.config)
     if seq_len is None:
-        seq_len = min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
+        seq_len = tokens or (min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN)
     elif limit is not None and seq_len > limit:
         notes.append(f"--seq-len {seq_len} is longer than the model's {limit} positions; using {limit}")
         seq_len = limit
     measured = None
     if measure_cost:
-        measured = measure(model, plan, batch_size=batch_size, seq_len=seq_len, repeats=repeats)
+        measured = measure(model, plan, batch_size=batch_size, seq_len=seq_len, repeats=repeats,
+                           input_shape=input_shape if image is not None or input_shape else None)  # fmt: skip
         planned, seen = {info["module"] for info in found["attention"]}, set(measured["seen_attention"])
         if seen - planned:
             notes.append(f"attention seen at run time in modules not in the plan: {', '.join(sorted(seen - planned))}")
@@ -198,17 +209,24 @@ def inspect(spec: str, *, seq_len: int | None = None, batch_size: int = DEFAULT_
         notes += [f"warning during the measured forward: {warning}" for warning in measured["warnings"]
                   if "neural collapse is off" not in warning]  # already said, with the reason  # fmt: skip
     rows = measured["rows_per_step"] if measured else None
-    cost = estimate_flops(plan, found, model, batch_size=batch_size, seq_len=seq_len, rows=rows)
+    if rows is None and plan.head is not None:
+        if image is not None:  # a classifier: one row per image enters the head
+            rows = batch_size
+            notes.append("rows per step assumed B, one per image (an image classifier's head); --measure reads the "
+                         "real number")  # fmt: skip
+        else:
+            notes.append("rows per step assumed B·N (a token-level head); --measure reads the real number")
+    cost = estimate_flops(plan, found, model, batch_size=batch_size, seq_len=seq_len, rows=rows,
+                          every_n_steps=every_n_steps)  # fmt: skip
     if cost["attention_not_estimated"]:
         notes.append(
             f"attention FLOPs of {', '.join(cost['attention_not_estimated'])} not estimated: head count unknown"
         )
-    if rows is None and plan.head is not None:
-        notes.append("rows per step assumed B·N (a token-level head); --measure reads the real number")
     return {
         "model": spec,
         "source": loaded.source,
         "description": loaded.description,
+        "input_shape": None if input_shape is None else list(input_shape),
         "class": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
         **found,
@@ -287,12 +305,18 @@ def sections(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str
         ["capture during the forward", _flops(cost["capture"])],
         ["logit maps, every compute", _flops(cost["compute_matmul"] + cost["compute_qr"])],
         ["extra per monitored step / forward", f"{cost['ratio']:.1%}"],
-        [f"amortised over every_n_steps={report['every_n_steps']}", f"{cost['ratio'] / report['every_n_steps']:.2%}"],
+        [
+            f"amortised over every_n_steps={report['every_n_steps']}, {cost['fill_steps']} fill step(s) included",
+            f"{cost['amortised_ratio']:.2%}",
+        ],
     ]
     if cost["window_rows"] is not None:
         window = f"{cost['window_rows']} rows = {cost['steps_per_window']} step(s) of {cost['rows_per_step']}"
         solvers = _flops(cost["window_matmul"] + cost["window_solvers"])
-        cost_rows += [["window (rows per step)", window], ["per closed window (solvers + NC)", solvers]]
+        first, every = cost["first_value_step"], report["every_n_steps"]
+        first_text = f"step {first} ({first // every} logging interval(s) of {every} steps)"
+        cost_rows += [["window (rows per step)", window], ["first RankMe / neural collapse value", first_text],
+                      ["per closed window (solvers + NC)", solvers]]  # fmt: skip
     if measured:
         capture = f"{measured['monitored_forward_s'] * 1e3:.1f} ms, capture {_flops(measured['capture_flops'])}"
         ratio = f"time {measured['time_overhead']:+.1%}, matmul FLOPs {measured['flop_overhead']:+.1%}"
