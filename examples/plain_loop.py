@@ -17,7 +17,7 @@ The loop's whole geomon API::
 
     monitor = Monitor(every_n_steps=10).attach(model)
     for step, (x, y) in enumerate(batches):
-        with monitor.step(step, labels=y):       # off-schedule steps: no hooks, no work
+        with monitor.step(step, labels=y):       # off-schedule steps: no hooks, no work (fill steps aside)
             loss = loss_fn(model(x), y)
         ...                                        # backward, optimizer step
         if monitor.is_scheduled(step):

@@ -79,3 +79,20 @@ def test_loss_spike_definition():
     assert loss_spike([2.0] * 100 + [3.0] * 50) == 108
     assert loss_spike([2.0] * 100 + [2.3] * 50) is None  # 15% up: below the 1.2 factor
     assert loss_spike([2.0, 1.9, float("nan")]) == 2
+
+
+def test_window_fill_benchmark_quick_run_prints_the_fill_step_ratio(tmp_path):
+    pytest.importorskip("torchvision")
+    out = tmp_path / "window_fill.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "window_fill.py"), "--quick", "--threads", "1", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # quick: D = 32, a window of 128 rows = 16 steps of 8: 15 fill steps before each measured step, first value at 50
+    pattern = r"^fill-step ratio \d+\.\d{3} \[\d+\.\d{3}, \d+\.\d{3}\], mean ratio \d+\.\d{3} \(15 fill, 1 measured, "
+    assert re.search(pattern + r"43 idle steps; first RankMe at step 50; weights bit-identical: True\)", proc.stdout)
+    text = out.read_text()
+    assert text.startswith("# geomon window fill") and "- machine: " in text and "| yes |" in text

@@ -24,12 +24,18 @@ def timm_vit():
     import timm
     torch.manual_seed(0)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10, depth=2)
+
+def hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, intermediate_size=128, num_labels=10))
 """
 
 
 @pytest.fixture
 def factories(tmp_path):
-    path = tmp_path / "vits.py"
+    path = tmp_path / f"vits_{tmp_path.name}.py"  # a module name of its own: imported modules are cached by name
     path.write_text(FACTORIES)
     return path
 
@@ -49,13 +55,18 @@ def first_logged_step(model, key, steps=201):
 
 @pytest.mark.parametrize(
     ("factory", "package", "head", "tokens"),
-    [("torchvision_vit", "torchvision", "heads.head", 17), ("timm_vit", "timm", "head", 5)],
+    [
+        ("torchvision_vit", "torchvision", "heads.head", 17),
+        ("timm_vit", "timm", "head", 5),
+        ("hf_vit", "transformers", "classifier", 17),
+    ],
 )
 def test_measure_runs_an_image_model_and_states_when_the_first_value_arrives(factories, factory, package, head, tokens):
     pytest.importorskip(package)
     report = inspect(f"{factories}:{factory}", measure_cost=True, repeats=1)
     measured, cost = report["measured"], report["cost"]
-    assert measured["input"] == "[8, 3, 32, 32]" and report["input_shape"] == [3, 32, 32]
+    assert measured["input"].endswith("[8, 3, 32, 32]") and report["input_shape"] == [3, 32, 32]
+    assert measured["input"].startswith("pixel_values=") == (package == "transformers")  # its keyword argument
     assert measured["rows_per_step"] == 8 and cost["rows_per_step"] == 8  # one row per image enters the head
     assert cost["seq_len"] == tokens  # patches + class token: the attention cost model's N
     assert len(measured["seen_attention"]) == 2  # both blocks reported their attention on the random images
