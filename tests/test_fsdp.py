@@ -233,15 +233,15 @@ def test_fsdp2_values_equal_one_process_on_the_same_global_batches(fsdp2_ranks):
     for name in ("blocks.0.attn.qkv", "head"):  # the run trained the one-process model's weights
         torch.testing.assert_close(state[f"{name}.weight"], single_model.get_submodule(name).weight.detach(),
                                    rtol=1e-3, atol=1e-4)  # fmt: skip
-    # the logit map of each head, W_Q,hᵀ W_K,h (D x D) formed explicitly, against geomon's QR route
+    # the logit map of each head, W_Q,hᵀ W_K,h (D x D) formed explicitly, against geomon's warm power iteration
+    # (exact at the first compute, a float32 estimate from below on the later ones)
     for layer in (0, 1):
         w_q, w_k, _ = state[f"blocks.{layer}.attn.qkv.weight"].double().chunk(3)
         heads = [w_q[h * 8 : h * 8 + 8].T @ w_k[h * 8 : h * 8 + 8] for h in range(4)]
         exact = max(float(torch.linalg.matrix_norm(m, 2)) for m in heads) / math.sqrt(8)
         for rank in ranks:
-            assert float(rank["values"][-1][f"geomon/spectral/logit_sigma/blocks.{layer}.attn"]) == pytest.approx(
-                exact, rel=1e-9
-            )
+            sigma = float(rank["values"][-1][f"geomon/spectral/logit_sigma/blocks.{layer}.attn"])
+            assert exact * (1 - 1e-5) <= sigma <= exact * (1 + 1e-6)
 
 
 @pytest.mark.slow

@@ -2,7 +2,17 @@
 
 Head ``h`` scores ``s_ij = scale · x_iᵀ W_Q,hᵀ W_K,h x_j``; its logit map ``A_h = W_Q,hᵀ W_K,h`` is ``D x D``, but
 ``σ(A_h) = σ(R_Q,h R_K,hᵀ)`` with ``W_Q,hᵀ = Q_Q,h R_Q,h`` and ``W_K,hᵀ = Q_K,h R_K,h`` (thin QR, ``R`` is
-``Dh x Dh``), so nothing larger than ``D x Dh`` is formed: ``O(H·D·Dh²)`` FLOPs per layer, in float64.
+``Dh x Dh``), so nothing larger than ``D x Dh`` is formed: ``O(H·D·Dh²)`` FLOPs per layer, in float64
+(:func:`logit_map_sigma`, the exact form). ``logit_sigma`` is logged by warm-started power iteration instead, as
+:func:`geomon.functional.spectral_norm` does for a weight (:func:`logit_map_sigma_power`): the first compute takes
+the exact form and keeps each head's left singular vector ``u_h`` (``[H, D]``, in the probe's state and
+checkpoints); each later one advances ``u_h`` by a few power steps through matrix-vector products
+``A_h v = W_Q,hᵀ (W_K,h v)`` (:attr:`LogitMapProbe.power_steps` steps of ``4·D·Dh`` multiply-adds per head, nothing
+of size ``D x D``, no QR or SVD, no host sync unless :attr:`LogitMapProbe.power_tol` asks for a convergence check), and
+logs ``σ_h ≈ |A_hᵀ u_h|``, a lower bound that converges to ``σ_h``: the warm start tracks weights that move a little
+between computes, as training moves them. ``LogitMapProbe.method = "exact"`` (class-wide, or on
+one probe) logs the exact form on every compute instead. The entropy bound below
+always uses the exact form: a bound must not rest on an estimate from below.
 
 With rotary position embeddings the logits are ``x_iᵀ W_Qᵀ R_{j-i} W_K x_j`` (``R_r`` a rotation by the offset):
 every offset has its own logit map, whose norm differs from ``σ(W_Qᵀ W_K)`` (the map at offset 0 only), so for such
@@ -30,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +52,7 @@ from geomon._guard import Guard
 from geomon.capture._session import AttentionCall, in_backward
 from geomon.capture.modules import weight_out_in
 from geomon.functional import entropy_lower_bound
+from geomon.functional.spectral_norm import _normalize_or_keep
 from geomon.probes._sync import whole
 from geomon.probes.base import Context, Probe, Step, Values
 
@@ -190,6 +201,82 @@ def logit_map_sigma(w_q: Tensor, w_k: Tensor, scale: float) -> Tensor:
     return torch.linalg.matrix_norm(r_q @ r_k.transpose(1, 2), 2) * scale
 
 
+def _logit_map_svd(w_q: Tensor, w_k: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """The exact form of :func:`logit_map_sigma`, with each head's left singular vector ``[H, D]``:
+    ``A_h = Q_Q,h (R_Q,h R_K,hᵀ) Q_K,hᵀ``, so ``u_h = Q_Q,h`` times the first left singular vector of the small
+    factor."""
+    w_q, w_k = w_q.double(), w_k.double()
+    w_k = w_k.repeat_interleave(w_q.shape[0] // w_k.shape[0], dim=0)
+    q_q, r_q = torch.linalg.qr(w_q.transpose(1, 2))
+    r_k = torch.linalg.qr(w_k.transpose(1, 2)).R
+    left, sigma, _ = torch.linalg.svd(r_q @ r_k.transpose(1, 2))
+    return sigma[:, 0] * scale, (q_q @ left[..., :1]).squeeze(-1)
+
+
+def _power_steps(w_q: Tensor, w_k: Tensor, u: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """``steps`` power steps on every head's ``A_h = W_Q,hᵀ W_K,h`` from the unit rows ``u [H, D]``; returns the new
+    ``u`` and the estimate ``|A_hᵀ u_h|`` at it (``[H]``). Every product is a row vector times a weight (``[1, Dh]``
+    times ``[Dh, D]``, or against its transposed view), and the ``G`` query heads of a key head are one ``[G, Dh]``
+    times ``[Dh, D]`` product with that key head's weight: nothing is copied or expanded."""
+    h, dh, d = w_q.shape
+    hk = w_k.shape[0]
+    rows = u.unsqueeze(1)  # [H, 1, D]
+
+    def transposed(rows: Tensor) -> Tensor:  # A_hᵀ u_h = W_K,hᵀ (W_Q,h u_h), unnormalised, [H, 1, D]
+        queries = torch.bmm(rows, w_q.mT).reshape(hk, h // hk, dh)
+        return torch.bmm(queries, w_k).reshape(h, 1, d)
+
+    v = torch.zeros_like(rows)
+    for _ in range(steps):
+        v = _normalize_or_keep(transposed(rows), v)
+        keys_ = torch.bmm(v.reshape(hk, h // hk, d), w_k.mT).reshape(h, 1, dh)  # W_K,h v_h
+        rows = _normalize_or_keep(torch.bmm(keys_, w_q), rows)  # A_h v_h = W_Q,hᵀ (W_K,h v_h)
+    return rows.squeeze(1), transposed(rows).squeeze(1).norm(dim=-1)
+
+
+def logit_map_sigma_power(
+    w_q: Tensor,
+    w_k: Tensor,
+    scale: float,
+    u: Tensor | None = None,
+    *,
+    steps: int = 4,
+    tol: float | None = None,
+    max_steps: int = 16,
+) -> tuple[Tensor, Tensor]:
+    """``σ(W_Q,hᵀ W_K,h) · scale`` per query head ``[H]`` by warm-started power iteration through matrix-vector
+    products (module docstring), and the vectors ``[H, D]`` to pass next time. The products run in float32 (float64
+    for float64 weights: a float32 estimate is good to about 1e-6 relative); the value is returned as float64.
+
+    ``u=None`` (a cold start) takes the exact form's singular vectors (:func:`logit_map_sigma`'s QR + SVD, once).
+    A warm start takes ``steps`` power steps and never syncs; with ``tol``, more blocks of ``steps`` follow while
+    some head's estimate still moved by more than ``tol`` (relative) over the last block, up to ``max_steps`` in all
+    (each check reads one flag on the host). Query head ``h`` reads key head ``h // (H / Hk)``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> w_q, w_k = (torch.randn(h, 8, 32, generator=g, dtype=torch.float64) for h in (4, 2))
+        >>> sigma, u = logit_map_sigma_power(w_q, w_k, 0.5)  # cold: the exact value and its vectors
+        >>> w_q = w_q + 1e-3 * torch.randn(w_q.shape, generator=g, dtype=torch.float64)  # a training step
+        >>> sigma, u = logit_map_sigma_power(w_q, w_k, 0.5, u)  # warm: a few matrix-vector products
+        >>> bool(torch.allclose(sigma, logit_map_sigma(w_q, w_k, 0.5), rtol=1e-10))
+        True
+    """
+    if u is None:
+        return _logit_map_svd(w_q, w_k, scale)
+    dtype = torch.float64 if torch.float64 in (w_q.dtype, w_k.dtype) else torch.float32  # no copy of fp32 weights
+    w_q, w_k = w_q.detach().to(dtype), w_k.detach().to(dtype)
+    u = u.detach().to(device=w_q.device, dtype=dtype)
+    before = None if tol is None else _power_steps(w_q, w_k, u, 0)[1]
+    done = 0
+    while True:
+        u, after = _power_steps(w_q, w_k, u, steps)
+        done += steps
+        if before is None or done >= max_steps or bool(((after - before).abs() <= tol * after).all()):
+            return after.double() * scale, u
+        before = after
+
+
 def bound_sigma(layout: QKLayout) -> Tensor:
     """Per query head, ``σ`` of the logit map that Theorem 3.1 needs, biases folded in (module docstring): with a
     query bias, ``σ([W_Q, b_Q]ᵀ [W_K, 0]) · scale``, to be multiplied by ``|[X, 1]|₂²``; else the logit-map σ."""
@@ -229,6 +316,14 @@ class LogitMapProbe(Probe):
 
     kind = "logit_map"
     weight_based = True
+    #: how ``logit_sigma`` is computed: ``"power"``, warm-started power iteration (module docstring), or
+    #: ``"exact"``, :func:`logit_map_sigma` (float64 QR + SVD) on every compute
+    method: ClassVar[Literal["power", "exact"]] = "power"
+    #: power steps per block (see :func:`logit_map_sigma_power`; the first compute takes the exact form's vectors)
+    power_steps: ClassVar[int] = 4
+    #: ``None``: one block per compute, no host sync; a float: blocks repeat while an estimate moves by more than
+    #: this (relative), up to 16 steps (see :func:`logit_map_sigma_power`)
+    power_tol: ClassVar[float | None] = None
 
     def __init__(self, name: str, *, bound: bool = False, query_bias: bool = False) -> None:
         super().__init__(name, ())
@@ -236,6 +331,7 @@ class LogitMapProbe(Probe):
         self.query_bias = query_bias  #: record |[X, 1]|₂², the inputs of a query bias folded in
         self.seen = _Measured()
         self.rotary: str | None = None  #: the rotary argument a forward was seen with (sticky)
+        self.u: Tensor | None = None  #: per query head, the power iteration's left singular vector [H, D]
 
     @property
     def module(self) -> str | None:
@@ -330,6 +426,23 @@ class LogitMapProbe(Probe):
             return "it has a query bias that it did not have at attach"
         return None
 
+    def _sigma(self, layout: QKLayout) -> Tensor:
+        """The logit-map σ per head, by :attr:`method`."""
+        if self.method == "exact":
+            return logit_map_sigma(layout.w_q, layout.w_k, layout.scale)
+        expected = (layout.w_q.shape[0], layout.w_q.shape[2])
+        warm = self.u is not None and tuple(self.u.shape) == expected
+        sigma, self.u = logit_map_sigma_power(layout.w_q, layout.w_k, layout.scale, self.u if warm else None,
+                                              steps=self.power_steps, tol=self.power_tol)  # fmt: skip
+        return sigma
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.u is None else {"u": self.u.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        u = state.get("u") if state else None
+        self.u = None if u is None else u.clone()
+
     def compute(self, context: Context, out: Values) -> None:
         seen, self.seen = self.seen, _Measured()
         layout = qk_layout(context.modules[self.name])
@@ -345,7 +458,7 @@ class LogitMapProbe(Probe):
                 "σ(W_Qᵀ W_K) is only the map at offset 0; the entropy bound is not logged either",
             )
             return
-        sigma = logit_map_sigma(layout.w_q, layout.w_k, layout.scale)
+        sigma = self._sigma(layout)
         key = keys.key(keys.LOGIT_SIGMA, self.name)
         out.scalars[key], out.details[key] = sigma.max(), sigma
         if not self.bound:

@@ -8,7 +8,10 @@ entering the head (``B·N`` unless ``--measure`` saw the real number), ``D`` the
 - forward: ``2·B·N·P + Σ_attention 4·B·H·N²·Dh`` (``P``: entries of the 2-D weights of non-embedding modules);
 - capture: ``Σ_attention 2·B·H·N²·Dh`` (the logits again) + ``2·R·D²`` per embedding probe (its Gram) + per
   collapse probe ``2·R·D² + 4·R·C·D`` (its Gram; nc4's decisions from the second window on);
-- every compute: per logit map ``Σ 2·H·Dh³`` (``R_Q R_Kᵀ``) and two thin QRs ``2·(2·D·Dh² - ⅔·Dh³)`` per head;
+- every compute: per logit map ``2·H·Dh·D·(4·s + 2)``, ``s`` = ``LogitMapProbe.power_steps`` warm power steps of four
+  matrix-vector products per head and the estimate's two (the first compute, and every one under
+  ``LogitMapProbe.method = "exact"``, takes ``Σ 2·H·Dh³`` (``R_Q R_Kᵀ``) and two thin QRs ``2·(2·D·Dh² - ⅔·Dh³)`` per
+  head instead);
 - fill steps: when ``R`` is less than the window, the head input's Gram (and neural collapse's sums and decisions)
   on the ``min(ceil(window / R), every_n_steps) - 1`` steps before each measured step (see
   :meth:`geomon.Monitor.fills`), counted in the amortised ratio;
@@ -131,8 +134,11 @@ def estimate_flops(plan: Plan, found: dict[str, Any], model: nn.Module, *, batch
             solvers += 9 * d**3
         elif isinstance(probe, LogitMapProbe):
             h, dh, width = (logit_maps[probe.name][k] for k in ("heads", "head_dim", "width"))
-            logit_matmul += 2 * h * dh**3
-            logit_qr += 2 * h * 2 * (2 * width * dh * dh - (2 * dh**3) / 3)
+            if probe.method == "power":  # the steady state: warm power steps (the first compute is exact)
+                logit_matmul += 2 * h * dh * width * (4 * probe.power_steps + 2)
+            else:
+                logit_matmul += 2 * h * dh**3
+                logit_qr += 2 * h * 2 * (2 * width * dh * dh - (2 * dh**3) / 3)
     capture = sum(terms.values())
     per_step = capture + logit_matmul + logit_qr
     # fill steps (Monitor.fills): the head input's windows are fed on the steps before each measured one as well
@@ -160,7 +166,8 @@ def estimate_flops(plan: Plan, found: dict[str, Any], model: nn.Module, *, batch
         "attention_not_estimated": unknown,
         "formula": (
             "forward = 2·B·N·P + Σ_attn 4·B·H·N²·Dh; capture = Σ_attn 2·B·H·N²·Dh + 2·R·D² per embedding Gram "
-            "+ NC 2·R·D² + 4·R·C·D; every compute: logit maps Σ 2·H·Dh³ + QR; per window: NC 4·C·D² + 2·D³ + 4·C²·D "
+            "+ NC 2·R·D² + 4·R·C·D; every compute: logit maps Σ 2·H·Dh·D·(4·steps + 2) (warm power steps); "
+            "per window: NC 4·C·D² + 2·D³ + 4·C²·D "
             "+ solvers (4/3·D³ per eigvalsh, 9·D³ NC pinv); FLOPs = 2 x multiply-adds of matrix products"
         ),
     }
