@@ -168,3 +168,44 @@ def test_lightning_callback_logs_the_classifiers_first_rankme_at_the_first_perio
     taken = [0, *range(19, 51)]  # the measured step 0, then the 31 fill steps before step 50, and step 50
     z = torch.cat([module.rows[s] for s in taken])
     assert logger.logged[50][key] == pytest.approx(rankme_reference(z), rel=1e-5)  # logged as float32
+
+
+def _forward_only(monitor: Monitor, rank: int | None, world: int) -> dict[str, float]:
+    """Steps 0..50 of forward passes on the global batches of 8 (a rank takes its share); the values at step 50."""
+    model = vit(64).eval()
+    monitor.attach(model)
+    data = torch.Generator().manual_seed(3)
+    values = {}
+    for step in range(EVERY + 1):
+        x = torch.randn(BATCH, 3, 32, 32, generator=data)
+        y = torch.randint(0, CLASSES, (BATCH,), generator=data)
+        if rank is not None:
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        with torch.no_grad(), monitor.step(step, labels=y):
+            model(x)
+        if monitor.is_scheduled(step):
+            values = {key: float(value) for key, value in monitor.compute(step).items()}
+    return values
+
+
+def _ddp_body(rank, world):
+    monitor = Monitor()
+    values = _forward_only(monitor, rank, world)
+    return values, [s for s in range(1, EVERY) if monitor.fills(s)]
+
+
+def test_two_ranks_fill_the_window_as_one_process_on_the_union(tmp_path):
+    import torch.distributed as dist
+
+    from tests.ranks import spawn
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("this torch build has no gloo backend")
+    reference = _forward_only(Monitor(), None, 1)
+    assert KEY in reference
+    for values, fills in spawn(_ddp_body, tmp_path):
+        # 4 rows a step on each of 2 ranks: the same 32 steps fill the 256-row window as 8 rows on one process
+        assert fills == list(range(19, EVERY))
+        assert values.keys() == reference.keys()
+        for key, value in reference.items():
+            assert values[key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), key
