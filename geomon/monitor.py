@@ -97,10 +97,10 @@ class Monitor:
         entropy_bound: also log Theorem 3.1's entropy lower bound per attention layer where the measured step
             shows that it holds (self-attention without causal rows, masks, additive biases, rotary embeddings or
             QK-norm; query biases are folded in), with one warning per layer where it does not (see
-            :mod:`geomon.probes.logit_map`); the inputs' largest singular value is measured on the measured step: a
-            batched SVD per layer. The logit maps' spectral norms ``geomon/spectral/logit_sigma/<module>`` (not for
-            rotary layers) and, for σReparam layers, ``reparam_gamma``, ``reparam_sigma`` and ``reparam_ratio`` are
-            always logged.
+            :mod:`geomon.probes.logit_map`); the measured forwards' inputs are held (by reference) until ``compute``,
+            which takes their largest singular value: a batched SVD per layer, none in the forward. The logit maps'
+            spectral norms ``geomon/spectral/logit_sigma/<module>`` (not for rotary layers) and, for σReparam
+            layers, ``reparam_gamma``, ``reparam_sigma`` and ``reparam_ratio`` are always logged.
         window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
         query_rows: if set, measure at most this many evenly spaced query rows per attention call.
         alerts: rules evaluated on every :meth:`compute` given a ``step`` (``None``: the default rules: entropy

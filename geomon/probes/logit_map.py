@@ -291,7 +291,8 @@ def bound_sigma(layout: QKLayout) -> Tensor:
 class _Measured:
     """What one measured step showed of a layer (see the module docstring)."""
 
-    inputs: list[tuple[Tensor, int]] = field(default_factory=list)  #: per forward: (max |X'|₂² over sequences, T)
+    #: per forward: (its input X [B, T, D], detached, not copied; X's version counter then; T)
+    inputs: list[tuple[Tensor, int, int]] = field(default_factory=list)
     augmented: bool = False  #: the inputs carry the constant coordinate of a query bias
     why: str | None = None  #: a reason read off the forward's arguments
     calls: int = 0
@@ -308,11 +309,25 @@ def _mask_matters(mask: Tensor) -> Tensor:
     return (mask != 0).any()
 
 
+def _input_gram(x: Tensor, augmented: bool, chunk: int = 64) -> Tensor:
+    """``max_b |X_b|₂²`` over the sequences of ``x [B, T, D]`` in float64, ``X_b`` with a constant 1 column appended
+    when ``augmented`` (a query bias folded in); ``chunk`` sequences at a time, so the float64 copy stays small."""
+    out = []
+    for part in x.split(chunk):
+        part = part.double()
+        if augmented:
+            part = torch.cat([part, torch.ones_like(part[..., :1])], dim=-1)
+        out.append(torch.linalg.matrix_norm(part, 2).amax())
+    return torch.stack(out).amax().square()
+
+
 class LogitMapProbe(Probe):
     """``geomon/spectral/logit_sigma/<module>`` (largest over heads, per head in details) of an attention module
     with a known layout and, with ``bound=True``, ``geomon/spectral/entropy_bound/<module>`` where Theorem 3.1 holds
-    on the measured step (module docstring); a forward pre-hook records the inputs' ``max σ_max(X)²``, the sequence
-    length and what the arguments show (rotary embeddings, a separate key source)."""
+    on the measured step (module docstring); a forward pre-hook keeps a reference to the measured forwards' inputs
+    (no copy, no work: their ``max σ_max(X)²`` is an SVD, taken at compute time, where a host sync is allowed) and
+    records what the arguments show (rotary embeddings, a separate key source). The inputs are held until the next
+    compute (one activation per layer and measured forward); one modified in place after its forward gets no bound."""
 
     kind = "logit_map"
     weight_based = True
@@ -381,11 +396,9 @@ class LogitMapProbe(Probe):
             return
         if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
             x = x.transpose(0, 1)
-        x = x.detach().double()
-        if self.query_bias:
-            x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
-            seen.augmented = True
-        seen.inputs.append((torch.linalg.matrix_norm(x, 2).amax().square(), x.shape[1]))
+        # no work here: |X|₂ is an SVD, a host sync on CUDA; the rows are read at compute time (_input_gram)
+        seen.augmented = self.query_bias
+        seen.inputs.append((x.detach(), x._version, x.shape[1]))
 
     def note_call(self, call: AttentionCall) -> None:
         """Record an attention computation that the capture attributed to this module on the measured step."""
@@ -414,7 +427,9 @@ class LogitMapProbe(Probe):
         if seen.causal:
             return ("its rows are causal: row i sees i keys, so a bound for T keys is not one for them, and the "
                     "only value below every row is 0 (the first row has one key and entropy 0)")  # fmt: skip
-        lengths = {t for _, t in seen.inputs}
+        if any(x._version != version for x, version, _ in seen.inputs):
+            return "its input was modified in place after its forward, so the rows it attended over are gone"
+        lengths = {t for _, _, t in seen.inputs}
         if any(nq != nk or nk not in lengths for nq, nk in seen.counts):
             return (f"its computations' (query, key) counts {sorted(seen.counts)} are not its input lengths "
                     f"{sorted(lengths)} (a cache, extra keys or cross-attention)")  # fmt: skip
@@ -469,7 +484,7 @@ class LogitMapProbe(Probe):
                                     f"{self.name!r} (Theorem 3.1 does not hold there): {why}")  # fmt: skip
             return
         map_sigma = bound_sigma(layout).max()
-        bounds = [entropy_lower_bound(map_sigma * gram, t) for gram, t in seen.inputs]
+        bounds = [entropy_lower_bound(map_sigma * _input_gram(x, seen.augmented), t) for x, _, t in seen.inputs]
         out.scalars[keys.key(keys.ENTROPY_BOUND, self.name)] = torch.stack(bounds).amin()
 
 
