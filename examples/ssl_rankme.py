@@ -19,19 +19,21 @@ rescaled in intensity by 0.6-1.4, plus Gaussian noise (std 0.05). A ``backbone``
 geomon watches both without labels: ``Monitor(embedding_modules=["backbone", "projector"])`` hooks the two
 modules' outputs on every ``--every``-th training step (both views, in training mode) and reports
 ``geomon/rankme/<module>`` and ``geomon/alpha_req/<module>`` (D = 256 > 100) each time a window of ``4 x D = 1024``
-rows is full, i.e. every second measured step. The ``rank_collapse`` rule watches them with a floor of 10% of D
-(``--alert-ratio``; the default rule's 1% is meant for LM residual streams, and its relative test, half of a running
-baseline, lets a slow, steady fall like this one through).
+rows is full: a step brings 512 rows, so the window also takes the step before each measured one (a fill step, see
+docs/guides/monitoring.md#windows-that-fill) and a value comes every measured step from step 5. The
+``rank_collapse`` rule watches them with a floor of 10% of D (``--alert-ratio``; the default rule's 1% is meant for
+LM residual streams, and its relative test, half of a running baseline, lets a slow, steady fall like this one
+through).
 
-What it printed here (torch 2.x, one CPU thread), RankMe of the first window (steps 0 and 5) -> step 1000:
+What it printed here (torch 2.x, one CPU thread), RankMe of the first window (steps 0, 4 and 5) -> step 1000:
 
-- projector: ``no_covariance`` 146 -> 6.8, ``vicreg`` 159 -> 82; ``rank_collapse`` fires on the collapse at step
-  135 (RankMe 23.8 < 25.6), never on ``vicreg``;
-- projector alpha-ReQ: ``no_covariance`` 1.25 -> 0.81, ``vicreg`` 1.27 -> 3.08. Read with care: the fit starts at
+- projector: ``no_covariance`` 144 -> 6.6, ``vicreg`` 158 -> 82; ``rank_collapse`` fires on the collapse at step
+  115 (RankMe 24.9 < 25.6), never on ``vicreg``;
+- projector alpha-ReQ: ``no_covariance`` 1.28 -> 0.77, ``vicreg`` 1.30 -> 3.09. Read with care: the fit starts at
   rank 11, beyond the handful of directions the collapsed embedding has left, so it sees a flat noise floor
   (small alpha) where the healthy run has a steep, still-informative decay. alpha-ReQ does not see this collapse;
   RankMe, which weighs the top directions most, does;
-- backbone: ``no_covariance`` 179 -> 128, ``vicreg`` 181 -> 157: the collapse is mostly in the projector (as Jing
+- backbone: ``no_covariance`` 182 -> 128, ``vicreg`` 183 -> 157: the collapse is mostly in the projector (as Jing
   et al., ICLR 2022, found for contrastive learning); the backbone, which a linear probe reads, loses less.
 
 An invariance-only loss (no variance term either) collapses completely instead: the embeddings shrink onto one
@@ -174,7 +176,7 @@ def draw(results: dict[str, dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000, help="training steps a run (1000; 150 is a quick look)")
-    parser.add_argument("--every", type=int, default=5, help="measure every N steps (a value every 2 measurements)")
+    parser.add_argument("--every", type=int, default=5, help="measure every N steps (a value each time)")
     parser.add_argument("--batch", type=int, default=256, help="images a step (two views each)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
