@@ -276,3 +276,18 @@ def test_two_ddp_processes_log_the_union_of_their_batches(tmp_path):
         assert math.isclose(first["rows"][step][RANKME], ref_rankme(union), rel_tol=1e-4)
         alone = first["head"][step - 1].numpy().astype(np.float64)
         assert not math.isclose(first["rows"][step][RANKME], ref_rankme(alone), rel_tol=1e-4)
+
+
+def test_windows_fill_on_the_steps_before_each_measured_one(tmp_path):
+    """A window of 512 head-input rows and 128 rows a step: the head-input hooks also run on the three steps before
+    each measured step (after the first measured step has shown the rows per step), so the first RankMe comes at
+    the second measured step (8) from the rows of steps 4 to 8, not at step 16 from measured steps alone."""
+    callback = GeomonTrainerCallback(every_n_steps=4, window_rows=512, strict=True)
+    model = _model()
+    head_rows = _record_head_inputs(model)
+    computed = _spy_computes(callback)
+    _trainer(tmp_path, callback, steps=8, model=model).train()
+    assert RANKME not in computed[4] and RANKME in computed[8]
+    rows = torch.cat(head_rows[3:8]).numpy().astype(np.float64)  # forward i completes step i + 1
+    assert math.isclose(computed[8][RANKME], ref_rankme(rows), rel_tol=1e-4)
+    assert not math.isclose(computed[8][RANKME], ref_rankme(torch.cat(head_rows[4:8]).numpy()), rel_tol=1e-4)

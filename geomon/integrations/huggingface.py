@@ -179,6 +179,7 @@ class GeomonTrainerCallback(TrainerCallback):
         self._hook: Any = None  # the forward pre-hook waiting for the measured micro-batch
         self._armed: Any = None
         self._measured_step = 0
+        self._armed_step = 0  # the step the pending hook arms: measured, or one that fills the windows
         self._to_compute = False
         self._pending_state: dict[str, Any] | None = None
         self._dashboard: WandbDashboard | None = None  # the W&B run's summaries, overview and per-head tables
@@ -263,9 +264,14 @@ class GeomonTrainerCallback(TrainerCallback):
         # called on the first micro-batch of each optimizer step; it completes step global_step + 1
         model = self.monitor.model
         step = state.global_step + 1
-        if model is None or not self.monitor.is_scheduled(step):
+        if model is None:
             return
-        self._measured_step, self._to_compute = step, True  # on every rank alike: compute is a collective
+        scheduled = self.monitor.is_scheduled(step)
+        if not scheduled and not self.monitor.fills(step):  # a fill step arms the windowed probes' hooks only
+            return
+        if scheduled:
+            self._measured_step, self._to_compute = step, True  # on every rank alike: compute is a collective
+        self._armed_step = step
         self._release()  # nothing is armed at a step's start, unless a measured forward raised before
         self._hook = model.register_forward_pre_hook(self._arm, with_kwargs=True)
 
@@ -274,7 +280,7 @@ class GeomonTrainerCallback(TrainerCallback):
         labels = None
         if self.monitor.collapse is not None:
             labels = self.monitor.guard.run("labels_fn", self._labels, kwargs if kwargs else args)
-        armed = self.monitor.step(self._measured_step, labels=labels)
+        armed = self.monitor.step(self._armed_step, labels=labels)
         if self.monitor.guard.run("arming the capture", armed.__enter__, default=False) is not False:
             self._armed = armed
 
