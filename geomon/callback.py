@@ -47,7 +47,7 @@ from geomon import _media
 from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink, WandbSink
 from geomon.functional._dispatch import Backend
 from geomon.integrations.wandb_dashboard import LIGHTNING_STEP, WandbDashboard, config_value, monitor_settings
-from geomon.labels import LabelKind, default_labels, label_kind, shifts_unknown
+from geomon.labels import LabelKind, default_labels, label_kind, labels_of
 from geomon.monitor import Monitor
 
 OnAlert = Literal["warn", "checkpoint", "stop"] | Callable[[Any], None]
@@ -227,18 +227,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             self._measured_step, self._to_compute = step, True
 
     def _labels(self, batch: Any) -> Tensor | None:
-        if self.labels_fn is not default_labels:
-            return self.labels_fn(batch)
-        if shifts_unknown(batch, self.label_kind):
-            self.monitor.guard.warn_once(
-                "label-kind",
-                f"geomon: cannot tell whether head {self.monitor.head!r} "
-                "belongs to a causal LM, so batch['labels'] are shifted as a causal LM shifts them (the row of "
-                "position t gets label t + 1; the last gets -100). Only a Hugging Face model says its kind; if your "
-                "model does not shift its labels (masked LM, token classification, seq2seq), pass "
-                "labels_fn=lambda batch: batch['labels'] (any batch -> labels aligned with the head's input rows)",
-            )
-        return default_labels(batch, self.label_kind)
+        return labels_of(batch, self.labels_fn, self.label_kind, self.monitor.guard, self.monitor.head)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._disarm()

@@ -128,3 +128,21 @@ def shifts_unknown(batch: Any, kind: LabelKind | None) -> bool:
     """Whether :func:`default_labels` assumes a causal shift for ``batch`` without knowing the model's kind."""
     labels = batch.get("labels") if isinstance(batch, Mapping) else None
     return kind is None and isinstance(labels, Tensor) and labels.ndim >= 2 and not labels.is_floating_point()
+
+
+def labels_of(batch: Any, labels_fn: Any, kind: LabelKind | None, guard: Any, head: str | None) -> Tensor | None:
+    """The labels the callbacks give neural collapse: ``labels_fn(batch)`` when the user passed one, else
+    :func:`default_labels` by the model's ``kind``, warning once (``guard.warn_once``) when a causal shift is
+    assumed without knowing the kind."""
+    if labels_fn is not default_labels:
+        return labels_fn(batch)
+    if shifts_unknown(batch, kind):
+        guard.warn_once(
+            "label-kind",
+            f"geomon: cannot tell whether head {head!r} belongs to a causal LM, so the batch's labels are shifted "
+            "as a causal LM shifts them (the row of position t gets label t + 1; the last gets -100). Only a Hugging "
+            "Face model says its kind; if your model does not shift its labels (masked LM, token classification, "
+            "seq2seq), pass labels_fn=lambda batch: batch['labels'] (any batch -> labels aligned with the head's "
+            "input rows)",
+        )
+    return default_labels(batch, kind)

@@ -39,7 +39,7 @@ from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink,
 from geomon.functional._dispatch import Backend
 from geomon.integrations.wandb_dashboard import WandbDashboard, config_value, monitor_settings
 from geomon.keys import is_geomon
-from geomon.labels import LabelKind, default_labels, label_kind, shifts_unknown
+from geomon.labels import LabelKind, default_labels, label_kind, labels_of
 from geomon.monitor import Monitor
 
 try:
@@ -285,17 +285,7 @@ class GeomonTrainerCallback(TrainerCallback):
             self._armed = armed
 
     def _labels(self, batch: Any) -> Tensor | None:
-        if self.labels_fn is not default_labels:
-            return self.labels_fn(batch)
-        if shifts_unknown(batch, self.label_kind):
-            self.monitor.guard.warn_once(
-                "label-kind",
-                f"geomon: cannot tell whether head {self.monitor.head!r} belongs to a causal LM, so the forward "
-                "call's labels are shifted as a causal LM shifts them (the row of position t gets label t + 1; the "
-                "last gets -100). If your model does not shift its labels (masked LM, token classification, "
-                "seq2seq), pass labels_fn=lambda batch: batch['labels']",
-            )
-        return default_labels(batch, self.label_kind)
+        return labels_of(batch, self.labels_fn, self.label_kind, self.monitor.guard, self.monitor.head)
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._release()  # only the first micro-batch of an accumulated step is measured
