@@ -59,7 +59,7 @@ def padded_keys(mask: Tensor | None, batch: int, n_k: int) -> Tensor | None:
         return None
     forbidden = _forbidden(mask)
     forbidden = forbidden.reshape(-1, *forbidden.shape[-3:]) if forbidden.dim() >= 3 else forbidden[None, None]
-    padding = forbidden.expand(batch, -1, -1, n_k).flatten(1, 2).all(1)  # [B, Nk]: forbidden in every row
+    padding = forbidden.all(-2).all(-2).expand(batch, n_k)  # [B, Nk]: forbidden in every row of every head
     return padding if bool(padding.any()) else None
 
 
