@@ -189,7 +189,7 @@ def test_tiny_gpt_factory_lists_what_a_real_monitor_watches_and_costs(factory, c
     planned = {probe["probe"]: probe["state_bytes"] for probe in report["probes"] if probe["kind"] != "alerts"}
     assert planned == {probe.pid: _held_bytes(probe) for probe in monitor.plan}  # what the monitor really holds
     assert report["state_bytes"]["total"] == sum(planned.values()) == monitor.plan.state_bytes()
-    assert report["state_bytes"]["by_kind"]["attention"] == LAYERS * 2 * 5 * HEADS * 8  # 5 float64 sums per head, x2
+    assert report["state_bytes"]["by_kind"]["attention"] == LAYERS * (5 * HEADS + 5) * 8  # 5 float64 sums per head
     assert report["state_bytes"]["budget"] == monitor.options.memory_budget_mib * 2**20
     measured = report["measured"]
     assert all(math.isfinite(measured[k]) and measured[k] > 0 for k in ("forward_s", "monitored_forward_s"))

@@ -26,6 +26,15 @@ class StatsMetric(Metric):
         for name, value in initial._asdict().items():
             reduce = "max" if name in self.max_fields else "sum"
             self.add_state(name, default=value, dist_reduce_fx=reduce, persistent=True)
+            self._defaults[name] = _lean(value)  # add_state keeps a full deep copy as the default: one element will do
+
+    def _apply(self, fn: Any, exclude_state: Any = "") -> Any:
+        # torchmetrics applies ``fn`` to the defaults too, which would materialise them: keep them lean
+        this = super()._apply(fn, exclude_state)
+        for name, default in this._defaults.items():
+            if isinstance(default, torch.Tensor) and default.dim() > 0 and default.stride() != (0,) * default.dim():
+                this._defaults[name] = _lean(default)
+        return this
 
     def _accumulate(self, stats: NamedTuple) -> None:
         for name, value in stats._asdict().items():
@@ -48,6 +57,15 @@ class StatsMetric(Metric):
 
     def _stats(self) -> Any:
         return self._stats_type(*(getattr(self, name) for name in self._stats_type._fields))
+
+
+def _lean(value: torch.Tensor) -> torch.Tensor:
+    """A default with ``value``'s shape, dtype and device holding one element: reset clones it into a full state,
+    and torchmetrics keeps no second full-size copy of every state (a C x D float64 class-sum default was as large
+    as the state)."""
+    if value.dim() == 0 or (not value.is_meta and bool(value.ne(value.reshape(-1)[0]).any())):
+        return value.detach().clone()  # not one repeated value: keep it whole
+    return value.detach().reshape(-1)[:1].clone().reshape((1,) * value.dim()).expand(value.shape)
 
 
 def zeros(*shape: int) -> torch.Tensor:

@@ -45,7 +45,7 @@ class AttentionProbe(Probe):
         return [keys.key(family, self.name) for family, _, _ in FIELDS]
 
     def state_bytes(self) -> int:
-        return 0 if self.spec is None else 2 * 5 * self.spec[0] * FLOAT64
+        return 0 if self.spec is None else (5 * self.spec[0] + 5) * FLOAT64  # five [H] sums, one-element defaults
 
     def allocate(self, device: torch.device) -> None:
         if self.metric is None and self.spec is not None:

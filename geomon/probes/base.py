@@ -76,7 +76,8 @@ class Probe:
         raise NotImplementedError
 
     def state_bytes(self) -> int:
-        """Memory of the state once allocated (its torchmetrics default copies included); 0 while ``spec`` is None."""
+        """Memory of the state once allocated (torchmetrics' one-element reset defaults included); 0 while ``spec``
+        is None."""
         return 0
 
     def allocate(self, device: torch.device) -> None:
@@ -120,7 +121,9 @@ def steps_to_fill(min_rows: int, rows_per_step: int | None, world_size: int) -> 
 
 
 def metric_bytes(metric: Any) -> int:
-    """Bytes a torchmetrics metric holds in its states, their reset defaults and its buffers."""
+    """Bytes a torchmetrics metric holds in its states, their reset defaults and its buffers (a default expanded
+    from one element holds one element)."""
     tensors = [getattr(metric, name) for name in metric._defaults] + list(metric._defaults.values())
     tensors += list(metric.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+    tensors = [t for t in tensors if isinstance(t, Tensor)]
+    return sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for t in tensors)

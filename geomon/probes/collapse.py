@@ -60,8 +60,9 @@ class CollapseProbe(Probe):
 
     def state_bytes(self) -> int:
         c, d = self.spec  # type: ignore[misc]
-        # states and their defaults (2 x (counts, sums, squared norms, Gram)), nc4's reference means, the weight copy
-        return (2 * (2 * c + c * d + d * d + 3) + 2 * c * d) * FLOAT64
+        # the states (counts, sums, squared norms, Gram, 3 scalars), their one-element defaults, nc4's reference
+        # means, the weight copy
+        return (2 * c + c * d + d * d + 3 + 7 + 2 * c * d) * FLOAT64
 
     def allocate(self, device: torch.device) -> None:
         if self.metric is None:

@@ -77,7 +77,7 @@ class EmbeddingProbe(Probe):
         return rank + ([keys.key(keys.ALPHA_REQ, self.name)] if with_alpha else [])
 
     def state_bytes(self) -> int:
-        return 0 if self.spec is None else 2 * (1 + self.spec[0] + self.spec[0] ** 2) * FLOAT64
+        return 0 if self.spec is None else (1 + self.spec[0] + self.spec[0] ** 2 + 3) * FLOAT64  # + 3 lean defaults
 
     def allocate(self, device: torch.device) -> None:
         if self.rankme is None and self.spec is not None:

@@ -42,7 +42,7 @@ from geomon.probes.spectral import ReparamProbe, SpectralProbe, reparam_layers
 AUTO_COLLAPSE_MAX_ELEMENTS = 1 << 24
 
 #: Default of :attr:`PlanOptions.memory_budget_mib`: all probe state together.
-MEMORY_BUDGET_MIB = 4096  # the head-input RankMe of a D = 8192 model (Llama-70B) takes 1 GiB
+MEMORY_BUDGET_MIB = 4096  # the head-input RankMe of a D = 8192 model (Llama-70B) takes 512 MiB
 
 #: Name components that wrappers insert between a module and its parent: FSDP1's ``FullyShardedDataParallel`` and
 #: activation checkpointing's ``CheckpointWrapper`` and ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``).
