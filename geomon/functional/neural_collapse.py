@@ -94,6 +94,26 @@ def _nc4_update(
     return ((decision != nearest) & keep).sum().to(torch.float64), keep.sum().to(torch.float64)
 
 
+def zero_stats(num_classes: int, dim: int, device: torch.device | str | None = None) -> ClassStats:
+    """Empty :class:`ClassStats` (float64 zeros) for ``num_classes`` classes of ``dim`` features."""
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=torch.float64, device=device)
+
+    c, d = num_classes, dim
+    return ClassStats(zeros(c), zeros(c, d), zeros(c), zeros(d, d), zeros(), zeros(), zeros())
+
+
+def _check_state(into: ClassStats, num_classes: int, dim: int, device: torch.device) -> None:
+    expected = zero_stats(num_classes, dim, "meta")
+    for name, have, want in zip(ClassStats._fields, into, expected, strict=True):
+        if have.shape != want.shape or have.dtype != torch.float64 or have.device != device:
+            raise ValueError(
+                f"into.{name} must be a float64 tensor of shape {tuple(want.shape)} on {device} (the features' "
+                f"device), got {have.dtype} {tuple(have.shape)} on {have.device}"
+            )
+
+
 def _neural_collapse_update(
     features: Tensor,
     labels: Tensor,
@@ -104,46 +124,44 @@ def _neural_collapse_update(
     class_means: Tensor | None = None,
     backend: Backend = "auto",
     ignore_index: int | None = None,
+    into: ClassStats | None = None,
 ) -> ClassStats:
-    """Statistics of one batch. Labels outside ``[0, C)`` are counted (and rejected at compute), not indexed;
-    ``nc4`` is counted only when both ``weight`` and reference ``class_means`` are given. Rows labelled
-    ``ignore_index`` (which must lie outside ``[0, C)``, e.g. -100 for padding) are left out of everything.
-    No host sync."""
+    """Add one batch's statistics into ``into`` in place and return it (fresh zero statistics if ``into`` is None).
+
+    Labels outside ``[0, C)`` are counted (and rejected at compute), not indexed; ``nc4`` is counted only when both
+    ``weight`` and reference ``class_means`` are given. Rows labelled ``ignore_index`` (which must lie outside
+    ``[0, C)``, e.g. -100 for padding) are left out of everything. No host sync, and no temporary of the state's
+    ``C x D`` size: the class sums go straight into ``into.feature_sum`` (a streaming metric's state)."""
     _validate(features, labels, weight, bias, num_classes, class_means)
     if ignore_index is not None and 0 <= ignore_index < num_classes:
         raise ValueError(f"ignore_index must lie outside [0, num_classes = {num_classes}), got {ignore_index}")
+    if into is None:
+        into = zero_stats(num_classes, features.shape[1], features.device)
+    _check_state(into, num_classes, features.shape[1], features.device)
     h = features.detach().double()
     valid = (labels >= 0) & (labels < num_classes)
-    kept_rows = None if ignore_index is None else labels != ignore_index
-    kept = h * valid.double()[:, None]
-    zeros = torch.zeros((), dtype=torch.float64, device=h.device)
-    mismatch, decided = zeros, zeros
+    kept = torch.where(valid[:, None], h, 0.0)
     if weight is not None and class_means is not None:
+        kept_rows = None if ignore_index is None else labels != ignore_index
         mismatch, decided = _nc4_update(features, weight, bias, class_means, backend, kept_rows)
+        into.nc4_mismatch.add_(mismatch)
+        into.nc4_count.add_(decided)
     unsupported = "float64 features are reduced by the torch path only" if features.dtype == torch.float64 else None
-    if choose_backend(backend, "class statistics", features, labels, unsupported=unsupported) == "triton":
-        from geomon.kernels.class_stats import class_stats_triton
-
-        count, feature_sum, sq_norm_sum, n_invalid = class_stats_triton(features.detach(), labels, num_classes)
-    else:
-        count, feature_sum, sq_norm_sum = _class_sums_torch(h, labels, valid, num_classes)
-        n_invalid = (~valid).sum().to(torch.float64)
-    if kept_rows is not None:
-        n_invalid = n_invalid - (~kept_rows).sum().to(torch.float64)
-    return ClassStats(count, feature_sum, sq_norm_sum, kept.T @ h, n_invalid, mismatch, decided)
-
-
-def _class_sums_torch(h: Tensor, labels: Tensor, valid: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-class counts, sums and squared-norm sums with ``index_add_`` (float64); invalid labels add zeros."""
     index = labels.clamp(0, num_classes - 1).long()
-    keep = valid.double()
-    kept = h * keep[:, None]
-    zeros = torch.zeros(num_classes, dtype=torch.float64, device=h.device)
-    return (
-        zeros.index_add(0, index, keep),
-        torch.zeros(num_classes, h.shape[1], dtype=torch.float64, device=h.device).index_add_(0, index, kept),
-        zeros.index_add(0, index, (kept * h).sum(dim=1)),
-    )
+    into.count.index_add_(0, index, valid.double())  # integer-valued float64 adds: exact in any order
+    if choose_backend(backend, "class statistics", features, labels, unsupported=unsupported) == "triton":
+        from geomon.kernels.class_stats import add_class_sums_triton
+
+        add_class_sums_triton(into.feature_sum, into.sq_norm_sum, features.detach(), labels)
+    else:  # in place into the state; deterministic on the CPU
+        into.feature_sum.index_add_(0, index, kept)
+        into.sq_norm_sum.index_add_(0, index, (kept * kept).sum(dim=1))
+    n_invalid = (~valid).sum()
+    if ignore_index is not None:
+        n_invalid = n_invalid - (labels == ignore_index).sum()
+    into.n_invalid.add_(n_invalid)
+    into.gram.add_(kept.T @ h)  # D x D
+    return into
 
 
 def means_from_stats(stats: ClassStats) -> Tensor:

@@ -21,7 +21,8 @@ class NeuralCollapse(StatsMetric):
     """NC1-NC4, CDNV, GNC2 and UNC3 of penultimate features against a classifier, over a window of batches.
 
     State: per class count, feature sum and squared-norm sum, the ``D x D`` feature Gram (``O(C·D + D²)``
-    float64, summed across processes), and the ``nc4`` counts. ``nc3``/``unc3`` use the classifier weight given to
+    float64, summed across processes), and the ``nc4`` counts; ``update`` adds into the state tensors in place
+    (no ``C x D`` temporary per batch). ``nc3``/``unc3`` use the classifier weight given to
     the latest ``update``. ``nc4`` needs class means before decisions: a window compares against the means of the
     *previous* window (``compute`` records them, ``reset`` adopts them), so it is NaN in the first window.
     ``forward`` only updates (a batch-level value would not mean anything here).
@@ -70,7 +71,7 @@ class NeuralCollapse(StatsMetric):
         if isinstance(features, Tensor) and features.ndim == 2 and features.shape[1] != self.num_features:
             raise ValueError(f"features must have {self.num_features} features, got shape {tuple(features.shape)}")
         reference = self.reference_means if self._has_reference else None
-        stats = _neural_collapse_update(
+        _neural_collapse_update(
             features,
             labels,
             weight,
@@ -79,10 +80,21 @@ class NeuralCollapse(StatsMetric):
             class_means=reference,
             backend=self.backend,
             ignore_index=self.ignore_index,
+            into=self._writable_stats(),
         )
-        self._accumulate(stats)
         if weight is not None:
             self.record_weight(weight)
+
+    def _writable_stats(self) -> ClassStats:
+        """The state tensors, to be added into in place (no ``C x D`` temporary per update). A state made inside
+        ``torch.inference_mode`` (a reset in a validation loop) cannot be written outside it: such a state is
+        replaced by a normal copy once, on its first update outside inference mode."""
+        inference = torch.is_inference_mode_enabled()
+        for name in ClassStats._fields:
+            state = getattr(self, name)
+            if state.is_inference() and not inference:
+                setattr(self, name, state.clone())
+        return self._stats()
 
     def record_weight(self, weight: Tensor) -> None:
         """Keep a copy of the classifier weight ``[C, D]`` for ``nc3`` / ``unc3`` (the live parameter moves on, or is
@@ -104,4 +116,6 @@ class NeuralCollapse(StatsMetric):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name in ClassStats._fields:  # torchmetrics adopts the caller's tensors: own copies, as updates write them
+            setattr(self, name, getattr(self, name).clone())
         self._has_reference = bool(torch.isfinite(self.reference_means).any())
