@@ -97,7 +97,9 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         entropy_bound: also log Theorem 3.1's entropy lower bound per attention layer
             (``geomon/spectral/entropy_bound/<module>``; see :class:`geomon.Monitor`).
         window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
-        query_rows: measure at most this many evenly spaced query rows per attention call.
+        query_rows: measure at most this many evenly spaced query rows per head in each attention call; ``"auto"``
+            (default): enough to keep the entropy under 2% of the layer's forward FLOPs, at least 128 (see
+            :func:`geomon.probes.attention.auto_query_rows`); ``None``: every row.
         media: per-head files, heatmaps and spectra for the loggers that take them; for W&B also the summaries,
             overview keys, per-head tables and config of :mod:`geomon.integrations.wandb_dashboard`.
         alerts: the alert rules (``None``: :func:`geomon.alerts.default_rules`; ``()``: none). Events are logged
@@ -129,7 +131,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         spectral_modules: Sequence[str] = (),
         entropy_bound: bool = False,
         window_rows: int | None = None,
-        query_rows: int | None = None,
+        query_rows: int | Literal["auto"] | None = "auto",
         media: bool = True,
         alerts: Sequence[Rule] | None = None,
         on_alert: OnAlert | Sequence[OnAlert] = "warn",

@@ -102,7 +102,9 @@ class Monitor:
             spectral norms ``geomon/spectral/logit_sigma/<module>`` (not for rotary layers) and, for σReparam
             layers, ``reparam_gamma``, ``reparam_sigma`` and ``reparam_ratio`` are always logged.
         window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
-        query_rows: if set, measure at most this many evenly spaced query rows per attention call.
+        query_rows: measure at most this many evenly spaced query rows per head in each attention call; ``"auto"``
+            (default): as many as keep the entropy's logits under 2% of the layer's forward FLOPs, but at least 128
+            (:func:`geomon.probes.attention.auto_query_rows`); ``None``: every row.
         alerts: rules evaluated on every :meth:`compute` given a ``step`` (``None``: the default rules: entropy
             collapse, max logit above 100, rank collapse, non-finite values; ``()``: none); events are logged on
             rank zero, counted under ``geomon/alerts/<rule>``, and kept in :attr:`events`.
@@ -124,16 +126,17 @@ class Monitor:
         spectral_modules: Sequence[str] = (),
         entropy_bound: bool = False,
         window_rows: int | None = None,
-        query_rows: int | None = None,
+        query_rows: int | Literal["auto"] | None = "auto",
         alerts: Sequence[Rule] | None = None,
         backend: Backend = "auto",
         memory_budget_mib: float = MEMORY_BUDGET_MIB,
         strict: bool = False,
     ) -> None:
         for name, value in (("every_n_steps", every_n_steps), ("window_rows", window_rows),
-                            ("query_rows", query_rows)):  # fmt: skip
+                            ("query_rows", None if query_rows == "auto" else query_rows)):  # fmt: skip
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                also = ", 'auto' or None" if name == "query_rows" else ""
+                raise ValueError(f"{name} must be a positive integer{also}, got {value!r}")
         if every_n_steps is None:
             raise ValueError("every_n_steps must be a positive integer, got None")
         if backend not in BACKENDS:

@@ -112,7 +112,9 @@ class GeomonTrainerCallback(TrainerCallback):
         spectral_modules: ``fnmatch`` patterns of modules with a 2-D weight whose σ(W) and stable rank are logged.
         entropy_bound: also log Theorem 3.1's entropy lower bound per attention layer.
         window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
-        query_rows: measure at most this many evenly spaced query rows per attention call.
+        query_rows: measure at most this many evenly spaced query rows per head in each attention call; ``"auto"``
+            (default): enough to keep the entropy under 2% of the layer's forward FLOPs, at least 128 (see
+            :func:`geomon.probes.attention.auto_query_rows`); ``None``: every row.
         alerts: the alert rules (``None``: :func:`geomon.alerts.default_rules`; ``()``: none). Events are logged
             (process zero), sent as ``wandb.alert`` when a W&B run is active (``report_to`` W&B), written to
             ``geomon_alerts.csv`` in the output directory, and counted under ``geomon/alerts/<rule>``.
@@ -142,7 +144,7 @@ class GeomonTrainerCallback(TrainerCallback):
         spectral_modules: Sequence[str] = (),
         entropy_bound: bool = False,
         window_rows: int | None = None,
-        query_rows: int | None = None,
+        query_rows: int | Literal["auto"] | None = "auto",
         alerts: Sequence[Rule] | None = None,
         on_alert: OnAlert | Sequence[OnAlert] = "warn",
         action_level: Level = "WARN",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from fractions import Fraction
+from typing import Any, Literal
 
 import torch
 
@@ -21,6 +22,47 @@ FIELDS = (
 )
 
 
+#: Calls with at most this many query rows are measured in full, and ``"auto"`` never measures fewer rows than this.
+MIN_QUERY_ROWS = 128
+#: The most the entropy pass may cost under ``"auto"``, as a fraction of the forward's FLOPs in the same layer.
+ENTROPY_FLOP_SHARE = Fraction(1, 50)
+
+QueryRows = int | Literal["auto"] | None
+
+
+def auto_query_rows(n_q: int, n_k: int, width: int) -> int:
+    """How many evenly spaced query rows per head ``query_rows="auto"`` measures in a call of ``n_q`` queries against
+    ``n_k`` keys in a layer of width ``width`` (``d = H·Dh`` of the query heads).
+
+    FLOPs per batch element (2 per multiply-add, matrix products only; causal masks are ignored on both sides, which
+    only overstates the entropy's share): the entropy of ``r`` query rows costs their logits, ``2·r·n_k·d``; the
+    layer's forward costs ``24·n_q·d²`` (Q, K, V and output projections, ``8·n_q·d²``, and a 4x MLP, ``16·n_q·d²``)
+    plus ``4·n_q·n_k·d`` (``QKᵀ`` and ``PV``). The share stays below ``ENTROPY_FLOP_SHARE = 2%`` while
+
+        ``r < 0.02 · (24·n_q·d² + 4·n_q·n_k·d) / (2·n_k·d) = (24·n_q·d + 4·n_q·n_k) / (100·n_k)``,
+
+    i.e. ``r < 0.24·d + 0.04·N`` for self-attention (``n_q = n_k = N``): about 225 rows per head for GPT-2-small at
+    ``N = 1024``, 511 at ``N = 8192``. The rule returns the largest such ``r``, but never fewer than
+    ``MIN_QUERY_ROWS = 128`` rows and never more than ``n_q``: a call of at most 128 queries is measured in full. The
+    floor is statistical: the logged entropy is a mean over rows, and a normalised entropy lies in ``[0, 1]``, so its
+    spread over rows is at most 1/2 and the standard error of a mean over ``r`` rows at most ``1 / (2·sqrt(r))`` -
+    0.044 at 128 rows for a single sequence (less with a batch), small against the drops the entropy-collapse alert
+    looks for. Small models (``0.24·d + 0.04·N < 128``, e.g. ``d = 128`` below ``N = 2432``) therefore pay more than
+    2% for a stable mean.
+
+    Example:
+        >>> auto_query_rows(1024, 1024, 768), auto_query_rows(100, 100, 768), auto_query_rows(4096, 4096, 64)
+        (225, 100, 179)
+    """
+    for name, value in (("n_q", n_q), ("n_k", n_k), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    share = ENTROPY_FLOP_SHARE
+    bound = share.numerator * (24 * n_q * width + 4 * n_q * n_k)  # r < bound / (2 · denominator · n_k), exactly
+    budget = (bound - 1) // (2 * share.denominator * n_k)
+    return min(n_q, max(MIN_QUERY_ROWS, budget))
+
+
 class AttentionProbe(Probe):
     """:class:`~geomon.metrics.AttentionEntropy` of one module (``spec = (heads,)``).
 
@@ -31,12 +73,14 @@ class AttentionProbe(Probe):
         name: the module's plain name.
         heads: query heads ``H`` (``None``: read off the first call).
         backend: kernels or torch (see :mod:`geomon.functional`).
-        query_rows: measure at most this many evenly spaced query rows per call (``None``: all of them).
+        query_rows: measure at most this many evenly spaced query rows per head and call; ``"auto"`` (default):
+            as many as keep the entropy's logits under 2% of the layer's forward FLOPs, at least 128
+            (:func:`auto_query_rows`); ``None``: all of them.
     """
 
     kind = "attention"
 
-    def __init__(self, name: str, heads: int | None, *, backend: Backend = "auto", query_rows: int | None = None):
+    def __init__(self, name: str, heads: int | None, *, backend: Backend = "auto", query_rows: QueryRows = "auto"):
         super().__init__(name, None if heads is None else (heads,))
         self.backend, self.query_rows = backend, query_rows
         self.metric: AttentionEntropy | None = None
@@ -66,11 +110,18 @@ class AttentionProbe(Probe):
         self.allocate(call.q.device)
         assert self.metric is not None
         n_q = call.q.shape[-2]
+        rows = self.rows(n_q, call.k.shape[-2], call.q.shape[1] * call.q.shape[-1])
         index = None
-        if self.query_rows is not None and n_q > self.query_rows:
-            index = torch.linspace(0, n_q - 1, self.query_rows, device=call.q.device).round().long()
+        if rows < n_q:
+            index = torch.linspace(0, n_q - 1, rows, device=call.q.device).round().long()
         self.metric.update(call.q, call.k, scale=call.scale, is_causal=call.is_causal, attn_mask=call.attn_mask,
                            query_index=index)  # fmt: skip
+
+    def rows(self, n_q: int, n_k: int, width: int) -> int:
+        """Query rows per head measured in a call of ``n_q`` queries, ``n_k`` keys, query width ``H·Dh``."""
+        if self.query_rows == "auto":
+            return auto_query_rows(n_q, n_k, width)
+        return n_q if self.query_rows is None else min(n_q, self.query_rows)
 
     def compute(self, context: Context, out: Values) -> None:
         metric = self.metric

@@ -120,7 +120,7 @@ class PlanOptions:
     spectral_modules: Sequence[str] = ()
     entropy_bound: bool = False
     window_rows: int | None = None
-    query_rows: int | None = None
+    query_rows: int | Literal["auto"] | None = "auto"
     backend: Backend = "auto"
     weights: bool = True  #: weight-based probes (off under FSDP1, whose module weights are flat shards)
     memory_budget_mib: float = MEMORY_BUDGET_MIB

@@ -6,8 +6,9 @@ entering the head (``B·N`` unless ``--measure`` saw the real number), ``D`` the
 :mod:`torch.utils.flop_counter` counts them (elementwise work is left out on both sides of the ratio).
 
 - forward: ``2·B·N·P + Σ_attention 4·B·H·N²·Dh`` (``P``: entries of the 2-D weights of non-embedding modules);
-- capture: ``Σ_attention 2·B·H·N²·Dh`` (the logits again) + ``2·R·D²`` per embedding probe (its Gram) + per
-  collapse probe ``2·R·D² + 4·R·C·D`` (its Gram; nc4's decisions from the second window on);
+- capture: ``Σ_attention 2·B·H·r·N·Dh`` (the logits again, of the ``r`` query rows per head the probe measures:
+  ``query_rows``, by default :func:`~geomon.probes.attention.auto_query_rows`) + ``2·R·D²`` per embedding probe (its
+  Gram) + per collapse probe ``2·R·D² + 4·R·C·D`` (its Gram; nc4's decisions from the second window on);
 - every compute: per logit map ``2·H·Dh·D·(4·s + 2)``, ``s`` = ``LogitMapProbe.power_steps`` warm power steps of four
   matrix-vector products per head and the estimate's two (the first compute, and every one under
   ``LogitMapProbe.method = "exact"``, takes ``Σ 2·H·Dh³`` (``R_Q R_Kᵀ``) and two thin QRs ``2·(2·D·Dh² - ⅔·Dh³)`` per
@@ -119,7 +120,7 @@ def estimate_flops(plan: Plan, found: dict[str, Any], model: nn.Module, *, batch
                 unknown.append(probe.name)
                 continue
             forward += 4 * b * h * n * n * dh
-            terms["attention_logits"] += 2 * b * h * n * n * dh
+            terms["attention_logits"] += 2 * b * h * probe.rows(n, n, h * dh) * n * dh  # the measured query rows
         elif isinstance(probe, EmbeddingProbe) and probe.spec is not None:
             d = probe.spec[0]
             on_head = probe.module == plan.head and probe.source == "input"
@@ -165,9 +166,9 @@ def estimate_flops(plan: Plan, found: dict[str, Any], model: nn.Module, *, batch
         "window_solvers": round(solvers),
         "attention_not_estimated": unknown,
         "formula": (
-            "forward = 2·B·N·P + Σ_attn 4·B·H·N²·Dh; capture = Σ_attn 2·B·H·N²·Dh + 2·R·D² per embedding Gram "
-            "+ NC 2·R·D² + 4·R·C·D; every compute: logit maps Σ 2·H·Dh·D·(4·steps + 2) (warm power steps); "
-            "per window: NC 4·C·D² + 2·D³ + 4·C²·D "
+            "forward = 2·B·N·P + Σ_attn 4·B·H·N²·Dh; capture = Σ_attn 2·B·H·r·N·Dh (r query rows per head) "
+            "+ 2·R·D² per embedding Gram + NC 2·R·D² + 4·R·C·D; every compute: logit maps Σ 2·H·Dh·D·(4·steps + 2) "
+            "(warm power steps); per window: NC 4·C·D² + 2·D³ + 4·C²·D "
             "+ solvers (4/3·D³ per eigvalsh, 9·D³ NC pinv); FLOPs = 2 x multiply-adds of matrix products"
         ),
     }
