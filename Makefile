@@ -43,17 +43,20 @@ test: lint docs
 bench: $(STAMP)
 	$(PY) benchmarks/attention_entropy_cpu.py
 
-# Step-time overhead of the monitor, monitored and plain steps interleaved (results in benchmarks/results/).
+# Step-time overhead of GeomonCallback through two Lightning Trainers interleaved in blocks, GPT-2-small and tiny GPT
+# shapes (results in benchmarks/results/cpu-trainer-overhead-<date>.md).
 bench-overhead: $(STAMP)
-	$(PY) benchmarks/overhead.py --threads 1
+	$(PY) benchmarks/trainer_overhead.py --threads 1 --shape gpt2-small tiny --profile 2
 
-# On a CUDA machine: the kernel tests on the GPU (bf16/fp16 included), then the kernel benchmarks, whose results
-# go to benchmarks/results/<device>-<date>.md.
+# On a CUDA machine: the kernel tests on the GPU (bf16/fp16 included); `make bench-gpu` then runs the kernel
+# benchmarks and the Trainer overhead benchmark into ONE file, benchmarks/results/<device>-<date>.md, to commit as is
+# (BENCH_GPU_ARGS=--tests also records the GPU tests' summary; --fast checks the scripts on any machine).
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q tests/kernels tests/functional tests/metrics
 
+BENCH_GPU_ARGS ?=
 bench-gpu: $(STAMP)
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/bench_gpu.py $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .ruff_cache .hypothesis

@@ -11,21 +11,82 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_kernel_benchmark_smoke_run_writes_every_section(tmp_path):
+def test_bench_gpu_fast_mode_writes_one_file_with_the_kernel_and_trainer_overhead_tables(tmp_path):
+    """`make bench-gpu`'s script in fast mode (kernels --smoke in Triton's interpreter, the Trainer overhead --quick):
+    one results file with the device, versions, date and every part's tables, so that it cannot rot."""
     pytest.importorskip("triton")
-    out = tmp_path / "kernels.md"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--smoke", "--reps", "1", "--out", str(out)],
-        check=True,
+    out = tmp_path / "bench.md"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}  # the script sets it
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--fast", "--out", str(out)],
         env=env,
         capture_output=True,
-        timeout=300,
+        text=True,
+        timeout=600,
     )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     text = out.read_text()
-    for section in ("## Attention entropy + max logit", "## Class statistics", "## Classifier argmax"):
-        assert section in text
-    assert text.count("\n| ") >= 8  # header rows plus one measured row per case
+    assert text.startswith("# geomon GPU benchmarks: ")
+    for field in ("- device: ", "- versions: torch ", "; triton ", "; CUDA ", "- date: ", "; commit ", "--fast"):
+        assert field in text, field
+    kernels = text.index("## Kernel benchmarks")
+    overhead = text.index("## Overhead through a Lightning Trainer")
+    assert kernels < overhead and "FAILED" not in text
+    for section in ("### Attention entropy + max logit", "### Class statistics", "### Classifier argmax"):
+        assert kernels < text.index(section) < overhead  # the kernel report's headings, one level down
+    assert text[kernels:overhead].count("\n| ") >= 8  # header rows plus one measured row per case
+    # the overhead table: both configurations, a whole-run ratio with its interval, weights bit-identical
+    ratio = r"\d+\.\d{4} \[\d+\.\d{4}, \d+\.\d{4}\]"
+    for name in ("default GeomonCallback()", "every probe, every step"):
+        row = rf"^\| {re.escape(name)} \| 15 \| 60 \| .* \| {ratio} \| 0\.0e\+00 \|$"
+        assert re.search(row, text[overhead:], re.MULTILINE), text[overhead:]
+    assert f"wrote {out}" in proc.stdout
+
+
+def _trainer_overhead():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import trainer_overhead
+
+    return trainer_overhead
+
+
+def test_whole_run_ratio_weights_each_kind_of_step_by_its_share_of_the_schedule():
+    bench = _trainer_overhead()
+    # plain steps 100 ms; a period of 50 geomon steps: 1 measured (200 ms), 11 fill (120 ms), 38 idle (100 ms)
+    pairs = [{"plain": [100.0, 100.0], "idle": [100.0, 100.0]}, {"plain": [100.0], "fill": [120.0], "idle": [100.0]},
+             {"plain": [100.0, 100.0], "measured": [200.0], "fill": [120.0, 120.0]}]  # fmt: skip
+    shares = {"measured": 1 / 50, "fill": 11 / 50, "idle": 38 / 50}
+    assert bench.whole_run_ratio(pairs, shares) == pytest.approx((200 + 11 * 120 + 38 * 100) / 50 / 100)
+    # however many measured steps the blocks happened to hold
+    assert bench.whole_run_ratio(pairs + pairs[2:] * 5, shares) == pytest.approx(1.064)
+    assert bench.whole_run_ratio(pairs[:2], shares) is None  # no measured step: no estimate
+    low, high = bench.interval(pairs * 4, shares)
+    assert low == pytest.approx(1.064) and high == pytest.approx(1.064)  # no spread: a point
+    noisy = [{"plain": [100.0 + 5 * (i % 3)], "measured": [150.0 + 7 * (i % 5)]} for i in range(40)]
+    low, high = bench.interval(noisy, {"measured": 1.0})
+    assert low < bench.whole_run_ratio(noisy, {"measured": 1.0}) < high and high - low < 0.1
+
+
+def test_baton_hands_the_machine_over_in_abba_blocks_and_never_to_both_arms():
+    bench = _trainer_overhead()
+    import threading
+
+    baton, order, running = bench.Baton(lambda pairs_done: 3, timeout_s=30), [], []
+
+    def arm(index):
+        while baton.next_block(index):
+            running.append(index)
+            assert len(running) == 1  # the other arm waits
+            order.append(index)
+            running.remove(index)
+
+    threads = [threading.Thread(target=arm, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert order == [0, 1, 1, 0, 0, 1]
 
 
 def test_overhead_benchmark_quick_run_prints_ratios_and_writes_results(tmp_path):

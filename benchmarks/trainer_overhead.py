@@ -1,0 +1,627 @@
+"""Step-time overhead of ``GeomonCallback`` through a real Lightning ``Trainer``, both arms interleaved in one process.
+
+Two Trainers fit two identically initialised copies of a GPT (:class:`geomon._tiny_gpt.TinyGPT`, attention through
+SDPA) on the same batches in the same order: the *plain* arm has no callback but the timer, the *geomon* arm also has
+a :class:`geomon.GeomonCallback`. Both use the same Lightning code path (``Trainer.fit``, a ``CSVLogger``, no progress
+bar, no checkpointing) and run in their own thread, but never at the same time: a baton hands the CPU (or GPU) from
+one arm to the other every ``block`` steps, in ABBA order (plain, geomon, geomon, plain, ...), so both arms share the
+machine's load and drift. A pair of blocks (one of each arm) is the unit of the bootstrap.
+
+A step's time is taken by a timer callback that comes first in the callback list: from ``on_train_batch_start`` of
+one step to ``on_train_batch_start`` of the next (so it includes the optimizer step, ``on_train_batch_end`` - where
+geomon computes and logs - and Lightning's loop and data fetch). The last step of each block is timed before the
+baton is handed on. On CUDA ``torch.cuda.synchronize()`` precedes each reading.
+
+Whole-run mean ratio. With ``every_n_steps = P`` a run has three kinds of geomon step: *measured* (1 in P), *fill*
+(the steps just before a measured one that feed the head input's window when one step has fewer rows than the window,
+see :meth:`geomon.Monitor.fills`) and *idle* (the rest). The whole-run mean of a geomon step is the mean of each kind
+weighted by its share of a period, ``Σ_kind share_kind · mean_kind``; the ratio divides that by the plain arm's mean
+step. Weighting by the schedule's exact shares (rather than by how many of each kind the timed blocks happened to hold)
+keeps the few measured steps from dominating the interval. The 95% interval is a percentile bootstrap over the pairs
+of blocks. The run plans its own length: a pilot of ``pilot`` pairs (and at least one whole period) gives the spread,
+from which the number of pairs that brings the interval's half-width under ``--target`` (default 0.4%) follows; it is
+capped by ``--max-minutes`` per configuration. The interval achieved is printed and written, whatever it is.
+
+Geomon must not change training: at the end both models' weights are compared (bit-identical on the CPU).
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/trainer_overhead.py --threads 1          # CPU: GPT-2-small shape, seq 256, batch 1
+    .venv/bin/python benchmarks/trainer_overhead.py --shape tiny         # TinyGPT d 128, 4 layers, seq 128
+    .venv/bin/python benchmarks/trainer_overhead.py --device cuda        # GPT-2-small, seq 1024, bf16 autocast
+    .venv/bin/python benchmarks/trainer_overhead.py --quick              # smoke test, a few seconds
+    .venv/bin/python benchmarks/trainer_overhead.py --profile            # where a monitored step's time goes
+
+Tokens are drawn from a Zipf law over the vocabulary (50257, GPT-2's size, for the GPT-2-small shape), so the head is
+GPT-2's and the class counts look like a language's; neural collapse's ``auto`` rule leaves it off at that vocabulary
+(a 50257 x 768 float64 state), as it would for GPT-2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import logging
+import math
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from _machine import cpu_model, loadavg
+
+from geomon import GeomonCallback
+from geomon._tiny_gpt import TinyGPT
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+except ImportError:  # pragma: no cover - the dev extras install lightning
+    import pytorch_lightning as pl  # type: ignore[no-redef]
+    from pytorch_lightning.loggers import CSVLogger  # type: ignore[no-redef]
+
+BOOTSTRAP, SEED = 2000, 0
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Shape:
+    d_model: int
+    layers: int
+    heads: int
+    context: int
+    vocab: int
+    batch: int
+    block: int  #: steps per arm per block
+
+
+SHAPES = {
+    ("gpt2-small", "cpu"): Shape(768, 12, 12, 256, 50257, 1, 2),
+    ("gpt2-small", "cuda"): Shape(768, 12, 12, 1024, 50257, 8, 10),
+    ("tiny", "cpu"): Shape(128, 4, 4, 128, 96, 8, 10),
+    ("tiny", "cuda"): Shape(128, 4, 4, 128, 96, 8, 10),
+    ("quick", "cpu"): Shape(32, 2, 2, 32, 64, 2, 4),
+    ("quick", "cuda"): Shape(32, 2, 2, 32, 64, 2, 4),
+}
+
+
+def every_probe(layers: int) -> dict[str, Any]:
+    """Every kind of probe on every step: attention, the head input's RankMe (and neural collapse where ``auto``
+    keeps it), RankMe of the residual stream after every block (the blocks, not their submodules) and σ(W) of every
+    2-D weight."""
+    blocks = [f"model.blocks.{i}" for i in range(layers)]
+    return {"every_n_steps": 1, "embedding_modules": blocks, "spectral_modules": ["*"]}
+
+
+def configurations(layers: int) -> dict[str, tuple[str, dict[str, Any]]]:
+    return {"default": ("default GeomonCallback()", {}), "every": ("every probe, every step", every_probe(layers))}
+
+
+# -- the model and its data -----------------------------------------------------------------------------------------
+class LitGPT(pl.LightningModule):
+    """TinyGPT trained on next-token prediction with AdamW; ``stop`` ends the epoch (hook returns -1)."""
+
+    def __init__(self, model: TinyGPT) -> None:
+        super().__init__()
+        self.model, self.stop = model, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return -1 if self.stop else None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=3e-4)
+
+
+def gpt(shape: Shape) -> TinyGPT:
+    """The shape's TinyGPT with the head tied to the token embedding, as in GPT-2 (124 M parameters at GPT-2-small's
+    shape)."""
+    model = TinyGPT(shape.vocab, d_model=shape.d_model, n_layer=shape.layers, n_head=shape.heads, context=shape.context)
+    model.head.weight = model.tok.weight
+    return model
+
+
+def zipf_tokens(vocab: int, length: int, seed: int) -> torch.Tensor:
+    """``length`` token ids with ``P(k) ∝ 1 / (k + 1)``, as word frequencies roughly go."""
+    weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    return torch.multinomial(weights, length, replacement=True, generator=torch.Generator().manual_seed(seed))
+
+
+class Windows(torch.utils.data.IterableDataset):
+    """Endless random windows of ``tokens`` and their next-token targets, the same sequence for every copy."""
+
+    def __init__(self, tokens: torch.Tensor, context: int, batch: int) -> None:
+        self.tokens, self.context, self.batch = tokens, context, batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(SEED)
+        offsets = torch.arange(self.context + 1)
+        while True:
+            start = torch.randint(0, self.tokens.numel() - self.context - 1, (self.batch, 1), generator=generator)
+            window = self.tokens[start + offsets]
+            yield window[:, :-1], window[:, 1:]
+
+
+# -- interleaving ---------------------------------------------------------------------------------------------------
+class Baton:
+    """Hands the machine from one arm to the other, one block at a time, in ABBA order, until ``pairs`` pairs ran.
+
+    Turn ``t`` belongs to arm ``t % 2`` in even pairs and to the other arm in odd ones. ``planner(pairs_done)``,
+    called after each completed pair, returns the total number of pairs to run (it may grow it once)."""
+
+    def __init__(self, planner: Any, timeout_s: float) -> None:
+        self.condition = threading.Condition()
+        self.turn, self.active, self.pairs, self.planner = 0, None, 1, planner
+        self.aborted, self.timeout_s = False, timeout_s
+
+    def holder(self) -> int:
+        pair, position = divmod(self.turn, 2)
+        return position if pair % 2 == 0 else 1 - position
+
+    def next_block(self, arm: int) -> bool:
+        """Called by ``arm`` at each block boundary: ends its turn (if it held one) and waits for its next; ``False``
+        when the run is over."""
+        with self.condition:
+            if self.active == arm:
+                self.active, self.turn = None, self.turn + 1
+                if self.turn % 2 == 0:
+                    self.pairs = self.planner(self.turn // 2)
+                self.condition.notify_all()
+            done = self.condition.wait_for(
+                lambda: self.aborted or self.turn >= 2 * self.pairs or self.holder() == arm, timeout=self.timeout_s
+            )
+            if not done or self.aborted or self.turn >= 2 * self.pairs:
+                self.condition.notify_all()
+                return False
+            self.active = arm
+            return True
+
+    def abort(self) -> None:
+        with self.condition:
+            self.aborted = True
+            self.condition.notify_all()
+
+
+@dataclass
+class StepLog:
+    """Per-step times of one arm: (pair index, kind, seconds)."""
+
+    steps: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+class BlockTimer(pl.Callback):
+    """First in the callback list: times each step start to start and hands the baton on every ``block`` steps."""
+
+    def __init__(self, arm: int, baton: Baton, block: int, log: StepLog, kind: Any, cuda: bool) -> None:
+        self.arm, self.baton, self.block, self.step_log, self.kind, self.cuda = arm, baton, block, log, kind, cuda
+        self.started: float | None = None
+        self.step_kind = ""
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        now = self._now()
+        if self.started is not None:
+            self.step_log.steps.append((self.baton.turn // 2, self.step_kind, now - self.started))
+        self.started = None
+        if batch_idx % self.block == 0 and not self.baton.next_block(self.arm):
+            pl_module.stop = True
+            return
+        self.step_kind = self.kind(trainer.global_step)
+        self.started = self._now()
+
+
+def _arm_kind(callback: GeomonCallback | None) -> Any:
+    if callback is None:
+        return lambda step: "plain"
+    monitor = callback.monitor
+
+    def kind(step: int) -> str:
+        return "measured" if monitor.is_scheduled(step) else "fill" if monitor.fills(step) else "idle"
+
+    return kind
+
+
+def _trainer(callbacks: list[Any], root: Path, device: str) -> Any:
+    return pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        max_epochs=1,
+        precision="bf16-mixed" if device == "cuda" else "32-true",
+        logger=CSVLogger(str(root), name="csv"),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=50,
+        default_root_dir=str(root),
+    )
+
+
+# -- statistics -----------------------------------------------------------------------------------------------------
+def shares(callback: GeomonCallback) -> dict[str, float]:
+    """Each kind of geomon step's share of a period of the schedule (a steady-state period, after the first); read
+    once the callback's monitor is attached (which steps fill depends on the plan)."""
+    if callback.monitor.plan is None:
+        raise RuntimeError("the monitor is not attached yet: its fill steps are unknown")
+    period = callback.monitor.every_n_steps
+    kind = _arm_kind(callback)
+    counts: dict[str, int] = {}
+    for step in range(period, 2 * period):
+        counts[kind(step)] = counts.get(kind(step), 0) + 1
+    return {k: v / period for k, v in counts.items()}
+
+
+def whole_run_ratio(pairs: list[dict[str, list[float]]], weights: dict[str, float]) -> float | None:
+    """``Σ_kind share_kind · mean_kind / mean_plain`` over ``pairs``; ``None`` when a kind has no step in them."""
+    plain = [t for pair in pairs for t in pair.get("plain", [])]
+    total = 0.0
+    for kind, share in weights.items():
+        times = [t for pair in pairs for t in pair.get(kind, [])]
+        if not times or not plain:
+            return None
+        total += share * statistics.fmean(times)
+    return total / statistics.fmean(plain)
+
+
+def interval(pairs: list[dict[str, list[float]]], weights: dict[str, float]) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of :func:`whole_run_ratio`, resampling pairs of blocks."""
+    rng, samples = random.Random(SEED), []
+    for _ in range(20 * BOOTSTRAP):
+        value = whole_run_ratio(rng.choices(pairs, k=len(pairs)), weights)
+        if value is not None:
+            samples.append(value)
+        if len(samples) == BOOTSTRAP:
+            break
+    if len(samples) < BOOTSTRAP // 2:
+        return math.nan, math.nan
+    samples.sort()
+    return samples[int(0.025 * len(samples))], samples[int(0.975 * len(samples)) - 1]
+
+
+def group_pairs(plain: StepLog, geomon: StepLog, warmup_pairs: int) -> list[dict[str, list[float]]]:
+    grouped: dict[int, dict[str, list[float]]] = {}
+    for log in (plain, geomon):
+        for pair, kind, seconds in log.steps:
+            if pair >= warmup_pairs:
+                grouped.setdefault(pair, {}).setdefault(kind, []).append(seconds * 1e3)
+    return [grouped[p] for p in sorted(grouped) if "plain" in grouped[p] and len(grouped[p]) > 1]
+
+
+class Planner:
+    """Runs ``pilot`` timed pairs (at least one period), then as many as the pilot says the target half-width needs,
+    within ``max_seconds``."""
+
+    def __init__(self, plain: StepLog, geomon: StepLog, callback: GeomonCallback, args: Any, block: int, period: int):
+        self.plain, self.geomon, self.callback, self.args = plain, geomon, callback, args
+        self.pilot = max(args.pilot, math.ceil(period / block) + 1)
+        self.total: int | None = args.pairs
+        self.started = time.perf_counter()
+        self.planned_from: str = "--pairs" if args.pairs else ""
+
+    def __call__(self, pairs_done: int) -> int:
+        if self.total is not None:
+            return self.total
+        timed = pairs_done - self.args.warmup_pairs
+        if timed < self.pilot:
+            return pairs_done + 1
+        pairs = group_pairs(self.plain, self.geomon, self.args.warmup_pairs)
+        low, high = interval(pairs, shares(self.callback))
+        half = (high - low) / 2
+        per_pair = (time.perf_counter() - self.started) / pairs_done
+        budget = int(self.args.max_minutes * 60 / per_pair)
+        needed = math.ceil(len(pairs) * (half / self.args.target) ** 2) if half == half else budget
+        self.total = self.args.warmup_pairs + max(len(pairs), min(needed, budget))
+        self.planned_from = (
+            f"pilot of {len(pairs)} pairs: half-width {100 * half:.2f}% -> {needed} pairs for "
+            f"±{100 * self.args.target:.2f}%, {budget} fit in {self.args.max_minutes:g} min; ran {self.total} "
+            f"({self.args.warmup_pairs} warm-up)"
+        )
+        return self.total
+
+
+# -- one configuration ----------------------------------------------------------------------------------------------
+def run_configuration(options: dict[str, Any], shape: Shape, device: str, tokens: torch.Tensor, args: Any) -> dict:
+    torch.manual_seed(SEED)
+    model = gpt(shape)
+    modules = [LitGPT(model), LitGPT(copy.deepcopy(model))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        callback = GeomonCallback(**options)
+    logs = [StepLog(), StepLog()]
+    planner = Planner(logs[0], logs[1], callback, args, shape.block, callback.monitor.every_n_steps)
+    baton = Baton(planner, timeout_s=600)
+    errors: list[BaseException] = []
+    root = Path(tempfile.mkdtemp(prefix="geomon-trainer-overhead-"))
+
+    def fit(arm: int) -> None:
+        try:
+            torch.set_num_threads(args.threads or torch.get_num_threads())  # OpenMP settings are per thread
+            timer = BlockTimer(arm, baton, shape.block, logs[arm], _arm_kind(callback if arm else None),
+                               device == "cuda")  # fmt: skip
+            trainer = _trainer([timer, callback] if arm else [timer], root / f"arm{arm}", device)
+            loader = torch.utils.data.DataLoader(Windows(tokens, shape.context, shape.batch), batch_size=None)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trainer.fit(modules[arm], train_dataloaders=loader)
+        except BaseException as error:  # re-raised in the main thread
+            errors.append(error)
+            baton.abort()
+
+    threads = [threading.Thread(target=fit, args=(arm,), name=f"arm{arm}") for arm in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    with torch.no_grad():
+        delta = max(
+            (a.float() - b.float()).abs().max().item()
+            for a, b in zip(modules[0].model.parameters(), modules[1].model.parameters(), strict=True)
+        )
+    pairs = group_pairs(logs[0], logs[1], args.warmup_pairs)
+    return {"pairs": pairs, "weights": shares(callback), "delta": delta, "planned": planner.planned_from}
+
+
+def summarise(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    pairs, weights = result["pairs"], result["weights"]
+    by_kind = {kind: [t for p in pairs for t in p.get(kind, [])] for kind in ("plain", *weights)}
+    ratio = whole_run_ratio(pairs, weights)
+    low, high = interval(pairs, weights)
+    plain = statistics.fmean(by_kind["plain"])
+    return {
+        "name": name,
+        "pairs": len(pairs),
+        "steps": len(by_kind["plain"]),
+        "plain_ms": plain,
+        "kinds": {k: (len(v), statistics.fmean(v) if v else math.nan) for k, v in by_kind.items() if k != "plain"},
+        "weights": weights,
+        "ratio": math.nan if ratio is None else ratio,
+        "ci": (low, high),
+        "measured_ratio": statistics.fmean(by_kind["measured"]) / plain if by_kind.get("measured") else math.nan,
+        "delta": result["delta"],
+        "planned": result["planned"],
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    head = ["configuration", "pairs", "plain steps", "plain ms (mean)", "measured / fill / idle steps",
+            "measured-step ms", "measured / plain", "whole-run mean ratio [95% CI]", "max abs Δweight"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        counts = " / ".join(str(r["kinds"].get(k, (0,))[0]) for k in ("measured", "fill", "idle"))
+        measured_ms = r["kinds"].get("measured", (0, math.nan))[1]
+        cells = [r["name"], str(r["pairs"]), str(r["steps"]), f"{r['plain_ms']:.1f}", counts, f"{measured_ms:.1f}",
+                 f"{r['measured_ratio']:.3f}", f"{r['ratio']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]",
+                 f"{r['delta']:.1e}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+# -- where a monitored step's time goes -----------------------------------------------------------------------------
+def profile(shape: Shape, device: str, tokens: torch.Tensor, options: dict[str, Any], steps: int) -> list[str]:
+    """torch.profiler over ``steps`` monitored steps (after two warm-up steps) of a Trainer with the callback; each
+    probe's ``update`` / ``compute`` and the callback's hooks are wrapped in ``record_function`` ranges."""
+    from geomon import probes
+
+    wrapped = []
+    for cls in (probes.AttentionProbe, probes.EmbeddingProbe, probes.CollapseProbe, probes.SpectralProbe,
+                probes.LogitMapProbe, GeomonCallback):  # fmt: skip
+        for method in ("update", "compute", "on_train_batch_start", "on_train_batch_end"):
+            original = cls.__dict__.get(method)
+            if original is None:
+                continue
+
+            def make(fn: Any, label: str) -> Any:
+                def run(*a: Any, **k: Any) -> Any:
+                    with torch.profiler.record_function(label):
+                        return fn(*a, **k)
+
+                return run
+
+            setattr(cls, method, make(original, f"geomon:{cls.__name__}.{method}"))
+            wrapped.append((cls, method, original))
+    torch.manual_seed(SEED)
+    model = LitGPT(gpt(shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        callback = GeomonCallback(**options)
+
+    class Window(pl.Callback):
+        def __init__(self) -> None:
+            self.prof: Any = None
+            self.seconds = 0.0
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if batch_idx == 2:
+                self.prof = torch.profiler.profile(record_shapes=False)
+                self.prof.__enter__()
+                self.seconds = time.perf_counter()
+            if batch_idx == 2 + steps:
+                self.seconds = time.perf_counter() - self.seconds
+                self.prof.__exit__(None, None, None)
+                pl_module.stop = True
+
+    window = Window()
+    root = Path(tempfile.mkdtemp(prefix="geomon-profile-"))
+    trainer = _trainer([window, callback], root, device)
+    loader = torch.utils.data.DataLoader(Windows(tokens, shape.context, shape.batch), batch_size=None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, train_dataloaders=loader)
+    finally:
+        for cls, method, original in wrapped:
+            setattr(cls, method, original)
+    events = window.prof.key_averages()
+    ranges = sorted((e for e in events if e.key.startswith("geomon:")), key=lambda e: -e.cpu_time_total)
+    ops = sorted((e for e in events if not e.key.startswith("geomon:")), key=lambda e: -e.self_cpu_time_total)
+    step_ms = window.seconds * 1e3 / steps
+    lines = [f"A profiled monitored step took {step_ms:.0f} ms (wall, profiler on). Ranges nest: "
+             "`GeomonCallback.on_train_batch_end` holds the probes' `compute`; the probes' `update`s run in the "
+             "forward.", "", "| geomon range | calls per step | total ms per step | share of the step |",
+             "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {e.key} | {e.count // steps} | {e.cpu_time_total / 1e3 / steps:.1f} | "
+              f"{100 * e.cpu_time_total / 1e3 / steps / step_ms:.1f}% |" for e in ranges]  # fmt: skip
+    lines += ["", "| op (whole step, model included) | calls per step | self ms per step |", "|---|---|---|"]
+    lines += [f"| {e.key} | {e.count // steps} | {e.self_cpu_time_total / 1e3 / steps:.1f} |" for e in ops[:15]]
+    return lines
+
+
+# -- main -----------------------------------------------------------------------------------------------------------
+def _without_notes(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if not skip and not arg.startswith("--note"):
+            kept.append(arg)
+        skip = arg == "--note"
+    return kept
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--shape", nargs="+", choices=("gpt2-small", "tiny"), default=["gpt2-small"])
+    parser.add_argument("--quick", action="store_true", help="smoke test: a tiny model, a few pairs, a few seconds")
+    parser.add_argument("--configs", nargs="+", choices=("default", "every"), default=["default", "every"])
+    parser.add_argument("--target", type=float, default=0.004, help="half-width of the 95%% interval to plan for")
+    parser.add_argument("--pilot", type=int, default=6, help="timed pairs of the pilot (at least one period)")
+    parser.add_argument("--pairs", type=int, help="run exactly this many pairs (warm-up included), no planning")
+    parser.add_argument("--warmup-pairs", type=int, default=1)
+    parser.add_argument("--max-minutes", type=float, default=12.0, help="cap on one configuration's run")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own; --quick: 1)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile this many every-probe monitored steps (torch.profiler)")  # fmt: skip
+    parser.add_argument("--note", action="append", default=[], help="a line for the results file's notes")
+    parser.add_argument("--out", type=Path, help="markdown results (default: benchmarks/results/...)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.quick:
+        args.threads = args.threads or 1
+        args.pairs = args.pairs or 16  # one warm-up pair and 15 of 2 x 4 steps: two measured steps at every 50
+    if args.pairs is not None and args.pairs <= args.warmup_pairs:
+        parser.error("--pairs must exceed --warmup-pairs")
+    if not 0 < args.target < 1:
+        parser.error("--target is a fraction, e.g. 0.004 for ±0.4%")
+    return args
+
+
+def run_shape(shape_name: str, args: argparse.Namespace) -> list[str]:
+    """Every configuration (and the profile) at one shape: a markdown section."""
+    shape = SHAPES[(shape_name, args.device)]
+    tokens = zipf_tokens(shape.vocab, 1 << 20, SEED)
+    params = sum(p.numel() for p in gpt(shape).parameters())
+    model_line = (f"TinyGPT d_model {shape.d_model}, {shape.layers} layers, {shape.heads} heads, seq {shape.context}, "
+                  f"batch {shape.batch}, vocab {shape.vocab} (Zipf tokens, head tied to the embedding), "
+                  f"{params / 1e6:.1f} M parameters, AdamW"
+                  + (", bf16 autocast" if args.device == "cuda" else ", float32"))  # fmt: skip
+    load_start, start = loadavg(), time.perf_counter()
+    print(f"{shape_name}: {model_line}; threads {torch.get_num_threads()}; load {load_start}", flush=True)
+    rows = []
+    for key in args.configs:
+        name, options = configurations(shape.layers)[key]
+        result = run_configuration(options, shape, args.device, tokens, args)
+        rows.append(summarise(name, result))
+        r = rows[-1]
+        print(f"{name}: whole-run mean ratio {r['ratio']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] "
+              f"(half-width {50 * (r['ci'][1] - r['ci'][0]):.2f}%; {r['pairs']} pairs, {r['steps']} steps/arm, "
+              f"plain {r['plain_ms']:.1f} ms, measured/plain {r['measured_ratio']:.3f}, max |Δweight| "
+              f"{r['delta']:.1e}; {r['planned']})", flush=True)  # fmt: skip
+    lines = table(rows)
+    print("\n" + "\n".join(lines), flush=True)
+    section = [
+        f"## {shape_name}: {model_line}",
+        "",
+        f"- load average (1, 5, 15 min) at start: {load_start}; at end: {loadavg()}; "
+        f"{time.perf_counter() - start:.0f} s",
+        f"- blocks of {shape.block} steps per arm",
+        *(f"- planning ({r['name']}): {r['planned']}" for r in rows),
+        "",
+        *lines,
+    ]
+    if args.profile:
+        profile_lines = profile(shape, args.device, tokens, every_probe(shape.layers), args.profile)
+        print("\n" + "\n".join(profile_lines), flush=True)
+        section += ["", f"### Where an every-probe monitored step's time goes (torch.profiler, {args.profile} steps)",
+                    "", *profile_lines]  # fmt: skip
+    return section
+
+
+def run(args: argparse.Namespace) -> tuple[list[str], Path]:
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no banner per Trainer
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    load_start, start = loadavg(), time.perf_counter()
+    sections = []
+    for shape_name in ["quick"] if args.quick else args.shape:
+        sections += ["", *run_shape(shape_name, args)]
+    elapsed = time.perf_counter() - start
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, torch.get_num_threads() = {torch.get_num_threads()}"
+    if gpu:
+        machine = f"{gpu} (CUDA {torch.version.cuda}); host {machine}"
+    header = [
+        f"# geomon overhead through a Lightning Trainer: {gpu or 'CPU'}",
+        "",
+        f"- machine: {machine}",
+        f"- torch {torch.__version__}, lightning {pl.__version__}, Python {platform.python_version()}",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- command: `{shlex.join(['python', 'benchmarks/trainer_overhead.py', *_without_notes(sys.argv[1:])])}`"
+        + (" (the `--note` lines are below)" if args.note else ""),
+        f"- load average (1, 5, 15 min) at start: {load_start}; at end: {loadavg()}; total run {elapsed:.0f} s",
+        "- two Trainers (CSVLogger, no progress bar, no checkpointing), one with GeomonCallback, interleaved in "
+        f"blocks (ABBA); {args.warmup_pairs} warm-up pair(s) untimed; a step is timed from on_train_batch_start to "
+        "the next; whole-run mean ratio = Σ_kind share_kind · mean_kind / plain mean, shares (measured, fill, idle "
+        f"steps) from the schedule; 95% intervals from {BOOTSTRAP} bootstrap resamples of the block pairs",
+        "- measured / plain: mean monitored step over mean plain step; max abs Δweight: between the two models at "
+        "the end (0 = geomon did not change training)",
+        *(f"- note: {note}" for note in args.note),
+    ]
+    body = [*header, *sections]
+    date = datetime.date.today().isoformat()
+    if args.out:
+        out = args.out
+    elif args.quick:
+        out = Path(tempfile.gettempdir()) / f"trainer-overhead-{date}-quick.md"
+    else:
+        slug = (gpu or "cpu").replace(" ", "-").replace("/", "-")
+        out = RESULTS / f"{slug}-trainer-overhead-{date}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(body) + "\n")
+    print(f"\nwrote {out} ({elapsed:.0f} s)")
+    return body, out
+
+
+def main() -> int:
+    run(parse())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
