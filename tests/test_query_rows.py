@@ -140,3 +140,29 @@ def test_short_sequences_through_the_monitor_are_measured_in_full():
         scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
         expected = float(-(F.softmax(scores, -1) * F.log_softmax(scores, -1)).nan_to_num().sum(-1).mean())
     assert value == pytest.approx(expected, rel=1e-5)
+
+
+def test_inspect_counts_the_logits_of_the_auto_rows_the_monitor_really_computes():
+    """At N = 300 (> 128) the default monitor computes 128 rows' logits per head; `geomon inspect`'s cost model counts
+    those, and torch's FLOP counter sees exactly that many in the monitored forward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from geomon._tiny_gpt import TinyGPT
+    from geomon.tools.cost import estimate_flops
+    from geomon.tools.inspect_model import describe
+
+    batch, n, d, heads = 2, 300, 32, 2
+    torch.manual_seed(0)
+    model = TinyGPT(20, d_model=d, n_layer=1, n_head=heads, context=n)
+    x = torch.randint(0, 20, (batch, n))
+    monitor = Monitor(every_n_steps=1, head=None, alerts=(), backend="torch", strict=True).attach(model)
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as plain:
+            model(x)
+        with FlopCounterMode(display=False) as monitored, monitor.step(0):
+            model(x)
+    expected = 2 * batch * heads * 128 * n * (d // heads)  # 128 rows per head: the floor, by hand
+    assert monitored.get_total_flops() - plain.get_total_flops() == expected
+    plan, found = describe(model)
+    cost = estimate_flops(plan, found, model, batch_size=batch, seq_len=n)
+    assert cost["capture_terms"]["attention_logits"] == expected
