@@ -19,16 +19,22 @@ from the mask, the same way for every path:
    torch decoder layer, any part containing ``cross``), or when its adapter says so (``nn.MultiheadAttention``
    called with a query that is not its key).
 
-Excluded rows are given no allowed key; the functional reads them as NaN and leaves them out of every mean.
-Cost: one reduction and one masked copy of a mask the model already built; nothing when there is no mask.
+Nothing of size ``Nq x Nk`` is built or copied, and nothing waits for the device: the model's mask is reported by
+reference (rule 1 is applied by the metric where it forms the scores, chunk by chunk), and the excluded query rows
+travel as a ``[B, Nq]`` boolean (always, when there is a mask: no ``.any()`` decides whether to carry it), which the
+metric reads as rows with no allowed key (NaN, left out of every mean). Cost: one max-reduction over the mask per
+self-attention call (no copy); nothing when there is no mask.
 """
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from geomon.capture._patterns import MaskPattern
 
 #: additive mask values at or below this are "may not attend"
 MASKED_AT = -1e4
@@ -41,36 +47,18 @@ def is_cross_name(name: str) -> bool:
     return any(part in _CROSS_PARTS or "cross" in part for part in name.lower().split("."))
 
 
-def standard_mask(mask: Tensor | None) -> Tensor | None:
-    """``mask`` with additive entries at or below ``MASKED_AT`` set to ``-inf`` (boolean masks unchanged)."""
-    if mask is None or mask.dtype == torch.bool:
-        return mask
-    masked = mask <= MASKED_AT
-    return mask.masked_fill(masked, -math.inf) if bool(masked.any()) else mask
-
-
-def _forbidden(mask: Tensor) -> Tensor:
-    return ~mask if mask.dtype == torch.bool else mask == -math.inf
-
-
 def padded_keys(mask: Tensor | None, batch: int, n_k: int) -> Tensor | None:
-    """``[B, Nk]`` True where key ``j`` is padding (rule 2), None when nothing is."""
+    """``[B, Nk]`` True where key ``j`` is padding (rule 2); None when there is no mask.
+
+    A reduction over the mask's heads and rows (``any`` of a boolean mask, ``amax`` of an additive one), which reads
+    broadcast dimensions through their stride 0: no copy, no host sync.
+    """
     if mask is None:
         return None
-    forbidden = _forbidden(mask)
-    forbidden = forbidden.reshape(-1, *forbidden.shape[-3:]) if forbidden.dim() >= 3 else forbidden[None, None]
-    padding = forbidden.all(-2).all(-2).expand(batch, n_k)  # [B, Nk]: forbidden in every row of every head
-    return padding if bool(padding.any()) else None
-
-
-def exclude_rows(mask: Tensor | None, rows: Tensor, n_k: int, dtype: torch.dtype) -> Tensor:
-    """``mask`` (SDPA semantics, or None) with the query rows where ``rows [B, Nq]`` is True allowing no key."""
-    drop = rows[:, None, :, None]
-    if mask is None:
-        return ~drop.expand(-1, 1, -1, n_k)
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # leading ones only: a view
     if mask.dtype == torch.bool:
-        return mask & ~drop
-    return mask.masked_fill(drop, -math.inf)
+        return (~mask.any(-2).any(-2)).expand(batch, n_k)  # no row of any head may attend to it
+    return (mask.amax(dim=(-3, -2)) <= MASKED_AT).expand(batch, n_k)
 
 
 class PaddingRule:
@@ -79,9 +67,22 @@ class PaddingRule:
     def __init__(self) -> None:
         self.queries: dict[tuple[int, int], Tensor | None] = {}  # (B, Nq) -> padded query rows, of the last self-attn
 
-    def apply(self, q: Tensor, k: Tensor, mask: Tensor | None, cross: bool | None, name: str) -> Tensor | None:
-        """The mask to report for ``q [B, H, Nq, Dh]`` against ``k``: standardised, padding rows excluded."""
-        mask = standard_mask(mask)
+    def apply(
+        self,
+        q: Tensor,
+        k: Tensor,
+        mask: Tensor | None,
+        cross: bool | None,
+        name: str,
+        dropped: Tensor | None = None,
+        pattern: MaskPattern | None = None,
+    ) -> Tensor | None:
+        """The padded query rows ``[B, Nq]`` to leave out of ``q [B, H, Nq, Dh]`` against ``k`` (None: none).
+
+        ``mask`` is the call's mask (SDPA semantics, rule 1 for additive values), read and never changed;
+        ``pattern`` the rest of its mask, generated per chunk (its keys no row sees are padding too);
+        ``dropped`` (``[B, Nq]``) the rows the implementation itself drops (flash, nested tensors), always excluded.
+        """
         batch, n_q, n_k = q.shape[0], q.shape[-2], k.shape[-2]
         if cross is None:
             cross = n_q != n_k or is_cross_name(name)
@@ -89,8 +90,13 @@ class PaddingRule:
             rows = self.queries.get((batch, n_q))
         else:
             keys = padded_keys(mask, batch, n_k)
+            unseen = None if pattern is None else pattern.padded_keys(batch, n_k)
+            if unseen is not None:
+                keys = unseen if keys is None else keys | unseen
             rows = None if keys is None else keys[:, :n_q]  # keys a module appends (bias_k) come after the tokens
             self.queries[(batch, n_q)] = rows
-        if rows is None:
-            return mask
-        return exclude_rows(mask, rows.to(q.device), n_k, q.dtype)
+        if rows is not None:
+            rows = rows.to(q.device)
+        if dropped is not None:
+            rows = dropped if rows is None else rows | dropped
+        return rows

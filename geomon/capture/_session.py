@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
-from geomon.capture._padding import PaddingRule
+from geomon.capture._padding import MASKED_AT, PaddingRule
+from geomon.capture._patterns import MaskPattern
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,23 @@ class AttentionCall:
     attn_mask: Tensor | None  #: SDPA semantics: boolean True = may attend, floating = added to the scores
     is_causal: bool  #: SDPA's top-left causal mask
     scale: float | None  #: softmax scale; None = 1/sqrt(Dh)
+    #: [B, Nq] boolean, True = a padded query row, left out of every mean (None: no row is)
+    query_padding: Tensor | None = None
+    #: additive ``attn_mask`` entries at or below this block their key (the padding rule: -1e4); None: -inf only
+    masked_at: float | None = None
+    #: the part of the mask generated per key chunk, ANDed with ``attn_mask`` (bottom-right causal, sliding window,
+    #: packed sequences, ``nn.MultiheadAttention``'s own masks); see :mod:`geomon.capture._patterns`
+    pattern: MaskPattern | None = None
+
+    def mask_arguments(self) -> dict[str, Any]:
+        """The keyword arguments that give :func:`geomon.functional.attention_entropy` this call's mask."""
+        return {
+            "is_causal": self.is_causal,
+            "attn_mask": self.attn_mask,
+            "_masked_at": self.masked_at,
+            "_query_padding": self.query_padding,
+            "_pattern": self.pattern,
+        }
 
 
 class Found(NamedTuple):
@@ -62,6 +80,8 @@ class Found(NamedTuple):
     is_causal: bool = False
     scale: float | None = None
     cross: bool | None = None  #: cross-attention (None: decided by the padding rule)
+    pattern: MaskPattern | None = None  #: mask generated per key chunk, ANDed with ``attn_mask``
+    dropped: Tensor | None = None  #: [B, Nq] query rows the implementation drops (flash, nested tensors)
 
 
 #: ``fallback(module, args, kwargs, output) -> computations``; called at the module's exit, under ``no_grad``.
@@ -117,14 +137,21 @@ class Session:
         is_causal: bool,
         scale: float | None,
         cross: bool | None = None,
+        pattern: MaskPattern | None = None,
+        dropped: Tensor | None = None,
     ) -> None:
-        """Hand one computation to the callback, detached, padded query rows excluded (call inside :meth:`guarded`)."""
+        """Hand one computation to the callback, detached, its padded query rows named (call inside
+        :meth:`guarded`); the mask is passed on as it is, never copied."""
         self.reports += 1
         if cross is None:
             cross = self.cross_hint.get(name)
         with torch.no_grad():
-            mask = self.padding.apply(q, k, None if attn_mask is None else attn_mask.detach(), cross, name)
-            self.on_attention(AttentionCall(name, q.detach(), k.detach(), mask, bool(is_causal), scale))
+            mask = None if attn_mask is None else attn_mask.detach()
+            padding = self.padding.apply(q, k, mask, cross, name, dropped, pattern)
+            call = AttentionCall(
+                name, q.detach(), k.detach(), mask, bool(is_causal), scale, padding, MASKED_AT, pattern
+            )  # fmt: skip
+            self.on_attention(call)
 
     def guarded(self, name: str, fn: Callable[[], None]) -> None:
         """Run a probe under ``no_grad``, turning its failure into a warning (``strict``: raising)."""
@@ -141,7 +168,17 @@ class Session:
 
     def report_found(self, name: str, found: Sequence[Found]) -> None:
         for item in found:
-            self.report(name + item.suffix, item.q, item.k, item.attn_mask, item.is_causal, item.scale, item.cross)
+            self.report(
+                name + item.suffix,
+                item.q,
+                item.k,
+                item.attn_mask,
+                item.is_causal,
+                item.scale,
+                item.cross,
+                item.pattern,
+                item.dropped,
+            )
 
     def warn_once(self, key: str, message: str) -> None:
         if self.warn is not None:

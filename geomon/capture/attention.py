@@ -120,7 +120,9 @@ def capture_attention(
     Args:
         model: the model; only computations made inside its modules are reported.
         on_attention: receives an :class:`~geomon.capture.AttentionCall` (detached ``q [B, H, Nq, Dh]``,
-            ``k [B, Hk, Nk, Dh]``, an SDPA-semantics ``attn_mask``, ``is_causal``, ``scale``), under ``no_grad``.
+            ``k [B, Hk, Nk, Dh]``, an SDPA-semantics ``attn_mask`` (the model's own, by reference), ``is_causal``,
+            ``scale``, and the padding rule's parts: ``query_padding [B, Nq]``, ``masked_at``, ``pattern``; hand
+            them on with ``call.mask_arguments()``), under ``no_grad``.
         strict: raise the errors of the probes and of ``on_attention`` instead of warning (for tests).
         warn: ``warn(tag, message)`` for what could not be seen (a module that ran unseen, an unmodelled term);
             default: ``warnings.warn``, once per block. The monitor passes its own warn-once, so each is said once

@@ -17,11 +17,12 @@ Q/K, mask and scale are all in hand, so it is intercepted there, while the captu
   ``AttentionInterface.register``): the entries of ``transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS`` (the class
   mapping, and the local mapping of every interface instance a modeling module uses) are wrapped. Their masks follow
   the mask function of the implementation and are converted to SDPA semantics: a 4-D boolean (True = may attend) or
-  float (added) mask is kept; a ``BlockMask`` (flex) is materialised as a boolean mask from its ``mask_mod``; a 2-D
-  ``[B, Nk]`` padding mask (flash, 1 = token) or None gets the causal flag from the call's ``is_causal`` keyword or
-  ``module.is_causal``, aligned bottom-right when ``Nq != Nk`` as flash-attn does, with ``sliding_window`` and packed
-  sequences (flash with ``position_ids`` and no mask, batch of one) applied. Flash drops padded query tokens: their
-  rows are masked out entirely (NaN, excluded from means).
+  float (added) mask is kept, by reference; a ``BlockMask`` (flex) is materialised as a boolean mask from its
+  ``mask_mod``; a 2-D ``[B, Nk]`` padding mask (flash, 1 = token) becomes a ``[B, 1, 1, Nk]`` key mask, and the
+  causal flag (the call's ``is_causal`` keyword or ``module.is_causal``), aligned bottom-right when ``Nq != Nk`` as
+  flash-attn does, ``sliding_window`` and packed sequences (flash with ``position_ids`` and no mask, batch of one)
+  become a rule generated per key chunk (:class:`~geomon.capture._patterns.AlignedRule`), never an ``Nq x Nk``
+  tensor. Flash drops padded query tokens: their rows are excluded (``query_padding``: NaN, out of every mean).
 
 Each function is replaced once for all the capture blocks active at a time (a ``SharedPatch``: one wrapper notifies
 every block, each of which reports only its own model's modules) and the original is put back when the last block
@@ -38,11 +39,12 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from geomon.capture._patterns import AlignedRule
 from geomon.capture._session import Found, MakeDispatcher, Session, SharedPatch, bind, in_backward
 
 _INTERFACE_ARGS = ("attention_mask", "scaling", "dropout")
@@ -202,51 +204,52 @@ def _found(module: nn.Module, query: Tensor, key: Tensor, call: dict, registry: 
             mask = mask[..., : key.shape[-2]]
         terms = [call[arg] for arg in _ADDITIVE if isinstance(call.get(arg), Tensor)]
         return [Found("", query, key, _additive(mask, terms, query.dtype), False, scale)]
-    converted, is_causal = interface_mask(module, query, key, mask, call)
-    return [Found("", query, key, converted, is_causal, scale)]
+    converted = interface_mask(module, query, key, mask, call)
+    return [Found("", query, key, converted.attn_mask, converted.is_causal, scale, None, converted.pattern,
+                  converted.dropped)]  # fmt: skip
 
 
-def interface_mask(
-    module: nn.Module, query: Tensor, key: Tensor, mask: Any, kwargs: dict
-) -> tuple[Tensor | None, bool]:
-    """The mask an attention-interface function received, as ``(attn_mask, is_causal)`` in SDPA semantics.
+class InterfaceMask(NamedTuple):
+    """The mask of an attention-interface call in SDPA semantics, in parts that are never ``Nq x Nk`` tensors
+    (except a flex ``BlockMask``, materialised)."""
+
+    attn_mask: Tensor | None  #: the model's 4-D mask by reference, or flash's padding as a ``[B, 1, 1, Nk]`` view
+    is_causal: bool  #: SDPA's top-left causal flag (exact when ``Nq == Nk``)
+    pattern: AlignedRule | None = None  #: bottom-right causal, sliding window, packed sequences
+    dropped: Tensor | None = None  #: ``[B, Nq]`` padded query tokens, which flash drops
+
+
+def interface_mask(module: nn.Module, query: Tensor, key: Tensor, mask: Any, kwargs: dict) -> InterfaceMask:
+    """The mask an attention-interface function received, in SDPA semantics (see :class:`InterfaceMask`).
 
     Example:
         >>> import torch
         >>> module = torch.nn.Module(); module.is_causal = True
         >>> q, k = torch.zeros(2, 4, 3, 8), torch.zeros(2, 2, 5, 8)   # 3 new queries over 5 keys
         >>> padding = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])  # flash's 2-D mask: 1 = token
-        >>> mask, causal = interface_mask(module, q, k, padding, {})
-        >>> mask.shape, causal, mask[1, 0].int().tolist()
-        (torch.Size([2, 1, 3, 5]), False, [[0, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
+        >>> mask = interface_mask(module, q, k, padding, {})
+        >>> mask.attn_mask.shape, mask.is_causal, mask.pattern(torch.arange(3), 0, 5).int().tolist()
+        (torch.Size([2, 1, 1, 5]), False, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     """
     batch, n_q, n_k, device = query.shape[0], query.shape[-2], key.shape[-2], query.device
     if hasattr(mask, "mask_mod") and not isinstance(mask, Tensor):  # flex's BlockMask
         from torch.nn.attention.flex_attention import create_mask
 
-        return create_mask(mask.mask_mod, batch, 1, n_q, n_k, device=device), False
+        return InterfaceMask(create_mask(mask.mask_mod, batch, 1, n_q, n_k, device=device), False)
     if isinstance(mask, Tensor) and mask.dim() == 4:
-        return (mask[..., :n_k] if mask.shape[-1] > n_k else mask), False
+        return InterfaceMask(mask[..., :n_k] if mask.shape[-1] > n_k else mask, False)
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
     window = kwargs.get("sliding_window")
-    allowed = None
+    keys = dropped = segments = None
     if isinstance(mask, Tensor):  # [B, Nk] padding, 1 = token; flash also drops the padded queries
         if mask.dim() != 2 or mask.shape[-1] != n_k:
             raise ValueError(f"cannot read an attention mask of shape {tuple(mask.shape)} for {n_k} keys")
         tokens = mask.bool()
-        allowed = tokens[:, None, None, :] & tokens[:, None, n_k - n_q :, None]
+        keys, dropped = tokens[:, None, None, :], ~tokens[:, n_k - n_q :]
     elif mask is None and kwargs.get("position_ids") is not None and batch == 1 and n_q == n_k:
-        segment = torch.cumsum(kwargs["position_ids"].reshape(-1)[-n_q:] == 0, dim=0)  # packed sequences
-        allowed = (segment[:, None] == segment[None, :])[None, None]
-    if allowed is None and window is None and (not causal or n_q == n_k):
-        return None, causal  # SDPA's own causal flag (top-left) is exact when Nq == Nk
-    rows = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)  # bottom-right alignment
-    cols = torch.arange(n_k, device=device)[None, :]
-    rule = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
-    if causal:
-        rule &= cols <= rows
-    if window is not None:
-        rule &= (rows - cols).abs() < int(window)
-    allowed = rule[None, None] if allowed is None else allowed & rule
-    return allowed, False
+        segments = torch.cumsum(kwargs["position_ids"].reshape(-1)[-n_q:] == 0, dim=0)  # packed sequences
+    if segments is None and window is None and (not causal or (n_q == n_k and keys is None)):
+        return InterfaceMask(keys, causal, None, dropped)  # SDPA's own causal flag (top-left) is exact when Nq == Nk
+    rule = AlignedRule(n_q, n_k, causal, None if window is None else int(window), segments)
+    return InterfaceMask(keys, False, rule, dropped)

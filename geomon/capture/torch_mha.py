@@ -12,27 +12,30 @@ differ from ``embed_dim``), with ``bias_k`` and ``add_zero_attn`` keys appended 
 native op that never calls ``self_attn``. There Q and K are recomputed from the layer's input (through ``norm1``
 first when ``norm_first``) and reported under the name of the layer's ``self_attn``, as in training. The input may be
 a nested tensor (``nn.TransformerEncoder``'s sparsity fast path with ``src_key_padding_mask``): it is padded, and
-the padded positions are masked as keys *and* as queries (those query rows do not exist in the nested computation:
-they read NaN and drop out of every mean).
+the padded positions are masked as keys *and* excluded as queries (those query rows do not exist in the nested
+computation: they read NaN and drop out of every mean).
 
-Masks are converted to SDPA semantics. ``nn.MultiheadAttention``'s boolean masks mean the opposite of SDPA's
-(True = *not* allowed); ``attn_mask`` is ``[L, S]`` or ``[B·H, L, S]``, ``key_padding_mask`` ``[B, S]``. When every
-mask is boolean the result is a boolean "may attend" mask; otherwise an additive float mask (booleans become
-``-inf``, as the module itself does). ``is_causal`` is only a hint on these two paths (the module applies the mask it
-was given), so it is not reported. Dropout is not applied.
+Masks stay the module's own tensors, never converted into an ``L x S`` copy: ``nn.MultiheadAttention``'s boolean
+masks mean the opposite of SDPA's (True = *not* allowed); ``attn_mask`` is ``[L, S]`` or ``[B·H, L, S]``,
+``key_padding_mask`` ``[B, S]``. A key-padding mask alone becomes a ``[B, 1, 1, S]`` SDPA mask (boolean inverted,
+additive by reference); any mask over rows is read per key chunk by the metric
+(:class:`~geomon.capture._patterns.ModuleMasks`: booleans block, floats add, as in the module). ``is_causal`` is only
+a hint on these two paths (the module applies the mask it was given), so it is not reported. Dropout is not applied.
 
 Cost: two ``[B·L, E] x [E, E]`` projections (Q and K, not V) per recomputed call.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geomon.capture._patterns import ModuleMasks
 from geomon.capture._session import Found, bind
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights")
@@ -55,8 +58,9 @@ def mha_query_key(
     key_padding_mask: Tensor | None = None,
     batch_first: bool | None = None,
     lengths: list[int] | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Q ``[B, H, L, Dh]``, K ``[B, H, S', Dh]`` and the SDPA-semantics mask of one ``nn.MultiheadAttention`` call.
+) -> tuple[Tensor, Tensor, MhaMask]:
+    """Q ``[B, H, L, Dh]``, K ``[B, H, S', Dh]`` and the mask (:class:`MhaMask`) of one ``nn.MultiheadAttention``
+    call; no mask of size ``L x S`` is built.
 
     Args:
         mha: the module (its weights are read, never changed).
@@ -72,8 +76,8 @@ def mha_query_key(
         >>> mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
         >>> x = torch.randn(3, 5, 8)
         >>> q, k, mask = mha_query_key(mha, x, x, attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1))
-        >>> q.shape, k.shape, mask.shape, bool(mask[0, 0, 0, 1]), bool(mask[0, 0, 1, 0])
-        (torch.Size([3, 2, 5, 4]), torch.Size([3, 2, 5, 4]), torch.Size([1, 1, 5, 5]), False, True)
+        >>> q.shape, k.shape, mask.attn_mask, mask.pattern(torch.arange(5), 0, 5)[0, 0].sum(-1).tolist()
+        (torch.Size([3, 2, 5, 4]), torch.Size([3, 2, 5, 4]), None, [1, 2, 3, 4, 5])
     """
     if query.is_nested or key.is_nested:
         query, lengths = _unnest(query)
@@ -105,45 +109,42 @@ def mha_query_key(
     q = q.view(batch, n_q, heads, embed // heads).transpose(1, 2)
     k = k.view(batch, n_k + extra, heads, embed // heads).transpose(1, 2)
 
-    masks = []  # each broadcastable to [B, H, L, S], in the module's semantics
+    masks = []  # each a view broadcastable to [B, H, L, S], in the module's semantics (True = blocked, or added)
     if attn_mask is not None:
         masks.append(attn_mask.view(1, 1, n_q, n_k) if attn_mask.dim() == 2 else attn_mask.view(batch, heads, n_q, n_k))
     if key_padding_mask is not None:
         masks.append(key_padding_mask.view(batch, 1, 1, n_k))
-    mask = _to_sdpa(masks, q.dtype, extra)
-    if lengths is not None:
-        valid = torch.arange(n_k, device=q.device) < torch.tensor(lengths, device=q.device)[:, None]  # [B, L]
-        rows = valid[:, None, :, None] & valid[:, None, None, :]
-        if extra:
-            rows = F.pad(rows, (0, extra), value=True) & valid[:, None, :, None]
-        mask = rows if mask is None else _combine(mask, rows)
-    return q, k, mask
+    dropped = None
+    if lengths is not None:  # the nested tensor's padded tail: blocked as keys, dropped as queries
+        valid = torch.arange(n_k, device=q.device) < torch.tensor(lengths, device=q.device)[:, None]  # [B, S]
+        masks.append((~valid).view(batch, 1, 1, n_k))
+        dropped = ~valid[:, :n_q]
+    return q, k, _as_sdpa(masks, n_k, extra, dropped)
 
 
-def _to_sdpa(masks: list[Tensor], dtype: torch.dtype, extra: int) -> Tensor | None:
-    """``nn.MultiheadAttention`` masks (True = blocked, or additive) as one SDPA mask, ``extra`` keys appended."""
+class MhaMask(NamedTuple):
+    """An ``nn.MultiheadAttention`` call's masks for the metric: a key-padding mask alone becomes a ``[B, 1, 1, S']``
+    SDPA mask; any mask over rows stays the module's own tensor, read per key chunk through ``pattern``."""
+
+    attn_mask: Tensor | None
+    pattern: ModuleMasks | None
+    dropped: Tensor | None  #: [B, L] query rows of a nested input's padded tail
+
+
+def _as_sdpa(masks: list[Tensor], n_k: int, extra: int, dropped: Tensor | None) -> MhaMask:
     if not masks:
-        return None
-    if all(m.dtype == torch.bool for m in masks):
-        allowed = ~masks[0]
-        for m in masks[1:]:
-            allowed = allowed & ~m
-        return F.pad(allowed, (0, extra), value=True) if extra else allowed
-    additive = None
-    for m in masks:
-        term = (
-            torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, -math.inf) if m.dtype == torch.bool else m
-        )
-        additive = term if additive is None else additive + term
-    assert additive is not None
-    return F.pad(additive, (0, extra), value=0.0) if extra else additive
-
-
-def _combine(mask: Tensor, allowed: Tensor) -> Tensor:
-    """Restrict an SDPA mask (boolean or additive) to where ``allowed`` is True."""
-    if mask.dtype == torch.bool:
-        return mask & allowed
-    return mask.masked_fill(~allowed, -math.inf)
+        return MhaMask(None, None, dropped)
+    if any(m.shape[-2] != 1 or m.shape[-3] != 1 for m in masks):
+        return MhaMask(None, ModuleMasks(masks, n_k), dropped)
+    blocked = [m for m in masks if m.dtype == torch.bool]  # key padding only: [B, 1, 1, S], O(B·S)
+    added = [m for m in masks if m.dtype != torch.bool]
+    if not added:
+        allowed = ~functools.reduce(torch.logical_or, blocked)
+        return MhaMask(F.pad(allowed, (0, extra), value=True) if extra else allowed, None, dropped)
+    bias = added[0] if len(added) == 1 else functools.reduce(torch.add, added)
+    if blocked:
+        bias = bias.masked_fill(functools.reduce(torch.logical_or, blocked), -math.inf)
+    return MhaMask(F.pad(bias, (0, extra), value=0.0) if extra else bias, None, dropped)
 
 
 def mha_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
@@ -157,7 +158,8 @@ def mha_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> l
         attn_mask=call.get("attn_mask"),
         key_padding_mask=call.get("key_padding_mask"),
     )
-    return [Found("", q, k, mask, cross=call["query"] is not call["key"])]
+    cross = call["query"] is not call["key"]
+    return [Found("", q, k, mask.attn_mask, cross=cross, pattern=mask.pattern, dropped=mask.dropped)]
 
 
 def encoder_layer_fallback(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
@@ -175,7 +177,7 @@ def encoder_layer_fallback(layer: nn.Module, args: tuple, kwargs: dict, output: 
         key_padding_mask=call.get("src_key_padding_mask"),
         lengths=lengths,
     )
-    return [Found(".self_attn", q, k, mask, cross=False)]
+    return [Found(".self_attn", q, k, mask.attn_mask, cross=False, pattern=mask.pattern, dropped=mask.dropped)]
 
 
 def fallback_for(module: nn.Module) -> tuple[str | None, Any]:

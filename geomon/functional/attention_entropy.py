@@ -19,6 +19,7 @@ Cost: ``2·Nq·Nk·Dh`` FLOPs per head for the scores plus a few exp/FMA per sco
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -47,6 +48,17 @@ class AttentionStats(NamedTuple):
 
 #: How each field of :class:`AttentionStats` combines across batches and processes.
 ATTENTION_REDUCTIONS = {"max_logit": "max"}
+
+#: ``pattern(positions [Nsel], start, stop)``: the mask term of query rows ``positions`` and keys ``[start, stop)``,
+#: broadcastable to ``[B, H, Nsel, stop - start]`` (SDPA semantics), for a rule generated chunk by chunk rather than
+#: held as a ``Nq x Nk`` tensor (private: used by the attention capture; the torch path applies it).
+MaskPattern = Callable[[Tensor, int, int], Tensor]
+
+
+def _blocked_at(dtype: torch.dtype, masked_at: float | None) -> float:
+    """Additive mask entries at or below this block their key: the dtype's minimum, or ``masked_at`` if higher."""
+    low = torch.finfo(dtype).min
+    return low if masked_at is None else max(low, masked_at)
 
 
 def _validate(
@@ -100,8 +112,13 @@ def _attention_rows_torch(
     attn_mask: Tensor | None,
     chunk_size: int | None,
     query_index: Tensor | None,
+    masked_at: float | None = None,
+    pattern: MaskPattern | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The reference path: chunks of keys through an online softmax, in float32 (float64 for float64 inputs)."""
+    """The reference path: chunks of keys through an online softmax, in float32 (float64 for float64 inputs).
+
+    Every mask term is read one key chunk at a time (``attn_mask`` sliced, ``pattern`` generated), so nothing of
+    size ``Nq x Nk`` is allocated."""
     batch, heads, _, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -116,8 +133,7 @@ def _attention_rows_torch(
     qg = q.detach().to(dtype).reshape(batch, kv_heads, group, n_q, dim) * scale
     kg = k.detach().unsqueeze(2)  # [B, Hk, 1, Nk, Dh]: a view, shared by the G query heads of a group
     mask = None if attn_mask is None else _grouped_mask(attn_mask.detach(), kv_heads, group)
-    if mask is not None and query_index is not None and mask.shape[-2] != 1:
-        mask = mask.index_select(-2, positions)
+    select_rows = query_index is not None and mask is not None and mask.shape[-2] != 1
     if chunk_size is None:  # a handful of score-sized temporaries are live per chunk: keep each near 16 MiB
         chunk_size = max(1, (TILE_ELEMENTS // 4) // max(1, batch * heads * n_q))
     if is_causal and query_index is None:
@@ -134,16 +150,21 @@ def _attention_rows_torch(
         allowed = None
         if is_causal:
             allowed = torch.arange(start, stop, device=q.device)[None, :] <= rows
-        elif mask is not None:
-            chunk = mask[..., start:stop]
+        terms = []
+        if mask is not None:  # the rows of this chunk only: a selected copy stays Nsel x chunk
+            terms.append(mask[..., start:stop].index_select(-2, positions) if select_rows else mask[..., start:stop])
+        if pattern is not None:
+            terms.append(_grouped_mask(pattern(positions, start, stop), kv_heads, group))
+        for chunk in terms:
             if chunk.dtype == torch.bool:
-                allowed = chunk
+                ok = chunk
             else:
                 scores = scores + chunk.to(dtype)
-                allowed = chunk > torch.finfo(chunk.dtype).min
+                ok = chunk > _blocked_at(chunk.dtype, masked_at)
+            allowed = ok if allowed is None else allowed & ok
         if allowed is not None:
             scores = scores.masked_fill(~allowed, -math.inf)
-            n_keys += allowed.expand(scores.shape).sum(-1)
+            n_keys += allowed.sum(-1)  # broadcasts: counted before any expansion to the score shape
         else:
             n_keys += stop - start
         new_max = torch.maximum(running_max, scores.amax(-1))
@@ -178,9 +199,17 @@ def _attention_rows(
     chunk_size: int | None = None,
     query_index: Tensor | None = None,
     backend: Backend = "auto",
+    masked_at: float | None = None,
+    query_padding: Tensor | None = None,
+    pattern: MaskPattern | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``(entropy, max_logit, n_keys)``, each ``[B, H, Nq]`` (or ``[B, H, Nsel]``); no host sync."""
+    """Per-row ``(entropy, max_logit, n_keys)``, each ``[B, H, Nq]`` (or ``[B, H, Nsel]``); no host sync.
+
+    The attention capture's padding rule, kept out of the ``Nq x Nk`` mask: ``masked_at`` (additive entries at or
+    below it block their key), ``query_padding`` (``[B, Nq]`` boolean: those query rows count as having no key: NaN,
+    ``n_keys`` 0) and ``pattern`` (a :data:`MaskPattern`, applied with ``attn_mask``; torch path only)."""
     _validate(q, k, scale, is_causal, attn_mask, query_index)
+    _validate_padding(q, is_causal, masked_at, query_padding, pattern)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -193,12 +222,56 @@ def _attention_rows(
         unsupported = "float64 additive masks are applied by the torch path only"
     elif q.shape[-1] > 256:
         unsupported = f"head dim {q.shape[-1]} > 256"
+    elif pattern is not None:
+        unsupported = "a generated mask pattern is applied by the torch path only"
+    elif _blocks_above_minimum(attn_mask, masked_at):  # the kernel blocks at the dtype's minimum only
+        unsupported = f"additive masks blocked at {masked_at:g} are applied by the torch path only"
     if choose_backend(backend, "attention_entropy", q, k, attn_mask, unsupported=unsupported) == "triton":
         from geomon.kernels.attention_entropy import attention_rows_triton
 
-        return attention_rows_triton(q, k, scale, is_causal, attn_mask, query_index)
-    with autocast_off(q.device):  # float32 scores even inside the model's autocast region
-        return _attention_rows_torch(q, k, scale, is_causal, attn_mask, chunk_size, query_index)
+        rows = attention_rows_triton(q, k, scale, is_causal, attn_mask, query_index)
+    else:
+        with autocast_off(q.device):  # float32 scores even inside the model's autocast region
+            rows = _attention_rows_torch(q, k, scale, is_causal, attn_mask, chunk_size, query_index, masked_at, pattern)
+    return rows if query_padding is None else _drop_rows(rows, query_padding, query_index)
+
+
+def _blocks_above_minimum(attn_mask: Tensor | None, masked_at: float | None) -> bool:
+    if masked_at is None or attn_mask is None or not attn_mask.is_floating_point():
+        return False
+    return masked_at > torch.finfo(attn_mask.dtype).min
+
+
+def _validate_padding(
+    q: Tensor, is_causal: bool, masked_at: float | None, query_padding: Tensor | None, pattern: MaskPattern | None
+) -> None:
+    if masked_at is not None and not (isinstance(masked_at, int | float) and math.isfinite(masked_at)):
+        raise ValueError(f"masked_at must be a finite number or None, got {masked_at!r}")
+    if pattern is not None:
+        if not callable(pattern):
+            raise TypeError(f"pattern must be callable (positions, start, stop) -> mask, got {type(pattern).__name__}")
+        if is_causal:
+            raise ValueError("a mask pattern and is_causal=True cannot be combined")
+    if query_padding is None:
+        return
+    if not isinstance(query_padding, Tensor) or query_padding.dtype != torch.bool:
+        raise TypeError(f"query_padding must be a boolean tensor [B, Nq], got {query_padding!r:.80}")
+    if tuple(query_padding.shape) != (q.shape[0], q.shape[2]) or query_padding.device != q.device:
+        raise ValueError(
+            f"query_padding must be [B, Nq] = {(q.shape[0], q.shape[2])} on {q.device}, "
+            f"got {tuple(query_padding.shape)} on {query_padding.device}"
+        )
+
+
+def _drop_rows(
+    rows: tuple[Tensor, Tensor, Tensor], query_padding: Tensor, query_index: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``rows`` with the padded query rows read as rows with no key (NaN entropy and max logit, no key)."""
+    entropy, max_logit, n_keys = rows
+    if query_index is not None:  # out-of-range positions already read as keyless: any row will do for them
+        query_padding = query_padding.index_select(1, query_index.long().clamp(0, max(query_padding.shape[1] - 1, 0)))
+    drop = query_padding[:, None, :]
+    return entropy.masked_fill(drop, math.nan), max_logit.masked_fill(drop, math.nan), n_keys.masked_fill(drop, 0)
 
 
 def attention_entropy(
@@ -212,6 +285,9 @@ def attention_entropy(
     query_index: Tensor | None = None,
     backend: Backend = "auto",
     return_n_keys: bool = False,
+    _masked_at: float | None = None,
+    _query_padding: Tensor | None = None,
+    _pattern: MaskPattern | None = None,
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Entropy (nats) and max logit of every attention row, without forming the attention matrix.
 
@@ -226,6 +302,8 @@ def attention_entropy(
             head), so that watching a long sequence costs a fraction of attention; outputs are ``[B, H, Nsel]``.
         backend: ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"`` (raises if it cannot run).
         return_n_keys: also return the number of allowed keys of each row (for ``H / log n``).
+        _masked_at, _query_padding, _pattern: private, the attention capture's padding rule (see
+            :class:`geomon.capture.AttentionCall`).
 
     Returns:
         ``(entropy, max_logit)`` (or with ``n_keys``), each ``[B, H, Nq]``, float32 (float64 for float64 inputs);
@@ -253,6 +331,9 @@ def attention_entropy(
         chunk_size=chunk_size,
         query_index=query_index,
         backend=backend,
+        masked_at=_masked_at,
+        query_padding=_query_padding,
+        pattern=_pattern,
     )
     return (entropy, max_logit, n_keys) if return_n_keys else (entropy, max_logit)
 
@@ -267,8 +348,12 @@ def _attention_entropy_update(
     chunk_size: int | None = None,
     query_index: Tensor | None = None,
     backend: Backend = "auto",
+    masked_at: float | None = None,
+    query_padding: Tensor | None = None,
+    pattern: MaskPattern | None = None,
 ) -> AttentionStats:
-    """Per-head sums over batch and query rows of one attention call (no host sync; ``query_index`` unchecked)."""
+    """Per-head sums over batch and query rows of one attention call (no host sync; ``query_index`` unchecked;
+    ``masked_at``, ``query_padding``, ``pattern``: see :func:`_attention_rows`)."""
     entropy, max_logit, n_keys = _attention_rows(
         q,
         k,
@@ -278,6 +363,9 @@ def _attention_entropy_update(
         chunk_size=chunk_size,
         query_index=query_index,
         backend=backend,
+        masked_at=masked_at,
+        query_padding=query_padding,
+        pattern=pattern,
     )
     valid = n_keys >= 1
     spread = n_keys >= 2

@@ -13,6 +13,7 @@ from geomon.functional._dispatch import BACKENDS, Backend
 from geomon.functional.attention_entropy import (
     ATTENTION_REDUCTIONS,
     AttentionStats,
+    MaskPattern,
     _attention_entropy_compute,
     _attention_entropy_update,
 )
@@ -61,9 +62,14 @@ class AttentionEntropy(StatsMetric):
         is_causal: bool = False,
         attn_mask: Tensor | None = None,
         query_index: Tensor | None = None,
+        query_padding: Tensor | None = None,
+        _masked_at: float | None = None,
+        _pattern: MaskPattern | None = None,
     ) -> None:
         """Add one attention call's queries ``[B, H, Nq, Dh]`` and keys ``[B, Hk, Nk, Dh]`` (SDPA semantics);
-        ``query_index`` (valid positions, not checked here) restricts the rows measured."""
+        ``query_index`` (valid positions, not checked here) restricts the rows measured; ``query_padding``
+        (``[B, Nq]`` boolean) leaves those rows out. ``_masked_at``, ``_pattern``: private, a captured call's
+        ``masked_at`` and ``pattern`` (see :class:`~geomon.capture.AttentionCall`)."""
         if isinstance(q, Tensor) and q.ndim == 4 and q.shape[1] != self.num_heads:
             raise ValueError(f"q must have {self.num_heads} heads (num_heads), got shape {tuple(q.shape)}")
         stats = _attention_entropy_update(
@@ -74,6 +80,9 @@ class AttentionEntropy(StatsMetric):
             attn_mask=attn_mask,
             query_index=query_index,
             backend=self.backend,
+            masked_at=_masked_at,
+            query_padding=query_padding,
+            pattern=_pattern,
         )
         self._accumulate(stats)
 

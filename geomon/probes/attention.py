@@ -114,8 +114,17 @@ class AttentionProbe(Probe):
         index = None
         if rows < n_q:
             index = torch.linspace(0, n_q - 1, rows, device=call.q.device).round().long()
-        self.metric.update(call.q, call.k, scale=call.scale, is_causal=call.is_causal, attn_mask=call.attn_mask,
-                           query_index=index)  # fmt: skip
+        self.metric.update(
+            call.q,
+            call.k,
+            scale=call.scale,
+            is_causal=call.is_causal,
+            attn_mask=call.attn_mask,
+            query_index=index,
+            query_padding=call.query_padding,
+            _masked_at=call.masked_at,
+            _pattern=call.pattern,
+        )  # the mask's parts by reference: none is N x N
 
     def rows(self, n_q: int, n_k: int, width: int) -> int:
         """Query rows per head measured in a call of ``n_q`` queries, ``n_k`` keys, query width ``H·Dh``."""

@@ -42,13 +42,7 @@ def entropy_of(weights: Tensor) -> Tensor:
 def rows_of(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
     """``(entropy, max_logit, n_keys)`` per row, by geomon's functional from a captured call (torch backend)."""
     return attention_entropy(
-        call.q,
-        call.k,
-        scale=call.scale,
-        is_causal=call.is_causal,
-        attn_mask=call.attn_mask,
-        backend="torch",
-        return_n_keys=True,
+        call.q, call.k, scale=call.scale, backend="torch", return_n_keys=True, **call.mask_arguments()
     )
 
 

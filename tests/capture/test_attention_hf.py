@@ -257,22 +257,28 @@ def test_flex_block_mask_is_materialised_as_the_sdpa_mask():
             position_ids=torch.arange(9)[None].expand(3, -1),
         )
     q, k = torch.zeros(3, 4, 9, 16), torch.zeros(3, 2, 9, 16)
-    dense, causal = interface_mask(torch.nn.Module(), q, k, masks["flex_attention"], {})
+    found = interface_mask(torch.nn.Module(), q, k, masks["flex_attention"], {})
+    dense, causal = found.attn_mask, found.is_causal
     assert not causal and torch.equal(dense, masks["sdpa"].expand_as(dense))
+
+
+def _rule(found, n):
+    """The [Nq, Nk] rule a generated pattern stands for (test-side materialisation; geomon never builds it)."""
+    return None if found.pattern is None else found.pattern(torch.arange(n), 0, n).reshape(n, n)
 
 
 def test_interface_mask_sliding_window_and_packed_sequences():
     module = torch.nn.Module()
     module.is_causal = True
     q, k = torch.zeros(1, 2, 6, 4), torch.zeros(1, 2, 6, 4)
-    window, causal = interface_mask(module, q, k, None, {"sliding_window": 3})
-    assert not causal and window[0, 0].sum(-1).tolist() == [1, 2, 3, 3, 3, 3]
-    packed, _ = interface_mask(module, q, k, None, {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]])})
-    assert packed[0, 0].sum(-1).tolist() == [1, 2, 3, 1, 2, 1]
-    plain, causal = interface_mask(module, q, k, None, {"position_ids": torch.arange(6)[None]})
-    assert causal or plain[0, 0].sum(-1).tolist() == [1, 2, 3, 4, 5, 6]
-    none, causal = interface_mask(module, q, k, None, {"is_causal": False})
-    assert none is None and not causal
+    found = interface_mask(module, q, k, None, {"sliding_window": 3})
+    assert found.attn_mask is None and not found.is_causal and _rule(found, 6).sum(-1).tolist() == [1, 2, 3, 3, 3, 3]
+    found = interface_mask(module, q, k, None, {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]])})
+    assert found.attn_mask is None and _rule(found, 6).sum(-1).tolist() == [1, 2, 3, 1, 2, 1]
+    found = interface_mask(module, q, k, None, {"position_ids": torch.arange(6)[None]})
+    assert found.is_causal or _rule(found, 6).sum(-1).tolist() == [1, 2, 3, 4, 5, 6]
+    found = interface_mask(module, q, k, None, {"is_causal": False})
+    assert found.attn_mask is None and found.pattern is None and not found.is_causal
 
 
 def test_soft_capped_attention_warns_instead_of_reporting_a_wrong_entropy():

@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geomon.capture._padding import MASKED_AT, PaddingRule, is_cross_name, padded_keys, standard_mask
+from geomon.capture import AttentionCall
+from geomon.capture._padding import MASKED_AT, PaddingRule, is_cross_name, padded_keys
 from tests.capture._reference import rows_of, softmax_rows
 
 H, DH = 2, 4
@@ -58,15 +59,12 @@ def test_exactly_the_padded_tokens_are_excluded_and_real_rows_are_exact(n, data,
     mask = _encode(allowed, style)
     batch = tokens.shape[0]
     expected_padding = ~tokens
-    found = padded_keys(standard_mask(mask), batch, n)
-    assert torch.equal(found if found is not None else torch.zeros_like(tokens), expected_padding)
+    assert torch.equal(padded_keys(mask, batch, n), expected_padding)
 
     gen = torch.Generator().manual_seed(n)
     q, k = torch.randn(batch, H, n, DH, generator=gen), torch.randn(batch, H, n, DH, generator=gen)
-    reported = PaddingRule().apply(q, k, mask, None, "layers.0.attn")
-    from geomon.capture import AttentionCall
-
-    entropy, max_logit, n_keys = rows_of(AttentionCall("x", q, k, reported, False, None))
+    rows = PaddingRule().apply(q, k, mask, None, "layers.0.attn")
+    entropy, max_logit, n_keys = rows_of(AttentionCall("x", q, k, mask, False, None, rows, MASKED_AT))
     real = tokens[:, None, :].expand(batch, H, n)
     # a real row sees the real keys its structure allows (at least itself); a padded row is NaN
     expected_entropy, expected_max = softmax_rows(q, k, allowed=allowed)
@@ -81,7 +79,8 @@ def test_masks_without_padding_exclude_nothing():
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     packed = torch.block_diag(torch.ones(2, 2), torch.ones(4, 4)).bool()
     for mask in (None, causal, packed[None, None], torch.zeros(1, 1, n, n), torch.randn(2, H, n, n)):
-        assert padded_keys(standard_mask(mask), 2, n) is None
+        found = padded_keys(mask, 2, n)
+        assert found is None or not found.any()
 
 
 def test_cross_attention_takes_the_query_padding_of_the_last_self_attention():
@@ -92,16 +91,23 @@ def test_cross_attention_takes_the_query_padding_of_the_last_self_attention():
     self_mask = _allowed(decoder_tokens, "causal", 0)
     rule.apply(q, k, self_mask, None, "decoder.block.0.layer.0.SelfAttention")
     cross_mask = encoder_tokens[:, None, None, :].expand(2, 1, 5, 5)
-    reported = rule.apply(q, k, cross_mask, None, "decoder.block.0.layer.1.EncDecAttention")
-    no_key = ~reported.any(-1)  # [B, 1, Nq]
-    assert torch.equal(no_key[:, 0], ~decoder_tokens)  # the decoder's padded rows, not the encoder's
-    assert torch.equal(reported[decoder_tokens[:, None, :, None].expand_as(reported)].view(-1, 5)[0], encoder_tokens[0])
+    rows = rule.apply(q, k, cross_mask, None, "decoder.block.0.layer.1.EncDecAttention")
+    _, _, n_keys = rows_of(AttentionCall("x", q, k, cross_mask, False, None, rows, MASKED_AT))
+    no_key = n_keys[:, 0] == 0  # [B, Nq]
+    assert torch.equal(no_key, ~decoder_tokens)  # the decoder's padded rows, not the encoder's
+    assert torch.equal(n_keys[:, 0][decoder_tokens], encoder_tokens.sum(-1)[:, None].expand(2, 5)[decoder_tokens])
 
 
-def test_standard_mask_and_cross_names():
+def test_masked_at_blocks_keys_and_cross_names():
     mask = torch.tensor([0.0, -3.0, MASKED_AT, -math.inf, torch.finfo(torch.float32).min])
-    assert standard_mask(mask).tolist() == [0.0, -3.0, -math.inf, -math.inf, -math.inf]
-    assert standard_mask(torch.tensor([True, False])).dtype == torch.bool
+    q, k = torch.randn(1, 1, 1, DH), torch.randn(1, 1, 5, DH)
+    entropy, max_logit, n_keys = rows_of(AttentionCall("x", q, k, mask, False, None, None, MASKED_AT))
+    allowed = torch.tensor([True, True, False, False, False])
+    expected_entropy, expected_max = softmax_rows(q, k, allowed=allowed, additive=mask.masked_fill(~allowed, 0.0))
+    assert n_keys.item() == 2  # -1e4, -inf and the dtype's minimum all block their key
+    torch.testing.assert_close(entropy.double(), expected_entropy, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(max_logit.double(), expected_max, rtol=1e-6, atol=1e-6)
+    assert padded_keys(torch.tensor([True, False]), 1, 2).tolist() == [[False, True]]
     cross = ["decoder.block.1.layer.1.EncDecAttention", "model.decoder.layers.0.encoder_attn"]
     cross += ["layers.0.multihead_attn", "blocks.2.cross_attn", "bert.encoder.layer.0.crossattention.self"]
     for name in cross:
@@ -117,6 +123,6 @@ def test_an_explicit_cross_flag_wins_over_shapes(left):
     q, k = torch.randn(1, H, 4, DH, generator=gen), torch.randn(1, H, 4, DH, generator=gen)
     key_padding = tokens[:, None, None, :]
     as_self = rule.apply(q, k, key_padding, False, "attn")
-    assert torch.equal(~as_self.any(-1)[0, 0], ~tokens[0])
+    assert torch.equal(as_self[0], ~tokens[0])
     as_cross = PaddingRule().apply(q, k, key_padding, True, "attn")  # no self-attention seen: nothing to exclude
-    assert as_cross is key_padding
+    assert as_cross is None

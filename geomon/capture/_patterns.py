@@ -1,0 +1,94 @@
+"""Mask rules generated chunk by chunk: what a mask would say, without holding a ``Nq x Nk`` tensor.
+
+A :class:`MaskPattern` is called by the metric's torch path with the query rows it measures and one key chunk
+``[start, stop)``, and returns that block of the mask (SDPA semantics: boolean True = may attend, or additive),
+broadcastable to ``[B, H, Nsel, stop - start]``. The fused kernel reads only stored masks, so a call carrying a
+pattern is measured by the torch path (on CUDA too): memory stays ``O(B·H·Nsel·chunk)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from geomon.capture._padding import MASKED_AT
+
+
+class MaskPattern:
+    """A mask generated per key chunk (see the module docstring)."""
+
+    def __call__(self, positions: Tensor, start: int, stop: int) -> Tensor:
+        raise NotImplementedError
+
+    def padded_keys(self, batch: int, n_k: int) -> Tensor | None:
+        """``[B, Nk]`` True where no query row may attend to key ``j`` (None: every key is seen by some row)."""
+        return None
+
+
+class AlignedRule(MaskPattern):
+    """Flash attention's causal rule aligned bottom-right (query ``i`` is position ``i + Nk - Nq``), a sliding window
+    (``|position - j| < window``), and packed sequences (``segments [Nk]``: a query sees its own segment only)."""
+
+    def __init__(self, n_q: int, n_k: int, causal: bool, window: int | None, segments: Tensor | None) -> None:
+        self.offset, self.causal, self.window, self.segments = n_k - n_q, causal, window, segments
+
+    def __call__(self, positions: Tensor, start: int, stop: int) -> Tensor:
+        rows = positions[:, None] + self.offset
+        cols = torch.arange(start, stop, device=positions.device)[None, :]
+        allowed = torch.ones(rows.shape[0], stop - start, dtype=torch.bool, device=positions.device)
+        if self.causal:
+            allowed &= cols <= rows
+        if self.window is not None:
+            allowed &= (rows - cols).abs() < self.window
+        if self.segments is not None:
+            allowed &= self.segments[rows] == self.segments[start:stop][None, :]
+        return allowed
+
+
+class ModuleMasks(MaskPattern):
+    """``nn.MultiheadAttention``'s masks in its own semantics (boolean True = *not* allowed, or additive), each a
+    view broadcastable to ``[B, H, L, S]``, combined per chunk as the module combines them; ``extra`` appended keys
+    (``bias_k``, ``add_zero_attn``) are open to every row."""
+
+    def __init__(self, masks: list[Tensor], n_k: int) -> None:
+        self.masks, self.n_k = masks, n_k
+
+    def __call__(self, positions: Tensor, start: int, stop: int) -> Tensor:
+        own = min(stop, self.n_k) - start  # columns of this chunk that are the module's keys
+        extra = stop - start - max(own, 0)
+        blocked, bias = None, None
+        for mask in self.masks:
+            chunk = mask[..., start : start + max(own, 0)]
+            if chunk.shape[-2] != 1:
+                chunk = chunk.index_select(-2, positions)
+            if chunk.dtype == torch.bool:
+                blocked = chunk if blocked is None else blocked | chunk
+            else:
+                bias = chunk if bias is None else bias + chunk
+        if bias is None:
+            assert blocked is not None
+            allowed = ~blocked
+            return torch.nn.functional.pad(allowed, (0, extra), value=True) if extra else allowed
+        if blocked is not None:
+            bias = bias.masked_fill(blocked, -torch.inf)
+        return torch.nn.functional.pad(bias, (0, extra), value=0.0) if extra else bias
+
+    def padded_keys(self, batch: int, n_k: int) -> Tensor | None:
+        """Keys every row of every head blocks: each boolean mask's rows and heads, and the sum of the additive
+        masks' maxima (exact when at most one additive mask varies over rows and heads, as a key-padding mask
+        does not)."""
+        blocked, top = None, None
+        for mask in self.masks:
+            if mask.dtype == torch.bool:
+                every = mask.all(-2).all(-2)
+                blocked = every if blocked is None else blocked | every
+            else:
+                most = mask.amax(dim=(-3, -2))
+                top = most if top is None else top + most
+        if top is not None:
+            low = top <= MASKED_AT
+            blocked = low if blocked is None else blocked | low
+        assert blocked is not None
+        blocked = blocked.expand(batch, self.n_k)
+        extra = n_k - self.n_k
+        return torch.nn.functional.pad(blocked, (0, extra), value=False) if extra else blocked
