@@ -1,0 +1,109 @@
+"""Capture memory at N = 8192: no mask of size N x N is built by geomon on the paths that used to build one.
+
+Each case hands an adapter the tensors a model would pass at a sequence length of 8192 with left padding (the
+model's own mask, if it has one, is made before measuring), runs geomon's capture (adapter, padding rule) and the
+attention probe's metric update under ``torch.profiler`` with ``profile_memory=True``, and asserts that no single
+allocation reached ``N·N/4`` bytes (one byte per element: a boolean ``N x N/4`` mask would be flagged). The metric's
+score chunks are bounded by its chunk size (64 sampled query rows here: ``64 x 8192`` scores per head)."""
+
+import pytest
+import torch
+from torch import nn
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+from geomon.capture import hf, torch_mha
+from geomon.capture._session import Session
+from geomon.probes.attention import AttentionProbe
+
+N, HEADS, DH, PAD = 8192, 2, 4, 1000
+LIMIT = N * N // 4  # bytes
+
+
+def _allocations(prof) -> list[int]:
+    """The size of every allocation the profiler recorded (frees, recorded as negative sizes, left out)."""
+    sizes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.alloc_size > 0:
+            sizes.append(node.extra_fields.alloc_size)
+    return sizes
+
+
+def _left_tokens(batch: int) -> torch.Tensor:
+    tokens = torch.ones(batch, N, dtype=torch.bool)
+    tokens[0, :PAD] = False  # the first sequence is left-padded, the others are full
+    return tokens
+
+
+def _flash_2d():
+    """Hugging Face's flash-style call: a [B, Nk] padding mask (1 = token), causal, through the interface wrapper."""
+    module = nn.Module()
+    module.is_causal = True
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, HEADS, N, DH, generator=gen), torch.randn(2, HEADS, N, DH, generator=gen)
+    call = {"attention_mask": _left_tokens(2).long(), "scaling": None}
+    return module, lambda session: hf._report(session, module, q, k, call, True)
+
+
+def _eager_4d():
+    """Hugging Face eager: the model's own additive [B, 1, N, N] mask (float16, the dtype's minimum)."""
+    module = nn.Module()
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, HEADS, N, DH, generator=gen), torch.randn(1, HEADS, N, DH, generator=gen)
+    mask = torch.zeros(1, 1, N, N, dtype=torch.float16)
+    mask[..., :PAD] = torch.finfo(torch.float16).min  # left padding: no row attends the first PAD keys
+    call = {"attention_mask": mask, "scaling": None}
+    return module, lambda session: hf._report(session, module, q, k, call, False)
+
+
+def _mha_key_padding():
+    """``nn.MultiheadAttention`` called with a ``key_padding_mask`` (need_weights: Q/K recomputed by geomon)."""
+    mha = nn.MultiheadAttention(HEADS * DH, HEADS, batch_first=True)
+    x = torch.randn(2, N, HEADS * DH, generator=torch.Generator().manual_seed(2))
+    kwargs = {"key_padding_mask": ~_left_tokens(2)}  # True = padding
+
+    def run(session):
+        session.guarded("", lambda: session.report_found("", torch_mha.mha_fallback(mha, (x, x, x), kwargs, None)))
+
+    return mha, run
+
+
+def _nested():
+    """``nn.TransformerEncoderLayer``'s fused path on a nested tensor (two sequences, one PAD tokens shorter)."""
+    layer = nn.TransformerEncoderLayer(HEADS * DH, HEADS, 16, batch_first=True).eval()
+    gen = torch.Generator().manual_seed(3)
+    parts = [torch.randn(N - PAD, HEADS * DH, generator=gen), torch.randn(N, HEADS * DH, generator=gen)]
+    src = torch.nested.nested_tensor(parts)
+
+    def run(session):
+        found = torch_mha.encoder_layer_fallback(layer, (src,), {}, None)
+        session.guarded("", lambda: session.report_found("", found))
+
+    return layer, run
+
+
+@pytest.mark.parametrize("case", [_flash_2d, _eager_4d, _mha_key_padding, _nested])
+def test_no_allocation_of_n_squared_over_4_bytes_in_capture_and_update(case):
+    model, run = case()
+    probe = AttentionProbe("attn", HEADS, backend="torch", query_rows=64)
+    calls = []
+
+    def on_attention(call):
+        calls.append(call)
+        probe.update(call)
+
+    session = Session(model, on_attention, strict=True)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run(session)
+    assert len(calls) == 1 and calls[0].q.shape[-2] == N
+    sizes = _allocations(prof)
+    assert sizes, "the profiler recorded no allocation: nothing was measured"
+    assert max(sizes) < LIMIT, f"geomon allocated {max(sizes)} bytes at N = {N} (limit N*N/4 = {LIMIT})"
+    # the rows measured are the real ones: the padded rows of the left-padded sequence are left out
+    stats = probe.metric._stats()
+    sampled = torch.linspace(0, N - 1, 64).round().long()
+    padded = sampled >= N - PAD if case is _nested else sampled < PAD  # a nested tensor's padding is its tail
+    batch = calls[0].q.shape[0]
+    assert int(stats.count.sum()) == HEADS * (64 * batch - int(padded.sum()))
