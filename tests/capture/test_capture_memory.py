@@ -4,7 +4,8 @@ Each case hands an adapter the tensors a model would pass at a sequence length o
 model's own mask, if it has one, is made before measuring), runs geomon's capture (adapter, padding rule) and the
 attention probe's metric update under ``torch.profiler`` with ``profile_memory=True``, and asserts that no single
 allocation reached ``N·N/4`` bytes (one byte per element: a boolean ``N x N/4`` mask would be flagged). The metric's
-score chunks are bounded by its chunk size (64 sampled query rows here: ``64 x 8192`` scores per head)."""
+score chunks are bounded by its chunk size (64 sampled query rows here: ``64 x 8192`` scores per head). The same
+run shows no value read back to the host (``aten::_local_scalar_dense``), which on CUDA would be a sync."""
 
 import pytest
 import torch
@@ -88,6 +89,7 @@ def _nested():
 def test_no_allocation_of_n_squared_over_4_bytes_in_capture_and_update(case):
     model, run = case()
     probe = AttentionProbe("attn", HEADS, backend="torch", query_rows=64)
+    probe.allocate(torch.device("cpu"))  # the metric's state, made once before the first measured step
     calls = []
 
     def on_attention(call):
@@ -101,6 +103,8 @@ def test_no_allocation_of_n_squared_over_4_bytes_in_capture_and_update(case):
     sizes = _allocations(prof)
     assert sizes, "the profiler recorded no allocation: nothing was measured"
     assert max(sizes) < LIMIT, f"geomon allocated {max(sizes)} bytes at N = {N} (limit N*N/4 = {LIMIT})"
+    # no host sync either: .item(), bool(tensor), int(tensor) all read a device value through this op
+    assert not [e for e in prof.events() if e.name == "aten::_local_scalar_dense"], "capture read a value back"
     # the rows measured are the real ones: the padded rows of the left-padded sequence are left out
     stats = probe.metric._stats()
     sampled = torch.linspace(0, N - 1, 64).round().long()
