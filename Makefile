@@ -58,5 +58,11 @@ BENCH_GPU_ARGS ?=
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/bench_gpu.py $(BENCH_GPU_ARGS)
 
+# No GPU needed: every kernel variant compiled for sm_90a and sm_80: registers, spills, shared memory, SASS
+# instructions of the hot loop per unit of work, predicted share of the floor; fails on a broken budget.
+.PHONY: kernel-report
+kernel-report: $(STAMP)
+	$(PY) benchmarks/kernel_report.py
+
 clean:
 	rm -rf $(VENV) site .pytest_cache .ruff_cache .hypothesis

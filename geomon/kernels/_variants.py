@@ -38,3 +38,12 @@ class Variant:
     flops_per_iteration: float = 0.0
     bytes_per_iteration: float = 0.0
     exp2_per_iteration: float = 0.0
+    # Integer arguments a real launch sees divisible by 16 (Triton specialises on it; pointers always are, as
+    # torch allocates them 16-byte aligned), so that the compiled code vectorises as it does on a GPU.
+    divisible_by_16: tuple[str, ...] = ()
+    # Share of main-loop trips each hot loop (innermost SASS loop, in code order) takes at the shape named in
+    # ``reference``; empty: the report charges every trip at the largest loop.
+    loop_shares: tuple[float, ...] = ()
+    reference: str = ""
+    # Tensor-core operand type of the loop's dots ("bf16", "fp16", "tf32"; "" when the loop has none).
+    dot_type: str = ""
