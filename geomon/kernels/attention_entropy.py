@@ -9,20 +9,33 @@ True = may attend; float: added, with ``-inf`` and the dtype's most negative val
 causal alignment, grouped-query heads (query head ``h`` reads key head ``h // (H / Hk)``, K is never copied),
 arbitrary strides, NaN for rows with no allowed key, optional query subsampling (``query_index``).
 
-Cost per (batch, head): ``2 · Nsel · Nk · Dh`` FLOPs on tensor cores for ``QKᵀ`` (about half of that with
-``is_causal``, whose tiles above the diagonal are skipped) plus ~6 exp2/FMA per score; bytes: Q rows read once, K
-read once per query tile (``ceil(Nsel / BLOCK_M)`` times, from L2 in practice), the mask tile if any, and
-``3 · 4 · Nsel`` bytes written. Attention itself does twice the matmul FLOPs (``QKᵀ`` and ``PV``), which is why this
-pass can cost about half an attention forward, and a small fraction of it with query subsampling.
+Two key loops. Tiles that every live row of the query tile attends to in full (inside ``Nk``, below the causal
+diagonal of the tile's first row, no ``attn_mask``) go through an unmasked loop: no per-score mask, the scale
+folded into the one FFMA that centres the score (``s·scale·log₂e - m'``), the tile max taken on the raw products,
+and ``t`` accumulated with one FFMA per score; the key count of such rows is analytic (``Nk``, or ``min(i+1, Nk)``
+causal), not summed per score. The rest (the diagonal tiles, the last partial tile, every tile of a masked launch)
+go through a masked loop. Key tiles are addressed by one 64-bit base pointer advanced per tile plus 32-bit in-tile
+offsets. Tiles, warps and stages per (dtype, head dim, causal) come from :data:`CONFIGS`, picked with the static
+report (``benchmarks/kernel_report.py``); :func:`variants` lists what ``auto`` dispatches, for that report and the
+CI budgets in ``tests/kernels/test_sass_budgets.py``.
 
-Numerics. Products are accumulated in fp32 (fp16/bf16 products are exact in fp32; fp32 inputs use IEEE fp32
-``dot``, not TF32), the softmax statistics are fp32. Under ``TRITON_INTERPRET=1`` bf16 tiles are upcast before the
-dot, because the interpreter's bf16 dot is wrong; on a GPU they go to the tensor cores as they are.
+Cost per (batch, head): ``2 · Nsel · Nk · Dh`` FLOPs on tensor cores for ``QKᵀ`` (about half of that with
+``is_causal``, whose tiles above the diagonal are skipped) plus one exp2 (MUFU) and ~4 FMA/FADD/FMNMX per score;
+bytes: Q rows read once, K read once per query tile (``ceil(Nsel / BLOCK_M)`` times, from L2 in practice), the mask
+tile if any, and ``3 · 4 · Nsel`` bytes written. Attention itself does twice the matmul FLOPs (``QKᵀ`` and ``PV``)
+and the same exp2 per score.
+
+Numerics. Products are accumulated in fp32 (fp16/bf16 products are exact in fp32), the softmax statistics are fp32.
+fp32 inputs go through ``tf32x3`` on a GPU: ``x = hi + lo`` with ``hi`` the tf32 rounding of ``x``, and
+``hi·hi + hi·lo + lo·hi`` on the tensor cores (the dropped ``lo·lo`` is ~2⁻²² of a product), instead of an FFMA
+``dot`` that spilled. Under ``TRITON_INTERPRET=1`` dots are IEEE fp32 and bf16 tiles are upcast first, because the
+interpreter's bf16 dot is wrong; on a GPU they go to the tensor cores as they are.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -43,67 +56,106 @@ def _attention_entropy_kernel(
     MASK_KIND: tl.constexpr,  # 0: none, 1: boolean (as uint8), 2: additive float
     IS_CAUSAL: tl.constexpr,
     HAS_QUERY_INDEX: tl.constexpr,
-    IEEE_FP32: tl.constexpr,
+    NEGATIVE_SCALE: tl.constexpr,  # the row max of scale·s is scale · (row min of s)
+    EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: key tiles load without a mask
+    WIDE_TILE_OFFSETS: tl.constexpr,  # offsets inside one K tile need 64 bits (huge strides)
+    DOT_PRECISION: tl.constexpr,  # "ieee", "tf32x3" (fp32 inputs on a GPU) or "tf32" (ignored for fp16/bf16)
     UPCAST: tl.constexpr,  # bf16 -> fp32 before the dot: only under the interpreter, whose bf16 dot is wrong
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: strides times indices can exceed 2**31
+    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit base offsets: strides times indices can exceed 2**31
     pid_m = tl.program_id(1)
     b = pid_bh // heads
     h = pid_bh % heads
-    kv_head = h // group
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_sel
     if HAS_QUERY_INDEX:
-        pos = tl.load(QIDX + rows, mask=row_ok, other=0).to(tl.int64)
+        pos = tl.load(QIDX + rows, mask=row_ok, other=0)
         live = row_ok & (pos >= 0) & (pos < n_q)  # an out-of-range index reads nothing: a row with no key
         pos = tl.where(live, pos, 0)
     else:
-        pos = rows.to(tl.int64)
+        pos = rows
         live = row_ok
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
-    q_ptrs = Q + b * stride_qb + h * stride_qh + pos[:, None] * stride_qn + dims[None, :] * stride_qd
+    q_ptrs = Q + b * stride_qb + h * stride_qh + pos[:, None].to(tl.int64) * stride_qn + dims[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=live[:, None] & dim_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
-    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    norm = tl.zeros([BLOCK_M], tl.float32)
-    tilted = tl.zeros([BLOCK_M], tl.float32)
-    n_keys = tl.zeros([BLOCK_M], tl.int32)
-    stop = n_k
-    if IS_CAUSAL:  # keys past the last query position of this tile are never allowed: skip their tiles
-        stop = tl.minimum(n_k, tl.max(tl.where(live, pos, 0)) + 1)
-    for start in range(0, stop, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < n_k
-        k_ptrs = K + b * stride_kb + kv_head * stride_kh + cols[:, None] * stride_kn + dims[None, :] * stride_kd
-        k = tl.load(k_ptrs, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    # Key tiles: one 64-bit base pointer advanced by a scalar per tile, plus in-tile offsets fixed for the kernel.
+    tile_rows = tl.arange(0, BLOCK_N)
+    if WIDE_TILE_OFFSETS:
+        tile_rows = tile_rows.to(tl.int64)
+    k_offsets = tile_rows[:, None] * stride_kn + dims[None, :] * stride_kd
+    k_tile = K + b * stride_kb + (h // group) * stride_kh
+    k_step = tl.full([], BLOCK_N, tl.int64) * stride_kn
+
+    # Key ranges: [0, full_end) holds only tiles every live row attends to in full (inside n_k, below the causal
+    # diagonal of the tile's first live row, no mask); [full_end, stop) the tiles that need a per-score mask.
+    if IS_CAUSAL:  # keys past the last live query position of this tile are never allowed: skip their tiles
+        first = tl.min(tl.where(live, pos, n_q))
+        last = tl.max(tl.where(live, pos, -1))
+        stop = tl.minimum(n_k, last + 1)
+        full_end = tl.where(last >= 0, tl.minimum(n_k, first + 1) // BLOCK_N * BLOCK_N, 0)
+    else:
+        stop = n_k
+        full_end = n_k // BLOCK_N * BLOCK_N
+    if MASK_KIND != 0:
+        full_end = 0
+
+    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # base-2 units: scale · log2(e) · q·k
+    norm = tl.zeros([BLOCK_M], tl.float32)  # Σ 2^(s - running_max)
+    tilted = tl.zeros([BLOCK_M], tl.float32)  # Σ 2^(s - running_max) · (s - running_max)
+    for _ in range(0, full_end, BLOCK_N):
+        if EVEN_D:
+            k = tl.load(k_tile + k_offsets)
+        else:
+            k = tl.load(k_tile + k_offsets, mask=dim_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        if IEEE_FP32:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled: the scale is folded into one FMA
+        if NEGATIVE_SCALE:
+            new_max = tl.maximum(running_max, tl.min(s, 1) * scale_log2e)
         else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale_log2e
+            new_max = tl.maximum(running_max, tl.max(s, 1) * scale_log2e)
+        centred = s * scale_log2e - new_max[:, None]  # one FFMA per score, <= 0 up to rounding
+        weights = tl.exp2(centred)
+        decay = tl.exp2(running_max - new_max)  # 0 on the first tile (running_max = -inf)
+        carried = tl.where(norm > 0, norm * (running_max - new_max), 0.0)
+        tilted = decay * (tilted + carried) + tl.sum(weights * centred, 1)
+        norm = decay * norm + tl.sum(weights, 1)
+        running_max = new_max
+        k_tile += k_step
+
+    n_keys = tl.zeros([BLOCK_M], tl.int32)
+    for start in range(full_end, stop, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_k
+        k = tl.load(k_tile + k_offsets, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         allowed = live[:, None] & col_ok[None, :]
         if IS_CAUSAL:
             allowed = allowed & (cols[None, :] <= pos[:, None])
         if MASK_KIND != 0:
-            m_ptrs = MASK + b * stride_mb + h * stride_mh + pos[:, None] * stride_mq + cols[None, :] * stride_mk
+            m_ptrs = (
+                MASK + b * stride_mb + h * stride_mh + pos[:, None].to(tl.int64) * stride_mq
+                + cols[None, :].to(tl.int64) * stride_mk
+            )  # fmt: skip
             if MASK_KIND == 1:
                 allowed = allowed & (tl.load(m_ptrs, mask=allowed, other=0) != 0)
             else:
                 bias = tl.load(m_ptrs, mask=allowed, other=float("-inf")).to(tl.float32)
                 allowed = allowed & (bias > mask_min)
                 s = s + bias * 1.4426950408889634
+            n_keys += tl.sum(allowed.to(tl.int32), 1)
         s = tl.where(allowed, s, float("-inf"))
-        n_keys += tl.sum(allowed.to(tl.int32), 1)
         new_max = tl.maximum(running_max, tl.max(s, 1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no allowed key yet
         centred = s - shift[:, None]
         weights = tl.exp2(centred)
         decay = tl.exp2(running_max - shift)
@@ -111,7 +163,13 @@ def _attention_entropy_kernel(
         tilted = decay * (tilted + carried) + tl.sum(tl.where(allowed, weights * centred, 0.0), 1)
         norm = decay * norm + tl.sum(weights, 1)
         running_max = new_max
+        k_tile += k_step
 
+    if MASK_KIND == 0:  # every key in range is allowed: the count is analytic, never summed per score
+        if IS_CAUSAL:
+            n_keys = tl.where(live, tl.minimum(pos + 1, n_k), 0)
+        else:
+            n_keys = tl.where(live, n_k, 0)
     entropy = tl.log(norm) - 0.6931471805599453 * tilted / norm
     entropy = tl.minimum(tl.maximum(entropy, 0.0), tl.log(tl.maximum(n_keys, 1).to(tl.float32)))
     no_key = n_keys == 0
@@ -131,6 +189,43 @@ def _mask_operand(attn_mask: Tensor | None, shape: tuple[int, int, int, int], li
     if mask.dtype == torch.bool:
         return mask.view(torch.uint8), mask.stride(), 1, 0.0
     return mask, mask.stride(), 2, float(torch.finfo(mask.dtype).min)
+
+
+class TileConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+#: Tiles per (input kind, padded head dim, causal), picked from the static report (``make kernel-report``) - there
+#: is no GPU to tune on. For fp16/bf16 ("half") 128 x 128 tiles on 8 warps give the fewest sm_90a instructions per
+#: score of the candidates tried (128x64 on 4 or 8 warps, 64x128 on 4, 128x128 on 4 or 8 warps; 2 or 3 stages)
+#: without spilling: 7.1 (Dh 64) and 7.5 (Dh 128) non-causal, against 7.8 and 9.2 for 128x64; 128x128 on 4 warps
+#: needs 253-255 registers. fp32 ("fp32", three tf32 tensor-core products) uses smaller tiles to stay spill-free.
+#: Head dims not listed use the row of the nearest listed size; past 128 the tiles are halved.
+CONFIGS: dict[tuple[str, int, bool], TileConfig] = {
+    ("half", 64, False): TileConfig(128, 128, 8, 2),
+    ("half", 64, True): TileConfig(128, 128, 8, 2),
+    ("half", 128, False): TileConfig(128, 128, 8, 2),
+    ("half", 128, True): TileConfig(128, 128, 8, 2),
+    ("fp32", 64, False): TileConfig(64, 64, 4, 2),
+    ("fp32", 64, True): TileConfig(64, 64, 4, 2),
+    ("fp32", 128, False): TileConfig(64, 32, 4, 2),
+    ("fp32", 128, True): TileConfig(64, 32, 4, 2),
+}
+MASKED = TileConfig(64, 64, 4, 2)  # a launch with attn_mask loads and applies a mask tile per key tile
+
+
+def tile_config(dtype: torch.dtype, block_d: int, is_causal: bool, masked: bool = False) -> TileConfig:
+    """The tiles, warps and pipeline depth the launcher uses for these inputs (``masked``: an ``attn_mask``)."""
+    kind = "fp32" if dtype == torch.float32 else "half"
+    config = CONFIGS[(kind, max(64, min(block_d, 128)), is_causal)]
+    if masked:  # every key tile of a masked launch loads and applies its mask tile: larger tiles spill
+        config = TileConfig(*(min(a, b) for a, b in zip(config, MASKED, strict=True)))
+    if block_d > 128:
+        config = config._replace(block_m=config.block_m // 2, block_n=max(16, config.block_n // 2))
+    return config
 
 
 def attention_rows_triton(
@@ -155,10 +250,13 @@ def attention_rows_triton(
         return entropy, max_logit, n_keys.long()
     mask, mask_strides, mask_kind, mask_min = _mask_operand(attn_mask, (batch, heads, n_q, n_k), q)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = block_m or (64 if block_d <= 128 else 32)
-    block_n = block_n or (64 if block_d <= 128 else 32)
-    upcast = os.environ.get("TRITON_INTERPRET") == "1" and q.dtype == torch.bfloat16
+    config = tile_config(q.dtype, block_d, is_causal, masked=attn_mask is not None)
+    block_m = block_m or config.block_m
+    block_n = block_n or config.block_n
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    upcast = interpreted and q.dtype == torch.bfloat16
     qidx = q if query_index is None else query_index.to(torch.int32).contiguous()
+    wide = block_n * k.stride(2) + block_d * k.stride(3) >= 2**31
     grid = (batch * heads, triton.cdiv(n_sel, block_m))
     _attention_entropy_kernel[grid](
         q, k, mask, qidx, entropy, max_logit, n_keys,
@@ -167,11 +265,127 @@ def attention_rows_triton(
         MASK_KIND=mask_kind,
         IS_CAUSAL=is_causal,
         HAS_QUERY_INDEX=query_index is not None,
-        IEEE_FP32=q.dtype == torch.float32 or upcast,
+        NEGATIVE_SCALE=scale < 0,
+        EVEN_D=block_d == head_dim,
+        WIDE_TILE_OFFSETS=wide,
+        DOT_PRECISION=_dot_precision(q.dtype, interpreted),
         UPCAST=upcast,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=4 if block_d <= 64 else 8,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )  # fmt: skip
     return entropy, max_logit, n_keys.long()
+
+
+def _dot_precision(dtype: torch.dtype, interpreted: bool) -> str:
+    """fp32 on a GPU: three tf32 tensor-core products (hi·hi + hi·lo + lo·hi), ~fp32 accuracy; interpreted: IEEE."""
+    return "tf32x3" if dtype == torch.float32 and not interpreted else "ieee"
+
+
+def _signature(dtype: str, mask_type: str) -> dict[str, str]:
+    ints = [
+        "stride_qb", "stride_qh", "stride_qn",
+        "stride_kb", "stride_kh", "stride_kn",
+        "stride_mb", "stride_mh", "stride_mq", "stride_mk",
+        "heads", "n_q", "n_sel", "n_k", "head_dim", "group",
+    ]  # fmt: skip
+    signature = {"Q": f"*{dtype}", "K": f"*{dtype}", "MASK": f"*{mask_type}", "QIDX": "*i32"}
+    signature.update({"ENTROPY": "*fp32", "MAX_LOGIT": "*fp32", "N_KEYS": "*i32"})
+    signature.update({name: "i32" for name in ints})
+    signature.update({"scale_log2e": "fp32", "mask_min": "fp32"})
+    return signature
+
+
+def _loop_shares(config: TileConfig, n: int, is_causal: bool, rows: list[int] | None = None) -> tuple[float, float]:
+    """Share of key tiles that the unmasked and the masked loop take over all row tiles, for ``n`` queries and keys
+    (or the query positions ``rows``), as the kernel splits them."""
+    positions = rows if rows is not None else list(range(n))
+    full = masked = 0
+    for first_row in range(0, len(positions), config.block_m):
+        tile = positions[first_row : first_row + config.block_m]
+        stop = min(n, max(tile) + 1) if is_causal else n
+        full_end = (min(n, min(tile) + 1) if is_causal else n) // config.block_n * config.block_n
+        full += full_end // config.block_n
+        masked += -(-(stop - full_end) // config.block_n)
+    return full / (full + masked), masked / (full + masked)
+
+
+def variants() -> list:
+    """The specialisations ``backend="auto"`` dispatches on a GPU, for the static report and its CI budgets.
+
+    Compiled as a contiguous ``[B, H, N, Dh]`` launch sees them: unit stride along ``Dh`` (Triton specialises an
+    integer argument equal to 1), the other strides, ``Dh`` and ``N`` multiples of 16. Loop shares are for
+    ``N = 4096`` queries and keys (256 evenly spaced queries with ``query_index``)."""
+    from geomon.kernels._variants import Variant
+
+    torch_types = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    cells = [  # (dtype, head dim, causal, mask kind, query index)
+        ("bf16", 64, False, 0, False),
+        ("bf16", 64, True, 0, False),
+        ("bf16", 128, False, 0, False),
+        ("bf16", 128, True, 0, False),
+        ("fp16", 64, True, 0, False),
+        ("fp32", 64, False, 0, False),
+        ("fp32", 128, True, 0, False),
+        ("bf16", 64, False, 1, False),
+        ("bf16", 64, False, 2, False),
+        ("bf16", 64, True, 0, True),
+    ]
+    n = 4096
+    out = []
+    for dtype, head_dim, is_causal, mask_kind, has_index in cells:
+        config = tile_config(torch_types[dtype], head_dim, is_causal, masked=mask_kind != 0)
+        rows = [i * n // 256 for i in range(256)] if has_index else None
+        shares = _loop_shares(config, n, is_causal, rows) if mask_kind == 0 else (1.0,)
+        name = f"{dtype} d{head_dim} {'causal' if is_causal else 'non-causal'}"
+        name += {0: "", 1: " bool mask", 2: " additive mask"}[mask_kind] + (" query_index" if has_index else "")
+        signature = _signature(dtype, {0: dtype, 1: "u8", 2: dtype}[mask_kind])
+        tile_scores = config.block_m * config.block_n
+        out.append(
+            Variant(
+                kernel="attention_entropy",
+                name=name,
+                fn=_attention_entropy_kernel,
+                signature=signature,
+                constexprs={
+                    "stride_qd": 1,
+                    "stride_kd": 1,
+                    "MASK_KIND": mask_kind,
+                    "IS_CAUSAL": is_causal,
+                    "HAS_QUERY_INDEX": has_index,
+                    "NEGATIVE_SCALE": False,
+                    "EVEN_D": True,
+                    "WIDE_TILE_OFFSETS": False,
+                    "DOT_PRECISION": _dot_precision(torch_types[dtype], interpreted=False),
+                    "UPCAST": False,
+                    "BLOCK_M": config.block_m,
+                    "BLOCK_N": config.block_n,
+                    "BLOCK_D": head_dim,
+                },
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+                work_per_iteration=tile_scores,
+                unit="score",
+                budget=_budget(dtype, is_causal, mask_kind, has_index),
+                flops_per_iteration=2.0 * tile_scores * head_dim,
+                bytes_per_iteration=float(config.block_n * head_dim * torch_types[dtype].itemsize),
+                exp2_per_iteration=float(tile_scores + config.block_m),
+                divisible_by_16=tuple(n for n in signature if n.startswith("stride") or n in _MULTIPLES_OF_16),
+                loop_shares=shares,
+                reference=f"N = {n}" + (", 256 queries" if has_index else ""),
+                dot_type="tf32" if dtype == "fp32" else dtype,
+            )
+        )
+    return out
+
+
+_MULTIPLES_OF_16 = ("n_q", "n_sel", "n_k", "head_dim")
+
+
+def _budget(dtype: str, is_causal: bool, mask_kind: int, has_index: bool) -> dict[str, float]:
+    budget = {"spills": 0}
+    if dtype == "bf16" and mask_kind == 0 and not has_index:
+        budget["instructions_per_unit"] = 16 if is_causal else 12
+    return budget

@@ -174,3 +174,90 @@ def test_mixed_dtypes_run_on_the_torch_path():
         attention_entropy(q.half(), k, backend="triton")
     entropy, _ = attention_entropy(q.half(), k, backend="auto")
     assert entropy.isfinite().all()
+
+
+# --- the unmasked / masked key loops: boundaries, against an explicit float64 softmax ---------------------------
+def _explicit(q, k, scale, is_causal=False, attn_mask=None, query_index=None):
+    """Entropy, max logit and key count per row from the full float64 score matrix and torch's softmax."""
+    q64, k64 = q.double().cpu(), k.double().cpu().repeat_interleave(q.shape[1] // k.shape[1], 1)
+    scores = scale * q64 @ k64.transpose(-1, -2)
+    n_q, n_k = scores.shape[-2:]
+    allowed = torch.ones_like(scores, dtype=torch.bool)
+    if is_causal:
+        allowed = allowed & torch.ones(n_q, n_k, dtype=torch.bool).tril()
+    if attn_mask is not None:
+        mask = attn_mask.cpu()
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            scores = scores + mask.double()
+            allowed = allowed & (mask > torch.finfo(mask.dtype).min)
+    if query_index is not None:
+        scores, allowed = scores[..., query_index.cpu(), :], allowed.expand_as(scores)[..., query_index.cpu(), :]
+    scores = scores.masked_fill(~allowed, -math.inf)
+    n_keys = allowed.sum(-1)
+    p = torch.softmax(scores, -1)
+    entropy = -(p * torch.log_softmax(scores, -1)).where(allowed, 0.0).sum(-1)
+    keyless = n_keys == 0
+    return entropy.masked_fill(keyless, math.nan), scores.amax(-1).masked_fill(keyless, math.nan), n_keys
+
+
+def _against_explicit(q, k, *, scale=0.5, block_m=BLOCK, block_n=BLOCK, atol=2e-5, **kwargs):
+    entropy, max_logit, n_keys = attention_rows_triton(
+        q, k, scale, kwargs.get("is_causal", False), kwargs.get("attn_mask"), kwargs.get("query_index"),
+        block_m=block_m, block_n=block_n,
+    )  # fmt: skip
+    ref_entropy, ref_max, ref_n = _explicit(q, k, scale, **kwargs)
+    assert torch.equal(n_keys.cpu(), ref_n)
+    torch.testing.assert_close(entropy.double().cpu(), ref_entropy, atol=atol, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(max_logit.double().cpu(), ref_max, atol=atol, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("n_k", [BLOCK - 3, 2 * BLOCK, 2 * BLOCK + 5, 3 * BLOCK - 1])
+def test_unmasked_loop_then_a_partial_key_tile(n_k):
+    _against_explicit(*_qk(1, 2, 1, 2 * BLOCK + 1, n_k, 16, seed=n_k))
+
+
+@pytest.mark.parametrize(("n_q", "n_k"), [(2 * BLOCK + 3, 3 * BLOCK + 7), (3 * BLOCK + 7, 2 * BLOCK - 1), (40, 40)])
+@pytest.mark.parametrize(("block_m", "block_n"), [(BLOCK, BLOCK), (2 * BLOCK, BLOCK), (BLOCK, 2 * BLOCK)])
+def test_causal_tiles_below_on_and_past_the_diagonal(n_q, n_k, block_m, block_n):
+    # top-left alignment: row i attends keys 0..i; rows past n_k attend every key, through the unmasked loop
+    _against_explicit(*_qk(1, 2, 2, n_q, n_k, 16, seed=n_q), is_causal=True, block_m=block_m, block_n=block_n)
+
+
+def test_causal_query_index_rows_spread_over_the_sequence():
+    q, k = _qk(1, 2, 1, 70, 60, 16, seed=4)
+    index = torch.tensor([69, 0, 15, 16, 17, 31, 32, 47, 48, 59, 60, 33], device=DEVICE)  # unsorted, past n_k too
+    _against_explicit(q, k, is_causal=True, query_index=index)
+    _against_explicit(q, k, is_causal=True, query_index=index[[0, 9, 10]])  # every row past the last key
+
+
+def test_rows_with_every_key_blocked_are_nan_on_the_masked_loop():
+    b, h, n_q, n_k = 1, 2, 20, 37
+    q, k = _qk(b, h, h, n_q, n_k, 16, seed=6)
+    mask = (torch.rand(b, h, n_q, n_k, generator=torch.Generator().manual_seed(2)) > 0.4).to(DEVICE)
+    mask[0, 0, 3] = False
+    mask[0, 1, 17] = False
+    _against_explicit(q, k, attn_mask=mask)
+    additive = torch.zeros(b, h, n_q, n_k, device=DEVICE).masked_fill(~mask, -math.inf)
+    _against_explicit(q, k, attn_mask=additive)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_negative_and_zero_scales_take_the_row_minimum_or_a_flat_row(is_causal):
+    q, k = _qk(1, 2, 2, 2 * BLOCK + 1, 2 * BLOCK + 3, 16, seed=9)
+    _against_explicit(q, k, scale=-0.7, is_causal=is_causal)
+    _against_explicit(q, k, scale=0.0, is_causal=is_causal)
+
+
+def test_head_dim_below_the_padded_tile_masks_the_key_loads():
+    _against_explicit(*_qk(1, 2, 2, 33, 2 * BLOCK, 24, seed=2), is_causal=True)  # Dh 24 in a 32-wide tile
+
+
+def test_default_tiles_run_both_loops():
+    q, k = _qk(1, 1, 1, 150, 140, 64, seed=3)  # 128-wide default tiles: one full key tile and a partial one
+    entropy, max_logit, n_keys = attention_rows_triton(q, k, 0.125, True, None, None)
+    ref_entropy, ref_max, ref_n = _explicit(q, k, 0.125, is_causal=True)
+    assert torch.equal(n_keys.cpu(), ref_n)
+    torch.testing.assert_close(entropy.double().cpu(), ref_entropy, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(max_logit.double().cpu(), ref_max, atol=2e-5, rtol=1e-6)
