@@ -31,11 +31,14 @@ import torch.nn.functional as F
 from geomon.functional import attention_entropy
 from geomon.functional._class_tiles import tiled_argmax
 
-# Dense bf16 tensor-core FLOP/s, exp2 (MUFU) op/s and HBM bytes/s of the GPUs we quote floors for.
+# Dense bf16 tensor-core FLOP/s, exp2 (MUFU) op/s and HBM bytes/s of the GPUs we quote floors for. MUFU: 16 ex2
+# results per SM per clock (4 per SM sub-partition; the CUDA guide's throughput table: FP32 128 vs 16 per SM per
+# clock on 8.x/9.0) at the clock the tensor rates are quoted for (H100 SXM / H200: 1.83 GHz, PCIe: 1.62 GHz).
+# (It used to count 4 x 16 per SM per clock, 4x too many, which made the exp2 floor 4x too short.)
 PEAKS = {
-    "H100 80GB HBM3": (989e12, 132 * 4 * 16 * 1.98e9, 3.35e12),
-    "H100 PCIe": (756e12, 114 * 4 * 16 * 1.755e9, 2.0e12),
-    "H200": (989e12, 132 * 4 * 16 * 1.98e9, 4.8e12),
+    "H100 80GB HBM3": (989e12, 132 * 16 * 1.83e9, 3.35e12),
+    "H100 PCIe": (756e12, 114 * 16 * 1.62e9, 2.0e12),
+    "H200": (989e12, 132 * 16 * 1.83e9, 4.8e12),
 }
 
 
