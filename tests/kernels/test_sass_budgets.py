@@ -194,3 +194,29 @@ def test_attention_entropy_budgets(name, arch):
         threads = 32 * variant.num_warps
         per_thread = variant.work_per_iteration // threads
         assert per_thread <= summary["loop_opcodes"][0]["MUFU"] <= per_thread + variant.constexprs["BLOCK_M"] // 16
+
+
+def _kernel_modules() -> list[str]:
+    """Every module of geomon.kernels with ``variants()`` (the entropy kernel's are also checked one by one above)."""
+    import importlib
+    import pkgutil
+
+    import geomon.kernels as package
+
+    names = [info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_")]
+    return [
+        f"geomon.kernels.{name}"
+        for name in names
+        if hasattr(importlib.import_module(f"geomon.kernels.{name}"), "variants")
+    ]
+
+
+@needs_nvidia
+@pytest.mark.parametrize("arch", sorted(_sass.ARCHS))
+@pytest.mark.parametrize("module", _kernel_modules())
+def test_every_kernel_variant_keeps_its_budget(module, arch):
+    for summary in _compiled(module, "variants", arch, ()):
+        assert (summary["frame_bytes"], summary["spill_stores"], summary["spill_loads"]) == (0, 0, 0), summary
+        budget = summary["budget"].get("instructions_per_unit")
+        if budget is not None and arch == _sass.BUDGET_ARCH:
+            assert summary["instructions_per_unit"] <= budget, summary
