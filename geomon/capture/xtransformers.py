@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geomon.capture._patterns import AlignedRule
 from geomon.capture._session import Found, bind
 
 #: ``Attend`` modules of an ``Encoder`` / ``Decoder``: "a" (self-attention) or "c" (cross-attention) layers
@@ -112,7 +113,10 @@ def attend_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -
         bias = prev if bias is None else prev + bias
     n_k = k.shape[-2]
     is_causal = causal and n_q == n_k and allowed is None and bias is None  # else an explicit mask (SDPA's rule)
-    if causal and not is_causal:
+    pattern = None
+    if causal and not is_causal and bias is None and not leading:  # generated per key chunk, the mask kept as is
+        pattern = AlignedRule(n_q, n_k, True, None, None)
+    elif causal and not is_causal:
         rows = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)  # aligned bottom-right
         allowed = rows if allowed is None else allowed & rows
     attn_mask = allowed
@@ -126,7 +130,7 @@ def attend_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -
     scale = module.scale if module.scale is not None else q.shape[-1] ** -0.5
     cross = _LAYER_TYPE.get(module)
     cross = None if cross is None or (cross == "a" and not aligned) else cross == "c"
-    return [Found("", q, k, attn_mask, is_causal, float(scale), cross)]
+    return [Found("", q, k, attn_mask, is_causal, float(scale), cross, pattern)]
 
 
 def fallback_for(module: nn.Module) -> tuple[str | None, Any]:
