@@ -1,14 +1,23 @@
-"""Classifier decision and nearest class centre without the ``N x C`` score matrix (``nc4`` at vocabulary scale).
+"""Classifier decision and nearest class centre without the ``N x C`` score matrix (``nc4`` at vocabulary scale),
+on the tensor cores, with the decisions of the float64 scores.
 
 Math. ``argmax_c (h_i · w_c + b_c)`` per sample; the nearest class centre is the same search with ``w_c = 2 μ_c``
-and ``b_c = -|μ_c|²`` (``|h - μ|² = |h|² - 2 h·μ + |μ|²``). Program ``m`` owns ``BLOCK_M`` samples and walks the
-classes in tiles of ``BLOCK_C``, each tile a ``[BLOCK_M, BLOCK_C]`` product accumulated over ``D`` in fp32 on the
-tensor cores, keeping a running best value and index. Ties go to the lowest class index, as ``torch.argmax``: the
-first maximum within a tile, and a later tile must be strictly better.
+and ``b_c = -|μ_c|²`` (``|h - μ|² = |h|² - 2 h·μ + |μ|²``). Search: program ``m`` owns ``BLOCK_M`` samples and walks
+the classes in tiles of ``BLOCK_C``, each tile a ``[BLOCK_M, BLOCK_C]`` product accumulated over ``D`` in fp32 on the
+tensor cores (TF32 operands for fp32 features), keeping per sample the best score, its class and the second-best
+score. Ties go to the lowest class index, as ``torch.argmax``: the first maximum within a tile, and a later tile must
+be strictly better. Exactness: a row whose best leads its second best by more than twice the proven rounding bound
+of the fast score (``geomon.functional._class_tiles.score_error_bound``: ``~(2u + D·2^-23)·|x|·max|w|`` with
+``u = 2^-10`` for TF32) has the exact argmax. The other rows - near ties, exact ties, overflow or underflow - are
+searched again by a second kernel in float64 (operands converted exactly, every score summed feature by feature in
+the same order, so that equal class rows tie exactly): its programs return at once unless one of their rows is
+flagged, so there is no host sync and no cost when nothing is close.
 
-Cost. FLOPs ``2·N·C·D`` (the same GEMM the materialised way does). Bytes: the ``N·D`` features once, the ``C·D``
-rows once per sample tile (L2-resident in practice), ``8·N`` bytes out; memory ``O(N)`` where the materialised way
-holds ``4·N·C`` bytes (8192 tokens x 50k classes = 1.6 GB).
+Cost. Search FLOPs ``2·N·C·D`` on TF32/bf16 tensor cores (the GEMM the materialised way does). Bytes: the ``N·D``
+features once, the ``C·D`` rows once per sample tile (L2-resident in practice), ``16·N`` bytes out, plus
+``score_error_bound``'s one pass over ``C·D`` and ``N·D`` for the norms. Memory ``O(N)`` where the materialised way
+holds ``4·N·C`` bytes (8192 tokens x 50k classes = 1.6 GB). Re-check: ``2·C·D`` float64 FLOPs per flagged tile of
+``BLOCK_M`` samples.
 """
 
 from __future__ import annotations
@@ -20,14 +29,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from geomon.functional._class_tiles import decided, score_error_bound
+
 
 @triton.jit
 def _tiled_argmax_kernel(
-    X, W, OFFSET, OUT,
+    X, W, OFFSET, BEST, BEST_INDEX, SECOND,
     stride_xn, stride_xd, stride_wc, stride_wd,
     n, n_classes, dim,
-    IEEE_FP32: tl.constexpr,
     UPCAST: tl.constexpr,
+    ROUND_TO_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -35,9 +46,11 @@ def _tiled_argmax_kernel(
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets
     row_ok = rows < n
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    best_index = tl.zeros([BLOCK_M], tl.int64)
+    second = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    best_index = tl.zeros([BLOCK_M], tl.int32)
     for c_start in range(0, n_classes, BLOCK_C):
-        classes = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
+        tile = tl.arange(0, BLOCK_C)
+        classes = (c_start + tile).to(tl.int64)
         class_ok = classes < n_classes
         scores = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         for k_start in range(0, dim, BLOCK_K):
@@ -47,41 +60,112 @@ def _tiled_argmax_kernel(
             w = tl.load(
                 W + classes[:, None] * stride_wc + ks[None, :] * stride_wd, mask=class_ok[:, None] & k_ok[None, :]
             )
-            if UPCAST:
+            if UPCAST:  # the interpreter's bf16 products are wrong; bf16 x bf16 is exact in fp32
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
-            if IEEE_FP32:
-                scores += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                scores += tl.dot(x, tl.trans(w))
-        offset = tl.load(OFFSET + classes, mask=class_ok, other=float("-inf"))
-        scores = tl.where(class_ok[None, :], scores + offset[None, :], float("-inf"))
+            if ROUND_TO_TF32:  # tests only: truncate the operands to TF32 as tensor cores may, in the interpreter
+                x = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+                w = (w.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            scores += tl.dot(x, tl.trans(w))  # TF32 for fp32 operands on sm_80+
+        # classes past the end load offset -inf, so their scores are -inf (their rows load as zeros)
+        scores += tl.load(OFFSET + classes, mask=class_ok, other=float("-inf"))[None, :]
+        tile_best = tl.max(scores, 1)
+        tile_index = tl.argmax(scores, 1, tie_break_left=True)
+        tile_second = tl.max(tl.where(tile[None, :] == tile_index[:, None], float("-inf"), scores), 1)
+        better = tile_best > best
+        second = tl.where(better, tl.maximum(best, tile_second), tl.maximum(second, tile_best))
+        best = tl.where(better, tile_best, best)
+        best_index = tl.where(better, tile_index + c_start, best_index)
+    tl.store(BEST + rows, best, mask=row_ok)
+    tl.store(SECOND + rows, second, mask=row_ok)
+    tl.store(BEST_INDEX + rows, best_index.to(tl.int64), mask=row_ok)
+
+
+@triton.jit
+def _exact_argmax_kernel(
+    X, W, OFFSET, REDO, BEST_INDEX,
+    stride_xn, stride_xd, stride_wc, stride_wd,
+    n, n_classes, dim,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < n
+    redo = tl.load(REDO + rows, mask=row_ok, other=0)
+    if tl.max(redo, 0) == 0:  # nothing close in this tile: the fast decisions stand
+        return
+    best = tl.full([BLOCK_M], float("-inf"), tl.float64)
+    best_index = tl.zeros([BLOCK_M], tl.int64)
+    for c_start in range(0, n_classes, BLOCK_C):
+        classes = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
+        class_ok = classes < n_classes
+        scores = tl.zeros([BLOCK_M, BLOCK_C], tl.float64)
+        # one feature at a time, in order: every score is summed in the same order, so equal class rows score equal
+        for k in range(0, dim):
+            x = tl.load(X + rows * stride_xn + k * stride_xd, mask=row_ok, other=0.0).to(tl.float64)
+            w = tl.load(W + classes * stride_wc + k * stride_wd, mask=class_ok, other=0.0).to(tl.float64)
+            scores += x[:, None] * w[None, :]
+        scores += tl.load(OFFSET + classes, mask=class_ok, other=float("-inf"))[None, :]
         tile_best = tl.max(scores, 1)
         tile_index = tl.argmax(scores, 1, tie_break_left=True).to(tl.int64) + c_start
         better = tile_best > best
         best = tl.where(better, tile_best, best)
         best_index = tl.where(better, tile_index, best_index)
-    tl.store(OUT + rows, best_index, mask=row_ok)
+    tl.store(BEST_INDEX + rows, best_index, mask=row_ok & (redo != 0))
 
 
-def tiled_argmax_triton(features: Tensor, rows: Tensor, offset: Tensor) -> Tensor:
-    """``argmax_c (features @ rows[c] + offset[c])`` per sample, ``[N]`` int64, ties to the lowest index."""
+_SEARCH_TILES = {"BLOCK_M": 64, "BLOCK_C": 64}
+_EXACT_TILES = {"BLOCK_M": 32, "BLOCK_C": 64}
+
+
+def _operands(features: Tensor, rows: Tensor) -> str:
+    """How the search's tensor-core dot rounds its operands (a key of ``OPERAND_ROUNDOFF``)."""
+    if features.dtype == torch.float32:
+        return "tf32"  # also covers the interpreter's exact fp32 dot and the test-only truncation
+    return "exact" if rows.dtype == features.dtype else "bf16"  # rows rounded to bf16/fp16: within 2^-7
+
+
+def fast_search_triton(
+    features: Tensor, rows: Tensor, offset: Tensor, *, round_to_tf32: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(best score, its class, second-best score)`` per sample from the tensor-core search (fp32 scores)."""
     n, dim = features.shape
-    if rows.dtype != features.dtype:
-        rows = rows.to(features.dtype)
-    out = torch.zeros(n, dtype=torch.int64, device=features.device)
+    operand_rows = rows if rows.dtype == features.dtype else rows.to(features.dtype)
+    best = torch.full((n,), float("-inf"), dtype=torch.float32, device=features.device)
+    second = best.clone()
+    best_index = torch.zeros(n, dtype=torch.int64, device=features.device)
     if n == 0 or rows.shape[0] == 0:
-        return out
+        return best, best_index, second
     upcast = os.environ.get("TRITON_INTERPRET") == "1" and features.dtype == torch.bfloat16
-    block_k = min(64, max(16, triton.next_power_of_2(dim)))
-    _tiled_argmax_kernel[(triton.cdiv(n, 64),)](
-        features, rows, offset.to(torch.float32).contiguous(), out,
+    _tiled_argmax_kernel[(triton.cdiv(n, _SEARCH_TILES["BLOCK_M"]),)](
+        features, operand_rows, offset.to(torch.float32).contiguous(), best, best_index, second,
+        *features.stride(), *operand_rows.stride(),
+        n, rows.shape[0], dim,
+        UPCAST=upcast,
+        ROUND_TO_TF32=round_to_tf32,
+        BLOCK_K=_block_k(dim),
+        **_SEARCH_TILES,
+    )  # fmt: skip
+    return best, best_index, second
+
+
+def tiled_argmax_triton(features: Tensor, rows: Tensor, offset: Tensor, *, _round_to_tf32: bool = False) -> Tensor:
+    """``argmax_c (features @ rows[c] + offset[c])`` per sample, ``[N]`` int64, ties to the lowest index: the
+    decisions of the float64 scores of the given values. No host sync."""
+    n, dim = features.shape
+    best, best_index, second = fast_search_triton(features, rows, offset, round_to_tf32=_round_to_tf32)
+    if n == 0 or rows.shape[0] == 0:
+        return best_index
+    bound = score_error_bound(features, rows, offset, _operands(features, rows))
+    redo = (~decided(best, second, bound)).to(torch.int8)
+    _exact_argmax_kernel[(triton.cdiv(n, _EXACT_TILES["BLOCK_M"]),)](
+        features, rows, offset.to(torch.float64).contiguous(), redo, best_index,
         *features.stride(), *rows.stride(),
         n, rows.shape[0], dim,
-        IEEE_FP32=features.dtype == torch.float32 or upcast,
-        UPCAST=upcast,
-        BLOCK_M=64,
-        BLOCK_C=64,
-        BLOCK_K=block_k,
+        **_EXACT_TILES,
     )  # fmt: skip
-    return out
+    return best_index
+
+
+def _block_k(dim: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(dim)))

@@ -9,6 +9,7 @@ from geomon.functional._class_tiles import nearest_centre, tiled_argmax
 from geomon.functional.neural_collapse import _neural_collapse_update
 from geomon.kernels import class_argmax, class_stats
 from geomon.kernels.class_stats import class_stats_triton
+from tests.functional.argmax_cases import exact_ties, near_ties, reference_argmax
 from tests.kernels.conftest import DEVICE, INTERPRETED
 
 
@@ -101,3 +102,49 @@ def test_neural_collapse_end_to_end_on_the_kernels():
     reference = neural_collapse(features, labels, weight, backend="torch")
     for key, value in reference.items():
         assert float(fused[key]) == pytest.approx(float(value), rel=1e-9, abs=1e-12), key
+
+
+def _on_device(*tensors):
+    return [t.to(DEVICE) for t in tensors]
+
+
+def test_the_kernel_search_tracks_the_best_and_second_best_scores():
+    g = torch.Generator().manual_seed(5)
+    features, rows = torch.randn(70, 24, generator=g), torch.randn(150, 24, generator=g)
+    rows[140] = rows[20]  # a duplicated class: its second best equals its best
+    features[0] = rows[20] * 3  # ... and sample 0 picks it
+    offset = torch.randn(150, generator=g)
+    offset[140] = offset[20]
+    best, index, second = class_argmax.fast_search_triton(*_on_device(features, rows, offset))
+    scores = features.double() @ rows.double().T + offset.double()
+    top2 = scores.topk(2, dim=1).values
+    torch.testing.assert_close(best.double().cpu(), top2[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.double().cpu(), top2[:, 1], rtol=1e-5, atol=1e-5)
+    assert int(index[0]) == 20 and float(best[0]) == float(second[0])
+
+
+def test_near_ties_beyond_tf32_are_re_checked_to_the_float64_decision():
+    # The interpreter's fp32 dot is exact-ish IEEE; the test-only knob truncates the operands to TF32 as tensor
+    # cores may, so that the fast search really is wrong on these rows and the float64 re-check has to fix them.
+    features, rows, offset = _on_device(*near_ties(150, 40, seed=11))
+    expected = reference_argmax(features, rows, offset)
+    fast = class_argmax.fast_search_triton(features, rows, offset, round_to_tf32=True)[1]
+    assert int((fast.cpu() != expected).sum()) > 0  # the cases defeat the fast search: this test can fail
+    assert torch.equal(class_argmax.tiled_argmax_triton(features, rows, offset, _round_to_tf32=True).cpu(), expected)
+    assert torch.equal(tiled_argmax(features, rows, offset, backend="triton").cpu(), expected)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-22])
+def test_huge_and_tiny_norms_are_decided_as_float64_on_the_kernels(scale):
+    features, rows, offset = _on_device(*near_ties(40, 16, seed=12, scale=scale))
+    expected = reference_argmax(features, rows, offset)
+    assert torch.equal(tiled_argmax(features, rows, offset, backend="triton").cpu(), expected)
+
+
+def test_exact_ties_and_half_precision_features_on_the_kernels():
+    features, rows, offset = _on_device(*exact_ties(32, seed=13))
+    assert tiled_argmax(features, rows, offset, backend="triton").tolist() == [3] * 5
+    features, rows, offset = near_ties(64, 16, seed=14)
+    half = features.bfloat16()
+    expected = reference_argmax(half, rows, offset)  # bf16 samples against the fp32 rows, as given
+    assert torch.equal(tiled_argmax(*_on_device(half, rows, offset), backend="triton").cpu(), expected)
