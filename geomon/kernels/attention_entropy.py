@@ -268,7 +268,7 @@ def attention_rows_triton(
         NEGATIVE_SCALE=scale < 0,
         EVEN_D=block_d == head_dim,
         WIDE_TILE_OFFSETS=wide,
-        DOT_PRECISION=_dot_precision(q.dtype, interpreted),
+        DOT_PRECISION=_dot_precision(q.dtype, interpreted, _tensor_cores_take_tf32(q.device, interpreted)),
         UPCAST=upcast,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -279,9 +279,13 @@ def attention_rows_triton(
     return entropy, max_logit, n_keys.long()
 
 
-def _dot_precision(dtype: torch.dtype, interpreted: bool) -> str:
-    """fp32 on a GPU: three tf32 tensor-core products (hi·hi + hi·lo + lo·hi), ~fp32 accuracy; interpreted: IEEE."""
-    return "tf32x3" if dtype == torch.float32 and not interpreted else "ieee"
+def _dot_precision(dtype: torch.dtype, interpreted: bool, tf32: bool = True) -> str:
+    """fp32 with tf32 tensor cores (sm_80+): three tf32 products (hi·hi + hi·lo + lo·hi), ~fp32 accuracy; else IEEE."""
+    return "tf32x3" if dtype == torch.float32 and tf32 and not interpreted else "ieee"
+
+
+def _tensor_cores_take_tf32(device: torch.device, interpreted: bool) -> bool:
+    return not interpreted and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _signature(dtype: str, mask_type: str) -> dict[str, str]:

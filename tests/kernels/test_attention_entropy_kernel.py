@@ -261,3 +261,13 @@ def test_default_tiles_run_both_loops():
     assert torch.equal(n_keys.cpu(), ref_n)
     torch.testing.assert_close(entropy.double().cpu(), ref_entropy, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(max_logit.double().cpu(), ref_max, atol=2e-5, rtol=1e-6)
+
+
+def test_fp32_dots_use_tf32x3_only_where_tensor_cores_take_tf32():
+    from geomon.kernels.attention_entropy import _dot_precision, _tensor_cores_take_tf32
+
+    assert _dot_precision(torch.float32, interpreted=False, tf32=True) == "tf32x3"
+    assert _dot_precision(torch.float32, interpreted=False, tf32=False) == "ieee"  # pre-Ampere GPUs
+    assert _dot_precision(torch.float32, interpreted=True) == "ieee"
+    assert _dot_precision(torch.bfloat16, interpreted=False) == "ieee"  # no precision choice for 16-bit products
+    assert not _tensor_cores_take_tf32(torch.device("cpu"), interpreted=False)
