@@ -24,6 +24,9 @@ Figures: NVIDIA's H100 datasheet and whitepaper, as collected at glennklockwood.
 1.83/1.98 GHz, 989.4 TFLOP/s bf16 dense, 494.7 tf32 dense, 3.35 TB/s), and the per-SM tensor rate worked out on
 forums.developer.nvidia.com/t/244727 (4096 FLOP per SM per clock).
 
+sm_80 code is costed on the same H100 model (an A100 has half the tensor rate and 108 SMs at 1.41 GHz): its rows
+compare instruction counts across targets, not A100 times.
+
 The floor of a score is ``max(tensor clocks of its 2·Dh FLOPs, 1/16 clock for its one exp2)``; memory is left out
 of both (K tiles are re-read from L2; Q and K from HBM once, under 1% of the floor at N = 4096). The fraction of the
 SDPA flash forward compares with ``4·N²·Dh`` FLOPs (half with causal) at the efficiency SDPA's flash backend reached
