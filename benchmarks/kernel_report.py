@@ -83,16 +83,22 @@ class Row:
         return None if self.flash_clocks is None else self.predicted_clocks / self.flash_clocks
 
 
-def all_variants() -> list[Variant]:
+def all_variants(errors: list[str] | None = None) -> list[Variant]:
+    """Every kernel module's ``variants()``; a module whose ``variants()`` raises is named in ``errors`` (if given,
+    else the error propagates) and skipped."""
     import geomon.kernels as package
 
     found = []
     for info in pkgutil.iter_modules(package.__path__):
         if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"geomon.kernels.{info.name}")
-        if hasattr(module, "variants"):
-            found.extend(module.variants())
+        try:
+            module = importlib.import_module(f"geomon.kernels.{info.name}")
+            found.extend(module.variants() if hasattr(module, "variants") else [])
+        except Exception as error:
+            if errors is None:
+                raise
+            errors.append(f"geomon.kernels.{info.name}: {type(error).__name__}: {error}")
     return found
 
 
@@ -168,19 +174,21 @@ def main(argv: list[str] | None = None) -> int:
     print(lines[1])
     failures = []
     with tempfile.TemporaryDirectory() as scratch:
-        for variant in all_variants():
+        for variant in all_variants(failures):
             if args.only not in f"{variant.kernel}: {variant.name}":
                 continue
             for arch in args.arch:
                 row = analyse(variant, arch, Path(scratch))
                 lines.append(markdown_row(row))
                 print(lines[-1], flush=True)
-                failures += [f"{variant.kernel} {variant.name} {_sass.ARCHS[arch]}: {m}" for m in over_budget(row)]
+                failures += [
+                    f"{variant.kernel} {variant.name} {_sass.ARCHS[arch]}: over budget: {m}" for m in over_budget(row)
+                ]
     if args.markdown:
         args.markdown.write_text("\n".join(lines) + "\n")
         print(f"\nwrote {args.markdown}")
     for failure in failures:
-        print("over budget:", failure)
+        print("FAILED:", failure)
     return 1 if failures else 0
 
 
