@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from geomon.functional._class_tiles import decided, score_error_bound
+from geomon.kernels._variants import Variant
 
 
 @triton.jit
@@ -169,3 +170,60 @@ def tiled_argmax_triton(features: Tensor, rows: Tensor, offset: Tensor, *, _roun
 
 def _block_k(dim: int) -> int:
     return min(64, max(16, triton.next_power_of_2(dim)))
+
+
+_TRITON_TYPES = {torch.float32: ("fp32", "tf32"), torch.float16: ("fp16", "fp16"), torch.bfloat16: ("bf16", "bf16")}
+#: The feature width the per-score counts refer to (GPT-2's): one trip of the main (feature) loop covers
+#: ``BLOCK_M x BLOCK_C`` scores times ``BLOCK_K / REFERENCE_DIM`` of their features.
+REFERENCE_DIM = 768
+
+
+def variants() -> list[Variant]:
+    """What ``auto`` dispatches on a GPU: the tensor-core search per feature dtype (classifier rows in the same
+    dtype, contiguous), and the float64 re-check. Unit: one sample-class score at ``D = 768``."""
+    common = {"stride_xn": "i32", "stride_wc": "i32", "n": "i32", "n_classes": "i32", "dim": "i32"}
+    aligned = ("stride_xn", "stride_wc", "dim")
+    out = []
+    for dtype, (name, dot) in _TRITON_TYPES.items():
+        tiles = {**_SEARCH_TILES, "BLOCK_K": 64}
+        products = tiles["BLOCK_M"] * tiles["BLOCK_C"] * tiles["BLOCK_K"]
+        pointers = {"X": f"*{name}", "W": f"*{name}", "OFFSET": "*fp32", "BEST": "*fp32", "BEST_INDEX": "*i64"}
+        out.append(
+            Variant(
+                kernel="class_argmax",
+                name=f"{name} search",
+                fn=_tiled_argmax_kernel,
+                signature={**pointers, "SECOND": "*fp32", **common},
+                constexprs={"stride_xd": 1, "stride_wd": 1, "UPCAST": False, "ROUND_TO_TF32": False, **tiles},
+                num_warps=4,
+                num_stages=3,
+                work_per_iteration=products / REFERENCE_DIM,
+                unit="score",
+                budget={"spills": 0},
+                flops_per_iteration=2.0 * products,
+                bytes_per_iteration=float((tiles["BLOCK_M"] + tiles["BLOCK_C"]) * tiles["BLOCK_K"] * dtype.itemsize),
+                divisible_by_16=aligned,
+                reference=f"D = {REFERENCE_DIM}",
+                dot_type=dot,
+            )
+        )
+    products = _EXACT_TILES["BLOCK_M"] * _EXACT_TILES["BLOCK_C"]  # one feature per trip
+    out.append(
+        Variant(
+            kernel="class_argmax",
+            name="fp32 float64 re-check",
+            fn=_exact_argmax_kernel,
+            signature={"X": "*fp32", "W": "*fp32", "OFFSET": "*fp64", "REDO": "*i8", "BEST_INDEX": "*i64", **common},
+            constexprs={"stride_xd": 1, "stride_wd": 1, **_EXACT_TILES},
+            num_warps=4,
+            num_stages=3,
+            work_per_iteration=products / REFERENCE_DIM,
+            unit="score",
+            budget={"spills": 0},
+            flops_per_iteration=2.0 * products,
+            bytes_per_iteration=float((_EXACT_TILES["BLOCK_M"] + _EXACT_TILES["BLOCK_C"]) * 4),
+            divisible_by_16=aligned,
+            reference=f"D = {REFERENCE_DIM}",
+        )
+    )
+    return out

@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from geomon.kernels._variants import Variant
+
 
 @triton.jit
 def _class_sums_kernel(
@@ -111,3 +113,37 @@ def class_stats_triton(
     sq = torch.zeros(num_classes, dtype=torch.float64, device=device)
     add_class_sums_triton(sums, sq, features, labels, block_r=block_r, block_d=block_d)
     return count, sums, sq, (~valid).sum().double()
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def variants() -> list[Variant]:
+    """The specialisations ``auto`` dispatches on a GPU: one per feature dtype, contiguous rows (the probe's
+    ``reshape(-1, D)`` of the head input), the launcher's default tiles. Unit: one feature element."""
+    out = []
+    for dtype, name in _TRITON_TYPES.items():
+        block_r, block_d = 32, 128
+        signature = {
+            "FEATURES": f"*{name}", "ORDER": "*i32", "SEG_START": "*i32", "SEG_COUNT": "*i32", "SEG_CLASS": "*i32",
+            "SUMS": "*fp64", "SQ_PARTS": "*fp64", "stride_fn": "i32", "stride_sc": "i32", "dim": "i32",
+            "n_classes": "i32", "n_dim_blocks": "i32",
+        }  # fmt: skip
+        out.append(
+            Variant(
+                kernel="class_stats",
+                name=f"{name} sums",
+                fn=_class_sums_kernel,
+                signature=signature,
+                constexprs={"stride_fd": 1, "stride_sd": 1, "BLOCK_R": block_r, "BLOCK_D": block_d},
+                num_warps=4,
+                num_stages=3,
+                work_per_iteration=block_r * block_d,
+                unit="element",
+                budget={"spills": 0},
+                flops_per_iteration=3.0 * block_r * block_d,
+                bytes_per_iteration=float(block_r * block_d * dtype.itemsize + 4 * block_r),
+                divisible_by_16=("stride_fn", "stride_sc", "dim"),
+            )
+        )
+    return out
