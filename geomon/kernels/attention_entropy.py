@@ -319,9 +319,9 @@ def _loop_shares(config: TileConfig, n: int, is_causal: bool, rows: list[int] | 
 def variants() -> list:
     """The specialisations ``backend="auto"`` dispatches on a GPU, for the static report and its CI budgets.
 
-    Compiled as a contiguous ``[B, H, N, Dh]`` launch sees them: unit stride along ``Dh`` (Triton specialises an
-    integer argument equal to 1), the other strides, ``Dh`` and ``N`` multiples of 16. Loop shares are for
-    ``N = 4096`` queries and keys (256 evenly spaced queries with ``query_index``)."""
+    Compiled as a contiguous ``[B, H, N, Dh]`` launch sees them: unit stride along ``Dh`` and along the keys of a
+    mask (Triton specialises an integer argument equal to 1), the other strides, ``Dh`` and ``N`` multiples of 16.
+    Loop shares are for ``N = 4096`` queries and keys (256 evenly spaced queries with ``query_index``)."""
     from geomon.kernels._variants import Variant
 
     torch_types = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -346,6 +346,10 @@ def variants() -> list:
         name = f"{dtype} d{head_dim} {'causal' if is_causal else 'non-causal'}"
         name += {0: "", 1: " bool mask", 2: " additive mask"}[mask_kind] + (" query_index" if has_index else "")
         signature = _signature(dtype, {0: dtype, 1: "u8", 2: dtype}[mask_kind])
+        unit_strides = {"stride_qd": 1, "stride_kd": 1}
+        if mask_kind:  # a contiguous or key-padding mask: unit stride along the keys
+            del signature["stride_mk"]
+            unit_strides["stride_mk"] = 1
         tile_scores = config.block_m * config.block_n
         out.append(
             Variant(
@@ -354,8 +358,7 @@ def variants() -> list:
                 fn=_attention_entropy_kernel,
                 signature=signature,
                 constexprs={
-                    "stride_qd": 1,
-                    "stride_kd": 1,
+                    **unit_strides,
                     "MASK_KIND": mask_kind,
                     "IS_CAUSAL": is_causal,
                     "HAS_QUERY_INDEX": has_index,
@@ -376,7 +379,7 @@ def variants() -> list:
                 flops_per_iteration=2.0 * tile_scores * head_dim,
                 bytes_per_iteration=float(config.block_n * head_dim * torch_types[dtype].itemsize),
                 exp2_per_iteration=float(tile_scores + config.block_m),
-                divisible_by_16=tuple(n for n in signature if n.startswith("stride") or n in _MULTIPLES_OF_16),
+                divisible_by_16=tuple(a for a in signature if a.startswith("stride") or a in _MULTIPLES_OF_16),
                 loop_shares=shares,
                 reference=f"N = {n}" + (", 256 queries" if has_index else ""),
                 dot_type="tf32" if dtype == "fp32" else dtype,
