@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from geomon.functional import neural_collapse
-from geomon.functional._class_tiles import nearest_centre, tiled_argmax
+from geomon.functional._class_tiles import decided, nearest_centre, score_error_bound, tiled_argmax
 from geomon.functional.neural_collapse import _neural_collapse_update
 from geomon.kernels import class_argmax, class_stats
 from geomon.kernels.class_stats import class_stats_triton
@@ -148,3 +148,21 @@ def test_exact_ties_and_half_precision_features_on_the_kernels():
     half = features.bfloat16()
     expected = reference_argmax(half, rows, offset)  # bf16 samples against the fp32 rows, as given
     assert torch.equal(tiled_argmax(*_on_device(half, rows, offset), backend="triton").cpu(), expected)
+
+
+def test_a_few_flagged_rows_scattered_among_decided_ones_get_their_own_decisions():
+    # near-tie rows in feature dims 0-15, clearly decided rows in dims 16-31 (against their own 10 classes): the
+    # re-check packs the few flagged rows into one tile and must write each result back to its own row
+    ties, tie_rows, tie_offset = near_ties(6, 16, seed=15)
+    g = torch.Generator().manual_seed(15)
+    clear_rows = 20 * torch.randn(10, 16, generator=g)
+    rows = torch.block_diag(tie_rows, clear_rows)
+    offset = torch.cat([tie_offset, torch.zeros(10)])
+    clear = torch.cat([torch.zeros(144, 16), clear_rows[torch.arange(144) % 10] + torch.randn(144, 16, generator=g)], 1)
+    features = torch.cat([clear, torch.cat([ties, torch.zeros(6, 16)], 1)])[torch.randperm(150, generator=g)]
+    features, rows, offset = _on_device(features, rows, offset)
+    expected = reference_argmax(features, rows, offset)
+    best, _, second = class_argmax.fast_search_triton(features, rows, offset, round_to_tf32=True)
+    flagged = int((~decided(best, second, score_error_bound(features, rows, offset, "tf32"))).sum())
+    assert 0 < flagged < 32  # a few rows, spread over the 5 tiles of 32
+    assert torch.equal(class_argmax.tiled_argmax_triton(features, rows, offset, _round_to_tf32=True).cpu(), expected)
