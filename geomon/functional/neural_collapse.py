@@ -80,7 +80,8 @@ def _nc4_update(
     backend: Backend = "auto",
     keep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(mismatches, samples)``: classifier argmax over all classes vs nearest finite class mean (no sync);
+    """``(mismatches, samples)``: classifier argmax over all classes vs nearest finite class mean, both as
+    decided by the float64 scores (no host sync on the kernel path; the torch path's float64 re-check syncs on CUDA);
     rows where ``keep`` is False are not counted."""
     dtype = compute_dtype(features)
     h = features.detach().to(dtype)
@@ -130,8 +131,9 @@ def _neural_collapse_update(
 
     Labels outside ``[0, C)`` are counted (and rejected at compute), not indexed; ``nc4`` is counted only when both
     ``weight`` and reference ``class_means`` are given. Rows labelled ``ignore_index`` (which must lie outside
-    ``[0, C)``, e.g. -100 for padding) are left out of everything. No host sync, and no temporary of the state's
-    ``C x D`` size: the class sums go straight into ``into.feature_sum`` (a streaming metric's state)."""
+    ``[0, C)``, e.g. -100 for padding) are left out of everything. No host sync (but see ``_nc4_update``), and no
+    temporary of the state's ``C x D`` size: the class sums go straight into ``into.feature_sum`` (a streaming
+    metric's state)."""
     _validate(features, labels, weight, bias, num_classes, class_means)
     if ignore_index is not None and 0 <= ignore_index < num_classes:
         raise ValueError(f"ignore_index must lie outside [0, num_classes = {num_classes}), got {ignore_index}")
