@@ -324,3 +324,19 @@ def test_gpt2_logs_no_bound_above_its_rows():
         assert BOUND + name not in values  # causal rows: not logged, and said once
         assert sum(f"no entropy bound is logged for {name!r}" in m and "causal" in m for m in said) == 1
         assert f"geomon/spectral/logit_sigma/{name}" in values
+
+
+def test_a_mask_generated_per_key_chunk_gets_no_bound():
+    # nn.MultiheadAttention with need_weights=True and its own [L, S] mask: the capture hands the mask on as a rule
+    # generated per key chunk (AttentionCall.pattern), not as attn_mask; it still changes the logits
+    band = (torch.arange(6)[:, None] - torch.arange(6)[None, :]).abs() > 2  # True = not allowed
+
+    class Banded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=True, attn_mask=band)[0]
+
+    _no_bound(Banded(), torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0)), "mask or additive term")

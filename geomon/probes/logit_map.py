@@ -408,8 +408,10 @@ class LogitMapProbe(Probe):
         seen = self.seen
         seen.calls += 1
         seen.causal |= call.is_causal
-        if call.attn_mask is not None:
-            matters = _mask_matters(call.attn_mask)
+        masks = [] if call.attn_mask is None else [_mask_matters(call.attn_mask)]
+        if call.pattern is not None:  # a rule over positions (bottom-right causal, window, the module's own masks)
+            masks.append(torch.ones((), dtype=torch.bool, device=call.q.device))
+        for matters in masks:
             seen.masked = matters if seen.masked is None else seen.masked | matters
         seen.counts.add((call.q.shape[-2], call.k.shape[-2]))
         seen.scales.add(call.scale if call.scale is not None else 1.0 / math.sqrt(call.q.shape[-1]))
