@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,7 +149,11 @@ def test_spectral_norms_of_chosen_weights_follow_training():
         values = monitor.compute()
         for j in range(2):
             exact = torch.linalg.matrix_norm(model.blocks[j].attn.qkv.weight.detach(), 2)
-            assert float(values[f"geomon/spectral/sigma/blocks.{j}.attn.qkv"]) == pytest.approx(float(exact), rel=1e-3)
+            sigma = float(values[f"geomon/spectral/sigma/blocks.{j}.attn.qkv"])
+            assert sigma == pytest.approx(float(exact), rel=1e-3)
+            frobenius_sq = float(np.square(model.blocks[j].attn.qkv.weight.detach().numpy().astype(np.float64)).sum())
+            stable = float(values[f"geomon/spectral/stable_rank/blocks.{j}.attn.qkv"])
+            assert stable == pytest.approx(frobenius_sq / sigma**2, rel=1e-9)
     restored = Monitor(spectral_modules=["blocks.*.attn.qkv"]).attach(model)
     restored.load_state_dict(monitor.state_dict())
     pid = "spectral:blocks.0.attn.qkv"
