@@ -224,22 +224,14 @@ def _attention_rows(
         unsupported = f"head dim {q.shape[-1]} > 256"
     elif pattern is not None:
         unsupported = "a generated mask pattern is applied by the torch path only"
-    elif _blocks_above_minimum(attn_mask, masked_at):  # the kernel blocks at the dtype's minimum only
-        unsupported = f"additive masks blocked at {masked_at:g} are applied by the torch path only"
     if choose_backend(backend, "attention_entropy", q, k, attn_mask, unsupported=unsupported) == "triton":
         from geomon.kernels.attention_entropy import attention_rows_triton
 
-        rows = attention_rows_triton(q, k, scale, is_causal, attn_mask, query_index)
+        rows = attention_rows_triton(q, k, scale, is_causal, attn_mask, query_index, masked_at=masked_at)
     else:
         with autocast_off(q.device):  # float32 scores even inside the model's autocast region
             rows = _attention_rows_torch(q, k, scale, is_causal, attn_mask, chunk_size, query_index, masked_at, pattern)
     return rows if query_padding is None else _drop_rows(rows, query_padding, query_index)
-
-
-def _blocks_above_minimum(attn_mask: Tensor | None, masked_at: float | None) -> bool:
-    if masked_at is None or attn_mask is None or not attn_mask.is_floating_point():
-        return False
-    return masked_at > torch.finfo(attn_mask.dtype).min
 
 
 def _validate_padding(

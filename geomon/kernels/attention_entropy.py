@@ -181,14 +181,20 @@ def _attention_entropy_kernel(
     tl.store(N_KEYS + out, n_keys, mask=row_ok)
 
 
-def _mask_operand(attn_mask: Tensor | None, shape: tuple[int, int, int, int], like: Tensor):
-    """``(tensor, strides, kind, min)`` for the kernel: broadcast dims get stride 0, nothing is copied."""
+def _mask_operand(
+    attn_mask: Tensor | None, shape: tuple[int, int, int, int], like: Tensor, masked_at: float | None = None
+):
+    """``(tensor, strides, kind, min)`` for the kernel: broadcast dims get stride 0, nothing is copied.
+
+    An additive entry at or below ``min`` blocks its key: the dtype's most negative value, or ``masked_at`` (the
+    attention capture's padding rule, -1e4) where that is higher - the mask is read as it is, never rewritten."""
     if attn_mask is None:
         return like, (0, 0, 0, 0), 0, 0.0
     mask = attn_mask.detach().reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape)).expand(shape)
     if mask.dtype == torch.bool:
         return mask.view(torch.uint8), mask.stride(), 1, 0.0
-    return mask, mask.stride(), 2, float(torch.finfo(mask.dtype).min)
+    blocked_at = float(torch.finfo(mask.dtype).min)
+    return mask, mask.stride(), 2, blocked_at if masked_at is None else max(blocked_at, float(masked_at))
 
 
 class TileConfig(NamedTuple):
@@ -238,8 +244,11 @@ def attention_rows_triton(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
+    masked_at: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``(entropy, max_logit, n_keys)`` ``[B, H, Nsel]`` (fp32, fp32, int64); inputs already validated."""
+    """Per-row ``(entropy, max_logit, n_keys)`` ``[B, H, Nsel]`` (fp32, fp32, int64); inputs already validated.
+
+    ``masked_at``: additive mask entries at or below it block their key (as the torch path's ``masked_at``)."""
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     n_sel = n_q if query_index is None else query_index.numel()
@@ -248,7 +257,7 @@ def attention_rows_triton(
     n_keys = torch.empty(batch, heads, n_sel, dtype=torch.int32, device=q.device)
     if entropy.numel() == 0:
         return entropy, max_logit, n_keys.long()
-    mask, mask_strides, mask_kind, mask_min = _mask_operand(attn_mask, (batch, heads, n_q, n_k), q)
+    mask, mask_strides, mask_kind, mask_min = _mask_operand(attn_mask, (batch, heads, n_q, n_k), q, masked_at)
     block_d = max(16, triton.next_power_of_2(head_dim))
     config = tile_config(q.dtype, block_d, is_causal, masked=attn_mask is not None)
     block_m = block_m or config.block_m

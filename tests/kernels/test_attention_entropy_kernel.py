@@ -271,3 +271,31 @@ def test_fp32_dots_use_tf32x3_only_where_tensor_cores_take_tf32():
     assert _dot_precision(torch.float32, interpreted=True) == "ieee"
     assert _dot_precision(torch.bfloat16, interpreted=False) == "ieee"  # no precision choice for 16-bit products
     assert not _tensor_cores_take_tf32(torch.device("cpu"), interpreted=False)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float16])
+def test_masked_at_blocks_the_capture_padding_value_without_rewriting_the_mask(mask_dtype):
+    # the capture's padding rule: additive entries <= -1e4 block their key; the mask is read as the model built it
+    b, h, nq, nk = 2, 2, 19, 37
+    q, k = _qk(b, h, 2, nq, nk, 16)
+    g = torch.Generator().manual_seed(5)
+    bias = torch.randn(b, 1, nq, nk, generator=g) * 3
+    bias[0, :, :, 30:] = -1e4  # left as HF writes padding
+    bias[1, :, :, :5] = -2e4
+    bias[1, :, 7, :] = -1e4  # a row with no key left: NaN
+    bias[0, :, 2, 3] = -9990.0  # just above the threshold: an allowed key with a very small weight
+    bias = bias.to(DEVICE, mask_dtype)
+    before = bias.clone()
+    entropy, max_logit, n_keys = attention_rows_triton(
+        q, k, 1 / math.sqrt(16), False, bias, None, block_m=BLOCK, block_n=BLOCK, masked_at=-1e4
+    )
+    assert torch.equal(bias, before)
+    explicit = bias.double().cpu().masked_fill(bias.double().cpu() <= -1e4, -math.inf)  # independent of masked_at
+    ref_entropy, ref_max, ref_n = _reference(q.cpu(), k.cpu(), attn_mask=explicit)
+    assert torch.equal(n_keys.cpu(), ref_n)
+    assert int(n_keys[0, 0, 2]) == 30 and int(n_keys[1, 0, 7]) == 0
+    torch.testing.assert_close(entropy.double().cpu(), ref_entropy, atol=1e-4, rtol=0, equal_nan=True)
+    torch.testing.assert_close(max_logit.double().cpu(), ref_max, atol=1e-4, rtol=1e-5, equal_nan=True)
+    # and the public path sends such a call to the kernel (it used to fall back to the torch path)
+    public = attention_entropy(q, k, attn_mask=bias, backend="triton", return_n_keys=True, _masked_at=-1e4)
+    assert torch.equal(public[2].cpu(), ref_n)
