@@ -194,7 +194,9 @@ def _mask_operand(
     if mask.dtype == torch.bool:
         return mask.view(torch.uint8), mask.stride(), 1, 0.0
     blocked_at = float(torch.finfo(mask.dtype).min)
-    return mask, mask.stride(), 2, blocked_at if masked_at is None else max(blocked_at, float(masked_at))
+    if masked_at is not None:  # compared in the mask's dtype, as the torch path does: -1e4 is -9984 in bf16
+        blocked_at = max(blocked_at, float(torch.tensor(masked_at, dtype=mask.dtype)))
+    return mask, mask.stride(), 2, blocked_at
 
 
 class TileConfig(NamedTuple):

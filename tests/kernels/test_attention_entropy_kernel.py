@@ -299,3 +299,15 @@ def test_masked_at_blocks_the_capture_padding_value_without_rewriting_the_mask(m
     # and the public path sends such a call to the kernel (it used to fall back to the torch path)
     public = attention_entropy(q, k, attn_mask=bias, backend="triton", return_n_keys=True, _masked_at=-1e4)
     assert torch.equal(public[2].cpu(), ref_n)
+
+
+def test_bfloat16_masks_holding_minus_1e4_block_their_keys_as_on_the_torch_path():
+    # (1 - mask) * -10000 in bf16 is -9984: blocked on the torch path (compared in bf16), so on the kernel too
+    q, k = _qk(1, 3, 3, 6, 40, 16, dtype=torch.bfloat16)
+    tokens = torch.ones(1, 1, 1, 40, device=DEVICE)
+    tokens[..., 30:] = 0
+    mask = ((1 - tokens) * -10000.0).to(torch.bfloat16)
+    _, _, n_keys = attention_rows_triton(q, k, 0.25, False, mask, None, block_m=BLOCK, block_n=BLOCK, masked_at=-1e4)
+    torch_rows = attention_entropy(q, k, attn_mask=mask, backend="torch", return_n_keys=True, _masked_at=-1e4)
+    assert n_keys.cpu().unique().tolist() == [30]
+    assert torch.equal(n_keys.cpu(), torch_rows[2].cpu())
