@@ -120,8 +120,18 @@ def _exact_search(features: Tensor, rows: Tensor, offset: Tensor) -> Tensor:
 
 
 def _torch_operands(device: torch.device) -> str:
-    """How torch's fp32 matmul rounds its operands here (``torch.set_float32_matmul_precision``)."""
-    precision = torch.get_float32_matmul_precision()
+    """How torch's fp32 matmul rounds its operands here (``torch.set_float32_matmul_precision``, or the per-backend
+    ``fp32_precision`` settings of newer torch, which make the legacy getter raise); unknown settings read as the
+    coarsest rounding (bf16), so the bound stays an upper bound."""
+    try:
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the new API was used: read this device's own setting
+        mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+        backend = torch.backends.cuda.matmul if device.type == "cuda" else mkldnn
+        setting = getattr(backend, "fp32_precision", "none")
+        if setting == "none":
+            setting = getattr(torch.backends, "fp32_precision", "none")
+        return {"ieee": "ieee", "none": "ieee", "tf32": "tf32"}.get(setting, "bf16")
     if precision == "medium":
         return "bf16"
     if precision == "high" or (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):

@@ -158,6 +158,9 @@ def tiled_argmax_triton(features: Tensor, rows: Tensor, offset: Tensor, *, _roun
     """``argmax_c (features @ rows[c] + offset[c])`` per sample, ``[N]`` int64, ties to the lowest index: the
     decisions of the float64 scores of the given values. No host sync."""
     n, dim = features.shape
+    if features.dtype != torch.float32 and rows.dtype != features.dtype:
+        # rounding the rows to fp16/bf16 would leave the bound (fp16 subnormals, overflow): search both in fp32
+        features = features.float()
     best, best_index, second = fast_search_triton(features, rows, offset, round_to_tf32=_round_to_tf32)
     if n == 0 or rows.shape[0] == 0:
         return best_index

@@ -87,3 +87,23 @@ def test_nearest_centre_decides_as_float64_distances(gen):
     distances = torch.cdist(features.double(), centres.double())
     expected = distances.argmin(dim=1)
     assert torch.equal(nearest_centre(features, centres), expected)
+
+
+@pytest.mark.parametrize(("backend", "setting"), [("cuda", "tf32"), ("mkldnn", "bf16"), ("mkldnn", "tf32")])
+def test_the_per_backend_precision_api_is_read_not_a_crash(backend, setting):
+    # torch's newer per-backend fp32_precision settings make the legacy getter raise; the search must still decide
+    # exactly, reading the setting that applies (the coarsest rounding when in doubt)
+    matmul = getattr(torch.backends, backend).matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no per-backend fp32_precision setting")
+    features, rows, offset = near_ties(80, 32, seed=6)
+    expected = reference_argmax(features, rows, offset)
+    previous = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = setting
+        operands = _class_tiles._torch_operands(features.device)
+        if backend == "mkldnn":  # the CPU's own setting
+            assert operands == setting
+        assert torch.equal(tiled_argmax(features, rows, offset, backend="torch"), expected)
+    finally:
+        matmul.fp32_precision = previous

@@ -166,3 +166,13 @@ def test_a_few_flagged_rows_scattered_among_decided_ones_get_their_own_decisions
     flagged = int((~decided(best, second, score_error_bound(features, rows, offset, "tf32"))).sum())
     assert 0 < flagged < 32  # a few rows, spread over the 5 tiles of 32
     assert torch.equal(class_argmax.tiled_argmax_triton(features, rows, offset, _round_to_tf32=True).cpu(), expected)
+
+
+def test_half_features_with_float32_rows_keep_the_bound():
+    # fp32 rows rounded to fp16 underflow (2.9e-8 -> 0, 5e-8 -> 6e-8): the search must not trust that rounding
+    features = torch.ones(1, 2, dtype=torch.float16, device=DEVICE)
+    rows = torch.tensor([[2.9e-8, 2.9e-8], [5e-8, 0.0]], device=DEVICE)
+    offset = torch.zeros(2, device=DEVICE)
+    expected = reference_argmax(features.float().cpu(), rows.cpu(), offset.cpu())
+    assert expected.tolist() == [0]
+    assert class_argmax.tiled_argmax_triton(features, rows, offset).cpu().tolist() == [0]
