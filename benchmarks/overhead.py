@@ -63,7 +63,6 @@ import random
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,7 +70,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _machine import cpu_model, loadavg
+from _machine import cpu_model, loadavg, write_results
 
 from geomon import Monitor
 from geomon._tiny_gpt import CharTokenizer, TinyGPT, load_corpus, random_batch
@@ -84,7 +83,6 @@ SHAPES = {
     "cuda": (768, 12, 12, 1024, 8, 1000, 1 / 50, 6),
     "quick": (32, 2, 2, 32, 4, 100, 1 / 8, 2),
 }
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def configurations(steps: int, every_step_share: float) -> list[tuple[str, dict[str, Any], int]]:
@@ -270,7 +268,6 @@ def main() -> int:
     tokenizer = CharTokenizer(text)
     data = tokenizer.encode(text)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
-    date = datetime.date.today().isoformat()
     load_start, start = loadavg(), time.perf_counter()
     d_model, layers, heads, context, batch = shape
     print(f"TinyGPT d_model {d_model}, {layers} layers, {heads} heads, context {context}, batch {batch}, "
@@ -313,15 +310,7 @@ def main() -> int:
         *(f"- note: {note}" for note in args.note),
         "",
     ]
-    if args.out:
-        out = args.out
-    elif args.quick:
-        out = Path(tempfile.gettempdir()) / f"overhead-{date}-quick.md"
-    else:
-        slug = (gpu or "cpu").replace(" ", "-").replace("/", "-")
-        out = RESULTS / f"{slug}-overhead-{date}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join([*header, *lines]) + "\n")
+    out = write_results([*header, *lines], "overhead", out=args.out, quick=args.quick, gpu=gpu)
     print(f"\nwrote {out} ({elapsed:.0f} s)")
     return 0
 

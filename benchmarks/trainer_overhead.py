@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _machine import cpu_model, loadavg
+from _machine import cpu_model, loadavg, write_results
 
 from geomon import GeomonCallback
 from geomon._tiny_gpt import TinyGPT
@@ -74,7 +74,6 @@ except ImportError:  # pragma: no cover - the dev extras install lightning
     from pytorch_lightning.loggers import CSVLogger  # type: ignore[no-redef]
 
 BOOTSTRAP, SEED = 2000, 0
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
@@ -604,16 +603,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], Path]:
         *(f"- note: {note}" for note in args.note),
     ]
     body = [*header, *sections]
-    date = datetime.date.today().isoformat()
-    if args.out:
-        out = args.out
-    elif args.quick:
-        out = Path(tempfile.gettempdir()) / f"trainer-overhead-{date}-quick.md"
-    else:
-        slug = (gpu or "cpu").replace(" ", "-").replace("/", "-")
-        out = RESULTS / f"{slug}-trainer-overhead-{date}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(body) + "\n")
+    out = write_results(body, "trainer-overhead", out=args.out, quick=args.quick, gpu=gpu)
     print(f"\nwrote {out} ({elapsed:.0f} s)")
     return body, out
 
