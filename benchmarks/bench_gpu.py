@@ -5,7 +5,7 @@
     python benchmarks/bench_gpu.py --fast          # anywhere (CPU: kernels in TRITON_INTERPRET=1), a few seconds,
                                                    # to a temporary file unless --out is given
 
-Each part runs as its own process (``benchmarks/kernels.py``, ``benchmarks/trainer_overhead.py``; Triton's
+Each part runs as its own process (``benchmarks/kernel_timings.py``, ``benchmarks/trainer_overhead.py``; Triton's
 interpreter mode must be chosen before triton is imported, and a crash in one part leaves the other's results). The
 results file starts with the device, the torch / triton / CUDA versions, the date and the commit, then holds each
 part's markdown as that part wrote it (its headings one level down) and the command that produced it; a part that
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tests:
             sections += ["", *test_summary(env, args.timeout)]
         kernels_md = Path(scratch) / "kernels.md"
-        kernels = [sys.executable, str(HERE / "kernels.py"), "--out", str(kernels_md)]
+        kernels = [sys.executable, str(HERE / "kernel_timings.py"), "--out", str(kernels_md)]
         kernels += ["--smoke", "--reps", "1"] if args.fast else []
         part, good = run_part("Kernel benchmarks", kernels, kernels_md, env, args.timeout)
         sections, ok = [*sections, "", *part], ok and good

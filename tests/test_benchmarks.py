@@ -1,5 +1,6 @@
 """The benchmark scripts run (tiny shapes, CPU): a GPU session can run them with one command."""
 
+import contextlib
 import os
 import re
 import subprocess
@@ -9,6 +10,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def _on_path(folder):
+    """`folder` first on sys.path while a benchmark script is imported, then sys.path as it was."""
+    saved = list(sys.path)
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
 
 
 def test_bench_gpu_fast_mode_writes_one_file_with_the_kernel_and_trainer_overhead_tables(tmp_path):
@@ -44,8 +56,10 @@ def test_bench_gpu_fast_mode_writes_one_file_with_the_kernel_and_trainer_overhea
 
 
 def _trainer_overhead():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import trainer_overhead
+    # sys.path is put back at once: spawned children of later tests inherit it, and a benchmarks/ entry there once
+    # shadowed an installed package of the same name as a script
+    with _on_path(ROOT / "benchmarks"):
+        import trainer_overhead
 
     return trainer_overhead
 
@@ -131,8 +145,8 @@ def test_alert_benchmark_fast_mode_records_and_replays(tmp_path):
 
 
 def test_loss_spike_definition():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "alerts"))
-    from scenarios import loss_spike
+    with _on_path(ROOT / "benchmarks" / "alerts"):
+        from scenarios import loss_spike
 
     assert loss_spike([3.0 - 0.001 * t for t in range(500)]) is None  # a falling loss never spikes
     # flat at 2.0, then 3.0 from step 100: the 20-step mean after k high steps is 2 + k / 20, above 1.2 x 2.0 = 2.4

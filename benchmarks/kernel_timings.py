@@ -1,7 +1,7 @@
 """GPU benchmarks of geomon's Triton kernels, measured side by side in one run, with a markdown results file.
 
-    python benchmarks/kernels.py                  # on a CUDA machine: the full grid, results/<device>-<date>.md
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # tiny shapes on the CPU: checks the script runs
+    python benchmarks/kernel_timings.py                  # on a CUDA machine: the full grid, results/<device>-<date>.md
+    TRITON_INTERPRET=1 python benchmarks/kernel_timings.py --smoke   # tiny shapes on the CPU: checks the script runs
 
 1. Attention entropy + max logit (bf16, causal and not, Dh = 64 and 128, N = 1k..32k, B·H = 32..128): the fused
    kernel vs the torch chunked path vs the naive materialised softmax vs the attention forward of the same Q/K/V
@@ -219,7 +219,7 @@ def main() -> None:
         f"# geomon kernel benchmarks: {name}",
         "",
         f"- date: {today}; torch {torch.__version__}; triton {triton.__version__}; CUDA {torch.version.cuda}",
-        f"- command: `python benchmarks/kernels.py{' --smoke' if args.smoke else ''}`; times are medians in ms",
+        f"- command: `python benchmarks/kernel_timings.py{' --smoke' if args.smoke else ''}`; times are medians in ms",
         f"- floors use {peaks} (bf16 FLOP/s, exp2/s, bytes/s)" if peaks else "- no peak figures for this device",
         "",
     ]
