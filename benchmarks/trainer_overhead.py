@@ -17,16 +17,26 @@ Whole-run mean ratio. With ``every_n_steps = P`` a run has three kinds of geomon
 see :meth:`geomon.Monitor.fills`) and *idle* (the rest). The whole-run mean of a geomon step is the mean of each kind
 weighted by its share of a period, ``Σ_kind share_kind · mean_kind``; the ratio divides that by the plain arm's mean
 step. Weighting by the schedule's exact shares (rather than by how many of each kind the timed blocks happened to hold)
-keeps the few measured steps from dominating the interval. The 95% interval is a percentile bootstrap over the pairs
-of blocks. The run plans its own length: a pilot of ``pilot`` pairs (and at least one whole period) gives the spread,
-from which the number of pairs that brings the interval's half-width under ``--target`` (default 0.4%) follows; it is
-capped by ``--max-minutes`` per configuration. The interval achieved is printed and written, whatever it is.
+keeps the few measured steps from dominating the interval. A kind's cost does not depend on the period (a fill step
+``k`` steps before a measured one does the same work at any period), so ``--measure-every N`` lets the geomon arm
+measure every ``N`` steps - more measured steps per minute of machine - while the shares stay those of the
+configuration's own schedule. The 95% interval is a percentile bootstrap over the pairs of blocks.
+
+Two clocks. Each step is timed on the wall clock and in process CPU time (``time.process_time``: every thread of
+the process, so geomon's work is counted wherever it runs; the other arm's thread is parked on the baton meanwhile).
+On a shared CPU machine the wall clock also counts the time other processes hold the core, which no monitoring
+causes; CPU time does not. On CUDA only the wall clock (after a device synchronize) means anything.
+
+The run plans its own length: a pilot of ``pilot`` pairs (and at least one whole period) gives the spread, from which
+the number of pairs that brings the interval's half-width under ``--target`` (default 0.4%) follows; it is capped by
+``--max-minutes`` per configuration. The interval achieved is printed and written, whatever it is.
 
 Geomon must not change training: at the end both models' weights are compared (bit-identical on the CPU).
 
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/trainer_overhead.py --threads 1          # CPU: GPT-2-small shape, seq 256, batch 1
+    .venv/bin/python benchmarks/trainer_overhead.py --threads 1 --configs default --measure-every 25
     .venv/bin/python benchmarks/trainer_overhead.py --shape tiny         # TinyGPT d 128, 4 layers, seq 128
     .venv/bin/python benchmarks/trainer_overhead.py --device cuda        # GPT-2-small, seq 1024, bf16 autocast
     .venv/bin/python benchmarks/trainer_overhead.py --quick              # smoke test, a few seconds
@@ -74,6 +84,7 @@ except ImportError:  # pragma: no cover - the dev extras install lightning
     from pytorch_lightning.loggers import CSVLogger  # type: ignore[no-redef]
 
 BOOTSTRAP, SEED = 2000, 0
+CLOCKS = {"wall": "wall clock", "cpu": "process CPU time"}
 
 
 @dataclass(frozen=True)
@@ -203,9 +214,9 @@ class Baton:
 
 @dataclass
 class StepLog:
-    """Per-step times of one arm: (pair index, kind, seconds)."""
+    """Per-step times of one arm: (pair index, kind, {clock: seconds})."""
 
-    steps: list[tuple[int, str, float]] = field(default_factory=list)
+    steps: list[tuple[int, str, dict[str, float]]] = field(default_factory=list)
 
 
 class BlockTimer(pl.Callback):
@@ -213,18 +224,19 @@ class BlockTimer(pl.Callback):
 
     def __init__(self, arm: int, baton: Baton, block: int, log: StepLog, kind: Any, cuda: bool) -> None:
         self.arm, self.baton, self.block, self.step_log, self.kind, self.cuda = arm, baton, block, log, kind, cuda
-        self.started: float | None = None
+        self.started: dict[str, float] | None = None
         self.step_kind = ""
 
-    def _now(self) -> float:
+    def _now(self) -> dict[str, float]:
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter()
+        return {"wall": time.perf_counter(), "cpu": time.process_time()}
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         now = self._now()
         if self.started is not None:
-            self.step_log.steps.append((self.baton.turn // 2, self.step_kind, now - self.started))
+            seconds = {clock: now[clock] - self.started[clock] for clock in now}
+            self.step_log.steps.append((self.baton.turn // 2, self.step_kind, seconds))
         self.started = None
         if batch_idx % self.block == 0 and not self.baton.next_block(self.arm):
             pl_module.stop = True
@@ -261,17 +273,18 @@ def _trainer(callbacks: list[Any], root: Path, device: str) -> Any:
 
 
 # -- statistics -----------------------------------------------------------------------------------------------------
-def shares(callback: GeomonCallback) -> dict[str, float]:
-    """Each kind of geomon step's share of a period of the schedule (a steady-state period, after the first); read
-    once the callback's monitor is attached (which steps fill depends on the plan)."""
-    if callback.monitor.plan is None:
+def shares(callback: GeomonCallback, period: int | None = None) -> dict[str, float]:
+    """Each kind of geomon step's share of a steady-state period of ``period`` steps (default: the callback's own
+    ``every_n_steps``); read once the callback's monitor is attached (which steps fill depends on the plan). A step
+    ``k`` steps before a measured one fills when a probe's lead reaches back ``k`` steps, whatever the period
+    (:meth:`geomon.probes.plan.Plan.fill_probes`), so the shares of another period follow from the same plan."""
+    plan = callback.monitor.plan
+    if plan is None:
         raise RuntimeError("the monitor is not attached yet: its fill steps are unknown")
-    period = callback.monitor.every_n_steps
-    kind = _arm_kind(callback)
-    counts: dict[str, int] = {}
-    for step in range(period, 2 * period):
-        counts[kind(step)] = counts.get(kind(step), 0) + 1
-    return {k: v / period for k, v in counts.items()}
+    period = period or callback.monitor.every_n_steps
+    fill = sum(1 for k in range(1, period) if plan.fill_probes(k))
+    counts = {"measured": 1, "fill": fill, "idle": period - 1 - fill}
+    return {k: v / period for k, v in counts.items() if v}
 
 
 def whole_run_ratio(pairs: list[dict[str, list[float]]], weights: dict[str, float]) -> float | None:
@@ -301,12 +314,13 @@ def interval(pairs: list[dict[str, list[float]]], weights: dict[str, float]) -> 
     return samples[int(0.025 * len(samples))], samples[int(0.975 * len(samples)) - 1]
 
 
-def group_pairs(plain: StepLog, geomon: StepLog, warmup_pairs: int) -> list[dict[str, list[float]]]:
+def group_pairs(plain: StepLog, geomon: StepLog, warmup_pairs: int, clock: str) -> list[dict[str, list[float]]]:
+    """Per pair of blocks, each kind's step times in ms on ``clock`` ("wall" or "cpu")."""
     grouped: dict[int, dict[str, list[float]]] = {}
     for log in (plain, geomon):
         for pair, kind, seconds in log.steps:
             if pair >= warmup_pairs:
-                grouped.setdefault(pair, {}).setdefault(kind, []).append(seconds * 1e3)
+                grouped.setdefault(pair, {}).setdefault(kind, []).append(seconds[clock] * 1e3)
     return [grouped[p] for p in sorted(grouped) if "plain" in grouped[p] and len(grouped[p]) > 1]
 
 
@@ -314,9 +328,11 @@ class Planner:
     """Runs ``pilot`` timed pairs (at least one period), then as many as the pilot says the target half-width needs,
     within ``max_seconds``."""
 
-    def __init__(self, plain: StepLog, geomon: StepLog, callback: GeomonCallback, args: Any, block: int, period: int):
+    def __init__(self, plain: StepLog, geomon: StepLog, callback: GeomonCallback, args: Any, block: int,
+                 weighted_period: int) -> None:  # fmt: skip
         self.plain, self.geomon, self.callback, self.args = plain, geomon, callback, args
-        self.pilot = max(args.pilot, math.ceil(period / block) + 1)
+        self.weighted_period = weighted_period
+        self.pilot = max(args.pilot, math.ceil(callback.monitor.every_n_steps / block) + 1)
         self.total: int | None = args.pairs
         self.started = time.perf_counter()
         self.planned_from: str = "--pairs" if args.pairs else ""
@@ -327,8 +343,8 @@ class Planner:
         timed = pairs_done - self.args.warmup_pairs
         if timed < self.pilot:
             return pairs_done + 1
-        pairs = group_pairs(self.plain, self.geomon, self.args.warmup_pairs)
-        low, high = interval(pairs, shares(self.callback))
+        pairs = group_pairs(self.plain, self.geomon, self.args.warmup_pairs, self.args.clock)
+        low, high = interval(pairs, shares(self.callback, self.weighted_period))
         half = (high - low) / 2
         per_pair = (time.perf_counter() - self.started) / pairs_done
         budget = int(self.args.max_minutes * 60 / per_pair)
@@ -349,9 +365,11 @@ def run_configuration(options: dict[str, Any], shape: Shape, device: str, tokens
     modules = [LitGPT(model), LitGPT(copy.deepcopy(model))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        callback = GeomonCallback(**options)
+        own_period = GeomonCallback(**options).monitor.every_n_steps  # the schedule the ratio is for
+        timed_period = min(args.measure_every or own_period, own_period)
+        callback = GeomonCallback(**{**options, "every_n_steps": timed_period})
     logs = [StepLog(), StepLog()]
-    planner = Planner(logs[0], logs[1], callback, args, shape.block, callback.monitor.every_n_steps)
+    planner = Planner(logs[0], logs[1], callback, args, shape.block, own_period)
     baton = Baton(planner, timeout_s=600)
     errors: list[BaseException] = []
     root = Path(tempfile.mkdtemp(prefix="geomon-trainer-overhead-"))
@@ -382,25 +400,39 @@ def run_configuration(options: dict[str, Any], shape: Shape, device: str, tokens
             (a.float() - b.float()).abs().max().item()
             for a, b in zip(modules[0].model.parameters(), modules[1].model.parameters(), strict=True)
         )
-    pairs = group_pairs(logs[0], logs[1], args.warmup_pairs)
-    return {"pairs": pairs, "weights": shares(callback), "delta": delta, "planned": planner.planned_from}
+    clocks = ("wall",) if device == "cuda" else tuple(CLOCKS)
+    return {
+        "pairs": {clock: group_pairs(logs[0], logs[1], args.warmup_pairs, clock) for clock in clocks},
+        "weights": shares(callback, own_period),
+        "periods": (callback.monitor.every_n_steps, own_period),
+        "delta": delta,
+        "planned": planner.planned_from,
+    }
 
 
-def summarise(name: str, result: dict[str, Any]) -> dict[str, Any]:
-    pairs, weights = result["pairs"], result["weights"]
+def summarise(name: str, result: dict[str, Any], clock: str) -> dict[str, Any]:
+    """The configuration's row: step counts and means on ``clock`` (the one the run planned on), the whole-run ratio
+    and its interval on every clock."""
+    weights = result["weights"]
+    pairs = result["pairs"][clock]
     by_kind = {kind: [t for p in pairs for t in p.get(kind, [])] for kind in ("plain", *weights)}
-    ratio = whole_run_ratio(pairs, weights)
-    low, high = interval(pairs, weights)
     plain = statistics.fmean(by_kind["plain"])
+    ratios = {}
+    for name_of_clock, clock_pairs in result["pairs"].items():
+        ratio = whole_run_ratio(clock_pairs, weights)
+        ratios[name_of_clock] = (math.nan if ratio is None else ratio, *interval(clock_pairs, weights))
     return {
         "name": name,
+        "clock": clock,
         "pairs": len(pairs),
         "steps": len(by_kind["plain"]),
         "plain_ms": plain,
         "kinds": {k: (len(v), statistics.fmean(v) if v else math.nan) for k, v in by_kind.items() if k != "plain"},
         "weights": weights,
-        "ratio": math.nan if ratio is None else ratio,
-        "ci": (low, high),
+        "periods": result["periods"],
+        "ratio": ratios[clock][0],
+        "ci": ratios[clock][1:],
+        "ratios": ratios,
         "measured_ratio": statistics.fmean(by_kind["measured"]) / plain if by_kind.get("measured") else math.nan,
         "delta": result["delta"],
         "planned": result["planned"],
@@ -408,15 +440,21 @@ def summarise(name: str, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    head = ["configuration", "pairs", "plain steps", "plain ms (mean)", "measured / fill / idle steps",
-            "measured-step ms", "measured / plain", "whole-run mean ratio [95% CI]", "max abs Δweight"]  # fmt: skip
+    """One row per configuration; step means on the clock the run planned on, whole-run ratios on both clocks."""
+    clock = rows[0]["clock"] if rows else "wall"
+    clocks = list(rows[0]["ratios"]) if rows else ["wall"]
+    head = ["configuration", "timed at every / weighted for every", "pairs", "plain steps",
+            f"plain ms (mean, {CLOCKS[clock]})", "measured / fill / idle steps", "measured / fill / idle ms",
+            "measured / plain", *(f"whole-run ratio, {CLOCKS[c]} [95% CI]" for c in clocks),
+            "max abs Δweight"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        counts = " / ".join(str(r["kinds"].get(k, (0,))[0]) for k in ("measured", "fill", "idle"))
-        measured_ms = r["kinds"].get("measured", (0, math.nan))[1]
-        cells = [r["name"], str(r["pairs"]), str(r["steps"]), f"{r['plain_ms']:.1f}", counts, f"{measured_ms:.1f}",
-                 f"{r['measured_ratio']:.3f}", f"{r['ratio']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]",
-                 f"{r['delta']:.1e}"]  # fmt: skip
+        kinds = ("measured", "fill", "idle")
+        counts = " / ".join(str(r["kinds"].get(k, (0,))[0]) for k in kinds)
+        means = " / ".join(f"{r['kinds'].get(k, (0, math.nan))[1]:.1f}" for k in kinds)
+        ratios = [f"{v:.4f} [{lo:.4f}, {hi:.4f}]" for v, lo, hi in (r["ratios"][c] for c in clocks)]
+        cells = [r["name"], "{} / {}".format(*r["periods"]), str(r["pairs"]), str(r["steps"]), f"{r['plain_ms']:.1f}",
+                 counts, means, f"{r['measured_ratio']:.3f}", *ratios, f"{r['delta']:.1e}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -512,6 +550,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, help="run exactly this many pairs (warm-up included), no planning")
     parser.add_argument("--warmup-pairs", type=int, default=1)
     parser.add_argument("--max-minutes", type=float, default=12.0, help="cap on one configuration's run")
+    parser.add_argument("--clock", choices=tuple(CLOCKS),
+                        help="the clock the run plans on and reports step means in (default: cpu on the CPU, wall on "
+                        "CUDA, where a step's time is the device's); the table shows the ratio on both")  # fmt: skip
+    parser.add_argument("--measure-every", type=int, metavar="N",
+                        help="the geomon arm measures every N steps (more measured steps per minute); the ratio is "
+                        "still weighted for the configuration's own schedule; configurations that measure more "
+                        "often keep theirs")  # fmt: skip
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own; --quick: 1)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile this many every-probe monitored steps (torch.profiler)")  # fmt: skip
@@ -525,6 +570,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.pairs = args.pairs or 16  # one warm-up pair and 15 of 2 x 4 steps: two measured steps at every 50
     if args.pairs is not None and args.pairs <= args.warmup_pairs:
         parser.error("--pairs must exceed --warmup-pairs")
+    args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
+    if args.device == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu: on CUDA a step's time is the device's; use the wall clock")
+    if args.measure_every is not None and args.measure_every < 1:
+        parser.error("--measure-every must be at least 1")
     if not 0 < args.target < 1:
         parser.error("--target is a fraction, e.g. 0.004 for ±0.4%")
     return args
@@ -545,9 +595,10 @@ def run_shape(shape_name: str, args: argparse.Namespace) -> list[str]:
     for key in args.configs:
         name, options = configurations(shape.layers)[key]
         result = run_configuration(options, shape, args.device, tokens, args)
-        rows.append(summarise(name, result))
+        rows.append(summarise(name, result, args.clock))
         r = rows[-1]
-        print(f"{name}: whole-run mean ratio {r['ratio']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] "
+        print(f"{name}: whole-run mean ratio ({CLOCKS[r['clock']]}) {r['ratio']:.4f} "
+              f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] "
               f"(half-width {50 * (r['ci'][1] - r['ci'][0]):.2f}%; {r['pairs']} pairs, {r['steps']} steps/arm, "
               f"plain {r['plain_ms']:.1f} ms, measured/plain {r['measured_ratio']:.3f}, max |Δweight| "
               f"{r['delta']:.1e}; {r['planned']})", flush=True)  # fmt: skip
@@ -596,8 +647,11 @@ def run(args: argparse.Namespace) -> tuple[list[str], Path]:
         f"- load average (1, 5, 15 min) at start: {load_start}; at end: {loadavg()}; total run {elapsed:.0f} s",
         "- two Trainers (CSVLogger, no progress bar, no checkpointing), one with GeomonCallback, interleaved in "
         f"blocks (ABBA); {args.warmup_pairs} warm-up pair(s) untimed; a step is timed from on_train_batch_start to "
-        "the next; whole-run mean ratio = Σ_kind share_kind · mean_kind / plain mean, shares (measured, fill, idle "
-        f"steps) from the schedule; 95% intervals from {BOOTSTRAP} bootstrap resamples of the block pairs",
+        "the next, on the wall clock and in process CPU time (all threads; not the time the process waits for the "
+        "CPU); whole-run mean ratio = Σ_kind share_kind · mean_kind / plain mean, shares (measured, fill, idle "
+        "steps) from the configuration's own schedule (`weighted for every`), each kind's mean from the steps timed "
+        f"(at `timed at every`); 95% intervals from {BOOTSTRAP} bootstrap resamples of the block pairs; the run "
+        f"planned its length on {CLOCKS[args.clock]}",
         "- measured / plain: mean monitored step over mean plain step; max abs Δweight: between the two models at "
         "the end (0 = geomon did not change training)",
         *(f"- note: {note}" for note in args.note),

@@ -50,7 +50,7 @@ def test_bench_gpu_fast_mode_writes_one_file_with_the_kernel_and_trainer_overhea
     # the overhead table: both configurations, a whole-run ratio with its interval, weights bit-identical
     ratio = r"\d+\.\d{4} \[\d+\.\d{4}, \d+\.\d{4}\]"
     for name in ("default GeomonCallback()", "every probe, every step"):
-        row = rf"^\| {re.escape(name)} \| 15 \| 60 \| .* \| {ratio} \| 0\.0e\+00 \|$"
+        row = rf"^\| {re.escape(name)} \| (50 / 50|1 / 1) \| 15 \| 60 \| .* \| {ratio} (\| {ratio} )?\| 0\.0e\+00 \|$"
         assert re.search(row, text[overhead:], re.MULTILINE), text[overhead:]
     assert f"wrote {out}" in proc.stdout
 
@@ -79,6 +79,26 @@ def test_whole_run_ratio_weights_each_kind_of_step_by_its_share_of_the_schedule(
     noisy = [{"plain": [100.0 + 5 * (i % 3)], "measured": [150.0 + 7 * (i % 5)]} for i in range(40)]
     low, high = bench.interval(noisy, {"measured": 1.0})
     assert low < bench.whole_run_ratio(noisy, {"measured": 1.0}) < high and high - low < 0.1
+
+
+def test_shares_of_a_schedule_follow_from_the_plan_whatever_period_was_timed():
+    """A callback timed at every 25 steps gives the shares of every 50: 1 measured, the steps within the probes' lead
+    fill, the rest idle; a lead longer than the period makes every off-schedule step a fill step."""
+    from types import SimpleNamespace
+
+    bench = _trainer_overhead()
+
+    def callback(lead: int, period: int) -> SimpleNamespace:
+        plan = SimpleNamespace(fill_probes=lambda k: ["probe"] if 0 < k < lead else [])
+        return SimpleNamespace(monitor=SimpleNamespace(plan=plan, every_n_steps=period))
+
+    timed = callback(lead=12, period=25)  # 11 fill steps, as at GPT-2-small's shape with batch 1
+    assert bench.shares(timed, 50) == pytest.approx({"measured": 1 / 50, "fill": 11 / 50, "idle": 38 / 50})
+    assert bench.shares(timed) == pytest.approx({"measured": 1 / 25, "fill": 11 / 25, "idle": 13 / 25})
+    assert bench.shares(callback(lead=80, period=25), 50) == pytest.approx({"measured": 1 / 50, "fill": 49 / 50})
+    assert bench.shares(callback(lead=1, period=25), 1) == {"measured": 1.0}
+    with pytest.raises(RuntimeError, match="not attached"):
+        bench.shares(SimpleNamespace(monitor=SimpleNamespace(plan=None, every_n_steps=50)))
 
 
 def test_baton_hands_the_machine_over_in_abba_blocks_and_never_to_both_arms():
@@ -123,6 +143,41 @@ def test_overhead_benchmark_quick_run_prints_ratios_and_writes_results(tmp_path)
     for field in ("- machine: ", "cores, torch.get_num_threads() = 1", "- torch ", "- date: ", "median ratio [95% CI]"):
         assert field in text
     assert f"wrote {out}" in proc.stdout
+
+
+def test_trainer_overhead_measure_every_times_more_measured_steps_and_weights_for_the_own_schedule(tmp_path):
+    """--measure-every 10: the geomon arm measures 6 of its 60 steps, the table says it timed every 10 for a
+    schedule of every 50, and both clocks' ratios and intervals are there."""
+    out = tmp_path / "overhead.md"
+    script = ROOT / "benchmarks" / "trainer_overhead.py"
+    command = [
+        sys.executable,
+        str(script),
+        "--quick",
+        "--configs",
+        "default",
+        "--measure-every",
+        "10",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = out.read_text()
+    ratio = r"(\d+\.\d{4}) \[(\d+\.\d{4}), (\d+\.\d{4})\]"
+    row = re.search(rf"^\| default GeomonCallback\(\) \| 10 / 50 \| 15 \| 60 \| [\d.]+ \| 6 / (\d+) / (\d+) \| "
+                    rf".* \| {ratio} \| {ratio} \| 0\.0e\+00 \|$", text, re.MULTILINE)  # fmt: skip
+    assert row, text
+    assert int(row[1]) + int(row[2]) == 54
+    for at in (3, 6):
+        value, low, high = (float(row[at + i]) for i in range(3))
+        assert low <= value <= high
+    assert "process CPU time" in text
 
 
 def test_alert_benchmark_fast_mode_records_and_replays(tmp_path):
