@@ -92,3 +92,56 @@ class ModuleMasks(MaskPattern):
         blocked = blocked.expand(batch, self.n_k)
         extra = n_k - self.n_k
         return torch.nn.functional.pad(blocked, (0, extra), value=False) if extra else blocked
+
+
+class FlexRule(MaskPattern):
+    """A flex-attention ``BlockMask`` read chunk by chunk, as flex applies it: query ``i`` may attend to key ``j``
+    when their block (``i // Q_BLOCK``, ``j // KV_BLOCK``) is listed full, or is listed partial and ``mask_mod(b, h,
+    i, j)`` allows it; an unlisted block is masked. ``mask_mod`` gets the call's own batch and query-head indices
+    (flex broadcasts a ``BlockMask`` made with ``B`` or ``H`` of 1, but not the indices it passes). Only the block
+    tables are held: ``B·H·Nq·Nk / (Q_BLOCK·KV_BLOCK)`` booleans."""
+
+    def __init__(self, mask: object, batch: int, heads: int, n_q: int, n_k: int) -> None:
+        q_len, kv_len = mask.seq_lengths  # type: ignore[attr-defined]
+        if n_q > q_len or n_k > kv_len:
+            raise ValueError(
+                f"a BlockMask made for {q_len} queries x {kv_len} keys cannot mask {n_q} queries x {n_k} keys"
+            )
+        self.mask_mod = mask.mask_mod  # type: ignore[attr-defined]
+        self.q_block, self.kv_block = mask.BLOCK_SIZE  # type: ignore[attr-defined]
+        kv_blocks = -(-kv_len // self.kv_block)
+        self.partial = _block_table(mask.kv_num_blocks, mask.kv_indices, kv_blocks)  # type: ignore[attr-defined]
+        full = mask.full_kv_num_blocks  # type: ignore[attr-defined]
+        self.full = None if full is None else _block_table(full, mask.full_kv_indices, kv_blocks)  # type: ignore[attr-defined]
+        self.batch, self.heads = batch, heads
+
+    def __call__(self, positions: Tensor, start: int, stop: int) -> Tensor:
+        from torch.nn.attention.flex_attention import create_mask
+
+        def chunk_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return self.mask_mod(b, h, positions[q], kv + start)
+
+        device = positions.device
+        allowed = create_mask(chunk_mod, self.batch, self.heads, positions.numel(), stop - start, device=device)
+        b = torch.arange(self.batch, device=device)[:, None, None, None]
+        h = torch.arange(self.heads, device=device)[None, :, None, None]
+        q_block = (positions // self.q_block)[None, None, :, None]
+        kv_block = (torch.arange(start, stop, device=device) // self.kv_block)[None, None, None, :]
+
+        def look_up(table: Tensor) -> Tensor:
+            table = table.to(device)
+            rows_b = b if table.shape[0] > 1 else torch.zeros_like(b)
+            rows_h = h if table.shape[1] > 1 else torch.zeros_like(h)
+            return table[rows_b, rows_h, q_block, kv_block]
+
+        allowed = allowed & look_up(self.partial)  # create_mask may return an expanded view
+        return allowed | look_up(self.full) if self.full is not None else allowed
+
+
+def _block_table(counts: Tensor, indices: Tensor, kv_blocks: int) -> Tensor:
+    """``[B, H, Q_blocks, KV_blocks]`` True at the key blocks a ``BlockMask`` lists for each query block (the first
+    ``counts`` entries of each row of ``indices``)."""
+    listed = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    columns = torch.where(listed, indices.long(), kv_blocks)  # unlisted entries go to a dropped extra column
+    table = torch.zeros(*indices.shape[:-1], kv_blocks + 1, dtype=torch.bool, device=indices.device)
+    return table.scatter_(-1, columns, True)[..., :kv_blocks]

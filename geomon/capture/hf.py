@@ -17,12 +17,13 @@ Q/K, mask and scale are all in hand, so it is intercepted there, while the captu
   ``AttentionInterface.register``): the entries of ``transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS`` (the class
   mapping, and the local mapping of every interface instance a modeling module uses) are wrapped. Their masks follow
   the mask function of the implementation and are converted to SDPA semantics: a 4-D boolean (True = may attend) or
-  float (added) mask is kept, by reference; a ``BlockMask`` (flex) is materialised as a boolean mask from its
-  ``mask_mod``; a 2-D ``[B, Nk]`` padding mask (flash, 1 = token) becomes a ``[B, 1, 1, Nk]`` key mask, and the
-  causal flag (the call's ``is_causal`` keyword or ``module.is_causal``), aligned bottom-right when ``Nq != Nk`` as
-  flash-attn does, ``sliding_window`` and packed sequences (flash with ``position_ids`` and no mask, batch of one)
-  become a rule generated per key chunk (:class:`~geomon.capture._patterns.AlignedRule`), never an ``Nq x Nk``
-  tensor. Flash drops padded query tokens: their rows are excluded (``query_padding``: NaN, out of every mean).
+  float (added) mask is kept, by reference; a ``BlockMask`` (flex) is read per key chunk from its block tables and
+  ``mask_mod`` (:class:`~geomon.capture._patterns.FlexRule`); a 2-D ``[B, Nk]`` padding mask (flash, 1 = token)
+  becomes a ``[B, 1, 1, Nk]`` key mask, and the causal flag (the call's ``is_causal`` keyword or
+  ``module.is_causal``), aligned bottom-right when ``Nq != Nk`` as flash-attn does, ``sliding_window`` and packed
+  sequences (flash with ``position_ids`` and no mask, batch of one) become a rule generated per key chunk
+  (:class:`~geomon.capture._patterns.AlignedRule`), never an ``Nq x Nk`` tensor. Flash drops padded query tokens:
+  their rows are excluded (``query_padding``: NaN, out of every mean).
 
 Each function is replaced once for all the capture blocks active at a time (a ``SharedPatch``: one wrapper notifies
 every block, each of which reports only its own model's modules) and the original is put back when the last block
@@ -44,7 +45,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from geomon.capture._patterns import AlignedRule
+from geomon.capture._patterns import AlignedRule, FlexRule
 from geomon.capture._session import Found, MakeDispatcher, Session, SharedPatch, bind, in_backward
 
 _INTERFACE_ARGS = ("attention_mask", "scaling", "dropout")
@@ -210,12 +211,11 @@ def _found(module: nn.Module, query: Tensor, key: Tensor, call: dict, registry: 
 
 
 class InterfaceMask(NamedTuple):
-    """The mask of an attention-interface call in SDPA semantics, in parts that are never ``Nq x Nk`` tensors
-    (except a flex ``BlockMask``, materialised)."""
+    """The mask of an attention-interface call in SDPA semantics, in parts that are never ``Nq x Nk`` tensors."""
 
     attn_mask: Tensor | None  #: the model's 4-D mask by reference, or flash's padding as a ``[B, 1, 1, Nk]`` view
     is_causal: bool  #: SDPA's top-left causal flag (exact when ``Nq == Nk``)
-    pattern: AlignedRule | None = None  #: bottom-right causal, sliding window, packed sequences
+    pattern: AlignedRule | FlexRule | None = None  #: bottom-right causal, sliding window, packed sequences, flex
     dropped: Tensor | None = None  #: ``[B, Nq]`` padded query tokens, which flash drops
 
 
@@ -231,11 +231,9 @@ def interface_mask(module: nn.Module, query: Tensor, key: Tensor, mask: Any, kwa
         >>> mask.attn_mask.shape, mask.is_causal, mask.pattern(torch.arange(3), 0, 5).int().tolist()
         (torch.Size([2, 1, 1, 5]), False, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     """
-    batch, n_q, n_k, device = query.shape[0], query.shape[-2], key.shape[-2], query.device
+    batch, n_q, n_k = query.shape[0], query.shape[-2], key.shape[-2]
     if hasattr(mask, "mask_mod") and not isinstance(mask, Tensor):  # flex's BlockMask
-        from torch.nn.attention.flex_attention import create_mask
-
-        return InterfaceMask(create_mask(mask.mask_mod, batch, 1, n_q, n_k, device=device), False)
+        return InterfaceMask(None, False, FlexRule(mask, batch, query.shape[1], n_q, n_k))
     if isinstance(mask, Tensor) and mask.dim() == 4:
         return InterfaceMask(mask[..., :n_k] if mask.shape[-1] > n_k else mask, False)
     causal = kwargs.get("is_causal")

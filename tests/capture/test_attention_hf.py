@@ -242,7 +242,7 @@ def test_training_is_bit_identical_and_everything_is_restored(implementation):
     assert_clean(model)
 
 
-def test_flex_block_mask_is_materialised_as_the_sdpa_mask():
+def test_flex_block_mask_is_read_per_chunk_as_the_sdpa_mask():
     from transformers.masking_utils import create_causal_mask
 
     _, mask = _batch()
@@ -258,8 +258,10 @@ def test_flex_block_mask_is_materialised_as_the_sdpa_mask():
         )
     q, k = torch.zeros(3, 4, 9, 16), torch.zeros(3, 2, 9, 16)
     found = interface_mask(torch.nn.Module(), q, k, masks["flex_attention"], {})
-    dense, causal = found.attn_mask, found.is_causal
-    assert not causal and torch.equal(dense, masks["sdpa"].expand_as(dense))
+    assert found.attn_mask is None and not found.is_causal  # no Nq x Nk tensor: a rule per key chunk
+    rows = torch.tensor([0, 4, 8])
+    dense = torch.cat([found.pattern(rows, start, min(start + 4, 9)) for start in range(0, 9, 4)], dim=-1)
+    assert torch.equal(dense, masks["sdpa"][:, :, rows].expand_as(dense))
 
 
 def _rule(found, n):
