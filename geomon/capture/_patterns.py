@@ -46,9 +46,9 @@ class AlignedRule(MaskPattern):
 
 
 class ModuleMasks(MaskPattern):
-    """``nn.MultiheadAttention``'s masks in its own semantics (boolean True = *not* allowed, or additive), each a
-    view broadcastable to ``[B, H, L, S]``, combined per chunk as the module combines them; ``extra`` appended keys
-    (``bias_k``, ``add_zero_attn``) are open to every row."""
+    """Masks in the semantics of ``nn.MultiheadAttention`` and MPT (boolean True = *not* allowed, or additive: a
+    position bias such as ALiBi), each a view broadcastable to ``[B, H, L, S]``, combined per chunk as the module
+    combines them; keys past the masks' ``n_k`` (``bias_k``, ``add_zero_attn``) are open to every row."""
 
     def __init__(self, masks: list[Tensor], n_k: int) -> None:
         self.masks, self.n_k = masks, n_k

@@ -11,13 +11,15 @@ projection otherwise), and the scores' additive terms are taken from the call's 
 With a key/value cache holding earlier tokens, the keys are read from the cache after the call (the cache's layer
 ``keys`` when their length is the call's); otherwise the call is not reported (a warning names it).
 
+Both pass their terms without forming their sum: the mask by reference (Bloom) and the bias and MPT's mask as a
+:class:`~geomon.capture._patterns.ModuleMasks` combined per key chunk, so no ``B·H·Nq·Nk`` tensor is made.
+
 Cost of a recomputation: the Q and K projections, ``2·B·N·E·2E`` FLOPs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from typing import Any
 
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geomon.capture._patterns import ModuleMasks
 from geomon.capture._session import Found, bind
 
 
@@ -59,10 +62,10 @@ def bloom_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) ->
     n_k = alibi.shape[-1]
     if n_k != n:
         k = _cached_keys(call.get("layer_past"), module.layer_idx, n_k)
-    additive = module.beta * alibi.view(batch, heads, -1, n_k)
-    if mask is not None:
-        additive = additive.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else additive + mask
-    return [Found("", q, k, additive, False, float(module.inv_norm_factor), False)]
+    # ALiBi [B, H, 1, Nk] is added per key chunk; the model's mask (boolean True = may attend, or additive) is passed
+    # by reference: no B x H x Nq x Nk sum of the two is formed
+    bias = ModuleMasks([module.beta * alibi.view(batch, heads, -1, n_k)], n_k)
+    return [Found("", q, k, mask, False, float(module.inv_norm_factor), False, bias)]
 
 
 def mpt_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
@@ -83,17 +86,17 @@ def mpt_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> l
     n_k = n if cache is None else cache.get_seq_length(module.layer_idx)
     if n_k != n:
         k = _cached_keys(cache, module.layer_idx, n_k)
-    additive = None
+    terms = []  # in MPT's own semantics, combined per key chunk (views: no Nq x Nk tensor is formed)
     if position_bias is not None:
         n_q = n if cache is None else n + cache.get_seq_length()  # as MPT computes it, after the cache update
-        additive = position_bias[:, max(0, position_bias.size(1) - n_q) :, max(0, position_bias.size(2) - n_k) :]
-        additive = additive[None]
+        bias = position_bias[:, max(0, position_bias.size(1) - n_q) :, max(0, position_bias.size(2) - n_k) :]
+        terms.append(bias[None])
     if mask is not None:
         if mask.dtype != torch.bool:
             raise NotModelled(f"a {mask.dtype} attention_mask (MPT fills where it is True); not reported")
-        base = torch.zeros((), dtype=q.dtype, device=q.device) if additive is None else additive
-        additive = base.masked_fill(mask, -math.inf)
-    return [Found("", q, k, additive, False, float(module.softmax_scale), False)]
+        terms.append(mask)  # True = may not attend
+    pattern = ModuleMasks(terms, n_k) if terms else None
+    return [Found("", q, k, None, False, float(module.softmax_scale), False, pattern)]
 
 
 def fallback_for(module: nn.Module) -> tuple[str | None, Any]:

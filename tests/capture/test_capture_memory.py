@@ -85,7 +85,52 @@ def _nested():
     return layer, run
 
 
-@pytest.mark.parametrize("case", [_flash_2d, _eager_4d, _mha_key_padding, _nested])
+def _bloom():
+    """Bloom's attention module: ALiBi ``[B·H, 1, N]`` and the model's additive ``[B, 1, N, N]`` mask (Q/K recomputed
+    by geomon from the module's input)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.bloom.modeling_bloom import BloomAttention, build_alibi_tensor
+
+    from geomon.capture import hf_alibi
+
+    config = transformers.BloomConfig(hidden_size=HEADS * DH, n_head=HEADS, n_layer=1)
+    module = BloomAttention(config, layer_idx=0).eval()
+    x = torch.randn(1, N, HEADS * DH, generator=torch.Generator().manual_seed(4))
+    tokens = _left_tokens(1)
+    alibi = build_alibi_tensor(tokens.long(), HEADS, torch.float32)
+    mask = torch.zeros(1, 1, N, N)
+    mask[..., :PAD] = torch.finfo(torch.float32).min
+
+    def run(session):
+        found = hf_alibi.bloom_fallback(module, (x, x, alibi, mask), {}, None)
+        session.guarded("", lambda: session.report_found("", found))
+
+    return module, run
+
+
+def _mpt():
+    """MPT's attention module: its position bias ``[H, 1, N]`` and the model's boolean ``[B, 1, N, N]`` mask (True =
+    masked)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mpt.modeling_mpt import MptAttention, build_mpt_alibi_tensor
+
+    from geomon.capture import hf_alibi
+
+    config = transformers.MptConfig(d_model=HEADS * DH, n_heads=HEADS, n_layers=1, max_seq_len=N)
+    module = MptAttention(config, layer_idx=0).eval()
+    x = torch.randn(1, N, HEADS * DH, generator=torch.Generator().manual_seed(5))
+    bias = build_mpt_alibi_tensor(HEADS, N)
+    mask = torch.zeros(1, 1, N, N, dtype=torch.bool)
+    mask[..., :PAD] = True
+
+    def run(session):
+        found = hf_alibi.mpt_fallback(module, (x,), {"position_bias": bias, "attention_mask": mask}, None)
+        session.guarded("", lambda: session.report_found("", found))
+
+    return module, run
+
+
+@pytest.mark.parametrize("case", [_flash_2d, _eager_4d, _mha_key_padding, _nested, _bloom, _mpt])
 def test_no_allocation_of_n_squared_over_4_bytes_in_capture_and_update(case):
     model, run = case()
     probe = AttentionProbe("attn", HEADS, backend="torch", query_rows=64)
