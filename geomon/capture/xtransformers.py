@@ -20,7 +20,9 @@ name, not reported: talking heads, logit soft-clamping, sparse top-k / sigmoid /
 functions, CoPE, selective attention, signed (cog) attention, learned sinks, inverted attention, l2-distance scores
 (except on the flash path, where SDPA receives the augmented Q/K), an ``attn_delta`` and packed flash sequences.
 
-Cost: none beyond the callback (a boolean or float ``B·H·Nq·Nk`` mask when one must be combined).
+Cost: none beyond the callback. The mask is passed by reference when it is the only term; a bias, the previous
+layer's scores, memory or zero keys are combined with it per key chunk
+(:class:`~geomon.capture._patterns.KeyTerms`), never into a ``B·H·Nq·Nk`` tensor.
 """
 
 from __future__ import annotations
@@ -30,11 +32,10 @@ import sys
 import weakref
 from typing import Any
 
-import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from geomon.capture._patterns import AlignedRule
+from geomon.capture._patterns import AlignedRule, KeyTerms
 from geomon.capture._session import Found, bind
 
 #: ``Attend`` modules of an ``Encoder`` / ``Decoder``: "a" (self-attention) or "c" (cross-attention) layers
@@ -81,11 +82,6 @@ def unmodelled(module: nn.Module) -> str | None:
     return next((why for flag, why in flags if flag), None)
 
 
-def _causal_allowed(n_q: int, n_k: int, device: torch.device) -> Tensor:
-    """x-transformers' causal mask, aligned bottom-right (query i sees keys up to i + n_k - n_q), as allowed keys."""
-    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q)
-
-
 def attend_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
     """Q/K, mask and additive terms of an ``Attend`` call that did not reach SDPA, as ``Attend.forward`` uses them."""
     call = bind(_ARGS, args, kwargs)
@@ -99,38 +95,31 @@ def attend_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -
         k = k.repeat(1, heads // kv_heads, 1, 1)  # 'b kvh n d -> b (r kvh) n d': head h reads key head h mod Hk
     causal = module.causal if call.get("causal") is None else call["causal"]
     causal = bool(causal) and n_q != 1
-    allowed, bias = call.get("mask"), call.get("attn_bias")
+    allowed = call.get("mask")
     if allowed is not None and allowed.dim() == 2:
         allowed = allowed[:, None, None, :]
+    additive = [t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) for t in (call.get("attn_bias"), call.get("prev_attn"))
+                if t is not None]  # fmt: skip
     leading = _MEMORY.get(module, 0)  # memory key/values, put first by the Attention layer
-    if getattr(module, "add_zero_kv", False):  # a zero key, put first by Attend
+    zero = int(bool(getattr(module, "add_zero_kv", False)))  # a zero key, put first by Attend itself
+    if zero:
         leading += 1
         k = F.pad(k, (0, 0, 1, 0), value=0.0)
-        allowed = None if allowed is None else F.pad(allowed, (1, 0), value=True)
-        bias = None if bias is None else F.pad(bias, (1, 0), value=0.0)
-    prev = call.get("prev_attn")
-    if prev is not None:
-        bias = prev if bias is None else prev + bias
     n_k = k.shape[-2]
-    is_causal = causal and n_q == n_k and allowed is None and bias is None  # else an explicit mask (SDPA's rule)
-    pattern = None
-    if causal and not is_causal and bias is None and not leading:  # generated per key chunk, the mask kept as is
-        pattern = AlignedRule(n_q, n_k, True, None, None)
-    elif causal and not is_causal:
-        rows = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)  # aligned bottom-right
-        allowed = rows if allowed is None else allowed & rows
-    attn_mask = allowed
-    if bias is not None:
-        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-        attn_mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
     aligned = n_k - leading == n_q  # key j is token j once the extra keys are moved last (the padding rule's reading)
-    if leading and aligned:
-        k = k.roll(-leading, dims=-2)
-        attn_mask = None if attn_mask is None else attn_mask.roll(-leading, dims=-1)
-    scale = module.scale if module.scale is not None else q.shape[-1] ** -0.5
+    roll = leading if aligned else 0
+    if roll:
+        k = k.roll(-roll, dims=-2)
+    scale = float(module.scale if module.scale is not None else q.shape[-1] ** -0.5)
     cross = _LAYER_TYPE.get(module)
     cross = None if cross is None or (cross == "a" and not aligned) else cross == "c"
-    return [Found("", q, k, attn_mask, is_causal, float(scale), cross, pattern)]
+    if not additive and not leading:  # the mask as is, by reference; causality by SDPA's flag or generated
+        is_causal = causal and n_q == n_k and allowed is None
+        pattern = AlignedRule(n_q, n_k, True, None, None) if causal and not is_causal else None
+        return [Found("", q, k, allowed, is_causal, scale, cross, pattern)]
+    # otherwise every term is combined per key chunk, in the reported key order: no B x H x Nq x Nk tensor is formed
+    pattern = KeyTerms(allowed, additive, causal, n_q, n_k, zero, roll)
+    return [Found("", q, k, None, False, scale, cross, pattern)]
 
 
 def fallback_for(module: nn.Module) -> tuple[str | None, Any]:

@@ -31,6 +31,7 @@ CONFIGS = {
     "gqa_qk_norm": {"attn_kv_heads": 2, "attn_qk_norm": True},
     "mem_and_zero_kv": {"attn_num_mem_kv": 2, "attn_add_zero_kv": True},
     "residual_attn": {"residual_attn": True, "alibi_pos_bias": True},
+    "zero_kv_rel_pos": {"attn_add_zero_kv": True, "rel_pos_bias": True},  # a bias and the zero key Attend adds
 }
 
 

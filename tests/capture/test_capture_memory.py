@@ -130,7 +130,27 @@ def _mpt():
     return module, run
 
 
-@pytest.mark.parametrize("case", [_flash_2d, _eager_4d, _mha_key_padding, _nested, _bloom, _mpt])
+def _x_transformers():
+    """An x-transformers ``Attend`` (causal, non-flash, with the zero key it adds itself) called with a ``[B, N]``
+    padding mask and the model's own ``[H, N, N]`` position bias (float16 here, to keep the test's own memory down)."""
+    attend = pytest.importorskip("x_transformers.attend")
+    from geomon.capture import xtransformers
+
+    module = attend.Attend(causal=True, add_zero_kv=True)
+    xtransformers._LAYER_TYPE[module] = "a"  # a self-attention layer, as an Encoder / Decoder would record it
+    gen = torch.Generator().manual_seed(6)
+    q, k = torch.randn(1, HEADS, N, DH, generator=gen), torch.randn(1, HEADS, N, DH, generator=gen)
+    bias = -torch.arange(N, dtype=torch.float16).expand(HEADS, N, N).contiguous() / N  # made before measuring
+    kwargs = {"mask": _left_tokens(1), "attn_bias": bias}
+
+    def run(session):
+        found = xtransformers.attend_fallback(module, (q, k, k), kwargs, None)
+        session.guarded("", lambda: session.report_found("", found))
+
+    return module, run
+
+
+@pytest.mark.parametrize("case", [_flash_2d, _eager_4d, _mha_key_padding, _nested, _bloom, _mpt, _x_transformers])
 def test_no_allocation_of_n_squared_over_4_bytes_in_capture_and_update(case):
     model, run = case()
     probe = AttentionProbe("attn", HEADS, backend="torch", query_rows=64)
