@@ -180,6 +180,20 @@ def test_trainer_overhead_measure_every_times_more_measured_steps_and_weights_fo
     assert "process CPU time" in text
 
 
+def test_class_stats_benchmark_runs_and_its_arms_agree():
+    """benchmarks/class_stats.py on tiny shapes: three arms timed, each median inside its interval, and the script's
+    own check that the arms' class sums (and geomon's counts) are equal passed."""
+    with _on_path(ROOT / "benchmarks"):
+        import class_stats
+
+    text = class_stats.main(["--classes", "50", "--dim", "8", "--tokens", "256", "--rounds", "3", "--threads", "1"])
+    rows = re.findall(r"^\| (geomon|index_add_|dense temp) \| ([\d.]+) \| ([\d.]+) - ([\d.]+) \|$", text, re.MULTILINE)
+    assert [r[0] for r in rows] == ["geomon", "index_add_", "dense temp"]
+    for _, median, low, high in rows:
+        assert float(low) <= float(median) <= float(high)
+    assert "sums checked equal at the end" in text
+
+
 def test_alert_benchmark_fast_mode_records_and_replays(tmp_path):
     """benchmarks/alerts: a few dozen steps of two scenarios are recorded and replayed into the table."""
     records = tmp_path / "records"
