@@ -76,12 +76,15 @@ class PaddingRule:
         name: str,
         dropped: Tensor | None = None,
         pattern: MaskPattern | None = None,
+        leading: int = 0,
     ) -> Tensor | None:
         """The padded query rows ``[B, Nq]`` to leave out of ``q [B, H, Nq, Dh]`` against ``k`` (None: none).
 
         ``mask`` is the call's mask (SDPA semantics, rule 1 for additive values), read and never changed;
         ``pattern`` the rest of its mask, generated per chunk (its keys no row sees are padding too);
-        ``dropped`` (``[B, Nq]``) the rows the implementation itself drops (flash, nested tensors), always excluded.
+        ``dropped`` (``[B, Nq]``) the rows the implementation itself drops (flash, nested tensors), always excluded;
+        ``leading`` keys (memory key/values put first) come before the tokens' own: key ``leading + j`` is token
+        ``j``.
         """
         batch, n_q, n_k = q.shape[0], q.shape[-2], k.shape[-2]
         if cross is None:
@@ -93,7 +96,8 @@ class PaddingRule:
             unseen = None if pattern is None else pattern.padded_keys(batch, n_k)
             if unseen is not None:
                 keys = unseen if keys is None else keys | unseen
-            rows = None if keys is None else keys[:, :n_q]  # keys a module appends (bias_k) come after the tokens
+            # keys a module appends (bias_k) come after the tokens, keys it prepends (memory) before them
+            rows = None if keys is None else keys[:, leading : leading + n_q]
             self.queries[(batch, n_q)] = rows
         if rows is not None:
             rows = rows.to(q.device)

@@ -117,6 +117,8 @@ class Session:
         self.busy = False  # geomon's own computation is running: ignore module calls and SDPA calls
         self.padding = PaddingRule()
         self.cross_hint: dict[str, bool] = {}  # nn.MultiheadAttention modules by name: called with query is not key
+        #: modules whose SDPA calls put extra keys first, by name: (cross-attention or not, how many extra keys)
+        self.sdpa_layout: dict[str, tuple[bool | None, int]] = {}
 
     def name_of(self, module: object) -> str | None:
         """The module's name in the watched model, None for modules outside it."""
@@ -139,15 +141,17 @@ class Session:
         cross: bool | None = None,
         pattern: MaskPattern | None = None,
         dropped: Tensor | None = None,
+        leading: int = 0,
     ) -> None:
         """Hand one computation to the callback, detached, its padded query rows named (call inside
-        :meth:`guarded`); the mask is passed on as it is, never copied."""
+        :meth:`guarded`); the mask is passed on as it is, never copied. ``leading`` extra keys come before the
+        tokens' own (key ``leading + j`` is token ``j``)."""
         self.reports += 1
         if cross is None:
             cross = self.cross_hint.get(name)
         with torch.no_grad():
             mask = None if attn_mask is None else attn_mask.detach()
-            padding = self.padding.apply(q, k, mask, cross, name, dropped, pattern)
+            padding = self.padding.apply(q, k, mask, cross, name, dropped, pattern, leading)
             call = AttentionCall(
                 name, q.detach(), k.detach(), mask, bool(is_causal), scale, padding, MASKED_AT, pattern
             )  # fmt: skip
@@ -334,7 +338,16 @@ def _sdpa_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
 
 
 def _report_sdpa(session: Session, name: str, args: tuple, kwargs: dict) -> None:
-    session.report(name, *_sdpa_arguments(args, kwargs))
+    q, k, mask, is_causal, scale = _sdpa_arguments(args, kwargs)
+    cross, leading = None, 0
+    layout = session.sdpa_layout.get(name)
+    if layout is not None:  # extra keys first (x-transformers' memory / zero key-values)
+        cross, extra = layout
+        aligned = k.shape[-2] - extra == q.shape[-2]
+        if cross is False and not aligned:
+            cross = None  # more keys than the call's tokens (a cache): the padding rule decides
+        leading = extra if aligned and cross is False else 0
+    session.report(name, q, k, mask, is_causal, scale, cross, leading=leading)
 
 
 def _sdpa_arguments(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None, bool, float | None]:

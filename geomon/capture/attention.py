@@ -144,6 +144,10 @@ def capture_attention(
         kind, fallback = _recognise(module)
         if fallback is not None:
             session.fallbacks[id(module)] = fallback
+        layout = xtransformers.sdpa_layout(module)
+        name = session.name_of(module)
+        if layout is not None and name is not None:
+            session.sdpa_layout[name] = layout
         if kind is not None:
             session.expected[id(module)] = kind
         elif fallback is None and looks_like_attention(module):

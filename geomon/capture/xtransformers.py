@@ -122,6 +122,18 @@ def attend_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -
     return [Found("", q, k, None, False, scale, cross, pattern)]
 
 
+def sdpa_layout(module: nn.Module) -> tuple[bool | None, int] | None:
+    """For an ``Attend`` (its flash path calls SDPA): whether its layer is cross-attention (None: unknown) and how
+    many keys it puts before the tokens' own (memory key/values, the zero key); None for other modules. Read once
+    the enclosing layers were passed to :func:`fallback_for` (``model.modules()`` order)."""
+    attend = _classes()[0]
+    if attend is None or not isinstance(module, attend):
+        return None
+    layer_type = _LAYER_TYPE.get(module)
+    leading = _MEMORY.get(module, 0) + int(bool(getattr(module, "add_zero_kv", False)))
+    return (None if layer_type is None else layer_type == "c"), leading
+
+
 def fallback_for(module: nn.Module) -> tuple[str | None, Any]:
     """``(kind, fallback)``: "x_transformers" for an ``Attend`` whose softmax geomon models; for one it does not,
     a kind naming the feature and no fallback (so that the module is named in a warning when it runs)."""
