@@ -150,32 +150,38 @@ def _block_table(counts: Tensor, indices: Tensor, kv_blocks: int) -> Tensor:
 class KeyTerms(MaskPattern):
     """The mask of an x-transformers ``Attend`` call, generated per key chunk from the terms it was given: boolean
     ``allowed`` (True = may attend) and ``additive`` terms (a position bias, the previous layer's scores), each a
-    view broadcastable to ``[B, H, Nq, Nk - zero]`` over the module's keys after the ``zero`` zero keys it puts
-    first itself (open to every row, bias 0); ``causal`` is aligned bottom-right over all ``n_k`` keys. Keys are
+    view broadcastable to ``[B, H, Nq, width]`` over the module's last ``width`` keys: a term narrower than the
+    ``n_k`` keys does not cover the zero keys ``Attend`` puts first itself (open to every row, bias 0), while the
+    previous layer's scores already hold them; ``causal`` is aligned bottom-right over all ``n_k`` keys. Keys are
     read in the order they are reported: the first ``roll`` keys (memory and zero key/values) moved last, so that
     key ``j`` is token ``j`` for the padding rule."""
 
-    def __init__(self, allowed: Tensor | None, additive: list[Tensor], causal: bool, n_q: int, n_k: int, zero: int,
+    def __init__(self, allowed: Tensor | None, additive: list[Tensor], causal: bool, n_q: int, n_k: int,
                  roll: int) -> None:  # fmt: skip
+        for term in [allowed, *additive]:
+            if term is not None and term.shape[-1] > n_k:
+                raise ValueError(f"a mask term of {term.shape[-1]} keys for a call of {n_k} keys")
         self.allowed, self.additive, self.causal = allowed, additive, causal
-        self.n_q, self.n_k, self.zero, self.roll = n_q, n_k, zero, roll
+        self.n_q, self.n_k, self.roll = n_q, n_k, roll
 
     def __call__(self, positions: Tensor, start: int, stop: int) -> Tensor:
         keys = (torch.arange(start, stop, device=positions.device) + self.roll) % self.n_k  # the module's key order
-        own = (keys - self.zero).clamp(min=0)  # column in the terms
-        zero_key = keys < self.zero
 
-        def columns(term: Tensor) -> Tensor:
+        def columns(term: Tensor) -> tuple[Tensor, Tensor]:
+            """The term's entries at this chunk's keys, and where a key is one of the zero keys it does not cover."""
+            uncovered = self.n_k - term.shape[-1]
             term = term if term.shape[-2] == 1 else term.index_select(-2, positions)
-            return term.index_select(-1, own)
+            return term.index_select(-1, (keys - uncovered).clamp(min=0)), keys < uncovered
 
         allowed = keys[None, :] <= positions[:, None] + (self.n_k - self.n_q) if self.causal else None
         if self.allowed is not None:
-            given = columns(self.allowed) | zero_key
+            given, zero_key = columns(self.allowed)
+            given = given | zero_key
             allowed = given if allowed is None else given & allowed
         bias = None
         for term in self.additive:
-            chunk = columns(term).masked_fill(zero_key, 0.0)
+            chunk, zero_key = columns(term)
+            chunk = chunk.masked_fill(zero_key, 0.0)
             bias = chunk if bias is None else bias + chunk
         if bias is None:
             assert allowed is not None, "KeyTerms without a term"
@@ -185,15 +191,18 @@ class KeyTerms(MaskPattern):
     def padded_keys(self, batch: int, n_k: int) -> Tensor | None:
         """Keys no row of any head may attend to (the sum of the additive terms' maxima at or below -1e4, exact when
         at most one of them varies over rows and heads), in reported order; zero keys are never padding."""
-        blocked = None if self.allowed is None else ~self.allowed.any(-2).any(-2)
+
+        def widened(per_key: Tensor, value: float | bool) -> Tensor:  # [.., width] -> [.., n_k], zero keys first
+            return torch.nn.functional.pad(per_key, (self.n_k - per_key.shape[-1], 0), value=value)
+
+        blocked = None if self.allowed is None else widened(~self.allowed.any(-2).any(-2), False)
         top = None
         for term in self.additive:
-            most = term.amax(dim=(-3, -2))
+            most = widened(term.amax(dim=(-3, -2)), 0.0)
             top = most if top is None else top + most
         if top is not None:
             low = top <= MASKED_AT
             blocked = low if blocked is None else blocked | low
         if blocked is None:
             return None
-        blocked = torch.nn.functional.pad(blocked, (self.zero, 0), value=False).roll(-self.roll, dims=-1)
-        return blocked.expand(batch, n_k)
+        return blocked.roll(-self.roll, dims=-1).expand(batch, n_k)

@@ -32,6 +32,8 @@ CONFIGS = {
     "mem_and_zero_kv": {"attn_num_mem_kv": 2, "attn_add_zero_kv": True},
     "residual_attn": {"residual_attn": True, "alibi_pos_bias": True},
     "zero_kv_rel_pos": {"attn_add_zero_kv": True, "rel_pos_bias": True},  # a bias and the zero key Attend adds
+    # the previous layer's scores cover the zero key, the bias and the mask do not
+    "zero_kv_residual": {"attn_add_zero_kv": True, "residual_attn": True, "attn_num_mem_kv": 2, "rel_pos_bias": True},
 }
 
 
