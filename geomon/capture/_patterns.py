@@ -99,21 +99,38 @@ class FlexRule(MaskPattern):
     when their block (``i // Q_BLOCK``, ``j // KV_BLOCK``) is listed full, or is listed partial and ``mask_mod(b, h,
     i, j)`` allows it; an unlisted block is masked. ``mask_mod`` gets the call's own batch and query-head indices
     (flex broadcasts a ``BlockMask`` made with ``B`` or ``H`` of 1, but not the indices it passes). Only the block
-    tables are held: ``B·H·Nq·Nk / (Q_BLOCK·KV_BLOCK)`` booleans."""
+    tables are held: ``B·H·Nq·Nk / (Q_BLOCK·KV_BLOCK)`` booleans.
+
+    Padded keys are read on the diagonal (:meth:`padded_keys`): key ``j`` is padding when query ``j`` may not attend
+    to it in any head. That is the padding rule for the masks transformers builds (causal, sliding-window, packed or
+    bidirectional, with padding: a real token sees itself), at ``O(B·H·N)`` evaluations of ``mask_mod`` rather than
+    ``O(B·H·N²)``; a mask under which a token may not see itself would have that token's row left out."""
 
     def __init__(self, mask: object, batch: int, heads: int, n_q: int, n_k: int) -> None:
-        q_len, kv_len = mask.seq_lengths  # type: ignore[attr-defined]
-        if n_q > q_len or n_k > kv_len:
-            raise ValueError(
-                f"a BlockMask made for {q_len} queries x {kv_len} keys cannot mask {n_q} queries x {n_k} keys"
-            )
         self.mask_mod = mask.mask_mod  # type: ignore[attr-defined]
         self.q_block, self.kv_block = mask.BLOCK_SIZE  # type: ignore[attr-defined]
-        kv_blocks = -(-kv_len // self.kv_block)
-        self.partial = _block_table(mask.kv_num_blocks, mask.kv_indices, kv_blocks)  # type: ignore[attr-defined]
+        counts, indices = mask.kv_num_blocks, mask.kv_indices  # type: ignore[attr-defined]
+        kv_blocks = max(-(-mask.seq_lengths[1] // self.kv_block), indices.shape[-1])  # type: ignore[attr-defined]
+        q_cover, kv_cover = counts.shape[-1] * self.q_block, kv_blocks * self.kv_block
+        if n_q > q_cover or n_k > kv_cover:
+            raise ValueError(f"a BlockMask whose blocks cover {q_cover} queries x {kv_cover} keys cannot mask "
+                             f"{n_q} queries x {n_k} keys")  # fmt: skip
+        self.partial = _block_table(counts, indices, kv_blocks)
         full = mask.full_kv_num_blocks  # type: ignore[attr-defined]
         self.full = None if full is None else _block_table(full, mask.full_kv_indices, kv_blocks)  # type: ignore[attr-defined]
-        self.batch, self.heads = batch, heads
+        self.batch, self.heads, self.n_q, self.n_k = batch, heads, n_q, n_k
+
+    def _tables(self, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        """Whether the blocks of query ``q`` and key ``kv`` (broadcast with ``b``, ``h``) let ``mask_mod`` decide
+        (listed partial) and whether they are open whatever it says (listed full), as one tensor per case."""
+
+        def look_up(table: Tensor) -> Tensor:
+            table = table.to(q.device)
+            rows_b = b if table.shape[0] > 1 else torch.zeros_like(b)
+            rows_h = h if table.shape[1] > 1 else torch.zeros_like(h)
+            return table[rows_b, rows_h, q // self.q_block, kv // self.kv_block]
+
+        return look_up(self.partial), None if self.full is None else look_up(self.full)
 
     def __call__(self, positions: Tensor, start: int, stop: int) -> Tensor:
         from torch.nn.attention.flex_attention import create_mask
@@ -125,17 +142,28 @@ class FlexRule(MaskPattern):
         allowed = create_mask(chunk_mod, self.batch, self.heads, positions.numel(), stop - start, device=device)
         b = torch.arange(self.batch, device=device)[:, None, None, None]
         h = torch.arange(self.heads, device=device)[None, :, None, None]
-        q_block = (positions // self.q_block)[None, None, :, None]
-        kv_block = (torch.arange(start, stop, device=device) // self.kv_block)[None, None, None, :]
+        keys = torch.arange(start, stop, device=device)[None, None, None, :]
+        partial, full = self._tables(b, h, positions[None, None, :, None], keys)
+        allowed = allowed & partial  # create_mask may return an expanded view
+        return allowed if full is None else allowed | full
 
-        def look_up(table: Tensor) -> Tensor:
-            table = table.to(device)
-            rows_b = b if table.shape[0] > 1 else torch.zeros_like(b)
-            rows_h = h if table.shape[1] > 1 else torch.zeros_like(h)
-            return table[rows_b, rows_h, q_block, kv_block]
+    def padded_keys(self, batch: int, n_k: int) -> Tensor | None:
+        from torch.nn.attention.flex_attention import create_mask
 
-        allowed = allowed & look_up(self.partial)  # create_mask may return an expanded view
-        return allowed | look_up(self.full) if self.full is not None else allowed
+        def diagonal(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return self.mask_mod(b, h, kv, kv)
+
+        n, device = min(self.n_q, self.n_k), self.partial.device
+        seen = create_mask(diagonal, self.batch, self.heads, 1, n, device=device)[:, :, 0]  # [B, H, n]
+        b = torch.arange(self.batch, device=device)[:, None, None]
+        h = torch.arange(self.heads, device=device)[None, :, None]
+        tokens = torch.arange(n, device=device)[None, None, :]
+        partial, full = self._tables(b, h, tokens, tokens)
+        seen = seen & partial
+        seen = seen if full is None else seen | full
+        padded = ~seen.any(1)  # [B, n]: no head lets token j see itself
+        padded = torch.nn.functional.pad(padded, (0, n_k - n), value=False)
+        return padded.expand(batch, n_k)
 
 
 def _block_table(counts: Tensor, indices: Tensor, kv_blocks: int) -> Tensor:

@@ -110,10 +110,30 @@ def test_flex_rule_passes_the_calls_own_batch_and_head_to_a_broadcast_mask():
     assert not torch.equal(allowed[0], allowed[1]) and not torch.equal(allowed[:, 0], allowed[:, 1])
 
 
-def test_a_block_mask_shorter_than_the_call_is_refused():
-    block_mask = flex.create_block_mask(lambda b, h, q, kv: q >= kv, 1, 1, 64, 64, device="cpu")
-    with pytest.raises(ValueError, match="64 queries x 64 keys cannot mask 65 queries x 65 keys"):
-        FlexRule(block_mask, 1, 1, 65, 65)
+@pytest.mark.parametrize("lengths", [[40, 17], [40, 40], [5, 33]])
+def test_padded_keys_read_on_the_diagonal_equal_the_keys_no_row_sees(lengths):
+    """Causal with key padding per batch entry (a real token sees itself): the keys the rule reports as padding
+    from the diagonal are exactly those that no query row of any head may attend to."""
+    n = 40
+    mask_mod = _lengths_mask(torch.tensor(lengths))
+    block_mask = flex.create_block_mask(mask_mod, 2, 3, n, n, device="cpu", BLOCK_SIZE=16)
+    rule = FlexRule(block_mask, 2, 3, n, n)
+    nobody = ~_materialise(rule, torch.arange(n), n, 7).any(-2).any(-2)  # test side: the full mask
+    assert torch.equal(rule.padded_keys(2, n), nobody)
+    assert torch.equal(nobody, torch.arange(n)[None, :] >= torch.tensor(lengths)[:, None])
+
+
+def test_block_masks_whose_blocks_cover_the_call_are_read_and_others_refused():
+    full = flex.create_block_mask(lambda b, h, q, kv: q >= kv, 1, 1, 64, 64, device="cpu")
+    with pytest.raises(ValueError, match="cover 128 queries x 128 keys cannot mask 129 queries x 129 keys"):
+        FlexRule(full, 1, 1, 129, 129)
+    allowed = _materialise(FlexRule(full, 1, 1, 100, 100), torch.arange(100), 100, 32)  # within the one block
+    assert torch.equal(allowed[0, 0], torch.ones(100, 100, dtype=torch.bool).tril())
+    # one block spanning everything (the shape of flex's own no-op mask): every key open
+    noop = flex.BlockMask.from_kv_blocks(torch.ones(1, 1, 1, dtype=torch.int32),
+                                         torch.zeros(1, 1, 1, 1, dtype=torch.int32), BLOCK_SIZE=1 << 30,
+                                         seq_lengths=(1, 1))  # fmt: skip
+    assert _materialise(FlexRule(noop, 2, 2, 50, 50), torch.arange(50), 50, 20).all()
 
 
 def test_hf_llama_through_an_eager_flex_function_logs_flex_own_entropies():
@@ -153,10 +173,11 @@ def test_hf_llama_through_an_eager_flex_function_logs_flex_own_entropies():
             interface._global_mapping.pop(name, None)
     assert [c.module for c in calls] == [f"model.layers.{i}.self_attn" for i in range(2)]
     assert len(seen) == 2
+    real = mask.bool()[:, None, :].expand(3, 4, 9)  # padded query rows are left out, as on every other path
     for call, probs in zip(calls, seen, strict=True):
         assert call.attn_mask is None and isinstance(call.pattern, FlexRule)  # nothing Nq x Nk was built
+        assert torch.equal(call.query_padding, ~mask.bool())
         entropy, _, n_keys = rows_of(call)
-        attends = probs.sum(-1) > 0.5  # left-padded rows see no key: flex returns zeros, geomon NaN
-        assert_rows_close(entropy, entropy_of(probs), attends)
-        assert entropy[~attends].isnan().all()
-        assert torch.equal(n_keys, (probs > 0).sum(-1))
+        assert_rows_close(entropy, entropy_of(probs), real)
+        assert entropy[~real].isnan().all()
+        assert torch.equal(n_keys[real], (probs > 0).sum(-1)[real])
