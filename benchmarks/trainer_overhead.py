@@ -12,15 +12,18 @@ one step to ``on_train_batch_start`` of the next (so it includes the optimizer s
 geomon computes and logs - and Lightning's loop and data fetch). The last step of each block is timed before the
 baton is handed on. On CUDA ``torch.cuda.synchronize()`` precedes each reading.
 
-Whole-run mean ratio. With ``every_n_steps = P`` a run has three kinds of geomon step: *measured* (1 in P), *fill*
-(the steps just before a measured one that feed the head input's window when one step has fewer rows than the window,
-see :meth:`geomon.Monitor.fills`) and *idle* (the rest). The whole-run mean of a geomon step is the mean of each kind
-weighted by its share of a period, ``Σ_kind share_kind · mean_kind``; the ratio divides that by the plain arm's mean
-step. Weighting by the schedule's exact shares (rather than by how many of each kind the timed blocks happened to hold)
-keeps the few measured steps from dominating the interval. A kind's cost does not depend on the period (a fill step
-``k`` steps before a measured one does the same work at any period), so ``--measure-every N`` lets the geomon arm
-measure every ``N`` steps - more measured steps per minute of machine - while the shares stay those of the
-configuration's own schedule. The 95% interval is a percentile bootstrap over the pairs of blocks.
+Whole-run mean ratio, paired. With ``every_n_steps = P`` a run has three kinds of geomon step: *measured* (1 in P),
+*fill* (the steps just before a measured one that feed the head input's window when one step has fewer rows than the
+window, see :meth:`geomon.Monitor.fills`) and *idle* (the rest). The whole-run mean of a geomon step is the mean of each
+kind weighted by its share of a period. Each kind is compared with the plain steps of its own pair of blocks (adjacent
+in time, so that the machine's drift between pairs cancels): ``ratio = 1 + Σ_kind share_kind · Δ_kind / plain mean``,
+``Δ_kind`` the mean over the pairs holding that kind of (its mean there - the pair's plain mean). Weighting by the
+schedule's exact shares (rather than by how many of each kind the timed blocks happened to hold) keeps the few measured
+steps from dominating the interval. A kind's cost does not depend on the period (a fill step ``k`` steps before a
+measured one does the same work at any period), so ``--measure-every N`` lets the geomon arm measure every ``N`` steps -
+more measured steps per minute of machine - while the shares stay those of the configuration's own schedule (a period
+shorter than a window's fill, or without a kind the schedule has, is refused). The 95% interval is a percentile
+bootstrap over the pairs of blocks. ``--raw FILE`` writes every timed step (JSON) for re-analysis.
 
 Two clocks. Each step is timed on the wall clock and in process CPU time (``time.process_time``: every thread of
 the process, so geomon's work is counted wherever it runs; the other arm's thread is parked on the baton meanwhile).
@@ -52,6 +55,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import logging
 import math
 import os
@@ -287,16 +291,47 @@ def shares(callback: GeomonCallback, period: int | None = None) -> dict[str, flo
     return {k: v / period for k, v in counts.items() if v}
 
 
+def check_timed_period(callback: GeomonCallback, weighted_period: int) -> None:
+    """A measured step does the schedule's work only when every windowed probe's rows fill within one period: a
+    probe whose lead (steps of rows its window needs) exceeds the timed period computes on some measured steps only,
+    which would make the measured-step mean too low. And every kind of step the weighted schedule has must occur in
+    the timed one. Raises otherwise, saying what period is needed."""
+    plan, period = callback.monitor.plan, callback.monitor.every_n_steps
+    if plan is None:
+        raise RuntimeError("the monitor is not attached yet: its probes' leads are unknown")
+    short = plan.fill_probes(period)  # leads longer than the period
+    if short:
+        need = max(p.lead_steps(1) for p in short)
+        names = ", ".join(sorted({p.name for p in short}))
+        raise ValueError(
+            f"--measure-every {period} is shorter than the {need} steps the windows of {names} take to fill: their "
+            f"measured steps would not all compute; use --measure-every {need} or more"
+        )
+    missing = set(shares(callback, weighted_period)) - set(shares(callback))
+    if missing:
+        raise ValueError(
+            f"--measure-every {period} times no {' or '.join(sorted(missing))} step, which the schedule of every "
+            f"{weighted_period} has; use a longer period"
+        )
+
+
 def whole_run_ratio(pairs: list[dict[str, list[float]]], weights: dict[str, float]) -> float | None:
-    """``Σ_kind share_kind · mean_kind / mean_plain`` over ``pairs``; ``None`` when a kind has no step in them."""
+    """``1 + Σ_kind share_kind · Δ_kind / mean_plain`` over ``pairs``, ``Δ_kind`` the mean over the pairs that hold
+    that kind of step of (its mean there - the pair's plain mean): each kind is compared with the plain steps of its
+    own pair of blocks, adjacent in time, so that the machine's drift between pairs cancels (with a steady machine
+    it equals ``Σ_kind share_kind · mean_kind / mean_plain``). ``None`` when a kind has no step in ``pairs``."""
     plain = [t for pair in pairs for t in pair.get("plain", [])]
+    if not plain:
+        return None
     total = 0.0
     for kind, share in weights.items():
-        times = [t for pair in pairs for t in pair.get(kind, [])]
-        if not times or not plain:
+        gaps = [
+            statistics.fmean(p[kind]) - statistics.fmean(p["plain"]) for p in pairs if p.get(kind) and p.get("plain")
+        ]
+        if not gaps:
             return None
-        total += share * statistics.fmean(times)
-    return total / statistics.fmean(plain)
+        total += share * statistics.fmean(gaps)
+    return 1.0 + total / statistics.fmean(plain)
 
 
 def interval(pairs: list[dict[str, list[float]]], weights: dict[str, float]) -> tuple[float, float]:
@@ -338,6 +373,8 @@ class Planner:
         self.planned_from: str = "--pairs" if args.pairs else ""
 
     def __call__(self, pairs_done: int) -> int:
+        if pairs_done == 1:  # the monitor is attached by now
+            check_timed_period(self.callback, self.weighted_period)
         if self.total is not None:
             return self.total
         timed = pairs_done - self.args.warmup_pairs
@@ -407,6 +444,10 @@ def run_configuration(options: dict[str, Any], shape: Shape, device: str, tokens
         "periods": (callback.monitor.every_n_steps, own_period),
         "delta": delta,
         "planned": planner.planned_from,
+        "raw": {
+            arm: [(pair, kind, seconds) for pair, kind, seconds in log.steps]
+            for arm, log in zip(("plain", "geomon"), logs, strict=True)
+        },
     }
 
 
@@ -561,6 +602,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile this many every-probe monitored steps (torch.profiler)")  # fmt: skip
     parser.add_argument("--note", action="append", default=[], help="a line for the results file's notes")
+    parser.add_argument("--raw", type=Path, help="also write every timed step (pair, kind, seconds per clock) as JSON")
     parser.add_argument("--out", type=Path, help="markdown results (default: benchmarks/results/...)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -596,6 +638,11 @@ def run_shape(shape_name: str, args: argparse.Namespace) -> list[str]:
         name, options = configurations(shape.layers)[key]
         result = run_configuration(options, shape, args.device, tokens, args)
         rows.append(summarise(name, result, args.clock))
+        if args.raw:
+            raw = json.loads(args.raw.read_text()) if args.raw.exists() else {}
+            raw.setdefault(shape_name, {})[key] = {"weights": result["weights"], "periods": result["periods"],
+                                                   "steps": result["raw"]}  # fmt: skip
+            args.raw.write_text(json.dumps(raw))
         r = rows[-1]
         print(f"{name}: whole-run mean ratio ({CLOCKS[r['clock']]}) {r['ratio']:.4f} "
               f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] "
@@ -648,8 +695,9 @@ def run(args: argparse.Namespace) -> tuple[list[str], Path]:
         "- two Trainers (CSVLogger, no progress bar, no checkpointing), one with GeomonCallback, interleaved in "
         f"blocks (ABBA); {args.warmup_pairs} warm-up pair(s) untimed; a step is timed from on_train_batch_start to "
         "the next, on the wall clock and in process CPU time (all threads; not the time the process waits for the "
-        "CPU); whole-run mean ratio = Σ_kind share_kind · mean_kind / plain mean, shares (measured, fill, idle "
-        "steps) from the configuration's own schedule (`weighted for every`), each kind's mean from the steps timed "
+        "CPU); whole-run mean ratio = 1 + Σ_kind share_kind · Δ_kind / plain mean, Δ_kind the mean over the pairs "
+        "of blocks holding that kind of (its mean - the pair's plain mean), shares (measured, fill, idle steps) from "
+        "the configuration's own schedule (`weighted for every`), each kind's steps as timed "
         f"(at `timed at every`); 95% intervals from {BOOTSTRAP} bootstrap resamples of the block pairs; the run "
         f"planned its length on {CLOCKS[args.clock]}",
         "- measured / plain: mean monitored step over mean plain step; max abs Δweight: between the two models at "

@@ -76,6 +76,11 @@ def test_whole_run_ratio_weights_each_kind_of_step_by_its_share_of_the_schedule(
     assert bench.whole_run_ratio(pairs[:2], shares) is None  # no measured step: no estimate
     low, high = bench.interval(pairs * 4, shares)
     assert low == pytest.approx(1.064) and high == pytest.approx(1.064)  # no spread: a point
+    # drift between pairs cancels: each kind is compared with its own pair's plain steps, wherever it fell
+    drifting = [{"plain": [100.0 + 10 * i], "idle": [100.0 + 10 * i]} for i in range(6)]
+    drifting[5]["measured"] = [150.0 + 60]  # the measured step fell in the slowest pair (plain 150): 1.4x that pair
+    ratio = bench.whole_run_ratio(drifting, {"measured": 0.5, "idle": 0.5})
+    assert ratio == pytest.approx(1 + 0.5 * 60 / 125)  # plain mean 125; unpaired means would give 1.34
     noisy = [{"plain": [100.0 + 5 * (i % 3)], "measured": [150.0 + 7 * (i % 5)]} for i in range(40)]
     low, high = bench.interval(noisy, {"measured": 1.0})
     assert low < bench.whole_run_ratio(noisy, {"measured": 1.0}) < high and high - low < 0.1
@@ -99,6 +104,24 @@ def test_shares_of_a_schedule_follow_from_the_plan_whatever_period_was_timed():
     assert bench.shares(callback(lead=1, period=25), 1) == {"measured": 1.0}
     with pytest.raises(RuntimeError, match="not attached"):
         bench.shares(SimpleNamespace(monitor=SimpleNamespace(plan=None, every_n_steps=50)))
+
+
+def test_a_timed_period_shorter_than_a_windows_lead_or_without_idle_steps_is_refused():
+    from types import SimpleNamespace
+
+    bench = _trainer_overhead()
+
+    def callback(lead: int, period: int) -> SimpleNamespace:
+        probe = SimpleNamespace(name="head", lead_steps=lambda world: lead)
+        plan = SimpleNamespace(fill_probes=lambda k: [probe] if 0 < k < lead else [])
+        return SimpleNamespace(monitor=SimpleNamespace(plan=plan, every_n_steps=period))
+
+    bench.check_timed_period(callback(lead=12, period=25), 50)  # 1 measured, 11 fill, 13 idle: every kind timed
+    bench.check_timed_period(callback(lead=12, period=12), 12)  # no idle step in either schedule
+    with pytest.raises(ValueError, match="shorter than the 12 steps the windows of head take to fill"):
+        bench.check_timed_period(callback(lead=12, period=8), 50)
+    with pytest.raises(ValueError, match="times no idle step, which the schedule of every 50 has"):
+        bench.check_timed_period(callback(lead=12, period=12), 50)
 
 
 def test_baton_hands_the_machine_over_in_abba_blocks_and_never_to_both_arms():
