@@ -25,6 +25,11 @@ more measured steps per minute of machine - while the shares stay those of the c
 shorter than a window's fill, or without a kind the schedule has, is refused). The 95% interval is a percentile
 bootstrap over the pairs of blocks. ``--raw FILE`` writes every timed step (JSON) for re-analysis.
 
+Idle steps as their hook time. On an idle step geomon arms no module hook: its work there is its two per-step
+callback hooks, which are timed (:class:`HookClock`). A second ratio counts each idle step as its pair's plain mean
+plus that time, which removes the idle steps' noise (they are 76% of a default period at GPT-2-small's shape) on the
+assumption - which the first ratio tests, with its wider interval - that an idle step costs nothing beyond its hooks.
+
 Two clocks. Each step is timed on the wall clock and in process CPU time (``time.process_time``: every thread of
 the process, so geomon's work is counted wherever it runs; the other arm's thread is parked on the baton meanwhile).
 On a shared CPU machine the wall clock also counts the time other processes hold the core, which no monitoring
@@ -223,11 +228,37 @@ class StepLog:
     steps: list[tuple[int, str, dict[str, float]]] = field(default_factory=list)
 
 
+class HookClock:
+    """Wall time spent inside a callback's per-step hooks (``on_train_batch_start`` / ``_end``), taken per step: on
+    an idle step that is all of geomon's work (no module hook is armed), so it bounds that step's cost directly."""
+
+    def __init__(self, callback: pl.Callback) -> None:
+        self.seconds = 0.0
+        for name in ("on_train_batch_start", "on_train_batch_end"):
+            setattr(callback, name, self._timed(getattr(callback, name)))  # Lightning calls the instance's attribute
+
+    def _timed(self, hook: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return run
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 class BlockTimer(pl.Callback):
     """First in the callback list: times each step start to start and hands the baton on every ``block`` steps."""
 
-    def __init__(self, arm: int, baton: Baton, block: int, log: StepLog, kind: Any, cuda: bool) -> None:
+    def __init__(self, arm: int, baton: Baton, block: int, log: StepLog, kind: Any, cuda: bool,
+                 hooks: HookClock | None = None) -> None:  # fmt: skip
         self.arm, self.baton, self.block, self.step_log, self.kind, self.cuda = arm, baton, block, log, kind, cuda
+        self.hooks = hooks
         self.started: dict[str, float] | None = None
         self.step_kind = ""
 
@@ -240,7 +271,11 @@ class BlockTimer(pl.Callback):
         now = self._now()
         if self.started is not None:
             seconds = {clock: now[clock] - self.started[clock] for clock in now}
+            if self.hooks is not None:  # geomon's hooks of that step: its start (after this timer) and its end
+                seconds["hooks"] = self.hooks.take()
             self.step_log.steps.append((self.baton.turn // 2, self.step_kind, seconds))
+        elif self.hooks is not None:
+            self.hooks.take()
         self.started = None
         if batch_idx % self.block == 0 and not self.baton.next_block(self.arm):
             pl_module.stop = True
@@ -295,10 +330,13 @@ def check_timed_period(callback: GeomonCallback, weighted_period: int) -> None:
     """A measured step does the schedule's work only when every windowed probe's rows fill within one period: a
     probe whose lead (steps of rows its window needs) exceeds the timed period computes on some measured steps only,
     which would make the measured-step mean too low. And every kind of step the weighted schedule has must occur in
-    the timed one. Raises otherwise, saying what period is needed."""
+    the timed one. Raises otherwise, saying what period is needed (a configuration timed at its own period is timed
+    as it is)."""
     plan, period = callback.monitor.plan, callback.monitor.every_n_steps
     if plan is None:
         raise RuntimeError("the monitor is not attached yet: its probes' leads are unknown")
+    if period == weighted_period:
+        return  # the configuration's own schedule, whatever it does, is what is timed
     short = plan.fill_probes(period)  # leads longer than the period
     if short:
         need = max(p.lead_steps(1) for p in short)
@@ -355,7 +393,7 @@ def group_pairs(plain: StepLog, geomon: StepLog, warmup_pairs: int, clock: str) 
     for log in (plain, geomon):
         for pair, kind, seconds in log.steps:
             if pair >= warmup_pairs:
-                grouped.setdefault(pair, {}).setdefault(kind, []).append(seconds[clock] * 1e3)
+                grouped.setdefault(pair, {}).setdefault(kind, []).append(seconds.get(clock, 0.0) * 1e3)
     return [grouped[p] for p in sorted(grouped) if "plain" in grouped[p] and len(grouped[p]) > 1]
 
 
@@ -406,6 +444,7 @@ def run_configuration(options: dict[str, Any], shape: Shape, device: str, tokens
         timed_period = min(args.measure_every or own_period, own_period)
         callback = GeomonCallback(**{**options, "every_n_steps": timed_period})
     logs = [StepLog(), StepLog()]
+    hooks = HookClock(callback)
     planner = Planner(logs[0], logs[1], callback, args, shape.block, own_period)
     baton = Baton(planner, timeout_s=600)
     errors: list[BaseException] = []
@@ -415,7 +454,7 @@ def run_configuration(options: dict[str, Any], shape: Shape, device: str, tokens
         try:
             torch.set_num_threads(args.threads or torch.get_num_threads())  # OpenMP settings are per thread
             timer = BlockTimer(arm, baton, shape.block, logs[arm], _arm_kind(callback if arm else None),
-                               device == "cuda")  # fmt: skip
+                               device == "cuda", hooks if arm else None)  # fmt: skip
             trainer = _trainer([timer, callback] if arm else [timer], root / f"arm{arm}", device)
             loader = torch.utils.data.DataLoader(Windows(tokens, shape.context, shape.batch), batch_size=None)
             with warnings.catch_warnings():
@@ -440,6 +479,7 @@ def run_configuration(options: dict[str, Any], shape: Shape, device: str, tokens
     clocks = ("wall",) if device == "cuda" else tuple(CLOCKS)
     return {
         "pairs": {clock: group_pairs(logs[0], logs[1], args.warmup_pairs, clock) for clock in clocks},
+        "hooks": group_pairs(logs[0], logs[1], args.warmup_pairs, "hooks"),
         "weights": shares(callback, own_period),
         "periods": (callback.monitor.every_n_steps, own_period),
         "delta": delta,
@@ -449,6 +489,19 @@ def run_configuration(options: dict[str, Any], shape: Shape, device: str, tokens
             for arm, log in zip(("plain", "geomon"), logs, strict=True)
         },
     }
+
+
+def idle_as_hooks(pairs: list[dict[str, list[float]]], hook_pairs: list[dict[str, list[float]]]) -> list[dict]:
+    """``pairs`` with each idle step's time replaced by its pair's plain mean plus geomon's hook time on that step:
+    the whole-run ratio then counts an idle step as the work geomon does on it, without the step's noise."""
+    out = []
+    for pair, hooks in zip(pairs, hook_pairs, strict=True):
+        pair = dict(pair)
+        if pair.get("idle"):
+            base = statistics.fmean(pair["plain"])
+            pair["idle"] = [base + t for t in hooks["idle"]]
+        out.append(pair)
+    return out
 
 
 def summarise(name: str, result: dict[str, Any], clock: str) -> dict[str, Any]:
@@ -462,7 +515,15 @@ def summarise(name: str, result: dict[str, Any], clock: str) -> dict[str, Any]:
     for name_of_clock, clock_pairs in result["pairs"].items():
         ratio = whole_run_ratio(clock_pairs, weights)
         ratios[name_of_clock] = (math.nan if ratio is None else ratio, *interval(clock_pairs, weights))
+    idle_hooks = [t for p in result["hooks"] for t in p.get("idle", [])]
+    assisted = (math.nan, math.nan, math.nan)
+    if idle_hooks:
+        assisted_pairs = idle_as_hooks(pairs, result["hooks"])
+        value = whole_run_ratio(assisted_pairs, weights)
+        assisted = (math.nan if value is None else value, *interval(assisted_pairs, weights))
     return {
+        "idle_hooks_us": statistics.fmean(idle_hooks) * 1e3 if idle_hooks else math.nan,
+        "assisted": assisted,
         "name": name,
         "clock": clock,
         "pairs": len(pairs),
@@ -487,7 +548,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     head = ["configuration", "timed at every / weighted for every", "pairs", "plain steps",
             f"plain ms (mean, {CLOCKS[clock]})", "measured / fill / idle steps", "measured / fill / idle ms",
             "measured / plain", *(f"whole-run ratio, {CLOCKS[c]} [95% CI]" for c in clocks),
-            "max abs Δweight"]  # fmt: skip
+            "max abs Δweight", "idle step: geomon's hooks (µs)",
+            f"whole-run ratio, idle steps as their hook time, {CLOCKS[clock]} [95% CI]"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         kinds = ("measured", "fill", "idle")
@@ -495,7 +557,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         means = " / ".join(f"{r['kinds'].get(k, (0, math.nan))[1]:.1f}" for k in kinds)
         ratios = [f"{v:.4f} [{lo:.4f}, {hi:.4f}]" for v, lo, hi in (r["ratios"][c] for c in clocks)]
         cells = [r["name"], "{} / {}".format(*r["periods"]), str(r["pairs"]), str(r["steps"]), f"{r['plain_ms']:.1f}",
-                 counts, means, f"{r['measured_ratio']:.3f}", *ratios, f"{r['delta']:.1e}"]  # fmt: skip
+                 counts, means, f"{r['measured_ratio']:.3f}", *ratios, f"{r['delta']:.1e}",
+                 f"{r['idle_hooks_us']:.1f}", "{:.4f} [{:.4f}, {:.4f}]".format(*r["assisted"])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
