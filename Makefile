@@ -46,7 +46,7 @@ bench: $(STAMP)
 # Step-time overhead of GeomonCallback through two Lightning Trainers interleaved in blocks, GPT-2-small and tiny GPT
 # shapes (results in benchmarks/results/cpu-trainer-overhead-<date>.md).
 bench-overhead: $(STAMP)
-	$(PY) benchmarks/trainer_overhead.py --threads 1 --shape gpt2-small tiny --profile 2
+	$(PY) benchmarks/trainer_overhead.py --threads 1 --shape gpt2-small tiny --measure-every 25 --profile 2
 
 # On a CUDA machine: the kernel tests on the GPU (bf16/fp16 included); `make bench-gpu` then runs the kernel
 # benchmarks and the Trainer overhead benchmark into ONE file, benchmarks/results/<device>-<date>.md, to commit as is

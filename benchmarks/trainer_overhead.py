@@ -229,26 +229,27 @@ class StepLog:
 
 
 class HookClock:
-    """Wall time spent inside a callback's per-step hooks (``on_train_batch_start`` / ``_end``), taken per step: on
-    an idle step that is all of geomon's work (no module hook is armed), so it bounds that step's cost directly."""
+    """Time spent inside a callback's per-step hooks (``on_train_batch_start`` / ``_end``) on both clocks, taken per
+    step: on an idle step that is geomon's work (no module hook is armed)."""
 
     def __init__(self, callback: pl.Callback) -> None:
-        self.seconds = 0.0
+        self.seconds = {"wall": 0.0, "cpu": 0.0}
         for name in ("on_train_batch_start", "on_train_batch_end"):
             setattr(callback, name, self._timed(getattr(callback, name)))  # Lightning calls the instance's attribute
 
     def _timed(self, hook: Any) -> Any:
         def run(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             try:
                 return hook(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
+                self.seconds["wall"] += time.perf_counter() - wall
+                self.seconds["cpu"] += time.process_time() - cpu
 
         return run
 
-    def take(self) -> float:
-        seconds, self.seconds = self.seconds, 0.0
+    def take(self) -> dict[str, float]:
+        seconds, self.seconds = self.seconds, {"wall": 0.0, "cpu": 0.0}
         return seconds
 
 
@@ -272,7 +273,7 @@ class BlockTimer(pl.Callback):
         if self.started is not None:
             seconds = {clock: now[clock] - self.started[clock] for clock in now}
             if self.hooks is not None:  # geomon's hooks of that step: its start (after this timer) and its end
-                seconds["hooks"] = self.hooks.take()
+                seconds |= {f"hooks {clock}": value for clock, value in self.hooks.take().items()}
             self.step_log.steps.append((self.baton.turn // 2, self.step_kind, seconds))
         elif self.hooks is not None:
             self.hooks.take()
@@ -479,7 +480,7 @@ def run_configuration(options: dict[str, Any], shape: Shape, device: str, tokens
     clocks = ("wall",) if device == "cuda" else tuple(CLOCKS)
     return {
         "pairs": {clock: group_pairs(logs[0], logs[1], args.warmup_pairs, clock) for clock in clocks},
-        "hooks": group_pairs(logs[0], logs[1], args.warmup_pairs, "hooks"),
+        "hooks": {clock: group_pairs(logs[0], logs[1], args.warmup_pairs, f"hooks {clock}") for clock in clocks},
         "weights": shares(callback, own_period),
         "periods": (callback.monitor.every_n_steps, own_period),
         "delta": delta,
@@ -515,10 +516,10 @@ def summarise(name: str, result: dict[str, Any], clock: str) -> dict[str, Any]:
     for name_of_clock, clock_pairs in result["pairs"].items():
         ratio = whole_run_ratio(clock_pairs, weights)
         ratios[name_of_clock] = (math.nan if ratio is None else ratio, *interval(clock_pairs, weights))
-    idle_hooks = [t for p in result["hooks"] for t in p.get("idle", [])]
+    idle_hooks = [t for p in result["hooks"][clock] for t in p.get("idle", [])]
     assisted = (math.nan, math.nan, math.nan)
     if idle_hooks:
-        assisted_pairs = idle_as_hooks(pairs, result["hooks"])
+        assisted_pairs = idle_as_hooks(pairs, result["hooks"][clock])
         value = whole_run_ratio(assisted_pairs, weights)
         assisted = (math.nan if value is None else value, *interval(assisted_pairs, weights))
     return {

@@ -178,18 +178,26 @@ def _block_table(counts: Tensor, indices: Tensor, kv_blocks: int) -> Tensor:
 class KeyTerms(MaskPattern):
     """The mask of an x-transformers ``Attend`` call, generated per key chunk from the terms it was given: boolean
     ``allowed`` (True = may attend) and ``additive`` terms (a position bias, the previous layer's scores), each a
-    view broadcastable to ``[B, H, Nq, width]`` over the module's last ``width`` keys: a term narrower than the
-    ``n_k`` keys does not cover the zero keys ``Attend`` puts first itself (open to every row, bias 0), while the
-    previous layer's scores already hold them; ``causal`` is aligned bottom-right over all ``n_k`` keys. Keys are
-    read in the order they are reported: the first ``roll`` keys (memory and zero key/values) moved last, so that
-    key ``j`` is token ``j`` for the padding rule."""
+    view broadcastable to ``[B, H, Nq, width]`` over the module's last ``width`` keys: a term of ``n_k - zero``
+    keys does not cover the ``zero`` zero keys ``Attend`` puts first itself (open to every row, bias 0), while the
+    previous layer's scores (``n_k`` wide) already hold them; ``causal`` is aligned bottom-right over all ``n_k``
+    keys. Keys are read in the order they are reported: the first ``roll`` keys (memory and zero key/values) moved
+    last, so that key ``j`` is token ``j`` for the padding rule."""
 
-    def __init__(self, allowed: Tensor | None, additive: list[Tensor], causal: bool, n_q: int, n_k: int,
+    def __init__(self, allowed: Tensor | None, additive: list[Tensor], causal: bool, n_q: int, n_k: int, zero: int,
                  roll: int) -> None:  # fmt: skip
-        for term in [allowed, *additive]:
-            if term is not None and term.shape[-1] > n_k:
-                raise ValueError(f"a mask term of {term.shape[-1]} keys for a call of {n_k} keys")
-        self.allowed, self.additive, self.causal = allowed, additive, causal
+        def keyed(term: Tensor) -> Tensor:
+            """The term over the keys it covers: all ``n_k``, or all but the ``zero`` first; one broadcast key is
+            expanded (a view) over the keys a mask covers."""
+            width = term.shape[-1]
+            if width == 1 and n_k - zero > 1:
+                return term.expand(*term.shape[:-1], n_k - zero)
+            if width not in (n_k, n_k - zero):
+                raise ValueError(f"a mask term of {width} keys for a call of {n_k} keys ({zero} zero keys first)")
+            return term
+
+        self.allowed = None if allowed is None else keyed(allowed)
+        self.additive, self.causal = [keyed(t) for t in additive], causal
         self.n_q, self.n_k, self.roll = n_q, n_k, roll
 
     def __call__(self, positions: Tensor, start: int, stop: int) -> Tensor:

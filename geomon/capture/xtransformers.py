@@ -118,7 +118,7 @@ def attend_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -
         pattern = AlignedRule(n_q, n_k, True, None, None) if causal and not is_causal else None
         return [Found("", q, k, allowed, is_causal, scale, cross, pattern)]
     # otherwise every term is combined per key chunk, in the reported key order: no B x H x Nq x Nk tensor is formed
-    pattern = KeyTerms(allowed, additive, causal, n_q, n_k, roll)
+    pattern = KeyTerms(allowed, additive, causal, n_q, n_k, zero, roll)
     return [Found("", q, k, None, False, scale, cross, pattern)]
 
 

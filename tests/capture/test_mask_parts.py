@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from geomon.capture._patterns import AlignedRule, ModuleMasks
+from geomon.capture._patterns import AlignedRule, KeyTerms, ModuleMasks
 from geomon.functional import attention_entropy
 from tests.capture._reference import softmax_rows
 
@@ -103,3 +103,31 @@ def test_padded_rows_read_as_rows_without_keys_and_bad_padding_is_refused():
         _rows(q, k, is_causal=True, _pattern=AlignedRule(3, 3, True, None, None))
     with pytest.raises(ValueError, match="masked_at"):
         _rows(q, k, _masked_at=math.nan)
+
+
+@pytest.mark.parametrize("chunk_size", [2, 5, 64])
+def test_key_terms_with_a_zero_key_memory_keys_and_terms_of_each_width(chunk_size):
+    """x-transformers' layout: a zero key and 2 memory keys first (rolled last when reported), a key-padding mask and
+    a bias over all keys but the zero key, the previous layer's scores over all keys, a one-key mask broadcast, causal
+    bottom-right; against a dense mask and bias written here over the module's key order, then rolled."""
+    g = torch.Generator().manual_seed(3)
+    n_q, zero, memory = 6, 1, 2
+    n_k = n_q + zero + memory
+    q, k = torch.randn(1, H, n_q, DH, generator=g), torch.randn(1, H, n_k, DH, generator=g)
+    padding = torch.ones(1, 1, 1, n_k - zero, dtype=torch.bool)
+    padding[..., -2:] = False  # the last two tokens are padding
+    bias = torch.randn(1, H, n_q, n_k - zero, generator=g)
+    previous = torch.randn(1, H, n_q, n_k, generator=g)
+    every = torch.ones(1, 1, n_q, 1, dtype=torch.bool)  # one key, broadcast
+    rule = KeyTerms(padding & every, [bias, previous], True, n_q, n_k, zero, zero + memory)
+    # dense, in the module's key order: the zero key first, open, bias 0
+    allowed = torch.cat([torch.ones(1, 1, 1, zero, dtype=torch.bool), padding], -1).expand(1, H, n_q, n_k)
+    allowed = allowed & torch.ones(n_q, n_k, dtype=torch.bool).tril(n_k - n_q)
+    additive = torch.cat([torch.zeros(1, H, n_q, zero), bias], -1) + previous
+    order = (torch.arange(n_k) + zero + memory) % n_k  # reported key c is the module's key order[c]
+    _check(q, k[..., order, :], allowed[..., order], additive=additive[..., order], chunk_size=chunk_size,
+           _pattern=rule)  # fmt: skip
+    padded = rule.padded_keys(1, n_k)
+    assert padded.tolist() == [[False] * (n_q - 2) + [True, True] + [False] * (zero + memory)]
+    with pytest.raises(ValueError, match="a mask term of 4 keys for a call of 9 keys"):
+        KeyTerms(None, [torch.zeros(1, 1, 1, 4)], False, n_q, n_k, zero, 0)
