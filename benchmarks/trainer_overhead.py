@@ -443,6 +443,11 @@ def run_configuration(options: dict[str, Any], shape: Shape, device: str, tokens
         warnings.simplefilter("ignore")
         own_period = GeomonCallback(**options).monitor.every_n_steps  # the schedule the ratio is for
         timed_period = min(args.measure_every or own_period, own_period)
+        if timed_period != own_period and shape.block > 1 and timed_period % shape.block == 0:
+            raise ValueError(
+                f"--measure-every {timed_period} is a multiple of the block length {shape.block}: every measured step "
+                "would be the first after a hand-off between the arms; use a period the block does not divide"
+            )
         callback = GeomonCallback(**{**options, "every_n_steps": timed_period})
     logs = [StepLog(), StepLog()]
     hooks = HookClock(callback)

@@ -219,6 +219,13 @@ def test_class_stats_benchmark_runs_and_its_arms_agree():
     assert "sums checked equal at the end" in text
 
 
+def test_trainer_overhead_refuses_a_timed_period_the_block_divides(tmp_path):
+    script = ROOT / "benchmarks" / "trainer_overhead.py"
+    command = [sys.executable, str(script), "--quick", "--configs", "default", "--measure-every", "8"]
+    proc = subprocess.run([*command, "--out", str(tmp_path / "x.md")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "is a multiple of the block length 4" in proc.stderr
+
+
 def test_alert_benchmark_fast_mode_records_and_replays(tmp_path):
     """benchmarks/alerts: a few dozen steps of two scenarios are recorded and replayed into the table."""
     records = tmp_path / "records"
