@@ -77,17 +77,8 @@ class ModuleMasks(MaskPattern):
         """Keys every row of every head blocks: each boolean mask's rows and heads, and the sum of the additive
         masks' maxima (exact when at most one additive mask varies over rows and heads, as a key-padding mask
         does not)."""
-        blocked, top = None, None
-        for mask in self.masks:
-            if mask.dtype == torch.bool:
-                every = mask.all(-2).all(-2)
-                blocked = every if blocked is None else blocked | every
-            else:
-                most = mask.amax(dim=(-3, -2))
-                top = most if top is None else top + most
-        if top is not None:
-            low = top <= MASKED_AT
-            blocked = low if blocked is None else blocked | low
+        blocked = _unseen_keys([m.all(-2).all(-2) for m in self.masks if m.dtype == torch.bool],
+                               [m.amax(dim=(-3, -2)) for m in self.masks if m.dtype != torch.bool])  # fmt: skip
         assert blocked is not None
         blocked = blocked.expand(batch, self.n_k)
         extra = n_k - self.n_k
@@ -120,7 +111,7 @@ class FlexRule(MaskPattern):
         self.full = None if full is None else _block_table(full, mask.full_kv_indices, kv_blocks)  # type: ignore[attr-defined]
         self.batch, self.heads, self.n_q, self.n_k = batch, heads, n_q, n_k
 
-    def _tables(self, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+    def _tables(self, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> tuple[Tensor, Tensor | None]:
         """Whether the blocks of query ``q`` and key ``kv`` (broadcast with ``b``, ``h``) let ``mask_mod`` decide
         (listed partial) and whether they are open whatever it says (listed full), as one tensor per case."""
 
@@ -231,14 +222,21 @@ class KeyTerms(MaskPattern):
         def widened(per_key: Tensor, value: float | bool) -> Tensor:  # [.., width] -> [.., n_k], zero keys first
             return torch.nn.functional.pad(per_key, (self.n_k - per_key.shape[-1], 0), value=value)
 
-        blocked = None if self.allowed is None else widened(~self.allowed.any(-2).any(-2), False)
-        top = None
-        for term in self.additive:
-            most = widened(term.amax(dim=(-3, -2)), 0.0)
-            top = most if top is None else top + most
-        if top is not None:
-            low = top <= MASKED_AT
-            blocked = low if blocked is None else blocked | low
+        blocked = _unseen_keys([] if self.allowed is None else [widened(~self.allowed.any(-2).any(-2), False)],
+                               [widened(term.amax(dim=(-3, -2)), 0.0) for term in self.additive])  # fmt: skip
         if blocked is None:
             return None
         return blocked.roll(-self.roll, dims=-1).expand(batch, n_k)
+
+
+def _unseen_keys(blocked: list[Tensor], maxima: list[Tensor]) -> Tensor | None:
+    """Keys no row may attend to, per key: blocked by a boolean term in every row and head, or with the sum of the
+    additive terms' maxima at or below ``MASKED_AT`` (exact when at most one additive term varies over rows and
+    heads, as a key-padding mask does not); None without a term."""
+    unseen = None
+    for every in blocked:
+        unseen = every if unseen is None else unseen | every
+    if maxima:
+        low = sum(maxima[1:], maxima[0]) <= MASKED_AT
+        unseen = low if unseen is None else unseen | low
+    return unseen

@@ -100,10 +100,8 @@ def attend_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -
         allowed = allowed[:, None, None, :]
     additive = [t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) for t in (call.get("attn_bias"), call.get("prev_attn"))
                 if t is not None]  # fmt: skip
-    leading = _MEMORY.get(module, 0)  # memory key/values, put first by the Attention layer
-    zero = int(bool(getattr(module, "add_zero_kv", False)))  # a zero key, put first by Attend itself
+    leading, zero = _leading_keys(module)
     if zero:
-        leading += 1
         k = F.pad(k, (0, 0, 1, 0), value=0.0)
     n_k = k.shape[-2]
     aligned = n_k - leading == n_q  # key j is token j once the extra keys are moved last (the padding rule's reading)
@@ -130,8 +128,14 @@ def sdpa_layout(module: nn.Module) -> tuple[bool | None, int] | None:
     if attend is None or not isinstance(module, attend):
         return None
     layer_type = _LAYER_TYPE.get(module)
-    leading = _MEMORY.get(module, 0) + int(bool(getattr(module, "add_zero_kv", False)))
-    return (None if layer_type is None else layer_type == "c"), leading
+    return (None if layer_type is None else layer_type == "c"), _leading_keys(module)[0]
+
+
+def _leading_keys(module: nn.Module) -> tuple[int, int]:
+    """``(all, zero)``: the keys an ``Attend`` call has before the tokens' own - memory key/values, put first by
+    the ``Attention`` layer, and the zero key ``Attend`` itself puts first (``add_zero_kv``) - and the zero keys."""
+    zero = int(bool(getattr(module, "add_zero_kv", False)))
+    return _MEMORY.get(module, 0) + zero, zero
 
 
 def fallback_for(module: nn.Module) -> tuple[str | None, Any]:
