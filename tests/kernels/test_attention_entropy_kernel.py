@@ -311,3 +311,40 @@ def test_bfloat16_masks_holding_minus_1e4_block_their_keys_as_on_the_torch_path(
     torch_rows = attention_entropy(q, k, attn_mask=mask, backend="torch", return_n_keys=True, _masked_at=-1e4)
     assert n_keys.cpu().unique().tolist() == [30]
     assert torch.equal(n_keys.cpu(), torch_rows[2].cpu())
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("scale", [0.5, -0.7, 40.0])
+def test_masked_loop_rows_whose_leading_key_tiles_are_all_blocked(kind, scale):
+    # left padding: whole key tiles blocked before a row's first allowed key (the running max is still -inf there),
+    # a keyless row, and scores far enough below the row max (scale 40) that their weights underflow to exactly 0
+    b, h, n_q, n_k = 2, 2, 3 * BLOCK + 5, 4 * BLOCK + 3
+    q, k = _qk(b, h, 1, n_q, n_k, 16, seed=11)
+    allowed = torch.ones(b, h, n_q, n_k, dtype=torch.bool)
+    allowed[0, :, :, : 2 * BLOCK + 3] = False  # the first two key tiles and then some
+    allowed[1, 0, :, : 3 * BLOCK] = False
+    allowed[1, 1, 5] = False  # no key at all
+    allowed[1, 1, 6, :-1] = False  # only the very last key
+    mask = allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, -math.inf)
+    _against_explicit(q, k, scale=scale, attn_mask=mask.to(DEVICE), atol=5e-5)
+    index = torch.tensor([n_q - 1, 0, 5, 6, BLOCK, 2 * BLOCK + 1], device=DEVICE)
+    _against_explicit(q, k, scale=scale, attn_mask=mask.to(DEVICE), query_index=index, atol=5e-5)
+
+
+def test_additive_values_far_below_the_logits_stay_allowed_keys():
+    # finite entries above the blocking value are keys, however negative: counted, and a row holding only such keys
+    # has them as its logits (-1e30 and a finite -3e38, which times log2(e) would round to -inf)
+    q, k = _qk(1, 1, 1, 4, 2 * BLOCK + 2, 16, seed=12)
+    bias = torch.zeros(1, 1, 4, 2 * BLOCK + 2)
+    bias[0, 0, 0, 1:] = -1e30  # one ordinary key among very negative ones
+    bias[0, 0, 1] = -1e30  # only very negative keys: uniform over them, max logit about -1e30
+    bias[0, 0, 2, 3:] = -3.0e38
+    bias[0, 0, 3, ::2] = -math.inf
+    entropy, max_logit, n_keys = attention_rows_triton(
+        q, k, 0.5, False, bias.to(DEVICE), None, block_m=BLOCK, block_n=BLOCK
+    )
+    assert n_keys.flatten().tolist() == [2 * BLOCK + 2, 2 * BLOCK + 2, 2 * BLOCK + 2, BLOCK + 1]
+    ref_entropy, ref_max, _ = _explicit(q, k, 0.5, attn_mask=bias.to(DEVICE))
+    torch.testing.assert_close(entropy.double().cpu(), ref_entropy, atol=5e-5, rtol=0)
+    torch.testing.assert_close(max_logit.double().cpu(), ref_max, rtol=1e-6, atol=5e-5)
+    assert float(entropy[0, 0, 1]) == pytest.approx(math.log(2 * BLOCK + 2), abs=1e-5)
