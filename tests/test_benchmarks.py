@@ -272,3 +272,22 @@ def test_window_fill_benchmark_quick_run_prints_the_fill_step_ratio(tmp_path):
     assert re.search(pattern + r"43 idle steps; first RankMe at step 50; weights bit-identical: True\)", proc.stdout)
     text = out.read_text()
     assert text.startswith("# geomon window fill") and "- machine: " in text and "| yes |" in text
+
+
+def test_recheck_share_benchmark_counts_tied_rows_and_runs_a_short_training():
+    """benchmarks/recheck_share.py: a tied row is within every bound and a row leading by a wide margin within none,
+    so two such rows give 50% for every rounding; a two-step run prints one row per checkpoint."""
+    import torch
+
+    with _on_path(ROOT / "benchmarks"):
+        import recheck_share
+
+    rows = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # classes 0 and 1 equal: a tie for features along x
+    features = torch.tensor([[3.0, 0.0], [0.0, 3.0]])  # row 0 tied (0 vs 1), row 1 leads by 3
+    shares = recheck_share.lead_and_bound_shares(features, rows, torch.zeros(3))
+    assert shares == {"tf32": 0.5, "bf16": 0.5, "ieee": 0.5, "exact": 0.5}
+    text = recheck_share.main(["--steps", "0", "2", "--eval-windows", "2", "--context", "16", "--d-model", "16"])
+    table = re.findall(r"^\| (\d+) \| ([\w.]+) \| ([\d.]+) \| ([\d.% /]+) \| ([\d.]+)% \|", text, re.MULTILINE)
+    assert [int(r[0]) for r in table] == [0, 2]
+    for row in table:
+        assert all(0 <= float(x.strip().rstrip("%")) <= 100 for x in row[3].split("/"))
