@@ -2,8 +2,10 @@
 
 A :class:`MaskPattern` is called by the metric's torch path with the query rows it measures and one key chunk
 ``[start, stop)``, and returns that block of the mask (SDPA semantics: boolean True = may attend, or additive),
-broadcastable to ``[B, H, Nsel, stop - start]``. The fused kernel reads only stored masks, so a call carrying a
-pattern is measured by the torch path (on CUDA too): memory stays ``O(B·H·Nsel·chunk)``.
+broadcastable to ``[B, H, Nsel, stop - start]``. The fused kernel reads stored masks and per-row key ranges: a
+pattern that is only a key range (:class:`AlignedRule` without packed sequences: bottom-right causal, sliding
+windows) says so in ``key_range`` and goes to the kernel; a call carrying any other pattern is measured by the torch
+path (on CUDA too): memory stays ``O(B·H·Nsel·chunk)``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class AlignedRule(MaskPattern):
 
     def __init__(self, n_q: int, n_k: int, causal: bool, window: int | None, segments: Tensor | None) -> None:
         self.offset, self.causal, self.window, self.segments = n_k - n_q, causal, window, segments
+        #: Without packed sequences each row's keys are one range, which the fused kernel takes as it is:
+        #: ``(causal, query i's key position minus i, window)``; None sends the call to the torch path.
+        plain = segments is None and (window is None or window >= 1)
+        self.key_range = (causal, self.offset, window) if plain else None
 
     def __call__(self, positions: Tensor, start: int, stop: int) -> Tensor:
         rows = positions[:, None] + self.offset

@@ -7,20 +7,24 @@ keeps, in base-2 units (``s₂ = s · log₂e``, so that ``exp2`` replaces ``exp
 ``max_logit = ln2 · m``. Semantics are those of :func:`geomon.functional.attention_entropy`: SDPA masks (boolean:
 True = may attend; float: added, with ``-inf`` and the dtype's most negative value marking a blocked key), top-left
 causal alignment, grouped-query heads (query head ``h`` reads key head ``h // (H / Hk)``, K is never copied),
-arbitrary strides, NaN for rows with no allowed key, optional query subsampling (``query_index``).
+arbitrary strides, NaN for rows with no allowed key, optional query subsampling (``query_index``). Beyond SDPA, for
+the capture's flash-style rules: the causal rule at an offset (query ``i`` at key position ``i + causal_offset``;
+``Nk - Nq`` is flash's bottom-right alignment), a sliding window (``|position - j| < window``), and either combined
+with a mask. Each row's allowed keys before the mask are one range ``[key_start, key_end)``; per query tile the
+tiles outside the union of the rows' ranges are never read.
 
-Two key loops. Tiles that every live row of the query tile attends to in full (inside ``Nk``, below the causal
-diagonal of the tile's first row, no ``attn_mask``) go through an unmasked loop: no per-score mask, the scale folded
-into the one FFMA that centres the score (``s·scale·log₂e - m'``), the tile max taken on the raw products, and ``t``
-accumulated with one FFMA per score; the key count of such rows is analytic (``Nk``, or ``min(i+1, Nk)`` causal),
-not summed per score. The rest (the diagonal tiles, the last partial tile, every tile of a masked launch) go through
-a masked loop, which keeps the per-score work to one compare or mask read and one select: each row's end of allowed
-keys (liveness, ``Nk`` and the causal diagonal in one number), a boolean mask read as bytes, an additive one turned
-into a base-2 bias (``-inf`` where blocked) before it meets the scores, and the centred score clamped at -200 so
-that a blocked key's weight and tilted term are exactly 0 without a second select. Key tiles are addressed by one
-64-bit base pointer advanced per tile plus 32-bit in-tile offsets. Tiles, warps and stages per (dtype, head dim,
-causal) come from :data:`CONFIGS`, picked with the static report (``benchmarks/kernel_report.py``); :func:`variants`
-lists what ``auto`` dispatches, for that report and the CI budgets in ``tests/kernels/test_sass_budgets.py``.
+Two key loops. Tiles that every live row of the query tile attends to in full (inside every live row's range, no
+``attn_mask``) go through an unmasked loop: no per-score mask, the scale folded into the one FFMA that centres the
+score (``s·scale·log₂e - m'``), the tile max taken on the raw products, and ``t`` accumulated with one FFMA per
+score; without a mask the key count is analytic (``key_end - key_start``), not summed per score. The rest (the
+diagonal and window edges, partial tiles, every tile of a masked launch) go through a masked loop, which keeps the
+per-score work to one compare or mask read and one select: each row's range (liveness, ``Nk``, the causal diagonal
+and the window in two numbers), a boolean mask read as bytes, an additive one turned into a base-2 bias (``-inf``
+where blocked) before it meets the scores, and the centred score clamped at -200 so that a blocked key's weight and
+tilted term are exactly 0 without a second select. Key tiles are addressed by one 64-bit base pointer advanced per
+tile plus 32-bit in-tile offsets. Tiles, warps and stages per (dtype, head dim, causal) come from :data:`CONFIGS`,
+picked with the static report (``benchmarks/kernel_report.py``); :func:`variants` lists what ``auto`` dispatches,
+for that report and the CI budgets in ``tests/kernels/test_sass_budgets.py``.
 
 Cost per (batch, head): ``2 · Nsel · Nk · Dh`` FLOPs on tensor cores for ``QKᵀ`` (about half of that with
 ``is_causal``, whose tiles above the diagonal are skipped) plus one exp2 (MUFU) and ~4 FMA/FADD/FMNMX per score;
@@ -50,14 +54,92 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _window_range(position, live, n_k, window, IS_CAUSAL: tl.constexpr):
+    """Each row's allowed keys ``[key_start, key_end)`` under a window, before any mask: inside ``Nk``, up to its
+    position when causal, within ``window`` of it; empty for a row that is not live or sees nothing."""
+    key_end = tl.minimum(tl.where(live, n_k, 0), position + window)
+    if IS_CAUSAL:
+        key_end = tl.minimum(key_end, position + 1)
+    key_start = tl.maximum(position - window + 1, 0)
+    return key_start, tl.maximum(key_end, key_start)
+
+
+@triton.jit
+def _masked_tile(
+    running_max, norm, tilted, n_keys, q, k_tile, k_offsets, m_tile, m_offsets, start, n_k, dim_ok, live,
+    key_start, key_end, scale_log2e, mask_min,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEGATIVE_SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the masked loop: the online-softmax state (``running_max, norm, tilted, n_keys``) updated.
+
+    One compare per score against the row's range (two with a window); a blocked score is -inf before the scale
+    (+inf when the scale is negative, so that the scaled value is -inf), and the centred score is clamped at -200 so
+    that a blocked key's weight is exactly 0 and its tilted term 0 · -200 = 0 without a second select (exp2 of
+    anything below -149 is 0 in fp32)."""
+    cols = start + tl.arange(0, BLOCK_N)
+    k = tl.load(k_tile + k_offsets, mask=(cols < n_k)[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_WINDOW:
+        in_range = (cols[None, :] < key_end[:, None]) & (cols[None, :] >= key_start[:, None])
+    else:
+        in_range = cols[None, :] < key_end[:, None]
+    if MASK_KIND == 0:
+        allowed = in_range
+    else:  # the load's per-row and per-column guard keeps it vectorised
+        load_ok = live[:, None] & (cols < n_k)[None, :]
+    if MASK_KIND == 1:  # dead rows and keys past n_k read as False
+        allowed = tl.load(m_tile + m_offsets, mask=load_ok, other=0) != 0
+        if IS_CAUSAL or HAS_WINDOW:
+            allowed = allowed & in_range
+    if MASK_KIND == 2:  # ... and as -inf, at or below mask_min
+        bias = tl.load(m_tile + m_offsets, mask=load_ok, other=float("-inf")).to(tl.float32)
+        # in base-2 units, kept finite for an allowed key (-3e38 · log2e would round to -inf)
+        base2 = tl.maximum(bias * 1.4426950408889634, -3.4028234663852886e38)
+        keep = bias > mask_min
+        if IS_CAUSAL or HAS_WINDOW:
+            keep = keep & in_range
+        bias = tl.where(keep, base2, float("-inf"))
+        s = s * scale_log2e + bias
+        allowed = bias != float("-inf")
+        tile_max = tl.max(s, 1)
+    elif NEGATIVE_SCALE:
+        s = tl.where(allowed, s, float("inf"))
+        tile_max = tl.min(s, 1) * scale_log2e
+    else:
+        s = tl.where(allowed, s, float("-inf"))
+        tile_max = tl.max(s, 1) * scale_log2e
+    if MASK_KIND != 0:
+        n_keys += tl.sum(allowed.to(tl.int32), 1)
+    new_max = tl.maximum(running_max, tile_max)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no allowed key yet
+    if MASK_KIND == 2:
+        centred = tl.maximum(s - shift[:, None], -200.0)
+    else:
+        centred = tl.maximum(s * scale_log2e - shift[:, None], -200.0)
+    weights = tl.exp2(centred)
+    decay = tl.exp2(running_max - shift)
+    carried = tl.where(norm > 0, norm * (running_max - shift), 0.0)
+    tilted = decay * (tilted + carried) + tl.sum(weights * centred, 1)
+    norm = decay * norm + tl.sum(weights, 1)
+    running_max = new_max
+    return running_max, norm, tilted, n_keys
+
+
+@triton.jit
 def _attention_entropy_kernel(
     Q, K, MASK, QIDX, ENTROPY, MAX_LOGIT, N_KEYS,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_mb, stride_mh, stride_mq, stride_mk,
     heads, n_q, n_sel, n_k, head_dim, group, scale_log2e, mask_min,
+    causal_offset,  # query i stands at key position i + causal_offset: 0 top-left (SDPA), Nk - Nq bottom-right
+    window,  # with HAS_WINDOW: keys j with |position - j| < window
     MASK_KIND: tl.constexpr,  # 0: none, 1: boolean (as uint8), 2: additive float
     IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     HAS_QUERY_INDEX: tl.constexpr,
     NEGATIVE_SCALE: tl.constexpr,  # the row max of scale·s is scale · (row min of s)
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: key tiles load without a mask
@@ -93,26 +175,46 @@ def _attention_entropy_kernel(
     if WIDE_TILE_OFFSETS:
         tile_rows = tile_rows.to(tl.int64)
     k_offsets = tile_rows[:, None] * stride_kn + dims[None, :] * stride_kd
-    k_tile = K + b * stride_kb + (h // group) * stride_kh
+    k_base = K + b * stride_kb + (h // group) * stride_kh
     k_step = tl.full([], BLOCK_N, tl.int64) * stride_kn
 
-    # Key ranges: [0, full_end) holds only tiles every live row attends to in full (inside n_k, below the causal
-    # diagonal of the tile's first live row, no mask); [full_end, stop) the tiles that need a per-score mask.
-    if IS_CAUSAL:  # keys past the last live query position of this tile are never allowed: skip their tiles
-        first = tl.min(tl.where(live, pos, n_q))
-        last = tl.max(tl.where(live, pos, -1))
-        stop = tl.minimum(n_k, last + 1)
-        full_end = tl.where(last >= 0, tl.minimum(n_k, first + 1) // BLOCK_N * BLOCK_N, 0)
-    else:
-        stop = n_k
-        full_end = n_k // BLOCK_N * BLOCK_N
-    if MASK_KIND != 0:
-        full_end = 0
+    # Each row's allowed keys are a range [key_start, key_end) (liveness, Nk, the causal diagonal and the window in
+    # two numbers), further cut by the mask if any. Per query tile: [full_start, full_end) holds the tiles every live
+    # row attends to in full (no mask), taken by the unmasked loop; [lo, full_start) and [full_end, stop) the tiles
+    # that need a per-score test, taken by the masked loop; tiles outside [lo, stop) are never read.
+    if HAS_WINDOW:
+        key_start, key_end = _window_range(pos + causal_offset, live, n_k, window, IS_CAUSAL)
+        stop = tl.max(tl.where(live, key_end, 0))
+        full_end = tl.min(tl.where(live, key_end, n_k)) // BLOCK_N * BLOCK_N
+        lo = tl.min(tl.where(live, key_start, n_k)) // BLOCK_N * BLOCK_N
+        full_start = tl.cdiv(tl.max(tl.where(live, key_start, 0)), BLOCK_N) * BLOCK_N
+        if MASK_KIND != 0:
+            full_end = full_start
+        single = (full_end <= full_start) | (stop == 0)  # no tile full for every row (or no row): one masked range
+        full_start = tl.where(single, lo, full_start)
+        full_end = tl.where(single, lo, full_end)
+    else:  # every range starts at key 0; scalar bounds from the tile's first and last live position
+        lo = 0
+        full_start = 0
+        if IS_CAUSAL:  # keys past the last live position of this tile are never allowed: skip their tiles
+            first = tl.min(tl.where(live, pos, n_q))  # positions: the offset is added to the scalars only
+            last = tl.max(tl.where(live, pos, -1))
+            stop = tl.where(last >= 0, tl.maximum(tl.minimum(n_k, last + causal_offset + 1), 0), 0)
+            full_end = tl.where(last >= 0, tl.maximum(tl.minimum(n_k, first + causal_offset + 1), 0), 0)
+            full_end = full_end // BLOCK_N * BLOCK_N
+        else:
+            stop = n_k
+            full_end = n_k // BLOCK_N * BLOCK_N
+        if MASK_KIND != 0:
+            full_end = 0
 
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # base-2 units: scale · log2(e) · q·k
     norm = tl.zeros([BLOCK_M], tl.float32)  # Σ 2^(s - running_max)
     tilted = tl.zeros([BLOCK_M], tl.float32)  # Σ 2^(s - running_max) · (s - running_max)
-    for _ in range(0, full_end, BLOCK_N):
+    k_tile = k_base
+    if HAS_WINDOW:
+        k_tile += (full_start // BLOCK_N) * k_step
+    for _ in range(full_start, full_end, BLOCK_N):
         if EVEN_D:
             k = tl.load(k_tile + k_offsets)
         else:
@@ -133,68 +235,49 @@ def _attention_entropy_kernel(
         running_max = new_max
         k_tile += k_step
 
-    # Masked loop. Each row's last allowed key index folds liveness, the key count and the causal diagonal into one
-    # compare per score; a blocked score is -inf before the scale (+inf when the scale is negative, so that the
-    # scaled value is -inf), and the centred score is clamped at -200 so that a blocked key's weight is exactly 0
-    # and its tilted term 0 · -200 = 0 without a second select (exp2 of anything below -149 is 0 in fp32).
-    if IS_CAUSAL:
-        key_end = tl.where(live, tl.minimum(pos + 1, n_k), 0)
-    else:
-        key_end = tl.where(live, n_k, 0)
+    # Masked loop: the diagonal and window edges, partial tiles, every tile of a masked launch (see _masked_tile).
+    if not HAS_WINDOW:
+        key_start = 0
+        if IS_CAUSAL:
+            key_end = tl.where(live, tl.maximum(tl.minimum(pos + (causal_offset + 1), n_k), 0), 0)
+        else:
+            key_end = tl.where(live, n_k, 0)
     if MASK_KIND != 0:
         m_rows = MASK + b * stride_mb + h * stride_mh + pos[:, None].to(tl.int64) * stride_mq
         m_offsets = tile_rows[None, :] * stride_mk
         m_step = tl.full([], BLOCK_N, tl.int64) * stride_mk
-        m_rows += (full_end // BLOCK_N) * m_step
+        m_tile = m_rows + (full_end // BLOCK_N) * m_step
+    else:  # not read
+        m_rows = MASK
+        m_offsets = 0
+        m_step = 0
+        m_tile = MASK
     n_keys = tl.zeros([BLOCK_M], tl.int32)
-    for start in range(full_end, stop, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        k = tl.load(k_tile + k_offsets, mask=(cols < n_k)[:, None] & dim_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASK_KIND == 0:
-            allowed = cols[None, :] < key_end[:, None]
-        else:  # never causal; the load's per-row and per-column guard keeps it vectorised
-            load_ok = live[:, None] & (cols < n_k)[None, :]
-        if MASK_KIND == 1:  # dead rows and keys past n_k read as False
-            allowed = tl.load(m_rows + m_offsets, mask=load_ok, other=0) != 0
-        if MASK_KIND == 2:  # ... and as -inf, at or below mask_min
-            bias = tl.load(m_rows + m_offsets, mask=load_ok, other=float("-inf")).to(tl.float32)
-            # in base-2 units, kept finite for an allowed key (-3e38 · log2e would round to -inf)
-            base2 = tl.maximum(bias * 1.4426950408889634, -3.4028234663852886e38)
-            bias = tl.where(bias > mask_min, base2, float("-inf"))
-            s = s * scale_log2e + bias
-            allowed = bias != float("-inf")
-            tile_max = tl.max(s, 1)
-        elif NEGATIVE_SCALE:
-            s = tl.where(allowed, s, float("inf"))
-            tile_max = tl.min(s, 1) * scale_log2e
-        else:
-            s = tl.where(allowed, s, float("-inf"))
-            tile_max = tl.max(s, 1) * scale_log2e
-        if MASK_KIND != 0:
-            n_keys += tl.sum(allowed.to(tl.int32), 1)
-            m_rows += m_step
-        new_max = tl.maximum(running_max, tile_max)
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no allowed key yet
-        if MASK_KIND == 2:
-            centred = tl.maximum(s - shift[:, None], -200.0)
-        else:
-            centred = tl.maximum(s * scale_log2e - shift[:, None], -200.0)
-        weights = tl.exp2(centred)
-        decay = tl.exp2(running_max - shift)
-        carried = tl.where(norm > 0, norm * (running_max - shift), 0.0)
-        tilted = decay * (tilted + carried) + tl.sum(weights * centred, 1)
-        norm = decay * norm + tl.sum(weights, 1)
-        running_max = new_max
-        k_tile += k_step
+    if HAS_WINDOW:  # the tiles before the full ones, then those after
+        n_before = (full_start - lo) // BLOCK_N
+        n_masked = n_before + tl.maximum(tl.cdiv(stop - full_end, BLOCK_N), 0)
+        for t in range(0, n_masked):
+            start = tl.where(t < n_before, lo + t * BLOCK_N, full_end + (t - n_before) * BLOCK_N)
+            if MASK_KIND != 0:
+                m_tile = m_rows + (start // BLOCK_N) * m_step
+            running_max, norm, tilted, n_keys = _masked_tile(
+                running_max, norm, tilted, n_keys, q, k_base + (start // BLOCK_N) * k_step, k_offsets, m_tile,
+                m_offsets, start, n_k, dim_ok, live, key_start, key_end, scale_log2e, mask_min,
+                MASK_KIND, IS_CAUSAL, HAS_WINDOW, NEGATIVE_SCALE, DOT_PRECISION, UPCAST, BLOCK_N,
+            )  # fmt: skip
+    else:  # the tiles after the full ones, addresses advanced per tile
+        for start in range(full_end, stop, BLOCK_N):
+            running_max, norm, tilted, n_keys = _masked_tile(
+                running_max, norm, tilted, n_keys, q, k_tile, k_offsets, m_tile, m_offsets, start, n_k, dim_ok,
+                live, key_start, key_end, scale_log2e, mask_min,
+                MASK_KIND, IS_CAUSAL, HAS_WINDOW, NEGATIVE_SCALE, DOT_PRECISION, UPCAST, BLOCK_N,
+            )  # fmt: skip
+            k_tile += k_step
+            if MASK_KIND != 0:
+                m_tile += m_step
 
     if MASK_KIND == 0:  # every key in range is allowed: the count is analytic, never summed per score
-        if IS_CAUSAL:
-            n_keys = tl.where(live, tl.minimum(pos + 1, n_k), 0)
-        else:
-            n_keys = tl.where(live, n_k, 0)
+        n_keys = key_end - key_start
     entropy = tl.log(norm) - 0.6931471805599453 * tilted / norm
     entropy = tl.minimum(tl.maximum(entropy, 0.0), tl.log(tl.maximum(n_keys, 1).to(tl.float32)))
     no_key = n_keys == 0
@@ -274,10 +357,15 @@ def attention_rows_triton(
     block_m: int | None = None,
     block_n: int | None = None,
     masked_at: float | None = None,
+    causal_offset: int = 0,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row ``(entropy, max_logit, n_keys)`` ``[B, H, Nsel]`` (fp32, fp32, int64); inputs already validated.
 
-    ``masked_at``: additive mask entries at or below it block their key (as the torch path's ``masked_at``)."""
+    ``masked_at``: additive mask entries at or below it block their key (as the torch path's ``masked_at``).
+    ``causal_offset``: query ``i`` stands at key position ``i + causal_offset`` for ``is_causal`` and ``window``
+    (0: SDPA's top-left alignment; ``Nk - Nq``: flash attention's bottom-right). ``window`` (>= 1): only keys ``j``
+    with ``|position - j| < window``. Both combine with ``attn_mask`` (the capture's rules for flash-style calls)."""
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     n_sel = n_q if query_index is None else query_index.numel()
@@ -300,8 +388,10 @@ def attention_rows_triton(
         q, k, mask, qidx, entropy, max_logit, n_keys,
         *q.stride(), *k.stride(), *mask_strides,
         heads, n_q, n_sel, n_k, head_dim, heads // kv_heads, scale * LOG2E, mask_min,
+        int(causal_offset), 0 if window is None else int(window),
         MASK_KIND=mask_kind,
         IS_CAUSAL=is_causal,
+        HAS_WINDOW=window is not None,
         HAS_QUERY_INDEX=query_index is not None,
         NEGATIVE_SCALE=scale < 0,
         EVEN_D=block_d == head_dim,
@@ -331,7 +421,7 @@ def _signature(dtype: str, mask_type: str) -> dict[str, str]:
         "stride_qb", "stride_qh", "stride_qn",
         "stride_kb", "stride_kh", "stride_kn",
         "stride_mb", "stride_mh", "stride_mq", "stride_mk",
-        "heads", "n_q", "n_sel", "n_k", "head_dim", "group",
+        "heads", "n_q", "n_sel", "n_k", "head_dim", "group", "causal_offset", "window",
     ]  # fmt: skip
     signature = {"Q": f"*{dtype}", "K": f"*{dtype}", "MASK": f"*{mask_type}", "QIDX": "*i32"}
     signature.update({"ENTROPY": "*fp32", "MAX_LOGIT": "*fp32", "N_KEYS": "*i32"})
@@ -340,17 +430,24 @@ def _signature(dtype: str, mask_type: str) -> dict[str, str]:
     return signature
 
 
-def _loop_shares(config: TileConfig, n: int, is_causal: bool, rows: list[int] | None = None) -> tuple[float, float]:
+def _loop_shares(
+    config: TileConfig, n: int, is_causal: bool, rows: list[int] | None = None, window: int | None = None
+) -> tuple[float, float]:
     """Share of key tiles that the unmasked and the masked loop take over all row tiles, for ``n`` queries and keys
-    (or the query positions ``rows``), as the kernel splits them."""
+    (or the query positions ``rows``) and an optional window, as the kernel splits them."""
     positions = rows if rows is not None else list(range(n))
+    bn = config.block_n
     full = masked = 0
     for first_row in range(0, len(positions), config.block_m):
         tile = positions[first_row : first_row + config.block_m]
-        stop = min(n, max(tile) + 1) if is_causal else n
-        full_end = (min(n, min(tile) + 1) if is_causal else n) // config.block_n * config.block_n
-        full += full_end // config.block_n
-        masked += -(-(stop - full_end) // config.block_n)
+        starts = [max(p - window + 1, 0) if window else 0 for p in tile]
+        ends = [min(n, p + 1 if is_causal else n, p + window if window else n) for p in tile]
+        lo, stop = min(starts) // bn * bn, max(ends)
+        full_start, full_end = -(-max(starts) // bn) * bn, min(ends) // bn * bn
+        if full_end <= full_start:
+            full_start = full_end = lo
+        full += (full_end - full_start) // bn
+        masked += (full_start - lo) // bn + -(-(stop - full_end) // bn)
     return full / (full + masked), masked / (full + masked)
 
 
@@ -363,26 +460,29 @@ def variants() -> list:
     from geomon.kernels._variants import Variant
 
     torch_types = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    cells = [  # (dtype, head dim, causal, mask kind, query index)
-        ("bf16", 64, False, 0, False),
-        ("bf16", 64, True, 0, False),
-        ("bf16", 128, False, 0, False),
-        ("bf16", 128, True, 0, False),
-        ("fp16", 64, True, 0, False),
-        ("fp32", 64, False, 0, False),
-        ("fp32", 128, True, 0, False),
-        ("bf16", 64, False, 1, False),
-        ("bf16", 64, False, 2, False),
-        ("bf16", 64, True, 0, True),
+    cells = [  # (dtype, head dim, causal, mask kind, query index, window)
+        ("bf16", 64, False, 0, False, None),
+        ("bf16", 64, True, 0, False, None),
+        ("bf16", 128, False, 0, False, None),
+        ("bf16", 128, True, 0, False, None),
+        ("fp16", 64, True, 0, False, None),
+        ("fp32", 64, False, 0, False, None),
+        ("fp32", 128, True, 0, False, None),
+        ("bf16", 64, False, 1, False, None),
+        ("bf16", 64, False, 2, False, None),
+        ("bf16", 64, True, 0, True, None),
+        ("bf16", 64, True, 1, True, None),  # a flash-style call: key padding + causal rule, sampled queries
+        ("bf16", 64, True, 0, False, 1024),  # a sliding window (Mistral-style local attention)
     ]
     n = 4096
     out = []
-    for dtype, head_dim, is_causal, mask_kind, has_index in cells:
+    for dtype, head_dim, is_causal, mask_kind, has_index, window in cells:
         config = tile_config(torch_types[dtype], head_dim, is_causal, masked=mask_kind != 0)
         rows = [i * n // 256 for i in range(256)] if has_index else None
-        shares = _loop_shares(config, n, is_causal, rows) if mask_kind == 0 else (1.0,)
+        shares = _loop_shares(config, n, is_causal, rows, window) if mask_kind == 0 else (1.0,)
         name = f"{dtype} d{head_dim} {'causal' if is_causal else 'non-causal'}"
         name += {0: "", 1: " bool mask", 2: " additive mask"}[mask_kind] + (" query_index" if has_index else "")
+        name += f" window {window}" if window else ""
         signature = _signature(dtype, {0: dtype, 1: "u8", 2: dtype}[mask_kind])
         unit_strides = {"stride_qd": 1, "stride_kd": 1}
         if mask_kind:  # a contiguous or key-padding mask: unit stride along the keys
@@ -399,6 +499,7 @@ def variants() -> list:
                     **unit_strides,
                     "MASK_KIND": mask_kind,
                     "IS_CAUSAL": is_causal,
+                    "HAS_WINDOW": window is not None,
                     "HAS_QUERY_INDEX": has_index,
                     "NEGATIVE_SCALE": False,
                     "EVEN_D": True,
@@ -413,13 +514,15 @@ def variants() -> list:
                 num_stages=config.num_stages,
                 work_per_iteration=tile_scores,
                 unit="score",
-                budget=_budget(dtype, is_causal, mask_kind, has_index),
+                budget=_budget(dtype, is_causal, mask_kind, has_index, window),
                 flops_per_iteration=2.0 * tile_scores * head_dim,
                 bytes_per_iteration=float(config.block_n * head_dim * torch_types[dtype].itemsize),
                 exp2_per_iteration=float(tile_scores + config.block_m),
                 divisible_by_16=tuple(a for a in signature if a.startswith("stride") or a in _MULTIPLES_OF_16),
                 loop_shares=shares,
-                reference=f"N = {n}" + (", 256 queries" if has_index else ""),
+                reference=f"N = {n}"
+                + (", 256 queries" if has_index else "")
+                + (f", window {window}" if window else ""),
                 dot_type="tf32" if dtype == "fp32" else dtype,
             )
         )
@@ -429,17 +532,18 @@ def variants() -> list:
 _MULTIPLES_OF_16 = ("n_q", "n_sel", "n_k", "head_dim")
 
 
-def _budget(dtype: str, is_causal: bool, mask_kind: int, has_index: bool) -> dict[str, float]:
+def _budget(dtype: str, is_causal: bool, mask_kind: int, has_index: bool, window: int | None) -> dict[str, float]:
     """sm_90a thread instructions per score CI allows: the issue's 12 / 16 for the bf16 unmasked launches; the masked
     launches and the subsampled causal one (the default on a GPU) below what they took before the masked loop was
-    reworked (22.5 boolean, 30.1 additive, 14.5 with query_index), with headroom for compiler drift."""
+    reworked (22.5 boolean, 30.1 additive, 14.5 with query_index), with headroom for compiler drift; a sliding window
+    (8.7 when first compiled) as an unmasked causal launch."""
     budget = {"spills": 0}
     if dtype != "bf16":
         return budget
-    if has_index:
-        budget["instructions_per_unit"] = 12
-    elif mask_kind == 0:
-        budget["instructions_per_unit"] = 16 if is_causal else 12
-    else:
+    if mask_kind:
         budget["instructions_per_unit"] = {1: 21, 2: 27}[mask_kind]
+    elif has_index or window:
+        budget["instructions_per_unit"] = 12
+    else:
+        budget["instructions_per_unit"] = 16 if is_causal else 12
     return budget

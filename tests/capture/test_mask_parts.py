@@ -13,8 +13,8 @@ from tests.capture._reference import softmax_rows
 H, DH = 2, 4
 
 
-def _rows(q, k, **kwargs):
-    return attention_entropy(q, k, backend="torch", return_n_keys=True, **kwargs)
+def _rows(q, k, backend="torch", **kwargs):
+    return attention_entropy(q, k, backend=backend, return_n_keys=True, **kwargs)
 
 
 def _check(q, k, allowed, rows=None, additive=None, **kwargs):
@@ -32,8 +32,9 @@ def _check(q, k, allowed, rows=None, additive=None, **kwargs):
 
 @pytest.mark.parametrize("n_q", [3, 7])
 @pytest.mark.parametrize("window", [None, 2])
-@pytest.mark.parametrize("chunk_size", [2, None])
-def test_bottom_right_rule_with_key_padding_and_dropped_rows(n_q, window, chunk_size):
+@pytest.mark.parametrize(("chunk_size", "backend"), [(2, "torch"), (None, "torch"), (None, "triton")])
+def test_bottom_right_rule_with_key_padding_and_dropped_rows(n_q, window, chunk_size, backend):
+    # the kernel takes the rule as a key range per row (causal offset Nk - Nq, window) with the key padding mask
     n_k, gen = 7, torch.Generator().manual_seed(n_q)
     q, k = torch.randn(2, H, n_q, DH, generator=gen), torch.randn(2, 1, n_k, DH, generator=gen)
     tokens = torch.ones(2, n_k, dtype=torch.bool)
@@ -46,10 +47,11 @@ def test_bottom_right_rule_with_key_padding_and_dropped_rows(n_q, window, chunk_
     allowed = rule[None, None] & tokens[:, None, None, :] & ~dropped[:, None, :, None]
     pattern = AlignedRule(n_q, n_k, True, window, None)
     key_mask = tokens[:, None, None, :]
-    _check(q, k, allowed, attn_mask=key_mask, chunk_size=chunk_size, _pattern=pattern, _query_padding=dropped)
+    _check(q, k, allowed, attn_mask=key_mask, chunk_size=chunk_size, _pattern=pattern, _query_padding=dropped,
+           backend=backend)  # fmt: skip
     index = torch.tensor([n_q - 1, 0, 1])
     _check(q, k, allowed, index, attn_mask=key_mask, chunk_size=chunk_size, query_index=index, _pattern=pattern,
-           _query_padding=dropped)  # fmt: skip
+           _query_padding=dropped, backend=backend)  # fmt: skip
 
 
 def test_packed_sequences_rule():
@@ -58,6 +60,8 @@ def test_packed_sequences_rule():
     segments = torch.tensor([1, 1, 1, 2, 2, 3])
     allowed = (segments[:, None] == segments[None, :]) & torch.ones(6, 6, dtype=torch.bool).tril()
     _check(q, k, allowed[None, None], chunk_size=4, _pattern=AlignedRule(6, 6, True, None, segments))
+    with pytest.raises(RuntimeError, match="other than a key range"):  # packed sequences stay on the torch path
+        _rows(q, k, backend="triton", _pattern=AlignedRule(6, 6, True, None, segments))
 
 
 @pytest.mark.parametrize("extra", [0, 2])

@@ -177,14 +177,19 @@ def test_mixed_dtypes_run_on_the_torch_path():
 
 
 # --- the unmasked / masked key loops: boundaries, against an explicit float64 softmax ---------------------------
-def _explicit(q, k, scale, is_causal=False, attn_mask=None, query_index=None):
-    """Entropy, max logit and key count per row from the full float64 score matrix and torch's softmax."""
+def _explicit(q, k, scale, is_causal=False, attn_mask=None, query_index=None, causal_offset=0, window=None):
+    """Entropy, max logit and key count per row from the full float64 score matrix and torch's softmax (query ``i``
+    at key position ``i + causal_offset`` for the causal rule and the window ``|position - j| < window``)."""
     q64, k64 = q.double().cpu(), k.double().cpu().repeat_interleave(q.shape[1] // k.shape[1], 1)
     scores = scale * q64 @ k64.transpose(-1, -2)
     n_q, n_k = scores.shape[-2:]
     allowed = torch.ones_like(scores, dtype=torch.bool)
+    position = torch.arange(n_q)[:, None] + causal_offset
+    key = torch.arange(n_k)[None, :]
     if is_causal:
-        allowed = allowed & torch.ones(n_q, n_k, dtype=torch.bool).tril()
+        allowed = allowed & (key <= position)
+    if window is not None:
+        allowed = allowed & ((position - key).abs() < window)
     if attn_mask is not None:
         mask = attn_mask.cpu()
         if mask.dtype == torch.bool:
@@ -205,7 +210,7 @@ def _explicit(q, k, scale, is_causal=False, attn_mask=None, query_index=None):
 def _against_explicit(q, k, *, scale=0.5, block_m=BLOCK, block_n=BLOCK, atol=2e-5, **kwargs):
     entropy, max_logit, n_keys = attention_rows_triton(
         q, k, scale, kwargs.get("is_causal", False), kwargs.get("attn_mask"), kwargs.get("query_index"),
-        block_m=block_m, block_n=block_n,
+        block_m=block_m, block_n=block_n, causal_offset=kwargs.get("causal_offset", 0), window=kwargs.get("window"),
     )  # fmt: skip
     ref_entropy, ref_max, ref_n = _explicit(q, k, scale, **kwargs)
     assert torch.equal(n_keys.cpu(), ref_n)
@@ -348,3 +353,48 @@ def test_additive_values_far_below_the_logits_stay_allowed_keys():
     torch.testing.assert_close(entropy.double().cpu(), ref_entropy, atol=5e-5, rtol=0)
     torch.testing.assert_close(max_logit.double().cpu(), ref_max, rtol=1e-6, atol=5e-5)
     assert float(entropy[0, 0, 1]) == pytest.approx(math.log(2 * BLOCK + 2), abs=1e-5)
+
+
+# --- key ranges: flash attention's bottom-right causal rule, sliding windows, masks combined with either -------------
+@pytest.mark.parametrize(
+    ("n_q", "n_k"), [(BLOCK + 3, 4 * BLOCK + 5), (3 * BLOCK + 2, 3 * BLOCK + 2), (4 * BLOCK, 2 * BLOCK + 1)]
+)
+@pytest.mark.parametrize(("block_m", "block_n"), [(BLOCK, BLOCK), (2 * BLOCK, BLOCK)])
+def test_bottom_right_causal_alignment(n_q, n_k, block_m, block_n):
+    # query i stands at key position i + Nk - Nq: with Nq > Nk the first rows see no key at all (NaN, 0 keys)
+    q, k = _qk(1, 2, 1, n_q, n_k, 16, seed=n_q + n_k)
+    offset = n_k - n_q
+    _against_explicit(q, k, is_causal=True, causal_offset=offset, block_m=block_m, block_n=block_n)
+    index = torch.tensor([n_q - 1, 0, n_q // 2, BLOCK, BLOCK - 1], device=DEVICE)
+    _against_explicit(q, k, is_causal=True, causal_offset=offset, query_index=index)
+
+
+@pytest.mark.parametrize("window", [1, 3, BLOCK, BLOCK + 5, 3 * BLOCK])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sliding_windows_cut_both_ends_of_each_row(window, is_causal):
+    # tiles before the window, inside it in full (unmasked loop) and across its edges (masked loop, both sides)
+    n = 5 * BLOCK + 3
+    q, k = _qk(1, 2, 2, n, n, 16, seed=window)
+    _against_explicit(q, k, is_causal=is_causal, window=window)
+    _against_explicit(q, k, is_causal=is_causal, window=window, block_m=2 * BLOCK, block_n=BLOCK)
+    index = torch.tensor([n - 1, 0, 2 * BLOCK + 1, 4 * BLOCK, 7], device=DEVICE)
+    _against_explicit(q, k, is_causal=is_causal, window=window, query_index=index)
+    _against_explicit(q, k, is_causal=is_causal, window=window, causal_offset=-BLOCK)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize(("window", "offset"), [(None, 0), (None, 9), (2 * BLOCK, 0), (BLOCK + 1, 5)])
+def test_masks_combine_with_the_causal_rule_and_windows(kind, window, offset):
+    # flash-style calls: a [B, 1, 1, Nk] key padding (left and right padded sequences) with the causal rule
+    b, h, n_q = 2, 2, 3 * BLOCK + 1
+    n_k = n_q + offset
+    q, k = _qk(b, h, 1, n_q, n_k, 16, seed=offset + 1)
+    tokens = torch.ones(b, 1, 1, n_k, dtype=torch.bool)
+    tokens[0, ..., : BLOCK + 2] = False  # left padding
+    tokens[1, ..., 2 * BLOCK :] = False  # right padding
+    mask = tokens if kind == "bool" else torch.zeros(tokens.shape).masked_fill(~tokens, -math.inf)
+    _against_explicit(q, k, attn_mask=mask.to(DEVICE), is_causal=True, causal_offset=offset, window=window)
+    index = torch.tensor([n_q - 1, 0, BLOCK + 1, 2 * BLOCK], device=DEVICE)
+    kwargs = {"attn_mask": mask.to(DEVICE), "causal_offset": offset, "window": window, "query_index": index}
+    _against_explicit(q, k, is_causal=True, **kwargs)
+    _against_explicit(q, k, is_causal=False, **kwargs)
