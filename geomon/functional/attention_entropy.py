@@ -208,14 +208,16 @@ def _attention_rows(
     The attention capture's padding rule, kept out of the ``Nq x Nk`` mask: ``masked_at`` (additive entries at or
     below it block their key), ``query_padding`` (``[B, Nq]`` boolean: those query rows count as having no key: NaN,
     ``n_keys`` 0) and ``pattern`` (a :data:`MaskPattern`, applied with ``attn_mask``; on the torch path, unless it
-    is a per-row key range that the kernel applies itself: see :func:`_key_range`)."""
+    is a per-row key range (its ``key_range``) that the kernel applies itself)."""
     _validate(q, k, scale, is_causal, attn_mask, query_index)
     _validate_padding(q, is_causal, masked_at, query_padding, pattern)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     unsupported = None
-    key_range = None if pattern is None else _key_range(pattern)
+    # a pattern that is one key range per row, (causal, offset, window): query i at key position i + offset, keys up
+    # to it when causal, within window of it; the kernel applies it itself (AlignedRule without packed sequences)
+    key_range = getattr(pattern, "key_range", None)
     if q.dtype == torch.float64 or k.dtype == torch.float64:
         unsupported = "float64 inputs are computed by the torch path only"
     elif q.dtype != k.dtype:
@@ -237,18 +239,6 @@ def _attention_rows(
         with autocast_off(q.device):  # float32 scores even inside the model's autocast region
             rows = _attention_rows_torch(q, k, scale, is_causal, attn_mask, chunk_size, query_index, masked_at, pattern)
     return rows if query_padding is None else _drop_rows(rows, query_padding, query_index)
-
-
-def _key_range(pattern: MaskPattern) -> tuple[bool, int, int | None] | None:
-    """``(causal, offset, window)`` of a pattern that is one key range per row (query ``i`` at key position
-    ``i + offset``; causal: keys up to it; window: keys within ``window`` of it), which the kernel applies itself."""
-    rule = getattr(pattern, "key_range", None)
-    if rule is None:
-        return None
-    causal, offset, window = rule
-    if not isinstance(offset, int) or (window is not None and (not isinstance(window, int) or window < 1)):
-        raise ValueError(f"a pattern's key_range must be (causal, int offset, int window >= 1 or None), got {rule!r}")
-    return bool(causal), offset, window
 
 
 def _validate_padding(
