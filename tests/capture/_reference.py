@@ -39,10 +39,11 @@ def entropy_of(weights: Tensor) -> Tensor:
     return -torch.special.xlogy(weights, weights).sum(-1)
 
 
-def rows_of(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
-    """``(entropy, max_logit, n_keys)`` per row, by geomon's functional from a captured call (torch backend)."""
+def rows_of(call: AttentionCall, backend: str = "torch") -> tuple[Tensor, Tensor, Tensor]:
+    """``(entropy, max_logit, n_keys)`` per row, by geomon's functional from a captured call (torch backend, or the
+    kernel: interpreted on the CPU)."""
     return attention_entropy(
-        call.q, call.k, scale=call.scale, backend="torch", return_n_keys=True, **call.mask_arguments()
+        call.q, call.k, scale=call.scale, backend=backend, return_n_keys=True, **call.mask_arguments()
     )
 
 

@@ -134,12 +134,16 @@ def test_each_layer_once_with_the_entropy_of_the_eager_probabilities(name, imple
     rows = tokens[:, None, :]
     causal = name != "bert"
     for call, weights in zip(calls, reference.attentions, strict=True):
-        entropy, _, n_keys = rows_of(call)
-        assert_rows_close(entropy, entropy_of(weights), rows)
-        position = torch.arange(9)
-        expected_keys = torch.minimum(position + 1, tokens.sum(1, keepdim=True)) if causal else tokens.sum(1)[:, None]
-        assert_rows_close(n_keys[:, 0].double(), expected_keys.expand(3, 9).double(), rows[:, 0])
-        assert entropy[~rows.expand_as(entropy)].isnan().all()
+        # the torch path, and the kernel as CUDA would run it (flash-style rules as per-row key ranges)
+        for backend in ("torch", "triton"):
+            entropy, _, n_keys = rows_of(call, backend)
+            assert_rows_close(entropy, entropy_of(weights), rows)
+            position = torch.arange(9)
+            expected_keys = (
+                torch.minimum(position + 1, tokens.sum(1, keepdim=True)) if causal else tokens.sum(1)[:, None]
+            )
+            assert_rows_close(n_keys[:, 0].double(), expected_keys.expand(3, 9).double(), rows[:, 0])
+            assert entropy[~rows.expand_as(entropy)].isnan().all()
         if name == "llama" and (implementation in ("eager", VARLEN) or (implementation == "sdpa" and not padded)):
             assert call.k.shape[1] == 2 < call.q.shape[1] == 4  # grouped-query layout as the model used it
 
