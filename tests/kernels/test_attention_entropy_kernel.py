@@ -398,3 +398,109 @@ def test_masks_combine_with_the_causal_rule_and_windows(kind, window, offset):
     kwargs = {"attn_mask": mask.to(DEVICE), "causal_offset": offset, "window": window, "query_index": index}
     _against_explicit(q, k, is_causal=True, **kwargs)
     _against_explicit(q, k, is_causal=False, **kwargs)
+
+
+# --- key masks ([B, 1, 1, Nk], the same row for every query): read once per key, in the unmasked loop too ----------
+def _key_mask(kind, b, n_k):
+    """Left padding (whole tiles blocked), scattered blocked keys inside full tiles, a batch with no key (bool) or
+    with only finite keys far below the logits (additive: -5e37; the kernel holds entries below -5.9e37 there)."""
+    tokens = torch.ones(b, 1, 1, n_k, dtype=torch.bool)
+    tokens[0, ..., : 2 * BLOCK + 3] = False
+    tokens[1, ..., ::3] = False
+    tokens[1, ..., -1] = False
+    if kind == "bool":
+        tokens[2] = False
+        return tokens.to(DEVICE)
+    bias = (torch.randn(b, 1, 1, n_k, generator=torch.Generator().manual_seed(7)) * 3).masked_fill(~tokens, -math.inf)
+    bias[2] = -5.0e37
+    bias[2, ..., 5] = -1e30
+    return bias.to(DEVICE)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("scale", [0.5, -0.7, 40.0])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_key_masks_on_the_unmasked_and_the_masked_loop(kind, scale, is_causal):
+    b, h, n_q, n_k = 3, 2, 3 * BLOCK + 5, 4 * BLOCK + 3
+    q, k = _qk(b, h, 1, n_q, n_k, 16, seed=13)
+    mask = _key_mask(kind, b, n_k)
+    assert mask.expand(b, h, n_q, n_k).stride(2) == 0
+    _against_explicit(q, k, scale=scale, attn_mask=mask, is_causal=is_causal, atol=5e-5)
+    _against_explicit(q, k, scale=scale, attn_mask=mask, is_causal=is_causal, block_m=2 * BLOCK, atol=5e-5)
+    index = torch.tensor([n_q - 1, 0, 5, BLOCK, 2 * BLOCK + 1], device=DEVICE)
+    _against_explicit(q, k, scale=scale, attn_mask=mask, is_causal=is_causal, query_index=index, atol=5e-5)
+    # the same mask written out per query takes the per-score path and gives the same rows
+    per_query = mask.expand(b, 1, n_q, n_k).contiguous()
+    _against_explicit(q, k, scale=scale, attn_mask=per_query, is_causal=is_causal, atol=5e-5)
+
+
+def test_key_masks_leave_out_of_range_query_rows_keyless():
+    # rows that are not live still pass through the unmasked loop of a key mask: their count is zeroed at the end
+    q, k = _qk(2, 2, 2, 3 * BLOCK, 3 * BLOCK, 16, seed=14)
+    mask = torch.ones(2, 1, 1, 3 * BLOCK, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., 4:] = False
+    index = torch.tensor([3, 3 * BLOCK, -1, 2 * BLOCK], device=DEVICE)
+    for is_causal in (False, True):
+        entropy, max_logit, n_keys = attention_rows_triton(
+            q, k, 0.5, is_causal, mask, index, block_m=BLOCK, block_n=BLOCK
+        )
+        assert n_keys[..., 1:3].eq(0).all() and entropy[..., 1:3].isnan().all() and max_logit[..., 1:3].isnan().all()
+        live = index[[0, 3]]
+        ref_entropy, ref_max, ref_n = _explicit(q, k, 0.5, is_causal=is_causal, attn_mask=mask, query_index=live)
+        assert torch.equal(n_keys[..., [0, 3]].cpu(), ref_n)
+        torch.testing.assert_close(entropy[..., [0, 3]].double().cpu(), ref_entropy, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(max_logit[..., [0, 3]].double().cpu(), ref_max, atol=2e-5, rtol=1e-5)
+
+
+def test_key_padding_on_the_default_tiles():
+    # the launcher's own tiles (128 wide for a key mask, as unmasked): several full key tiles, then a partial one
+    q, k = _qk(2, 2, 1, 150, 300, 64, seed=15)
+    mask = torch.ones(2, 1, 1, 300, dtype=torch.bool, device=DEVICE)
+    mask[0, ..., 200:] = False
+    mask[1, ..., :131] = False
+    for is_causal in (False, True):
+        entropy, max_logit, n_keys = attention_rows_triton(
+            q, k, 0.125, is_causal, mask, None, causal_offset=150 if is_causal else 0
+        )
+        offset = 150 if is_causal else 0
+        ref_entropy, ref_max, ref_n = _explicit(q, k, 0.125, is_causal=is_causal, attn_mask=mask, causal_offset=offset)
+        assert torch.equal(n_keys.cpu(), ref_n)
+        torch.testing.assert_close(entropy.double().cpu(), ref_entropy, atol=2e-5, rtol=1e-5, equal_nan=True)
+        torch.testing.assert_close(max_logit.double().cpu(), ref_max, atol=2e-5, rtol=1e-6, equal_nan=True)
+
+
+def test_the_launcher_reads_a_mask_per_key_only_when_it_is_the_same_for_every_query(monkeypatch):
+    launches = []
+    kernel = kernel_module._attention_entropy_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((kwargs["MASK_KIND"], kwargs["BLOCK_M"]))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernel_module, "_attention_entropy_kernel", Spy())
+    q, k = _qk(2, 2, 2, 5, 9, 16)
+    padding = torch.ones(2, 1, 1, 9, dtype=torch.bool, device=DEVICE)
+    additive = torch.zeros(1, 9, device=DEVICE)
+    masks = [padding, padding.expand(2, 2, 5, 9), additive, padding.expand(2, 1, 5, 9).contiguous(), None]
+    for mask in masks:
+        attention_rows_triton(q, k, 0.5, False, mask, None)
+    attention_rows_triton(q[:, :, :1], k, 0.5, False, torch.ones(1, 1, 9, dtype=torch.bool, device=DEVICE), None)
+    masked = kernel_module.tile_config(torch.float32, 16, False, masked=True).block_m
+    unmasked = kernel_module.tile_config(torch.float32, 16, False).block_m
+    # per key (3), per score (1), none (0); one query reads any mask per key
+    assert launches == [(3, unmasked), (3, unmasked), (3, unmasked), (1, masked), (0, unmasked), (3, unmasked)]
+
+
+def test_key_mask_entries_below_the_floor_are_held_at_it():
+    # documented: an allowed additive entry below -5.9e37 counts as -5.9e37 (base-2 float32 headroom); only a row
+    # whose every key is that low shows it, in its max logit - its entropy is that of near-equal logits as in fp64
+    q, k = _qk(1, 1, 1, 3, 20, 16, seed=16)
+    bias = torch.full((1, 1, 1, 20), -3.0e38, device=DEVICE)
+    entropy, max_logit, n_keys = attention_rows_triton(q, k, 0.5, False, bias, None, block_m=BLOCK, block_n=BLOCK)
+    assert n_keys.flatten().tolist() == [20, 20, 20]
+    torch.testing.assert_close(entropy.cpu(), torch.full((1, 1, 3), math.log(20)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(max_logit.cpu(), torch.full((1, 1, 3), kernel_module.KEY_FLOOR * math.log(2)))
