@@ -3,9 +3,9 @@
 A :class:`MaskPattern` is called by the metric's torch path with the query rows it measures and one key chunk
 ``[start, stop)``, and returns that block of the mask (SDPA semantics: boolean True = may attend, or additive),
 broadcastable to ``[B, H, Nsel, stop - start]``. The fused kernel reads stored masks and per-row key ranges: a
-pattern that is only a key range (:class:`AlignedRule` without packed sequences: bottom-right causal, sliding
-windows) says so in ``key_range`` and goes to the kernel; a call carrying any other pattern is measured by the torch
-path (on CUDA too): memory stays ``O(B·H·Nsel·chunk)``.
+pattern that is only a key range (:class:`AlignedRule`: bottom-right causal, sliding windows, packed sequences) says
+so in ``key_range`` and goes to the kernel; a call carrying any other pattern is measured by the torch path (on CUDA
+too): memory stays ``O(B·H·Nsel·chunk)``.
 """
 
 from __future__ import annotations
@@ -29,14 +29,19 @@ class MaskPattern:
 
 class AlignedRule(MaskPattern):
     """Flash attention's causal rule aligned bottom-right (query ``i`` is position ``i + Nk - Nq``), a sliding window
-    (``|position - j| < window``), and packed sequences (``segments [Nk]``: a query sees its own segment only)."""
+    (``|position - j| < window``), and packed sequences (``segments [Nk]``: a query sees its own segment only; ids
+    non-decreasing along the keys, so that each segment is one run of keys, as ``cumsum(position_ids == 0)`` is)."""
 
     def __init__(self, n_q: int, n_k: int, causal: bool, window: int | None, segments: Tensor | None) -> None:
         self.offset, self.causal, self.window, self.segments = n_k - n_q, causal, window, segments
-        #: Without packed sequences each row's keys are one range, which the fused kernel takes as it is:
-        #: ``(causal, query i's key position minus i, window)``; None sends the call to the torch path.
-        plain = segments is None and (window is None or window >= 1)
-        self.key_range = (causal, self.offset, window) if plain else None
+        #: Each row's keys are one range, which the fused kernel takes as it is: ``(causal, query i's key position
+        #: minus i, window, bounds)``, ``bounds`` ``[2, Nk]`` int32 the first and one past the last key of each key
+        #: position's segment (None without packed sequences); None sends the call to the torch path.
+        self.key_range = None
+        if window is None or window >= 1:
+            bounds = None if segments is None else _segment_bounds(segments)
+            if segments is None or (n_q == n_k == segments.numel()):
+                self.key_range = (causal, self.offset, window, bounds)
 
     def __call__(self, positions: Tensor, start: int, stop: int) -> Tensor:
         rows = positions[:, None] + self.offset
@@ -49,6 +54,15 @@ class AlignedRule(MaskPattern):
         if self.segments is not None:
             allowed &= self.segments[rows] == self.segments[start:stop][None, :]
         return allowed
+
+
+def _segment_bounds(segments: Tensor) -> Tensor:
+    """``[2, N]`` int32: for each position, the first position of its segment and one past its last (ids
+    non-decreasing); on the segments' device, no host sync."""
+    ids = segments.reshape(-1).contiguous()
+    first = torch.searchsorted(ids, ids, right=False, out_int32=True)
+    end = torch.searchsorted(ids, ids, right=True, out_int32=True)
+    return torch.stack([first, end])
 
 
 class ModuleMasks(MaskPattern):

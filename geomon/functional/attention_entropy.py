@@ -215,8 +215,8 @@ def _attention_rows(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     unsupported = None
-    # a pattern that is one key range per row, (causal, offset, window): query i at key position i + offset, keys up
-    # to it when causal, within window of it; the kernel applies it itself (AlignedRule without packed sequences)
+    # a pattern that is one key range per row, (causal, offset, window, bounds): query i at key position i + offset,
+    # keys up to it when causal, within window of it, inside its packed sequence; the kernel applies it itself
     key_range = getattr(pattern, "key_range", None)
     if q.dtype == torch.float64 or k.dtype == torch.float64:
         unsupported = "float64 inputs are computed by the torch path only"
@@ -231,10 +231,11 @@ def _attention_rows(
     if choose_backend(backend, "attention_entropy", q, k, attn_mask, unsupported=unsupported) == "triton":
         from geomon.kernels.attention_entropy import attention_rows_triton
 
-        causal, offset, window = (is_causal, 0, None) if key_range is None else key_range
+        causal, offset, window, bounds = (is_causal, 0, None, None) if key_range is None else key_range
         rows = attention_rows_triton(
-            q, k, scale, causal, attn_mask, query_index, masked_at=masked_at, causal_offset=offset, window=window
-        )
+            q, k, scale, causal, attn_mask, query_index, masked_at=masked_at, causal_offset=offset, window=window,
+            key_bounds=bounds,
+        )  # fmt: skip
     else:
         with autocast_off(q.device):  # float32 scores even inside the model's autocast region
             rows = _attention_rows_torch(q, k, scale, is_causal, attn_mask, chunk_size, query_index, masked_at, pattern)

@@ -9,22 +9,24 @@ True = may attend; float: added, with ``-inf`` and the dtype's most negative val
 causal alignment, grouped-query heads (query head ``h`` reads key head ``h // (H / Hk)``, K is never copied),
 arbitrary strides, NaN for rows with no allowed key, optional query subsampling (``query_index``). Beyond SDPA, for
 the capture's flash-style rules: the causal rule at an offset (query ``i`` at key position ``i + causal_offset``;
-``Nk - Nq`` is flash's bottom-right alignment), a sliding window (``|position - j| < window``), and either combined
-with a mask. Each row's allowed keys before the mask are one range ``[key_start, key_end)``; per query tile the
-tiles outside the union of the rows' ranges are never read.
+``Nk - Nq`` is flash's bottom-right alignment), a sliding window (``|position - j| < window``), packed sequences
+(``key_bounds``: each key position's own run of keys), and any of them combined with a mask. Each row's allowed
+keys before the mask are one range ``[key_start, key_end)``; per query tile the tiles outside the union of the
+rows' ranges are never read. A mask with one row for every query (key padding) is read per key: a bias and a
+running key count built by the launcher (see ``_key_operand``), so its tiles stay on the unmasked loop.
 
 Two key loops. Tiles that every live row of the query tile attends to in full (inside every live row's range, no
 ``attn_mask``) go through an unmasked loop: no per-score mask, the scale folded into the one FFMA that centres the
 score (``s·scale·log₂e - m'``), the tile max taken on the raw products, and ``t`` accumulated with one FFMA per
 score; without a mask the key count is analytic (``key_end - key_start``), not summed per score. The rest (the
 diagonal and window edges, partial tiles, every tile of a masked launch) go through a masked loop, which keeps the
-per-score work to one compare or mask read and one select: each row's range (liveness, ``Nk``, the causal diagonal
-and the window in two numbers), a boolean mask read as bytes, an additive one turned into a base-2 bias (``-inf``
-where blocked) before it meets the scores, and the centred score clamped at -200 so that a blocked key's weight and
-tilted term are exactly 0 without a second select. Key tiles are addressed by one 64-bit base pointer advanced per
-tile plus 32-bit in-tile offsets. Tiles, warps and stages per (dtype, head dim, causal) come from :data:`CONFIGS`,
-picked with the static report (``benchmarks/kernel_report.py``); :func:`variants` lists what ``auto`` dispatches,
-for that report and the CI budgets in ``tests/kernels/test_sass_budgets.py``.
+per-score work to one compare or mask read and one select: each row's range (liveness, ``Nk``, the causal diagonal,
+the window and the packed sequence in two numbers), a boolean mask read as bytes, an additive one turned into a
+base-2 bias (``-inf`` where blocked) before it meets the scores, and the centred score clamped at -200 so that a
+blocked key's weight and tilted term are exactly 0 without a second select. Key tiles are addressed by one 64-bit
+base pointer advanced per tile plus 32-bit in-tile offsets. Tiles, warps and stages per (dtype, head dim, causal)
+come from :data:`CONFIGS`, picked with the static report (``benchmarks/kernel_report.py``); :func:`variants` lists
+what ``auto`` dispatches, for that report and the CI budgets in ``tests/kernels/test_sass_budgets.py``.
 
 Cost per (batch, head): ``2 · Nsel · Nk · Dh`` FLOPs on tensor cores for ``QKᵀ`` (about half of that with
 ``is_causal``, whose tiles above the diagonal are skipped) plus one exp2 (MUFU) and ~4 FMA/FADD/FMNMX per score;
@@ -54,13 +56,18 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _window_range(position, live, n_k, window, IS_CAUSAL: tl.constexpr):
-    """Each row's allowed keys ``[key_start, key_end)`` under a window, before any mask: inside ``Nk``, up to its
-    position when causal, within ``window`` of it; empty for a row that is not live or sees nothing."""
+def _row_range(position, live, n_k, window, bounds, IS_CAUSAL: tl.constexpr, HAS_BOUNDS: tl.constexpr):
+    """Each row's allowed keys ``[key_start, key_end)``, before any mask: inside ``Nk``, up to its position when
+    causal, within ``window`` of it, and with ``HAS_BOUNDS`` inside its own packed sequence (``bounds`` ``[2, Nk]``:
+    the first key of position ``p``'s sequence, then one past its last); empty for a row not live or seeing nothing."""
     key_end = tl.minimum(tl.where(live, n_k, 0), position + window)
     if IS_CAUSAL:
         key_end = tl.minimum(key_end, position + 1)
     key_start = tl.maximum(position - window + 1, 0)
+    if HAS_BOUNDS:  # a position outside the keys has no sequence: an empty range
+        inside = live & (position >= 0) & (position < n_k)
+        key_start = tl.maximum(key_start, tl.load(bounds + position, mask=inside, other=0))
+        key_end = tl.minimum(key_end, tl.load(bounds + n_k + position, mask=inside, other=0))
     return key_start, tl.maximum(key_end, key_start)
 
 
@@ -68,7 +75,7 @@ def _window_range(position, live, n_k, window, IS_CAUSAL: tl.constexpr):
 def _masked_tile(
     running_max, norm, tilted, n_keys, q, k_tile, k_offsets, m_tile, m_offsets, start, n_k, dim_ok, live,
     key_start, key_end, scale_log2e, mask_min,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEGATIVE_SCALE: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, ROW_RANGES: tl.constexpr, NEGATIVE_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One key tile of the masked loop: the online-softmax state (``running_max, norm, tilted, n_keys``) updated.
@@ -84,7 +91,7 @@ def _masked_tile(
     if UPCAST:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if HAS_WINDOW:
+    if ROW_RANGES:
         in_range = (cols[None, :] < key_end[:, None]) & (cols[None, :] >= key_start[:, None])
     else:
         in_range = cols[None, :] < key_end[:, None]
@@ -92,7 +99,7 @@ def _masked_tile(
         allowed = in_range
     elif MASK_KIND == 3:  # keys past n_k read as blocked; a row's count comes from the key count, not from here
         bias = tl.load(m_tile + m_offsets, mask=cols < n_k, other=-1.7014117331926443e38)
-        if IS_CAUSAL or HAS_WINDOW:
+        if IS_CAUSAL or ROW_RANGES:
             bias = tl.where(in_range, bias[None, :], -1.7014117331926443e38)
         else:
             bias = bias[None, :]
@@ -100,14 +107,14 @@ def _masked_tile(
         load_ok = live[:, None] & (cols < n_k)[None, :]
     if MASK_KIND == 1:  # dead rows and keys past n_k read as False
         allowed = tl.load(m_tile + m_offsets, mask=load_ok, other=0) != 0
-        if IS_CAUSAL or HAS_WINDOW:
+        if IS_CAUSAL or ROW_RANGES:
             allowed = allowed & in_range
     if MASK_KIND == 2:  # ... and as -inf, at or below mask_min
         bias = tl.load(m_tile + m_offsets, mask=load_ok, other=float("-inf")).to(tl.float32)
         # in base-2 units, kept finite for an allowed key (-3e38 · log2e would round to -inf)
         base2 = tl.maximum(bias * 1.4426950408889634, -3.4028234663852886e38)
         keep = bias > mask_min
-        if IS_CAUSAL or HAS_WINDOW:
+        if IS_CAUSAL or ROW_RANGES:
             keep = keep & in_range
         bias = tl.where(keep, base2, float("-inf"))
     if MASK_KIND >= 2:
@@ -149,16 +156,17 @@ def _masked_tile(
 
 @triton.jit
 def _attention_entropy_kernel(
-    Q, K, MASK, KEY_COUNT, QIDX, ENTROPY, MAX_LOGIT, N_KEYS,
+    Q, K, MASK, KEY_COUNT, BOUNDS, QIDX, ENTROPY, MAX_LOGIT, N_KEYS,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_mb, stride_mh, stride_mq, stride_mk,
     heads, n_q, n_sel, n_k, head_dim, group, scale_log2e, mask_min,
     causal_offset,  # query i stands at key position i + causal_offset: 0 top-left (SDPA), Nk - Nq bottom-right
-    window,  # with HAS_WINDOW: keys j with |position - j| < window
+    window,  # with ROW_RANGES: keys j with |position - j| < window (larger than any distance without a window)
     MASK_KIND: tl.constexpr,  # 0: none, 1: boolean (as uint8), 2: additive float, 3: a key mask (see _key_operand)
     IS_CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
+    ROW_RANGES: tl.constexpr,  # rows have their own first key: a sliding window, packed sequences
+    HAS_BOUNDS: tl.constexpr,  # packed sequences: BOUNDS [2, Nk] int32 (see _row_range)
     HAS_QUERY_INDEX: tl.constexpr,
     NEGATIVE_SCALE: tl.constexpr,  # the row max of scale·s is scale · (row min of s)
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: key tiles load without a mask
@@ -201,8 +209,8 @@ def _attention_entropy_kernel(
     # two numbers), further cut by the mask if any. Per query tile: [full_start, full_end) holds the tiles every live
     # row attends to in full (no mask), taken by the unmasked loop; [lo, full_start) and [full_end, stop) the tiles
     # that need a per-score test, taken by the masked loop; tiles outside [lo, stop) are never read.
-    if HAS_WINDOW:
-        key_start, key_end = _window_range(pos + causal_offset, live, n_k, window, IS_CAUSAL)
+    if ROW_RANGES:
+        key_start, key_end = _row_range(pos + causal_offset, live, n_k, window, BOUNDS, IS_CAUSAL, HAS_BOUNDS)
         stop = tl.max(tl.where(live, key_end, 0))
         full_end = tl.min(tl.where(live, key_end, n_k)) // BLOCK_N * BLOCK_N
         lo = tl.min(tl.where(live, key_start, n_k)) // BLOCK_N * BLOCK_N
@@ -248,7 +256,7 @@ def _attention_entropy_kernel(
     norm = tl.zeros([BLOCK_M], tl.float32)  # Σ 2^(s - running_max)
     tilted = tl.zeros([BLOCK_M], tl.float32)  # Σ 2^(s - running_max) · (s - running_max)
     k_tile = k_base
-    if HAS_WINDOW:
+    if ROW_RANGES:
         k_tile += (full_start // BLOCK_N) * k_step
     for _ in range(full_start, full_end, BLOCK_N):
         if EVEN_D:
@@ -283,7 +291,7 @@ def _attention_entropy_kernel(
         k_tile += k_step
 
     # Masked loop: the diagonal and window edges, partial tiles, every tile of a masked launch (see _masked_tile).
-    if not HAS_WINDOW:
+    if not ROW_RANGES:
         key_start = 0
         if IS_CAUSAL:
             key_end = tl.where(live, tl.maximum(tl.minimum(pos + (causal_offset + 1), n_k), 0), 0)
@@ -291,7 +299,7 @@ def _attention_entropy_kernel(
             key_end = tl.where(live, n_k, 0)
     if MASK_KIND != 0:
         m_tile = m_rows + (full_end // BLOCK_N) * m_step
-    if HAS_WINDOW:  # the tiles before the full ones, then those after
+    if ROW_RANGES:  # the tiles before the full ones, then those after
         n_before = (full_start - lo) // BLOCK_N
         n_masked = n_before + tl.maximum(tl.cdiv(stop - full_end, BLOCK_N), 0)
         for t in range(0, n_masked):
@@ -301,14 +309,14 @@ def _attention_entropy_kernel(
             running_max, norm, tilted, n_keys = _masked_tile(
                 running_max, norm, tilted, n_keys, q, k_base + (start // BLOCK_N) * k_step, k_offsets, m_tile,
                 m_offsets, start, n_k, dim_ok, live, key_start, key_end, scale_log2e, mask_min,
-                MASK_KIND, IS_CAUSAL, HAS_WINDOW, NEGATIVE_SCALE, DOT_PRECISION, UPCAST, BLOCK_N,
+                MASK_KIND, IS_CAUSAL, ROW_RANGES, NEGATIVE_SCALE, DOT_PRECISION, UPCAST, BLOCK_N,
             )  # fmt: skip
     else:  # the tiles after the full ones, addresses advanced per tile
         for start in range(full_end, stop, BLOCK_N):
             running_max, norm, tilted, n_keys = _masked_tile(
                 running_max, norm, tilted, n_keys, q, k_tile, k_offsets, m_tile, m_offsets, start, n_k, dim_ok,
                 live, key_start, key_end, scale_log2e, mask_min,
-                MASK_KIND, IS_CAUSAL, HAS_WINDOW, NEGATIVE_SCALE, DOT_PRECISION, UPCAST, BLOCK_N,
+                MASK_KIND, IS_CAUSAL, ROW_RANGES, NEGATIVE_SCALE, DOT_PRECISION, UPCAST, BLOCK_N,
             )  # fmt: skip
             k_tile += k_step
             if MASK_KIND != 0:
@@ -319,7 +327,7 @@ def _attention_entropy_kernel(
     elif MASK_KIND == 3:  # allowed keys before key_end less those before key_start (an empty range for a dead row)
         count_row = KEY_COUNT + b * stride_mb + h * stride_mh
         n_keys = tl.load(count_row + key_end)
-        if HAS_WINDOW:
+        if ROW_RANGES:
             n_keys -= tl.load(count_row + key_start)
     entropy = tl.log(norm) - 0.6931471805599453 * tilted / norm
     entropy = tl.minimum(tl.maximum(entropy, 0.0), tl.log(tl.maximum(n_keys, 1).to(tl.float32)))
@@ -438,13 +446,16 @@ def attention_rows_triton(
     masked_at: float | None = None,
     causal_offset: int = 0,
     window: int | None = None,
+    key_bounds: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row ``(entropy, max_logit, n_keys)`` ``[B, H, Nsel]`` (fp32, fp32, int64); inputs already validated.
 
     ``masked_at``: additive mask entries at or below it block their key (as the torch path's ``masked_at``).
     ``causal_offset``: query ``i`` stands at key position ``i + causal_offset`` for ``is_causal`` and ``window``
     (0: SDPA's top-left alignment; ``Nk - Nq``: flash attention's bottom-right). ``window`` (>= 1): only keys ``j``
-    with ``|position - j| < window``. Both combine with ``attn_mask`` (the capture's rules for flash-style calls)."""
+    with ``|position - j| < window``. ``key_bounds`` (``[2, Nk]`` int32, packed sequences): key position ``p`` sees
+    only keys in ``[key_bounds[0, p], key_bounds[1, p])``. All combine with ``attn_mask`` (the capture's rules for
+    flash-style calls)."""
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     n_sel = n_q if query_index is None else query_index.numel()
@@ -465,13 +476,14 @@ def attention_rows_triton(
     wide = block_n * k.stride(2) + block_d * k.stride(3) >= 2**31
     grid = (batch * heads, triton.cdiv(n_sel, block_m))
     _attention_entropy_kernel[grid](
-        q, k, mask, key_count, qidx, entropy, max_logit, n_keys,
+        q, k, mask, key_count, q if key_bounds is None else key_bounds, qidx, entropy, max_logit, n_keys,
         *q.stride(), *k.stride(), *mask_strides,
         heads, n_q, n_sel, n_k, head_dim, heads // kv_heads, scale * LOG2E, mask_min,
-        int(causal_offset), 0 if window is None else int(window),
+        int(causal_offset), _window_argument(window, n_q, n_k, causal_offset),
         MASK_KIND=mask_kind,
         IS_CAUSAL=is_causal,
-        HAS_WINDOW=window is not None,
+        ROW_RANGES=window is not None or key_bounds is not None,
+        HAS_BOUNDS=key_bounds is not None,
         HAS_QUERY_INDEX=query_index is not None,
         NEGATIVE_SCALE=scale < 0,
         EVEN_D=block_d == head_dim,
@@ -485,6 +497,11 @@ def attention_rows_triton(
         num_stages=config.num_stages,
     )  # fmt: skip
     return entropy, max_logit, n_keys.long()
+
+
+def _window_argument(window: int | None, n_q: int, n_k: int, causal_offset: int) -> int:
+    """The kernel's ``window``: as given, or (packed sequences without a window) wider than any query-key distance."""
+    return int(window) if window is not None else n_q + n_k + abs(int(causal_offset))
 
 
 def _dot_precision(dtype: torch.dtype, interpreted: bool, tf32: bool = True) -> str:
@@ -503,7 +520,14 @@ def _signature(dtype: str, mask_type: str) -> dict[str, str]:
         "stride_mb", "stride_mh", "stride_mq", "stride_mk",
         "heads", "n_q", "n_sel", "n_k", "head_dim", "group", "causal_offset", "window",
     ]  # fmt: skip
-    signature = {"Q": f"*{dtype}", "K": f"*{dtype}", "MASK": f"*{mask_type}", "KEY_COUNT": "*i32", "QIDX": "*i32"}
+    signature = {
+        "Q": f"*{dtype}",
+        "K": f"*{dtype}",
+        "MASK": f"*{mask_type}",
+        "KEY_COUNT": "*i32",
+        "BOUNDS": "*i32",
+        "QIDX": "*i32",
+    }
     signature.update({"ENTROPY": "*fp32", "MAX_LOGIT": "*fp32", "N_KEYS": "*i32"})
     signature.update({name: "i32" for name in ints})
     signature.update({"scale_log2e": "fp32", "mask_min": "fp32"})
@@ -511,17 +535,26 @@ def _signature(dtype: str, mask_type: str) -> dict[str, str]:
 
 
 def _loop_shares(
-    config: TileConfig, n: int, is_causal: bool, rows: list[int] | None = None, window: int | None = None
+    config: TileConfig,
+    n: int,
+    is_causal: bool,
+    rows: list[int] | None = None,
+    window: int | None = None,
+    packed: int | None = None,
 ) -> tuple[float, float]:
     """Share of key tiles that the unmasked and the masked loop take over all row tiles, for ``n`` queries and keys
-    (or the query positions ``rows``) and an optional window, as the kernel splits them."""
+    (or the query positions ``rows``), an optional window and sequences of ``packed`` tokens, as the kernel splits
+    them."""
     positions = rows if rows is not None else list(range(n))
     bn = config.block_n
     full = masked = 0
     for first_row in range(0, len(positions), config.block_m):
         tile = positions[first_row : first_row + config.block_m]
-        starts = [max(p - window + 1, 0) if window else 0 for p in tile]
-        ends = [min(n, p + 1 if is_causal else n, p + window if window else n) for p in tile]
+        starts = [max(p - window + 1 if window else 0, p // packed * packed if packed else 0) for p in tile]
+        ends = [
+            min(n, p + 1 if is_causal else n, p + window if window else n, (p // packed + 1) * packed if packed else n)
+            for p in tile
+        ]
         lo, stop = min(starts) // bn * bn, max(ends)
         full_start, full_end = -(-max(starts) // bn) * bn, min(ends) // bn * bn
         if full_end <= full_start:
@@ -540,32 +573,34 @@ def variants() -> list:
     from geomon.kernels._variants import Variant
 
     torch_types = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    cells = [  # (dtype, head dim, causal, mask kind, query index, window)
-        ("bf16", 64, False, 0, False, None),
-        ("bf16", 64, True, 0, False, None),
-        ("bf16", 128, False, 0, False, None),
-        ("bf16", 128, True, 0, False, None),
-        ("fp16", 64, True, 0, False, None),
-        ("fp32", 64, False, 0, False, None),
-        ("fp32", 128, True, 0, False, None),
-        ("bf16", 64, False, 1, False, None),
-        ("bf16", 64, False, 2, False, None),
-        ("bf16", 64, True, 0, True, None),
-        ("bf16", 64, True, 1, True, None),  # a per-query boolean mask with the causal rule, sampled queries
-        ("bf16", 64, False, 3, False, None),  # key padding ([B, 1, 1, Nk], boolean or additive): read per key
-        ("bf16", 64, True, 3, True, None),  # a flash-style call: key padding + causal rule, sampled queries
-        ("bf16", 64, True, 0, False, 1024),  # a sliding window (Mistral-style local attention)
+    cells = [  # (dtype, head dim, causal, mask kind, query index, window, packed)
+        ("bf16", 64, False, 0, False, None, None),
+        ("bf16", 64, True, 0, False, None, None),
+        ("bf16", 128, False, 0, False, None, None),
+        ("bf16", 128, True, 0, False, None, None),
+        ("fp16", 64, True, 0, False, None, None),
+        ("fp32", 64, False, 0, False, None, None),
+        ("fp32", 128, True, 0, False, None, None),
+        ("bf16", 64, False, 1, False, None, None),
+        ("bf16", 64, False, 2, False, None, None),
+        ("bf16", 64, True, 0, True, None, None),
+        ("bf16", 64, True, 1, True, None, None),  # a per-query boolean mask with the causal rule, sampled queries
+        ("bf16", 64, False, 3, False, None, None),  # key padding ([B, 1, 1, Nk], boolean or additive): read per key
+        ("bf16", 64, True, 3, True, None, None),  # a flash-style call: key padding + causal rule, sampled queries
+        ("bf16", 64, True, 0, False, 1024, None),  # a sliding window (Mistral-style local attention)
+        ("bf16", 64, True, 0, False, None, 512),  # packed sequences of 512 tokens (a flash varlen call)
     ]
     n = 4096
     out = []
-    for dtype, head_dim, is_causal, mask_kind, has_index, window in cells:
+    for dtype, head_dim, is_causal, mask_kind, has_index, window, packed in cells:
         config = tile_config(torch_types[dtype], head_dim, is_causal, masked=mask_kind in (1, 2))
         rows = [i * n // 256 for i in range(256)] if has_index else None
-        shares = (1.0,) if mask_kind in (1, 2) else _loop_shares(config, n, is_causal, rows, window)
+        shares = (1.0,) if mask_kind in (1, 2) else _loop_shares(config, n, is_causal, rows, window, packed)
         name = f"{dtype} d{head_dim} {'causal' if is_causal else 'non-causal'}"
         name += {0: "", 1: " bool mask", 2: " additive mask", 3: " key-padding mask"}[mask_kind]
         name += " query_index" if has_index else ""
         name += f" window {window}" if window else ""
+        name += f" packed {packed}" if packed else ""
         signature = _signature(dtype, {0: dtype, 1: "u8", 2: dtype, 3: "fp32"}[mask_kind])
         unit_strides = {"stride_qd": 1, "stride_kd": 1}
         if mask_kind:  # a contiguous or key-padding mask: unit stride along the keys
@@ -582,7 +617,8 @@ def variants() -> list:
                     **unit_strides,
                     "MASK_KIND": mask_kind,
                     "IS_CAUSAL": is_causal,
-                    "HAS_WINDOW": window is not None,
+                    "ROW_RANGES": window is not None or packed is not None,
+                    "HAS_BOUNDS": packed is not None,
                     "HAS_QUERY_INDEX": has_index,
                     "NEGATIVE_SCALE": False,
                     "EVEN_D": True,
@@ -597,7 +633,7 @@ def variants() -> list:
                 num_stages=config.num_stages,
                 work_per_iteration=tile_scores,
                 unit="score",
-                budget=_budget(dtype, is_causal, mask_kind, has_index, window),
+                budget=_budget(dtype, is_causal, mask_kind, has_index, window or packed),
                 flops_per_iteration=2.0 * tile_scores * head_dim,
                 bytes_per_iteration=float(config.block_n * head_dim * torch_types[dtype].itemsize),
                 exp2_per_iteration=float(tile_scores + config.block_m),
@@ -605,7 +641,8 @@ def variants() -> list:
                 loop_shares=shares,
                 reference=f"N = {n}"
                 + (", 256 queries" if has_index else "")
-                + (f", window {window}" if window else ""),
+                + (f", window {window}" if window else "")
+                + (f", sequences of {packed}" if packed else ""),
                 dot_type="tf32" if dtype == "fp32" else dtype,
             )
         )
@@ -619,8 +656,9 @@ def _budget(dtype: str, is_causal: bool, mask_kind: int, has_index: bool, window
     """sm_90a thread instructions per score CI allows: the issue's 12 / 16 for the bf16 unmasked launches; the masked
     launches and the subsampled causal one (the default on a GPU) below what they took before the masked loop was
     reworked (22.5 boolean, 30.1 additive, 14.5 with query_index), with headroom for compiler drift; a sliding window
-    (8.7 when first compiled) and a key mask (8.3, and 11.0 causal with query_index, when first compiled; 12.0 and 20.2
-    when it was still read as a per-score boolean) as an unmasked launch."""
+    (8.7 when first compiled), packed sequences (``window`` here: their length) and a key mask (8.3, and 11.0 causal
+    with query_index, when first compiled; 12.0 and 20.2 when it was still read as a per-score boolean) as an
+    unmasked launch."""
     budget = {"spills": 0}
     if dtype != "bf16":
         return budget

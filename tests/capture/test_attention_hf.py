@@ -5,6 +5,7 @@ with identical weights returning its own probabilities (``output_attentions=True
 float64 softmax rows written here from GPT-2's and Llama's weights."""
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -27,7 +28,7 @@ from tests.capture._reference import (  # noqa: E402
     softmax_rows,
 )
 
-VARLEN, THROUGH_SDPA = "geomon_test_varlen", "geomon_test_via_sdpa"
+VARLEN, THROUGH_SDPA, PACKED = "geomon_test_varlen", "geomon_test_via_sdpa", "geomon_test_packed"
 
 
 def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -46,6 +47,19 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
     return (probs @ value).transpose(1, 2).contiguous(), probs
 
 
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, position_ids=None, **kwargs):
+    """Flash's varlen call on packed sequences (batch 1, no mask): each token sees the tokens of its own sequence up to
+    itself, a sequence starting where ``position_ids`` is 0."""
+    assert attention_mask is None and query.shape[0] == 1
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    sequence = torch.cumsum(position_ids.reshape(-1) == 0, 0)
+    n = sequence.numel()
+    allowed = (sequence[:, None] == sequence[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
+    probs = torch.softmax(((query @ key.transpose(-1, -2)) * scaling).masked_fill(~allowed, -math.inf), dim=-1)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
 def _via_sdpa(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -57,10 +71,12 @@ def _registered():
     AttentionInterface.register(VARLEN, _varlen_attention)
     AttentionMaskInterface.register(VARLEN, flash_attention_mask)
     AttentionInterface.register(THROUGH_SDPA, _via_sdpa)
+    AttentionInterface.register(PACKED, _packed_attention)
+    AttentionMaskInterface.register(PACKED, flash_attention_mask)
     AttentionMaskInterface.register(THROUGH_SDPA, AttentionMaskInterface._global_mapping["sdpa"])
     yield
     for interface in (AttentionInterface, AttentionMaskInterface):
-        for name in (VARLEN, THROUGH_SDPA):
+        for name in (VARLEN, THROUGH_SDPA, PACKED):
             interface._global_mapping.pop(name, None)
 
 
@@ -271,6 +287,28 @@ def test_flex_block_mask_is_read_per_chunk_as_the_sdpa_mask():
 def _rule(found, n):
     """The [Nq, Nk] rule a generated pattern stands for (test-side materialisation; geomon never builds it)."""
     return None if found.pattern is None else found.pattern(torch.arange(n), 0, n).reshape(n, n)
+
+
+def test_packed_sequences_are_measured_as_the_sequences_alone():
+    # four sequences packed into one row (position_ids restart at 0), as a flash varlen call sees them; reference:
+    # each sequence run alone through the eager copy. The kernel takes each row's own sequence as its key range.
+    model, eager = _models("llama", PACKED)
+    lengths = [4, 1, 6, 3]
+    ids = torch.randint(0, 100, (1, sum(lengths)), generator=torch.Generator().manual_seed(2))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    edges = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    with torch.no_grad():
+        calls, out = collect(model, lambda: model(ids, position_ids=position_ids))
+        alone = [eager(ids[:, a:b], output_attentions=True) for a, b in itertools.pairwise(edges)]
+    expected_logits = torch.cat([run.logits for run in alone], dim=1)
+    torch.testing.assert_close(out.logits, expected_logits, rtol=1e-4, atol=1e-5)  # the packed call is right
+    assert len(calls) == 2 and calls[0].attn_mask is None and calls[0].pattern is not None
+    for layer, call in enumerate(calls):
+        expected = torch.cat([entropy_of(run.attentions[layer]) for run in alone], dim=-1)
+        for backend in ("torch", "triton"):
+            entropy, _, n_keys = rows_of(call, backend)
+            assert_rows_close(entropy, expected)
+            assert n_keys[0, 0].tolist() == [i + 1 for n in lengths for i in range(n)]
 
 
 def test_interface_mask_sliding_window_and_packed_sequences():

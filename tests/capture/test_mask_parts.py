@@ -60,8 +60,15 @@ def test_packed_sequences_rule():
     segments = torch.tensor([1, 1, 1, 2, 2, 3])
     allowed = (segments[:, None] == segments[None, :]) & torch.ones(6, 6, dtype=torch.bool).tril()
     _check(q, k, allowed[None, None], chunk_size=4, _pattern=AlignedRule(6, 6, True, None, segments))
-    with pytest.raises(RuntimeError, match="other than a key range"):  # packed sequences stay on the torch path
-        _rows(q, k, backend="triton", _pattern=AlignedRule(6, 6, True, None, segments))
+    # the kernel takes each row's own sequence as its key range
+    _check(q, k, allowed[None, None], backend="triton", _pattern=AlignedRule(6, 6, True, None, segments))
+    window = (torch.arange(6)[:, None] - torch.arange(6)[None, :]).abs() < 2
+    rule = AlignedRule(6, 6, True, 2, segments)
+    _check(q, k, (allowed & window)[None, None], backend="triton", _pattern=rule)
+    _check(q, k, (allowed & window)[None, None], chunk_size=4, _pattern=rule)
+    # with fewer queries than keys (a cache) the sequences are not read per key: the torch path takes them
+    with pytest.raises(RuntimeError, match="other than a key range"):
+        _rows(q[..., 2:, :], k, backend="triton", _pattern=AlignedRule(4, 6, True, None, segments))
 
 
 @pytest.mark.parametrize("extra", [0, 2])

@@ -177,9 +177,12 @@ def test_mixed_dtypes_run_on_the_torch_path():
 
 
 # --- the unmasked / masked key loops: boundaries, against an explicit float64 softmax ---------------------------
-def _explicit(q, k, scale, is_causal=False, attn_mask=None, query_index=None, causal_offset=0, window=None):
+def _explicit(
+    q, k, scale, is_causal=False, attn_mask=None, query_index=None, causal_offset=0, window=None, segments=None
+):
     """Entropy, max logit and key count per row from the full float64 score matrix and torch's softmax (query ``i``
-    at key position ``i + causal_offset`` for the causal rule and the window ``|position - j| < window``)."""
+    at key position ``i + causal_offset`` for the causal rule, the window ``|position - j| < window`` and packed
+    ``segments`` ``[Nk]``: only keys with the position's own id; a position outside the keys has none)."""
     q64, k64 = q.double().cpu(), k.double().cpu().repeat_interleave(q.shape[1] // k.shape[1], 1)
     scores = scale * q64 @ k64.transpose(-1, -2)
     n_q, n_k = scores.shape[-2:]
@@ -190,6 +193,10 @@ def _explicit(q, k, scale, is_causal=False, attn_mask=None, query_index=None, ca
         allowed = allowed & (key <= position)
     if window is not None:
         allowed = allowed & ((position - key).abs() < window)
+    if segments is not None:
+        inside = (position >= 0) & (position < n_k)
+        own = segments.cpu()[position.clamp(0, n_k - 1)]
+        allowed = allowed & inside & (own == segments.cpu()[key])
     if attn_mask is not None:
         mask = attn_mask.cpu()
         if mask.dtype == torch.bool:
@@ -207,10 +214,20 @@ def _explicit(q, k, scale, is_causal=False, attn_mask=None, query_index=None, ca
     return entropy.masked_fill(keyless, math.nan), scores.amax(-1).masked_fill(keyless, math.nan), n_keys
 
 
+def _runs(segments):
+    """``[2, N]`` int32 by a plain loop: the first position of each position's run of equal ids, one past its last."""
+    ids = segments.tolist()
+    first = [next(j for j in range(i, -1, -1) if j == 0 or ids[j - 1] != ids[i]) for i in range(len(ids))]
+    end = [next(j for j in range(i + 1, len(ids) + 1) if j == len(ids) or ids[j] != ids[i]) for i in range(len(ids))]
+    return torch.tensor([first, end], dtype=torch.int32, device=DEVICE)
+
+
 def _against_explicit(q, k, *, scale=0.5, block_m=BLOCK, block_n=BLOCK, atol=2e-5, **kwargs):
+    segments = kwargs.get("segments")
     entropy, max_logit, n_keys = attention_rows_triton(
         q, k, scale, kwargs.get("is_causal", False), kwargs.get("attn_mask"), kwargs.get("query_index"),
         block_m=block_m, block_n=block_n, causal_offset=kwargs.get("causal_offset", 0), window=kwargs.get("window"),
+        key_bounds=None if segments is None else _runs(segments),
     )  # fmt: skip
     ref_entropy, ref_max, ref_n = _explicit(q, k, scale, **kwargs)
     assert torch.equal(n_keys.cpu(), ref_n)
@@ -398,6 +415,56 @@ def test_masks_combine_with_the_causal_rule_and_windows(kind, window, offset):
     kwargs = {"attn_mask": mask.to(DEVICE), "causal_offset": offset, "window": window, "query_index": index}
     _against_explicit(q, k, is_causal=True, **kwargs)
     _against_explicit(q, k, is_causal=False, **kwargs)
+
+
+# --- packed sequences: each key position's own run of keys, with the causal rule, windows and masks ----------------
+def _segments(n, lengths):
+    """Ids for runs of the given lengths, repeated until ``n`` positions are covered."""
+    ids, run = [], 0
+    while len(ids) < n:
+        ids += [run] * lengths[run % len(lengths)]
+        run += 1
+    return torch.tensor(ids[:n])
+
+
+@pytest.mark.parametrize("lengths", [[1], [3, BLOCK + 5, 1, 2 * BLOCK], [4 * BLOCK + 1], [BLOCK, BLOCK - 1, 7]])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_packed_sequences_keep_each_row_inside_its_own_sequence(lengths, is_causal):
+    # runs shorter than a tile, across tile edges and longer than several tiles (full tiles on the unmasked loop)
+    n = 5 * BLOCK + 3
+    q, k = _qk(2, 2, 1, n, n, 16, seed=len(lengths))
+    segments = _segments(n, lengths)
+    _against_explicit(q, k, is_causal=is_causal, segments=segments)
+    _against_explicit(q, k, is_causal=is_causal, segments=segments, block_m=2 * BLOCK, block_n=BLOCK)
+    index = torch.tensor([n - 1, 0, 2 * BLOCK + 1, 4 * BLOCK, 7, BLOCK - 1], device=DEVICE)
+    _against_explicit(q, k, is_causal=is_causal, segments=segments, query_index=index)
+    _against_explicit(q, k, is_causal=is_causal, segments=segments, window=BLOCK + 2)
+    # positions before the first key or past the last (no sequence there): rows with no key
+    _against_explicit(q, k, is_causal=is_causal, segments=segments, causal_offset=-BLOCK)
+    _against_explicit(q, k, is_causal=is_causal, segments=segments, causal_offset=BLOCK + 1)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive", "per-query"])
+def test_packed_sequences_combine_with_masks(kind):
+    # a key mask (read per key), a boolean and an additive mask with a row per query (read per score)
+    n = 4 * BLOCK + 5
+    q, k = _qk(3, 2, 2, n, n, 16, seed=21)
+    segments = _segments(n, [BLOCK + 3, 2, 2 * BLOCK])
+    if kind == "per-query":
+        mask = (torch.rand(3, 1, n, n, generator=torch.Generator().manual_seed(3)) > 0.3).to(DEVICE)
+    else:
+        mask = _key_mask(kind, 3, n)
+    for is_causal in (False, True):
+        _against_explicit(q, k, attn_mask=mask, is_causal=is_causal, segments=segments, atol=5e-5)
+        index = torch.tensor([n - 1, 0, BLOCK + 2, BLOCK + 3, 3 * BLOCK], device=DEVICE)
+        _against_explicit(q, k, attn_mask=mask, is_causal=is_causal, segments=segments, query_index=index, atol=5e-5)
+
+
+def test_segment_bounds_are_the_runs_of_equal_ids():
+    from geomon.capture._patterns import _segment_bounds
+
+    for ids in ([0], [1, 1, 1, 2, 2, 3], [0, 1, 2, 3], [5] * 9, _segments(70, [3, 1, 20]).tolist()):
+        assert torch.equal(_segment_bounds(torch.tensor(ids, device=DEVICE)), _runs(torch.tensor(ids)))
 
 
 # --- key masks ([B, 1, 1, Nk], the same row for every query): read once per key, in the unmasked loop too ----------
