@@ -29,19 +29,18 @@ class MaskPattern:
 
 class AlignedRule(MaskPattern):
     """Flash attention's causal rule aligned bottom-right (query ``i`` is position ``i + Nk - Nq``), a sliding window
-    (``|position - j| < window``), and packed sequences (``segments [Nk]``: a query sees its own segment only; ids
-    non-decreasing along the keys, so that each segment is one run of keys, as ``cumsum(position_ids == 0)`` is)."""
+    (``|position - j| < window``), and packed sequences (``segments [Nk]``: a query sees the keys of its own run of
+    equal ids, a sequence starting wherever the id changes, as ``cumsum(position_ids == 0)`` makes them)."""
 
     def __init__(self, n_q: int, n_k: int, causal: bool, window: int | None, segments: Tensor | None) -> None:
-        self.offset, self.causal, self.window, self.segments = n_k - n_q, causal, window, segments
+        self.offset, self.causal, self.window = n_k - n_q, causal, window
+        #: ``[2, Nk]`` int32: the first key of each key position's sequence and one past its last (packed sequences)
+        self.bounds = None if segments is None else _segment_bounds(segments)
         #: Each row's keys are one range, which the fused kernel takes as it is: ``(causal, query i's key position
-        #: minus i, window, bounds)``, ``bounds`` ``[2, Nk]`` int32 the first and one past the last key of each key
-        #: position's segment (None without packed sequences); None sends the call to the torch path.
+        #: minus i, window, bounds)``; None sends the call to the torch path.
         self.key_range = None
-        if window is None or window >= 1:
-            bounds = None if segments is None else _segment_bounds(segments)
-            if segments is None or (n_q == n_k == segments.numel()):
-                self.key_range = (causal, self.offset, window, bounds)
+        if (window is None or window >= 1) and (segments is None or n_q == n_k == segments.numel()):
+            self.key_range = (causal, self.offset, window, self.bounds)
 
     def __call__(self, positions: Tensor, start: int, stop: int) -> Tensor:
         rows = positions[:, None] + self.offset
@@ -51,18 +50,22 @@ class AlignedRule(MaskPattern):
             allowed &= cols <= rows
         if self.window is not None:
             allowed &= (rows - cols).abs() < self.window
-        if self.segments is not None:
-            allowed &= self.segments[rows] == self.segments[start:stop][None, :]
+        if self.bounds is not None:
+            first, end = self.bounds[:, rows]
+            allowed &= (cols >= first) & (cols < end)
         return allowed
 
 
 def _segment_bounds(segments: Tensor) -> Tensor:
-    """``[2, N]`` int32: for each position, the first position of its segment and one past its last (ids
-    non-decreasing); on the segments' device, no host sync."""
-    ids = segments.reshape(-1).contiguous()
-    first = torch.searchsorted(ids, ids, right=False, out_int32=True)
-    end = torch.searchsorted(ids, ids, right=True, out_int32=True)
-    return torch.stack([first, end])
+    """``[2, N]`` int32: for each position, the first position of its run of equal ids and one past its last; on the
+    segments' device, no host sync."""
+    ids = segments.reshape(-1)
+    index = torch.arange(ids.numel(), device=ids.device)
+    changes = torch.ones(ids.numel() + 1, dtype=torch.bool, device=ids.device)
+    changes[1:-1] = ids[1:] != ids[:-1]  # changes[p]: a run starts at p (and one ends at p - 1)
+    first = torch.where(changes[:-1], index, 0).cummax(0).values
+    end = torch.where(changes[1:], index + 1, ids.numel()).flip(0).cummin(0).values.flip(0)
+    return torch.stack([first, end]).to(torch.int32)
 
 
 class ModuleMasks(MaskPattern):

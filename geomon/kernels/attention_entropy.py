@@ -19,14 +19,14 @@ Two key loops. Tiles that every live row of the query tile attends to in full (i
 ``attn_mask``) go through an unmasked loop: no per-score mask, the scale folded into the one FFMA that centres the
 score (``s·scale·log₂e - m'``), the tile max taken on the raw products, and ``t`` accumulated with one FFMA per
 score; without a mask the key count is analytic (``key_end - key_start``), not summed per score. The rest (the
-diagonal and window edges, partial tiles, every tile of a masked launch) go through a masked loop, which keeps the
-per-score work to one compare or mask read and one select: each row's range (liveness, ``Nk``, the causal diagonal,
-the window and the packed sequence in two numbers), a boolean mask read as bytes, an additive one turned into a
-base-2 bias (``-inf`` where blocked) before it meets the scores, and the centred score clamped at -200 so that a
-blocked key's weight and tilted term are exactly 0 without a second select. Key tiles are addressed by one 64-bit
-base pointer advanced per tile plus 32-bit in-tile offsets. Tiles, warps and stages per (dtype, head dim, causal)
-come from :data:`CONFIGS`, picked with the static report (``benchmarks/kernel_report.py``); :func:`variants` lists
-what ``auto`` dispatches, for that report and the CI budgets in ``tests/kernels/test_sass_budgets.py``.
+diagonal and window edges, partial tiles, every tile of a launch with a per-query mask) go through a masked loop,
+which keeps the per-score work to one compare or mask read and one select: each row's range (liveness, ``Nk``, the
+causal diagonal, the window and the packed sequence in two numbers), a boolean mask read as bytes, an additive one
+turned into a base-2 bias (``-inf`` where blocked) before it meets the scores, and the centred score clamped at -200
+so that a blocked key's weight and tilted term are exactly 0 without a second select. Key tiles are addressed by
+one 64-bit base pointer advanced per tile plus 32-bit in-tile offsets. Tiles, warps and stages per (dtype, head dim,
+causal) come from :data:`CONFIGS`, picked with the static report (``benchmarks/kernel_report.py``); :func:`variants`
+lists what ``auto`` dispatches, for that report and the CI budgets in ``tests/kernels/test_sass_budgets.py``.
 
 Cost per (batch, head): ``2 · Nsel · Nk · Dh`` FLOPs on tensor cores for ``QKᵀ`` (about half of that with
 ``is_causal``, whose tiles above the diagonal are skipped) plus one exp2 (MUFU) and ~4 FMA/FADD/FMNMX per score;
@@ -63,7 +63,7 @@ def _row_range(position, live, n_k, window, bounds, IS_CAUSAL: tl.constexpr, HAS
     key_end = tl.minimum(tl.where(live, n_k, 0), position + window)
     if IS_CAUSAL:
         key_end = tl.minimum(key_end, position + 1)
-    key_start = tl.maximum(position - window + 1, 0)
+    key_start = tl.minimum(tl.maximum(position - window + 1, 0), n_k)  # within [0, Nk]: a key count's index
     if HAS_BOUNDS:  # a position outside the keys has no sequence: an empty range
         inside = live & (position >= 0) & (position < n_k)
         key_start = tl.maximum(key_start, tl.load(bounds + position, mask=inside, other=0))
@@ -479,7 +479,7 @@ def attention_rows_triton(
         q, k, mask, key_count, q if key_bounds is None else key_bounds, qidx, entropy, max_logit, n_keys,
         *q.stride(), *k.stride(), *mask_strides,
         heads, n_q, n_sel, n_k, head_dim, heads // kv_heads, scale * LOG2E, mask_min,
-        int(causal_offset), _window_argument(window, n_q, n_k, causal_offset),
+        int(causal_offset), _window_argument(window, key_bounds, n_q, n_k, causal_offset),
         MASK_KIND=mask_kind,
         IS_CAUSAL=is_causal,
         ROW_RANGES=window is not None or key_bounds is not None,
@@ -499,9 +499,12 @@ def attention_rows_triton(
     return entropy, max_logit, n_keys.long()
 
 
-def _window_argument(window: int | None, n_q: int, n_k: int, causal_offset: int) -> int:
-    """The kernel's ``window``: as given, or (packed sequences without a window) wider than any query-key distance."""
-    return int(window) if window is not None else n_q + n_k + abs(int(causal_offset))
+def _window_argument(window: int | None, bounds: Tensor | None, n_q: int, n_k: int, causal_offset: int) -> int:
+    """The kernel's ``window``: as given, wider than any query-key distance for packed sequences without a window, 0
+    (unread) for neither."""
+    if window is not None:
+        return int(window)
+    return 0 if bounds is None else n_q + n_k + abs(int(causal_offset))
 
 
 def _dot_precision(dtype: torch.dtype, interpreted: bool, tf32: bool = True) -> str:
@@ -656,7 +659,7 @@ def _budget(dtype: str, is_causal: bool, mask_kind: int, has_index: bool, window
     """sm_90a thread instructions per score CI allows: the issue's 12 / 16 for the bf16 unmasked launches; the masked
     launches and the subsampled causal one (the default on a GPU) below what they took before the masked loop was
     reworked (22.5 boolean, 30.1 additive, 14.5 with query_index), with headroom for compiler drift; a sliding window
-    (8.7 when first compiled), packed sequences (``window`` here: their length) and a key mask (8.3, and 11.0 causal
+    (8.7 when first compiled), packed sequences (``window`` here: their length) and a key mask (8.4, and 11.0 causal
     with query_index, when first compiled; 12.0 and 20.2 when it was still read as a per-score boolean) as an
     unmasked launch."""
     budget = {"spills": 0}

@@ -66,6 +66,11 @@ def test_packed_sequences_rule():
     rule = AlignedRule(6, 6, True, 2, segments)
     _check(q, k, (allowed & window)[None, None], backend="triton", _pattern=rule)
     _check(q, k, (allowed & window)[None, None], chunk_size=4, _pattern=rule)
+    # a sequence is a run of equal ids (an id seen again later starts a new sequence), on both paths
+    runs = torch.tensor([1, 1, 2, 2, 1, 1])
+    allowed = torch.block_diag(*[torch.ones(2, 2)] * 3).bool() & torch.ones(6, 6, dtype=torch.bool).tril()
+    for backend in ("torch", "triton"):
+        _check(q, k, allowed[None, None], backend=backend, _pattern=AlignedRule(6, 6, True, None, runs))
     # with fewer queries than keys (a cache) the sequences are not read per key: the torch path takes them
     with pytest.raises(RuntimeError, match="other than a key range"):
         _rows(q[..., 2:, :], k, backend="triton", _pattern=AlignedRule(4, 6, True, None, segments))

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from geomon.functional import attention_entropy
 from geomon.kernels import attention_entropy as kernel_module
@@ -463,8 +465,45 @@ def test_packed_sequences_combine_with_masks(kind):
 def test_segment_bounds_are_the_runs_of_equal_ids():
     from geomon.capture._patterns import _segment_bounds
 
-    for ids in ([0], [1, 1, 1, 2, 2, 3], [0, 1, 2, 3], [5] * 9, _segments(70, [3, 1, 20]).tolist()):
-        assert torch.equal(_segment_bounds(torch.tensor(ids, device=DEVICE)), _runs(torch.tensor(ids)))
+    for ids in ([0], [1, 1, 1, 2, 2, 3], [0, 1, 2, 3], [5] * 9, [1, 1, 2, 2, 1, 1, 0], _segments(70, [3, 1, 20])):
+        ids = torch.as_tensor(ids)
+        assert torch.equal(_segment_bounds(ids.to(DEVICE)).cpu(), _runs(ids).cpu())
+
+
+@triton.jit
+def _row_range_probe(POS, LIVE, BOUNDS, START, END, n, n_k, window, IS_CAUSAL: tl.constexpr,
+                     HAS_BOUNDS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    i = tl.arange(0, BLOCK)
+    ok = i < n
+    position = tl.load(POS + i, mask=ok, other=0)
+    live = tl.load(LIVE + i, mask=ok, other=0) != 0
+    key_start, key_end = kernel_module._row_range(position, live, n_k, window, BOUNDS, IS_CAUSAL, HAS_BOUNDS)
+    tl.store(START + i, key_start, mask=ok)
+    tl.store(END + i, key_end, mask=ok)
+
+
+@pytest.mark.parametrize("window", [1, 16, 64, 1000])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_row_ranges_stay_inside_the_keys(window, is_causal, packed):
+    # every row's [key_start, key_end) lies in [0, Nk] (the key count is read at both ends, also for dead rows and
+    # positions far past the keys) and holds exactly its allowed keys when the row is live
+    n_k, positions = 100, torch.arange(-150, 250, 3)
+    live = torch.rand(positions.numel(), generator=torch.Generator().manual_seed(window)) < 0.7
+    segments = _segments(n_k, [7, 30, 1, 62])
+    start, end = torch.empty_like(positions, dtype=torch.int32), torch.empty_like(positions, dtype=torch.int32)
+    _row_range_probe[(1,)](
+        positions.to(DEVICE, torch.int32), live.to(DEVICE, torch.int32), _runs(segments), start.to(DEVICE),
+        end.to(DEVICE), positions.numel(), n_k, window, IS_CAUSAL=is_causal, HAS_BOUNDS=packed,
+        BLOCK=triton.next_power_of_2(positions.numel()),
+    )  # fmt: skip
+    start, end = start.cpu(), end.cpu()
+    assert (start >= 0).all() and (start <= end).all() and (end <= n_k).all()
+    for p, alive, a, b in zip(positions.tolist(), live.tolist(), start.tolist(), end.tolist(), strict=True):
+        keys = [j for j in range(n_k) if abs(p - j) < window and (j <= p or not is_causal)]
+        if packed:
+            keys = [j for j in keys if 0 <= p < n_k and segments[j] == segments[p]]
+        assert (b - a, list(range(a, b))) == ((len(keys), keys) if alive else (0, []))
 
 
 # --- key masks ([B, 1, 1, Nk], the same row for every query): read once per key, in the unmasked loop too ----------
