@@ -7,9 +7,14 @@
    kernel vs the torch chunked path vs the naive materialised softmax vs the attention forward of the same Q/K/V
    through SDPA's flash backend; time, peak memory, and the kernel's share of its tensor-core/exp floor; plus query
    subsampling to 256 rows per head.
-2. Class statistics (C = 1k and 50k, D = 768 and 4096, uniform and Zipf labels): the sort + segmented kernel vs
+2. Masks and key ranges (bf16, Dh = 64, N = 8192, B·H = 32): key padding read per key against the same mask
+   written out per query (read per score) and the torch path; a flash-style call (causal + key padding, 256 sampled
+   queries); packed sequences of 512 tokens against the same sequences as a batch and the torch path; a 1024-key
+   sliding window; each beside the attention forward the model would run (SDPA with the mask; flash on the
+   sequences as a batch).
+3. Class statistics (C = 1k and 50k, D = 768 and 4096, uniform and Zipf labels): the sort + segmented kernel vs
    ``index_add_`` (fp32 and fp64) and the memory-bandwidth floor.
-3. Classifier argmax / nearest class centre without the N x C matrix vs a materialised matmul + argmax.
+4. Classifier argmax / nearest class centre without the N x C matrix vs a materialised matmul + argmax.
 Times are medians from ``triton.testing.do_bench`` on CUDA (``time.perf_counter`` on the CPU).
 """
 
@@ -28,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from geomon.capture._patterns import AlignedRule
 from geomon.functional import attention_entropy
 from geomon.functional._class_tiles import tiled_argmax
 
@@ -129,6 +135,61 @@ def bench_attention(device: str, smoke: bool, reps: int, peaks) -> list[str]:
     return lines
 
 
+def bench_attention_rules(device: str, smoke: bool, reps: int) -> list[str]:
+    """The fused kernel on masks and per-row key ranges, beside what it replaced and the model's own forward."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    b, h, n, dh, run = (1, 2, 64, 16, 16) if smoke else (2, 16, 8192, 64, 512)
+    q, k, v = [torch.randn(b, h, n, dh, device=device, dtype=dtype) for _ in range(3)]
+    keys = torch.ones(b, 1, 1, n, dtype=torch.bool, device=device)
+    keys[:, ..., 3 * n // 4 :] = False  # a quarter of the keys padded (right padding)
+    per_query = keys.expand(b, 1, n, n).contiguous()  # the same mask with a row per query: read per score
+    index = torch.linspace(0, n - 1, min(256, n), device=device).long()
+    packed = AlignedRule(n, n, True, None, torch.arange(n, device=device) // run)
+    window = AlignedRule(n, n, True, n // 8, None)
+    as_batch = [x.reshape(b, h, n // run, run, dh).transpose(1, 2).reshape(b * n // run, h, run, dh) for x in (q, k, v)]
+
+    def fused(*args, **kwargs):
+        return partial(attention_entropy, *args, backend="triton", **kwargs)
+
+    def chunked(*args, **kwargs):
+        return partial(attention_entropy, *args, backend="torch", **kwargs)
+
+    sdpa = partial(F.scaled_dot_product_attention, q, k, v)
+    cases = [  # (case, fused, the way it was read before, torch chunked, forward reference, reference name)
+        ("no mask", fused(q, k), None, chunked(q, k), _flash_call(q, k, v, False, device), "SDPA flash"),
+        ("key padding [B, 1, 1, N]", fused(q, k, attn_mask=keys), fused(q, k, attn_mask=per_query),
+         chunked(q, k, attn_mask=keys), partial(sdpa, attn_mask=keys), "SDPA, mask"),
+        ("causal + key padding, 256 queries", fused(q, k, _pattern=AlignedRule(n, n, True, None, None),
+         attn_mask=keys, query_index=index), None, chunked(q, k, _pattern=AlignedRule(n, n, True, None, None),
+         attn_mask=keys, query_index=index), partial(sdpa, attn_mask=keys & per_query.tril()), "SDPA, mask"),
+        (f"packed sequences of {run}, causal", fused(q, k, _pattern=packed), fused(*as_batch[:2], is_causal=True),
+         chunked(q, k, _pattern=packed), _flash_call(*as_batch, True, device), "SDPA flash, as a batch"),
+        (f"causal window {n // 8}", fused(q, k, _pattern=window), fused(q, k, is_causal=True),
+         chunked(q, k, _pattern=window), _flash_call(q, k, v, True, device), "SDPA flash, causal"),
+    ]  # fmt: skip
+    lines = [
+        f'B = {b}, H = {h}, N = {n}, Dh = {dh}, {str(dtype).removeprefix("torch.")}. "before": key padding written '
+        "out per query (read per score); packed: the same sequences as a batch; window: the full causal row.",
+        "",
+        "| case | fused ms | before ms | torch chunked ms | forward ms (reference) | fused / forward | fused MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case, fast, before, slow, forward, forward_name in cases:
+        measured = _measure(fast, device, reps)
+        before_ms = "-" if before is None else _measure(before, device, reps)[0]
+        forward_ms = "-" if device != "cuda" else _measure(forward, device, reps)[0]
+        lines.append(
+            f"| {case} | {measured[0]} | {before_ms} | {_measure(slow, device, reps)[0]} | {forward_ms} "
+            f"({forward_name}) | {_ratio(measured[0], forward_ms)} | {measured[1]} |"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
+def _flash_call(q, k, v, is_causal, device):
+    return partial(_flash, q, k, v, is_causal) if device == "cuda" else partial(F.scaled_dot_product_attention, q, k, v)
+
+
 def _attention_sizes() -> list[tuple[int, int]]:
     return [(1024, 128), (2048, 128), (4096, 64), (8192, 32), (16384, 32), (32768, 32)]
 
@@ -224,6 +285,7 @@ def main() -> None:
         "",
     ]
     sections = ["## Attention entropy + max logit", "", *bench_attention(device, args.smoke, args.reps, peaks)]
+    sections += ["", "## Masks and key ranges", "", *bench_attention_rules(device, args.smoke, args.reps)]
     sections += ["", "## Class statistics", "", *bench_class_stats(device, args.smoke, args.reps, peaks)]
     sections += ["", "## Classifier argmax without the N x C matrix", "", *bench_argmax(device, args.smoke, args.reps)]
     slug = name.replace(" ", "-").replace("/", "-")

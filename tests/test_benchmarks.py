@@ -44,9 +44,13 @@ def test_bench_gpu_fast_mode_writes_one_file_with_the_kernel_and_trainer_overhea
     kernels = text.index("## Kernel benchmarks")
     overhead = text.index("## Overhead through a Lightning Trainer")
     assert kernels < overhead and "FAILED" not in text
-    for section in ("### Attention entropy + max logit", "### Class statistics", "### Classifier argmax"):
+    sections = ("### Attention entropy + max logit", "### Masks and key ranges", "### Class statistics")
+    for section in (*sections, "### Classifier argmax"):
         assert kernels < text.index(section) < overhead  # the kernel report's headings, one level down
     assert text[kernels:overhead].count("\n| ") >= 8  # header rows plus one measured row per case
+    rules = text[text.index("### Masks and key ranges") : text.index("### Class statistics")]
+    for case in ("| no mask |", "| key padding", "| causal + key padding", "| packed sequences", "| causal window"):
+        assert re.search(re.escape(case) + r".*? \| \d+\.\d{3} \|", rules), case  # a time measured for each case
     # the overhead table: both configurations, a whole-run ratio with its interval, weights bit-identical
     ratio = r"\d+\.\d{4} \[\d+\.\d{4}, \d+\.\d{4}\]"
     for name in ("default GeomonCallback()", "every probe, every step"):
