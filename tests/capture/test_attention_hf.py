@@ -32,7 +32,8 @@ VARLEN, THROUGH_SDPA, PACKED = "geomon_test_varlen", "geomon_test_via_sdpa", "ge
 
 
 def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """A flash-like function on CPU: 2-D padding mask (or None), causality from module.is_causal, bottom-right."""
+    """A flash-like function on CPU: 2-D padding mask (or None), causality from module.is_causal, bottom-right, and
+    ``sliding_window`` as flash applies it (``window_size = (w - 1, w - 1)`` when there are more keys than ``w``)."""
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     scores = (query @ key.transpose(-1, -2)) * scaling
@@ -40,6 +41,10 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
     allowed = torch.ones(n_q, n_k, dtype=torch.bool)
     if module.is_causal:
         allowed = allowed.tril(n_k - n_q)
+    window = kwargs.get("sliding_window")
+    if window is not None and n_k > window:
+        distance = torch.arange(n_q)[:, None] + (n_k - n_q) - torch.arange(n_k)[None, :]
+        allowed = allowed & (distance.abs() <= window - 1)
     allowed = allowed[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]
@@ -309,6 +314,42 @@ def test_packed_sequences_are_measured_as_the_sequences_alone():
             entropy, _, n_keys = rows_of(call, backend)
             assert_rows_close(entropy, expected)
             assert n_keys[0, 0].tolist() == [i + 1 for n in lengths for i in range(n)]
+
+
+@pytest.mark.parametrize("implementation", [VARLEN, "sdpa", "eager"])
+def test_sliding_window_attention_has_the_entropy_of_the_eager_probabilities(implementation):
+    # Mistral with a 4-token window on 9 tokens, right padding: the flash-style call's window travels as a rule
+    # (a per-row key range on the kernel), sdpa's and eager's as their 4-D masks; reference: the eager copy's own
+    # probabilities (transformers' sliding-window mask)
+    config = transformers.MistralConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=100,
+        sliding_window=4,
+    )
+    config._attn_implementation = implementation
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(config).eval()
+    eager_config = copy.deepcopy(config)
+    eager_config._attn_implementation = "eager"
+    eager = transformers.MistralForCausalLM(eager_config).eval()
+    eager.load_state_dict(model.state_dict())
+    ids, mask = _batch()
+    with torch.no_grad():
+        calls, out = collect(model, lambda: model(ids, attention_mask=mask))
+        reference = eager(ids, attention_mask=mask, output_attentions=True)
+    tokens = mask.bool()
+    torch.testing.assert_close(out.logits[tokens], reference.logits[tokens], rtol=1e-4, atol=1e-5)  # same attention
+    assert len(calls) == 2
+    expected_keys = torch.minimum(torch.arange(9) + 1, torch.tensor(4)).expand(3, 9)
+    for call, weights in zip(calls, reference.attentions, strict=True):
+        for backend in ("torch", "triton"):
+            entropy, _, n_keys = rows_of(call, backend)
+            assert_rows_close(entropy, entropy_of(weights), tokens[:, None, :])
+            assert torch.equal(n_keys[:, 0][tokens], expected_keys[tokens])
 
 
 def test_interface_mask_sliding_window_and_packed_sequences():
