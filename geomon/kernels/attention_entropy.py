@@ -139,9 +139,9 @@ def _masked_tile(
     else:
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no allowed key yet
     if MASK_KIND == 2:
-        centred = tl.maximum(s - shift[:, None], -200.0)
+        centred = tl.maximum(s - shift[:, None], -200.0, propagate_nan=tl.PropagateNan.ALL)
     elif MASK_KIND != 3:
-        centred = tl.maximum(s * scale_log2e - shift[:, None], -200.0)
+        centred = tl.maximum(s * scale_log2e - shift[:, None], -200.0, propagate_nan=tl.PropagateNan.ALL)
     weights = tl.exp2(centred)
     decay = tl.exp2(running_max - shift)
     if MASK_KIND == 3:  # decay first: blocked keys (-1.7e38 each) can put norm · (running_max - shift) past float32
@@ -330,10 +330,14 @@ def _attention_entropy_kernel(
         if ROW_RANGES:
             n_keys -= tl.load(count_row + key_start)
     entropy = tl.log(norm) - 0.6931471805599453 * tilted / norm
-    entropy = tl.minimum(tl.maximum(entropy, 0.0), tl.log(tl.maximum(n_keys, 1).to(tl.float32)))
+    # a NaN score among a row's allowed keys (or an infinite one) leaves its sums NaN: kept, not clamped away, and its
+    # max logit NaN too (+inf for a +inf score), as the torch path reads such a row
+    ceiling = tl.log(tl.maximum(n_keys, 1).to(tl.float32))
+    entropy = tl.minimum(tl.maximum(entropy, 0.0, propagate_nan=tl.PropagateNan.ALL), ceiling, tl.PropagateNan.ALL)
     no_key = n_keys == 0
+    broken = (entropy != entropy) & (running_max != float("inf"))
     entropy = tl.where(no_key, float("nan"), entropy)
-    max_logit = tl.where(no_key, float("nan"), running_max * 0.6931471805599453)
+    max_logit = tl.where(no_key | broken, float("nan"), running_max * 0.6931471805599453)
     out = pid_bh * n_sel + rows.to(tl.int64)
     tl.store(ENTROPY + out, entropy, mask=row_ok)
     tl.store(MAX_LOGIT + out, max_logit, mask=row_ok)

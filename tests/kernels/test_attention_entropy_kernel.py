@@ -601,6 +601,57 @@ def test_the_launcher_reads_a_mask_per_key_only_when_it_is_the_same_for_every_qu
     assert launches == [(3, unmasked), (3, unmasked), (3, unmasked), (1, masked), (0, unmasked), (3, unmasked)]
 
 
+def test_nan_entries_of_an_additive_mask_block_their_key():
+    # NaN compares false against the blocking threshold: its key is blocked, on the kernel's per-score and per-key
+    # reads and on the torch path alike (the reference: NaN never exceeds the dtype's minimum either)
+    b, n_q, n_k = 2, 2 * BLOCK + 3, 3 * BLOCK + 1
+    q, k = _qk(b, 2, 1, n_q, n_k, 16, seed=31)
+    g = torch.Generator().manual_seed(31)
+    per_query = torch.randn(b, 1, n_q, n_k, generator=g).masked_fill(
+        torch.rand(b, 1, n_q, n_k, generator=g) < 0.3, math.nan
+    )
+    per_key = torch.randn(b, 1, 1, n_k, generator=g)
+    per_key[..., 1::3] = math.nan
+    for mask in (per_query.to(DEVICE), per_key.to(DEVICE)):
+        _against_explicit(q, k, attn_mask=mask, atol=5e-5)
+        entropy, max_logit, n_keys = attention_entropy(
+            q, k, scale=0.5, attn_mask=mask, backend="torch", return_n_keys=True
+        )
+        ref_entropy, ref_max, ref_n = _explicit(q, k, 0.5, attn_mask=mask)
+        assert torch.equal(n_keys.cpu(), ref_n) and (ref_n < n_k).all()
+        torch.testing.assert_close(entropy.double().cpu(), ref_entropy, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(max_logit.double().cpu(), ref_max, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["none", "bool", "additive", "key bool", "key additive"])
+def test_nan_scores_read_nan_as_on_the_torch_path(kind):
+    # a NaN query row (batch 0) and a NaN key every row may attend to (batch 1): those rows read NaN entropy and max
+    # logit, never a clamped finite value, on both loops; batch 2's rows are untouched
+    b, n_q, n_k, bad_key = 3, 2 * BLOCK + 3, 3 * BLOCK + 1, 2 * BLOCK + 5
+    q, k = _qk(b, 2, 1, n_q, n_k, 16, seed=32)
+    q[0, 0, 3, 0] = math.nan
+    k[1, :, bad_key, 0] = math.nan
+    g = torch.Generator().manual_seed(32)
+    if kind.startswith("key"):
+        mask = _key_mask(kind.split()[1], b, n_k)  # bad_key is allowed in batches 0 and 1
+    elif kind == "bool":
+        mask = (torch.rand(b, 1, n_q, n_k, generator=g) > 0.3).index_fill(-1, torch.tensor([bad_key]), True)
+    elif kind == "additive":
+        mask = torch.randn(b, 1, n_q, n_k, generator=g)
+    else:
+        mask = None
+    mask = None if mask is None else mask.to(DEVICE)
+    ref_entropy = _explicit(q, k, 0.5, attn_mask=mask)[0]
+    assert ref_entropy[0, 0, 3].isnan() and ref_entropy[1].isnan().all() and ref_entropy[0, :, 4:].isfinite().all()
+    for block_m in (BLOCK, 2 * BLOCK):
+        _against_explicit(q, k, attn_mask=mask, block_m=block_m, atol=5e-5)
+        rows = attention_entropy(q, k, scale=0.5, attn_mask=mask, backend="torch", return_n_keys=True)
+        for got, expected in zip(rows, _explicit(q, k, 0.5, attn_mask=mask), strict=True):
+            torch.testing.assert_close(got.double().cpu(), expected.double(), atol=5e-5, rtol=1e-5, equal_nan=True)
+    finite_k = torch.nan_to_num(k)
+    _against_explicit(q, finite_k, attn_mask=mask, is_causal=True, atol=5e-5)  # the NaN row on the causal loops
+
+
 def test_key_mask_entries_below_the_floor_are_held_at_it():
     # documented: an allowed additive entry below -5.9e37 counts as -5.9e37 (base-2 float32 headroom); only a row
     # whose every key is that low shows it, in its max logit - its entropy is that of near-equal logits as in fp64
