@@ -1,6 +1,6 @@
 """``geomon report``: a self-contained HTML page and PNG figures from any run geomon logged to.
 
-Reads Lightning CSV logs, TensorBoard event files, offline W&B runs and the demo's long CSV
+Reads Lightning CSV logs, TensorBoard event files, offline W&B runs and long ``step,key,value`` CSVs
 (:mod:`geomon.tools.report.readers`), draws the figures the run has data for
 (:mod:`geomon.tools.report.figures`) and writes ``index.html`` with every PNG embedded, plus the PNGs beside it.
 Needs matplotlib (and rich for progress bars).

@@ -3,7 +3,7 @@
 Understood inputs (a directory is searched; it must hold exactly one run):
 
 - a Lightning ``CSVLogger`` version directory: ``metrics.csv`` in wide form (a ``step`` column, one column per key,
-  empty cells where a key was not logged); also the long form ``step,key,value`` written by ``geomon.tools.demo``;
+  empty cells where a key was not logged); also the long form ``step,key,value``;
 - TensorBoard event files ``events.out.tfevents.*`` (scalars; every event file of the directory, in name order);
 - a W&B run directory (``wandb/offline-run-*/run-*.wandb``): history rows, the step being ``trainer/global_step``
   when the row has it, else W&B's ``_step``.
