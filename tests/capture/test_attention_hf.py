@@ -88,14 +88,16 @@ def _registered():
 def _config(name, implementation):
     if name == "gpt2":
         config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
-    elif name == "llama":
-        config = transformers.LlamaConfig(
+    elif name in ("llama", "mistral"):  # Mistral: Llama's shapes with a 4-token sliding window
+        config_class = transformers.LlamaConfig if name == "llama" else transformers.MistralConfig
+        config = config_class(
             hidden_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
             intermediate_size=128,
             vocab_size=100,
+            **({"sliding_window": 4} if name == "mistral" else {}),
         )
     else:
         config = transformers.BertConfig(
@@ -107,7 +109,12 @@ def _config(name, implementation):
 
 def _models(name, implementation, **overrides):
     """The model under test and an eager copy with the same weights (the reference)."""
-    cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM, "bert": transformers.BertModel}
+    cls = {
+        "gpt2": transformers.GPT2LMHeadModel,
+        "llama": transformers.LlamaForCausalLM,
+        "mistral": transformers.MistralForCausalLM,
+        "bert": transformers.BertModel,
+    }
     config = _config(name, implementation)
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -321,22 +328,7 @@ def test_sliding_window_attention_has_the_entropy_of_the_eager_probabilities(imp
     # Mistral with a 4-token window on 9 tokens, right padding: the flash-style call's window travels as a rule
     # (a per-row key range on the kernel), sdpa's and eager's as their 4-D masks; reference: the eager copy's own
     # probabilities (transformers' sliding-window mask)
-    config = transformers.MistralConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=100,
-        sliding_window=4,
-    )
-    config._attn_implementation = implementation
-    torch.manual_seed(0)
-    model = transformers.MistralForCausalLM(config).eval()
-    eager_config = copy.deepcopy(config)
-    eager_config._attn_implementation = "eager"
-    eager = transformers.MistralForCausalLM(eager_config).eval()
-    eager.load_state_dict(model.state_dict())
+    model, eager = _models("mistral", implementation)
     ids, mask = _batch()
     with torch.no_grad():
         calls, out = collect(model, lambda: model(ids, attention_mask=mask))
