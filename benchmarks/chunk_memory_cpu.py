@@ -1,6 +1,7 @@
 """Peak memory of the torch path of ``attention_entropy`` at the shapes the metric docs quote (CPU, float32).
 
     python benchmarks/chunk_memory_cpu.py [--repeats 3] [--out FILE]
+    python benchmarks/chunk_memory_cpu.py --smoke            # tiny shapes, one run: checks the script runs
 
 Each measurement runs in a fresh worker started through ``/bin/sh`` (a child forked from this torch-importing
 process would inherit its ``ru_maxrss`` high-water mark): the worker creates ``q, k`` ``[B, H, N, Dh]``, makes a tiny
@@ -48,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one run each (not a measurement)")
     parser.add_argument("--worker", nargs=4, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -55,20 +57,22 @@ def main() -> None:
         return
     import torch
 
+    flags = "--smoke" if args.smoke else f"--repeats {args.repeats}"
     lines = [
         "# Torch-path peak memory of attention_entropy (CPU, float32, default chunking)",
         "",
         f"- date: {datetime.date.today().isoformat()}; torch {torch.__version__}; Python {platform.python_version()}; "
         f"{platform.machine()}, 2 threads",
-        f"- command: `python benchmarks/chunk_memory_cpu.py --repeats {args.repeats}`; growth of `ru_maxrss` over the "
+        f"- command: `python benchmarks/chunk_memory_cpu.py {flags}`; growth of `ru_maxrss` over the "
         "call, one fresh worker per run",
         "",
         "| shape | one float32 score matrix | peak growth per run (MiB) | seconds per run |",
         "|---|---|---|---|",
     ]
-    for name, b, h, n, d in SHAPES:
+    shapes = [(name, b, h, n // 16, d // 4) for name, b, h, n, d in SHAPES] if args.smoke else SHAPES
+    for name, b, h, n, d in shapes:
         runs = []
-        for _ in range(args.repeats):
+        for _ in range(1 if args.smoke else args.repeats):
             command = f"{sys.executable} {Path(__file__).resolve()} --worker {b} {h} {n} {d}"
             out = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, check=True)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -59,6 +59,16 @@ def test_bench_gpu_fast_mode_writes_one_file_with_the_kernel_and_trainer_overhea
     assert f"wrote {out}" in proc.stdout
 
 
+def test_chunk_memory_smoke_mode_measures_every_shape_in_a_fresh_worker(tmp_path):
+    out = tmp_path / "memory.md"
+    script = ROOT / "benchmarks" / "chunk_memory_cpu.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "MiB |" in line]
+    assert len(rows) == 3 and all(re.search(r"\| -?\d+ \| \d+\.\d \|$", row) for row in rows), rows
+
+
 def _trainer_overhead():
     # sys.path is put back at once: spawned children of later tests inherit it, and a benchmarks/ entry there once
     # shadowed an installed package of the same name as a script
