@@ -652,6 +652,33 @@ def test_nan_scores_read_nan_as_on_the_torch_path(kind):
     _against_explicit(q, finite_k, attn_mask=mask, is_causal=True, atol=5e-5)  # the NaN row on the causal loops
 
 
+def test_a_nan_score_at_a_blocked_key_as_documented():
+    # the torch path and the kernel's boolean masks select a blocked score away; an additive or key mask is added to
+    # it (as eager attention and SDPA's math path add theirs), so a NaN there reads the row NaN in the kernel
+    n_q, n_k = BLOCK + 3, 2 * BLOCK + 1
+    q, k = _qk(1, 2, 1, n_q, n_k, 16, seed=33)
+    k[..., 5, 0] = math.nan
+    open_keys = torch.ones(n_k, dtype=torch.bool)
+    open_keys[5] = False
+    masks = {
+        "bool per query": open_keys.expand(1, 1, n_q, n_k).contiguous(),
+        "additive per query": torch.zeros(1, 1, n_q, n_k).masked_fill(~open_keys, -math.inf),
+        "bool key mask": open_keys.view(1, 1, 1, n_k),
+        "additive key mask": torch.zeros(1, 1, 1, n_k).masked_fill(~open_keys, -math.inf),
+    }
+    expected = _explicit(q, torch.nan_to_num(k), 0.5, attn_mask=masks["bool per query"].to(DEVICE))[0]
+    assert expected.isfinite().all()
+    for name, mask in masks.items():
+        mask = mask.to(DEVICE)
+        torch_rows = attention_entropy(q, k, scale=0.5, attn_mask=mask, backend="torch")[0]
+        torch.testing.assert_close(torch_rows.double().cpu(), expected, atol=2e-5, rtol=1e-5)
+        kernel_rows = attention_rows_triton(q, k, 0.5, False, mask, None, block_m=BLOCK, block_n=BLOCK)[0].cpu()
+        if name.startswith("bool per query"):
+            torch.testing.assert_close(kernel_rows.double(), expected, atol=2e-5, rtol=1e-5)
+        else:
+            assert kernel_rows.isnan().all(), name
+
+
 def test_key_mask_entries_below_the_floor_are_held_at_it():
     # documented: an allowed additive entry below -5.9e37 counts as -5.9e37 (base-2 float32 headroom); only a row
     # whose every key is that low shows it, in its max logit - its entropy is that of near-equal logits as in fp64
