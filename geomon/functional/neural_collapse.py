@@ -153,7 +153,7 @@ def _neural_collapse_update(
     if ignore_index is not None:
         n_invalid = n_invalid - (labels == ignore_index).sum()
     into.n_invalid.add_(n_invalid)
-    into.gram.add_(kept.T @ h)  # D x D
+    into.gram.add_(kept.T @ kept)  # D x D; rows left out are zero on both sides (NaN padding adds nothing)
     return into
 
 
