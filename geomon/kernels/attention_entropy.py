@@ -43,6 +43,7 @@ interpreter's bf16 dot is wrong; on a GPU they go to the tensor cores as they ar
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -502,6 +503,12 @@ def attention_rows_triton(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
+    if mask_kind in (0, 1) and float(torch.tensor(scale * LOG2E, dtype=torch.float32)) == 0.0:
+        # every allowed score is 0: a flat row, log(n) nats. The masked loop's blocked -inf times a zero scale is NaN,
+        # which it keeps (a NaN score must not be clamped away), so the rows are written from the key counts here
+        has_keys = n_keys > 0
+        entropy = torch.where(has_keys, torch.log(n_keys.clamp(min=1).float()), math.nan)
+        max_logit = torch.where(has_keys, 0.0, math.nan)
     return entropy, max_logit, n_keys.long()
 
 

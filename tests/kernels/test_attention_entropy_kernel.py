@@ -272,6 +272,11 @@ def test_negative_and_zero_scales_take_the_row_minimum_or_a_flat_row(is_causal):
     q, k = _qk(1, 2, 2, 2 * BLOCK + 1, 2 * BLOCK + 3, 16, seed=9)
     _against_explicit(q, k, scale=-0.7, is_causal=is_causal)
     _against_explicit(q, k, scale=0.0, is_causal=is_causal)
+    # a zero scale under masks: flat over the allowed keys (boolean), the additive mask alone (additive)
+    allowed = torch.rand(1, 1, q.shape[2], k.shape[2], generator=torch.Generator().manual_seed(9)) > 0.4
+    allowed[..., 0, :] = False  # a row with no key
+    for mask in (allowed, torch.randn(allowed.shape).masked_fill(~allowed, -math.inf)):
+        _against_explicit(q, k, scale=0.0, is_causal=is_causal, attn_mask=mask.to(DEVICE))
 
 
 def test_head_dim_below_the_padded_tile_masks_the_key_loads():
