@@ -74,6 +74,24 @@ def test_given_class_means_drive_nc4(rng):
     assert float(value) == pytest.approx(expected["nc4"], abs=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("where", ["weight", "bias"])
+def test_a_nan_in_the_head_leaves_nc4_undefined(where, backend, rng):
+    # torch.argmax, the tiled torch search and the kernel each skip a NaN class differently: nc4 reads NaN, the
+    # statistics that do not use the head stay as they were
+    features, labels = _clustered(rng, 90, 5, 6)
+    features = features.float()  # the kernel searches float32 features (float64 ones take the torch path)
+    weight, bias = torch.from_numpy(rng.standard_normal((5, 6))).float(), torch.zeros(5)
+    means = torch.from_numpy(rng.standard_normal((5, 6))).float()
+    clean = neural_collapse(features, labels, weight, bias, class_means=means, backend=backend)
+    assert math.isfinite(float(clean["nc4"]))
+    (weight if where == "weight" else bias)[3, ...] = math.nan
+    broken = neural_collapse(features, labels, weight, bias, class_means=means, backend=backend)
+    assert math.isnan(float(broken["nc4"]))
+    for key in ("nc1", "nc2_equinorm", "cdnv"):
+        assert float(broken[key]) == pytest.approx(float(clean[key]), rel=1e-12), key
+
+
 @pytest.mark.parametrize(("c", "d"), [(3, 3), (5, 12), (10, 10), (40, 64)])
 def test_exact_simplex_etf_is_fully_collapsed(c, d, rng):
     offset = rng.standard_normal(d)
