@@ -84,14 +84,15 @@ def _nc4_update(
     """``(mismatches, samples)``: classifier argmax over all classes vs nearest finite class mean, both as
     decided by the float64 scores (no host sync on the kernel path; the torch path's float64 re-check syncs on CUDA);
     rows where ``keep`` is False are not counted. A NaN anywhere in the head's weight or bias leaves the argmax
-    undefined (the two paths would skip the class differently): the mismatches are NaN then."""
+    undefined (the two paths would skip the class differently), and means with no finite row leave no centre: the
+    mismatches are NaN then."""
     dtype = compute_dtype(features)
     h = features.detach().to(dtype)
     w = weight.detach().to(dtype)
     offset = torch.zeros(w.shape[0], dtype=dtype, device=h.device) if bias is None else bias.detach().to(dtype)
     decision = tiled_argmax(h, w, offset, backend)
     nearest = nearest_centre(h, class_means.detach().to(dtype), backend)
-    undefined = w.isnan().any() | offset.isnan().any()
+    undefined = w.isnan().any() | offset.isnan().any() | ~class_means.isfinite().all(dim=1).any()
     if keep is None:
         mismatch = (decision != nearest).sum().to(torch.float64)
         samples = torch.full((), float(h.shape[0]), dtype=torch.float64, device=h.device)

@@ -90,6 +90,9 @@ def test_a_nan_in_the_head_leaves_nc4_undefined(where, backend, rng):
     assert math.isnan(float(broken["nc4"]))
     for key in ("nc1", "nc2_equinorm", "cdnv"):
         assert float(broken[key]) == pytest.approx(float(clean[key]), rel=1e-12), key
+    # reference means with no finite row (a window that saw only NaN) leave no centre: NaN, not class 0 for all
+    unknown = neural_collapse(features, labels, weight.nan_to_num(), class_means=means * math.nan, backend=backend)
+    assert math.isnan(float(unknown["nc4"]))
 
 
 @pytest.mark.parametrize(("c", "d"), [(3, 3), (5, 12), (10, 10), (40, 64)])
