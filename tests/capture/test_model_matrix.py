@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from geomon import Monitor, keys
+from geomon.functional._dispatch import choose_backend
 from tests.capture._matrix import CASES, DOCS, TOLERANCE, Case, docs_table, render, softmax_reference
 
 #: torch's fused attention kernels, taken only when no hook or grad is in the way
@@ -113,6 +115,34 @@ def test_logged_entropy_and_max_logit_equal_the_models_own_softmax(case: Case):
     assert monitored == unmonitored, f"monitoring changed the attention path: {paths}"
     assert sorted(logged) == sorted(expected), f"logged {sorted(logged)}, the model ran {sorted(expected)}"
     assert errors["entropy"] <= TOLERANCE and errors["max_logit"] <= TOLERANCE, errors
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES if c.warns is None])
+def test_the_kernel_as_cuda_would_run_it_logs_the_models_own_softmax(case: Case, monkeypatch):
+    """Each cell again, with ``backend="auto"`` choosing as on CUDA: the (interpreted) kernel for every captured call it
+    supports, the torch path for the patterns it leaves to torch (module masks, position biases, flex)."""
+    functional = importlib.import_module("geomon.functional.attention_entropy")  # the module, not the function
+    chosen = []
+
+    def as_on_cuda(backend, op, *tensors, unsupported=None):
+        if backend == "auto" and op == "attention_entropy":
+            chosen.append("torch" if unsupported else "triton")
+            return chosen[-1]
+        return choose_backend(backend, op, *tensors, unsupported=unsupported)
+
+    monkeypatch.setattr(functional, "choose_backend", as_on_cuda)
+    setup = case.build(case.implementation, case.padding)
+    expected = softmax_reference(setup)
+    logged, messages, _ = _monitored(case, setup)
+    assert not messages, messages
+    assert sorted(logged) == sorted(expected) and chosen, (sorted(logged), chosen)
+    for name in expected:
+        assert _relative(logged[name][0], expected[name][0]) <= TOLERANCE, (name, "entropy", chosen)
+        assert _relative(logged[name][1], expected[name][1]) <= TOLERANCE, (name, "max_logit", chosen)
+    _record(case, {"kernel_calls": chosen.count("triton"), "torch_calls": chosen.count("torch")})
+    # only the ALiBi biases Bloom and MPT add inside their modules are left to the torch path
+    alibi = case.id.startswith(("hugging-face-bloom", "hugging-face-mpt"))
+    assert set(chosen) == ({"torch"} if alibi else {"triton"}), chosen
 
 
 def test_the_docs_table_is_the_rendered_matrix():
