@@ -43,7 +43,6 @@ interpreter's bf16 dot is wrong; on a GPU they go to the tensor cores as they ar
 
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple
 
@@ -77,6 +76,7 @@ def _masked_tile(
     running_max, norm, tilted, n_keys, q, k_tile, k_offsets, m_tile, m_offsets, start, n_k, dim_ok, live,
     key_start, key_end, scale_log2e, mask_min,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, ROW_RANGES: tl.constexpr, NEGATIVE_SCALE: tl.constexpr,
+    ZERO_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One key tile of the masked loop: the online-softmax state (``running_max, norm, tilted, n_keys``) updated.
@@ -125,6 +125,9 @@ def _masked_tile(
         allowed = bias != float("-inf")
     elif MASK_KIND == 3:
         pass
+    elif ZERO_SCALE:  # scaled before the select: a blocked -inf times a zero scale would be NaN
+        s = tl.where(allowed, s * scale_log2e, float("-inf"))
+        tile_max = tl.max(s, 1)
     elif NEGATIVE_SCALE:
         s = tl.where(allowed, s, float("inf"))
         tile_max = tl.min(s, 1) * scale_log2e
@@ -139,7 +142,7 @@ def _masked_tile(
         centred = s - shift[:, None]
     else:
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no allowed key yet
-    if MASK_KIND == 2:
+    if MASK_KIND == 2 or (ZERO_SCALE and MASK_KIND != 3):  # s is scaled already
         centred = tl.maximum(s - shift[:, None], -200.0, propagate_nan=tl.PropagateNan.ALL)
     elif MASK_KIND != 3:
         centred = tl.maximum(s * scale_log2e - shift[:, None], -200.0, propagate_nan=tl.PropagateNan.ALL)
@@ -170,6 +173,7 @@ def _attention_entropy_kernel(
     HAS_BOUNDS: tl.constexpr,  # packed sequences: BOUNDS [2, Nk] int32 (see _row_range)
     HAS_QUERY_INDEX: tl.constexpr,
     NEGATIVE_SCALE: tl.constexpr,  # the row max of scale·s is scale · (row min of s)
+    ZERO_SCALE: tl.constexpr,  # scale · log2(e) is 0 in float32: the masked loop scales before it selects
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: key tiles load without a mask
     WIDE_TILE_OFFSETS: tl.constexpr,  # offsets inside one K tile need 64 bits (huge strides)
     DOT_PRECISION: tl.constexpr,  # "ieee", "tf32x3" (fp32 inputs on a GPU) or "tf32" (ignored for fp16/bf16)
@@ -310,14 +314,14 @@ def _attention_entropy_kernel(
             running_max, norm, tilted, n_keys = _masked_tile(
                 running_max, norm, tilted, n_keys, q, k_base + (start // BLOCK_N) * k_step, k_offsets, m_tile,
                 m_offsets, start, n_k, dim_ok, live, key_start, key_end, scale_log2e, mask_min,
-                MASK_KIND, IS_CAUSAL, ROW_RANGES, NEGATIVE_SCALE, DOT_PRECISION, UPCAST, BLOCK_N,
+                MASK_KIND, IS_CAUSAL, ROW_RANGES, NEGATIVE_SCALE, ZERO_SCALE, DOT_PRECISION, UPCAST, BLOCK_N,
             )  # fmt: skip
     else:  # the tiles after the full ones, addresses advanced per tile
         for start in range(full_end, stop, BLOCK_N):
             running_max, norm, tilted, n_keys = _masked_tile(
                 running_max, norm, tilted, n_keys, q, k_tile, k_offsets, m_tile, m_offsets, start, n_k, dim_ok,
                 live, key_start, key_end, scale_log2e, mask_min,
-                MASK_KIND, IS_CAUSAL, ROW_RANGES, NEGATIVE_SCALE, DOT_PRECISION, UPCAST, BLOCK_N,
+                MASK_KIND, IS_CAUSAL, ROW_RANGES, NEGATIVE_SCALE, ZERO_SCALE, DOT_PRECISION, UPCAST, BLOCK_N,
             )  # fmt: skip
             k_tile += k_step
             if MASK_KIND != 0:
@@ -493,6 +497,7 @@ def attention_rows_triton(
         HAS_BOUNDS=key_bounds is not None,
         HAS_QUERY_INDEX=query_index is not None,
         NEGATIVE_SCALE=scale < 0,
+        ZERO_SCALE=float(torch.tensor(scale * LOG2E, dtype=torch.float32)) == 0.0,
         EVEN_D=block_d == head_dim,
         WIDE_TILE_OFFSETS=wide,
         DOT_PRECISION=_dot_precision(q.dtype, interpreted, _tensor_cores_take_tf32(q.device, interpreted)),
@@ -503,12 +508,6 @@ def attention_rows_triton(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
-    if mask_kind in (0, 1) and float(torch.tensor(scale * LOG2E, dtype=torch.float32)) == 0.0:
-        # every allowed score is 0: a flat row, log(n) nats. The masked loop's blocked -inf times a zero scale is NaN,
-        # which it keeps (a NaN score must not be clamped away), so the rows are written from the key counts here
-        has_keys = n_keys > 0
-        entropy = torch.where(has_keys, torch.log(n_keys.clamp(min=1).float()), math.nan)
-        max_logit = torch.where(has_keys, 0.0, math.nan)
     return entropy, max_logit, n_keys.long()
 
 
@@ -637,6 +636,7 @@ def variants() -> list:
                     "HAS_BOUNDS": packed is not None,
                     "HAS_QUERY_INDEX": has_index,
                     "NEGATIVE_SCALE": False,
+                    "ZERO_SCALE": False,
                     "EVEN_D": True,
                     "WIDE_TILE_OFFSETS": False,
                     "DOT_PRECISION": _dot_precision(torch_types[dtype], interpreted=False),

@@ -277,6 +277,11 @@ def test_negative_and_zero_scales_take_the_row_minimum_or_a_flat_row(is_causal):
     allowed[..., 0, :] = False  # a row with no key
     for mask in (allowed, torch.randn(allowed.shape).masked_fill(~allowed, -math.inf)):
         _against_explicit(q, k, scale=0.0, is_causal=is_causal, attn_mask=mask.to(DEVICE))
+    # a NaN query row stays NaN at a zero scale (NaN · 0), for scales that are 0 only in float32 too
+    q[0, 1, 5, 0] = math.nan
+    for scale in (0.0, -0.0, 1e-46):
+        _against_explicit(q, k, scale=scale, is_causal=is_causal)
+        _against_explicit(q, k, scale=scale, is_causal=is_causal, attn_mask=allowed.to(DEVICE))
 
 
 def test_head_dim_below_the_padded_tile_masks_the_key_loads():
