@@ -72,6 +72,18 @@ def _row_range(position, live, n_k, window, bounds, IS_CAUSAL: tl.constexpr, HAS
 
 
 @triton.jit
+def _rescaled_tilted(tilted, norm, decay, drop, DECAY_FIRST: tl.constexpr):
+    """``t`` moved to a new running max: ``decay · (t + l · drop)``, ``drop = m - m'`` (the term is 0 while ``l`` is
+    0, where ``drop`` may be -inf). ``DECAY_FIRST`` (key masks): ``(decay · l) · drop``, since blocked keys at
+    ``KEY_BLOCKED`` each can put ``l · drop`` past float32."""
+    if DECAY_FIRST:
+        moved = decay * tilted + tl.where(norm > 0, (decay * norm) * drop, 0.0)
+    else:
+        moved = decay * (tilted + tl.where(norm > 0, norm * drop, 0.0))
+    return moved
+
+
+@triton.jit
 def _masked_tile(
     running_max, norm, tilted, n_keys, q, k_tile, k_offsets, m_tile, m_offsets, start, n_k, dim_ok, live,
     key_start, key_end, scale_log2e, mask_min,
@@ -99,9 +111,9 @@ def _masked_tile(
     if MASK_KIND == 0:
         allowed = in_range
     elif MASK_KIND == 3:  # keys past n_k read as blocked; a row's count comes from the key count, not from here
-        bias = tl.load(m_tile + m_offsets, mask=cols < n_k, other=-1.7014117331926443e38)
+        bias = tl.load(m_tile + m_offsets, mask=cols < n_k, other=-1.7014117331926443e38)  # KEY_BLOCKED
         if IS_CAUSAL or ROW_RANGES:
-            bias = tl.where(in_range, bias[None, :], -1.7014117331926443e38)
+            bias = tl.where(in_range, bias[None, :], -1.7014117331926443e38)  # KEY_BLOCKED
         else:
             bias = bias[None, :]
     else:  # the load's per-row and per-column guard keeps it vectorised
@@ -148,11 +160,7 @@ def _masked_tile(
         centred = tl.maximum(s * scale_log2e - shift[:, None], -200.0, propagate_nan=tl.PropagateNan.ALL)
     weights = tl.exp2(centred)
     decay = tl.exp2(running_max - shift)
-    if MASK_KIND == 3:  # decay first: blocked keys (-1.7e38 each) can put norm · (running_max - shift) past float32
-        tilted = decay * tilted + tl.where(norm > 0, (decay * norm) * (running_max - shift), 0.0)
-    else:
-        tilted = decay * (tilted + tl.where(norm > 0, norm * (running_max - shift), 0.0))
-    tilted += tl.sum(weights * centred, 1)
+    tilted = _rescaled_tilted(tilted, norm, decay, running_max - shift, MASK_KIND == 3) + tl.sum(weights * centred, 1)
     norm = decay * norm + tl.sum(weights, 1)
     running_max = new_max
     return running_max, norm, tilted, n_keys
@@ -286,10 +294,7 @@ def _attention_entropy_kernel(
             centred = s * scale_log2e - new_max[:, None]  # one FFMA per score, <= 0 up to rounding
         weights = tl.exp2(centred)
         decay = tl.exp2(running_max - shift)  # 0 on the first tile (running_max = -inf)
-        if MASK_KIND == 3:  # as in _masked_tile
-            tilted = decay * tilted + tl.where(norm > 0, (decay * norm) * (running_max - shift), 0.0)
-        else:
-            tilted = decay * (tilted + tl.where(norm > 0, norm * (running_max - shift), 0.0))
+        tilted = _rescaled_tilted(tilted, norm, decay, running_max - shift, MASK_KIND == 3)
         tilted += tl.sum(weights * centred, 1)
         norm = decay * norm + tl.sum(weights, 1)
         running_max = new_max
