@@ -74,7 +74,8 @@ def decided(best: Tensor, second: Tensor, bound: Tensor) -> Tensor:
 
 def tiled_argmax(features: Tensor, rows: Tensor, offset: Tensor, backend: Backend = "torch") -> Tensor:
     """``argmax_c (features @ rows[c] + offset[c])`` per sample, ties to the lowest ``c`` (as ``torch.argmax``),
-    the same decisions as the float64 scores of the given values.
+    the same decisions as the float64 scores of the given values. A NaN score counts as ``-inf`` (a row with
+    nothing else gets class 0).
 
     Float64 features are searched in float64. Otherwise a fast fp32 search (TF32 tensor cores in the kernel) keeps
     each row's best and second-best score; rows whose lead is within ``2 x score_error_bound`` are searched again in
@@ -112,11 +113,17 @@ def _exact_search(features: Tensor, rows: Tensor, offset: Tensor) -> Tensor:
     for start in range(0, rows.shape[0], tile):
         block = rows[start : start + tile].double()
         scores = (h[:, None, :] * block[None, :, :]).sum(dim=2) + offset[start : start + tile].double()
-        value, index = scores.max(dim=1)
+        value, index = _skip_nan(scores).max(dim=1)
         better = value > best
         best = torch.where(better, value, best)
         best_index = torch.where(better, index + start, best_index)
     return best_index
+
+
+def _skip_nan(scores: Tensor) -> Tensor:
+    """NaN scores (from NaN or infinite features or rows) as ``-inf``, in place: they never win, and a row with no
+    other score keeps class 0 - the kernels' rule. ``max`` would return the NaN and drop the tile's real maximum."""
+    return scores.masked_fill_(scores.isnan(), -math.inf)
 
 
 def _torch_operands(device: torch.device) -> str:
@@ -151,7 +158,7 @@ def _search(features: Tensor, rows: Tensor, offset: Tensor) -> tuple[Tensor, Ten
     for start in range(0, c, tile):
         with autocast_off(features.device):  # in the features' dtype even inside the model's autocast region
             block = rows[start : start + tile].to(features.dtype)
-            scores = features @ block.T + offset[start : start + tile].to(features.dtype)
+            scores = _skip_nan(features @ block.T + offset[start : start + tile].to(features.dtype))
         value, index = scores.max(dim=1)  # the first maximum
         runner_up = scores.scatter_(1, index[:, None], -math.inf).max(dim=1).values
         better = value > best  # strict: an earlier tile keeps a tie

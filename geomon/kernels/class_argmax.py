@@ -1,18 +1,19 @@
 """Classifier decision and nearest class centre without the ``N x C`` score matrix (``nc4`` at vocabulary scale),
 on the tensor cores, with the decisions of the float64 scores.
 
-Math. ``argmax_c (h_i · w_c + b_c)`` per sample; the nearest class centre is the same search with ``w_c = 2 μ_c``
-and ``b_c = -|μ_c|²`` (``|h - μ|² = |h|² - 2 h·μ + |μ|²``). Search: program ``m`` owns ``BLOCK_M`` samples and walks
-the classes in tiles of ``BLOCK_C``, each tile a ``[BLOCK_M, BLOCK_C]`` product accumulated over ``D`` in fp32 on the
+Math. ``argmax_c (h_i · w_c + b_c)`` per sample; the nearest class centre is the same search with ``w_c = 2 μ_c`` and
+``b_c = -|μ_c|²`` (``|h - μ|² = |h|² - 2 h·μ + |μ|²``). Search: program ``m`` owns ``BLOCK_M`` samples and walks the
+classes in tiles of ``BLOCK_C``, each tile a ``[BLOCK_M, BLOCK_C]`` product accumulated over ``D`` in fp32 on the
 tensor cores (TF32 operands for fp32 features), keeping per sample the best score, its class and the second-best
 score. Ties go to the lowest class index, as ``torch.argmax``: the first maximum within a tile, and a later tile must
-be strictly better. Exactness: a row whose best leads its second best by more than twice the proven rounding bound
-of the fast score (``geomon.functional._class_tiles.score_error_bound``: ``~(2u + D·2^-23)·|x|·max|w|`` with
-``u = 2^-10`` for TF32) has the exact argmax. The other rows - near ties, exact ties, overflow or underflow - are
-searched again by a second kernel in float64 over the flagged rows only, packed first by a stable sort on the flag
-(operands converted exactly, every score summed feature by feature in
-the same order, so that equal class rows tie exactly): its programs return at once unless one of their rows is
-flagged, so there is no host sync and no cost when nothing is close.
+be strictly better. A NaN score (features or rows with NaN or infinite entries) counts as ``-inf``: it never wins,
+and a row with no other score gets class 0, as on the torch path. Exactness: a row whose best leads its second best
+by more than twice the proven rounding bound of the fast score (``geomon.functional._class_tiles.score_error_bound``:
+``~(2u + D·2^-23)·|x|·max|w|`` with ``u = 2^-10`` for TF32) has the exact argmax. The other rows - near ties, exact
+ties, overflow or underflow - are searched again by a second kernel in float64 over the flagged rows only, packed
+first by a stable sort on the flag (operands converted exactly, every score summed feature by feature in the same
+order, so that equal class rows tie exactly): its programs return at once unless one of their rows is flagged, so
+there is no host sync and no cost when nothing is close.
 
 Cost. Search FLOPs ``2·N·C·D`` on TF32/bf16 tensor cores (the GEMM the materialised way does). Bytes: the ``N·D``
 features once, the ``C·D`` rows once per sample tile (L2-resident in practice), ``16·N`` bytes out, plus
@@ -74,6 +75,7 @@ def _tiled_argmax_kernel(
             scores += tl.dot(x, tl.trans(w))  # TF32 for fp32 operands on sm_80+
         # classes past the end load offset -inf, so their scores are -inf (their rows load as zeros)
         scores += tl.load(OFFSET + classes, mask=class_ok, other=float("-inf"))[None, :]
+        scores = tl.where(scores != scores, float("-inf"), scores)  # a NaN score (non-finite features) never wins
         tile_best = tl.max(scores, 1)
         tile_index = tl.argmax(scores, 1, tie_break_left=True)
         tile_second = tl.max(tl.where(tile[None, :] == tile_index[:, None], float("-inf"), scores), 1)
@@ -112,6 +114,7 @@ def _exact_argmax_kernel(
             w = tl.load(W + classes * stride_wc + k * stride_wd, mask=class_ok, other=0.0).to(tl.float64)
             scores += x[:, None] * w[None, :]
         scores += tl.load(OFFSET + classes, mask=class_ok, other=float("-inf"))[None, :]
+        scores = tl.where(scores != scores, float("-inf"), scores)
         tile_best = tl.max(scores, 1)
         tile_index = tl.argmax(scores, 1, tie_break_left=True).to(tl.int64) + c_start
         better = tile_best > best

@@ -176,3 +176,51 @@ def test_half_features_with_float32_rows_keep_the_bound():
     expected = reference_argmax(features.float().cpu(), rows.cpu(), offset.cpu())
     assert expected.tolist() == [0]
     assert class_argmax.tiled_argmax_triton(features, rows, offset).cpu().tolist() == [0]
+
+
+def _argmax_skipping_nan(features, rows, offset) -> torch.Tensor:
+    """float64 numpy reference of the rule for non-finite scores: NaN counts as -inf, ties to the lowest class, a
+    row with nothing but NaN gets class 0."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        scores = features.double().cpu().numpy() @ rows.double().cpu().numpy().T + offset.double().cpu().numpy()
+    return torch.from_numpy(np.where(np.isnan(scores), -np.inf, scores).argmax(axis=1))
+
+
+def test_rows_with_nan_or_infinite_features_are_decided_as_the_torch_path_and_do_not_crash():
+    # the interpreter used to raise on an all-NaN tile (numpy's nanargmax); on a GPU the NaN pick was unspecified
+    g = torch.Generator().manual_seed(11)
+    n, c, d = 70, 130, 20  # three class tiles, two sample tiles
+    features, rows, offset = torch.randn(n, d, generator=g), torch.randn(c, d, generator=g), torch.zeros(c)
+    features[3] = float("nan")  # every score NaN: class 0
+    features[10, 4] = float("nan")
+    features[20, 0] = float("inf")  # +-inf scores; NaN where the class row is 0 at that feature
+    rows[5:90:7, 0] = 0.0
+    features[64, 1] = float("-inf")  # in the second sample tile
+    features[65, :2] = torch.tensor([float("inf"), float("-inf")])  # inf - inf: NaN wherever both products are
+    expected = _argmax_skipping_nan(features, rows, offset)
+    features, rows, offset = _on_device(features, rows, offset)
+    torch_path = tiled_argmax(features, rows, offset, backend="torch")
+    assert torch.equal(torch_path.cpu(), expected), (torch_path.cpu() != expected).nonzero()
+    assert torch.equal(tiled_argmax(features, rows, offset, backend="triton").cpu(), expected)
+    means = rows.clone()
+    means[1] = float("nan")  # an unknown class as well
+    assert torch.equal(nearest_centre(features, means, "triton"), nearest_centre(features, means, "torch"))
+
+
+def test_nan_features_of_ignored_rows_leave_nc4_as_on_the_torch_path():
+    g = torch.Generator().manual_seed(12)
+    c, d = 6, 16
+    labels = torch.arange(60) % c
+    features = torch.randn(60, d, generator=g) + 3 * torch.eye(c, d)[labels]
+    labels[[4, 31]] = -100
+    features[[4, 31]] = float("nan")  # padding positions whose features are garbage
+    weight = torch.randn(c, d, generator=g)
+    means = torch.randn(c, d, generator=g)
+    results = {}
+    for backend in ("torch", "triton"):
+        f, lab, w, m = _on_device(features, labels, weight, means)
+        stats = _neural_collapse_update(f, lab, w, num_classes=c, class_means=m, backend=backend, ignore_index=-100)
+        results[backend] = (float(stats.nc4_mismatch), float(stats.nc4_count))
+    h, w, m = features[labels >= 0].double(), weight.double(), means.double()
+    reference = float(((h @ w.T).argmax(1) != torch.cdist(h, m).argmin(1)).sum())
+    assert results["torch"] == results["triton"] == (reference, 58.0)
