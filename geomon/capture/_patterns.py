@@ -2,13 +2,17 @@
 
 A :class:`MaskPattern` is called by the metric's torch path with the query rows it measures and one key chunk
 ``[start, stop)``, and returns that block of the mask (SDPA semantics: boolean True = may attend, or additive),
-broadcastable to ``[B, H, Nsel, stop - start]``. The fused kernel reads stored masks and per-row key ranges: a
-pattern that is only a key range (:class:`AlignedRule`: bottom-right causal, sliding windows, packed sequences) says
-so in ``key_range`` and goes to the kernel; a call carrying any other pattern is measured by the torch path (on CUDA
-too): memory stays ``O(B·H·Nsel·chunk)``.
+broadcastable to ``[B, H, Nsel, stop - start]``. The fused kernel reads stored masks, per-key biases and per-row key
+ranges: a pattern that is only a key range (:class:`AlignedRule`: bottom-right causal, sliding windows, packed
+sequences) says so in ``key_range``; a :class:`ModuleMasks` whose terms split into at most one stored per-score mask
+and per-key terms (ALiBi as Bloom and MPT add it, key padding) says so in :meth:`ModuleMasks.kernel_terms`; both go
+to the kernel. A call carrying any other pattern is measured by the torch path (on CUDA too): memory stays
+``O(B·H·Nsel·chunk)``.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -68,6 +72,18 @@ def _segment_bounds(segments: Tensor) -> Tensor:
     return torch.stack([first, end]).to(torch.int32)
 
 
+class KernelTerms(NamedTuple):
+    """A :class:`ModuleMasks` as the fused kernel takes it, read in place (no ``Nq x Nk`` tensor is made).
+
+    The per-key terms are left in the module's own dtype, unsummed with any per-score one: the metric compares the
+    additive sum with its padding threshold (``masked_at``), as its torch path compares the combined chunk."""
+
+    row_mask: Tensor | None  #: the one per-score term, broadcastable to ``[B, H, Nq, Nk]``: boolean or additive
+    row_mask_blocks: bool  #: a boolean ``row_mask`` means True = *not* allowed (the module's semantics)
+    key_sum: Tensor | None  #: ``[B', H', 1, Nk]``: the sum of the additive per-key terms (ALiBi, float key padding)
+    key_blocked: Tensor | None  #: ``[B', H', 1, Nk]``: keys a boolean per-key term blocks (key padding)
+
+
 class ModuleMasks(MaskPattern):
     """Masks in the semantics of ``nn.MultiheadAttention`` and MPT (boolean True = *not* allowed, or additive: a
     position bias such as ALiBi), each a view broadcastable to ``[B, H, L, S]``, combined per chunk as the module
@@ -95,6 +111,30 @@ class ModuleMasks(MaskPattern):
         if blocked is not None:
             bias = bias.masked_fill(blocked, -torch.inf)
         return torch.nn.functional.pad(bias, (0, extra), value=0.0) if extra else bias
+
+    def kernel_terms(self, n_k: int) -> KernelTerms | None:
+        """The terms split for the kernel (see :class:`KernelTerms`), for a call of ``n_k`` keys; None when they do
+        not split exactly: two per-score terms, a per-score additive term beside additive per-key ones (the module
+        compares their sum), or a per-score term with keys past the masks (``bias_k``, ``add_zero_attn``)."""
+        per_score = [m for m in self.masks if m.shape[-2] != 1]
+        per_key = [m for m in self.masks if m.shape[-2] == 1]
+        key_sum, key_blocked = None, None
+        for mask in per_key:
+            if mask.dtype == torch.bool:
+                key_blocked = mask if key_blocked is None else key_blocked | mask
+            else:
+                key_sum = mask if key_sum is None else key_sum + mask
+        if len(per_score) > 1 or (per_score and n_k != self.n_k):
+            return None
+        row = per_score[0] if per_score else None
+        if row is not None and row.dtype != torch.bool and key_sum is not None:
+            return None
+        extra = n_k - self.n_k  # keys open to every row, bias 0
+        if extra and key_sum is not None:
+            key_sum = torch.nn.functional.pad(key_sum, (0, extra), value=0.0)
+        if extra and key_blocked is not None:
+            key_blocked = torch.nn.functional.pad(key_blocked, (0, extra), value=False)
+        return KernelTerms(row, row is not None and row.dtype == torch.bool, key_sum, key_blocked)
 
     def padded_keys(self, batch: int, n_k: int) -> Tensor | None:
         """Keys every row of every head blocks: each boolean mask's rows and heads, and the sum of the additive

@@ -12,7 +12,8 @@ With a key/value cache holding earlier tokens, the keys are read from the cache 
 ``keys`` when their length is the call's); otherwise the call is not reported (a warning names it).
 
 Both pass their terms without forming their sum: the mask by reference (Bloom) and the bias and MPT's mask as a
-:class:`~geomon.capture._patterns.ModuleMasks` combined per key chunk, so no ``B·H·Nq·Nk`` tensor is made.
+:class:`~geomon.capture._patterns.ModuleMasks` combined per key chunk, so no ``B·H·Nq·Nk`` tensor is made. On CUDA
+the kernel reads the mask in place and the ALiBi as one bias per key (``ModuleMasks.kernel_terms``).
 
 Cost of a recomputation: the Q and K projections, ``2·B·N·E·2E`` FLOPs.
 """

@@ -19,8 +19,10 @@ Masks stay the module's own tensors, never converted into an ``L x S`` copy: ``n
 masks mean the opposite of SDPA's (True = *not* allowed); ``attn_mask`` is ``[L, S]`` or ``[B·H, L, S]``,
 ``key_padding_mask`` ``[B, S]``. A key-padding mask alone becomes a ``[B, 1, 1, S]`` SDPA mask (boolean inverted,
 additive by reference); any mask over rows is read per key chunk by the metric
-(:class:`~geomon.capture._patterns.ModuleMasks`: booleans block, floats add, as in the module). ``is_causal`` is only
-a hint on these two paths (the module applies the mask it was given), so it is not reported. Dropout is not applied.
+(:class:`~geomon.capture._patterns.ModuleMasks`: booleans block, floats add, as in the module), and on CUDA in place
+by the kernel beside the key padding as a per-key bias, unless both are float (the module compares their sum).
+``is_causal`` is only a hint on these two paths (the module applies the mask it was given), so it is not reported.
+Dropout is not applied.
 
 Cost: two ``[B·L, E] x [E, E]`` projections (Q and K, not V) per recomputed call.
 """

@@ -226,20 +226,60 @@ def _attention_rows(
         unsupported = "float64 additive masks are applied by the torch path only"
     elif q.shape[-1] > 256:
         unsupported = f"head dim {q.shape[-1]} > 256"
-    elif pattern is not None and key_range is None:
-        unsupported = "a generated mask pattern other than a key range is applied by the torch path only"
+    kernel_masks = _KernelMasks(attn_mask)
+    if unsupported is None and pattern is not None and key_range is None:
+        kernel_masks = _split_for_kernel(pattern, attn_mask, k.shape[2], masked_at)
+        unsupported = kernel_masks.unsupported
     if choose_backend(backend, "attention_entropy", q, k, attn_mask, unsupported=unsupported) == "triton":
         from geomon.kernels.attention_entropy import attention_rows_triton
 
         causal, offset, window, bounds = (is_causal, 0, None, None) if key_range is None else key_range
         rows = attention_rows_triton(
-            q, k, scale, causal, attn_mask, query_index, masked_at=masked_at, causal_offset=offset, window=window,
-            key_bounds=bounds,
+            q, k, scale, causal, kernel_masks.mask, query_index, masked_at=masked_at, causal_offset=offset,
+            window=window, key_bounds=bounds, mask_blocks=kernel_masks.mask_blocks, key_bias=kernel_masks.key_bias,
         )  # fmt: skip
     else:
         with autocast_off(q.device):  # float32 scores even inside the model's autocast region
             rows = _attention_rows_torch(q, k, scale, is_causal, attn_mask, chunk_size, query_index, masked_at, pattern)
     return rows if query_padding is None else _drop_rows(rows, query_padding, query_index)
+
+
+class _KernelMasks(NamedTuple):
+    """What the kernel reads for a call's masks: one per-score ``mask`` (``mask_blocks``: a boolean one means True =
+    not allowed) and ``key_bias`` (``[B', H', Nk]`` float32, ``-inf`` at blocked keys); or why it cannot."""
+
+    mask: Tensor | None
+    mask_blocks: bool = False
+    key_bias: Tensor | None = None
+    unsupported: str | None = None
+
+
+def _split_for_kernel(
+    pattern: MaskPattern, attn_mask: Tensor | None, n_k: int, masked_at: float | None
+) -> _KernelMasks:
+    """A generated pattern as stored masks the kernel reads, if it splits into one per-score mask and per-key terms
+    (its ``kernel_terms``: module masks, ALiBi); blocked and added as the torch path's chunks are."""
+    split = getattr(pattern, "kernel_terms", None)
+    terms = split(n_k) if callable(split) else None
+    if terms is None:
+        reason = "a generated mask pattern other than a key range or split module masks is applied by the torch path"
+        return _KernelMasks(None, unsupported=reason)
+    row = terms.row_mask
+    if row is not None and attn_mask is not None:
+        return _KernelMasks(None, unsupported="a per-score mask pattern beside attn_mask is applied by the torch path")
+    if row is not None and row.dtype == torch.float64:
+        return _KernelMasks(None, unsupported="float64 additive masks are applied by the torch path only")
+    key_sum, key_blocked = terms.key_sum, terms.key_blocked
+    key_bias = None
+    if key_sum is not None:  # blocked where a boolean term blocks or the sum is at or below the threshold
+        combined = key_sum if key_blocked is None else key_sum.masked_fill(key_blocked, -math.inf)
+        key_bias = torch.where(combined > _blocked_at(combined.dtype, masked_at), combined.float(), -math.inf)
+    elif key_blocked is not None:
+        key_bias = torch.zeros(key_blocked.shape, dtype=torch.float32, device=key_blocked.device)
+        key_bias.masked_fill_(key_blocked, -math.inf)
+    if key_bias is not None:  # [.., 1, Nk] -> [B', H', Nk]
+        key_bias = key_bias.reshape((1,) * (4 - key_bias.ndim) + tuple(key_bias.shape))[:, :, 0].detach()
+    return _KernelMasks(attn_mask if row is None else row.detach(), terms.row_mask_blocks, key_bias)
 
 
 def _validate_padding(

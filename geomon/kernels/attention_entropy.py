@@ -13,7 +13,9 @@ the capture's flash-style rules: the causal rule at an offset (query ``i`` at ke
 (``key_bounds``: each key position's own run of keys), and any of them combined with a mask. Each row's allowed
 keys before the mask are one range ``[key_start, key_end)``; per query tile the tiles outside the union of the
 rows' ranges are never read. A mask with one row for every query (key padding) is read per key: a bias and a
-running key count built by the launcher (see ``_key_operand``), so its tiles stay on the unmasked loop.
+running key count built by the launcher (see ``_key_operand``), so its tiles stay on the unmasked loop. Beside a
+per-score mask (boolean in SDPA's semantics or, ``MASK_BLOCKS``, the module's: True = blocked), a key bias
+(``KEY_BIAS [B', H', Nk]``: ALiBi, key padding) is read once per key tile and added to the scaled scores.
 
 Two key loops. Tiles that every live row of the query tile attends to in full (inside every live row's range, no
 ``attn_mask``) go through an unmasked loop: no per-score mask, the scale folded into the one FFMA that centres the
@@ -85,10 +87,10 @@ def _rescaled_tilted(tilted, norm, decay, drop, DECAY_FIRST: tl.constexpr):
 
 @triton.jit
 def _masked_tile(
-    running_max, norm, tilted, n_keys, q, k_tile, k_offsets, m_tile, m_offsets, start, n_k, dim_ok, live,
-    key_start, key_end, scale_log2e, mask_min,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, ROW_RANGES: tl.constexpr, NEGATIVE_SCALE: tl.constexpr,
-    ZERO_SCALE: tl.constexpr,
+    running_max, norm, tilted, n_keys, q, k_tile, k_offsets, m_tile, m_offsets, key_bias_row, start, n_k, dim_ok,
+    live, key_start, key_end, scale_log2e, mask_min,
+    MASK_KIND: tl.constexpr, MASK_BLOCKS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    ROW_RANGES: tl.constexpr, NEGATIVE_SCALE: tl.constexpr, ZERO_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One key tile of the masked loop: the online-softmax state (``running_max, norm, tilted, n_keys``) updated.
@@ -98,8 +100,11 @@ def _masked_tile(
     that a blocked key's weight is exactly 0 and its tilted term 0 · -200 = 0 without a second select (exp2 of
     anything below -149 is 0 in fp32). A key mask (``MASK_KIND`` 3) is a finite bias per key: a blocked key sits
     ``KEY_BLOCKED`` below any allowed one, so its weight is exactly 0 once the row has a key, with no clamp; its keys
-    are counted outside the loop."""
+    are counted outside the loop. A key bias (``HAS_KEY_BIAS``, with a per-score mask only: ALiBi, key padding) is
+    one base-2 value per key, ``-inf`` where blocked, added to the scaled scores."""
     cols = start + tl.arange(0, BLOCK_N)
+    if HAS_KEY_BIAS:
+        key_bias = tl.load(key_bias_row + cols, mask=cols < n_k, other=float("-inf"))[None, :]
     k = tl.load(k_tile + k_offsets, mask=(cols < n_k)[:, None] & dim_ok[None, :], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -118,8 +123,13 @@ def _masked_tile(
             bias = bias[None, :]
     else:  # the load's per-row and per-column guard keeps it vectorised
         load_ok = live[:, None] & (cols < n_k)[None, :]
-    if MASK_KIND == 1:  # dead rows and keys past n_k read as False
-        allowed = tl.load(m_tile + m_offsets, mask=load_ok, other=0) != 0
+    if MASK_KIND == 1:  # dead rows and keys past n_k read as not allowed
+        if MASK_BLOCKS:  # the module's semantics: True = not allowed
+            allowed = tl.load(m_tile + m_offsets, mask=load_ok, other=1) == 0
+        else:
+            allowed = tl.load(m_tile + m_offsets, mask=load_ok, other=0) != 0
+        if HAS_KEY_BIAS:
+            allowed = allowed & (key_bias != float("-inf"))
         if IS_CAUSAL or ROW_RANGES:
             allowed = allowed & in_range
     if MASK_KIND == 2:  # ... and as -inf, at or below mask_min
@@ -127,6 +137,9 @@ def _masked_tile(
         # in base-2 units, kept finite for an allowed key (-3e38 · log2e would round to -inf)
         base2 = tl.maximum(bias * 1.4426950408889634, -3.4028234663852886e38)
         keep = bias > mask_min
+        if HAS_KEY_BIAS:
+            keep = keep & (key_bias != float("-inf"))
+            base2 = base2 + key_bias
         if IS_CAUSAL or ROW_RANGES:
             keep = keep & in_range
         bias = tl.where(keep, base2, float("-inf"))
@@ -137,8 +150,11 @@ def _masked_tile(
         allowed = bias != float("-inf")
     elif MASK_KIND == 3:
         pass
-    elif ZERO_SCALE:  # scaled before the select: a blocked -inf times a zero scale would be NaN
-        s = tl.where(allowed, s * scale_log2e, float("-inf"))
+    elif ZERO_SCALE or HAS_KEY_BIAS:  # scaled before the select: a blocked -inf times a zero scale would be NaN
+        s = s * scale_log2e
+        if HAS_KEY_BIAS:
+            s = s + key_bias
+        s = tl.where(allowed, s, float("-inf"))
         tile_max = tl.max(s, 1)
     elif NEGATIVE_SCALE:
         s = tl.where(allowed, s, float("inf"))
@@ -154,7 +170,7 @@ def _masked_tile(
         centred = s - shift[:, None]
     else:
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no allowed key yet
-    if MASK_KIND == 2 or (ZERO_SCALE and MASK_KIND != 3):  # s is scaled already
+    if MASK_KIND == 2 or ((ZERO_SCALE or HAS_KEY_BIAS) and MASK_KIND != 3):  # s is scaled already
         centred = tl.maximum(s - shift[:, None], -200.0, propagate_nan=tl.PropagateNan.ALL)
     elif MASK_KIND != 3:
         centred = tl.maximum(s * scale_log2e - shift[:, None], -200.0, propagate_nan=tl.PropagateNan.ALL)
@@ -168,14 +184,17 @@ def _masked_tile(
 
 @triton.jit
 def _attention_entropy_kernel(
-    Q, K, MASK, KEY_COUNT, BOUNDS, QIDX, ENTROPY, MAX_LOGIT, N_KEYS,
+    Q, K, MASK, KEY_COUNT, KEY_BIAS, BOUNDS, QIDX, ENTROPY, MAX_LOGIT, N_KEYS,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_mb, stride_mh, stride_mq, stride_mk,
+    stride_biasb, stride_biash,
     heads, n_q, n_sel, n_k, head_dim, group, scale_log2e, mask_min,
     causal_offset,  # query i stands at key position i + causal_offset: 0 top-left (SDPA), Nk - Nq bottom-right
     window,  # with ROW_RANGES: keys j with |position - j| < window (larger than any distance without a window)
     MASK_KIND: tl.constexpr,  # 0: none, 1: boolean (as uint8), 2: additive float, 3: a key mask (see _key_operand)
+    MASK_BLOCKS: tl.constexpr,  # a boolean mask means True = not allowed (nn.MultiheadAttention, MPT)
+    HAS_KEY_BIAS: tl.constexpr,  # with MASK_KIND 1 or 2: KEY_BIAS [B', H', Nk] fp32, base 2, -inf = blocked
     IS_CAUSAL: tl.constexpr,
     ROW_RANGES: tl.constexpr,  # rows have their own first key: a sliding window, packed sequences
     HAS_BOUNDS: tl.constexpr,  # packed sequences: BOUNDS [2, Nk] int32 (see _row_range)
@@ -264,6 +283,9 @@ def _attention_entropy_kernel(
         m_step = 0
         m_tile = MASK
     n_keys = tl.zeros([BLOCK_M], tl.int32)
+    key_bias_row = KEY_BIAS
+    if HAS_KEY_BIAS:
+        key_bias_row = KEY_BIAS + b * stride_biasb + h * stride_biash
 
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # base-2 units: scale · log2(e) · q·k
     norm = tl.zeros([BLOCK_M], tl.float32)  # Σ 2^(s - running_max)
@@ -318,15 +340,17 @@ def _attention_entropy_kernel(
                 m_tile = m_rows + (start // BLOCK_N) * m_step
             running_max, norm, tilted, n_keys = _masked_tile(
                 running_max, norm, tilted, n_keys, q, k_base + (start // BLOCK_N) * k_step, k_offsets, m_tile,
-                m_offsets, start, n_k, dim_ok, live, key_start, key_end, scale_log2e, mask_min,
-                MASK_KIND, IS_CAUSAL, ROW_RANGES, NEGATIVE_SCALE, ZERO_SCALE, DOT_PRECISION, UPCAST, BLOCK_N,
+                m_offsets, key_bias_row, start, n_k, dim_ok, live, key_start, key_end, scale_log2e, mask_min,
+                MASK_KIND, MASK_BLOCKS, HAS_KEY_BIAS, IS_CAUSAL, ROW_RANGES, NEGATIVE_SCALE, ZERO_SCALE,
+                DOT_PRECISION, UPCAST, BLOCK_N,
             )  # fmt: skip
     else:  # the tiles after the full ones, addresses advanced per tile
         for start in range(full_end, stop, BLOCK_N):
             running_max, norm, tilted, n_keys = _masked_tile(
-                running_max, norm, tilted, n_keys, q, k_tile, k_offsets, m_tile, m_offsets, start, n_k, dim_ok,
-                live, key_start, key_end, scale_log2e, mask_min,
-                MASK_KIND, IS_CAUSAL, ROW_RANGES, NEGATIVE_SCALE, ZERO_SCALE, DOT_PRECISION, UPCAST, BLOCK_N,
+                running_max, norm, tilted, n_keys, q, k_tile, k_offsets, m_tile, m_offsets, key_bias_row, start, n_k,
+                dim_ok, live, key_start, key_end, scale_log2e, mask_min,
+                MASK_KIND, MASK_BLOCKS, HAS_KEY_BIAS, IS_CAUSAL, ROW_RANGES, NEGATIVE_SCALE, ZERO_SCALE,
+                DOT_PRECISION, UPCAST, BLOCK_N,
             )  # fmt: skip
             k_tile += k_step
             if MASK_KIND != 0:
@@ -363,48 +387,95 @@ KEY_BLOCKED = -1.7014117331926443e38  # float32 max / 2
 KEY_FLOOR = -8.507058665963222e37  # float32 max / 4: an additive entry below -5.9e37 counts as -5.9e37
 
 
+class _MaskOperand(NamedTuple):
+    """The mask arguments of a launch: the tensor read (the mask itself, or a key mask's bias), its strides, its
+    kind, the additive entries that block (``min``), a key mask's running key count, and a key bias beside a
+    per-score mask (``[B', H', Nk]`` float32 in base-2 units) with its batch and head strides."""
+
+    tensor: Tensor
+    strides: tuple[int, int, int, int]
+    kind: int
+    min: float
+    key_count: Tensor
+    key_bias: Tensor | None = None
+    key_bias_strides: tuple[int, int] = (0, 0)
+
+
 def _mask_operand(
-    attn_mask: Tensor | None, shape: tuple[int, int, int, int], like: Tensor, masked_at: float | None = None
-):
-    """``(tensor, strides, kind, min, key_count)`` for the kernel: broadcast dims get stride 0.
+    attn_mask: Tensor | None,
+    shape: tuple[int, int, int, int],
+    like: Tensor,
+    masked_at: float | None = None,
+    mask_blocks: bool = False,
+    key_bias: Tensor | None = None,
+) -> _MaskOperand:
+    """The kernel's mask arguments (see :class:`_MaskOperand`); broadcast dims get stride 0.
 
     An additive entry at or below ``min`` blocks its key: the dtype's most negative value, or ``masked_at`` (the
-    attention capture's padding rule, -1e4) where that is higher. A mask with one row for every query (key padding,
-    or a single query) becomes a key mask (kind 3, see ``_key_operand``); any other is read as it is, not copied."""
-    if attn_mask is None:
-        return like, (0, 0, 0, 0), 0, 0.0, like
-    mask = attn_mask.detach().reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape)).expand(shape)
+    attention capture's padding rule, -1e4) where that is higher. ``mask_blocks``: a boolean mask means True = not
+    allowed. ``key_bias`` (``[B', H', Nk]``, natural units, ``-inf`` where blocked) is added to every row. A mask
+    with one row for every query (key padding, or a single query), or none with a key bias, becomes a key mask
+    (kind 3, see ``_key_operand``) holding the key bias too; any other mask is read as it is, not copied, beside the
+    key bias."""
+    if attn_mask is None and key_bias is None:
+        return _MaskOperand(like, (0, 0, 0, 0), 0, 0.0, like)
     blocked_at = 0.0
-    if mask.dtype != torch.bool:
-        blocked_at = float(torch.finfo(mask.dtype).min)
-        if masked_at is not None:  # compared in the mask's dtype, as the torch path does: -1e4 is -9984 in bf16
-            blocked_at = max(blocked_at, float(torch.tensor(masked_at, dtype=mask.dtype)))
-    if shape[2] == 1 or mask.stride(2) == 0:
-        bias, count = _key_operand(mask[:, :, 0], blocked_at)
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.detach().reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape)).expand(shape)
+        if mask.dtype != torch.bool:
+            blocked_at = float(torch.finfo(mask.dtype).min)
+            if masked_at is not None:  # compared in the mask's dtype, as the torch path does: -1e4 is -9984 in bf16
+                blocked_at = max(blocked_at, float(torch.tensor(masked_at, dtype=mask.dtype)))
+    if mask is None or shape[2] == 1 or mask.stride(2) == 0:
+        rows = None if mask is None else mask[:, :, 0]
+        bias, count = _key_operand(rows, blocked_at, mask_blocks, key_bias)
         strides = (bias.stride(0) if bias.shape[0] > 1 else 0, bias.stride(1) if bias.shape[1] > 1 else 0, 0, 1)
-        return bias, strides, 3, blocked_at, count
+        return _MaskOperand(bias, strides, 3, blocked_at, count)
+    extra: dict = {}
+    if key_bias is not None:
+        base2 = (key_bias.float() * LOG2E).contiguous()  # -inf stays -inf
+        extra = {"key_bias": base2, "key_bias_strides": _batch_head_strides(base2)}
     if mask.dtype == torch.bool:
-        return mask.view(torch.uint8), mask.stride(), 1, 0.0, like
-    return mask, mask.stride(), 2, blocked_at, like
+        return _MaskOperand(mask.view(torch.uint8), mask.stride(), 1, 0.0, like, **extra)
+    return _MaskOperand(mask, mask.stride(), 2, blocked_at, like, **extra)
 
 
-def _key_operand(rows: Tensor, blocked_at: float) -> tuple[Tensor, Tensor]:
-    """A key mask ``[B, H, Nk]`` (broadcast dims of stride 0 kept at size 1) as the kernel reads it: a float32 bias
-    per key in base-2 units (0 or entry · log2(e), at least ``KEY_FLOOR``, for an allowed key; ``KEY_BLOCKED`` for a
-    blocked one) and the count of allowed keys before each key ``[B, H, Nk + 1]`` - O(B·H·Nk), no sync."""
-    batch = 1 if rows.stride(0) == 0 else rows.shape[0]
-    heads = 1 if rows.stride(1) == 0 else rows.shape[1]
-    rows = rows[:batch, :heads]
-    if rows.dtype == torch.bool:
-        allowed = rows
-        bias = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
-    else:
-        values = rows.float()
-        allowed = values > blocked_at
-        bias = (values * LOG2E).clamp_min(KEY_FLOOR)
-    padded = torch.full((batch, heads, rows.shape[2] + 1), KEY_BLOCKED, dtype=torch.float32, device=rows.device)
+def _batch_head_strides(per_key: Tensor) -> tuple[int, int]:
+    """Batch and head strides of a ``[B', H', Nk]`` tensor, 0 along a dim of size 1 (broadcast)."""
+    return (per_key.stride(0) if per_key.shape[0] > 1 else 0, per_key.stride(1) if per_key.shape[1] > 1 else 0)
+
+
+def _key_operand(
+    rows: Tensor | None, blocked_at: float, blocks: bool = False, key_bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """A key mask ``[B, H, Nk]`` (broadcast dims of stride 0 kept at size 1; ``blocks``: boolean True = not allowed)
+    and a key bias (``[B', H', Nk]``, natural units, ``-inf`` where blocked), either or both, as the kernel reads them:
+    a float32 bias per key in base-2 units (0 or entry · log2(e), plus the key bias, at least ``KEY_FLOOR``, for an
+    allowed key; ``KEY_BLOCKED`` for a blocked one) and the count of allowed keys before each key ``[B, H, Nk + 1]``
+    - O(B·H·Nk), no sync."""
+    parts = [t for t in (rows, key_bias) if t is not None]
+    batch = max(1 if t.stride(0) == 0 else t.shape[0] for t in parts)
+    heads = max(1 if t.stride(1) == 0 else t.shape[1] for t in parts)
+    n_k = parts[0].shape[2]
+    device = parts[0].device
+    allowed = torch.ones(1, 1, n_k, dtype=torch.bool, device=device)
+    values = torch.zeros(1, 1, n_k, dtype=torch.float32, device=device)
+    if rows is not None:
+        rows = rows[: 1 if rows.stride(0) == 0 else batch, : 1 if rows.stride(1) == 0 else heads]
+        if rows.dtype == torch.bool:
+            allowed = ~rows if blocks else rows
+        else:
+            values = rows.float()
+            allowed = values > blocked_at
+    if key_bias is not None:  # added as the torch path adds its terms: the mask's value, then the bias
+        allowed = allowed & (key_bias != -torch.inf)
+        values = values + key_bias.float()
+    bias = (values * LOG2E).clamp_min(KEY_FLOOR).expand(batch, heads, n_k)
+    allowed = allowed.expand(batch, heads, n_k)
+    padded = torch.full((batch, heads, n_k + 1), KEY_BLOCKED, dtype=torch.float32, device=device)
     padded[..., :-1] = bias.masked_fill(~allowed, KEY_BLOCKED)
-    count = torch.zeros((batch, heads, rows.shape[2] + 1), dtype=torch.int32, device=rows.device)
+    count = torch.zeros((batch, heads, n_k + 1), dtype=torch.int32, device=device)
     torch.cumsum(allowed, -1, dtype=torch.int32, out=count[..., 1:])
     return padded, count
 
@@ -463,6 +534,8 @@ def attention_rows_triton(
     causal_offset: int = 0,
     window: int | None = None,
     key_bounds: Tensor | None = None,
+    mask_blocks: bool = False,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row ``(entropy, max_logit, n_keys)`` ``[B, H, Nsel]`` (fp32, fp32, int64); inputs already validated.
 
@@ -471,7 +544,8 @@ def attention_rows_triton(
     (0: SDPA's top-left alignment; ``Nk - Nq``: flash attention's bottom-right). ``window`` (>= 1): only keys ``j``
     with ``|position - j| < window``. ``key_bounds`` (``[2, Nk]`` int32, packed sequences): key position ``p`` sees
     only keys in ``[key_bounds[0, p], key_bounds[1, p])``. All combine with ``attn_mask`` (the capture's rules for
-    flash-style calls)."""
+    flash-style calls). ``mask_blocks``: a boolean ``attn_mask`` means True = not allowed. ``key_bias`` (``[B', H',
+    Nk]`` float32, ``-inf`` at blocked keys): added to every row's scores (ALiBi, key padding beside a mask)."""
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     n_sel = n_q if query_index is None else query_index.numel()
@@ -481,9 +555,9 @@ def attention_rows_triton(
     if entropy.numel() == 0:
         return entropy, max_logit, n_keys.long()
     shape = (batch, heads, n_q, n_k)
-    mask, mask_strides, mask_kind, mask_min, key_count = _mask_operand(attn_mask, shape, q, masked_at)
+    operand = _mask_operand(attn_mask, shape, q, masked_at, mask_blocks, key_bias)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    config = tile_config(q.dtype, block_d, is_causal, masked=mask_kind in (1, 2))
+    config = tile_config(q.dtype, block_d, is_causal, masked=operand.kind in (1, 2))
     block_m = block_m or config.block_m
     block_n = block_n or config.block_n
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -492,11 +566,14 @@ def attention_rows_triton(
     wide = block_n * k.stride(2) + block_d * k.stride(3) >= 2**31
     grid = (batch * heads, triton.cdiv(n_sel, block_m))
     _attention_entropy_kernel[grid](
-        q, k, mask, key_count, q if key_bounds is None else key_bounds, qidx, entropy, max_logit, n_keys,
-        *q.stride(), *k.stride(), *mask_strides,
-        heads, n_q, n_sel, n_k, head_dim, heads // kv_heads, scale * LOG2E, mask_min,
+        q, k, operand.tensor, operand.key_count, q if operand.key_bias is None else operand.key_bias,
+        q if key_bounds is None else key_bounds, qidx, entropy, max_logit, n_keys,
+        *q.stride(), *k.stride(), *operand.strides, *operand.key_bias_strides,
+        heads, n_q, n_sel, n_k, head_dim, heads // kv_heads, scale * LOG2E, operand.min,
         int(causal_offset), _window_argument(window, key_bounds, n_q, n_k, causal_offset),
-        MASK_KIND=mask_kind,
+        MASK_KIND=operand.kind,
+        MASK_BLOCKS=mask_blocks and operand.kind == 1,
+        HAS_KEY_BIAS=operand.key_bias is not None,
         IS_CAUSAL=is_causal,
         ROW_RANGES=window is not None or key_bounds is not None,
         HAS_BOUNDS=key_bounds is not None,
@@ -537,7 +614,7 @@ def _signature(dtype: str, mask_type: str) -> dict[str, str]:
     ints = [
         "stride_qb", "stride_qh", "stride_qn",
         "stride_kb", "stride_kh", "stride_kn",
-        "stride_mb", "stride_mh", "stride_mq", "stride_mk",
+        "stride_mb", "stride_mh", "stride_mq", "stride_mk", "stride_biasb", "stride_biash",
         "heads", "n_q", "n_sel", "n_k", "head_dim", "group", "causal_offset", "window",
     ]  # fmt: skip
     signature = {
@@ -545,6 +622,7 @@ def _signature(dtype: str, mask_type: str) -> dict[str, str]:
         "K": f"*{dtype}",
         "MASK": f"*{mask_type}",
         "KEY_COUNT": "*i32",
+        "KEY_BIAS": "*fp32",
         "BOUNDS": "*i32",
         "QIDX": "*i32",
     }
@@ -593,7 +671,7 @@ def variants() -> list:
     from geomon.kernels._variants import Variant
 
     torch_types = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    cells = [  # (dtype, head dim, causal, mask kind, query index, window, packed)
+    cells = [  # (dtype, head dim, causal, mask kind, query index, window, packed[, key bias])
         ("bf16", 64, False, 0, False, None, None),
         ("bf16", 64, True, 0, False, None, None),
         ("bf16", 128, False, 0, False, None, None),
@@ -609,10 +687,12 @@ def variants() -> list:
         ("bf16", 64, True, 3, True, None, None),  # a flash-style call: key padding + causal rule, sampled queries
         ("bf16", 64, True, 0, False, 1024, None),  # a sliding window (Mistral-style local attention)
         ("bf16", 64, True, 0, False, None, 512),  # packed sequences of 512 tokens (a flash varlen call)
+        ("bf16", 64, False, 2, True, None, None, "bias"),  # Bloom: its additive 4-D mask + ALiBi, sampled queries
+        ("bf16", 64, False, 1, False, None, None, "blocks"),  # MPT, nn.MultiheadAttention: True = blocked, + a key bias
     ]
     n = 4096
     out = []
-    for dtype, head_dim, is_causal, mask_kind, has_index, window, packed in cells:
+    for dtype, head_dim, is_causal, mask_kind, has_index, window, packed, *key_bias in cells:
         config = tile_config(torch_types[dtype], head_dim, is_causal, masked=mask_kind in (1, 2))
         rows = [i * n // 256 for i in range(256)] if has_index else None
         shares = (1.0,) if mask_kind in (1, 2) else _loop_shares(config, n, is_causal, rows, window, packed)
@@ -621,6 +701,7 @@ def variants() -> list:
         name += " query_index" if has_index else ""
         name += f" window {window}" if window else ""
         name += f" packed {packed}" if packed else ""
+        name += {"bias": " + key bias", "blocks": " (True = blocked) + key bias"}[key_bias[0]] if key_bias else ""
         signature = _signature(dtype, {0: dtype, 1: "u8", 2: dtype, 3: "fp32"}[mask_kind])
         unit_strides = {"stride_qd": 1, "stride_kd": 1}
         if mask_kind:  # a contiguous or key-padding mask: unit stride along the keys
@@ -636,6 +717,8 @@ def variants() -> list:
                 constexprs={
                     **unit_strides,
                     "MASK_KIND": mask_kind,
+                    "MASK_BLOCKS": key_bias == ["blocks"],
+                    "HAS_KEY_BIAS": bool(key_bias),
                     "IS_CAUSAL": is_causal,
                     "ROW_RANGES": window is not None or packed is not None,
                     "HAS_BOUNDS": packed is not None,
@@ -654,7 +737,7 @@ def variants() -> list:
                 num_stages=config.num_stages,
                 work_per_iteration=tile_scores,
                 unit="score",
-                budget=_budget(dtype, is_causal, mask_kind, has_index, window or packed),
+                budget=_budget(dtype, is_causal, mask_kind, has_index, window or packed, bool(key_bias)),
                 flops_per_iteration=2.0 * tile_scores * head_dim,
                 bytes_per_iteration=float(config.block_n * head_dim * torch_types[dtype].itemsize),
                 exp2_per_iteration=float(tile_scores + config.block_m),
@@ -673,17 +756,22 @@ def variants() -> list:
 _MULTIPLES_OF_16 = ("n_q", "n_sel", "n_k", "head_dim")
 
 
-def _budget(dtype: str, is_causal: bool, mask_kind: int, has_index: bool, window: int | None) -> dict[str, float]:
+def _budget(
+    dtype: str, is_causal: bool, mask_kind: int, has_index: bool, window: int | None, key_bias: bool = False
+) -> dict[str, float]:
     """sm_90a thread instructions per score CI allows: the issue's 12 / 16 for the bf16 unmasked launches; the masked
     launches and the subsampled causal one (the default on a GPU) below what they took before the masked loop was
     reworked (22.5 boolean, 30.1 additive, 14.5 with query_index), with headroom for compiler drift; a sliding window
     (8.7 when first compiled), packed sequences (``window`` here: their length) and a key mask (8.4, and 11.0 causal
     with query_index, when first compiled; 12.0 and 20.2 when it was still read as a per-score boolean) as an
-    unmasked launch."""
+    unmasked launch; a per-score mask beside a key bias (ALiBi, key padding: Bloom, MPT, ``nn.MultiheadAttention``)
+    near what it took when first compiled (22.0 boolean, 28.1 additive with query_index)."""
     budget = {"spills": 0}
     if dtype != "bf16":
         return budget
-    if mask_kind:
+    if key_bias:
+        budget["instructions_per_unit"] = {1: 23, 2: 30}[mask_kind]
+    elif mask_kind:
         budget["instructions_per_unit"] = {1: 21, 2: 27, 3: 12}[mask_kind]
     elif has_index or window:
         budget["instructions_per_unit"] = 12

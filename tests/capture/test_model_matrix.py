@@ -120,7 +120,7 @@ def test_logged_entropy_and_max_logit_equal_the_models_own_softmax(case: Case):
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES if c.warns is None])
 def test_the_kernel_as_cuda_would_run_it_logs_the_models_own_softmax(case: Case, monkeypatch):
     """Each cell again, with ``backend="auto"`` choosing as on CUDA: the (interpreted) kernel for every captured call it
-    supports, the torch path for the patterns it leaves to torch (module masks, position biases, flex)."""
+    supports, the torch path for the patterns it leaves to torch (flex, x-transformers' terms)."""
     functional = importlib.import_module("geomon.functional.attention_entropy")  # the module, not the function
     chosen = []
 
@@ -140,9 +140,8 @@ def test_the_kernel_as_cuda_would_run_it_logs_the_models_own_softmax(case: Case,
         assert _relative(logged[name][0], expected[name][0]) <= TOLERANCE, (name, "entropy", chosen)
         assert _relative(logged[name][1], expected[name][1]) <= TOLERANCE, (name, "max_logit", chosen)
     _record(case, {"kernel_calls": chosen.count("triton"), "torch_calls": chosen.count("torch")})
-    # only the ALiBi biases Bloom and MPT add inside their modules are left to the torch path
-    alibi = case.id.startswith(("hugging-face-bloom", "hugging-face-mpt"))
-    assert set(chosen) == ({"torch"} if alibi else {"triton"}), chosen
+    # every call goes to the kernel, ALiBi biases (Bloom, MPT) and module masks included
+    assert set(chosen) == {"triton"}, chosen
 
 
 def test_the_docs_table_is_the_rendered_matrix():
