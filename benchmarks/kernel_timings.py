@@ -10,8 +10,9 @@
 2. Masks and key ranges (bf16, Dh = 64, N = 8192, B·H = 32): key padding read per key against the same mask
    written out per query (read per score) and the torch path; a flash-style call (causal + key padding, 256 sampled
    queries); packed sequences of 512 tokens against the same sequences as a batch and the torch path; a 1024-key
-   sliding window; each beside the attention forward the model would run (SDPA with the mask; flash on the
-   sequences as a batch).
+   sliding window; Bloom-style ALiBi (a per-key bias) beside a causal additive ``[1, 1, N, N]`` mask, read in place
+   (the torch path before); each beside the attention forward the model would run (SDPA with the mask; flash on the
+   sequences as a batch; SDPA with mask + ALiBi summed, as Bloom's eager attention forms them).
 3. Class statistics (C = 1k and 50k, D = 768 and 4096, uniform and Zipf labels): the sort + segmented kernel vs
    ``index_add_`` (fp32 and fp64) and the memory-bandwidth floor.
 4. Classifier argmax / nearest class centre without the N x C matrix vs a materialised matmul + argmax.
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from geomon.capture._patterns import AlignedRule
+from geomon.capture._patterns import AlignedRule, ModuleMasks
 from geomon.functional import attention_entropy
 from geomon.functional._class_tiles import tiled_argmax
 
@@ -146,6 +147,11 @@ def bench_attention_rules(device: str, smoke: bool, reps: int) -> list[str]:
     index = torch.linspace(0, n - 1, min(256, n), device=device).long()
     packed = AlignedRule(n, n, True, None, torch.arange(n, device=device) // run)
     window = AlignedRule(n, n, True, n // 8, None)
+    causal_additive = torch.zeros(1, 1, n, n, dtype=dtype, device=device)
+    causal_additive.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=device).triu(1), torch.finfo(dtype).min)
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / h) for i in range(h)], device=device)
+    alibi = (slopes[:, None] * torch.arange(n, device=device)).to(dtype).view(1, h, 1, n)
+    alibi_rule = ModuleMasks([alibi], n)
     as_batch = [x.reshape(b, h, n // run, run, dh).transpose(1, 2).reshape(b * n // run, h, run, dh) for x in (q, k, v)]
 
     def fused(*args, **kwargs):
@@ -166,6 +172,9 @@ def bench_attention_rules(device: str, smoke: bool, reps: int) -> list[str]:
          chunked(q, k, _pattern=packed), _flash_call(*as_batch, True, device), "SDPA flash, as a batch"),
         (f"causal window {n // 8}", fused(q, k, _pattern=window), fused(q, k, is_causal=True),
          chunked(q, k, _pattern=window), _flash_call(q, k, v, True, device), "SDPA flash, causal"),
+        ("ALiBi + causal additive mask (Bloom)", fused(q, k, attn_mask=causal_additive, _pattern=alibi_rule,
+         _masked_at=-1e4), None, chunked(q, k, attn_mask=causal_additive, _pattern=alibi_rule, _masked_at=-1e4),
+         partial(sdpa, attn_mask=causal_additive + alibi), "SDPA, mask + ALiBi"),
     ]  # fmt: skip
     lines = [
         f'B = {b}, H = {h}, N = {n}, Dh = {dh}, {str(dtype).removeprefix("torch.")}. "before": key padding written '

@@ -49,7 +49,15 @@ def test_bench_gpu_fast_mode_writes_one_file_with_the_kernel_and_trainer_overhea
         assert kernels < text.index(section) < overhead  # the kernel report's headings, one level down
     assert text[kernels:overhead].count("\n| ") >= 8  # header rows plus one measured row per case
     rules = text[text.index("### Masks and key ranges") : text.index("### Class statistics")]
-    for case in ("| no mask |", "| key padding", "| causal + key padding", "| packed sequences", "| causal window"):
+    cases = (
+        "| no mask |",
+        "| key padding",
+        "| causal + key padding",
+        "| packed sequences",
+        "| causal window",
+        "| ALiBi",
+    )
+    for case in cases:
         assert re.search(re.escape(case) + r".*? \| \d+\.\d{3} \|", rules), case  # a time measured for each case
     # the overhead table: both configurations, a whole-run ratio with its interval, weights bit-identical
     ratio = r"\d+\.\d{4} \[\d+\.\d{4}, \d+\.\d{4}\]"
