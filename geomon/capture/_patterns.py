@@ -5,9 +5,9 @@ A :class:`MaskPattern` is called by the metric's torch path with the query rows 
 broadcastable to ``[B, H, Nsel, stop - start]``. The fused kernel reads stored masks, per-key biases and per-row key
 ranges: a pattern that is only a key range (:class:`AlignedRule`: bottom-right causal, sliding windows, packed
 sequences) says so in ``key_range``; a :class:`ModuleMasks` whose terms split into at most one stored per-score mask
-and per-key terms (ALiBi as Bloom and MPT add it, key padding) says so in :meth:`ModuleMasks.kernel_terms`; both go
-to the kernel. A call carrying any other pattern is measured by the torch path (on CUDA too): memory stays
-``O(B·H·Nsel·chunk)``.
+and per-key terms (ALiBi as Bloom and MPT add it, key padding) says so in :meth:`ModuleMasks.kernel_terms`, and
+x-transformers' terms beside its causal flag in :meth:`KeyTerms.kernel_terms`; all go to the kernel. A call carrying
+any other pattern is measured by the torch path (on CUDA too): memory stays ``O(B·H·Nsel·chunk)``.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class KernelTerms(NamedTuple):
     row_mask_blocks: bool  #: a boolean ``row_mask`` means True = *not* allowed (the module's semantics)
     key_sum: Tensor | None  #: ``[B', H', 1, Nk]``: the sum of the additive per-key terms (ALiBi, float key padding)
     key_blocked: Tensor | None  #: ``[B', H', 1, Nk]``: keys a boolean per-key term blocks (key padding)
+    causal_offset: int | None = None  #: with the causal rule: query ``i`` sees keys up to ``i + causal_offset``
 
 
 class ModuleMasks(MaskPattern):
@@ -277,6 +278,25 @@ class KeyTerms(MaskPattern):
             assert allowed is not None, "KeyTerms without a term"
             return allowed
         return bias if allowed is None else bias.masked_fill(~allowed, -torch.inf)
+
+    def kernel_terms(self, n_k: int) -> KernelTerms | None:
+        """The terms split for the kernel (see :class:`KernelTerms`), with the causal rule aligned bottom-right; None
+        with zero or memory keys (they are moved last or not covered), two per-score terms, or a per-score additive
+        term beside additive per-key ones (``Attend`` compares their sum with the mask)."""
+        if self.roll or n_k != self.n_k or any(term.shape[-1] != n_k for term in self.additive):
+            return None
+        if self.allowed is not None and self.allowed.shape[-1] != n_k:
+            return None
+        per_score = [t for t in ([] if self.allowed is None else [self.allowed]) + self.additive if t.shape[-2] != 1]
+        key_sum = None
+        for term in self.additive:
+            if term.shape[-2] == 1:
+                key_sum = term if key_sum is None else key_sum + term
+        if len(per_score) > 1 or (per_score and per_score[0].dtype != torch.bool and key_sum is not None):
+            return None
+        key_blocked = None if self.allowed is None or self.allowed.shape[-2] != 1 else ~self.allowed
+        causal = self.n_k - self.n_q if self.causal else None
+        return KernelTerms(per_score[0] if per_score else None, False, key_sum, key_blocked, causal)
 
     def padded_keys(self, batch: int, n_k: int) -> Tensor | None:
         """Keys no row of any head may attend to (the sum of the additive terms' maxima at or below -1e4, exact when

@@ -234,6 +234,8 @@ def _attention_rows(
         from geomon.kernels.attention_entropy import attention_rows_triton
 
         causal, offset, window, bounds = (is_causal, 0, None, None) if key_range is None else key_range
+        if kernel_masks.causal_offset is not None:
+            causal, offset = True, kernel_masks.causal_offset
         rows = attention_rows_triton(
             q, k, scale, causal, kernel_masks.mask, query_index, masked_at=masked_at, causal_offset=offset,
             window=window, key_bounds=bounds, mask_blocks=kernel_masks.mask_blocks, key_bias=kernel_masks.key_bias,
@@ -252,13 +254,15 @@ class _KernelMasks(NamedTuple):
     mask_blocks: bool = False
     key_bias: Tensor | None = None
     unsupported: str | None = None
+    causal_offset: int | None = None  #: the causal rule, query ``i`` at key position ``i + causal_offset``
 
 
 def _split_for_kernel(
     pattern: MaskPattern, attn_mask: Tensor | None, n_k: int, masked_at: float | None
 ) -> _KernelMasks:
     """A generated pattern as stored masks the kernel reads, if it splits into one per-score mask and per-key terms
-    (its ``kernel_terms``: module masks, ALiBi); blocked and added as the torch path's chunks are."""
+    (its ``kernel_terms``: module masks, ALiBi, x-transformers' terms with their causal rule); blocked and added as
+    the torch path's chunks are."""
     split = getattr(pattern, "kernel_terms", None)
     terms = split(n_k) if callable(split) else None
     if terms is None:
@@ -279,7 +283,8 @@ def _split_for_kernel(
         key_bias.masked_fill_(key_blocked, -math.inf)
     if key_bias is not None:  # [.., 1, Nk] -> [B', H', Nk]
         key_bias = key_bias.reshape((1,) * (4 - key_bias.ndim) + tuple(key_bias.shape))[:, :, 0].detach()
-    return _KernelMasks(attn_mask if row is None else row.detach(), terms.row_mask_blocks, key_bias)
+    mask = attn_mask if row is None else row.detach()
+    return _KernelMasks(mask, terms.row_mask_blocks, key_bias, causal_offset=terms.causal_offset)
 
 
 def _validate_padding(

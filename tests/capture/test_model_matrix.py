@@ -120,7 +120,7 @@ def test_logged_entropy_and_max_logit_equal_the_models_own_softmax(case: Case):
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES if c.warns is None])
 def test_the_kernel_as_cuda_would_run_it_logs_the_models_own_softmax(case: Case, monkeypatch):
     """Each cell again, with ``backend="auto"`` choosing as on CUDA: the (interpreted) kernel for every captured call it
-    supports, the torch path for the patterns it leaves to torch (flex, x-transformers' terms)."""
+    supports, the torch path for the patterns it leaves to torch (flex, x-transformers' zero keys)."""
     functional = importlib.import_module("geomon.functional.attention_entropy")  # the module, not the function
     chosen = []
 

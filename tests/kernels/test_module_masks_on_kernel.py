@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from geomon.capture._patterns import ModuleMasks
+from geomon.capture._patterns import KeyTerms, ModuleMasks
 from geomon.functional.attention_entropy import _attention_rows
 from geomon.kernels import attention_entropy as kernel_module
 from tests.kernels.conftest import DEVICE
@@ -168,3 +168,38 @@ def test_a_row_with_no_key_and_half_precision_inputs():
     mask = _causal_blocked().expand(B, 1, N, N).clone()
     mask[0, 0, 4] = True  # a row that may attend nowhere: NaN, no key
     _check(q, k, [_alibi(N).to(DEVICE), mask.to(DEVICE)], atol=2e-4)
+
+
+@pytest.mark.parametrize("row", ["allowed per score", "bias per score"])
+def test_x_transformers_terms_with_the_causal_rule_bottom_right(row):
+    """``Attend``'s terms (SDPA semantics: True = may attend, floats added) beside its causal flag, with fewer queries
+    than keys (a cache: the rule aligned bottom-right)."""
+    g = torch.Generator().manual_seed(9)
+    n_q = N - 6
+    q = (torch.randn(B, H, n_q, DH, generator=g) * 2).to(DEVICE)
+    k = torch.randn(B, H, N, DH, generator=g).to(DEVICE)
+    padding = ~_padding(N)  # True = may attend
+    if row == "allowed per score":
+        allowed = padding & (torch.rand(B, 1, n_q, N, generator=g) < 0.8)
+        additive = [_alibi(N), torch.randn(1, H, 1, N, generator=g)]  # per-key terms: summed into the key bias
+    else:
+        allowed = padding
+        additive = [torch.randn(1, H, n_q, N, generator=g)]  # a T5-style relative bias, per score
+    pattern = KeyTerms(allowed.to(DEVICE), [t.to(DEVICE) for t in additive], True, n_q, N, 0, 0)
+    scale = 1 / math.sqrt(DH)
+    expected_mask = torch.zeros(B, H, n_q, N, dtype=torch.float64)
+    for term in additive:
+        expected_mask = expected_mask + term.double()
+    causal = torch.arange(N)[None, :] <= torch.arange(n_q)[:, None] + (N - n_q)
+    blocked = ~(allowed & causal) | (expected_mask <= MASKED_AT)
+    scores = (scale * q.double().cpu() @ k.double().cpu().transpose(-1, -2) + expected_mask).masked_fill(
+        blocked, -math.inf
+    )
+    p = torch.softmax(scores, -1)
+    expected = (-torch.where(p > 0, p * p.log(), 0.0).sum(-1), scores.amax(-1), (~blocked).sum(-1))
+    for backend in ("triton", "torch"):
+        entropy, max_logit, n_keys = _attention_rows(q, k, scale=scale, backend=backend, masked_at=MASKED_AT,
+                                                     pattern=pattern)  # fmt: skip
+        assert torch.equal(n_keys.cpu(), expected[2]), backend
+        torch.testing.assert_close(entropy.double().cpu(), expected[0], atol=2e-5, rtol=0, equal_nan=True)
+        torch.testing.assert_close(max_logit.double().cpu(), expected[1], atol=2e-5, rtol=1e-5, equal_nan=True)
