@@ -91,7 +91,12 @@ class ModuleMasks(MaskPattern):
     combines them; keys past the masks' ``n_k`` (``bias_k``, ``add_zero_attn``) are open to every row."""
 
     def __init__(self, masks: list[Tensor], n_k: int) -> None:
-        self.masks, self.n_k = masks, n_k
+        for mask in masks:
+            if mask.shape[-1] not in (1, n_k):
+                raise ValueError(f"a module mask of {mask.shape[-1]} keys for a call of {n_k} keys")
+        # a term broadcast along the keys (one column) is expanded (a view) over them: counted per key, read per key
+        self.masks = [m.expand(*m.shape[:-1], n_k) if m.shape[-1] == 1 and n_k > 1 else m for m in masks]
+        self.n_k = n_k
 
     def __call__(self, positions: Tensor, start: int, stop: int) -> Tensor:
         own = min(stop, self.n_k) - start  # columns of this chunk that are the module's keys

@@ -51,7 +51,8 @@ ATTENTION_REDUCTIONS = {"max_logit": "max"}
 
 #: ``pattern(positions [Nsel], start, stop)``: the mask term of query rows ``positions`` and keys ``[start, stop)``,
 #: broadcastable to ``[B, H, Nsel, stop - start]`` (SDPA semantics), for a rule generated chunk by chunk rather than
-#: held as a ``Nq x Nk`` tensor (private: used by the attention capture; the torch path applies it).
+#: held as a ``Nq x Nk`` tensor (private: used by the attention capture; the torch path applies it, the kernel applies
+#: the patterns that say how: ``key_range``, ``kernel_terms``).
 MaskPattern = Callable[[Tensor, int, int], Tensor]
 
 
@@ -207,8 +208,9 @@ def _attention_rows(
 
     The attention capture's padding rule, kept out of the ``Nq x Nk`` mask: ``masked_at`` (additive entries at or
     below it block their key), ``query_padding`` (``[B, Nq]`` boolean: those query rows count as having no key: NaN,
-    ``n_keys`` 0) and ``pattern`` (a :data:`MaskPattern`, applied with ``attn_mask``; on the torch path, unless it
-    is a per-row key range (its ``key_range``) that the kernel applies itself)."""
+    ``n_keys`` 0) and ``pattern`` (a :data:`MaskPattern`, applied with ``attn_mask``; on the torch path, unless the
+    kernel can apply it itself: a per-row key range (its ``key_range``), or terms that split into one per-score mask
+    and per-key terms (its ``kernel_terms``, see ``_split_for_kernel``))."""
     _validate(q, k, scale, is_causal, attn_mask, query_index)
     _validate_padding(q, is_causal, masked_at, query_padding, pattern)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -227,7 +229,8 @@ def _attention_rows(
     elif q.shape[-1] > 256:
         unsupported = f"head dim {q.shape[-1]} > 256"
     kernel_masks = _KernelMasks(attn_mask)
-    if unsupported is None and pattern is not None and key_range is None:
+    may_run_kernel = backend == "triton" or (backend == "auto" and q.device.type == "cuda")  # else no split is built
+    if unsupported is None and pattern is not None and key_range is None and may_run_kernel:
         kernel_masks = _split_for_kernel(pattern, attn_mask, k.shape[2], masked_at)
         unsupported = kernel_masks.unsupported
     if choose_backend(backend, "attention_entropy", q, k, attn_mask, unsupported=unsupported) == "triton":

@@ -203,3 +203,19 @@ def test_x_transformers_terms_with_the_causal_rule_bottom_right(row):
         assert torch.equal(n_keys.cpu(), expected[2]), backend
         torch.testing.assert_close(entropy.double().cpu(), expected[0], atol=2e-5, rtol=0, equal_nan=True)
         torch.testing.assert_close(max_logit.double().cpu(), expected[1], atol=2e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_nan_keys_beside_a_key_bias():
+    """A NaN key at an allowed position makes the rows that see it NaN on both paths; at a key every row blocks, a
+    boolean mask (MPT, nn.MultiheadAttention) keeps it out on both paths."""
+    q, k = _qk(10)
+    k[1, :, N - 2] = float("nan")  # a padded key of the second sequence (blocked for all its rows)
+    k[0, :, 3] = float("nan")  # an allowed key of the first sequence, seen by its rows 3.. under the causal rule
+    mask = (_causal_blocked() | _padding(N)).to(DEVICE)
+    pattern = ModuleMasks([_alibi(N).to(DEVICE), mask], N)
+    for backend in ("triton", "torch"):
+        entropy, max_logit, _ = _attention_rows(q, k, backend=backend, masked_at=MASKED_AT, pattern=pattern)
+        nan_rows = entropy.isnan()
+        assert bool(nan_rows[0, :, 3:].all()) and not bool(nan_rows[0, :, :3].any()), backend
+        assert bool(max_logit[0, :, 3:].isnan().all()), backend
+        assert not bool(nan_rows[1].any()), backend  # the blocked NaN key is ignored
