@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -228,14 +228,15 @@ def _attention_rows(
         unsupported = "float64 additive masks are applied by the torch path only"
     elif q.shape[-1] > 256:
         unsupported = f"head dim {q.shape[-1]} > 256"
-    kernel_masks = _KernelMasks(attn_mask)
-    may_run_kernel = backend == "triton" or (backend == "auto" and q.device.type == "cuda")  # else no split is built
-    if unsupported is None and pattern is not None and key_range is None and may_run_kernel:
-        kernel_masks = _split_for_kernel(pattern, attn_mask, k.shape[2], masked_at)
-        unsupported = kernel_masks.unsupported
+    terms = None
+    if unsupported is None and pattern is not None and key_range is None:
+        terms, unsupported = _kernel_terms(pattern, attn_mask, k.shape[2])
     if choose_backend(backend, "attention_entropy", q, k, attn_mask, unsupported=unsupported) == "triton":
         from geomon.kernels.attention_entropy import attention_rows_triton
 
+        # a generated pattern reaches the kernel only as a key range or split terms, never dropped
+        assert pattern is None or key_range is not None or terms is not None, "an unsplit pattern on the kernel"
+        kernel_masks = _KernelMasks(attn_mask) if terms is None else _kernel_masks(terms, attn_mask, masked_at)
         causal, offset, window, bounds = (is_causal, 0, None, None) if key_range is None else key_range
         if kernel_masks.causal_offset is not None:
             causal, offset = True, kernel_masks.causal_offset
@@ -251,31 +252,36 @@ def _attention_rows(
 
 class _KernelMasks(NamedTuple):
     """What the kernel reads for a call's masks: one per-score ``mask`` (``mask_blocks``: a boolean one means True =
-    not allowed) and ``key_bias`` (``[B', H', Nk]`` float32, ``-inf`` at blocked keys); or why it cannot."""
+    not allowed) and ``key_bias`` (``[B', H', Nk]`` float32, ``-inf`` at blocked keys)."""
 
     mask: Tensor | None
     mask_blocks: bool = False
     key_bias: Tensor | None = None
-    unsupported: str | None = None
     causal_offset: int | None = None  #: the causal rule, query ``i`` at key position ``i + causal_offset``
 
 
-def _split_for_kernel(
-    pattern: MaskPattern, attn_mask: Tensor | None, n_k: int, masked_at: float | None
-) -> _KernelMasks:
-    """A generated pattern as stored masks the kernel reads, if it splits into one per-score mask and per-key terms
-    (its ``kernel_terms``: module masks, ALiBi, x-transformers' terms with their causal rule); blocked and added as
-    the torch path's chunks are."""
+def _kernel_terms(pattern: MaskPattern, attn_mask: Tensor | None, n_k: int) -> tuple[Any, str | None]:
+    """``(terms, None)`` when a generated pattern splits into one per-score mask and per-key terms the kernel reads
+    (its ``kernel_terms``: module masks, ALiBi, x-transformers' terms with their causal rule), else ``(None, why
+    not)``."""
     split = getattr(pattern, "kernel_terms", None)
     terms = split(n_k) if callable(split) else None
     if terms is None:
-        reason = "a generated mask pattern other than a key range or split module masks is applied by the torch path"
-        return _KernelMasks(None, unsupported=reason)
+        return (
+            None,
+            "a generated mask pattern other than a key range or split module masks is applied by the torch path",
+        )
     row = terms.row_mask
     if row is not None and attn_mask is not None:
-        return _KernelMasks(None, unsupported="a per-score mask pattern beside attn_mask is applied by the torch path")
+        return None, "a per-score mask pattern beside attn_mask is applied by the torch path"
     if row is not None and row.dtype == torch.float64:
-        return _KernelMasks(None, unsupported="float64 additive masks are applied by the torch path only")
+        return None, "float64 additive masks are applied by the torch path only"
+    return terms, None
+
+
+def _kernel_masks(terms: Any, attn_mask: Tensor | None, masked_at: float | None) -> _KernelMasks:
+    """The split terms as the kernel reads them: blocked and added as the torch path's chunks are."""
+    row = terms.row_mask
     key_sum, key_blocked = terms.key_sum, terms.key_blocked
     key_bias = None
     if key_sum is not None:  # blocked where a boolean term blocks or the sum is at or below the threshold
