@@ -3,16 +3,21 @@
 ``backend="torch"`` always runs the reference. ``"triton"`` runs the kernel or raises, naming why it cannot.
 ``"auto"`` runs the kernel on CUDA tensors when triton imports and the case is supported, the reference otherwise.
 On the CPU the kernels run only when asked for and ``TRITON_INTERPRET=1`` was set before triton was imported (that is
-how CI tests them).
+how CI tests them). When ``"auto"`` leaves CUDA tensors to the reference (triton missing, a case the kernel does not
+cover), a :class:`~geomon.GeomonWarning` says so once per operation and reason: the values are the same, the cost is
+not.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from typing import Literal
 
 from torch import Tensor
+
+from geomon.functional._common import GeomonWarning
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS = ("auto", "torch", "triton")
@@ -44,4 +49,18 @@ def choose_backend(backend: str, op: str, *tensors: Tensor | None, unsupported: 
             raise RuntimeError(f"{op}: backend='triton' cannot run: {reason}")
         return "triton"
     on_cuda = all(t.device.type == "cuda" for t in tensors if t is not None)
+    if reason is not None and on_cuda:
+        _say_once(op, reason)
     return "triton" if reason is None and on_cuda else "torch"
+
+
+#: ``(op, reason)`` pairs already announced in this process.
+_ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def _say_once(op: str, reason: str) -> None:
+    if (op, reason) in _ANNOUNCED:
+        return
+    _ANNOUNCED.add((op, reason))
+    warnings.warn(f"{op} on CUDA runs on the torch path (same values, slower than the kernel): {reason}",
+                  GeomonWarning, stacklevel=3)  # fmt: skip
