@@ -15,6 +15,7 @@ def test_demo_trains_logs_every_probe_and_writes_a_report(tmp_path, capsys, monk
     values = demo.main(["--steps", "8", "--every", "4", "--batch", "8", "--out", str(tmp_path), "--quiet"])
     printed = capsys.readouterr().out
     assert "model.blocks.1.attn" in printed and "neural collapse" in printed and "where to look" in printed
+    assert "alerts: none fired" in printed or "alerts fired: " in printed
     (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
     with metrics.open() as handle:
         rows = list(csv.DictReader(handle))
@@ -37,3 +38,10 @@ def test_demo_trains_logs_every_probe_and_writes_a_report(tmp_path, capsys, monk
     for key, value in values.items():
         if key.startswith("geomon/attention/"):
             assert math.isfinite(value), key
+
+
+def test_the_summary_names_the_alerts_that_fired():
+    prefix = "geomon/alerts/"
+    assert demo.alerts_line({prefix + "entropy_collapse": 0.0, "train_loss": 1.0}) == "alerts: none fired"
+    line = demo.alerts_line({prefix + "entropy_collapse": 2.0, prefix + "max_logit_growth": 0.0, prefix + "nan": 1.0})
+    assert line.startswith("alerts fired: entropy_collapse x2, nan x1 (") and "geomon_alerts.csv" in line

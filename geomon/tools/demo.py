@@ -114,6 +114,17 @@ def print_summary(values: dict[str, float], step: int) -> None:
     nc = {keys.split(k)[0].removeprefix(keys.nc("")): v for k, v in values.items() if k.startswith(nc_prefix)}
     if nc:
         print("neural collapse: " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(nc.items())))
+    print(alerts_line(values))
+
+
+def alerts_line(values: dict[str, float]) -> str:
+    """What the alert rules fired over the run (their ``geomon/alerts/<rule>`` counters), and where to read them."""
+    alert_prefix = keys.prefix(keys.ALERTS)
+    fired = {k.removeprefix(alert_prefix): int(v) for k, v in values.items() if k.startswith(alert_prefix) and v > 0}
+    if not fired:
+        return "alerts: none fired"
+    counts = ", ".join(f"{rule} x{n}" for rule, n in sorted(fired.items()))
+    return f"alerts fired: {counts} (which heads and when: geomon_alerts.csv beside the CSV logs, and the report)"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
