@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The small CPU build on machines without a GPU is found by pip's local find-links; on a GPU machine the same
-# pin resolves to the CUDA build. Override with `make test TORCH_SPEC='torch>=2.3'` to keep your own torch.
+# pin resolves to the CUDA build. Override with `make demo TORCH_SPEC='torch>=2.3'` (the tests: TEST_TORCH_SPEC).
 TORCH_SPEC ?= torch==2.13.0
 # timm (ViT capture tests) needs torchvision, and no torchvision is built for the small CPU torch: the tests install
 # the newest matching pair instead (a CUDA build of torch that also runs on the CPU; about a minute here).
