@@ -154,10 +154,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     callback = GeomonCallback(every_n_steps=args.every, spectral_modules=["model.blocks.*.attn.qkv", "model.head"])
     loggers = make_loggers(pl, args.out, wandb=not args.no_wandb)
     trainer = pl.Trainer(
-        max_steps=args.steps, logger=loggers, callbacks=[callback], accelerator="cpu", devices=1,
+        max_steps=args.steps, max_epochs=1, logger=loggers, callbacks=[callback], accelerator="cpu", devices=1,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=not args.quiet,
         log_every_n_steps=min(10, args.steps),
     )  # fmt: skip
+    # endless windows: the run is max_steps long, in one epoch (the progress bar reads "Epoch 0/0", not "0/-2")
     loader = torch.utils.data.DataLoader(CorpusWindows(data, module.model.context, args.batch, args.seed), None)
     n_params = sum(p.numel() for p in module.parameters())
     print(f"training a {n_params / 1e3:.0f}k-parameter GPT on {len(text) / 1e3:.0f} kB of text, measuring every "
