@@ -279,15 +279,22 @@ class KeyTerms(MaskPattern):
             chunk, zero_key = columns(term)
             chunk = chunk.masked_fill(zero_key, 0.0)
             bias = chunk if bias is None else bias + chunk
-        if bias is None:
-            assert allowed is not None, "KeyTerms without a term"
-            return allowed
+        if bias is None:  # no term at all (zero or memory keys alone): every key open to every row
+            return (
+                torch.ones(1, 1, 1, stop - start, dtype=torch.bool, device=positions.device)
+                if allowed is None
+                else allowed
+            )
         return bias if allowed is None else bias.masked_fill(~allowed, -torch.inf)
 
     def kernel_terms(self, n_k: int) -> KernelTerms | None:
         """The terms split for the kernel (see :class:`KernelTerms`), with the causal rule aligned bottom-right; None
-        with zero or memory keys (they are moved last or not covered), two per-score terms, or a per-score additive
-        term beside additive per-key ones (``Attend`` compares their sum with the mask)."""
+        when keys were moved last (self-attention with zero or memory keys) or a term does not cover every key (the
+        zero key), with two per-score terms, or a per-score additive
+        term beside additive per-key ones (``Attend`` compares their sum with the mask). With no term and no causal
+        rule the key order does not matter: the kernel takes the call as it is."""
+        if self.allowed is None and not self.additive and not self.causal:
+            return KernelTerms(None, False, None, None)
         if self.roll or n_k != self.n_k or any(term.shape[-1] != n_k for term in self.additive):
             return None
         if self.allowed is not None and self.allowed.shape[-1] != n_k:

@@ -23,8 +23,9 @@ functions, CoPE, selective attention, signed (cog) attention, learned sinks, inv
 Cost: none beyond the callback. The mask is passed by reference when it is the only term; a bias, the previous
 layer's scores, memory or zero keys are combined with it per key chunk
 (:class:`~geomon.capture._patterns.KeyTerms`), never into a ``B·H·Nq·Nk`` tensor. On CUDA the kernel reads one
-per-score term in place beside the causal flag and per-key terms (``KeyTerms.kernel_terms``); zero or memory keys
-and two per-score terms leave the call to the torch path.
+per-score term in place beside the causal flag and per-key terms (``KeyTerms.kernel_terms``); keys moved last (zero
+or memory keys in self-attention) or not covered by a term, and two per-score terms, leave the call to the torch
+path.
 """
 
 from __future__ import annotations

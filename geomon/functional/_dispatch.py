@@ -62,5 +62,5 @@ def _say_once(op: str, reason: str) -> None:
     if (op, reason) in _ANNOUNCED:
         return
     _ANNOUNCED.add((op, reason))
-    warnings.warn(f"{op} on CUDA runs on the torch path (same values, slower than the kernel): {reason}",
+    warnings.warn(f"geomon: {op} on CUDA runs on the torch path (same values, slower than the kernel): {reason}",
                   GeomonWarning, stacklevel=3)  # fmt: skip

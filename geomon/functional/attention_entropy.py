@@ -269,7 +269,7 @@ def _kernel_terms(pattern: MaskPattern, attn_mask: Tensor | None, n_k: int) -> t
     if terms is None:
         return (
             None,
-            "a generated mask pattern other than a key range or split module masks is applied by the torch path",
+            "a generated mask pattern other than a key range or terms the kernel splits is applied by the torch path",
         )
     row = terms.row_mask
     if row is not None and attn_mask is not None:

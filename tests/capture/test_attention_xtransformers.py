@@ -61,8 +61,8 @@ def _own_attention(model, tokens, **kwargs):
 
 #: Which calls of the two layers the kernel takes (on CUDA), per configuration: biases (ALiBi, T5-style) go to it as
 #: a per-score mask read in place beside the causal rule and key padding; the first layer of residual attention has no
-#: previous scores yet; zero and memory keys (moved last, not covered by the terms) and two per-score terms are left to
-#: the torch path.
+#: previous scores yet; zero and memory keys in self-attention (moved last, not covered by the terms) and two per-score
+#: terms are left to the torch path.
 ON_THE_KERNEL = {"mem_and_zero_kv": [False, False], "residual_attn": [True, False], "zero_kv_rel_pos": [False, False],
                  "zero_kv_residual": [False, False]}  # fmt: skip
 
@@ -217,3 +217,17 @@ def test_training_is_bit_identical_with_capture_on():
     assert torch.equal(plain[0], captured[0]) and torch.equal(plain[2], captured[2])
     assert all(torch.equal(a, b) for a, b in zip(plain[1], captured[1], strict=True))
     assert len(captured[3]) == 4
+
+
+@pytest.mark.parametrize(("config", "on_the_kernel"), [("mem_and_zero_kv", True), ("zero_kv_rel_pos", False)])
+def test_an_encoder_called_without_a_mask_is_measured_on_both_paths(config, on_the_kernel):
+    """Zero or memory keys with no mask: with no bias either the call has no term at all (its layer used to log
+    nothing: the torch path asserted on it and the kernel refused it) and the kernel takes it as it is; a bias that
+    does not cover the zero key leaves it to the torch path."""
+    model = _model(xt.Encoder, **CONFIGS[config])
+    tokens, _ = _tokens_and_mask(False)
+    with torch.no_grad():
+        calls, _ = collect(model, lambda: model(tokens))
+    _assert_equal_to_own(
+        calls, _own_attention(model, tokens), torch.ones(B, 1, N, dtype=torch.bool), [on_the_kernel] * 2
+    )

@@ -33,7 +33,7 @@ def test_cuda_tensors_left_to_the_torch_path_are_announced_once_per_reason():
     cuda = _on("cuda")
     choice, said = _choose("auto", "attention_entropy", cuda, unsupported="head dim 512 > 256")
     assert choice == "torch"
-    assert said == ["attention_entropy on CUDA runs on the torch path (same values, slower than the kernel): "
+    assert said == ["geomon: attention_entropy on CUDA runs on the torch path (same values, slower than the kernel): "
                     "head dim 512 > 256"]  # fmt: skip
     assert _choose("auto", "attention_entropy", cuda, unsupported="head dim 512 > 256") == ("torch", [])
     other = _choose("auto", "attention_entropy", cuda, unsupported="float64 inputs are computed by the torch path only")
