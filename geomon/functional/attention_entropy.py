@@ -210,7 +210,7 @@ def _attention_rows(
     below it block their key), ``query_padding`` (``[B, Nq]`` boolean: those query rows count as having no key: NaN,
     ``n_keys`` 0) and ``pattern`` (a :data:`MaskPattern`, applied with ``attn_mask``; on the torch path, unless the
     kernel can apply it itself: a per-row key range (its ``key_range``), or terms that split into one per-score mask
-    and per-key terms (its ``kernel_terms``, see ``_split_for_kernel``))."""
+    and per-key terms (its ``kernel_terms``, see ``_kernel_terms`` and ``_kernel_masks``))."""
     _validate(q, k, scale, is_causal, attn_mask, query_index)
     _validate_padding(q, is_causal, masked_at, query_padding, pattern)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
