@@ -12,6 +12,7 @@ any other pattern is measured by the torch path (on CUDA too): memory stays ``O(
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -123,24 +124,19 @@ class ModuleMasks(MaskPattern):
         not split exactly: two per-score terms, a per-score additive term beside additive per-key ones (the module
         compares their sum), or a per-score term with keys past the masks (``bias_k``, ``add_zero_attn``)."""
         per_score = [m for m in self.masks if m.shape[-2] != 1]
+        if per_score and n_k != self.n_k:
+            return None
         per_key = [m for m in self.masks if m.shape[-2] == 1]
-        key_sum, key_blocked = None, None
-        for mask in per_key:
-            if mask.dtype == torch.bool:
-                key_blocked = mask if key_blocked is None else key_blocked | mask
-            else:
-                key_sum = mask if key_sum is None else key_sum + mask
-        if len(per_score) > 1 or (per_score and n_k != self.n_k):
-            return None
-        row = per_score[0] if per_score else None
-        if row is not None and row.dtype != torch.bool and key_sum is not None:
-            return None
+        blocking = [m for m in per_key if m.dtype == torch.bool]
+        key_blocked = None if not blocking else functools.reduce(torch.logical_or, blocking)
+        terms = _split(per_score, [m for m in per_key if m.dtype != torch.bool], key_blocked, row_blocks=True)
         extra = n_k - self.n_k  # keys open to every row, bias 0
-        if extra and key_sum is not None:
-            key_sum = torch.nn.functional.pad(key_sum, (0, extra), value=0.0)
-        if extra and key_blocked is not None:
-            key_blocked = torch.nn.functional.pad(key_blocked, (0, extra), value=False)
-        return KernelTerms(row, row is not None and row.dtype == torch.bool, key_sum, key_blocked)
+        if terms is None or not extra:
+            return terms
+        pad = torch.nn.functional.pad
+        key_sum = None if terms.key_sum is None else pad(terms.key_sum, (0, extra), value=0.0)
+        key_blocked = None if terms.key_blocked is None else pad(terms.key_blocked, (0, extra), value=False)
+        return terms._replace(key_sum=key_sum, key_blocked=key_blocked)
 
     def padded_keys(self, batch: int, n_k: int) -> Tensor | None:
         """Keys every row of every head blocks: each boolean mask's rows and heads, and the sum of the additive
@@ -300,15 +296,10 @@ class KeyTerms(MaskPattern):
         if self.allowed is not None and self.allowed.shape[-1] != n_k:
             return None
         per_score = [t for t in ([] if self.allowed is None else [self.allowed]) + self.additive if t.shape[-2] != 1]
-        key_sum = None
-        for term in self.additive:
-            if term.shape[-2] == 1:
-                key_sum = term if key_sum is None else key_sum + term
-        if len(per_score) > 1 or (per_score and per_score[0].dtype != torch.bool and key_sum is not None):
-            return None
         key_blocked = None if self.allowed is None or self.allowed.shape[-2] != 1 else ~self.allowed
         causal = self.n_k - self.n_q if self.causal else None
-        return KernelTerms(per_score[0] if per_score else None, False, key_sum, key_blocked, causal)
+        key_additive = [t for t in self.additive if t.shape[-2] == 1]
+        return _split(per_score, key_additive, key_blocked, row_blocks=False, causal_offset=causal)
 
     def padded_keys(self, batch: int, n_k: int) -> Tensor | None:
         """Keys no row of any head may attend to (the sum of the additive terms' maxima at or below -1e4, exact when
@@ -322,6 +313,27 @@ class KeyTerms(MaskPattern):
         if blocked is None:
             return None
         return blocked.roll(-self.roll, dims=-1).expand(batch, n_k)
+
+
+def _split(
+    per_score: list[Tensor],
+    key_additive: list[Tensor],
+    key_blocked: Tensor | None,
+    row_blocks: bool,
+    causal_offset: int | None = None,
+) -> KernelTerms | None:
+    """The kernel's reading of a rule's terms: at most one per-score term (``row_blocks``: a boolean one means True =
+    blocked), the per-key additive terms summed in order (as the chunks sum them), the keys blocked per key; None
+    when that is not exact - two per-score terms, or a per-score additive term beside additive per-key ones (the
+    -1e4 rule applies to their sum)."""
+    if len(per_score) > 1:
+        return None
+    row = per_score[0] if per_score else None
+    if row is not None and row.dtype != torch.bool and key_additive:
+        return None
+    key_sum = None if not key_additive else functools.reduce(torch.add, key_additive)
+    is_bool = row is not None and row.dtype == torch.bool
+    return KernelTerms(row, row_blocks and is_bool, key_sum, key_blocked, causal_offset)
 
 
 def _unseen_keys(blocked: list[Tensor], maxima: list[Tensor]) -> Tensor | None:

@@ -430,8 +430,7 @@ def _mask_operand(
     if mask is None or shape[2] == 1 or mask.stride(2) == 0:
         rows = None if mask is None else mask[:, :, 0]
         bias, count = _key_operand(rows, blocked_at, mask_blocks, key_bias)
-        strides = (bias.stride(0) if bias.shape[0] > 1 else 0, bias.stride(1) if bias.shape[1] > 1 else 0, 0, 1)
-        return _MaskOperand(bias, strides, 3, blocked_at, count)
+        return _MaskOperand(bias, (*_batch_head_strides(bias), 0, 1), 3, blocked_at, count)
     extra: dict = {}
     if key_bias is not None:  # base 2; a finite value stays finite (as on the torch path), -inf (blocked) stays -inf
         finite = (key_bias.float() * LOG2E).clamp_min(torch.finfo(torch.float32).min)
