@@ -84,7 +84,7 @@ def _nc4_update(
     """``(mismatches, samples)``: classifier argmax over all classes vs nearest finite class mean, both as
     decided by the float64 scores (no host sync on the kernel path; the torch path's float64 re-check syncs on CUDA);
     rows where ``keep`` is False are not counted. A NaN anywhere in the head's weight or bias leaves the argmax
-    undefined (the two paths would skip the class differently), and means with no finite row leave no centre: the
+    undefined (the search would only skip that class), and means with no finite row leave no centre: the
     mismatches are NaN then."""
     dtype = compute_dtype(features)
     h = features.detach().to(dtype)
