@@ -22,9 +22,21 @@ from geomon.alerts._base import (
 from geomon.alerts._watch import Direction, WatchRule
 from geomon.alerts.events import AlertEvent, Level, as_floats, fmt, make_title
 
-#: Keys that are NaN by definition at times: ``nc4`` needs the class means of a previous window (NaN in the first),
-#: alpha-ReQ is NaN while the covariance has fewer non-zero eigenvalues than its fit range needs.
-DEFAULT_IGNORE: tuple[str, ...] = (keys.pattern(keys.nc("nc4")), keys.pattern(keys.ALPHA_REQ))
+#: Neural-collapse statistics that are NaN by definition in healthy runs (docs/metrics/neural_collapse.md):
+#: ``nc4`` needs the class means of a previous window (NaN in the first, or with a NaN in the head's weight);
+#: ``gnc2_var`` is a variance over pairs of classes, so a binary classifier (one pair) has none; ``nc3_cos_mean``
+#: and ``unc3`` divide by the norm of each classifier row (a zero row gives NaN), ``nc3`` by the norm of the whole
+#: head (an all-zero head, e.g. a zero-initialised one, gives NaN).
+NAN_BY_DEFINITION_NC: tuple[str, ...] = ("nc4", "gnc2_var", "nc3", "nc3_cos_mean", "unc3")
+
+#: Keys that are NaN by definition at times, so :class:`NonFinite` ignores them by default: the neural-collapse
+#: statistics of :data:`NAN_BY_DEFINITION_NC`, and alpha-ReQ, NaN while the covariance has fewer non-zero
+#: eigenvalues than its fit range needs. Non-finite features (or fewer than 2 classes in a window) still make
+#: ``nc1``, ``cdnv`` and the others NaN, which stay watched, as do losses, entropies, logits and RankMe.
+DEFAULT_IGNORE: tuple[str, ...] = (
+    *(keys.pattern(keys.nc(stat)) for stat in NAN_BY_DEFINITION_NC),
+    keys.pattern(keys.ALPHA_REQ),
+)
 
 
 class _Latch:

@@ -146,3 +146,41 @@ def test_custom_rule_text_patience_and_recovery():
 def test_bad_arguments_raise_value_errors_that_say_what_is_allowed(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def _binary_collapse_values(head: str) -> dict[str, float]:
+    """The neural-collapse values of a healthy binary classifier whose head is still all zeros (a zero-initialised
+    head), keyed as the collapse probe logs them: ``geomon/nc/<stat>/<head>.input``."""
+    from geomon.functional import neural_collapse
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(16) % 2
+    features = torch.randn(16, 8, generator=generator, dtype=torch.float64) + 3.0 * labels[:, None]
+    stats = neural_collapse(features, labels, weight=torch.zeros(2, 8, dtype=torch.float64), num_classes=2)
+    return {f"geomon/nc/{stat}/{head}.input": float(value) for stat, value in stats.items()}
+
+
+def test_non_finite_ignores_the_neural_collapse_statistics_that_are_nan_by_definition():
+    values = _binary_collapse_values("fc")
+    # docs/metrics/neural_collapse.md: two classes -> gnc2_var NaN (one pair has no variance); a zero head row ->
+    # nc3_cos_mean and unc3 NaN; an all-zero head -> nc3 NaN (0 / 0 in its normalisation)
+    nan_stats = {key.split("/")[2] for key, value in values.items() if math.isnan(value)}
+    assert {"gnc2_var", "nc3", "nc3_cos_mean", "unc3"} <= nan_stats
+    values["geomon/rankme/fc.input"] = 3.5
+    stop = StopFlag()
+    engine = AlertEngine([NonFinite()], sinks=[stop])
+    for step in range(3):
+        assert engine.evaluate(10 * step, values) == []
+    assert not stop
+    # the rest of the statistics, and the values of a training in trouble, are still watched
+    for key in ["geomon/nc/nc1/fc.input", "geomon/rankme/fc.input", ENT.format(0), "geomon/attention/entropy/x"]:
+        (event,) = NonFinite().evaluate(0, {**values, key: NAN})
+        assert event.details["keys"] == [key]
+    heads = {ENT.format(0): [0.5, INF]}
+    assert NonFinite().evaluate(0, values, heads)[0].details["keys"] == [ENT.format(0) + "/head1"]
+    # the NaN-by-definition keys are exact: a probe whose name only contains a statistic's name is not ignored
+    assert NonFinite().evaluate(0, {"geomon/rankme/gnc2_var": NAN})[0].key == "geomon/rankme/gnc2_var"
+    # and they still fire with no ignore list
+    assert NonFinite(ignore=()).evaluate(0, values)[0].details["keys"] == sorted(
+        key for key, value in values.items() if math.isnan(value)
+    )
