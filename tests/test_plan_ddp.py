@@ -26,6 +26,8 @@ from torch import nn
 
 from geomon import Monitor
 from geomon._tiny_gpt import Block
+from geomon.functional import GeomonWarning
+from geomon.probes.attention import AttentionProbe
 from tests.ranks import spawn
 
 pytestmark = pytest.mark.skipif(
@@ -132,3 +134,56 @@ def test_ranks_running_different_layers_log_what_one_process_logs(tmp_path):
     windows = [step for step, want in enumerate(single) if "geomon/rankme/ln_f" in want]
     assert windows, "no RankMe window closed: the test would not check the embedding reduction"
     assert any(key.startswith("geomon/nc/nc1/") for want in single for key in want)
+
+
+# -- the memory budget under agreement --------------------------------------------------------------------------------
+# Two hand-written attention modules, both found at run time: rank 0 runs both, rank 1 only ``a``. The budget holds
+# one of them. Every rank must keep the same one (``a``, first in id order) and drop the other, as one process does;
+# counting its own not-yet-agreed probes, rank 0 once dropped ``a`` and kept ``b`` while rank 1 kept ``a``, and the
+# two ranks then summed different layers into one value.
+BUDGET_ROUTES = ("ab", "a")
+
+
+class TwoMixers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.embed = nn.Embedding(VOCAB, D)
+        self.blocks = nn.ModuleDict({"a": Mixer(D, 2), "b": Mixer(D, 2)})
+
+    def forward(self, idx, route):
+        x = self.embed(idx)
+        for name in route:
+            x = self.blocks[name](x)
+        return x
+
+
+def _budget_monitor():
+    one_probe = AttentionProbe("a", 2).state_bytes()
+    return Monitor(every_n_steps=1, head=None, memory_budget_mib=1.5 * one_probe / 2**20)
+
+
+def _budget_rank(rank, world):
+    model = TwoMixers().eval()
+    monitor = _budget_monitor().attach(model)
+    rows = _global_batches()[0].chunk(2)[rank]
+    with torch.no_grad(), monitor.step(0):
+        model(rows, BUDGET_ROUTES[rank])
+    return _as_floats(monitor.compute(0))
+
+
+@pytest.mark.slow
+def test_ranks_keep_the_same_probes_under_the_memory_budget(tmp_path):
+    model = TwoMixers().eval()
+    monitor = _budget_monitor().attach(model)
+    with pytest.warns(GeomonWarning, match="attention:blocks.b is dropped"), torch.no_grad():
+        for rank in (0, 1):
+            with monitor.step(0):
+                model(_global_batches()[0].chunk(2)[rank], BUDGET_ROUTES[rank])
+        single = _as_floats(monitor.compute(0))
+    assert "geomon/attention/entropy/blocks.a" in single
+    assert not [key for key in single if key.endswith("blocks.b")]
+    for rank, got in enumerate(spawn(_budget_rank, tmp_path)):
+        assert got.keys() == single.keys(), (rank, sorted(got.keys() ^ single.keys()))
+        for key, value in single.items():
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (rank, key)

@@ -317,6 +317,9 @@ class Plan:
         for rank_specs in gathered:
             for pid, spec in (rank_specs or {}).items():
                 specs.setdefault(pid, set()).add(tuple(spec))
+        # The budget counts agreed probes only: those are the same on every rank, while the probes still waiting
+        # in this loop are known to some ranks alone (counting them, ranks would drop different probes).
+        held = sum(probe.state_bytes() for probe in self if probe.agreed)
         for pid in sorted(specs):
             if len(specs[pid]) > 1:
                 self._drop(pid, f"the ranks saw different shapes for it ({sorted(specs[pid])})")
@@ -324,10 +327,11 @@ class Plan:
             (spec,) = specs[pid]
             probe = self.probes.get(pid) or self.add(self._late_probe(pid))
             probe.spec, probe.agreed = spec, True
-            if self.state_bytes() > self.options.memory_budget_mib * MIB:
+            if held + probe.state_bytes() > self.options.memory_budget_mib * MIB:
                 self._drop(pid, f"its state ({probe.state_bytes() / MIB:.1f} MiB) would exceed memory_budget_mib="
                            f"{self.options.memory_budget_mib:g}")  # fmt: skip
                 continue
+            held += probe.state_bytes()
             probe.allocate(self.device)
 
     def _late_probe(self, pid: str) -> Probe:
