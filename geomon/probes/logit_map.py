@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 from torch.utils.hooks import RemovableHandle
@@ -53,7 +54,7 @@ from geomon.capture._session import AttentionCall, in_backward
 from geomon.capture.modules import weight_out_in
 from geomon.functional import entropy_lower_bound
 from geomon.functional.spectral_norm import _normalize_or_keep
-from geomon.probes._sync import whole
+from geomon.probes._sync import multi_process, whole
 from geomon.probes.base import Context, Probe, Step, Values
 
 #: Forward arguments that carry rotary position embeddings (timm EVA ``rope``, Hugging Face ``position_embeddings``,
@@ -468,6 +469,15 @@ class LogitMapProbe(Probe):
             context.guard.warn_once(f"logit_map:{self.name}", f"geomon: the logit map of {self.name!r} is not "
                                     f"logged: {layout or 'its query/key projections are gone'}")  # fmt: skip
             return
+        why, bound = None, None
+        if self.bound and self.rotary is None:
+            why = self._unbounded(seen, layout)
+            if why is None:
+                map_sigma = bound_sigma(layout).max()
+                bound = torch.stack([entropy_lower_bound(map_sigma * _input_gram(x, seen.augmented), t)
+                                     for x, _, t in seen.inputs]).amin()  # fmt: skip
+        if multi_process():
+            why, bound = self._agree(seen, why, bound, layout.w_q.device)
         if self.rotary is not None:
             context.guard.warn_once(
                 f"logit_map:{self.name}",
@@ -481,14 +491,32 @@ class LogitMapProbe(Probe):
         out.scalars[key], out.details[key] = sigma.max(), sigma
         if not self.bound:
             return
-        why = self._unbounded(seen, layout)
         if why is not None:
             context.guard.warn_once(f"entropy_bound:{self.name}", f"geomon: no entropy bound is logged for "
                                     f"{self.name!r} (Theorem 3.1 does not hold there): {why}")  # fmt: skip
             return
-        map_sigma = bound_sigma(layout).max()
-        bounds = [entropy_lower_bound(map_sigma * _input_gram(x, seen.augmented), t) for x, _, t in seen.inputs]
-        out.scalars[keys.key(keys.ENTROPY_BOUND, self.name)] = torch.stack(bounds).amin()
+        out.scalars[keys.key(keys.ENTROPY_BOUND, self.name)] = bound
+
+    def _agree(self, seen: _Measured, why: str | None, bound: Tensor | None,
+               device: torch.device) -> tuple[str | None, Tensor | None]:  # fmt: skip
+        """The ranks' verdicts made one (a collective): a bound is logged only where it holds on every rank that ran
+        the layer, as the least of theirs, and a rotary layer seen on any rank is one on all. A rank whose forward
+        did not run the layer on the measured step neither vetoes nor bounds."""
+        idle = why is not None and not seen.inputs and not seen.calls and seen.why is None
+        # one MAX reduction: [1 + the rotary argument's index, a rank vetoes, a rank bounds, -bound]
+        rotary = 0 if self.rotary is None else 1 + ROTARY_ARGUMENTS.index(self.rotary)
+        flags = [rotary, why is not None and not idle, bound is not None]
+        local = torch.tensor([*map(float, flags), -math.inf if bound is None else -float(bound)],
+                             dtype=torch.float64, device=device)  # fmt: skip
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        rotary, veto, bounded, least = local.tolist()
+        if rotary and self.rotary is None:
+            self.rotary = ROTARY_ARGUMENTS[int(rotary) - 1]
+        if veto:
+            return (None if idle else why) or "another rank's measured step shows that it does not hold there", None
+        if bounded:
+            return None, torch.tensor(-least, dtype=torch.float64, device=device)
+        return why, None
 
 
 def logit_map_probe(name: str, module: nn.Module, *, bound: bool, guard: Guard) -> LogitMapProbe | None:
