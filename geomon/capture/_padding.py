@@ -17,7 +17,7 @@ from the mask, the same way for every path:
    self-attention). A call is cross-attention when it has a different number of keys than queries, when its
    module's path names it so (``EncDecAttention``, ``encoder_attn``, ``crossattention``, ``multihead_attn`` of a
    torch decoder layer, any part containing ``cross``), or when its adapter says so (``nn.MultiheadAttention``
-   called with a query that is not its key).
+   called with a query that is not its key: neither the same object nor an equal tensor, :func:`same_sequence`).
 
 Nothing of size ``Nq x Nk`` is built or copied, and nothing waits for the device: the model's mask is reported by
 reference (rule 1 is applied by the metric where it forms the scores, chunk by chunk), and the excluded query rows
@@ -45,6 +45,22 @@ _CROSS_PARTS = frozenset({"encdecattention", "encoder_attn", "crossattention", "
 def is_cross_name(name: str) -> bool:
     """Whether a module path names a cross-attention module."""
     return any(part in _CROSS_PARTS or "cross" in part for part in name.lower().split("."))
+
+
+def same_sequence(query: object, key: object) -> bool:
+    """Whether a call's query and key inputs are one sequence (self-attention): the same object, or equal tensors of
+    the same shape, dtype and device (``attn(ln(x), ln(x), ln(x))`` computes the same values twice).
+
+    The comparison reads both inputs once (one host sync, only when the objects differ but look alike): cheap beside
+    the attention itself. Nested tensors are compared by identity only.
+    """
+    if query is key:
+        return True
+    if not isinstance(query, Tensor) or not isinstance(key, Tensor) or query.is_nested or key.is_nested:
+        return False
+    if query.shape != key.shape or query.dtype != key.dtype or query.device != key.device:
+        return False
+    return bool(torch.equal(query.detach(), key.detach()))
 
 
 def padded_keys(mask: Tensor | None, batch: int, n_k: int) -> Tensor | None:

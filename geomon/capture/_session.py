@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
-from geomon.capture._padding import MASKED_AT, PaddingRule
+from geomon.capture._padding import MASKED_AT, PaddingRule, same_sequence
 from geomon.capture._patterns import MaskPattern
 
 
@@ -116,7 +116,7 @@ class Session:
         self.warned: set[str] = set()
         self.busy = False  # geomon's own computation is running: ignore module calls and SDPA calls
         self.padding = PaddingRule()
-        self.cross_hint: dict[str, bool] = {}  # nn.MultiheadAttention modules by name: called with query is not key
+        self.cross_hint: dict[str, bool] = {}  # nn.MultiheadAttention modules by name: query and key not one sequence
         #: modules whose SDPA calls put extra keys first, by name: (cross-attention or not, how many extra keys)
         self.sdpa_layout: dict[str, tuple[bool | None, int]] = {}
 
@@ -198,7 +198,7 @@ class Session:
         if name is not None and not self.busy and not in_backward():
             self.stack.append((id(module), name, self.reports + self.unseen))
             if isinstance(module, nn.MultiheadAttention) and len(args) >= 2:
-                self.cross_hint[name] = args[0] is not args[1]
+                self.cross_hint[name] = not same_sequence(args[0], args[1])
 
     def _leave(self, module: nn.Module, args: tuple, *rest: Any) -> None:
         # torch passes (kwargs, output) after a forward, and (output,) alone when the forward raised

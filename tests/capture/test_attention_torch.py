@@ -259,3 +259,23 @@ def test_everything_is_removed_after_an_exception(gen):
     with pytest.raises(ValueError, match="inside"), capture_attention(encoder, lambda call: None):
         encoder(x)
     assert_clean(encoder)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_self_attention_called_with_equal_but_separate_tensors_excludes_padded_queries(need_weights, gen):
+    """``attn(ln(x), ln(x), ln(x))`` is self-attention: the three inputs are equal tensors, not one object."""
+    torch.manual_seed(0)
+    ln, mha = nn.LayerNorm(E), nn.MultiheadAttention(E, H, batch_first=True)
+    model = nn.ModuleDict({"ln": ln, "attn": mha}).eval()
+    x = torch.randn(B, L, E, generator=gen)
+    padding = torch.zeros(B, L, dtype=torch.bool)
+    padding[1, 4:] = True
+    padding[2, 2:] = True
+    with torch.no_grad():
+        calls, _ = collect(model, lambda: mha(ln(x), ln(x), ln(x), key_padding_mask=padding, need_weights=need_weights))
+        _, weights = mha(ln(x), ln(x), ln(x), key_padding_mask=padding, average_attn_weights=False)
+    assert [c.module for c in calls] == ["attn"]
+    entropy = rows_of(calls[0])[0]
+    real = ~padding[:, None, :]
+    assert_rows_close(entropy, entropy_of(weights), real)  # the module's own probabilities, real rows
+    assert entropy[~real.expand_as(entropy)].isnan().all()  # padded tokens' rows are excluded
