@@ -60,6 +60,7 @@ class WatchRule(Rule):
     """Base of the pattern rules; subclasses give the bars, the wording and the level."""
 
     title_text = "Alert"  # "Entropy collapse"
+    default_name = ""  # the name the rule has unless given one; other names appear in the titles
     noun = "value"  # "normalised attention entropy"
     where = "key"  # how a key is named in texts: "layer", "probe" (its last segment) or "key" (in full)
     low_is_bad = True  # which end is "worst" when several heads are involved
@@ -161,6 +162,15 @@ class WatchRule(Rule):
     def _subject(self, key: str) -> str:
         return key if self.where == "key" else f"{self.where} {subject(key)}"
 
+    def _title(self, key: str, *, notes: tuple[str, ...] = (), cleared: bool = False) -> str:
+        """``"<title text> (<rule name>, <notes>)[ cleared]: <layer>"``: W&B rate-limits and merges alerts by title,
+        so two rules of one class (different thresholds, layers) must not share titles; the rule's name is left out
+        only where it is the class's default (at most one rule of an engine has it) or already the title text."""
+        named = (self.name,) if self.name not in (self.default_name, self.title_text) else ()
+        tags = ", ".join((*named, *notes))
+        prefix = f"{self.title_text}{f' ({tags})' if tags else ''}{' cleared' if cleared else ''}: "
+        return make_title(prefix + (subject(key) if self.where != "key" else key), keep=len(prefix))
+
     def _heads_clause(self, key: str, labels: list[str]) -> str:
         heads = [int(label) for label in labels if label]
         if not heads:
@@ -195,7 +205,7 @@ class WatchRule(Rule):
             details["escalated_from"] = escalated_from
         return AlertEvent(
             rule=self.name, key=key, step=step, kind="fired", level=level,
-            title=make_title(f"{self.title_text}{grown}: {subject(key) if self.where != 'key' else key}"), text=text,
+            title=self._title(key, notes=(grown[2:-1],) if grown else ()), text=text,
             value=value, threshold=absolute[0] if absolute else None, baseline=baseline,
             heads=tuple(int(label) for label in labels if label), details=details,
         )  # fmt: skip
@@ -214,7 +224,7 @@ class WatchRule(Rule):
         details = {"fired_step": group[1], "fired_level": group[4], "values": {lb: present[lb][0] for lb in members}}
         return AlertEvent(
             rule=self.name, key=key, step=step, kind="recovered", level="INFO",
-            title=make_title(f"{self.title_text} cleared: {subject(key) if self.where != 'key' else key}"),
+            title=self._title(key, cleared=True),
             text=text, value=value, baseline=baseline, heads=tuple(int(lb) for lb in group[2] if lb), details=details,
         )  # fmt: skip
 

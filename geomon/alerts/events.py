@@ -63,16 +63,23 @@ class AlertEvent:
     details: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=True)
 
 
-def make_title(text: str) -> str:
+def make_title(text: str, keep: int = 0) -> str:
     """``text`` cut to W&B's title limit, keeping both ends (module names carry their meaning at the end).
+
+    ``keep``: how many leading characters to keep whole (the part that tells rules apart, e.g.
+    ``"Entropy collapse (strict): "``); at most ``MAX_TITLE - 16``, so that the rest keeps both of its ends.
 
     Example:
         >>> make_title("Entropy collapse: model.transformer.encoder.layers.11.self_attention.core")
         'Entropy collapse: model.transfor….layers.11.self_attention.core'
+        >>> make_title("Entropy collapse (entropy_strict): model.transformer.encoder.layers.11.core", keep=35)
+        'Entropy collapse (entropy_strict): model.transfor…ayers.11.core'
     """
     if len(text) <= MAX_TITLE:
         return text
-    head = (MAX_TITLE - 1) // 2 + 1
+    keep = max(0, min(keep, MAX_TITLE - 16))
+    room = MAX_TITLE - 1 - keep  # characters left for the rest, besides the ellipsis
+    head = keep + room // 2 + 1
     tail = MAX_TITLE - 1 - head
     return text[:head] + "…" + text[-tail:]
 

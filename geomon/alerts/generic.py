@@ -100,6 +100,11 @@ class NonFinite(Rule):
         self.cooldown = check_int(owner, "cooldown", cooldown, 0)
         self._latch = _Latch()
 
+    def _title(self, cleared: bool = False) -> str:
+        """``"Non-finite values"``, with the rule's name where it is not the default one (W&B merges by title)."""
+        named = "" if self.name == "non_finite" else f" ({self.name})"
+        return make_title(f"Non-finite values{named}{' cleared' if cleared else ''}")
+
     def _ignored(self, *keys: str) -> bool:
         return any(fnmatch.fnmatchcase(key, pattern) for key in keys for pattern in self.ignore)
 
@@ -117,7 +122,7 @@ class NonFinite(Rule):
             text = f"Non-finite values at step {step} in {len(bad)} key{'s' if len(bad) > 1 else ''}: {listed}{more}."
             details = {"keys": [key for key, _ in bad], "values": {key: str(value) for key, value in bad}}
             event = AlertEvent(
-                rule=self.name, key=bad[0][0], step=step, kind="fired", level=self.level, title="Non-finite values",
+                rule=self.name, key=bad[0][0], step=step, kind="fired", level=self.level, title=self._title(),
                 text=text, value=bad[0][1], details=details,
             )  # fmt: skip
             return [event]
@@ -126,7 +131,7 @@ class NonFinite(Rule):
             details = {"fired_step": self._latch.since, "fired_level": self.level}
             event = AlertEvent(
                 rule=self.name, key=self.name, step=step, kind="recovered", level="INFO",
-                title="Non-finite values cleared", text=text, details=details,
+                title=self._title(cleared=True), text=text, details=details,
             )  # fmt: skip
             return [event]
         return []

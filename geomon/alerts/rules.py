@@ -60,6 +60,7 @@ class EntropyCollapse(WatchRule):
     """
 
     title_text = "Entropy collapse"
+    default_name = "entropy_collapse"
     noun = "normalised attention entropy"
     where = "layer"
     advice = _ATTENTION_ADVICE
@@ -132,6 +133,7 @@ class MaxLogitAbove(WatchRule):
     """
 
     title_text = "Max attention logit"
+    default_name = "max_logit"
     noun = "max attention logit"
     where = "layer"
     low_is_bad = False
@@ -185,6 +187,7 @@ class RankCollapse(WatchRule):
     """
 
     title_text = "Rank collapse"
+    default_name = "rank_collapse"
     noun = "RankMe"
     where = "probe"
     advice = (

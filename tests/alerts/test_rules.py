@@ -143,3 +143,45 @@ def test_rank_collapse_ratio_needs_the_width():
     assert [event.kind for event in rule.evaluate(50, {RANK.format("z"): 1.0})] == ["fired"]
     floor = RankCollapse(min_ratio=None, floor=4.0, relative_drop=None, patience=1)
     assert floor.evaluate(0, {RANK.format("z"): 3.0})[0].threshold == 4.0
+
+
+DEFAULT_NAMES = ("entropy_collapse", "non_finite")
+
+
+def test_two_rules_of_one_class_give_distinct_titles():
+    """W&B rate-limits and merges alerts by title: two rules of one class must never share one."""
+    from geomon.alerts import AlertEngine, NonFinite
+    from geomon.alerts.events import MAX_TITLE
+
+    long_layer = "model.transformer.encoder.layers.11.self_attention.core"
+    keys_ = [ENT.format(0), f"geomon/attention/entropy_normalized/{long_layer}"]
+    rules = [
+        EntropyCollapse(patience=1),
+        EntropyCollapse(threshold=0.3, patience=1, name="entropy_collapse_strict_threshold"),
+        EntropyCollapse(threshold=0.2, patience=1, name="entropy_collapse_strict_layers"),
+        NonFinite(),
+        NonFinite(ignore=(), name="non_finite_everything"),
+    ]
+    engine = AlertEngine(rules)
+    fired = engine.evaluate(0, {"geomon/rankme/z": float("nan")}, {key: [0.05, 0.6] for key in keys_})
+    recovered = engine.evaluate(1, {}, {key: [0.6, 0.6] for key in keys_})
+    for events in (fired, recovered):
+        titles = [event.title for event in events]
+        assert len(events) == 8 and len(set(titles)) == 8, titles
+        assert all(len(title) <= MAX_TITLE for title in titles)
+        # a rule with a name of its own carries it whole, however long the layer's name
+        assert all(f"({event.rule}" in event.title for event in events if event.rule not in DEFAULT_NAMES)
+    # the rule with the default name keeps the short title the guide shows
+    assert fired[0].title == "Entropy collapse: blocks.0.attn"
+    assert fired[1].title.startswith("Entropy collapse: model.transfor") and fired[1].title.endswith("attention.core")
+    strict = EntropyCollapse(patience=1, name="strict")  # 1 of 8 heads collapsed: INFO; 2 of 8: WARN
+    events = run(strict, heads=[{ENT.format(0): [0.05] + [0.6] * 7}, {ENT.format(0): [0.05, 0.05] + [0.6] * 6}])
+    assert [(e.level, e.title) for e in events] == [
+        ("INFO", "Entropy collapse (strict): blocks.0.attn"),
+        ("WARN", "Entropy collapse (strict, grown from INFO): blocks.0.attn"),
+    ]
+    assert recovered[0].title == "Entropy collapse cleared: blocks.0.attn"
+    assert [e.title for e in fired if e.rule.startswith("non_finite")] == [
+        "Non-finite values",
+        "Non-finite values (non_finite_everything)",
+    ]
