@@ -7,6 +7,7 @@ events, rank zero notifies, and actions (sinks with ``all_ranks=True``) run ever
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -26,7 +27,9 @@ class AlertEngine:
     """Runs rules over each step's values and hands their events to sinks.
 
     Args:
-        rules: the rules (unique names); ``None``: :func:`~geomon.alerts.default_rules`.
+        rules: the rules (unique names); ``None``: :func:`~geomon.alerts.default_rules`. The engine works on its own
+            copies of them (:attr:`rules`): the objects passed in never change, so a list of rules reused for another
+            run (another engine, monitor or callback) starts fresh, without the first run's episodes and baselines.
         sinks: callables ``(event) -> None``; those with ``all_ranks = True`` run on every rank, the others only
             where ``is_rank_zero``.
         is_rank_zero: whether this process is global rank zero (settable later, e.g. at the trainer's setup).
@@ -48,9 +51,9 @@ class AlertEngine:
         is_rank_zero: bool = True,
         strict: bool = False,
     ) -> None:
-        self.rules = default_rules() if rules is None else list(rules)
+        given = default_rules() if rules is None else list(rules)
         names: list[str] = []
-        for rule in self.rules:
+        for rule in given:
             if not callable(getattr(rule, "evaluate", None)) or not isinstance(getattr(rule, "name", None), str):
                 raise ValueError(f"AlertEngine: every rule needs a str name and an evaluate() method, got {rule!r}")
             if rule.name in names:
@@ -59,6 +62,7 @@ class AlertEngine:
                     f"{rule.name!r} appears twice; pass name=... to tell the rules apart"
                 )
             names.append(rule.name)
+        self.rules: list[Rule] = [_own_copy(rule) for rule in given]
         self.sinks = list(sinks)
         for sink in self.sinks:
             if not callable(sink):
@@ -148,3 +152,15 @@ class AlertEngine:
             )
         counts = state.get("counters", {})
         self._counts = {name: int(counts.get(name, 0)) for name in self._counts}
+
+
+def _own_copy(rule: Rule) -> Rule:
+    """A deep copy of ``rule``, so that no state is shared with its other users (another engine, the caller)."""
+    try:
+        return copy.deepcopy(rule)
+    except Exception as error:
+        raise TypeError(
+            f"AlertEngine: rule {rule.name!r} ({type(rule).__name__}) cannot be copied ({type(error).__name__}: "
+            f"{error}); an engine works on its own copy of each rule, so that rules reused for another run start "
+            "fresh: keep what cannot be copied (locks, files, clients) out of the rule, or give it a __deepcopy__"
+        ) from error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -251,7 +252,8 @@ class Custom(Rule):
 
     Truthy = bad; a string becomes the event's text. Patience, recovery and cooldown work as for every rule.
     ``scalars`` and ``heads`` arrive as Python floats. Keep ``fn`` deterministic (no wall clock, no randomness):
-    every rank must reach the same decision.
+    every rank must reach the same decision. An engine works on a copy of the rule, but calls ``fn`` itself:
+    state that ``fn`` keeps is shared by every engine given the rule.
 
     Args:
         name: the rule's name (counter ``geomon/alerts/<name>``).
@@ -283,6 +285,16 @@ class Custom(Rule):
         self.level = check_level("Custom", level)
         self.cooldown = check_int("Custom", "cooldown", cooldown, 0)
         self._latch = _Latch()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Custom:
+        """A copy with its own episode state that calls the same ``fn`` (the user's function, not a copy of it: a
+        bound method would otherwise copy the object it is bound to, e.g. a whole model)."""
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        for attribute, value in vars(self).items():
+            if attribute != "fn":
+                setattr(clone, attribute, copy.deepcopy(value, memo))
+        return clone
 
     def evaluate(self, step: int, scalars: Scalars, heads: Heads | None = None) -> list[AlertEvent]:
         scalars, vectors = as_floats(scalars, heads)

@@ -4,6 +4,7 @@ import dataclasses
 import io
 import logging
 import math
+import threading
 import warnings
 
 import pytest
@@ -208,3 +209,41 @@ def test_csv_sink_writes_the_report_sidecar(tmp_path):
         (40, "max_logit", LOGIT.format(1), "fired", "WARN"),
     ]
     assert rows[0].text.startswith("Max attention logit in layer blocks.0.attn at step 10: max attention logit 150,")
+
+
+def test_rules_reused_for_a_second_run_start_fresh():
+    """A sweep builds every run's engine (or monitor) from one list of rule objects: nothing of the first run (open
+    episodes, baselines, patience streaks, RankMe widths) may reach the second."""
+    rules = default_rules()
+    first = AlertEngine(rules)
+    cut = _frames()[:22]  # stops inside the entropy episode and a RankMe episode
+    _run(first, cut)
+    assert first.state_dict()["rules"]["entropy_collapse"]["groups"]  # the first run did leave state behind
+    second = AlertEngine(rules)
+    assert _run(second, _frames()) == _run(AlertEngine(default_rules()), _frames())
+    # the objects handed in are left as they were given: a third engine starts fresh as well
+    assert _run(AlertEngine(rules), _frames()) == _run(AlertEngine(default_rules()), _frames())
+    assert all(rule.state_dict() == fresh.state_dict() for rule, fresh in zip(rules, default_rules(), strict=True))
+
+
+def test_a_custom_rule_keeps_its_function_and_an_uncopyable_rule_is_named():
+    class Check:
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, step, scalars, heads):
+            self.calls += 1
+            return False
+
+    check = Check()
+    engine = AlertEngine([Custom("check", check)])
+    engine.evaluate(0, {})
+    assert check.calls == 1  # the engine's copy of the rule calls the user's own function, not a copy of it
+
+    class Locked(Custom):
+        def __init__(self):
+            super().__init__("locked", lambda step, scalars, heads: False)
+            self.lock = threading.Lock()
+
+    with pytest.raises(TypeError, match=r"AlertEngine: rule 'locked' .*cannot be copied"):
+        AlertEngine([Locked()])
