@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -18,6 +19,27 @@ from geomon.probes._sync import synced_sum
 from geomon.probes.base import FLOAT64, Context, Probe, Step, Values, steps_to_fill
 
 Source = Literal["output", "input"]
+
+#: The fields of a mapping output (a dict, a Hugging Face ``ModelOutput``) read as its embeddings, in this order.
+HIDDEN_FIELDS = ("last_hidden_state", "hidden_states")
+
+
+def embedding_tensor(found: Any) -> Tensor | None:
+    """The embeddings in a module's output (or input): the tensor itself, a tuple's or list's first element, or a
+    mapping's :data:`HIDDEN_FIELDS` entry (a tensor); ``None`` when there is none.
+
+    Example:
+        >>> import torch
+        >>> embedding_tensor({"logits": torch.zeros(2, 5), "last_hidden_state": torch.ones(2, 3)}).shape
+        torch.Size([2, 3])
+        >>> embedding_tensor([torch.zeros(4, 2), None]).shape, embedding_tensor({"loss": torch.zeros(())})
+        (torch.Size([4, 2]), None)
+    """
+    if isinstance(found, (tuple, list)):
+        found = found[0] if found else None
+    elif isinstance(found, Mapping):
+        found = next((found[f] for f in HIDDEN_FIELDS if isinstance(found.get(f), Tensor)), None)
+    return found if isinstance(found, Tensor) else None
 
 
 class EmbeddingProbe(Probe):
@@ -101,10 +123,19 @@ class EmbeddingProbe(Probe):
 
     def arm(self, module: nn.Module, step: Step) -> list[RemovableHandle]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if in_backward():  # a checkpointed block's recomputation: seen once
+                return
             found = inputs[0] if self.source == "input" and inputs else output
-            tensor = found[0] if isinstance(found, tuple) and found else found
-            if isinstance(tensor, Tensor) and not in_backward():  # a checkpointed block's recomputation: seen once
+            tensor = embedding_tensor(found)
+            if tensor is not None:
                 step.guard.run(f"embedding capture of {self.name!r}", self._update_checked, tensor, step)
+            else:
+                step.guard.warn_once(f"no-tensor:{self.name}", f"geomon: module {self.name!r} returned "
+                                     f"{type(found).__name__}, in which geomon finds no [..., D] tensor (it reads a "
+                                     "tensor, the first element of a tuple or list, or a mapping's / model output's "
+                                     f"{' or '.join(map(repr, HIDDEN_FIELDS))}); probe {self.name!r} measures "
+                                     "nothing. Name a submodule that returns the embeddings, or hand them to "
+                                     "Monitor.observe")  # fmt: skip
 
         return [module.register_forward_hook(hook, always_call=True)]
 
