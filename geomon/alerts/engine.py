@@ -16,6 +16,7 @@ from geomon import keys
 from geomon.alerts._base import Heads, Rule, Scalars
 from geomon.alerts.events import AlertEvent, as_floats
 from geomon.alerts.rules import default_rules
+from geomon.alerts.sinks import Sink as SinkBase
 from geomon.functional import GeomonWarning
 
 Sink = Callable[[AlertEvent], Any]
@@ -31,7 +32,8 @@ class AlertEngine:
             copies of them (:attr:`rules`): the objects passed in never change, so a list of rules reused for another
             run (another engine, monitor or callback) starts fresh, without the first run's episodes and baselines.
         sinks: callables ``(event) -> None``; those with ``all_ranks = True`` run on every rank, the others only
-            where ``is_rank_zero``.
+            where ``is_rank_zero``. A :class:`~geomon.alerts.Sink` whose ``rules`` filter names a rule that this
+            engine does not have is a ValueError (here, and when :attr:`sinks` is set later).
         is_rank_zero: whether this process is global rank zero (settable later, e.g. at the trainer's setup).
         strict: raise what a rule or sink raises, instead of warning and skipping it (for tests).
 
@@ -63,14 +65,35 @@ class AlertEngine:
                 )
             names.append(rule.name)
         self.rules: list[Rule] = [_own_copy(rule) for rule in given]
-        self.sinks = list(sinks)
-        for sink in self.sinks:
-            if not callable(sink):
-                raise ValueError(f"AlertEngine: every sink must be callable as sink(event), got {sink!r}")
+        self._sinks: list[Sink] = []
+        self.sinks = sinks
         self.is_rank_zero = bool(is_rank_zero)
         self.strict = bool(strict)
         self._counts = dict.fromkeys(names, 0)
         self._skipped: set[str] = set()
+
+    @property
+    def sinks(self) -> list[Sink]:
+        """Where events go; set it to replace them (e.g. once the trainer's loggers are known): checked as in
+        ``__init__``."""
+        return self._sinks
+
+    @sinks.setter
+    def sinks(self, sinks: Iterable[Sink]) -> None:
+        if isinstance(sinks, (str, bytes)) or callable(sinks) or not isinstance(sinks, Iterable):
+            raise ValueError(f"AlertEngine: sinks must be a list of callables sink(event), got {sinks!r}")
+        sinks = list(sinks)
+        known = [rule.name for rule in self.rules]
+        for sink in sinks:
+            if not callable(sink):
+                raise ValueError(f"AlertEngine: every sink must be callable as sink(event), got {sink!r}")
+            unknown = sorted(set(sink.rules) - set(known)) if isinstance(sink, SinkBase) and sink.rules else []
+            if unknown:
+                raise ValueError(
+                    f"AlertEngine: {type(sink).__name__} filters on rules that no rule of this engine is named: "
+                    f"{', '.join(map(repr, unknown))} (the rules are {', '.join(map(repr, known)) or 'none'})"
+                )
+        self._sinks = sinks
 
     def evaluate(self, step: int, scalars: Scalars, heads: Heads | None = None) -> list[AlertEvent]:
         """Run every rule on this step's values; call the sinks; return the events (same on every rank).

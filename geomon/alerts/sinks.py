@@ -26,7 +26,8 @@ class Sink:
     Args:
         kinds: the event kinds passed on (``"fired"``, ``"recovered"``).
         min_level: the least severe level passed on (recovered events are ``"INFO"``).
-        rules: rule names passed on (``None``: all).
+        rules: rule names passed on (``None``: all). An :class:`~geomon.alerts.AlertEngine` refuses a sink that
+            names a rule it does not have (a typo would silently pass nothing on).
     """
 
     all_ranks: bool = False

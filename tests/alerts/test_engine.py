@@ -247,3 +247,20 @@ def test_a_custom_rule_keeps_its_function_and_an_uncopyable_rule_is_named():
 
     with pytest.raises(TypeError, match=r"AlertEngine: rule 'locked' .*cannot be copied"):
         AlertEngine([Locked()])
+
+
+def test_a_sink_filtering_on_an_unknown_rule_is_refused_naming_the_known_ones():
+    message = (
+        r"AlertEngine: CallableSink filters on rules that no rule of this engine is named: 'entropy_colapse' "
+        r"\(the rules are 'entropy_collapse', 'max_logit', 'rank_collapse', 'non_finite'\)"
+    )
+    page = CallableSink(print, rules=["entropy_colapse", "max_logit"])
+    with pytest.raises(ValueError, match=message):
+        AlertEngine(default_rules(), [page])
+    engine = AlertEngine(default_rules())
+    with pytest.raises(ValueError, match=message):  # sinks set later (as the callback does) are checked too
+        engine.sinks = [LoggingSink(), page]
+    assert engine.sinks == []
+    ok = CallableSink(print, rules=["entropy_collapse"])
+    engine.sinks = [ok]
+    assert engine.sinks == [ok]
