@@ -3,8 +3,14 @@
 Every matched key is watched per *unit*: each head of its per-head vector when one is given, else the scalar.
 A unit is bad when its value crosses a bar (an absolute threshold, or a fraction of its running baseline) and clear
 when it is back beyond the bar by the hysteresis band. The episode that the user sees is per *key* (one layer, one
-probe): it fires when the first unit of the key has been bad for ``patience`` evaluations, naming every unit that
-is collapsed at that step, and recovers when no unit of the key is active any more.
+probe; a *group* in the code): it fires when the first unit of the key has been bad for ``patience`` evaluations,
+naming every unit that is collapsed at that step, and recovers when no unit of the key is active any more.
+
+Escalation: the level of an event may depend on the whole model (:meth:`WatchRule.level_for` sees the model-wide
+share of active units). An open episode fires again, at the higher level, only at an evaluation where one of *its
+own* units became active and the level is then above the one it last fired at. Units of other keys becoming
+active raise the level of *their* events, never re-fire a key whose own units did not change: so the event that
+tips the model into ERROR is the one of the layer that tipped it.
 
 Running baseline: the median of the last ``baseline_steps`` *healthy* values of the unit. A value that is bad, or
 arrives while the unit's episode is open, is never added, so the baseline cannot follow a collapse down; it does
@@ -120,6 +126,7 @@ class WatchRule(Rule):
         scalars, vectors = as_floats(scalars, heads)
         keys = sorted(key for key in {*scalars, *vectors} if fnmatch.fnmatchcase(key, self.pattern))
         now: dict[str, dict[str, tuple[float, list[Bar], float | None]]] = {}
+        newly: dict[str, bool] = {}  # key -> a unit of it became active at this evaluation
         for key in keys:
             values = list(enumerate(vectors[key])) if key in vectors else [(None, scalars[key])]
             units, now[key] = self._units.setdefault(key, {}), {}
@@ -131,7 +138,8 @@ class WatchRule(Rule):
                 baseline = unit.baseline(self.baseline_steps) if self.relative_drop is not None else None
                 bars = self.bars(key, baseline)
                 bad = any(bar.violated(value) for bar in bars)
-                unit.update(bad=bad, clear=all(bar.cleared(value) for bar in bars), patience=self.patience)
+                change = unit.update(bad=bad, clear=all(bar.cleared(value) for bar in bars), patience=self.patience)
+                newly[key] = newly.get(key, False) or change == "fired"
                 if self.relative_drop is not None and not bad and not unit.active:
                     unit.remember(value, self.baseline_steps)
                 now[key][label] = (value, bars, baseline)
@@ -153,7 +161,7 @@ class WatchRule(Rule):
                 if not active_now:
                     group[0], group[3] = False, step + self.cooldown
                     events.append(self._recovered(step, key, group, present))
-                elif _RANK[level] > _RANK.get(group[4], 0):  # the episode got worse: say so, at its new level
+                elif newly[key] and _RANK[level] > _RANK.get(group[4], 0):  # its own heads got worse: a new level
                     escalated_from, group[4] = group[4], level
                     events.append(self._fired(step, key, active_now, present, level, active, seen, escalated_from))
         return events

@@ -32,8 +32,10 @@ class EntropyCollapse(WatchRule):
     ERROR once ``share_levels[1]`` of all heads are collapsed; WARN once ``share_levels[0]`` of all heads, or
     ``layer_share`` of one layer's heads, are; otherwise INFO (a few sharp heads - previous-token, first-token,
     induction heads - are normal in healthy models). An episode that grows to a higher level fires again at that
-    level (``details["escalated_from"]``). Without a per-head vector for a layer, its scalar (the mean over heads)
-    is watched as one unit.
+    level (``details["escalated_from"]``), but only when heads of *its own* layer collapse: a layer whose heads did
+    not change is not reported again because other layers collapsed (their events carry the higher level, and the
+    layer that tips the model into ERROR fires at ERROR). Without a per-head vector for a layer, its scalar (the
+    mean over heads) is watched as one unit.
 
     Args:
         threshold: absolute bar on normalised entropy. Collapsed heads sit near 0 (Zhai et al.); healthy heads of

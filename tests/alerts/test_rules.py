@@ -185,3 +185,23 @@ def test_two_rules_of_one_class_give_distinct_titles():
         "Non-finite values",
         "Non-finite values (non_finite_everything)",
     ]
+
+
+def test_entropy_collapse_escalates_only_the_layer_whose_own_heads_collapsed():
+    """Other layers collapsing raise the model-wide share, hence the level a new event gets; a layer whose own heads
+    did not change must not fire again for that (it was reported, at its level, when its heads collapsed)."""
+    ok, gone = 0.6, 0.02
+    layer0 = [[ok] * 4, [gone, ok, ok, ok], [gone, ok, ok, ok], [gone, ok, ok, ok], [gone, gone, ok, ok]]
+    layer1 = [[ok] * 4, [ok] * 4, [gone] * 4, [gone] * 4, [gone] * 4]
+    layer2 = [[ok] * 4, [ok] * 4, [ok] * 4, [gone] * 4, [gone] * 4]
+    events = run(EntropyCollapse(patience=1), heads=heads_frames([layer0, layer1, layer2]))
+    # 1: one head of 12 (8%, a quarter of layer 0): INFO. 2: layer 1 goes, 5 of 12 (42%): layer 1 fires WARN,
+    # layer 0 is unchanged. 3: layer 2 goes, 9 of 12 (75%): layer 2 fires ERROR, layers 0 and 1 are unchanged.
+    # 4: a second head of layer 0 goes: its own episode got worse, and its level now is ERROR: it grows from INFO
+    assert [(t, kind, key, heads, e.level, e.details.get("escalated_from")) for e, (t, kind, key, heads) in
+            zip(events, summary(events), strict=True)] == [
+        (1, "fired", ENT.format(0), (0,), "INFO", None),
+        (2, "fired", ENT.format(1), (0, 1, 2, 3), "WARN", None),
+        (3, "fired", ENT.format(2), (0, 1, 2, 3), "ERROR", None),
+        (4, "fired", ENT.format(0), (0, 1), "ERROR", "INFO"),
+    ]  # fmt: skip
