@@ -8,6 +8,7 @@ between the two), so a value hovering at the threshold neither fires repeatedly 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -21,20 +22,30 @@ Heads = Mapping[str, Sequence[float]]
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer (Python or NumPy), and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real number (Python or NumPy int or float), and not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_int(owner: str, name: str, value: object, minimum: int) -> int:
-    """``value`` if it is an integer ``>= minimum``, else a ValueError saying so."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``int(value)`` if it is an integer (Python or NumPy) ``>= minimum``, else a ValueError saying so."""
+    if not is_integer(value) or value < minimum:  # type: ignore[operator]
         raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)  # type: ignore[call-overload]
 
 
 def check_float(
     owner: str, name: str, value: object, allowed: str, ok: Callable[[float], bool] = lambda v: True
 ) -> float:
     """``float(value)`` if it is a finite real number with ``ok(value)``, else a ValueError naming ``allowed``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+    if not is_real(value) or not math.isfinite(value) or not ok(float(value)):  # type: ignore[arg-type]
         raise ValueError(f"{owner}: {name} must be {allowed}, got {value!r}")
-    return float(value)
+    return float(value)  # type: ignore[arg-type]
 
 
 def check_fraction(owner: str, name: str, value: object, *, optional: bool = False) -> float | None:

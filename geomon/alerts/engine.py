@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from geomon import keys
-from geomon.alerts._base import Heads, Rule, Scalars
+from geomon.alerts._base import Heads, Rule, Scalars, is_integer
 from geomon.alerts.events import AlertEvent, as_floats
 from geomon.alerts.rules import default_rules
 from geomon.alerts.sinks import Sink as SinkBase
@@ -53,6 +53,10 @@ class AlertEngine:
         is_rank_zero: bool = True,
         strict: bool = False,
     ) -> None:
+        if rules is not None and (isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable)):
+            raise ValueError(
+                f"AlertEngine: rules must be a list of rules (or None for default_rules()), got {type(rules).__name__}"
+            )
         given = default_rules() if rules is None else list(rules)
         names: list[str] = []
         for rule in given:
@@ -81,7 +85,7 @@ class AlertEngine:
     @sinks.setter
     def sinks(self, sinks: Iterable[Sink]) -> None:
         if isinstance(sinks, (str, bytes)) or callable(sinks) or not isinstance(sinks, Iterable):
-            raise ValueError(f"AlertEngine: sinks must be a list of callables sink(event), got {sinks!r}")
+            raise ValueError(f"AlertEngine: sinks must be a list of callables sink(event), got {type(sinks).__name__}")
         sinks = list(sinks)
         known = [rule.name for rule in self.rules]
         for sink in sinks:
@@ -99,13 +103,16 @@ class AlertEngine:
         """Run every rule on this step's values; call the sinks; return the events (same on every rank).
 
         Args:
-            step: the global step the values were measured on.
+            step: the global step the values were measured on (an int or NumPy integer).
             scalars: ``{key: value}``; floats or one-element tensors (copied to the host here, once per device).
             heads: ``{key: per-head values}``; sequences of floats or 1-D tensors.
                 A value that is neither is left out, with a warning (once per key).
         """
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise ValueError(f"AlertEngine.evaluate: step must be an int (the global step), got {step!r}")
+        if not is_integer(step):
+            raise ValueError(
+                f"AlertEngine.evaluate: step must be an integer (int or numpy integer, not bool), got {step!r}"
+            )
+        step = int(step)  # type: ignore[call-overload]  # events carry a Python int, whatever the loop counts in
         skipped: list[str] = []
         scalars, vectors = as_floats(scalars, heads, skipped=skipped)
         if skipped:

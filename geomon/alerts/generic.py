@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from geomon import keys
@@ -92,9 +92,14 @@ class NonFinite(Rule):
         name: str = "non_finite",
     ) -> None:
         owner = "NonFinite"
-        if isinstance(ignore, str) or not all(isinstance(p, str) and p for p in ignore):
-            raise ValueError(f"{owner}: ignore must be a sequence of non-empty fnmatch patterns, got {ignore!r}")
-        self.ignore = tuple(ignore)
+        valid = isinstance(ignore, Iterable) and not isinstance(ignore, (str, bytes))
+        patterns = tuple(ignore) if valid else ()  # read once: an iterator passes the check and keeps its patterns
+        if not valid or not all(isinstance(p, str) and p for p in patterns):
+            raise ValueError(
+                f"{owner}: ignore must be a sequence of non-empty fnmatch patterns (e.g. DEFAULT_IGNORE, or () to "
+                f"watch every key), got {ignore!r}"
+            )
+        self.ignore = patterns
         self.name = check_name(owner, name)
         self.patience = check_int(owner, "patience", patience, 1)
         self.level = check_level(owner, level)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from geomon import keys
-from geomon.alerts._base import Rule, check_float, check_fraction, check_int
+from geomon.alerts._base import Rule, check_float, check_fraction, check_int, is_real
 from geomon.alerts._watch import Direction, WatchRule
 from geomon.alerts.events import Level, fmt, subject
 from geomon.alerts.generic import NonFinite
@@ -91,7 +91,7 @@ class EntropyCollapse(WatchRule):
         if (
             not isinstance(share_levels, (tuple, list))
             or len(share_levels) != 2
-            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in share_levels)
+            or not all(is_real(s) for s in share_levels)
             or not 0 <= share_levels[0] <= share_levels[1] <= 1
         ):
             raise ValueError(
@@ -222,12 +222,17 @@ class RankCollapse(WatchRule):
         if self.min_ratio is None and self.floor is None and self.relative_drop is None:
             raise ValueError(f"{owner}: every test is off; set at least one of min_ratio, floor or relative_drop")
         self.dims: dict[str, int] = {}
-        self.set_dims(dims or {})
+        self.set_dims({} if dims is None else dims)
 
     def set_dims(self, dims: Mapping[str, int]) -> None:
         """Add or replace embedding widths, ``{probe name or full key: D}`` (for ``min_ratio``)."""
-        for key, dim in dims.items():
-            self.dims[key] = check_int("RankCollapse", f"dims[{key!r}]", dim, 1)
+        if not isinstance(dims, Mapping) or not all(isinstance(key, str) and key for key in dims):
+            raise ValueError(
+                f"RankCollapse: dims must be a mapping {{probe or key: D}} with probe names or keys as strings, "
+                f"e.g. {{'ln_f': 768}}, got {dims!r}"
+            )
+        checked = {key: check_int("RankCollapse", f"dims[{key!r}]", dim, 1) for key, dim in dims.items()}
+        self.dims.update(checked)  # all or nothing: a bad width leaves the widths as they were
 
     def absolute_bars(self, key: str) -> list[tuple[Direction, float, str]]:
         bars: list[tuple[Direction, float, str]] = []

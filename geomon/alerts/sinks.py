@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,15 +41,20 @@ class Sink:
         rules: Collection[str] | None = None,
     ) -> None:
         owner = type(self).__name__
-        if isinstance(kinds, str) or not set(kinds) <= set(KINDS) or not kinds:
+        given = _strings(kinds)  # read once: an iterator passes the checks and keeps its items
+        if given is None or not given or not given <= set(KINDS):
             raise ValueError(f"{owner}: kinds must be a non-empty collection of {KINDS}, got {kinds!r}")
         if min_level not in LEVELS:
             raise ValueError(f"{owner}: min_level must be one of {', '.join(LEVELS)}, got {min_level!r}")
-        if rules is not None and (isinstance(rules, str) or not all(isinstance(r, str) for r in rules)):
-            raise ValueError(f"{owner}: rules must be a collection of rule names or None, got {rules!r}")
-        self.kinds = frozenset(kinds)
+        names = None if rules is None else _strings(rules)
+        if rules is not None and names is None:
+            raise ValueError(f"{owner}: rules must be a collection of rule names or None (all rules), got {rules!r}")
+        if names is not None and not names:
+            message = "rules must name at least one rule, or be None for all (an empty filter passes nothing on)"
+            raise ValueError(f"{owner}: {message}")
+        self.kinds = given
         self.min_level = min_level
-        self.rules = None if rules is None else frozenset(rules)
+        self.rules = names
 
     def accepts(self, event: AlertEvent) -> bool:
         """Whether ``event`` passes the filters."""
@@ -66,6 +72,14 @@ class Sink:
         raise NotImplementedError
 
 
+def _strings(values: object) -> frozenset[str] | None:
+    """``values`` as a frozenset when it is a collection of strings (not a string itself), else ``None``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        return None
+    items = tuple(values)
+    return frozenset(items) if all(isinstance(item, str) for item in items) else None
+
+
 class LoggingSink(Sink):
     """Log events at their level (``INFO``, ``WARNING`` for WARN, ``ERROR``); recovered ones as info. Rank zero only.
 
@@ -76,6 +90,8 @@ class LoggingSink(Sink):
 
     def __init__(self, logger: logging.Logger | None = None, **filters: Any) -> None:
         super().__init__(**filters)
+        if logger is not None and not isinstance(logger, (logging.Logger, logging.LoggerAdapter)):
+            raise ValueError(f"LoggingSink: logger must be a logging.Logger or None, got {logger!r}")
         self.logger = logger if logger is not None else logging.getLogger("geomon")
 
     def emit(self, event: AlertEvent) -> None:
@@ -138,6 +154,8 @@ class CsvSink(Sink):
 
     def __init__(self, path: str | Path, **filters: Any) -> None:
         super().__init__(**filters)
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise ValueError(f"CsvSink: path must be a file path (str or os.PathLike), got {path!r}")
         self.path = Path(path)
 
     def emit(self, event: AlertEvent) -> None:

@@ -8,6 +8,7 @@ import torch
 from geomon.alerts import (
     AlertEngine,
     CallableSink,
+    CsvSink,
     Custom,
     Drop,
     EntropyCollapse,
@@ -19,7 +20,7 @@ from geomon.alerts import (
     Threshold,
     WandbSink,
 )
-from tests.alerts.sequences import ENT, RANK, run, summary
+from tests.alerts.sequences import ENT, LOGIT, RANK, run, summary
 
 NAN, INF = math.nan, math.inf
 
@@ -141,6 +142,25 @@ def test_custom_rule_text_patience_and_recovery():
         (lambda: AlertEngine([Threshold("a", above=1.0), Threshold("b", above=2.0)]), r"'threshold' appears twice"),
         (lambda: AlertEngine([object()]), r"every rule needs a str name and an evaluate\(\) method"),
         (lambda: AlertEngine(sinks=[3]), r"every sink must be callable"),
+        (lambda: AlertEngine(sinks=StopFlag()), r"sinks must be a list of callables sink\(event\), got StopFlag"),
+        (lambda: AlertEngine(MaxLogitAbove()), r"rules must be a list of rules \(or None for default_rules\(\)\)"),
+        (lambda: RankCollapse(dims=[("ln_f", 256)]), r"RankCollapse: dims must be a mapping \{probe or key: D\}"),
+        (
+            lambda: RankCollapse(dims={3: 256}),
+            r"RankCollapse: dims must be a mapping \{probe or key: D\} with .*, got \{3: 256\}",
+        ),
+        (lambda: RankCollapse(dims={"ln_f": 256.0}), r"dims\['ln_f'\] must be an integer >= 1, got 256.0"),
+        (lambda: NonFinite(ignore=None), r"ignore must be a sequence of non-empty fnmatch patterns \(.*\), got None"),
+        (lambda: NonFinite(ignore=["ok/*", 3]), r"ignore must be a sequence of non-empty fnmatch patterns"),
+        (lambda: EntropyCollapse(share_levels=None), r"share_levels must be \(warn, error\)"),
+        (lambda: EntropyCollapse(threshold="0.1"), r"threshold must be a normalised entropy in \(0, 1\)"),
+        (lambda: EntropyCollapse(patience=True), r"patience must be an integer >= 1, got True"),
+        (lambda: LoggingSink(kinds=None), r"kinds must be a non-empty collection"),
+        (lambda: LoggingSink(kinds=3), r"kinds must be a non-empty collection"),
+        (lambda: LoggingSink(rules=[]), r"rules must name at least one rule, or be None for all"),
+        (lambda: LoggingSink(rules=3), r"rules must be a collection of rule names or None"),
+        (lambda: LoggingSink(logger="geomon"), r"LoggingSink: logger must be a logging.Logger or None, got 'geomon'"),
+        (lambda: CsvSink(None), r"CsvSink: path must be a file path \(str or os.PathLike\), got None"),
     ],
 )
 def test_bad_arguments_raise_value_errors_that_say_what_is_allowed(make, message):
@@ -184,3 +204,20 @@ def test_non_finite_ignores_the_neural_collapse_statistics_that_are_nan_by_defin
     assert NonFinite(ignore=()).evaluate(0, values)[0].details["keys"] == sorted(
         key for key, value in values.items() if math.isnan(value)
     )
+
+
+def test_numpy_numbers_are_accepted_where_python_numbers_are_and_iterators_are_read_once():
+    np = pytest.importorskip("numpy")
+    engine = AlertEngine([MaxLogitAbove(threshold=np.float32(50.0), patience=np.int64(1))])
+    (event,) = engine.evaluate(np.int64(5), {LOGIT.format(0): 80.0})
+    assert event.step == 5 and type(event.step) is int
+    for step in (5.0, True, "5", np.float64(5.0), None):
+        with pytest.raises(ValueError, match=r"step must be an integer \(int or numpy integer, not bool\), got"):
+            engine.evaluate(step, {})
+    rule = RankCollapse(dims={"ln_f": np.int32(256)}, patience=np.int16(1), baseline_steps=np.int64(2))
+    assert rule.dims == {"ln_f": 256} and type(rule.dims["ln_f"]) is int
+    assert rule.evaluate(0, {RANK.format("ln_f"): 1.0})[0].threshold == 2.56
+    # a generator is read once: its patterns and names are all kept, not used up by the checks
+    assert NonFinite(ignore=(p for p in ["geomon/a/*", "geomon/b/*"])).ignore == ("geomon/a/*", "geomon/b/*")
+    sink = LoggingSink(kinds=(k for k in ["fired"]), rules=(r for r in ["max_logit"]))
+    assert sink.kinds == {"fired"} and sink.rules == {"max_logit"}
