@@ -48,7 +48,7 @@ from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink,
 from geomon.functional._dispatch import Backend
 from geomon.integrations.wandb_dashboard import LIGHTNING_STEP, WandbDashboard, config_value, monitor_settings
 from geomon.labels import LabelKind, default_labels, label_kind, labels_of
-from geomon.monitor import Monitor
+from geomon.monitor import Monitor, check_flag, checked_labels
 
 OnAlert = Literal["warn", "checkpoint", "stop"] | Callable[[Any], None]
 
@@ -139,6 +139,10 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         backend: Backend = "auto",
         strict: bool = False,
     ) -> None:
+        if on_alert is None or not (isinstance(on_alert, str) or callable(on_alert) or isinstance(on_alert, Sequence)):
+            raise TypeError(f"on_alert must be 'warn', 'checkpoint', 'stop', a callable or a list of these, got "
+                            f"{on_alert!r}")  # fmt: skip
+        check_flag("media", media)
         actions = [on_alert] if isinstance(on_alert, str) or callable(on_alert) else list(on_alert)
         for action in actions:
             if not callable(action) and action not in ("warn", "checkpoint", "stop"):
@@ -229,7 +233,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             self._measured_step, self._to_compute = step, True
 
     def _labels(self, batch: Any) -> Tensor | None:
-        return labels_of(batch, self.labels_fn, self.label_kind, self.monitor.guard, self.monitor.head)
+        return checked_labels(labels_of(batch, self.labels_fn, self.label_kind, self.monitor.guard, self.monitor.head))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._disarm()
@@ -238,7 +242,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         self._to_compute = False
         if isinstance(outputs, Mapping) and isinstance(outputs.get(OUTPUT_KEY), Mapping):
             for name, tensor in outputs[OUTPUT_KEY].items():
-                self.monitor.observe(str(name), tensor)
+                self.monitor.guard.run(f"outputs[{OUTPUT_KEY!r}][{name!r}]", self.monitor.observe, str(name), tensor)
         values = {
             key: value.float() for key, value in self.monitor.compute(self._measured_step, spectra=self.media).items()
         }

@@ -69,6 +69,40 @@ COMPILED = (
 )
 
 
+def check_flag(name: str, value: object) -> None:
+    """A ``TypeError`` unless ``value`` is a ``bool`` (a string such as ``"no"`` would read as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_rules(alerts: object) -> None:
+    """A ``TypeError`` unless ``alerts`` is ``None`` or a sequence of rules (objects with an ``evaluate`` method)."""
+    if alerts is None:
+        return
+    if isinstance(alerts, (str, bytes)) or not isinstance(alerts, Sequence):
+        single = " (a single rule goes in a list: alerts=[rule])" if callable(getattr(alerts, "evaluate", None)) else ""
+        raise TypeError(f"alerts must be None (the default rules), () (none) or a list of rules, got {alerts!r}"
+                        f"{single}")  # fmt: skip
+    for rule in alerts:
+        if not callable(getattr(rule, "evaluate", None)):
+            raise TypeError(f"alerts must hold rules (geomon.alerts.Rule, or objects with an evaluate method), got "
+                            f"{rule!r} in {alerts!r}")  # fmt: skip
+
+
+def checked_labels(labels: object) -> Tensor | None:
+    """``labels`` if they are ``None`` or an integer tensor of class indices, else a ``TypeError`` saying what is
+    allowed (float labels would be truncated, silently, by a cast)."""
+    if labels is None:
+        return None
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of class indices (-100: none), one per row of the head's "
+                        f"input, got {type(labels).__name__}")  # fmt: skip
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of class indices (int64, int32, ...; -100: none), got "
+                        f"{labels.dtype}; cast whole-number labels with .long()")  # fmt: skip
+    return labels
+
+
 def step_number(step: object) -> int:
     """``step`` as an ``int`` (Python, numpy and 0-d integer tensors are accepted), else a ``TypeError``."""
     try:
@@ -143,9 +177,17 @@ class Monitor:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if neural_collapse not in (True, False, "auto"):
             raise ValueError(f"neural_collapse must be True, False or 'auto', got {neural_collapse!r}")
+        for name, flag in (("attention", attention), ("entropy_bound", entropy_bound), ("strict", strict)):
+            check_flag(name, flag)
+        if head is not None and not isinstance(head, str):
+            raise TypeError(f"head must be 'auto', a module name or None, got {head!r}")
         for name, patterns in (("embedding_modules", embedding_modules), ("spectral_modules", spectral_modules)):
             if isinstance(patterns, str):
                 raise TypeError(f"{name} must be a sequence of patterns, e.g. [{patterns!r}], not a string")
+            if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+                raise TypeError(f"{name} must be a sequence of fnmatch patterns (strings), e.g. ['blocks.*.mlp'] "
+                                f"or () for none, got {patterns!r}")  # fmt: skip
+        check_rules(alerts)
         if isinstance(memory_budget_mib, bool) or not isinstance(memory_budget_mib, (int, float)) or \
                 not memory_budget_mib > 0:  # fmt: skip
             raise ValueError(f"memory_budget_mib must be a positive number, got {memory_budget_mib!r}")
@@ -228,6 +270,7 @@ class Monitor:
         ``labels`` (one per row of the head's input, ``-100`` = none) feed neural collapse."""
         if self.model is None or self.plan is None:
             raise RuntimeError("Monitor.step() before attach(model)")
+        labels = checked_labels(labels)
         if not self.is_scheduled(global_step):
             fill = self.plan.fill_probes(-step_number(global_step) % self.every_n_steps)
             return self.plan.armed(self.model, labels, only=fill) if fill else nullcontext()
@@ -239,6 +282,12 @@ class Monitor:
         hooks cannot see into (``torch.compile``) or tensors that no module outputs."""
         if self.plan is None:
             raise RuntimeError("Monitor.observe() before attach(model)")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"Monitor.observe needs a non-empty name (str), got {name!r}")
+        if not isinstance(tensor, Tensor) or tensor.ndim < 1 or tensor.shape[-1] < 1:
+            what = f"shape {tuple(tensor.shape)}" if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise TypeError(f"Monitor.observe({name!r}, ...) needs a tensor of embeddings [..., D] with D >= 1, got "
+                            f"{what}")  # fmt: skip
         self.guard.run(f"observed tensor {name!r}", self.plan.observe, name, tensor)
 
     # values ----------------------------------------------------------------------------------------------------
@@ -262,7 +311,8 @@ class Monitor:
             for rule in self.alert_engine.rules:
                 if callable(getattr(rule, "set_dims", None)):
                     rule.set_dims(dims)
-            self.events = self.alert_engine.evaluate(step, values, self.details)
+            self.events = self.guard.run("alert evaluation", self.alert_engine.evaluate, step, values, self.details,
+                                         default=[])  # fmt: skip
             values.update({name: torch.tensor(float(n)) for name, n in self.alert_engine.counters().items()})
         return values
 
