@@ -14,10 +14,16 @@ from the mask, the same way for every path:
    torch < 2.5 unmasks fully masked rows for SDPA; left-padding rows are then indistinguishable from real ones.)
 3. **Cross-attention** keys are another sequence: the query rows excluded are those of the self-attention that ran
    last over queries of the same batch size and length (in an encoder-decoder, the decoder block's own
-   self-attention). A call is cross-attention when it has a different number of keys than queries, when its
-   module's path names it so (``EncDecAttention``, ``encoder_attn``, ``crossattention``, ``multihead_attn`` of a
-   torch decoder layer, any part containing ``cross``), or when its adapter says so (``nn.MultiheadAttention``
-   called with a query that is not its key: neither the same object nor an equal tensor, :func:`same_sequence`).
+   self-attention). Whether a call is cross-attention is said first by its module's own call where the adapter
+   can read it: a transformers module's ``is_cross_attention`` (from its ``key_value_states`` /
+   ``encoder_hidden_states`` argument) or flag, a causal module being self-attention; ``nn.MultiheadAttention``
+   called with a query that is not its key (neither the same object nor an equal tensor, :func:`same_sequence`);
+   x-transformers' layer types. Otherwise a call is cross-attention when it has a different number of keys than
+   queries, or when its module's path names it so (``EncDecAttention``, ``encoder_attn``, ``crossattention``,
+   ``encoder_decoder_attention``, ``multihead_attn`` of a torch decoder layer, any part containing ``cross``).
+4. **Self-attention with more keys than queries** (a cache of earlier tokens, prefix keys) is self-attention: its
+   queries are the tokens of keys ``leading ..``: the last keys for a cache that appends, where a static cache was
+   filled to for transformers' ``StaticLayer``; rule 2 reads the padding of those keys.
 
 Nothing of size ``Nq x Nk`` is built or copied, and nothing waits for the device: the model's mask is reported by
 reference (rule 1 is applied by the metric where it forms the scores, chunk by chunk), and the excluded query rows
@@ -39,7 +45,10 @@ if TYPE_CHECKING:
 #: additive mask values at or below this are "may not attend"
 MASKED_AT = -1e4
 
-_CROSS_PARTS = frozenset({"encdecattention", "encoder_attn", "crossattention", "multihead_attn", "enc_dec_attn"})
+_CROSS_PARTS = frozenset(
+    {"encdecattention", "encoder_attn", "crossattention", "multihead_attn", "enc_dec_attn", "encoder_decoder_attention",
+     "src_attn"}
+)  # fmt: skip
 
 
 def is_cross_name(name: str) -> bool:
@@ -92,15 +101,16 @@ class PaddingRule:
         name: str,
         dropped: Tensor | None = None,
         pattern: MaskPattern | None = None,
-        leading: int = 0,
+        leading: int | Tensor = 0,
     ) -> Tensor | None:
         """The padded query rows ``[B, Nq]`` to leave out of ``q [B, H, Nq, Dh]`` against ``k`` (None: none).
 
         ``mask`` is the call's mask (SDPA semantics, rule 1 for additive values), read and never changed;
         ``pattern`` the rest of its mask, generated per chunk (its keys no row sees are padding too);
         ``dropped`` (``[B, Nq]``) the rows the implementation itself drops (flash, nested tensors), always excluded;
-        ``leading`` keys (memory key/values put first) come before the tokens' own: key ``leading + j`` is token
-        ``j``.
+        ``leading`` keys (memory key/values put first, a cache of earlier tokens) come before the tokens' own: key
+        ``leading + j`` is token ``j``; a 0-dim tensor (a static cache's fill level, read on the device) is applied
+        with a gather, without waiting for the device.
         """
         batch, n_q, n_k = q.shape[0], q.shape[-2], k.shape[-2]
         if cross is None:
@@ -113,7 +123,13 @@ class PaddingRule:
             if unseen is not None:
                 keys = unseen if keys is None else keys | unseen
             # keys a module appends (bias_k) come after the tokens, keys it prepends (memory) before them
-            rows = None if keys is None else keys[:, leading : leading + n_q]
+            if keys is None:
+                rows = None
+            elif isinstance(leading, Tensor):
+                index = leading.to(keys.device) + torch.arange(n_q, device=keys.device)
+                rows = keys.gather(1, index.clamp(0, n_k - 1).expand(batch, n_q))
+            else:
+                rows = keys[:, leading : leading + n_q]
             self.queries[(batch, n_q)] = rows
         if rows is not None:
             rows = rows.to(q.device)

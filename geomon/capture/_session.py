@@ -82,6 +82,19 @@ class Found(NamedTuple):
     cross: bool | None = None  #: cross-attention (None: decided by the padding rule)
     pattern: MaskPattern | None = None  #: mask generated per key chunk, ANDed with ``attn_mask``
     dropped: Tensor | None = None  #: [B, Nq] query rows the implementation drops (flash, nested tensors)
+    leading: int | Tensor = 0  #: keys before the tokens' own (a cache of earlier tokens): key ``leading + j`` is ``j``
+
+
+class SdpaContext(NamedTuple):
+    """What a function that may call SDPA for a module (transformers' attention functions) knew about the call: SDPA
+    itself sees only tensors, which the function may have reshaped (transformers packs grouped query heads)."""
+
+    name: str  #: the module's name
+    query_shape: torch.Size  #: the module's query ``[B, H, Nq, Dh]`` as the function received it
+    key_length: int  #: its keys, before the function sliced any
+    cross: bool | None  #: cross-attention, as the module says (None: unknown, the padding rule decides)
+    leading: int | Tensor  #: keys before the queries' own (self-attention with a cache)
+    unplaced: str | None = None  #: why its query rows cannot be placed among its keys: not reported
 
 
 #: ``fallback(module, args, kwargs, output) -> computations``; called at the module's exit, under ``no_grad``.
@@ -119,6 +132,7 @@ class Session:
         self.cross_hint: dict[str, bool] = {}  # nn.MultiheadAttention modules by name: query and key not one sequence
         #: modules whose SDPA calls put extra keys first, by name: (cross-attention or not, how many extra keys)
         self.sdpa_layout: dict[str, tuple[bool | None, int]] = {}
+        self.sdpa_context: list[SdpaContext] = []  # transformers' attention functions running now, innermost last
 
     def name_of(self, module: object) -> str | None:
         """The module's name in the watched model, None for modules outside it."""
@@ -141,7 +155,7 @@ class Session:
         cross: bool | None = None,
         pattern: MaskPattern | None = None,
         dropped: Tensor | None = None,
-        leading: int = 0,
+        leading: int | Tensor = 0,
     ) -> None:
         """Hand one computation to the callback, detached, its padded query rows named (call inside
         :meth:`guarded`); the mask is passed on as it is, never copied. ``leading`` extra keys come before the
@@ -182,6 +196,7 @@ class Session:
                 item.cross,
                 item.pattern,
                 item.dropped,
+                item.leading,
             )
 
     def warn_once(self, key: str, message: str) -> None:
@@ -339,6 +354,10 @@ def _sdpa_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
 
 def _report_sdpa(session: Session, name: str, args: tuple, kwargs: dict) -> None:
     q, k, mask, is_causal, scale = _sdpa_arguments(args, kwargs)
+    context = session.sdpa_context[-1] if session.sdpa_context else None
+    if context is not None and context.name == name and q.shape == context.query_shape:
+        _report_in_context(session, context, q, k, mask, is_causal, scale)
+        return
     cross, leading = None, 0
     layout = session.sdpa_layout.get(name)
     if layout is not None:  # extra keys first (x-transformers' memory / zero key-values)
@@ -348,6 +367,26 @@ def _report_sdpa(session: Session, name: str, args: tuple, kwargs: dict) -> None
             cross = None  # more keys than the call's tokens (a cache): the padding rule decides
         leading = extra if aligned and cross is False else 0
     session.report(name, q, k, mask, is_causal, scale, cross, leading=leading)
+
+
+def _report_in_context(
+    session: Session,
+    context: SdpaContext,
+    q: Tensor,
+    k: Tensor,
+    mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+) -> None:
+    """An SDPA call made by a transformers attention function: self / cross and the queries' place among the keys as
+    the module's call says."""
+    name = context.name
+    if context.unplaced is not None:
+        session.reports += 1  # seen, and said why it is not reported
+        session.warn_once(f"unplaced:{name}", f"geomon: attention of {name!r} is not reported: {context.unplaced}")
+        return
+    leading = context.leading if k.shape[-2] == context.key_length else 0  # keys sliced: the queries' own
+    session.report(name, q, k, mask, is_causal, scale, context.cross, leading=leading)
 
 
 def _sdpa_arguments(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None, bool, float | None]:

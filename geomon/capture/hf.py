@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from geomon.capture._patterns import AlignedRule, FlexRule
-from geomon.capture._session import Found, MakeDispatcher, Session, SharedPatch, bind, in_backward
+from geomon.capture._session import Found, MakeDispatcher, SdpaContext, Session, SharedPatch, bind, in_backward
 
 _INTERFACE_ARGS = ("attention_mask", "scaling", "dropout")
 _UNMODELLED = {"softcap": "logit soft-capping", "s_aux": "attention sinks", "sinks": "attention sinks"}
@@ -114,24 +114,110 @@ def _patch(classes: set[type], session: Session, stack: ExitStack) -> None:
             mappings[id(mapping)] = mapping
     for mapping in mappings.values():
         for key, fn in list(mapping.items()):
-            if callable(fn) and not _is_transformers_sdpa(fn):
-                join(mapping, key, _registry_dispatcher)
+            if callable(fn):
+                join(mapping, key, _sdpa_context_dispatcher if _is_transformers_sdpa(fn) else _registry_dispatcher)
     for cls in classes:
         owner = next((c for c in cls.__mro__ if _REORDER in c.__dict__), None)
         if owner is not None:
             join(owner, _REORDER, _reordered_dispatcher)
 
 
+class CallLayout(NamedTuple):
+    """What a transformers attention module's own call says about its keys (see :func:`call_layout`)."""
+
+    cross: bool | None  #: cross-attention (None: the module does not say; the padding rule decides)
+    leading: int | Tensor = 0  #: keys before the queries' own: key ``leading + i`` is query ``i``'s token
+    unplaced: str | None = None  #: why its query rows cannot be placed among its keys (then it is not reported)
+
+
+#: locals of a transformers attention method holding the cache it updated (``curr_cache``: an encoder-decoder's part)
+_CACHE_LOCALS = ("curr_cache", "cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def call_layout(module: nn.Module, query: Tensor, key: Tensor, frame: Any) -> CallLayout:
+    """Self- or cross-attention, and where the query rows sit among the keys, as the module's own call says.
+
+    ``frame`` is the caller of the attention function: a method of ``module`` (its ``self``), whose locals say what
+    the call is: ``is_cross_attention`` (set by most transformers attention classes from ``key_value_states`` /
+    ``encoder_hidden_states``) or those arguments themselves; then the module's own ``is_cross_attention`` /
+    ``encoder_decoder_attention`` flag; a causal module (``is_causal``) is self-attention. Nothing said: None.
+
+    Self-attention with more keys than queries holds a cache (earlier tokens, PEFT prefixes): its queries are its
+    last keys, which a dynamic cache appends; in a static cache (``StaticLayer``, keys of every position up to
+    ``max_cache_len``) they start where the cache was filled to (read on the device). The keys of another cache
+    buffer cannot be placed: ``unplaced`` says why.
+    """
+    local = frame.f_locals if frame is not None and frame.f_locals.get("self") is module else {}
+    cross = local.get("is_cross_attention")
+    if not isinstance(cross, bool):
+        cross = next((local[a] is not None for a in ("key_value_states", "encoder_hidden_states") if a in local), None)
+    for flag in ("is_cross_attention", "encoder_decoder_attention"):
+        value = getattr(module, flag, None)
+        if cross is None and isinstance(value, bool):
+            cross = value
+    if cross is None and getattr(module, "is_causal", None) is True:
+        cross = False
+    n_q, n_k = query.shape[-2], key.shape[-2]
+    if cross is not False or n_q == n_k:
+        return CallLayout(cross)
+    layer = _cache_layer(local, module)
+    utils = sys.modules.get("transformers.cache_utils")
+    static, dynamic = (getattr(utils, c, None) for c in ("StaticLayer", "DynamicLayer"))
+    update = getattr(type(layer), "update", None)
+    if layer is not None and static is not None and update is static.update and n_k == layer.max_cache_len:
+        filled = layer.cumulative_length  # after this call's update: its queries are the last ones written
+        return CallLayout(False, filled - n_q if isinstance(filled, int) else (filled - n_q).reshape(()))
+    buffer = layer is not None and getattr(layer, "keys", None) is key
+    if n_k < n_q or (buffer and not (dynamic is not None and isinstance(layer, dynamic))):
+        where = f"a {type(layer).__name__} cache" if buffer else f"{n_k} keys for {n_q} queries"
+        return CallLayout(False, 0, f"its query rows cannot be placed among its keys ({where})")
+    return CallLayout(False, n_k - n_q)
+
+
+def _cache_layer(local: dict, module: nn.Module) -> Any:
+    """The cache layer a transformers attention call updated, from its method's locals (None: none found)."""
+    index = getattr(module, "layer_idx", None)
+    for name in _CACHE_LOCALS:
+        cache = local.get(name)
+        cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache: the self-attention part
+        layers = getattr(cache, "layers", None)
+        if isinstance(index, int) and isinstance(layers, list | tuple) and 0 <= index < len(layers):
+            return layers[index]
+    return None
+
+
+def _contexts(
+    sessions: list[Session], module: nn.Module, query: Tensor, key: Tensor
+) -> tuple[list[Session], CallLayout | None]:
+    """Tell each session whose model holds ``module`` what the attention function is about to compute (for the
+    SDPA call it may make); the sessions told, and the call's layout (None when none was)."""
+    told, layout = [], None
+    for session in tuple(sessions):
+        name = session.name_of(module)
+        if name is None or session.busy or in_backward():
+            continue
+        if layout is None:
+            layout = call_layout(module, query, key, sys._getframe(2))  # the method that called the function
+        session.sdpa_context.append(SdpaContext(name, query.shape, key.shape[-2], *layout))
+        told.append(session)
+    return told, layout
+
+
 def _interface_dispatcher(registry: bool) -> MakeDispatcher:
     def make(original: Callable, sessions: list[Session]) -> Callable:
         @functools.wraps(original)
         def wrapper(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
-            before = [(session, session.reports) for session in sessions]
-            out = original(module, query, key, value, *args, **kwargs)
+            told, layout = _contexts(sessions, module, query, key)
+            before = [(session, session.reports) for session in told]
+            try:
+                out = original(module, query, key, value, *args, **kwargs)
+            finally:
+                for session in told:
+                    session.sdpa_context.pop()
             call = bind(_INTERFACE_ARGS, args, kwargs)
             for session, reports in before:
                 if session.reports == reports:  # the function reported nothing itself (did not reach SDPA)
-                    _report(session, module, query, key, call, registry)
+                    _report(session, module, query, key, call, registry, layout)  # type: ignore[arg-type]
             return out
 
         return wrapper
@@ -142,19 +228,38 @@ def _interface_dispatcher(registry: bool) -> MakeDispatcher:
 _eager_dispatcher, _registry_dispatcher = _interface_dispatcher(False), _interface_dispatcher(True)
 
 
+def _sdpa_context_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
+    """transformers' own SDPA function: reported by the SDPA wrapper, told here what the module's call is (self /
+    cross, and the cache layout)."""
+
+    @functools.wraps(original)
+    def wrapper(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
+        told, _ = _contexts(sessions, module, query, key)
+        try:
+            return original(module, query, key, value, *args, **kwargs)
+        finally:
+            for session in told:
+                session.sdpa_context.pop()
+
+    return wrapper
+
+
 def _reordered_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
     @functools.wraps(original)
     def wrapper(self: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None = None):
         out = original(self, query, key, value, attention_mask)
         call = {"attention_mask": attention_mask, "scaling": getattr(self, "scaling", None)}
+        layout = call_layout(self, query, key, sys._getframe(1))
         for session in tuple(sessions):
-            _report(session, self, query, key, call, False)
+            _report(session, self, query, key, call, False, layout)
         return out
 
     return wrapper
 
 
-def _report(session: Session, module: nn.Module, query: Tensor, key: Tensor, call: dict, registry: bool) -> None:
+def _report(
+    session: Session, module: nn.Module, query: Tensor, key: Tensor, call: dict, registry: bool, layout: CallLayout
+) -> None:
     """Report one attention-function call to ``session`` if ``module`` belongs to its model."""
     name = session.name_of(module)
     if name is None or session.busy or in_backward():
@@ -166,8 +271,11 @@ def _report(session: Session, module: nn.Module, query: Tensor, key: Tensor, cal
     if reason is not None:
         session.warn_once(name, f"geomon: attention of {name!r} uses {reason}, which attention entropy "
                                 "does not model; it is not reported")  # fmt: skip
+    elif layout.unplaced is not None:
+        session.warn_once(f"unplaced:{name}", f"geomon: attention of {name!r} is not reported: {layout.unplaced}")
     else:
-        session.guarded(name, lambda: session.report_found(name, _found(module, query, key, call, registry)))
+        found = lambda: _found(module, query, key, call, registry, layout)  # noqa: E731
+        session.guarded(name, lambda: session.report_found(name, found()))
 
 
 def _unknown_score_term(query: Tensor, key: Tensor, call: dict, registry: bool) -> str | None:
@@ -196,7 +304,9 @@ def _additive(mask: Tensor | None, terms: list[Tensor], dtype: torch.dtype) -> T
     return total + mask
 
 
-def _found(module: nn.Module, query: Tensor, key: Tensor, call: dict, registry: bool) -> list[Found]:
+def _found(
+    module: nn.Module, query: Tensor, key: Tensor, call: dict, registry: bool, layout: CallLayout
+) -> list[Found]:
     mask = call.get("attention_mask")
     scale = call.get("scaling")
     scale = None if scale is None else float(scale)
@@ -204,10 +314,11 @@ def _found(module: nn.Module, query: Tensor, key: Tensor, call: dict, registry: 
         if mask is not None and mask.shape[-1] != key.shape[-2]:
             mask = mask[..., : key.shape[-2]]
         terms = [call[arg] for arg in _ADDITIVE if isinstance(call.get(arg), Tensor)]
-        return [Found("", query, key, _additive(mask, terms, query.dtype), False, scale)]
+        mask = _additive(mask, terms, query.dtype)
+        return [Found("", query, key, mask, False, scale, layout.cross, leading=layout.leading)]
     converted = interface_mask(module, query, key, mask, call)
-    return [Found("", query, key, converted.attn_mask, converted.is_causal, scale, None, converted.pattern,
-                  converted.dropped)]  # fmt: skip
+    return [Found("", query, key, converted.attn_mask, converted.is_causal, scale, layout.cross, converted.pattern,
+                  converted.dropped, layout.leading)]  # fmt: skip
 
 
 class InterfaceMask(NamedTuple):

@@ -99,3 +99,40 @@ def test_the_t5_relative_bias_is_part_of_what_eager_reports():
     no_bias = entropy_of(torch.softmax(calls[0].q.double() @ calls[0].k.double().transpose(-1, -2), dim=-1))
     assert_rows_close(captured, own)
     assert (no_bias - own).abs().mean() > 0.3  # the bias matters at this size: dropping it would be caught
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_pix2struct_cross_attention_as_long_as_the_decoder_is_cross_attention(implementation):
+    """Pix2Struct's text decoder calls its cross-attention ``encoder_decoder_attention.attention``; with as many
+    encoder states as decoder tokens only the module's own call (``key_value_states``) says it is cross-attention:
+    its query rows are the decoder's, whose right padding is excluded."""
+    config = transformers.Pix2StructTextConfig(
+        vocab_size=VOCAB, hidden_size=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, initializer_range=0.02,
+    )  # fmt: skip
+    config._attn_implementation = implementation
+    torch.manual_seed(0)
+    model = transformers.Pix2StructTextModel(config).eval()
+    eager_config = copy.deepcopy(config)
+    eager_config._attn_implementation = "eager"
+    eager = transformers.Pix2StructTextModel(eager_config).eval()
+    eager.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(2)
+    decoder_mask = _mask([N_DEC, 4, 2], N_DEC, left=False)
+    encoder_mask = _mask([5, N_ENC, N_ENC], N_ENC, left=False)  # padded where the decoder is not
+    inputs = dict(
+        input_ids=torch.randint(3, VOCAB, (3, N_DEC), generator=gen), attention_mask=decoder_mask,
+        encoder_hidden_states=torch.randn(3, N_ENC, 32, generator=gen), encoder_attention_mask=encoder_mask,
+    )  # fmt: skip
+    with torch.no_grad():
+        calls, _ = collect(model, lambda: model(**inputs))
+        reference = eager(**inputs, output_attentions=True)
+    cross = [call for call in calls if ".encoder_decoder_attention." in call.module]
+    own = [call for call in calls if ".self_attention." in call.module]
+    real = decoder_mask.bool()[:, None, :]
+    for group, weights in ((own, reference.attentions), (cross, reference.cross_attentions)):
+        assert len(group) == 2
+        for call, probabilities in zip(group, weights, strict=True):
+            entropy = rows_of(call)[0]
+            assert_rows_close(entropy, entropy_of(probabilities), real)
+            assert entropy[~real.expand_as(entropy)].isnan().all(), call.module

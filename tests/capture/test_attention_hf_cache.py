@@ -1,0 +1,113 @@
+"""Hugging Face self-attention with more keys than queries: a cache of earlier tokens or prefix keys (PEFT prefix
+tuning passes them as ``past_key_values``) and a static cache. Self-attention is told by the module's
+own call, not by the lengths, so the padded tokens' query rows are excluded as in any self-attention. References: an
+eager copy with the same weights and the same cache returning its own probabilities (``output_attentions=True``),
+over the rows of real query tokens."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import DynamicCache, StaticCache  # noqa: E402
+
+from tests.capture._reference import assert_rows_close, collect, entropy_of, rows_of  # noqa: E402
+
+B, N, PREFIX, VOCAB = 3, 7, 3, 100
+
+
+def _config(name, implementation):
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32)
+    else:  # grouped-query heads: 4 query heads read 2 key heads
+        config = transformers.LlamaConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+            vocab_size=VOCAB, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        )  # fmt: skip
+    config._attn_implementation = implementation
+    return config
+
+
+def _models(name, implementation):
+    """The model under test and an eager copy with the same weights (the reference)."""
+    cls = transformers.GPT2LMHeadModel if name == "gpt2" else transformers.LlamaForCausalLM
+    config = _config(name, implementation)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    eager_config = copy.deepcopy(config)
+    eager_config._attn_implementation = "eager"
+    eager = cls(eager_config).eval()
+    eager.load_state_dict(model.state_dict())
+    return model, eager
+
+
+def _tokens():
+    """[B, N] 1 for real tokens, right padding in rows 1 and 2."""
+    tokens = torch.ones(B, N, dtype=torch.long)
+    tokens[1, 4:] = 0
+    tokens[2, 2:] = 0
+    return tokens
+
+
+def _prefix(model):
+    """A cache holding PREFIX prefix positions per layer (what PEFT prefix tuning passes), the same each call."""
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
+    dim = config.hidden_size // config.num_attention_heads
+    cache, gen = DynamicCache(config=config), torch.Generator().manual_seed(5)
+    for layer in range(config.num_hidden_layers):
+        keys, values = (torch.randn(B, heads, PREFIX, dim, generator=gen) for _ in range(2))
+        cache.update(keys, values, layer)
+    return cache
+
+
+def _assert_real_rows_equal(calls, attentions, real):
+    assert len(calls) == len(attentions)
+    for call, weights in zip(calls, attentions, strict=True):
+        assert call.q.shape[-2] == weights.shape[-2] and call.k.shape[-2] == weights.shape[-1]
+        entropy = rows_of(call)[0]
+        assert_rows_close(entropy, entropy_of(weights), real)  # the model's own probabilities, real rows
+        assert entropy[~real.expand_as(entropy)].isnan().all(), call.module  # padded tokens' rows excluded
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_self_attention_over_prefix_keys_excludes_padded_query_rows(name, implementation):
+    model, eager = _models(name, implementation)
+    ids = torch.randint(1, VOCAB, (B, N), generator=torch.Generator().manual_seed(1))
+    tokens = _tokens()
+    inputs = dict(
+        attention_mask=torch.cat([torch.ones(B, PREFIX, dtype=torch.long), tokens], 1),  # prefix + tokens
+        position_ids=torch.arange(PREFIX, PREFIX + N).expand(B, N),
+    )
+    with torch.no_grad():
+        calls, _ = collect(model, lambda: model(ids, past_key_values=_prefix(model), **inputs))
+        reference = eager(ids, past_key_values=_prefix(eager), output_attentions=True, **inputs)
+    assert {call.k.shape[-2] for call in calls} == {PREFIX + N}
+    _assert_real_rows_equal(calls, reference.attentions, tokens.bool()[:, None, :])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_static_cache_places_the_query_rows_where_the_cache_is_filled(implementation):
+    """A static cache hands the attention every position up to ``max_cache_len``; the queries sit where it was
+    filled to, first at 0 (prefill), then after the prefilled tokens (a second chunk, right-padded too)."""
+    model, eager = _models("llama", implementation)
+    gen = torch.Generator().manual_seed(1)
+    first, second = torch.randint(1, VOCAB, (B, N), generator=gen), torch.randint(1, VOCAB, (B, 4), generator=gen)
+    tokens = _tokens()
+    chunk = torch.ones(B, 4, dtype=torch.long)
+    chunk[0, 3:] = 0
+    caches = [StaticCache(config=m.config, max_cache_len=16) for m in (model, eager)]
+    with torch.no_grad():
+        for ids, mask in ((first, tokens), (second, torch.cat([tokens, chunk], 1))):
+            n = ids.shape[1]
+            seen = mask.shape[1] - n
+            inputs = dict(attention_mask=mask, position_ids=torch.arange(seen, seen + n).expand(B, n))
+            calls, _ = collect(model, lambda: model(ids, cache=caches[0], **inputs))  # noqa: B023
+            reference = eager(ids, cache=caches[1], output_attentions=True, **inputs)
+            assert {call.k.shape[-2] for call in calls} == {16}
+            _assert_real_rows_equal(calls, reference.attentions, mask[:, seen:].bool()[:, None, :])
