@@ -84,7 +84,8 @@ class Rule:
     """The interface every rule implements (subclass it, or duck-type it, for a rule of your own).
 
     ``evaluate`` must be a deterministic function of the steps and values it has seen, so that every DDP rank,
-    seeing the same (collectively computed) values, returns the same events at the same step.
+    seeing the same (collectively computed) values, returns the same events at the same step. An
+    :class:`~geomon.alerts.AlertEngine` works on a ``copy.deepcopy`` of each rule, so a rule must be copyable.
     """
 
     name: str = "rule"
