@@ -355,7 +355,7 @@ def _sdpa_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
 def _report_sdpa(session: Session, name: str, args: tuple, kwargs: dict) -> None:
     q, k, mask, is_causal, scale = _sdpa_arguments(args, kwargs)
     context = session.sdpa_context[-1] if session.sdpa_context else None
-    if context is not None and context.name == name and q.shape == context.query_shape:
+    if context is not None and context.name == name:
         _report_in_context(session, context, q, k, mask, is_causal, scale)
         return
     cross, leading = None, 0
@@ -378,15 +378,50 @@ def _report_in_context(
     is_causal: bool,
     scale: float | None,
 ) -> None:
-    """An SDPA call made by a transformers attention function: self / cross and the queries' place among the keys as
-    the module's call says."""
+    """An SDPA call made by a transformers attention function: heads unpacked, self / cross and the queries' place
+    among the keys as the module's call says."""
     name = context.name
     if context.unplaced is not None:
         session.reports += 1  # seen, and said why it is not reported
         session.warn_once(f"unplaced:{name}", f"geomon: attention of {name!r} is not reported: {context.unplaced}")
         return
+    if q.shape != context.query_shape:
+        unpacked = unpack_gqa(q, mask, context.query_shape)
+        if unpacked is None:
+            session.reports += 1
+            session.warn_once(
+                f"layout:{name}",
+                f"geomon: attention of {name!r} is not reported: the module's query {tuple(context.query_shape)} "
+                f"reached F.scaled_dot_product_attention as {tuple(q.shape)}, a layout geomon cannot map back to "
+                "its heads and query rows",
+            )
+            return
+        q, mask = unpacked
     leading = context.leading if k.shape[-2] == context.key_length else 0  # keys sliced: the queries' own
     session.report(name, q, k, mask, is_causal, scale, context.cross, leading=leading)
+
+
+def unpack_gqa(q: Tensor, mask: Tensor | None, shape: torch.Size) -> tuple[Tensor, Tensor | None] | None:
+    """Undo transformers' ``pack_gqa``: a one-token query ``[B, H, 1, Dh]`` passed to SDPA as ``[B, Hk, G, Dh]``
+    (query head ``h = hk·G + g`` reads key head ``hk``: geomon's mapping), its per-head mask ``[B, H, 1, Nk]`` as
+    ``[B, Hk, G, Nk]`` (a mask shared by the heads is passed as it is). None: not that layout.
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(2, 8, 1, 4)  # 8 query heads, one token
+        >>> packed = q.reshape(2, 2, 4, 4)  # 2 key heads, 4 query heads each
+        >>> unpacked, _ = unpack_gqa(packed, None, q.shape)
+        >>> torch.equal(unpacked, q), unpack_gqa(torch.randn(2, 3, 4, 4), None, q.shape)
+        (True, None)
+    """
+    batch, heads, n_q, dim = shape
+    if n_q != 1 or q.dim() != 4 or q.shape[0] != batch or q.shape[-1] != dim or q.shape[1] * q.shape[2] != heads:
+        return None
+    if mask is not None and mask.dim() == 4 and mask.shape[-2] != 1:
+        if mask.shape[-3] * mask.shape[-2] != heads:
+            return None
+        mask = mask.reshape(mask.shape[0], heads, 1, mask.shape[-1])
+    return q.reshape(batch, heads, 1, dim), mask
 
 
 def _sdpa_arguments(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None, bool, float | None]:

@@ -229,8 +229,8 @@ _eager_dispatcher, _registry_dispatcher = _interface_dispatcher(False), _interfa
 
 
 def _sdpa_context_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
-    """transformers' own SDPA function: reported by the SDPA wrapper, told here what the module's call is (self /
-    cross, and the cache layout)."""
+    """transformers' own SDPA function: reported by the SDPA wrapper, told here what the module's call is (it packs
+    grouped query heads of a one-token query; the call's self / cross and cache layout)."""
 
     @functools.wraps(original)
     def wrapper(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:

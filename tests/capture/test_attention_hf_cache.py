@@ -1,10 +1,11 @@
 """Hugging Face self-attention with more keys than queries: a cache of earlier tokens or prefix keys (PEFT prefix
-tuning passes them as ``past_key_values``) and a static cache. Self-attention is told by the module's
+tuning passes them as ``past_key_values``), a static cache, and ``generate()``. Self-attention is told by the module's
 own call, not by the lengths, so the padded tokens' query rows are excluded as in any self-attention. References: an
 eager copy with the same weights and the same cache returning its own probabilities (``output_attentions=True``),
 over the rows of real query tokens."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -111,3 +112,39 @@ def test_static_cache_places_the_query_rows_where_the_cache_is_filled(implementa
             reference = eager(ids, cache=caches[1], output_attentions=True, **inputs)
             assert {call.k.shape[-2] for call in calls} == {16}
             _assert_real_rows_equal(calls, reference.attentions, mask[:, seen:].bool()[:, None, :])
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_generate_with_grouped_query_sdpa_measures_every_decode_step(cache, padding, monkeypatch):
+    """transformers' SDPA function packs a one-token query's grouped heads ([B, H, 1, D] as [B, Hk, G, D]) when it
+    passes a mask: every decode step is reported with its H query heads, equal to eager's own probabilities."""
+    from transformers.integrations import sdpa_attention
+
+    packed = []
+    pack = sdpa_attention.pack_gqa
+    monkeypatch.setattr(sdpa_attention, "pack_gqa", lambda x, n: packed.append(x is not None) or pack(x, n))
+    model, eager = _models("llama", "sdpa")
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    tokens = torch.ones(2, 6, dtype=torch.long)
+    tokens[1, :2] = 0 if padding == "left" else 1
+    tokens[1, 4:] = 0 if padding == "right" else 1
+    ids = ids.masked_fill(tokens == 0, 0)
+    options = dict(attention_mask=tokens, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        options["cache_implementation"] = "static"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped, nothing warned
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+        calls, sequences = collect(model, lambda: model.generate(ids, **options))
+    reference = eager.generate(ids, output_attentions=True, return_dict_in_generate=True, **options)
+    assert torch.equal(sequences, reference.sequences)
+    assert any(packed)  # the decode steps went through the packed layout
+    steps = [weights for step in reference.attentions for weights in step]
+    assert [tuple(call.q.shape) for call in calls] == [(2, 4, 6, 16)] * 2 + [(2, 4, 1, 16)] * 4
+    for i, (call, weights) in enumerate(zip(calls, steps, strict=True)):
+        real = tokens.bool()[:, None, :] if i < 2 else torch.ones(2, 1, 1, dtype=torch.bool)  # new tokens are real
+        entropy = rows_of(call)[0]
+        assert_rows_close(entropy, entropy_of(weights[..., : call.k.shape[-2]]), real)
+        assert entropy[~real.expand_as(entropy)].isnan().all()
