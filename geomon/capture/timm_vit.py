@@ -11,8 +11,11 @@ Masks are already in SDPA semantics in timm (boolean True = may attend, float ad
 as in timm. EVA's ``EvaAttention`` is recomputed likewise (its ``q_bias`` / ``k_bias`` added, or separate ``q_proj`` /
 ``k_proj``). Swin's ``WindowAttention`` (non-fused unless ``TIMM_FUSED_ATTN=2``) is recomputed from ``qkv`` per window
 (windows are the batch), with its relative position bias plus the shifted windows' 0 / -100 mask as the additive
-mask, exactly what it adds. Other timm attention classes (with a ``fused_attn`` flag) are seen on their SDPA path
-only, and named in a warning when they run without it.
+mask, exactly what it adds. ConViT's ``MHSA`` (plain softmax attention written by hand) is recomputed from ``qkv``.
+ConViT's ``GPSA`` mixes a content softmax and a positional softmax through a sigmoid gate, which is not the
+softmax of one set of logits: it is listed and named in a warning when it runs, never reported. Other timm
+attention classes (with a ``fused_attn`` flag) are seen on their SDPA path only, and named in a warning when they
+run without it.
 
 Cost of a recomputation: the Q and K projections, ``2·B·N·E·(2·attn_dim)`` FLOPs, plus QK-norm / rotary.
 """
@@ -136,13 +139,32 @@ def eva_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> l
     return [Found("", q, k, mask, causal, float(module.scale))]
 
 
+def mhsa_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
+    """Q/K of a ConViT ``MHSA`` call (``softmax(scale · q·kᵀ)``, no mask, computed by hand): the Q and K rows of
+    ``qkv``."""
+    x = bind(("x",), args, kwargs)["x"]
+    batch, n, width = x.shape
+    heads = module.num_heads
+    qk = _project(module.qkv, x, 2 * width).reshape(batch, n, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+    return [Found("", qk[0], qk[1], None, False, float(module.scale), False)]
+
+
+#: timm attention whose probabilities are not ``softmax(scale · q·kᵀ + additive terms)``: listed, never reported
+_NOT_MODELLED = {
+    ("timm.models.convit", "GPSA"): "timm:GPSA, gated positional self-attention (a sigmoid-gated mix of a content "
+    "softmax and a positional softmax, renormalised), not modelled",
+}  # fmt: skip
+
+
 def _model_class(path: str, name: str) -> type | None:
     return getattr(sys.modules.get(path), name, None)
 
 
 def fallback_for(module: nn.Module) -> tuple[str | None, Any]:
     """``(kind, fallback)``: "timm" for the classes handled (ViT ``Attention``, ``AttentionRope``, EVA's
-    ``EvaAttention``, Swin's ``WindowAttention``), "timm:sdpa-only" for other timm attention."""
+    ``EvaAttention``, Swin's ``WindowAttention``, ConViT's ``MHSA``), a kind naming why for attention that is not
+    softmax attention (ConViT's ``GPSA``: no fallback, so it is named in a warning when it runs), "timm:sdpa-only"
+    for other timm attention."""
     attention, rope = _classes()
     if rope is not None and isinstance(module, rope):
         return "timm", rope_fallback
@@ -154,6 +176,13 @@ def fallback_for(module: nn.Module) -> tuple[str | None, Any]:
     swin = _model_class("timm.models.swin_transformer", "WindowAttention")
     if swin is not None and type(module) is swin:
         return "timm", swin_fallback
+    convit = _model_class("timm.models.convit", "MHSA")
+    if convit is not None and type(module) is convit:
+        return "timm", mhsa_fallback
+    for (path, name), kind in _NOT_MODELLED.items():
+        cls = _model_class(path, name)
+        if cls is not None and isinstance(module, cls):
+            return kind, None  # expected: named in the unseen-attention warning when it runs
     if type(module).__module__.startswith("timm.") and hasattr(module, "fused_attn"):
         return "timm:sdpa-only", None
     return None, None

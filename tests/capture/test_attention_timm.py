@@ -121,3 +121,34 @@ def test_outputs_and_gradients_are_bit_identical():
 
     (a, grads_a), (b, grads_b) = run(False), run(True)
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(grads_a, grads_b, strict=True))
+
+
+def test_convit_mhsa_is_measured_and_gpsa_is_named_once_not_measured():
+    """ConViT's first blocks use GPSA: a sigmoid-gated mix of a content softmax and a positional softmax, not the
+    softmax of one set of logits, so it has no exact entropy here: it must be named in a warning, once, not dropped
+    silently. Its last blocks use MHSA, plain softmax attention written by hand: recomputed exactly."""
+    from timm.models.convit import GPSA, MHSA
+
+    torch.manual_seed(0)
+    model = timm.create_model("convit_tiny", pretrained=False, img_size=32, depth=3, local_up_to_layer=2).eval()
+    kinds = find_attention_modules(model)
+    gpsa = [n for n, m in model.named_modules() if isinstance(m, GPSA)]
+    mhsa = [n for n, m in model.named_modules() if isinstance(m, MHSA)]
+    assert len(gpsa) == 2 and len(mhsa) == 1
+    assert all("GPSA" in kinds[n] and "not modelled" in kinds[n] for n in gpsa) and kinds[mhsa[0]] == "timm"
+    inputs = _inputs_of(model, mhsa)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), pytest.warns(UserWarning) as caught:
+        calls, _ = collect(model, lambda: (model(images), model(images)))
+    assert [c.module for c in calls] == mhsa * 2
+    for name in gpsa:  # once per block, naming the module and why
+        said = [str(w.message) for w in caught if repr(name) in str(w.message)]
+        assert len(said) == 1 and "GPSA" in said[0], said
+    attention = dict(model.named_modules())[mhsa[0]]
+    heads = attention.num_heads
+    x = inputs[mhsa[0]].double()
+    q, k = (x @ attention.qkv.weight.double().T).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)[:2]
+    entropy, max_logit = softmax_rows(q, k, scale=attention.scale)
+    captured, captured_max, _ = rows_of(calls[0])
+    assert_rows_close(captured, entropy)
+    assert_rows_close(captured_max, max_logit)
