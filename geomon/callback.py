@@ -171,6 +171,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         self._armed: Any = None
         self._measured_step = 0
         self._to_compute = False
+        self._observed = False  # the measured micro-batch's outputs were handed to observe
         self._pending_state: dict[str, Any] | None = None
         self._dashboards: list[WandbDashboard] = []
 
@@ -220,6 +221,8 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         first_micro_batch = batch_idx % max(1, trainer.accumulate_grad_batches) == 0
         if self.monitor.model is None or not first_micro_batch:
             return
+        if self._to_compute:  # the last step's optimizer step never came (manual optimization without one)
+            self._compute(trainer)
         step = trainer.global_step
         scheduled = self.monitor.is_scheduled(step)
         if scheduled or self.monitor.fills(step):  # a fill step arms the windowed probes' hooks only, no compute
@@ -230,7 +233,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             if self.monitor.guard.run("arming the capture", armed.__enter__, default=False) is not False:
                 self._armed = armed
         if scheduled:
-            self._measured_step, self._to_compute = step, True
+            self._measured_step, self._to_compute, self._observed = step, True, False
 
     def _labels(self, batch: Any) -> Tensor | None:
         return checked_labels(labels_of(batch, self.labels_fn, self.label_kind, self.monitor.guard, self.monitor.head))
@@ -239,10 +242,23 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         self._disarm()
         if not self._to_compute:  # set on every rank alike: compute is a collective
             return
+        if not self._observed:  # the measured (first) micro-batch's returned tensors
+            self._observed = True
+            if isinstance(outputs, Mapping) and isinstance(outputs.get(OUTPUT_KEY), Mapping):
+                for name, tensor in outputs[OUTPUT_KEY].items():
+                    self.monitor.guard.run(f"outputs[{OUTPUT_KEY!r}][{name!r}]", self.monitor.observe, str(name),
+                                           tensor)  # fmt: skip
+        # Compute once the measured step's optimizer step has run (the last micro-batch under gradient
+        # accumulation), so that an alert's stop or checkpoint acts between optimizer steps, never inside one.
+        if trainer.global_step > self._measured_step:
+            self._compute(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._to_compute:  # an epoch that ended without the measured step's optimizer step
+            self._compute(trainer)
+
+    def _compute(self, trainer: Any) -> None:
         self._to_compute = False
-        if isinstance(outputs, Mapping) and isinstance(outputs.get(OUTPUT_KEY), Mapping):
-            for name, tensor in outputs[OUTPUT_KEY].items():
-                self.monitor.guard.run(f"outputs[{OUTPUT_KEY!r}][{name!r}]", self.monitor.observe, str(name), tensor)
         values = {
             key: value.float() for key, value in self.monitor.compute(self._measured_step, spectra=self.media).items()
         }

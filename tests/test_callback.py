@@ -148,3 +148,44 @@ def test_hooks_are_gone_after_an_exception_inside_training(tmp_path):
         trainer.fit(module, _loader())
     assert F.scaled_dot_product_attention is SDPA
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+
+
+class _FiresFromStep:
+    """A rule that fires (WARN) at every evaluation from ``step`` on."""
+
+    name = "fires"
+
+    def __init__(self, step):
+        self.step = step
+
+    def evaluate(self, step, scalars, heads=None):
+        if step < self.step:
+            return []
+        from geomon.alerts import AlertEvent
+
+        return [AlertEvent(rule=self.name, key="x", step=step, kind="fired", level="WARN", title="t", text="x")]
+
+
+def test_a_stop_under_gradient_accumulation_lands_between_optimizer_steps(tmp_path):
+    """The alert of measured step 1 stops the fit after that step's optimizer step: every micro-batch that ran was
+    stepped (stopping inside the accumulation left a micro-batch whose gradients were never applied)."""
+    batches = []
+    callback = GeomonCallback(every_n_steps=1, alerts=[_FiresFromStep(1)], on_alert="stop", head=None)
+    callback.monitor.compute = _counting(callback.monitor.compute, batches, "compute")
+    torch.manual_seed(0)
+    module = _module_class(lightning)()
+    module.training_step = _counting(module.training_step, batches, "batch")
+    trainer = lightning.Trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[callback], logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                accelerator="cpu")  # fmt: skip
+    trainer.fit(module, _loader())
+    assert trainer.global_step == 2  # steps 0 and 1 ran; the alert of step 1 stopped the fit before step 2
+    assert batches == ["batch", "batch", "compute"] * 2  # each step's compute after its last micro-batch
+
+
+def _counting(fn, calls, name):
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    return counted
