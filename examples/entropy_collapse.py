@@ -133,8 +133,7 @@ def train(name: str, args: argparse.Namespace, data: Tensor, vocab: int) -> dict
     if reparam:
         sigma_reparam(model, include=REPARAM_LAYERS)  # before the optimizer is built: each layer gains a γ
     module = CharGPT(model, lr)
-    # neural collapse of a 100-way character head is beside the point here (and its CDNV / GNC2 come out NaN in
-    # windows where two rare characters share one context, hence one class mean: the non_finite rule reports it)
+    # neural collapse of a 100-way character head is beside the point here
     geomon = GeomonCallback(every_n_steps=args.every, on_alert=args.on_alert, neural_collapse=False, media=False)
     worst = WorstHead(geomon)
     loggers: list[Any] = [pl.loggers.CSVLogger(args.out, name=name)]
