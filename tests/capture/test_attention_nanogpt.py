@@ -171,3 +171,95 @@ def test_calls_outside_the_model_are_ignored_and_nested_blocks_are_independent()
     assert [c.module for c in outer] == ["0.attn", "1.attn"]
     assert [c.module for c in inner] == ["0.attn", "1.attn"]
     assert_clean(model)
+
+
+class NanoGPTAttention(nn.Module):
+    """nanoGPT's ``CausalSelfAttention`` as in its model.py (config arguments inlined)."""
+
+    def __init__(self, n_embd: int = 32, n_head: int = 4, block_size: int = 16) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.attn_dropout, self.resid_dropout = nn.Dropout(0.0), nn.Dropout(0.0)
+        self.n_head, self.n_embd, self.dropout, self.flash = n_head, n_embd, 0.0, False
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.flash:
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            att = self.attn_dropout(att)
+            y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def apply_rotary(x, positions):
+    """Rotate-half rotary embedding over the last dimension."""
+    half = x.shape[-1] // 2
+    freqs = positions[:, None].double() / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
+    cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class RopeFork(NanoGPTAttention):
+    """A nanoGPT fork with rotary embeddings on Q and K: same attribute names, different scores."""
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, 2))
+        positions = torch.arange(T)
+        q, k = apply_rotary(q, positions), apply_rotary(k, positions)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+            y = F.softmax(att.masked_fill(self.bias[:, :, :T, :T] == 0, -math.inf), dim=-1) @ v
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class QKNormFork(NanoGPTAttention):
+    """A nanoGPT fork with QK-norm in submodules, its forward otherwise nanoGPT's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln_q, self.ln_k = nn.LayerNorm(8), nn.LayerNorm(8)
+
+
+def test_nanogpt_itself_is_recomputed_and_forks_that_change_the_scores_are_not():
+    assert find_attention_modules(nn.ModuleDict({"attn": NanoGPTAttention()})) == {"attn": "nanogpt"}
+    rope, qk_norm = find_attention_modules(nn.ModuleDict({"rope": RopeFork(), "qk": QKNormFork()})).values()
+    assert rope.startswith("nanogpt-like, not recomputed") and "rotary" in rope
+    assert qk_norm.startswith("nanogpt-like, not recomputed") and "ln_k" in qk_norm
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_a_rope_fork_is_measured_at_sdpa_or_named_never_mismeasured(flash):
+    torch.manual_seed(0)
+    attention = RopeFork()
+    attention.flash = flash
+    model = nn.ModuleDict({"attn": attention})
+    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calls, _ = collect(model, lambda: (attention(x), attention(x)))
+    said = [str(w.message) for w in caught if "'attn'" in str(w.message)]
+    if not flash:  # the eager path is not recomputed without its rotary embedding: named once, no value
+        assert calls == [] and len(said) == 1 and "not recomputed" in said[0], said
+        return
+    assert said == [] and [c.module for c in calls] == ["attn", "attn"]
+    qkv = x.double() @ attention.c_attn.weight.double().T + attention.c_attn.bias.double()
+    q, k = (apply_rotary(t.unflatten(-1, (4, 8)).transpose(1, 2), torch.arange(10)) for t in qkv.split(32, -1)[:2])
+    entropy, max_logit = softmax_rows(q, k, allowed=torch.ones(10, 10, dtype=torch.bool).tril())
+    captured, captured_max, _ = rows_of(calls[0])
+    assert_rows_close(captured, entropy)
+    assert_rows_close(captured_max, max_logit)
