@@ -290,6 +290,18 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         self._disarm()
         self.monitor.detach()
 
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint: distinct for callbacks that watch different things, so
+        that one Trainer can hold several (say, attention every 10 steps and embeddings every 500). The period is not
+        part of it: a fit resumed with another ``every_n_steps`` restores the same windows and alert state."""
+        options = self.monitor.options
+        return self._generate_state_key(  # type: ignore[no-any-return]
+            attention=options.attention, head=options.head,
+            neural_collapse=options.neural_collapse, embedding_modules=list(options.embedding_modules),
+            spectral_modules=list(options.spectral_modules), entropy_bound=options.entropy_bound,
+        )  # fmt: skip
+
     def state_dict(self) -> dict[str, Any]:
         return self.monitor.state_dict()
 

@@ -189,3 +189,31 @@ def _counting(fn, calls, name):
         return fn(*args, **kwargs)
 
     return counted
+
+
+def test_two_callbacks_watching_different_things_share_one_trainer_and_its_checkpoints(tmp_path):
+    def callbacks():
+        return [GeomonCallback(every_n_steps=1, head=None, strict=True),
+                GeomonCallback(every_n_steps=2, attention=False, embedding_modules=["model.ln_f"], window_rows=400,
+                               neural_collapse=False, strict=True)]  # fmt: skip
+
+    first = callbacks()
+    _, trainer = _fit(lightning, tmp_path / "a", first)
+    assert "geomon/attention/entropy/model.blocks.0.attn" in trainer.callback_metrics
+    ckpt = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(ckpt)
+    states = torch.load(ckpt, weights_only=False)["callbacks"]
+    mine = {key: state for key, state in states.items() if key.startswith("GeomonCallback")}
+    assert len(mine) == 2, sorted(states)
+    # the embedding window (400 rows) is still open after 6 steps of 96 rows, 3 of them measured: it must come back
+    rows = float(first[1].monitor.plan.probes["embedding:model.ln_f"].rankme.n)
+    assert 0 < rows < 400
+    second = callbacks()
+    module = _module_class(lightning)()
+    resumed = lightning.Trainer(max_steps=7, callbacks=second, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    restored = []
+    original = second[1].monitor.load_state_dict
+    second[1].monitor.load_state_dict = lambda state: restored.append(state) or original(state)
+    resumed.fit(module, _loader(), ckpt_path=str(ckpt))
+    assert restored and restored[0]["plan"]["embedding:model.ln_f"]["state"]["rankme"]["n"] == rows
