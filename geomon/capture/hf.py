@@ -217,7 +217,7 @@ def _interface_dispatcher(registry: bool) -> MakeDispatcher:
             call = bind(_INTERFACE_ARGS, args, kwargs)
             for session, reports in before:
                 if session.reports == reports:  # the function reported nothing itself (did not reach SDPA)
-                    _report(session, module, query, key, call, registry, layout)  # type: ignore[arg-type]
+                    _report(session, module, query, key, call, registry, layout)
             return out
 
         return wrapper
@@ -258,9 +258,17 @@ def _reordered_dispatcher(original: Callable, sessions: list[Session]) -> Callab
 
 
 def _report(
-    session: Session, module: nn.Module, query: Tensor, key: Tensor, call: dict, registry: bool, layout: CallLayout
+    session: Session,
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    call: dict,
+    registry: bool,
+    layout: CallLayout | None = None,
 ) -> None:
-    """Report one attention-function call to ``session`` if ``module`` belongs to its model."""
+    """Report one attention-function call to ``session`` if ``module`` belongs to its model (``layout``: what the
+    module's call says, :func:`call_layout`; None: nothing, the padding rule decides)."""
+    layout = CallLayout(None) if layout is None else layout
     name = session.name_of(module)
     if name is None or session.busy or in_backward():
         return
