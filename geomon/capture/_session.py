@@ -102,8 +102,23 @@ Fallback = Callable[[nn.Module, tuple, dict, Any], Sequence[Found]]
 
 
 def in_backward() -> bool:
-    """True while the autograd engine runs a backward pass (e.g. a checkpointed forward being recomputed)."""
+    """True where geomon's hooks must do nothing: while the autograd engine runs a backward pass (a checkpointed
+    forward being recomputed), and while ``torch.compile`` traces the forward (the model called inside a compiled
+    function: anything a hook did would be compiled into the graph and change it, hence the training). The latter is
+    recorded for :func:`traced_since` to report."""
+    if torch.compiler.is_compiling():
+        _TRACED[0] = True  # torch.compile replays this store each time the compiled code runs
+        return True
     return torch._C._current_graph_task_id() != -1
+
+
+_TRACED = [False]
+
+
+def traced_since() -> bool:
+    """Whether a hook found itself inside ``torch.compile`` since the last call (which resets it)."""
+    traced, _TRACED[0] = _TRACED[0], False
+    return traced
 
 
 class Session:

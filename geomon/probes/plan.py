@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from geomon._guard import Guard
 from geomon.capture import AttentionCall, capture_attention, find_attention_modules
+from geomon.capture._session import traced_since
 from geomon.capture.modules import HEAD_RULES, find_head, head_dims, linear_like, resolve_patterns
 from geomon.functional import GeomonWarning
 from geomon.functional._dispatch import Backend
@@ -66,6 +67,14 @@ MODEL_WRAPPERS = {
 }
 
 MIB = 1 << 20
+
+TRACED = (
+    "geomon: the model ran inside a torch.compile'd function on a measured step. Under compilation geomon's hooks "
+    "and attention capture do nothing (whatever they did would be compiled into the graph and change the training), "
+    "so nothing read during the forward was measured there: attention, the head's input, embedding_modules. "
+    "Weight-based values (spectral_modules, logit_sigma) still are; hand tensors to Monitor.observe (or return them "
+    "under outputs['geomon'] from training_step) to measure them, or call the model outside the compiled function"
+)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -296,7 +305,10 @@ class Plan:
             if self.options.attention and only is None:
                 stack.enter_context(capture_attention(model, self._on_attention, strict=self.guard.strict,
                                                         warn=self.guard.warn_once))  # fmt: skip
+            traced_since()
             yield
+            if traced_since():
+                self.guard.warn_once("traced", TRACED)
 
     def _missing(self, module: str, probe: Probe) -> None:
         self.guard.warn_once(f"missing:{module}", f"geomon: module {module!r} is no longer in the model (removed "

@@ -1,0 +1,60 @@
+"""A model called inside a ``torch.compile``'d function: geomon's hooks stand aside while Dynamo traces (whatever
+they did would be compiled into the graph), so the training is bit-identical to the same loop without geomon, and
+the monitor says once that nothing read during the forward was measured. Before, the hooks were traced (graph
+breaks, recompilations) and the trained weights differed from the unmonitored run's."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from geomon import Monitor
+from geomon._tiny_gpt import TinyGPT
+from geomon.functional import GeomonWarning
+
+VOCAB = 17
+
+
+def _train(monitored: bool):
+    torch.manual_seed(0)
+    model = TinyGPT(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, context=12)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    torch._dynamo.reset()
+
+    @torch.compile
+    def loss_of(x, y):
+        return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    monitor = Monitor(every_n_steps=1, strict=True).attach(model) if monitored else None
+    g = torch.Generator().manual_seed(1)
+    logged = []
+    for step in range(3):
+        x, y = torch.randint(0, VOCAB, (4, 12), generator=g), torch.randint(0, VOCAB, (4, 12), generator=g)
+        if monitor is None:
+            loss = loss_of(x, y)
+        else:
+            with monitor.step(step, labels=y):
+                loss = loss_of(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if monitor is not None:
+            logged.append(monitor.compute(step))
+    return [p.detach().clone() for p in model.parameters()], logged
+
+
+def test_a_compiled_training_function_trains_as_without_geomon_and_is_named():
+    pytest.importorskip("torch._inductor")
+    plain, _ = _train(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitored, logged = _train(True)
+    for a, b in zip(plain, monitored, strict=True):
+        assert torch.equal(a, b)
+    said = [str(w.message) for w in caught if issubclass(w.category, GeomonWarning)]
+    said = [message for message in said if "torch.compile" in message]
+    assert len(said) == 1 and "nothing read during the forward was measured" in said[0], said
+    for values in logged:  # nothing from the forward, not zeros or NaN
+        assert not [key for key in values if key.startswith(("geomon/attention/", "geomon/rankme", "geomon/nc/"))]
