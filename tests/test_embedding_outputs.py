@@ -75,3 +75,30 @@ def test_an_output_without_embeddings_is_named_once():
     said = [str(w.message) for w in caught if issubclass(w.category, GeomonWarning) and "'encoder'" in str(w.message)]
     assert len(said) == 1, said
     assert "returned dict" in said[0] and "last_hidden_state" in said[0]
+
+
+def test_the_nested_tensors_of_the_transformer_encoder_fast_path_give_their_real_tokens():
+    """In eval under ``no_grad`` with a key padding mask, ``nn.TransformerEncoder`` packs the batch into a nested
+    tensor (padding dropped) between its layers; a layer's output then holds the real tokens only, and so must the
+    window. Reference: the same layer on the padded batch through the ordinary path, at the real tokens."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D * 2, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x = torch.randn(3, 7, D * 2)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 5:], pad[1, 2:] = True, True
+    monitor = Monitor(
+        every_n_steps=1, head=None, attention=False, embedding_modules=["layers.0"], window_rows=8, strict=True
+    )
+    monitor.attach(model)
+    with torch.no_grad(), monitor.step(0):
+        model(x, src_key_padding_mask=pad)
+    values = monitor.compute()
+    with torch.no_grad():  # the ordinary path: a hook on the layer itself turns the fast path off
+        seen = []
+        handle = model.layers[0].register_forward_hook(lambda m, a, out: seen.append(out))
+        model.train()(x, src_key_padding_mask=pad)
+        handle.remove()
+    rows = seen[0][~pad].double().numpy()
+    assert rows.shape == (3 * 7 - 2 - 5, D * 2)
+    assert float(values["geomon/rankme/layers.0"]) == pytest.approx(ref_rankme(rows), rel=1e-4)

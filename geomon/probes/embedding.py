@@ -26,7 +26,8 @@ HIDDEN_FIELDS = ("last_hidden_state", "hidden_states")
 
 def embedding_tensor(found: Any) -> Tensor | None:
     """The embeddings in a module's output (or input): the tensor itself, a tuple's or list's first element, or a
-    mapping's :data:`HIDDEN_FIELDS` entry (a tensor); ``None`` when there is none.
+    mapping's :data:`HIDDEN_FIELDS` entry (a tensor); ``None`` when there is none. A nested tensor (the fast path of
+    ``nn.TransformerEncoder`` drops padded tokens into one) gives the rows of its components: the real tokens.
 
     Example:
         >>> import torch
@@ -39,6 +40,9 @@ def embedding_tensor(found: Any) -> Tensor | None:
         found = found[0] if found else None
     elif isinstance(found, Mapping):
         found = next((found[f] for f in HIDDEN_FIELDS if isinstance(found.get(f), Tensor)), None)
+    if isinstance(found, Tensor) and found.is_nested:  # nn.TransformerEncoder's fast path: the tokens without padding
+        parts = [part.reshape(-1, part.shape[-1]) for part in found.detach().unbind()]
+        return torch.cat(parts) if parts else None
     return found if isinstance(found, Tensor) else None
 
 
