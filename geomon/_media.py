@@ -128,7 +128,7 @@ def log_media(loggers: list[Any], step: int, heads: dict[str, Tensor], spectra: 
                 writer.add_image(keys.key(keys.MEDIA, name), rgb, global_step=step, dataformats="HWC")
             for key, values in heads.items():
                 if values.isfinite().any():
-                    writer.add_histogram(key, values[values.isfinite()], global_step=step)
+                    writer.add_histogram(keys.heads_histogram(key), values[values.isfinite()], global_step=step)
 
 
 def _images(heads: dict[str, Tensor], spectra: dict[str, Tensor], step: int) -> dict[str, Any]:

@@ -48,6 +48,17 @@ def key(family: str, target: str) -> str:
     return f"{ROOT}{family}/{target}"
 
 
+def heads_histogram(name: str) -> str:
+    """The TensorBoard tag of the per-head histogram of value ``name``: under :data:`MEDIA`, never the scalar's own
+    tag (TensorBoard's data server drops a tag that holds a scalar series and histograms both).
+
+    Example:
+        >>> heads_histogram("geomon/attention/entropy/blocks.0.attn")
+        'geomon/media/heads/attention/entropy/blocks.0.attn'
+    """
+    return key(MEDIA, "heads/" + name.removeprefix(ROOT))
+
+
 def prefix(family: str) -> str:
     """What every key of ``family`` starts with."""
     return f"{ROOT}{family}/"

@@ -120,10 +120,28 @@ def test_tensorboard_gets_per_head_histograms_and_heatmap_images(tmp_path):
     _fit(logger)
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0})
     events.Reload()
-    histograms = events.Histograms("geomon/attention/entropy_normalized/model.blocks.0.attn")
+    histograms = events.Histograms("geomon/media/heads/attention/entropy_normalized/model.blocks.0.attn")
     assert [h.step for h in histograms] == [0, 2, 4]
     assert all(h.histogram_value.num == 4 for h in histograms)  # one value per head
     assert [image.step for image in events.Images("geomon/media/entropy_heatmap")] == [0, 2, 4]
+    tags = events.Tags()
+    assert not set(tags["scalars"]) & set(tags["histograms"])  # one tag, one kind
+    # what TensorBoard's UI reads: its data provider lists and reads every per-layer scalar series
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.data.provider import RunTagFilter
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(logger.log_dir)
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, logger.log_dir)
+    request = context.RequestContext()
+    listed = provider.list_scalars(request, experiment_id="", plugin_name="scalars")
+    key = "geomon/attention/entropy_normalized/model.blocks.0.attn"
+    run = next(run for run, tags in listed.items() if key in tags)
+    read = provider.read_scalars(request, experiment_id="", plugin_name="scalars", downsample=100,
+                                 run_tag_filter=RunTagFilter(runs=[run], tags=[key]))  # fmt: skip
+    assert [point.step for point in read[run][key]] == [0, 2, 4]
 
 
 def test_mlflow_local_file_store_holds_the_values(tmp_path, monkeypatch):
