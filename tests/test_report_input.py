@@ -134,3 +134,27 @@ def test_scalar_items_leave_out_every_entry_of_a_logged_object():
         (("a", "b"), 2),
     ]
     assert scalar_items(row) == [(("loss",), 1.5), (("a", "b"), 2)]
+
+
+def test_a_hugging_face_trainer_wandb_run_is_read_on_its_training_steps(tmp_path, monkeypatch):
+    """The Hugging Face Trainer's W&B rows carry ``train/global_step``; geomon, its dashboard and the loss each log
+    a row per measured step, so W&B's ``_step`` runs ahead of the training step and must not be read as it."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="geomon-report-hf")
+    for step in STEPS:
+        run.log({"train/global_step": step, **metrics_at(step)})
+        run.log({"train/global_step": step, "train/loss": 1.0 / (1 + step)})  # the Trainer's own row
+        run.log({"train/global_step": step, "geomon-overview/worst": 0.5})  # the dashboard's row
+    run.finish()
+    key = f"geomon/attention/entropy/{L0}"
+    deadline = time.monotonic() + 30
+    while True:  # the W&B service may still be flushing the run file when finish() returns
+        data = read_run(tmp_path)
+        if len(data.series(key)[0]) >= len(STEPS) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    steps, values = data.series(key)
+    assert list(steps) == list(STEPS)
+    assert list(values) == pytest.approx([metrics_at(step)[key] for step in STEPS])

@@ -6,6 +6,7 @@ Understood inputs (a directory is searched; it must hold exactly one run):
   empty cells where a key was not logged); also the long form ``step,key,value``;
 - TensorBoard event files ``events.out.tfevents.*`` (scalars; every event file of the directory, in name order);
 - a W&B run directory (``wandb/offline-run-*/run-*.wandb``): history rows, the step being ``trainer/global_step``
+  (Lightning) or ``train/global_step`` (Hugging Face Trainer)
   when the row has it, else W&B's ``_step``.
 
 Sidecars, read when present beside the run's data, where geomon's callback writes them (the directory of
@@ -223,14 +224,21 @@ def read_tensorboard(files: list[Path], *, progress: bool = False) -> list[tuple
     return rows
 
 
+#: History columns that hold the training step, by logger: Lightning's ``WandbLogger``, the Hugging Face Trainer.
+WANDB_STEP_COLUMNS = ("trainer/global_step", "train/global_step")
+
+
 def wandb_step(row: dict[str, object]) -> int | None:
-    """The step of a W&B history row: ``trainer/global_step`` if present, else ``_step``.
+    """The step of a W&B history row: Lightning's ``trainer/global_step`` or the Hugging Face Trainer's
+    ``train/global_step`` if present, else ``_step`` (which counts every ``log`` call, not training steps).
 
     Example:
-        >>> wandb_step({"_step": 3, "trainer/global_step": 40.0}), wandb_step({"_step": 3}), wandb_step({})
-        (40, 3, None)
+        >>> wandb_step({"_step": 3, "trainer/global_step": 40.0}), wandb_step({"_step": 9, "train/global_step": 2})
+        (40, 2)
+        >>> wandb_step({"_step": 3}), wandb_step({})
+        (3, None)
     """
-    for name in ("trainer/global_step", "_step"):
+    for name in (*WANDB_STEP_COLUMNS, "_step"):
         value = row.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return int(value)
