@@ -19,8 +19,9 @@ pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="this torch build has no gloo"),
 ]
 
-# per phase, what each rank runs: "x" its own batch, "mask" its batch under a padding-like attention mask, "" nothing
-PHASES = [("x", "x"), ("x", "mask"), ("", "x")]
+# per phase, what each rank runs: "x" its own batch, "mask" its batch under a padding-like attention mask, "nan" its
+# batch with one NaN (its bound cannot be computed: that rank vetoes, and must still join the agreement), "" nothing
+PHASES = [("x", "x"), ("x", "mask"), ("", "x"), ("x", "nan")]
 
 
 def _batches():
@@ -46,6 +47,8 @@ def _rank_body(rank, world):
                     model(x)
                 elif phase[rank] == "mask":
                     model.attn(x, x, x, attn_mask=mask, need_weights=False)
+                elif phase[rank] == "nan":
+                    model(torch.where(torch.arange(7)[:, None] == 3, torch.nan, x))
             value = monitor.compute(step).get(BOUND)
             logged.append(None if value is None else float(value))
     return logged
@@ -55,7 +58,7 @@ def test_every_rank_logs_the_bound_of_the_global_batch(tmp_path):
     torch.manual_seed(0)
     model = Model()
     x0, x1 = _batches()
-    want = [_reference(model, torch.cat([x0, x1])), None, _reference(model, x1)]
+    want = [_reference(model, torch.cat([x0, x1])), None, _reference(model, x1), None]
     assert want[0] < _reference(model, x0)  # the ranks' own bounds differ: the test tells them apart
     for rank, logged in enumerate(spawn(_rank_body, tmp_path)):
         for step, (got, expected) in enumerate(zip(logged, want, strict=True)):

@@ -471,12 +471,13 @@ class LogitMapProbe(Probe):
             return
         why, bound = None, None
         if self.bound and self.rotary is None:
-            why = self._unbounded(seen, layout)
-            if why is None:
-                map_sigma = bound_sigma(layout).max()
-                bound = torch.stack([entropy_lower_bound(map_sigma * _input_gram(x, seen.augmented), t)
-                                     for x, _, t in seen.inputs]).amin()  # fmt: skip
-        if multi_process():
+            try:  # whatever happens here, every rank must reach the agreement below
+                why, bound = self._local_bound(seen, layout)
+            except Exception as error:
+                if context.guard.strict and not multi_process():
+                    raise
+                why = f"computing it failed ({error!r})"
+        if self.bound and multi_process():  # one small all-reduce per layer, only where the bound is asked for
             why, bound = self._agree(seen, why, bound, layout.w_q.device)
         if self.rotary is not None:
             context.guard.warn_once(
@@ -497,6 +498,19 @@ class LogitMapProbe(Probe):
             return
         out.scalars[keys.key(keys.ENTROPY_BOUND, self.name)] = bound
 
+    def _local_bound(self, seen: _Measured, layout: QKLayout) -> tuple[str | None, Tensor | None]:
+        """This process's verdict: why the bound does not hold on its measured step, or the bound."""
+        why = self._unbounded(seen, layout)
+        if why is not None:
+            return why, None
+        if not all(bool(x.isfinite().all()) for x, _, _ in seen.inputs):  # an SVD cannot take them
+            return "its input on the measured step holds NaN or Inf", None
+        map_sigma = bound_sigma(layout).max()
+        if not bool(map_sigma.isfinite()):
+            return "its query/key weights hold NaN or Inf", None
+        bounds = [entropy_lower_bound(map_sigma * _input_gram(x, seen.augmented), t) for x, _, t in seen.inputs]
+        return None, torch.stack(bounds).amin()
+
     def _agree(self, seen: _Measured, why: str | None, bound: Tensor | None,
                device: torch.device) -> tuple[str | None, Tensor | None]:  # fmt: skip
         """The ranks' verdicts made one (a collective): a bound is logged only where it holds on every rank that ran
@@ -513,7 +527,9 @@ class LogitMapProbe(Probe):
         if rotary and self.rotary is None:
             self.rotary = ROTARY_ARGUMENTS[int(rotary) - 1]
         if veto:
-            return (None if idle else why) or "another rank's measured step shows that it does not hold there", None
+            return (None if idle else why) or (
+                "another rank's measured step shows that it does not hold there (that rank's warning says why)"
+            ), None
         if bounded:
             return None, torch.tensor(-least, dtype=torch.float64, device=device)
         return why, None
