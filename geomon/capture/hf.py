@@ -161,17 +161,38 @@ def call_layout(module: nn.Module, query: Tensor, key: Tensor, frame: Any) -> Ca
     if cross is not False or n_q == n_k:
         return CallLayout(cross)
     layer = _cache_layer(local, module)
+    fixed = next((type(c).__name__ for c in map(local.get, _CACHE_LOCALS) if _fixed_size_cache(c)), None)
+    if layer is None and fixed is not None:  # a transformers version whose caches have no per-layer objects
+        return CallLayout(False, 0, f"its queries cannot be placed in a {fixed} of this transformers version")
     utils = sys.modules.get("transformers.cache_utils")
     static, dynamic = (getattr(utils, c, None) for c in ("StaticLayer", "DynamicLayer"))
     update = getattr(type(layer), "update", None)
     if layer is not None and static is not None and update is static.update and n_k == layer.max_cache_len:
-        filled = layer.cumulative_length  # after this call's update: its queries are the last ones written
+        filled = getattr(layer, "cumulative_length", None)  # after this call's update: its queries, the last written
+        if filled is None:  # a transformers version whose static layer does not say how far it is filled
+            return CallLayout(False, 0, f"its {type(layer).__name__} cache does not say how far it is filled")
         return CallLayout(False, filled - n_q if isinstance(filled, int) else (filled - n_q).reshape(()))
     buffer = layer is not None and getattr(layer, "keys", None) is key
     if n_k < n_q or (buffer and not (dynamic is not None and isinstance(layer, dynamic))):
         where = f"a {type(layer).__name__} cache" if buffer else f"{n_k} keys for {n_q} queries"
         return CallLayout(False, 0, f"its query rows cannot be placed among its keys ({where})")
     return CallLayout(False, n_k - n_q)
+
+
+def guarded_layout(module: nn.Module, query: Tensor, key: Tensor, frame: Any) -> CallLayout:
+    """:func:`call_layout`, which runs in the model's forward before the attention function: a failure (a cache of
+    another transformers version, odd locals) must not reach the forward, so it becomes an unplaced call."""
+    try:
+        return call_layout(module, query, key, frame)
+    except Exception as error:  # monitoring never breaks training
+        return CallLayout(None, 0, f"reading its call failed ({error!r})")
+
+
+def _fixed_size_cache(cache: object) -> bool:
+    """Whether ``cache`` is a transformers cache that keeps keys at fixed positions (static, sliding-window, hybrid)
+    rather than appending them."""
+    name = type(cache).__name__
+    return name.endswith("Cache") and any(kind in name for kind in ("Static", "Sliding", "Hybrid"))
 
 
 def _cache_layer(local: dict, module: nn.Module) -> Any:
@@ -197,7 +218,7 @@ def _contexts(
         if name is None or session.busy or in_backward():
             continue
         if layout is None:
-            layout = call_layout(module, query, key, sys._getframe(2))  # the method that called the function
+            layout = guarded_layout(module, query, key, sys._getframe(2))  # the method that called the function
         session.sdpa_context.append(SdpaContext(name, query.shape, key.shape[-2], *layout))
         told.append(session)
     return told, layout
@@ -248,10 +269,12 @@ def _reordered_dispatcher(original: Callable, sessions: list[Session]) -> Callab
     @functools.wraps(original)
     def wrapper(self: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None = None):
         out = original(self, query, key, value, attention_mask)
-        call = {"attention_mask": attention_mask, "scaling": getattr(self, "scaling", None)}
-        layout = call_layout(self, query, key, sys._getframe(1))
-        for session in tuple(sessions):
-            _report(session, self, query, key, call, False, layout)
+        watching = [s for s in tuple(sessions) if s.name_of(self) is not None and not s.busy]
+        if watching and not in_backward():  # nothing for a module no session watches, or under torch.compile
+            call = {"attention_mask": attention_mask, "scaling": getattr(self, "scaling", None)}
+            layout = guarded_layout(self, query, key, sys._getframe(1))
+            for session in watching:
+                _report(session, self, query, key, call, False, layout)
         return out
 
     return wrapper

@@ -148,3 +148,59 @@ def test_generate_with_grouped_query_sdpa_measures_every_decode_step(cache, padd
         entropy = rows_of(call)[0]
         assert_rows_close(entropy, entropy_of(weights[..., : call.k.shape[-2]]), real)
         assert entropy[~real.expand_as(entropy)].isnan().all()
+
+
+def test_a_failure_in_reading_the_call_never_reaches_the_forward(monkeypatch):
+    """Reading the module's call runs in the model's forward, before the attention function: when it fails (a cache
+    of another transformers version), the forward runs as without geomon and the call is named, not reported."""
+    from geomon import Monitor
+    from geomon.capture import hf
+
+    def broken(*args, **kwargs):
+        raise AttributeError("'StaticLayer' object has no attribute 'cumulative_length'")
+
+    monkeypatch.setattr(hf, "call_layout", broken)
+    model, _ = _models("llama", "sdpa")
+    ids = torch.randint(1, VOCAB, (B, N), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+    monitor = Monitor(every_n_steps=1, head=None, neural_collapse=False).attach(model)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        with monitor.step(0):
+            got = model(ids).logits
+    assert torch.equal(got, want)
+    assert any("reading its call failed" in str(w.message) and "cumulative_length" in str(w.message) for w in caught)
+    assert not [key for key in monitor.compute() if key.startswith("geomon/attention/")]
+
+
+class _Frame:
+    """A stand-in for the attention method's frame: only its locals are read."""
+
+    def __init__(self, local):
+        self.f_locals = local
+
+
+def test_static_caches_that_cannot_say_where_the_queries_are_leave_the_call_unplaced():
+    """A static cache of a transformers version without per-layer objects, or a static layer that does not say how
+    far it is filled: the queries' position among the keys is unknown, so the call is not reported (a dynamic cache
+    appends, and its queries are the last keys)."""
+    from geomon.capture.hf import call_layout
+
+    model, _ = _models("llama", "sdpa")
+    module = model.model.layers[0].self_attn
+    q, k = torch.zeros(1, 4, 2, 16), torch.zeros(1, 2, 8, 16)
+
+    class StaticCache:  # the name older transformers gave its static cache
+        """No ``layers``: older transformers kept a static cache's tensors in lists."""
+
+    old = call_layout(module, q, k, _Frame({"self": module, "past_key_values": StaticCache()}))
+    assert old.unplaced is not None and "StaticCache" in old.unplaced
+    layer = object.__new__(transformers.cache_utils.StaticLayer)
+    layer.max_cache_len = 8
+    cache = type("Cache", (), {"layers": [layer] * 2})()
+    assert not hasattr(layer, "cumulative_length")
+    unfilled = call_layout(module, q, k, _Frame({"self": module, "past_key_values": cache}))
+    assert unfilled.unplaced is not None and "filled" in unfilled.unplaced
+    dynamic = call_layout(module, q, k, _Frame({"self": module}))
+    assert dynamic.unplaced is None and dynamic.leading == 8 - 2
