@@ -302,6 +302,25 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             spectral_modules=list(options.spectral_modules), entropy_bound=options.entropy_bound,
         )  # fmt: skip
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint without this callback's key (saved by an older geomon under the class name, or by a
+        callback that watched other things) restores the one GeomonCallback state it holds, rather than none:
+        Lightning would drop it in silence. Probes not in this plan are named and left out."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        mine = [key for key in states if isinstance(key, str) and key.split("{", 1)[0] == type(self).__qualname__]
+        if len(mine) != 1:
+            if mine:
+                self.monitor.guard.warn_once("restore", f"geomon: the checkpoint holds {len(mine)} GeomonCallback "
+                                             f"states and none is this callback's ({self.state_key}); none is "
+                                             "restored")  # fmt: skip
+            return
+        if mine[0] != type(self).__qualname__:
+            self.monitor.guard.warn_once("restore", f"geomon: restoring the state of a callback that watched other "
+                                         f"things ({mine[0]}, this one is {self.state_key})")  # fmt: skip
+        self.load_state_dict(states[mine[0]])
+
     def state_dict(self) -> dict[str, Any]:
         return self.monitor.state_dict()
 

@@ -217,3 +217,30 @@ def test_two_callbacks_watching_different_things_share_one_trainer_and_its_check
     second[1].monitor.load_state_dict = lambda state: restored.append(state) or original(state)
     resumed.fit(module, _loader(), ckpt_path=str(ckpt))
     assert restored and restored[0]["plan"]["embedding:model.ln_f"]["state"]["rankme"]["n"] == rows
+
+
+@pytest.mark.parametrize("saved_as", ["legacy", "other-watch"])
+def test_a_checkpoint_under_another_state_key_still_restores_its_state(tmp_path, saved_as):
+    """Older geomon saved its state under the class name; a callback that watches other things has another key.
+    Either way the one GeomonCallback state in the checkpoint is restored (Lightning alone would drop it)."""
+    first = GeomonCallback(every_n_steps=2, embedding_modules=["model.ln_f"], window_rows=400, strict=True)
+    _, trainer = _fit(lightning, tmp_path / "a", [first])
+    ckpt = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(ckpt)
+    checkpoint = torch.load(ckpt, weights_only=False)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("GeomonCallback")]
+    if saved_as == "legacy":
+        checkpoint["callbacks"]["GeomonCallback"] = checkpoint["callbacks"].pop(key)
+        torch.save(checkpoint, ckpt)
+    rows = float(first.monitor.plan.probes["embedding:model.ln_f"].rankme.n)
+    assert 0 < rows < 400  # an open window, which a restore must bring back
+    spectral = ["model.head"] if saved_as == "other-watch" else []
+    second = GeomonCallback(every_n_steps=2, embedding_modules=["model.ln_f"], window_rows=400,
+                            spectral_modules=spectral)  # fmt: skip
+    restored = []
+    original = second.monitor.load_state_dict
+    second.monitor.load_state_dict = lambda state: restored.append(state) or original(state)
+    resumed = lightning.Trainer(max_steps=7, callbacks=[second], logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    resumed.fit(_module_class(lightning)(), _loader(), ckpt_path=str(ckpt))
+    assert len(restored) == 1 and restored[0]["plan"]["embedding:model.ln_f"]["state"]["rankme"]["n"] == rows
