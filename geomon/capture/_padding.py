@@ -17,7 +17,8 @@ from the mask, the same way for every path:
    self-attention). Whether a call is cross-attention is said first by its module's own call where the adapter
    can read it: a transformers module's ``is_cross_attention`` (from its ``key_value_states`` /
    ``encoder_hidden_states`` argument) or flag, a causal module being self-attention; ``nn.MultiheadAttention``
-   called with a query that is not its key (neither the same object nor an equal tensor, :func:`same_sequence`);
+   called with a query that is not its key (neither the same object nor an equal tensor, :func:`same_sequence`,
+   compared on the device);
    x-transformers' layer types. Otherwise a call is cross-attention when it has a different number of keys than
    queries, or when its module's path names it so (``EncDecAttention``, ``encoder_attn``, ``crossattention``,
    ``encoder_decoder_attention``, ``multihead_attn`` of a torch decoder layer, any part containing ``cross``).
@@ -56,12 +57,13 @@ def is_cross_name(name: str) -> bool:
     return any(part in _CROSS_PARTS or "cross" in part for part in name.lower().split("."))
 
 
-def same_sequence(query: object, key: object) -> bool:
+def same_sequence(query: object, key: object) -> bool | Tensor:
     """Whether a call's query and key inputs are one sequence (self-attention): the same object, or equal tensors of
     the same shape, dtype and device (``attn(ln(x), ln(x), ln(x))`` computes the same values twice).
 
-    The comparison reads both inputs once (one host sync, only when the objects differ but look alike): cheap beside
-    the attention itself. Nested tensors are compared by identity only.
+    Tensors that differ as objects but look alike are compared on the device: the answer is then a 0-dim boolean
+    tensor, never read on the host (no sync in the forward), which :meth:`PaddingRule.apply` takes as it is.
+    Nested tensors are compared by identity only.
     """
     if query is key:
         return True
@@ -69,7 +71,14 @@ def same_sequence(query: object, key: object) -> bool:
         return False
     if query.shape != key.shape or query.dtype != key.dtype or query.device != key.device:
         return False
-    return bool(torch.equal(query.detach(), key.detach()))
+    return torch.eq(query.detach(), key.detach()).all()
+
+
+def crossed(query: object, key: object) -> bool | Tensor:
+    """Whether a call attends from one sequence to another: not :func:`same_sequence` (on the device when that is
+    a tensor: ``not`` would wait for it)."""
+    same = same_sequence(query, key)
+    return ~same if isinstance(same, Tensor) else not same
 
 
 def padded_keys(mask: Tensor | None, batch: int, n_k: int) -> Tensor | None:
@@ -97,7 +106,7 @@ class PaddingRule:
         q: Tensor,
         k: Tensor,
         mask: Tensor | None,
-        cross: bool | None,
+        cross: bool | Tensor | None,
         name: str,
         dropped: Tensor | None = None,
         pattern: MaskPattern | None = None,
@@ -115,24 +124,33 @@ class PaddingRule:
         batch, n_q, n_k = q.shape[0], q.shape[-2], k.shape[-2]
         if cross is None:
             cross = n_q != n_k or is_cross_name(name)
-        if cross:
+        if isinstance(cross, Tensor):  # decided on the device (same_sequence): both answers, picked there
+            mine, other = self._own_rows(mask, pattern, batch, n_q, n_k, leading), self.queries.get((batch, n_q))
+            none = torch.zeros(batch, n_q, dtype=torch.bool, device=q.device)
+            mine, other = (none if r is None else r.to(q.device) for r in (mine, other))
+            rows = self.queries[(batch, n_q)] = torch.where(cross.to(q.device), other, mine)
+        elif cross:
             rows = self.queries.get((batch, n_q))
         else:
-            keys = padded_keys(mask, batch, n_k)
-            unseen = None if pattern is None else pattern.padded_keys(batch, n_k)
-            if unseen is not None:
-                keys = unseen if keys is None else keys | unseen
-            # keys a module appends (bias_k) come after the tokens, keys it prepends (memory) before them
-            if keys is None:
-                rows = None
-            elif isinstance(leading, Tensor):
-                index = leading.to(keys.device) + torch.arange(n_q, device=keys.device)
-                rows = keys.gather(1, index.clamp(0, n_k - 1).expand(batch, n_q))
-            else:
-                rows = keys[:, leading : leading + n_q]
-            self.queries[(batch, n_q)] = rows
+            rows = self.queries[(batch, n_q)] = self._own_rows(mask, pattern, batch, n_q, n_k, leading)
         if rows is not None:
             rows = rows.to(q.device)
         if dropped is not None:
             rows = dropped if rows is None else rows | dropped
         return rows
+
+    @staticmethod
+    def _own_rows(mask: Tensor | None, pattern: MaskPattern | None, batch: int, n_q: int, n_k: int,
+                  leading: int | Tensor) -> Tensor | None:  # fmt: skip
+        """Self-attention's padded query rows: those of its own padding keys (rule 2; None without a mask)."""
+        keys = padded_keys(mask, batch, n_k)
+        unseen = None if pattern is None else pattern.padded_keys(batch, n_k)
+        if unseen is not None:
+            keys = unseen if keys is None else keys | unseen
+        # keys a module appends (bias_k) come after the tokens, keys it prepends (memory) before them
+        if keys is None:
+            return None
+        if isinstance(leading, Tensor):
+            index = leading.to(keys.device) + torch.arange(n_q, device=keys.device)
+            return keys.gather(1, index.clamp(0, n_k - 1).expand(batch, n_q))
+        return keys[:, leading : leading + n_q]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
-from geomon.capture._padding import MASKED_AT, PaddingRule, same_sequence
+from geomon.capture._padding import MASKED_AT, PaddingRule, crossed
 from geomon.capture._patterns import MaskPattern
 
 
@@ -79,7 +79,7 @@ class Found(NamedTuple):
     attn_mask: Tensor | None = None
     is_causal: bool = False
     scale: float | None = None
-    cross: bool | None = None  #: cross-attention (None: decided by the padding rule)
+    cross: bool | Tensor | None = None  #: cross-attention (None: the padding rule decides; 0-dim tensor: on device)
     pattern: MaskPattern | None = None  #: mask generated per key chunk, ANDed with ``attn_mask``
     dropped: Tensor | None = None  #: [B, Nq] query rows the implementation drops (flash, nested tensors)
     leading: int | Tensor = 0  #: keys before the tokens' own (a cache of earlier tokens): key ``leading + j`` is ``j``
@@ -144,7 +144,7 @@ class Session:
         self.warned: set[str] = set()
         self.busy = False  # geomon's own computation is running: ignore module calls and SDPA calls
         self.padding = PaddingRule()
-        self.cross_hint: dict[str, bool] = {}  # nn.MultiheadAttention modules by name: query and key not one sequence
+        self.cross_hint: dict[str, bool | Tensor] = {}  # nn.MultiheadAttention by name: query and key not one sequence
         #: modules whose SDPA calls put extra keys first, by name: (cross-attention or not, how many extra keys)
         self.sdpa_layout: dict[str, tuple[bool | None, int]] = {}
         self.sdpa_context: list[SdpaContext] = []  # transformers' attention functions running now, innermost last
@@ -167,7 +167,7 @@ class Session:
         attn_mask: Tensor | None,
         is_causal: bool,
         scale: float | None,
-        cross: bool | None = None,
+        cross: bool | Tensor | None = None,
         pattern: MaskPattern | None = None,
         dropped: Tensor | None = None,
         leading: int | Tensor = 0,
@@ -228,7 +228,7 @@ class Session:
         if name is not None and not self.busy and not in_backward():
             self.stack.append((id(module), name, self.reports + self.unseen))
             if isinstance(module, nn.MultiheadAttention) and len(args) >= 2:
-                self.cross_hint[name] = not same_sequence(args[0], args[1])
+                self.cross_hint[name] = crossed(args[0], args[1])
 
     def _leave(self, module: nn.Module, args: tuple, *rest: Any) -> None:
         # torch passes (kwargs, output) after a forward, and (output,) alone when the forward raised

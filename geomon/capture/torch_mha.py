@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from geomon.capture._padding import same_sequence
+from geomon.capture._padding import crossed
 from geomon.capture._patterns import ModuleMasks
 from geomon.capture._session import Found, bind
 
@@ -161,7 +161,7 @@ def mha_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> l
         attn_mask=call.get("attn_mask"),
         key_padding_mask=call.get("key_padding_mask"),
     )
-    cross = not same_sequence(call["query"], call["key"])
+    cross = crossed(call["query"], call["key"])
     return [Found("", q, k, mask.attn_mask, cross=cross, pattern=mask.pattern, dropped=mask.dropped)]
 
 

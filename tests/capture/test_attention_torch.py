@@ -279,3 +279,33 @@ def test_self_attention_called_with_equal_but_separate_tensors_excludes_padded_q
     real = ~padding[:, None, :]
     assert_rows_close(entropy, entropy_of(weights), real)  # the module's own probabilities, real rows
     assert entropy[~real.expand_as(entropy)].isnan().all()  # padded tokens' rows are excluded
+
+
+def test_telling_equal_inputs_apart_never_waits_for_the_device(gen):
+    """Query and key are compared on the device: the capture runs under ``FakeTensorMode``, where any read of a
+    tensor's data on the host (``bool``, ``item``, ``torch.equal``: a sync on CUDA) raises. Then, on real tensors,
+    both answers: equal separate inputs are self-attention (their padded rows left out), different ones of the same
+    shape are cross-attention (the rows of the self-attention before them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    ln, mha = nn.LayerNorm(E), nn.MultiheadAttention(E, H, batch_first=True)
+    model = nn.ModuleDict({"ln": ln, "attn": mha}).eval()
+
+    def run(x, memory, padding):
+        mha(ln(x), ln(x), ln(x), key_padding_mask=padding, need_weights=False)
+        mha(ln(x), memory, memory, need_weights=False)
+
+    padding = torch.zeros(B, L, dtype=torch.bool)
+    padding[1, 4:] = True
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with torch.no_grad(), fake:
+        inputs = torch.randn(B, L, E), torch.randn(B, L, E), fake.from_tensor(padding)
+        calls, _ = collect(model, lambda: run(*inputs))  # strict: a host read would raise here
+    assert len(calls) == 2
+    with torch.no_grad():
+        calls, _ = collect(model, lambda: run(torch.randn(B, L, E, generator=gen), torch.randn(B, L, E, generator=gen),
+                                              padding))  # fmt: skip
+    for call in calls:  # padded token 1's rows out in both: its own (self), the decoder's (cross)
+        rows = call.query_padding
+        assert rows is not None and rows[1, 4:].all() and not rows[0].any() and not rows[1, :4].any()
