@@ -17,7 +17,7 @@ from geomon.functional import GeomonWarning
 VOCAB = 17
 
 
-def _train(monitored: bool):
+def _train(monitored: bool, **options):
     torch.manual_seed(0)
     model = TinyGPT(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, context=12)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -27,10 +27,10 @@ def _train(monitored: bool):
     def loss_of(x, y):
         return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
-    monitor = Monitor(every_n_steps=1, strict=True).attach(model) if monitored else None
+    monitor = Monitor(**{"every_n_steps": 1, "strict": True, **options}).attach(model) if monitored else None
     g = torch.Generator().manual_seed(1)
     logged = []
-    for step in range(3):
+    for step in range(1, 4):
         x, y = torch.randint(0, VOCAB, (4, 12), generator=g), torch.randint(0, VOCAB, (4, 12), generator=g)
         if monitor is None:
             loss = loss_of(x, y)
@@ -58,3 +58,19 @@ def test_a_compiled_training_function_trains_as_without_geomon_and_is_named():
     assert len(said) == 1 and "nothing read during the forward was measured" in said[0], said
     for values in logged:  # nothing from the forward, not zeros or NaN
         assert not [key for key in values if key.startswith(("geomon/attention/", "geomon/rankme", "geomon/nc/"))]
+
+
+def test_a_compiled_function_traced_before_the_first_measured_step_is_named_too():
+    """Traced on an unmeasured step with nothing that forces a new trace (no attention capture), the compiled code
+    runs without geomon's hooks on the measured step: none fires, and the monitor says so."""
+    pytest.importorskip("torch._inductor")
+    plain, _ = _train(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitored, logged = _train(True, every_n_steps=2, attention=False)
+    for a, b in zip(plain, monitored, strict=True):
+        assert torch.equal(a, b)
+    said = [str(w.message) for w in caught if issubclass(w.category, GeomonWarning)]
+    said = [message for message in said if "torch.compile" in message]
+    assert len(said) == 1, said
+    assert not [key for values in logged for key in values if key.startswith(("geomon/rankme", "geomon/nc/"))]

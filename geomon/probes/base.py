@@ -38,6 +38,7 @@ class Step:
     labels: Tensor | None
     guard: Guard
     fill: bool = False
+    fired: bool = False  #: a probe's hook ran in this step's forward (set by the hooks)
 
 
 @dataclass

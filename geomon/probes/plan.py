@@ -292,6 +292,7 @@ class Plan:
         those probes' alone (no attention capture)."""
         step = Step(labels, self.guard, fill=only is not None)
         modules = plain_modules(model)
+        hooked = []
         with ExitStack() as stack:
             for probe in list(self) if only is None else only:
                 if probe.module is None:
@@ -302,6 +303,7 @@ class Plan:
                     continue
                 for handle in probe.arm(module, step):
                     stack.callback(handle.remove)
+                    hooked.append(probe.module)
             if self.options.attention and only is None:
                 stack.enter_context(capture_attention(model, self._on_attention, strict=self.guard.strict,
                                                         warn=self.guard.warn_once))  # fmt: skip
@@ -309,6 +311,12 @@ class Plan:
             yield
             if traced_since():
                 self.guard.warn_once("traced", TRACED)
+            elif hooked and not step.fired and only is None:
+                watched = ", ".join(sorted(set(hooked))[:6])
+                self.guard.warn_once("unfired", f"geomon: none of the watched modules ({watched}) ran during a "
+                                     "measured step: the model was not called inside Monitor.step(...), or it ran "
+                                     "inside a torch.compile'd function (where geomon's hooks do nothing); nothing "
+                                     "read during the forward was measured on that step")  # fmt: skip
 
     def _missing(self, module: str, probe: Probe) -> None:
         self.guard.warn_once(f"missing:{module}", f"geomon: module {module!r} is no longer in the model (removed "
