@@ -38,6 +38,17 @@ def logger_directory(logger: Any) -> str | None:
     return None
 
 
+def logger_directories(loggers: list[Any]) -> list[str]:
+    """The distinct directories of ``loggers`` (:func:`logger_directory`), in order: a CSV and a TensorBoard logger
+    given one version directory share it, and its sidecar files must get each row once."""
+    found: dict[str, str] = {}
+    for logger in loggers:
+        directory = logger_directory(logger)
+        if directory is not None:
+            found.setdefault(os.path.realpath(directory), directory)
+    return list(found.values())
+
+
 def write_heads(directory: str, step: int, heads: dict[str, Tensor]) -> None:
     """Append every per-head value of this step to ``<directory>/geomon_heads.csv``."""
     os.makedirs(directory, exist_ok=True)
@@ -110,10 +121,8 @@ def render_rgb(figure: Any) -> Any:
 
 def log_media(loggers: list[Any], step: int, heads: dict[str, Tensor], spectra: dict[str, Tensor]) -> None:
     """Write the per-head values and embedding spectra of one logging step to every logger that can take them."""
-    for logger in loggers:
-        directory = logger_directory(logger)
-        if directory is not None and heads:
-            write_heads(directory, step, heads)
+    for directory in logger_directories(loggers) if heads else []:
+        write_heads(directory, step, heads)
     images = _images(heads, spectra, step) if any(takes_images(logger) for logger in loggers) else {}
     for logger in loggers:
         kind = type(logger).__name__

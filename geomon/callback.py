@@ -201,12 +201,12 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
 
     def _sinks(self, trainer: Any) -> list[Sink]:
         sinks: list[Sink] = [LoggingSink()]
-        for logger in trainer.loggers if trainer.is_global_zero else ():
+        loggers = trainer.loggers if trainer.is_global_zero else []
+        for logger in loggers:
             if type(logger).__name__ == "WandbLogger":
                 sinks.append(WandbSink(logger.experiment))
-            directory = _media.logger_directory(logger)
-            if directory is not None:
-                sinks.append(CsvSink(f"{directory}/geomon_alerts.csv"))
+        for directory in _media.logger_directories(loggers):  # one file per directory, however many loggers share it
+            sinks.append(CsvSink(f"{directory}/geomon_alerts.csv"))
         act = {"kinds": ("fired",), "min_level": self.action_level}
         for action in self.actions:
             if action == "stop":

@@ -1,5 +1,6 @@
 """The callback's values reach real trackers: W&B offline (read back from the run file) and TensorBoard."""
 
+import csv
 import time
 
 import pytest
@@ -155,3 +156,32 @@ def test_mlflow_local_file_store_holds_the_values(tmp_path, monkeypatch):
     history = MlflowClient(tracking_uri=uri).get_metric_history(logger.run_id, KEY)
     assert [m.step for m in history] == [0, 2, 4]
     assert all(0 < m.value < 2.5 for m in history)
+
+
+def test_loggers_sharing_a_directory_get_each_sidecar_row_once(tmp_path):
+    """A CSV and a TensorBoard logger given one version directory (the layout `geomon report` reads) share its
+    sidecars: every per-head value and every alert event is written once, not once per logger."""
+    from geomon.alerts import AlertEvent
+
+    class Fires:
+        name = "fires"
+
+        def evaluate(self, step, scalars, heads=None):
+            return [AlertEvent(rule="fires", key="x", step=step, kind="fired", level="WARN", title="t", text="x")]
+
+    csv_logger = lightning.loggers.CSVLogger(tmp_path, name="run", version=0)
+    tb_logger = lightning.loggers.TensorBoardLogger(tmp_path, name="run", version=0)
+    assert csv_logger.log_dir == tb_logger.log_dir
+    torch.manual_seed(0)
+    trainer = lightning.Trainer(
+        max_steps=3, logger=[csv_logger, tb_logger], callbacks=[GeomonCallback(every_n_steps=2, alerts=[Fires()])],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(_module_class(lightning)(), _loader())
+    with open(f"{csv_logger.log_dir}/geomon_heads.csv") as handle:
+        heads = [tuple(row.values()) for row in csv.DictReader(handle)]
+    assert heads and len(heads) == len(set(heads))
+    assert {row[0] for row in heads} == {"0", "2"}
+    with open(f"{csv_logger.log_dir}/geomon_alerts.csv") as handle:
+        alerts = [tuple(row.values()) for row in csv.DictReader(handle)]
+    assert len(alerts) == 2 and len(set(alerts)) == 2  # steps 0 and 2, once each
