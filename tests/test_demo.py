@@ -16,6 +16,7 @@ def test_demo_trains_logs_every_probe_and_writes_a_report(tmp_path, capsys, monk
     printed = capsys.readouterr().out
     assert "model.blocks.1.attn" in printed and "neural collapse" in printed and "where to look" in printed
     assert "alerts: none fired" in printed or "alerts fired: " in printed
+    assert "attention geometry at step 4" in printed  # the step the values were measured on, not the 8 steps run
     (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
     with metrics.open() as handle:
         rows = list(csv.DictReader(handle))

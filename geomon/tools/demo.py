@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     values = {k: float(v) for k, v in trainer.callback_metrics.items() if keys.is_geomon(k)}
     values["train_loss"] = float(trainer.callback_metrics.get("train_loss", math.nan))
     print(f"\ndone in {time.perf_counter() - started:.0f} s; train loss {values['train_loss']:.3f}")
-    print_summary(values, trainer.global_step)
+    measured = (trainer.global_step - 1) // args.every * args.every  # the last step measured: the values' step
+    print_summary(values, measured)
     print("\nwhere to look:")
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger":
