@@ -291,3 +291,23 @@ def test_windows_fill_on_the_steps_before_each_measured_one(tmp_path):
     rows = torch.cat(head_rows[3:8]).numpy().astype(np.float64)  # forward i completes step i + 1
     assert math.isclose(computed[8][RANKME], ref_rankme(rows), rel_tol=1e-4)
     assert not math.isclose(computed[8][RANKME], ref_rankme(torch.cat(head_rows[4:8]).numpy()), rel_tol=1e-4)
+
+
+def test_a_wandb_run_the_trainer_does_not_report_to_gets_nothing_from_geomon(tmp_path, offline_wandb):
+    """A run the user opened while the Trainer reports elsewhere (``report_to=[]``) receives none of geomon's values,
+    so it gets none of its dashboard (overview rows, tables, config) or alerts either."""
+    from tests.wandb_records import config
+
+    run = offline_wandb.init(mode="offline", dir=str(tmp_path), project="geomon-test")
+    always = Threshold("geomon/attention/entropy/*", below=1e6, name="forced_collapse")
+    callback = GeomonTrainerCallback(every_n_steps=2, alerts=[always], strict=True)
+    trainer = _trainer(tmp_path, callback, steps=4, report_to=[])
+    trainer.train()
+    run.log({"mine": 1.0})
+    offline_wandb.finish()
+    assert _geomon_rows(trainer.state.log_history)  # geomon ran and logged to the Trainer's history
+    history = _wandb_history(tmp_path, lambda rows: any("mine" in row for row in rows))
+    assert any("mine" in row for row in history)
+    assert not [key for row in history for key in row if key.startswith(("geomon", "train/"))], history
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    assert "geomon" not in config(run_file)

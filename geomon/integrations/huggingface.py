@@ -229,8 +229,17 @@ class GeomonTrainerCallback(TrainerCallback):
         )
         return None, None
 
+    def _reported_run(self) -> Any:
+        """The W&B run the Trainer reports to (its ``WandbCallback`` started it), else ``None``: a run the user
+        opened beside a Trainer that does not report there gets neither the dashboard nor the alerts, as it gets
+        none of the values."""
+        callbacks = getattr(getattr(self.trainer, "callback_handler", None), "callbacks", ())
+        if not any(type(callback).__name__ == "WandbCallback" for callback in callbacks):
+            return None
+        return getattr(sys.modules.get("wandb"), "run", None)
+
     def _setup_dashboard(self) -> None:
-        run = getattr(sys.modules.get("wandb"), "run", None)  # the Trainer's W&B integration started it
+        run = self._reported_run()
         if run is None:
             return
         settings = {**monitor_settings(self.monitor), "on_alert": config_value(self.actions),
@@ -242,9 +251,9 @@ class GeomonTrainerCallback(TrainerCallback):
     def _sinks(self, args: Any, state: Any) -> list[Sink]:
         sinks: list[Sink] = [LoggingSink()]
         if state.is_world_process_zero:
-            wandb = sys.modules.get("wandb")  # imported by the Trainer's W&B integration when it reports there
-            if wandb is not None and getattr(wandb, "run", None) is not None:
-                sinks.append(WandbSink(wandb.run))
+            run = self._reported_run()
+            if run is not None:
+                sinks.append(WandbSink(run))
             if args.output_dir:
                 sinks.append(CsvSink(os.path.join(args.output_dir, "geomon_alerts.csv")))
         act = {"kinds": ("fired",), "min_level": self.action_level}
