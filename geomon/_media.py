@@ -26,6 +26,7 @@ from torch import Tensor
 from geomon import keys
 
 HEADS_FILE = "geomon_heads.csv"
+ALERTS_FILE = "geomon_alerts.csv"
 ENTROPY_NORMALIZED = keys.prefix(keys.ENTROPY_NORMALIZED)
 
 
@@ -47,6 +48,24 @@ def logger_directories(loggers: list[Any]) -> list[str]:
         if directory is not None:
             found.setdefault(os.path.realpath(directory), directory)
     return list(found.values())
+
+
+def forget_from(path: str | os.PathLike[str], step: int) -> None:
+    """Drop the rows of the sidecar CSV ``path`` (a ``step`` column first) whose step is ``step`` or later: a run
+    starting (or resuming) there writes them again, and appending would leave each twice. Nothing to do when the
+    file does not exist; rows whose step is not a number are kept."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    kept = [row for row in body if not (row and row[0].lstrip("-").isdigit() and int(row[0]) >= step)]
+    if len(kept) == len(body):
+        return
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([header, *kept])
 
 
 def write_heads(directory: str, step: int, heads: dict[str, Tensor]) -> None:

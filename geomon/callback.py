@@ -189,6 +189,13 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         if self.media and trainer.is_global_zero:
             self.monitor.guard.run("the W&B dashboard", self._setup_dashboards, trainer.loggers)
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # here, once a resumed fit has its step back: the steps from there run again, and so do their sidecar rows
+        for directory in _media.logger_directories(trainer.loggers if trainer.is_global_zero else []):
+            for name in (_media.ALERTS_FILE, _media.HEADS_FILE):
+                self.monitor.guard.run(f"the sidecar {name}", _media.forget_from, f"{directory}/{name}",
+                                       trainer.global_step)  # fmt: skip
+
     def _setup_dashboards(self, loggers: list[Any]) -> None:
         settings = {**monitor_settings(self.monitor), "media": self.media, "on_alert": config_value(self.actions),
                     "action_level": self.action_level, "labels_fn": config_value(self.labels_fn),
@@ -206,7 +213,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             if type(logger).__name__ == "WandbLogger":
                 sinks.append(WandbSink(logger.experiment))
         for directory in _media.logger_directories(loggers):  # one file per directory, however many loggers share it
-            sinks.append(CsvSink(f"{directory}/geomon_alerts.csv"))
+            sinks.append(CsvSink(f"{directory}/{_media.ALERTS_FILE}"))
         act = {"kinds": ("fired",), "min_level": self.action_level}
         for action in self.actions:
             if action == "stop":

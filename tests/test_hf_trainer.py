@@ -311,3 +311,36 @@ def test_a_wandb_run_the_trainer_does_not_report_to_gets_nothing_from_geomon(tmp
     assert not [key for row in history for key in row if key.startswith(("geomon", "train/"))], history
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     assert "geomon" not in config(run_file)
+
+
+def test_a_resumed_run_writes_each_alert_once(tmp_path):
+    """The alerts file lives in the output directory: a run resumed from a checkpoint there runs the later steps
+    again, and their events must replace the first run's, not follow them."""
+    import csv
+
+    def callback():
+        return GeomonTrainerCallback(every_n_steps=2, alerts=[FromStep(3)], neural_collapse=False, strict=True)
+
+    _trainer(tmp_path, callback(), steps=6, save_steps=2).train()  # events at 4 and 6, checkpoints at 2, 4, 6
+    first = (tmp_path / "geomon_alerts.csv").read_text()
+    resumed = _trainer(tmp_path, callback(), steps=6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    with open(tmp_path / "geomon_alerts.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["step"], row["kind"]) for row in rows] == [("4", "fired"), ("6", "fired")], first
+
+
+class FromStep:
+    """Fires at every evaluation from ``step`` on (no episodes: one event per evaluation)."""
+
+    name = "from_step"
+
+    def __init__(self, step):
+        self.step = step
+
+    def evaluate(self, step, scalars, heads=None):
+        from geomon.alerts import AlertEvent
+
+        if step < self.step:
+            return []
+        return [AlertEvent(rule=self.name, key="k", step=step, kind="fired", level="WARN", title="t", text="x")]

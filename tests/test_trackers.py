@@ -185,3 +185,27 @@ def test_loggers_sharing_a_directory_get_each_sidecar_row_once(tmp_path):
     with open(f"{csv_logger.log_dir}/geomon_alerts.csv") as handle:
         alerts = [tuple(row.values()) for row in csv.DictReader(handle)]
     assert len(alerts) == 2 and len(set(alerts)) == 2  # steps 0 and 2, once each
+
+
+def test_a_fit_resumed_into_its_own_directory_writes_each_sidecar_row_once(tmp_path):
+    """Resumed twice from the checkpoint of step 2 into the same version directory (a crash after step 4): the rows of
+    steps 2 and 4 are written again by each resume, and must replace the earlier ones."""
+
+    def fit(steps, ckpt=None):
+        torch.manual_seed(0)
+        logger = lightning.loggers.CSVLogger(tmp_path, name="run", version=0)
+        trainer = lightning.Trainer(
+            max_steps=steps, logger=logger, callbacks=[GeomonCallback(every_n_steps=2)], enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        )  # fmt: skip
+        trainer.fit(_module_class(lightning)(), _loader(), ckpt_path=ckpt)
+        return trainer, logger.log_dir
+
+    trainer, directory = fit(2)
+    trainer.save_checkpoint(tmp_path / "step2.ckpt")
+    for _ in range(2):
+        fit(5, str(tmp_path / "step2.ckpt"))
+    with open(f"{directory}/geomon_heads.csv") as handle:
+        rows = [(row["step"], row["key"], row["head"]) for row in csv.DictReader(handle)]
+    assert {step for step, _, _ in rows} == {"0", "2", "4"}
+    assert len(rows) == len(set(rows))

@@ -35,6 +35,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from geomon import _media
+from geomon._media import ALERTS_FILE
 from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink, WandbSink
 from geomon.functional._dispatch import Backend
 from geomon.integrations.wandb_dashboard import WandbDashboard, config_value, monitor_settings
@@ -200,6 +202,9 @@ class GeomonTrainerCallback(TrainerCallback):
         self.monitor.attach(model)
         if self.labels_fn is default_labels and self.monitor.head is not None:
             self.label_kind = self.monitor.guard.run("the model's kind", label_kind, model, self.monitor.head)
+        if state.is_world_process_zero and args.output_dir:  # steps after the checkpoint run again: their rows too
+            self.monitor.guard.run("the alerts file", _media.forget_from,
+                                   os.path.join(args.output_dir, ALERTS_FILE), state.global_step + 1)  # fmt: skip
         self.monitor.alert_engine.sinks = self._sinks(args, state)
         self._dashboard = None
         if state.is_world_process_zero:
@@ -255,7 +260,7 @@ class GeomonTrainerCallback(TrainerCallback):
             if run is not None:
                 sinks.append(WandbSink(run))
             if args.output_dir:
-                sinks.append(CsvSink(os.path.join(args.output_dir, "geomon_alerts.csv")))
+                sinks.append(CsvSink(os.path.join(args.output_dir, ALERTS_FILE)))
         act = {"kinds": ("fired",), "min_level": self.action_level}
         for action in self.actions:
             if action == "stop":
