@@ -30,11 +30,29 @@ ALERTS_FILE = "geomon_alerts.csv"
 ENTROPY_NORMALIZED = keys.prefix(keys.ENTROPY_NORMALIZED)
 
 
+#: The Lightning loggers geomon writes files and media for, by class name (both import namespaces define them).
+KNOWN_LOGGERS = ("WandbLogger", "TensorBoardLogger", "CSVLogger")
+
+
+def logger_kind(logger: Any) -> str | None:
+    """Which of :data:`KNOWN_LOGGERS` ``logger`` is, its own class or a base (a subclass of ``WandbLogger`` is
+    one), else ``None``.
+
+    Example:
+        >>> class Base: ...
+        >>> WandbLogger = type("WandbLogger", (Base,), {})
+        >>> logger_kind(type("MyLogger", (WandbLogger,), {})()), logger_kind(Base())
+        ('WandbLogger', None)
+    """
+    return next((c.__name__ for c in type(logger).__mro__ if c.__name__ in KNOWN_LOGGERS), None)
+
+
 def logger_directory(logger: Any) -> str | None:
     """Where a Lightning logger writes its files (W&B: the run's ``files`` directory), or ``None``."""
-    if type(logger).__name__ == "WandbLogger":
+    kind = logger_kind(logger)
+    if kind == "WandbLogger":
         return getattr(logger.experiment, "dir", None)
-    if type(logger).__name__ in ("CSVLogger", "TensorBoardLogger"):
+    if kind in ("CSVLogger", "TensorBoardLogger"):
         return logger.log_dir
     return None
 
@@ -84,7 +102,7 @@ def write_heads(directory: str, step: int, heads: dict[str, Tensor]) -> None:
 
 def takes_images(logger: Any) -> bool:
     """Whether geomon hands this Lightning logger images (W&B and TensorBoard do)."""
-    return type(logger).__name__ in ("WandbLogger", "TensorBoardLogger")
+    return logger_kind(logger) in ("WandbLogger", "TensorBoardLogger")
 
 
 def heatmap_figure(heads: dict[str, Tensor], step: int) -> Any:
@@ -144,7 +162,7 @@ def log_media(loggers: list[Any], step: int, heads: dict[str, Tensor], spectra: 
         write_heads(directory, step, heads)
     images = _images(heads, spectra, step) if any(takes_images(logger) for logger in loggers) else {}
     for logger in loggers:
-        kind = type(logger).__name__
+        kind = logger_kind(logger)
         if kind == "WandbLogger" and images:
             import wandb
 

@@ -201,7 +201,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
                     "action_level": self.action_level, "labels_fn": config_value(self.labels_fn),
                     "label_kind": self.label_kind}  # fmt: skip
         for logger in loggers:
-            if type(logger).__name__ == "WandbLogger":
+            if _media.logger_kind(logger) == "WandbLogger":
                 dashboard = WandbDashboard(logger.experiment, step_metric=LIGHTNING_STEP, head=self.monitor.head)
                 dashboard.setup(settings, [] if self.monitor.plan is None else self.monitor.plan.keys())
                 self._dashboards.append(dashboard)
@@ -210,7 +210,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         sinks: list[Sink] = [LoggingSink()]
         loggers = trainer.loggers if trainer.is_global_zero else []
         for logger in loggers:
-            if type(logger).__name__ == "WandbLogger":
+            if _media.logger_kind(logger) == "WandbLogger":
                 sinks.append(WandbSink(logger.experiment))
         for directory in _media.logger_directories(loggers):  # one file per directory, however many loggers share it
             sinks.append(CsvSink(f"{directory}/{_media.ALERTS_FILE}"))

@@ -209,3 +209,18 @@ def test_a_fit_resumed_into_its_own_directory_writes_each_sidecar_row_once(tmp_p
         rows = [(row["step"], row["key"], row["head"]) for row in csv.DictReader(handle)]
     assert {step for step, _, _ in rows} == {"0", "2", "4"}
     assert len(rows) == len(set(rows))
+
+
+def test_a_subclass_of_a_known_logger_gets_its_sidecars_and_media(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class TeamLogger(lightning.loggers.TensorBoardLogger):
+        """A logger of one's own on top of TensorBoard's."""
+
+    logger = TeamLogger(tmp_path, name="run")
+    _fit(logger)
+    assert (tmp_path / "run" / "version_0" / "geomon_heads.csv").is_file()
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
+    events.Reload()
+    assert any(tag.startswith("geomon/media/heads/") for tag in events.Tags()["histograms"])

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from geomon import keys
+from geomon._media import logger_kind
 from geomon._tiny_gpt import CharTokenizer, TinyGPT, load_corpus, random_batch
 
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print_summary(values, measured)
     print("\nwhere to look:")
     for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
+        if logger_kind(logger) == "WandbLogger":
             run_dir = Path(logger.experiment.dir).parent
             logger.experiment.finish()
             print(f"  {'W&B (offline)':<18} {run_dir}  (wandb sync {run_dir} uploads it)")
