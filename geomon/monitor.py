@@ -284,6 +284,9 @@ class Monitor:
             raise RuntimeError("Monitor.observe() before attach(model)")
         if not isinstance(name, str) or not name:
             raise TypeError(f"Monitor.observe needs a non-empty name (str), got {name!r}")
+        if "/" in name:
+            raise ValueError(f"Monitor.observe: name {name!r} holds '/', which separates the parts of geomon's keys "
+                             f"(geomon/<family>/<name>); use '.' instead, e.g. {name.replace('/', '.')!r}")  # fmt: skip
         if not isinstance(tensor, Tensor) or tensor.ndim < 1 or tensor.shape[-1] < 1:
             what = f"shape {tuple(tensor.shape)}" if isinstance(tensor, Tensor) else type(tensor).__name__
             raise TypeError(f"Monitor.observe({name!r}, ...) needs a tensor of embeddings [..., D] with D >= 1, got "

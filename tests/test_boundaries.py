@@ -77,6 +77,12 @@ def test_observe_refuses_what_holds_no_rows(tensor, shown):
     assert shown in str(caught.value)
 
 
+def test_observe_refuses_a_name_that_would_break_the_keys():
+    _, monitor = _attached()
+    with pytest.raises(ValueError, match=r"'proj/out' holds '/'.*'proj\.out'"):
+        monitor.observe("proj/out", torch.randn(4, 3))
+
+
 def test_compute_on_a_meta_model_warns_instead_of_raising():
     with torch.device("meta"):
         model = TinyGPT(vocab_size=11, d_model=16, n_layer=1, n_head=2, context=8)
