@@ -11,6 +11,7 @@ import pytorch_lightning  # noqa: E402
 
 from geomon._tiny_gpt import TinyGPT  # noqa: E402
 from geomon.callback import GeomonCallback  # noqa: E402
+from tests.firing_rule import FiresFrom  # noqa: E402
 
 SDPA = F.scaled_dot_product_attention
 
@@ -150,27 +151,11 @@ def test_hooks_are_gone_after_an_exception_inside_training(tmp_path):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
 
 
-class _FiresFromStep:
-    """A rule that fires (WARN) at every evaluation from ``step`` on."""
-
-    name = "fires"
-
-    def __init__(self, step):
-        self.step = step
-
-    def evaluate(self, step, scalars, heads=None):
-        if step < self.step:
-            return []
-        from geomon.alerts import AlertEvent
-
-        return [AlertEvent(rule=self.name, key="x", step=step, kind="fired", level="WARN", title="t", text="x")]
-
-
 def test_a_stop_under_gradient_accumulation_lands_between_optimizer_steps(tmp_path):
     """The alert of measured step 1 stops the fit after that step's optimizer step: every micro-batch that ran was
     stepped (stopping inside the accumulation left a micro-batch whose gradients were never applied)."""
     batches = []
-    callback = GeomonCallback(every_n_steps=1, alerts=[_FiresFromStep(1)], on_alert="stop", head=None)
+    callback = GeomonCallback(every_n_steps=1, alerts=[FiresFrom(1)], on_alert="stop", head=None)
     callback.monitor.compute = _counting(callback.monitor.compute, batches, "compute")
     torch.manual_seed(0)
     module = _module_class(lightning)()

@@ -16,6 +16,7 @@ pytest.importorskip("accelerate")  # the Trainer needs it
 
 from geomon.alerts import Threshold  # noqa: E402
 from geomon.integrations.huggingface import STATE_FILE, GeomonTrainerCallback  # noqa: E402
+from tests.firing_rule import FiresFrom  # noqa: E402
 from tests.reference import ref_rankme  # noqa: E402
 
 VOCAB, CONTEXT, BATCH, WIDTH = 50, 16, 8, 32  # one micro-batch = 128 rows = 4 x WIDTH: one full RankMe window
@@ -319,7 +320,7 @@ def test_a_resumed_run_writes_each_alert_once(tmp_path):
     import csv
 
     def callback():
-        return GeomonTrainerCallback(every_n_steps=2, alerts=[FromStep(3)], neural_collapse=False, strict=True)
+        return GeomonTrainerCallback(every_n_steps=2, alerts=[FiresFrom(3)], neural_collapse=False, strict=True)
 
     _trainer(tmp_path, callback(), steps=6, save_steps=2).train()  # events at 4 and 6, checkpoints at 2, 4, 6
     first = (tmp_path / "geomon_alerts.csv").read_text()
@@ -328,19 +329,3 @@ def test_a_resumed_run_writes_each_alert_once(tmp_path):
     with open(tmp_path / "geomon_alerts.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["step"], row["kind"]) for row in rows] == [("4", "fired"), ("6", "fired")], first
-
-
-class FromStep:
-    """Fires at every evaluation from ``step`` on (no episodes: one event per evaluation)."""
-
-    name = "from_step"
-
-    def __init__(self, step):
-        self.step = step
-
-    def evaluate(self, step, scalars, heads=None):
-        from geomon.alerts import AlertEvent
-
-        if step < self.step:
-            return []
-        return [AlertEvent(rule=self.name, key="k", step=step, kind="fired", level="WARN", title="t", text="x")]

@@ -161,20 +161,14 @@ def test_mlflow_local_file_store_holds_the_values(tmp_path, monkeypatch):
 def test_loggers_sharing_a_directory_get_each_sidecar_row_once(tmp_path):
     """A CSV and a TensorBoard logger given one version directory (the layout `geomon report` reads) share its
     sidecars: every per-head value and every alert event is written once, not once per logger."""
-    from geomon.alerts import AlertEvent
-
-    class Fires:
-        name = "fires"
-
-        def evaluate(self, step, scalars, heads=None):
-            return [AlertEvent(rule="fires", key="x", step=step, kind="fired", level="WARN", title="t", text="x")]
+    from tests.firing_rule import FiresFrom
 
     csv_logger = lightning.loggers.CSVLogger(tmp_path, name="run", version=0)
     tb_logger = lightning.loggers.TensorBoardLogger(tmp_path, name="run", version=0)
     assert csv_logger.log_dir == tb_logger.log_dir
     torch.manual_seed(0)
     trainer = lightning.Trainer(
-        max_steps=3, logger=[csv_logger, tb_logger], callbacks=[GeomonCallback(every_n_steps=2, alerts=[Fires()])],
+        max_steps=3, logger=[csv_logger, tb_logger], callbacks=[GeomonCallback(every_n_steps=2, alerts=[FiresFrom()])],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
     )  # fmt: skip
     trainer.fit(_module_class(lightning)(), _loader())
