@@ -261,6 +261,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             self._compute(trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._disarm()  # a batch whose end never came (the module's on_train_batch_start returned -1)
         if self._to_compute:  # an epoch that ended without the measured step's optimizer step
             self._compute(trainer)
 

@@ -229,3 +229,29 @@ def test_a_checkpoint_under_another_state_key_still_restores_its_state(tmp_path,
                                 enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
     resumed.fit(_module_class(lightning)(), _loader(), ckpt_path=str(ckpt))
     assert len(restored) == 1 and restored[0]["plan"]["embedding:model.ln_f"]["state"]["rankme"]["n"] == rows
+
+
+def test_an_epoch_cut_short_by_the_module_leaves_no_hook_and_still_computes(tmp_path):
+    """``on_train_batch_start`` returning -1 skips the rest of the epoch: the measured batch never ends, so the
+    epoch's end takes the capture down and computes the step it measured."""
+    from torch.nn.modules import module as module_hooks
+
+    callback = GeomonCallback(every_n_steps=1, head=None, strict=True)
+    armed_at_compute = []
+    compute = callback.monitor.compute
+
+    def spy(*args, **kwargs):
+        armed_at_compute.append(bool(module_hooks._global_forward_pre_hooks))
+        return compute(*args, **kwargs)
+
+    callback.monitor.compute = spy
+    module = _module_class(lightning)()
+    module.on_train_batch_start = lambda batch, batch_idx: -1 if batch_idx == 2 else None
+    trainer = lightning.Trainer(max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    trainer.fit(module, _loader())
+    assert trainer.global_step == 2
+    assert armed_at_compute == [False, False, False]  # steps 0, 1 and the cut step 2, each computed unhooked
+    assert not module_hooks._global_forward_pre_hooks and not module_hooks._global_forward_hooks
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+    assert "geomon/attention/entropy/model.blocks.0.attn" in trainer.callback_metrics
