@@ -3,9 +3,9 @@
 ``geomon demo`` (or ``python -m geomon.tools.demo``; ``make demo``) trains a small character GPT on Python's own
 documentation text with Lightning and :class:`geomon.GeomonCallback`, every probe on: attention entropy, normalised
 entropy and max logit per layer (per head as media), RankMe / alpha-ReQ and neural collapse of the features entering
-the output head, σ(W) and stable rank of every attention projection. Values go to a CSV log and, when installed,
-TensorBoard and an offline W&B run under ``--out``; the run ends with a per-layer table and, when the ``report``
-module is available, an HTML report.
+the output head, σ(W) and stable rank of the attention qkv projections and the head. Values go to a CSV log and,
+when installed, TensorBoard and an offline W&B run under ``--out``; the run ends with a per-layer table and, when
+the ``report`` module is available, an HTML report.
 """
 
 from __future__ import annotations
