@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+from geomon import keys
 from geomon.tools.report.heatmap import head_heatmap, heatmap_steps
 from geomon.tools.report.keys import ALPHA, BOUND, ENTROPY, MAX_LOGIT, NC, NORMALIZED, RANKME, RANKME_COV, SIGMA
 from geomon.tools.report.plots import (
@@ -34,10 +35,12 @@ class FigurePlan:
 
 def plan_figures(run: RunData, steps: Sequence[int] | None = None) -> list[FigurePlan]:
     """The figures ``run`` has data for, in report order; ``steps`` picks the head-heatmap steps."""
-    alerts = run.alert_steps()
+    # each figure shows the alerts about what it draws (an alert whose subject is unknown: every figure)
+    attention, spectral = keys.prefix("attention"), keys.prefix("spectral")
     plans = []
     for prefix, name, title, ylabel, caption in _ATTENTION_FIGURES:
         if run.names(prefix):
+            alerts = run.alert_steps((attention,))
             draw = partial(attention_figure, run, prefix, title, ylabel, run.names(prefix), alerts)
             plans.append(FigurePlan(name, title, caption, draw))
     chosen = heatmap_steps(run, steps)
@@ -47,22 +50,20 @@ def plan_figures(run: RunData, steps: Sequence[int] | None = None) -> list[Figur
             FigurePlan("head_entropy_heatmap.png", title, _HEATMAP_CAPTION, partial(head_heatmap, run, chosen))
         )
     for probe in sorted({*run.names(RANKME), *run.names(RANKME_COV), *run.names(ALPHA)}):
-        draw = partial(rank_figure, run, probe, alerts)
+        draw = partial(rank_figure, run, probe, run.alert_steps((RANKME, RANKME_COV, ALPHA)))
         source = _COV_SOURCE if phase_source(run, probe) == RANKME_COV else _UNCENTRED_SOURCE
         title = f"RankMe and alpha-ReQ of {probe}"
         plans.append(FigurePlan(f"rankme_alpha_{slug(probe)}.png", title, _RANK_CAPTION + " " + source, draw))
     if run.names(NC):
-        plans.append(
-            FigurePlan(
-                "neural_collapse.png", "Neural-collapse statistics", _NC_CAPTION, partial(nc_figure, run, alerts)
-            )
-        )
+        draw = partial(nc_figure, run, run.alert_steps((NC,)))
+        plans.append(FigurePlan("neural_collapse.png", "Neural-collapse statistics", _NC_CAPTION, draw))
     if run.names(SIGMA):
-        draw = partial(sigma_figure, run, alerts)
+        draw = partial(sigma_figure, run, run.alert_steps((spectral,)))
         plans.append(FigurePlan("spectral_sigma.png", "Spectral norms of the weights", _SIGMA_CAPTION, draw))
     if run.names(BOUND):
         title = "Attention entropy against its spectral lower bound"
-        plans.append(FigurePlan("entropy_bound.png", title, _BOUND_CAPTION, partial(bound_figure, run, alerts)))
+        draw = partial(bound_figure, run, run.alert_steps((spectral, attention)))
+        plans.append(FigurePlan("entropy_bound.png", title, _BOUND_CAPTION, draw))
     return plans
 
 

@@ -1,7 +1,7 @@
 """Drawing: matplotlib's object API on an Agg canvas (no display, no global pyplot state).
 
 Time-series figures put one line per module coloured by depth (viridis, shallow = dark; a colour bar instead of
-legend entries past 12 layers) and every alert step as a red dashed vertical line.
+legend entries past 12 layers) and the steps of the alerts about what the figure draws as red dashed vertical lines.
 """
 
 from __future__ import annotations

@@ -101,9 +101,34 @@ class RunData:
                     found.add(Alert(step, rule, text=f"{rule}: alert count {before:g} -> {after:g}"))
         return sorted(found)
 
-    def alert_steps(self) -> list[int]:
-        """The distinct steps with an alert."""
-        return sorted({alert.step for alert in self.alerts()})
+    def alert_steps(self, families: tuple[str, ...] | None = None) -> list[int]:
+        """The distinct steps with an alert; with ``families`` (key prefixes), only the alerts about them: an
+        alert's key says what it is about, or, for an alert read off a count (no key), its rule
+        (:data:`RULE_FAMILIES`); an alert about nothing known is about every figure."""
+        return sorted({alert.step for alert in self.alerts() if families is None or about(alert, families)})
+
+
+#: What the default rules watch, for alerts known only by their rule's name (``geomon/alerts/<rule>`` counts).
+RULE_FAMILIES = {
+    "entropy_collapse": (keys.prefix("attention"),),
+    "max_logit": (keys.prefix("attention"),),
+    "rank_collapse": (keys.prefix(keys.RANKME), keys.prefix(keys.RANKME_COV), keys.prefix(keys.ALPHA_REQ)),
+}
+
+
+def about(alert: Alert, families: tuple[str, ...]) -> bool:
+    """Whether ``alert`` concerns a key of one of ``families`` (key prefixes).
+
+    Example:
+        >>> about(Alert(4, "entropy_collapse", "geomon/attention/entropy/b.0"), ("geomon/rankme/",))
+        False
+        >>> about(Alert(6, "max_logit"), ("geomon/attention/max_logit/",)), about(Alert(6, "mine"), ("geomon/nc/",))
+        (True, True)
+    """
+    if keys.is_geomon(alert.key):
+        return alert.key.startswith(families)
+    watched = RULE_FAMILIES.get(alert.rule)
+    return watched is None or any(f.startswith(w) or w.startswith(f) for f in families for w in watched)
 
 
 def count_rises(steps: list[int], counts: list[float]) -> list[tuple[int, float, float]]:
