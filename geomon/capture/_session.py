@@ -369,6 +369,11 @@ def _sdpa_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
 
 def _report_sdpa(session: Session, name: str, args: tuple, kwargs: dict) -> None:
     q, k, mask, is_causal, scale = _sdpa_arguments(args, kwargs)
+    if q.ndim != 4 or k.ndim != 4:  # SDPA takes any batch dimensions; which of them are heads, the call cannot say
+        session.warn_once(f"layout:{name}", f"geomon: attention of {name!r} is not reported: it calls "
+                          f"scaled_dot_product_attention with a {q.ndim}-D query {tuple(q.shape)}, and geomon reads "
+                          "[batch, heads, queries, head_dim] (4-D) calls only")  # fmt: skip
+        return
     context = session.sdpa_context[-1] if session.sdpa_context else None
     if context is not None and context.name == name:
         _report_in_context(session, context, q, k, mask, is_causal, scale)

@@ -132,3 +132,32 @@ def test_calls_outside_the_watched_model_are_ignored_and_kwargs_are_read():
     with capture_sdpa(wrapper, seen.append):
         wrapper(q)
     assert len(seen) == 1 and seen[0].module == "" and seen[0].scale == 0.5 and torch.equal(seen[0].attn_mask, mask)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 8), (2, 3, 2, 5, 8)], ids=["3-D", "5-D"])
+def test_a_call_that_is_not_four_dimensional_is_named_once_and_not_reported(shape):
+    """SDPA takes any batch dimensions (SAM's windows, Hiera's units, [B*H, N, D]); which of them are heads the call
+    does not say, so such a call is left out with one warning that names the layout, not a probe failure."""
+    import warnings
+
+    from geomon import Monitor
+
+    class Windowed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            q = self.proj(x)
+            return F.scaled_dot_product_attention(q, q, q)
+
+    model = torch.nn.Sequential(Windowed())
+    monitor = Monitor(every_n_steps=1, head=None, strict=True).attach(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2):
+            with torch.no_grad(), monitor.step(step):
+                model(torch.randn(*shape))
+            assert not [key for key in monitor.compute() if key.startswith("geomon/attention/")]
+    said = [str(w.message) for w in caught if "is not reported" in str(w.message)]
+    assert len(said) == 1 and f"{len(shape)}-D query" in said[0] and "[batch, heads, queries, head_dim]" in said[0]
