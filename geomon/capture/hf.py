@@ -53,6 +53,8 @@ _UNMODELLED = {"softcap": "logit soft-capping", "s_aux": "attention sinks", "sin
 #: keyword arguments the eager functions add to the scores before the softmax (T5-style relative position biases)
 _ADDITIVE = ("position_bias",)
 _REORDER = "_upcast_and_reordered_attn"
+#: attributes of differential attention (DiffLlama): its output mixes two softmax heads, λ-weighted
+_DIFFERENTIAL = ("lambda_init", "lambda_q1", "lambda_k1")
 
 
 @functools.cache
@@ -305,6 +307,11 @@ def _report(
     elif layout.unplaced is not None:
         session.warn_once(f"unplaced:{name}", f"geomon: attention of {name!r} is not reported: {layout.unplaced}")
     else:
+        if all(hasattr(module, a) for a in _DIFFERENTIAL):
+            session.warn_once(f"differential:{name}", f"geomon: {name!r} is differential attention ((softmax_1 - "
+                              "λ·softmax_2)·V, head h paired with head h + H/2): its entropy and max logit are those "
+                              "of each component softmax head; the difference is not a distribution and has no "
+                              "entropy")  # fmt: skip
         found = lambda: _found(module, query, key, call, registry, layout)  # noqa: E731
         session.guarded(name, lambda: session.report_found(name, found()))
 

@@ -57,3 +57,30 @@ def test_entropy_from_captured_qk_equals_entropy_of_the_eager_attention_weights(
     for (module, metric), weights in zip(metrics.items(), eager.attentions, strict=True):
         expected = -(torch.special.xlogy(weights, weights)).sum(-1).mean()
         assert float(metric.compute()["entropy"]) == pytest.approx(float(expected), rel=1e-5), module
+
+
+def test_differential_attention_is_measured_per_component_head_and_said_so():
+    """DiffLlama mixes two softmax heads as (softmax_1 - λ·softmax_2)·V: geomon measures each component softmax
+    (the model's own returned weights) and says once, per layer, that the difference itself has no entropy."""
+    import warnings
+
+    from geomon import Monitor
+
+    config = transformers.DiffLlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=64, vocab_size=50)  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.DiffLlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    monitor = Monitor(every_n_steps=1, head=None, query_rows=None, strict=True).attach(model)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        with monitor.step(0):
+            weights = model(ids, output_attentions=True).attentions[0]
+        monitor.compute()
+    said = [str(w.message) for w in caught if "differential attention" in str(w.message)]
+    assert len(said) == 1, said
+    p = weights.double()
+    want = -(p * torch.log(p.clamp_min(1e-300))).sum(-1).mean((0, 2))  # per head over batch and rows
+    got = monitor.details["geomon/attention/entropy/model.layers.0.self_attn"]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
