@@ -202,7 +202,10 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
                     "label_kind": self.label_kind}  # fmt: skip
         for logger in loggers:
             if _media.logger_kind(logger) == "WandbLogger":
-                dashboard = WandbDashboard(logger.experiment, step_metric=LIGHTNING_STEP, head=self.monitor.head)
+                prefix = getattr(logger, "_prefix", "") or ""  # WandbLogger(prefix="p") logs p-<key>
+                joined = prefix + getattr(logger, "LOGGER_JOIN_CHAR", "-") if prefix else ""
+                dashboard = WandbDashboard(logger.experiment, step_metric=LIGHTNING_STEP, head=self.monitor.head,
+                                           prefix=joined)  # fmt: skip
                 dashboard.setup(settings, [] if self.monitor.plan is None else self.monitor.plan.keys())
                 self._dashboards.append(dashboard)
 

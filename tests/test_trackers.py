@@ -55,11 +55,11 @@ def test_tensorboard_event_files_hold_the_values(tmp_path):
     assert [event.step for event in events.Scalars(KEY)] == [0, 2, 4]
 
 
-def _wandb_run(tmp_path, monkeypatch, callback, steps=5):
+def _wandb_run(tmp_path, monkeypatch, callback, steps=5, prefix=""):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    logger = lightning.loggers.WandbLogger(project="geomon-test", save_dir=str(tmp_path), offline=True)
+    logger = lightning.loggers.WandbLogger(project="geomon-test", save_dir=str(tmp_path), offline=True, prefix=prefix)
     torch.manual_seed(0)
     trainer = lightning.Trainer(
         max_steps=steps, logger=logger, callbacks=[callback], enable_checkpointing=False,
@@ -218,3 +218,21 @@ def test_a_subclass_of_a_known_logger_gets_its_sidecars_and_media(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
     events.Reload()
     assert any(tag.startswith("geomon/media/heads/") for tag in events.Tags()["histograms"])
+
+
+def test_a_prefixed_wandb_logger_gets_the_summaries_of_its_prefixed_keys(tmp_path, monkeypatch):
+    """``WandbLogger(prefix="exp")`` logs ``exp-geomon/...``: the worst-value summaries are defined for those names
+    (the overview, which the dashboard logs itself, keeps its own)."""
+    pytest.importorskip("wandb")
+    from tests.wandb_records import history, summary
+
+    run_file, _ = _wandb_run(tmp_path, monkeypatch, GeomonCallback(every_n_steps=2, strict=True), prefix="exp")
+    key = "exp-geomon/attention/entropy_normalized/model.blocks.0.attn"
+    deadline = time.monotonic() + 30
+    while True:  # the service may still be flushing the file after finish() on a loaded machine
+        rows = [row for row in history(run_file) if key in row]
+        if len(rows) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(rows) == 3
+    assert summary(run_file)[key] == {"min": pytest.approx(min(row[key] for row in rows), rel=1e-6)}

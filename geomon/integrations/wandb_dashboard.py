@@ -162,10 +162,15 @@ class WandbDashboard:
         run: the ``wandb`` run (``WandbLogger.experiment``, ``wandb.run``).
         step_metric: the key holding the training step in the run's history (Lightning: ``trainer/global_step``).
         head: the output head's name (its input's RankMe, alpha-ReQ and NC1 go to the overview).
+        prefix: what the logger puts before each key it logs (Lightning's ``WandbLogger(prefix="p")`` logs
+            ``p-geomon/...``): the values' summaries are defined under those names; the overview and tables, which
+            the dashboard logs itself, have none.
     """
 
-    def __init__(self, run: Any, *, step_metric: str = LIGHTNING_STEP, head: str | None = None) -> None:
+    def __init__(self, run: Any, *, step_metric: str = LIGHTNING_STEP, head: str | None = None,
+                 prefix: str = "") -> None:  # fmt: skip
         self.run, self.step_metric, self.head = run, step_metric, head
+        self.prefix = prefix
         self.defined: set[str] = set()
         self.tables: dict[str, Any] = {}
         self.incremental = True
@@ -174,22 +179,25 @@ class WandbDashboard:
         """Put ``settings`` under ``geomon`` in the run config and define the keys known up front."""
         self.run.config.update({"geomon": dict(settings)}, allow_val_change=True)
         self.run.define_metric(self.step_metric)
-        self.define([*names, *(OVERVIEW_PREFIX + item.name for item in OVERVIEW)])
+        self.define(names)
+        self.define((OVERVIEW_PREFIX + item.name for item in OVERVIEW), own=True)
 
-    def define(self, names: Iterable[str]) -> None:
-        """Define the keys not defined yet: plotted against the step metric, summarised per :func:`summary_of`."""
+    def define(self, names: Iterable[str], *, own: bool = False) -> None:
+        """Define the keys not defined yet: plotted against the step metric, summarised per :func:`summary_of`;
+        ``own``: keys the dashboard logs itself (no logger prefix)."""
         for name in names:
-            if name in self.defined:
+            logged = name if own or not self.prefix else self.prefix + name
+            if logged in self.defined:
                 continue
-            self.defined.add(name)
+            self.defined.add(logged)
             summary = summary_of(name)
             options = {"summary": summary} if summary else {}
-            self.run.define_metric(escape(name), step_metric=self.step_metric, **options)
+            self.run.define_metric(escape(logged), step_metric=self.step_metric, **options)
 
     def log(self, step: int, values: Mapping[str, float], heads: Mapping[str, Tensor]) -> None:
         """Log the overview of this step's ``values`` and append its per-head values to the tables."""
         row: dict[str, Any] = overview(values, self.head)
-        self.define(row)
+        self.define(row, own=True)
         row.update(self._tables(step, heads))
         if row:
             self.run.log({**row, self.step_metric: step})
