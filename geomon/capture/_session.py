@@ -144,6 +144,7 @@ class Session:
         self.warned: set[str] = set()
         self.busy = False  # geomon's own computation is running: ignore module calls and SDPA calls
         self.padding = PaddingRule()
+        self.notes: dict[str, str] = {}  # modules by name whose values mean something particular: said once
         self.cross_hint: dict[str, bool | Tensor] = {}  # nn.MultiheadAttention by name: query and key not one sequence
         #: modules whose SDPA calls put extra keys first, by name: (cross-attention or not, how many extra keys)
         self.sdpa_layout: dict[str, tuple[bool | None, int]] = {}
@@ -176,6 +177,9 @@ class Session:
         :meth:`guarded`); the mask is passed on as it is, never copied. ``leading`` extra keys come before the
         tokens' own (key ``leading + j`` is token ``j``)."""
         self.reports += 1
+        note = self.notes.get(name)
+        if note is not None:
+            self.warn_once(f"note:{name}", f"geomon: {name!r} is {note}")
         if cross is None:
             cross = self.cross_hint.get(name)
         with torch.no_grad():

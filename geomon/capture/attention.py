@@ -148,6 +148,9 @@ def capture_attention(
         name = session.name_of(module)
         if layout is not None and name is not None:
             session.sdpa_layout[name] = layout
+        note = timm_vit.note_for(module) if name is not None else None
+        if note is not None:
+            session.notes[name] = note
         if kind is not None:
             session.expected[id(module)] = kind
         elif fallback is None and looks_like_attention(module):

@@ -156,6 +156,23 @@ _NOT_MODELLED = {
 }  # fmt: skip
 
 
+#: timm attention that is softmax attention, but not over tokens: what its values mean, said once when it is reported
+NOTES = {
+    ("timm.models.xcit", "XCA"): "cross-covariance attention (XCiT): its softmax runs over the head's channels, so "
+    "its rows and keys are the Dh channels, not tokens, and its entropy and max logit are those of that channel "
+    "attention (normalised entropy: over log Dh)",
+}  # fmt: skip
+
+
+def note_for(module: nn.Module) -> str | None:
+    """What :data:`NOTES` says of ``module``'s class, if anything."""
+    for (path, name), note in NOTES.items():
+        cls = _model_class(path, name)
+        if cls is not None and isinstance(module, cls):
+            return note
+    return None
+
+
 def _model_class(path: str, name: str) -> type | None:
     return getattr(sys.modules.get(path), name, None)
 

@@ -152,3 +152,39 @@ def test_convit_mhsa_is_measured_and_gpsa_is_named_once_not_measured():
     captured, captured_max, _ = rows_of(calls[0])
     assert_rows_close(captured, entropy)
     assert_rows_close(captured_max, max_logit)
+
+
+def test_xcit_channel_attention_is_measured_and_said_to_be_over_channels():
+    """XCiT's cross-covariance attention is a softmax over each head's channels (Dh x Dh), fused through SDPA: its
+    values equal a float64 recomputation of that channel softmax, and one warning per layer says what they are."""
+    import warnings
+
+    from geomon import Monitor
+
+    torch.manual_seed(0)
+    model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, img_size=64, depth=2).eval()
+    layer = model.blocks[0].attn
+    for module in model.modules():
+        if type(module).__name__ == "XCA":
+            module.fused_attn = True
+            module.temperature.data.uniform_(0.5, 3.0)  # not all ones: a per-head scale the reference must apply
+    inputs = {}
+    layer.register_forward_pre_hook(lambda module, args: inputs.setdefault("x", args[0].detach()))
+    monitor = Monitor(every_n_steps=1, head=None, query_rows=None, strict=True).attach(model)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        with monitor.step(0):
+            model(torch.randn(2, 3, 64, 64))
+        monitor.compute()
+    said = [str(w.message) for w in caught if "cross-covariance attention" in str(w.message)]
+    assert len(said) == 2 and "'blocks.0.attn'" in said[0] + said[1], said  # once per layer
+    x = inputs["x"].double()
+    b, n, c = x.shape
+    h = layer.num_heads
+    qkv = (x @ layer.qkv.weight.double().T + layer.qkv.bias.double()).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 4, 1)
+    q = F.normalize(qkv[0], dim=-1) * layer.temperature.double()
+    k = F.normalize(qkv[1], dim=-1)
+    p = torch.softmax(q @ k.transpose(-2, -1), dim=-1)  # [B, H, Dh, Dh]
+    want = -(p * p.log()).sum(-1).mean((0, 2))
+    got = monitor.details["geomon/attention/entropy/blocks.0.attn"].double()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
