@@ -69,9 +69,11 @@ def logger_directories(loggers: list[Any]) -> list[str]:
 
 
 def forget_from(path: str | os.PathLike[str], step: int) -> None:
-    """Drop the rows of the sidecar CSV ``path`` (a ``step`` column first) whose step is ``step`` or later: a run
-    starting (or resuming) there writes them again, and appending would leave each twice. Nothing to do when the
-    file does not exist; rows whose step is not a number are kept."""
+    """On a resume: move the rows of the sidecar CSV ``path`` (a ``step`` column first) whose step is ``step`` or
+    later out of it, into ``<name>.superseded.csv`` beside it: the resumed run writes those steps again, and
+    appending would leave each twice; the moved rows (the abandoned branch: a rollback's reason) stay readable.
+    Nothing to do when the file does not exist; rows whose step is not a number are kept. The file is replaced in
+    one step (a temporary file, then ``os.replace``), so a crash leaves the old one or the new one."""
     if not os.path.exists(path):
         return
     with open(path, newline="", encoding="utf-8") as handle:
@@ -79,11 +81,19 @@ def forget_from(path: str | os.PathLike[str], step: int) -> None:
     if not rows:
         return
     header, body = rows[0], rows[1:]
-    kept = [row for row in body if not (row and row[0].lstrip("-").isdigit() and int(row[0]) >= step)]
-    if len(kept) == len(body):
+    later = [row for row in body if row and row[0].lstrip("-").isdigit() and int(row[0]) >= step]
+    if not later:
         return
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    kept = [row for row in body if not (row and row[0].lstrip("-").isdigit() and int(row[0]) >= step)]
+    stem, ext = os.path.splitext(os.fspath(path))
+    moved = f"{stem}.superseded{ext}"
+    new = not os.path.exists(moved)
+    with open(moved, "a", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([header, *later] if new else later)
+    temporary = f"{os.fspath(path)}.tmp"
+    with open(temporary, "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows([header, *kept])
+    os.replace(temporary, path)
 
 
 def write_heads(directory: str, step: int, heads: dict[str, Tensor]) -> None:

@@ -191,6 +191,9 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # here, once a resumed fit has its step back: the steps from there run again, and so do their sidecar rows
+        # (a fresh fit into a directory that holds earlier rows, a second stage, keeps them)
+        if getattr(trainer, "ckpt_path", None) is None:
+            return
         for directory in _media.logger_directories(trainer.loggers if trainer.is_global_zero else []):
             for name in (_media.ALERTS_FILE, _media.HEADS_FILE):
                 self.monitor.guard.run(f"the sidecar {name}", _media.forget_from, f"{directory}/{name}",

@@ -329,3 +329,9 @@ def test_a_resumed_run_writes_each_alert_once(tmp_path):
     with open(tmp_path / "geomon_alerts.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["step"], row["kind"]) for row in rows] == [("4", "fired"), ("6", "fired")], first
+    with open(tmp_path / "geomon_alerts.superseded.csv", newline="") as handle:  # moved aside, not lost
+        assert [row["step"] for row in csv.DictReader(handle)] == ["4", "6"]
+    # a fresh run in the same output directory resumes nothing: it keeps the rows there and adds its own
+    _trainer(tmp_path, callback(), steps=4).train()
+    with open(tmp_path / "geomon_alerts.csv", newline="") as handle:
+        assert [row["step"] for row in csv.DictReader(handle)] == ["4", "6", "4"]

@@ -203,6 +203,27 @@ def test_a_fit_resumed_into_its_own_directory_writes_each_sidecar_row_once(tmp_p
         rows = [(row["step"], row["key"], row["head"]) for row in csv.DictReader(handle)]
     assert {step for step, _, _ in rows} == {"0", "2", "4"}
     assert len(rows) == len(set(rows))
+    with open(f"{directory}/geomon_heads.superseded.csv") as handle:  # the first resume's rows, moved, not lost
+        moved = [(row["step"], row["key"], row["head"]) for row in csv.DictReader(handle)]
+    assert {step for step, _, _ in moved} == {"2", "4"} and len(moved) == len(set(moved))
+
+
+def test_a_second_fresh_fit_into_the_same_directory_keeps_the_first_ones_rows(tmp_path):
+    """Two stages of training through one logger (two Trainers, no checkpoint): nothing is resumed, so the first
+    stage's sidecar rows stay, as its rows of metrics.csv do."""
+    logger = lightning.loggers.CSVLogger(tmp_path, name="run", version=0)
+    for _ in range(2):
+        torch.manual_seed(0)
+        trainer = lightning.Trainer(
+            max_steps=3, logger=logger, callbacks=[GeomonCallback(every_n_steps=2)], enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        )  # fmt: skip
+        trainer.fit(_module_class(lightning)(), _loader())
+    with open(f"{logger.log_dir}/geomon_heads.csv") as handle:
+        steps = [row["step"] for row in csv.DictReader(handle)]
+    per_stage = len(steps) // 2
+    assert per_stage and set(steps) == {"0", "2"}
+    assert steps[:per_stage] == steps[per_stage:]  # both stages' rows, in order
 
 
 def test_a_subclass_of_a_known_logger_gets_its_sidecars_and_media(tmp_path):

@@ -202,7 +202,8 @@ class GeomonTrainerCallback(TrainerCallback):
         self.monitor.attach(model)
         if self.labels_fn is default_labels and self.monitor.head is not None:
             self.label_kind = self.monitor.guard.run("the model's kind", label_kind, model, self.monitor.head)
-        if state.is_world_process_zero and args.output_dir:  # steps after the checkpoint run again: their rows too
+        if state.is_world_process_zero and args.output_dir and state.global_step > 0:  # resumed: the steps after
+            # the checkpoint run again, and so do their rows (a fresh run in the same output_dir keeps the old ones)
             self.monitor.guard.run("the alerts file", _media.forget_from,
                                    os.path.join(args.output_dir, ALERTS_FILE), state.global_step + 1)  # fmt: skip
         self.monitor.alert_engine.sinks = self._sinks(args, state)
