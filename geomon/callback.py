@@ -37,6 +37,7 @@ runs on every rank (it is a collective) and the values, identical on all ranks, 
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -323,17 +324,21 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return
-        mine = [key for key in states if isinstance(key, str) and key.split("{", 1)[0] == type(self).__qualname__]
-        if len(mine) != 1:
+        ours = type(self).__qualname__
+        peers = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, GeomonCallback)]
+        claimed = {cb.state_key for cb in peers}  # states another callback of this Trainer restores by its own key
+        mine = [key for key in states if isinstance(key, str) and key.split("{", 1)[0] == ours and key not in claimed]
+        unmatched = [cb for cb in peers if cb.state_key not in states]
+        if len(mine) != 1 or len(unmatched) > 1:
             if mine:
-                self.monitor.guard.warn_once("restore", f"geomon: the checkpoint holds {len(mine)} GeomonCallback "
-                                             f"states and none is this callback's ({self.state_key}); none is "
-                                             "restored")  # fmt: skip
+                self.monitor.guard.warn_once("restore", f"geomon: the checkpoint's GeomonCallback states {mine} and "
+                                             f"this Trainer's callbacks without a state of their own cannot be "
+                                             f"paired; {self.state_key} starts fresh")  # fmt: skip
             return
         if mine[0] != type(self).__qualname__:
             self.monitor.guard.warn_once("restore", f"geomon: restoring the state of a callback that watched other "
                                          f"things ({mine[0]}, this one is {self.state_key})")  # fmt: skip
-        self.load_state_dict(states[mine[0]])
+        self.load_state_dict(copy.deepcopy(states[mine[0]]))
 
     def state_dict(self) -> dict[str, Any]:
         return self.monitor.state_dict()

@@ -255,3 +255,26 @@ def test_an_epoch_cut_short_by_the_module_leaves_no_hook_and_still_computes(tmp_
     assert not module_hooks._global_forward_pre_hooks and not module_hooks._global_forward_hooks
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
     assert "geomon/attention/entropy/model.blocks.0.attn" in trainer.callback_metrics
+
+
+def test_a_state_another_callback_restores_by_its_key_is_not_taken_by_a_new_one(tmp_path):
+    """The checkpoint holds callback A's state; the resumed Trainer has A and a new callback C: A restores its own,
+    C (no state of its own in the checkpoint) starts fresh instead of taking A's."""
+
+    def watch_attention():
+        return GeomonCallback(every_n_steps=2, head=None, strict=True)
+
+    _, trainer = _fit(lightning, tmp_path / "a", [watch_attention()])
+    ckpt = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(ckpt)
+    a = watch_attention()
+    c = GeomonCallback(every_n_steps=2, attention=False, embedding_modules=["model.ln_f"], strict=True)
+    restored = {"a": [], "c": []}
+    for name, callback in (("a", a), ("c", c)):
+        original = callback.monitor.load_state_dict
+        callback.monitor.load_state_dict = lambda state, _o=original, _n=name: restored[_n].append(state) or _o(state)
+    resumed = lightning.Trainer(max_steps=7, callbacks=[a, c], logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    resumed.fit(_module_class(lightning)(), _loader(), ckpt_path=str(ckpt))
+    assert len(restored["a"]) == 1 and restored["c"] == []
+    assert not [pid for pid in c.monitor.plan.probes if pid.startswith("attention:")]  # nothing of A's came along
