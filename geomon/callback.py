@@ -292,14 +292,18 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             self.monitor.guard.run("media", _media.log_media, trainer.loggers, self._measured_step, monitor.details,
                           monitor.spectra)  # fmt: skip
 
-    def _disarm(self) -> None:
+    def _disarm(self, error: BaseException | None = None) -> None:
         armed, self._armed = self._armed, None
-        if armed is not None:
+        if armed is None:
+            return
+        if error is None:
             armed.__exit__(None, None, None)
+        else:  # the capture hears that its forward did not finish
+            armed.__exit__(type(error), error, error.__traceback__)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._to_compute = False
-        self._disarm()
+        self._disarm(exception)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._disarm()

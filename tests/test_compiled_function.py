@@ -74,3 +74,29 @@ def test_a_compiled_function_traced_before_the_first_measured_step_is_named_too(
     said = [message for message in said if "torch.compile" in message]
     assert len(said) == 1, said
     assert not [key for values in logged for key in values if key.startswith(("geomon/rankme", "geomon/nc/"))]
+
+
+def test_a_head_read_without_its_forward_is_named_and_attention_still_measured():
+    """A fused loss that reads the head's weight directly (a fused linear cross-entropy) never calls its forward:
+    the head's input is not measured, which is said once, while the attention measured on that step is logged and
+    not called unmeasured."""
+    model = TinyGPT(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, context=12)
+
+    def fused_loss(x, y):
+        h = model.tok(x) + model.pos(torch.arange(x.shape[1]))
+        for block in model.blocks:
+            h = block(h)
+        features = model.ln_f(h)
+        return torch.nn.functional.cross_entropy((features @ model.head.weight.T).flatten(0, 1), y.flatten())
+
+    monitor = Monitor(every_n_steps=1, strict=True).attach(model)
+    x, y = torch.randint(0, VOCAB, (4, 12)), torch.randint(0, VOCAB, (4, 12))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with monitor.step(0, labels=y):
+            fused_loss(x, y)
+        values = monitor.compute()
+    said = [str(w.message) for w in caught if issubclass(w.category, GeomonWarning)]
+    assert [m for m in said if "was not called through its forward" in m and "'head'" in m], said
+    assert not [m for m in said if "none of the watched modules" in m], said
+    assert "geomon/attention/entropy/blocks.0.attn" in values

@@ -38,7 +38,7 @@ class Step:
     labels: Tensor | None
     guard: Guard
     fill: bool = False
-    fired: bool = False  #: a probe's hook ran in this step's forward (set by the hooks)
+    ran: set[str | None] = field(default_factory=set)  #: the watched modules whose hooks ran ("": attention seen)
 
 
 @dataclass

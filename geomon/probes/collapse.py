@@ -78,7 +78,7 @@ class CollapseProbe(Probe):
     def arm(self, module: nn.Module, step: Step) -> list[RemovableHandle]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if inputs and isinstance(inputs[0], Tensor) and not in_backward():
-                step.fired = True
+                step.ran.add(self.module)
                 step.guard.run(f"neural collapse of {self.name!r}", self._on_head, module, inputs[0], step)
 
         return [module.register_forward_hook(hook, always_call=True)]

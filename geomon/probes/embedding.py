@@ -129,7 +129,7 @@ class EmbeddingProbe(Probe):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if in_backward():  # a checkpointed block's recomputation: seen once
                 return
-            step.fired = True
+            step.ran.add(self.module)
             found = inputs[0] if self.source == "input" and inputs else output
             tensor = embedding_tensor(found)
             if tensor is not None:

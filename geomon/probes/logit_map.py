@@ -361,7 +361,7 @@ class LogitMapProbe(Probe):
     def arm(self, module: nn.Module, step: Step) -> list[RemovableHandle]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if not in_backward():
-                step.fired = True
+                step.ran.add(self.module)
                 step.guard.run(f"logit-map input of {self.name!r}", self._record, module, args, kwargs)
 
         if isinstance(module, nn.MultiheadAttention):

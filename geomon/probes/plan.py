@@ -207,6 +207,7 @@ class Plan:
         self.probes: dict[str, Probe] = {}
         self.head: str | None = None
         self.dropped: set[str] = set()  # probes given up (ranks disagreed on their shape, over the memory budget)
+        self._step: Step | None = None  # the measured step being armed: attention calls mark it
         self.device = torch.device("cpu")
 
     def add(self, probe: Probe) -> Probe:
@@ -308,21 +309,39 @@ class Plan:
                 stack.enter_context(capture_attention(model, self._on_attention, strict=self.guard.strict,
                                                         warn=self.guard.warn_once))  # fmt: skip
             traced_since()
-            yield
+            self._step = step
+            try:
+                yield
+            except BaseException:
+                self._step = None
+                raise  # the forward failed: what ran or not says nothing
+            self._step = None
             if traced_since():
                 self.guard.warn_once("traced", TRACED)
-            elif hooked and not step.fired and only is None:
-                watched = ", ".join(sorted(set(hooked))[:6])
-                self.guard.warn_once("unfired", f"geomon: none of the watched modules ({watched}) ran during a "
-                                     "measured step: the model was not called inside Monitor.step(...), or it ran "
-                                     "inside a torch.compile'd function (where geomon's hooks do nothing); nothing "
-                                     "read during the forward was measured on that step")  # fmt: skip
+            elif only is None and hooked:
+                self._say_what_did_not_run(set(hooked), step.ran)
+
+    def _say_what_did_not_run(self, hooked: set[str], ran: set[str | None]) -> None:
+        """After a measured step: name, once, the watched modules whose hooks never ran in its forward."""
+        if not ran:
+            watched = ", ".join(sorted(hooked)[:6])
+            self.guard.warn_once("unfired", f"geomon: none of the watched modules ({watched}) ran and no attention "
+                                 "was seen during a measured step: the model was not called inside "
+                                 "Monitor.step(...), or it ran inside a torch.compile'd function (where geomon's hooks "
+                                 "do nothing); nothing read during the forward was measured on that step")  # fmt: skip
+        elif self.head in hooked and self.head not in ran:
+            self.guard.warn_once("head-unfired", f"geomon: the head {self.head!r} was not called through its forward "
+                                 "on a measured step (a fused loss that reads its weight directly, such as a fused "
+                                 "linear cross-entropy, or a head used on some steps only): its input's RankMe and "
+                                 "neural collapse are not measured there")  # fmt: skip
 
     def _missing(self, module: str, probe: Probe) -> None:
         self.guard.warn_once(f"missing:{module}", f"geomon: module {module!r} is no longer in the model (removed "
                              f"or renamed after attach): {probe.pid} is skipped")  # fmt: skip
 
     def _on_attention(self, call: AttentionCall) -> None:
+        if self._step is not None:
+            self._step.ran.add("")
         self.guard.run(f"attention probe of {call.module!r}", self.attention_call, call)
 
     # agreement and values ---------------------------------------------------------------------------------------
