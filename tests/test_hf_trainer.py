@@ -335,3 +335,22 @@ def test_a_resumed_run_writes_each_alert_once(tmp_path):
     _trainer(tmp_path, callback(), steps=4).train()
     with open(tmp_path / "geomon_alerts.csv", newline="") as handle:
         assert [row["step"] for row in csv.DictReader(handle)] == ["4", "6", "4"]
+
+
+def test_a_subclass_of_the_wandb_callback_counts_as_reporting_to_wandb(monkeypatch):
+    """W&B documents subclassing ``WandbCallback`` (e.g. to log predictions): such a Trainer reports to W&B."""
+    import sys
+    from types import SimpleNamespace
+
+    class WandbCallback:  # stands for transformers' class, matched by name through the bases
+        pass
+
+    class Predictions(WandbCallback):
+        pass
+
+    run = object()
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(run=run))
+    callback = GeomonTrainerCallback(every_n_steps=2)
+    for handler, want in (([Predictions()], run), ([object()], None)):
+        callback.trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=handler))
+        assert callback._reported_run() is want

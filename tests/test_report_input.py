@@ -158,3 +158,30 @@ def test_a_hugging_face_trainer_wandb_run_is_read_on_its_training_steps(tmp_path
     steps, values = data.series(key)
     assert list(steps) == list(STEPS)
     assert list(values) == pytest.approx([metrics_at(step)[key] for step in STEPS])
+
+
+def test_a_per_head_non_finite_alert_is_the_runs_own_and_drawn_on_every_figure(tmp_path):
+    """A per-head event names ``<key>/head<h>``, never a scalar key: the sidecar holding only such events is still
+    the run's own. And ``non_finite`` names the first offending key in name order (often ``alpha_req``) while a
+    diverged run is non-finite everywhere: its step is drawn on every figure, not on the RankMe figure alone."""
+    from geomon.tools.report.figures import plan_figures
+
+    write_metrics(tmp_path)
+    key = f"geomon/attention/entropy/{L0}/head2"
+    (tmp_path / "geomon_alerts.csv").write_text(
+        f"step,rule,key,kind,level,text\n2,non_finite,{key},fired,ERROR,a head went NaN\n"
+        "6,non_finite,geomon/alpha_req/ln_f,fired,ERROR,everything is NaN\n"
+    )
+    run = read_run(tmp_path)  # not refused as another run's sidecar
+    assert [(a.step, a.rule) for a in run.sidecar_alerts] == [(2, "non_finite"), (6, "non_finite")]
+    for plan in plan_figures(run):
+        if plan.name != "head_entropy_heatmap.png":
+            assert 6 in plan.draw.args[-1], plan.name  # the alert steps each figure draws
+
+
+def test_a_sidecar_of_per_head_events_only_is_the_runs_own(tmp_path):
+    write_metrics(tmp_path)
+    (tmp_path / "geomon_alerts.csv").write_text(
+        f"step,rule,key,kind,level,text\n2,non_finite,geomon/attention/entropy/{L0}/head2,fired,ERROR,NaN head\n"
+    )
+    assert [(a.step, a.key) for a in read_run(tmp_path).sidecar_alerts] == [(2, f"geomon/attention/entropy/{L0}/head2")]

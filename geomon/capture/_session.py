@@ -374,6 +374,7 @@ def _sdpa_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
 def _report_sdpa(session: Session, name: str, args: tuple, kwargs: dict) -> None:
     q, k, mask, is_causal, scale = _sdpa_arguments(args, kwargs)
     if q.ndim != 4 or k.ndim != 4:  # SDPA takes any batch dimensions; which of them are heads, the call cannot say
+        session.reports += 1  # seen and said: the module's exit must not call it unseen too
         session.warn_once(f"layout:{name}", f"geomon: attention of {name!r} is not reported: it calls "
                           f"scaled_dot_product_attention with a {q.ndim}-D query {tuple(q.shape)}, and geomon reads "
                           "[batch, heads, queries, head_dim] (4-D) calls only")  # fmt: skip

@@ -240,7 +240,7 @@ class GeomonTrainerCallback(TrainerCallback):
         opened beside a Trainer that does not report there gets neither the dashboard nor the alerts, as it gets
         none of the values."""
         callbacks = getattr(getattr(self.trainer, "callback_handler", None), "callbacks", ())
-        if not any(type(callback).__name__ == "WandbCallback" for callback in callbacks):
+        if not any(c.__name__ == "WandbCallback" for callback in callbacks for c in type(callback).__mro__):
             return None
         return getattr(sys.modules.get("wandb"), "run", None)
 

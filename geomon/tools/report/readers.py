@@ -25,6 +25,7 @@ import csv
 import io
 import math
 import os
+import re
 from pathlib import Path
 
 from geomon.tools.report.progress import track
@@ -57,7 +58,7 @@ def read_run(path: str | Path, *, progress: bool = False) -> RunData:
         _check_own(heads_file, {row[1] for row in data.heads}, data)
     if alerts_file is not None:
         data.sidecar_alerts, data.files = read_alerts(alerts_file), [*data.files, alerts_file]
-        _check_own(alerts_file, {alert.key for alert in data.sidecar_alerts if alert.key}, data)
+        _check_own(alerts_file, {value_key(alert.key) for alert in data.sidecar_alerts if alert.key}, data)
     return data
 
 
@@ -68,6 +69,16 @@ def sidecar(kind: str, data_file: Path, name: str) -> Path | None:
     folder = data_file.parent / "files" if kind == "wandb" else data_file.parent
     found = folder / name
     return found if found.is_file() else None
+
+
+def value_key(key: str) -> str:
+    """The logged key an alert's key is about: a per-head event names ``<key>/head<h>``, which is no scalar key.
+
+    Example:
+        >>> value_key("geomon/attention/entropy/blocks.0.attn/head3"), value_key("geomon/rankme/x")
+        ('geomon/attention/entropy/blocks.0.attn', 'geomon/rankme/x')
+    """
+    return re.sub(r"/head\d+$", "", key)
 
 
 def _check_own(file: Path, keys: set[str], data: RunData) -> None:

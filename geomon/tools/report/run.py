@@ -116,6 +116,11 @@ RULE_FAMILIES = {
 }
 
 
+#: Rules about the whole run, drawn on every figure whatever key their event names (``non_finite`` names the first
+#: offending key in name order, while a diverged run is non-finite everywhere).
+EVERY_FIGURE = frozenset({"non_finite"})
+
+
 def about(alert: Alert, families: tuple[str, ...]) -> bool:
     """Whether ``alert`` concerns a key of one of ``families`` (key prefixes).
 
@@ -124,7 +129,11 @@ def about(alert: Alert, families: tuple[str, ...]) -> bool:
         False
         >>> about(Alert(6, "max_logit"), ("geomon/attention/max_logit/",)), about(Alert(6, "mine"), ("geomon/nc/",))
         (True, True)
+        >>> about(Alert(9, "non_finite", "geomon/alpha_req/head.input"), ("geomon/attention/",))
+        True
     """
+    if alert.rule in EVERY_FIGURE:
+        return True
     if keys.is_geomon(alert.key):
         return alert.key.startswith(families)
     watched = RULE_FAMILIES.get(alert.rule)
