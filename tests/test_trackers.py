@@ -14,13 +14,14 @@ from tests.test_callback import _loader, _module_class  # noqa: E402
 KEY = "geomon/attention/entropy/model.blocks.0.attn"
 
 
-def _fit(logger):
+def _fit(logger, steps=5, ckpt=None):
     torch.manual_seed(0)
     trainer = lightning.Trainer(
-        max_steps=5, logger=logger, callbacks=[GeomonCallback(every_n_steps=2)], enable_checkpointing=False,
+        max_steps=steps, logger=logger, callbacks=[GeomonCallback(every_n_steps=2)], enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
     )  # fmt: skip
-    trainer.fit(_module_class(lightning)(), _loader())
+    trainer.fit(_module_class(lightning)(), _loader(), ckpt_path=ckpt)
+    return trainer
 
 
 def test_wandb_offline_run_holds_the_values_on_the_global_step(tmp_path, monkeypatch):
@@ -185,20 +186,14 @@ def test_a_fit_resumed_into_its_own_directory_writes_each_sidecar_row_once(tmp_p
     """Resumed twice from the checkpoint of step 2 into the same version directory (a crash after step 4): the rows of
     steps 2 and 4 are written again by each resume, and must replace the earlier ones."""
 
-    def fit(steps, ckpt=None):
-        torch.manual_seed(0)
-        logger = lightning.loggers.CSVLogger(tmp_path, name="run", version=0)
-        trainer = lightning.Trainer(
-            max_steps=steps, logger=logger, callbacks=[GeomonCallback(every_n_steps=2)], enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-        )  # fmt: skip
-        trainer.fit(_module_class(lightning)(), _loader(), ckpt_path=ckpt)
-        return trainer, logger.log_dir
+    def logger():
+        return lightning.loggers.CSVLogger(tmp_path, name="run", version=0)
 
-    trainer, directory = fit(2)
+    trainer = _fit(logger(), steps=2)
+    directory = trainer.logger.log_dir
     trainer.save_checkpoint(tmp_path / "step2.ckpt")
     for _ in range(2):
-        fit(5, str(tmp_path / "step2.ckpt"))
+        _fit(logger(), steps=5, ckpt=str(tmp_path / "step2.ckpt"))
     with open(f"{directory}/geomon_heads.csv") as handle:
         rows = [(row["step"], row["key"], row["head"]) for row in csv.DictReader(handle)]
     assert {step for step, _, _ in rows} == {"0", "2", "4"}
@@ -213,12 +208,7 @@ def test_a_second_fresh_fit_into_the_same_directory_keeps_the_first_ones_rows(tm
     stage's sidecar rows stay, as its rows of metrics.csv do."""
     logger = lightning.loggers.CSVLogger(tmp_path, name="run", version=0)
     for _ in range(2):
-        torch.manual_seed(0)
-        trainer = lightning.Trainer(
-            max_steps=3, logger=logger, callbacks=[GeomonCallback(every_n_steps=2)], enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-        )  # fmt: skip
-        trainer.fit(_module_class(lightning)(), _loader())
+        _fit(logger, steps=3)
     with open(f"{logger.log_dir}/geomon_heads.csv") as handle:
         steps = [row["step"] for row in csv.DictReader(handle)]
     per_stage = len(steps) // 2
