@@ -81,10 +81,11 @@ def forget_from(path: str | os.PathLike[str], step: int) -> None:
     if not rows:
         return
     header, body = rows[0], rows[1:]
-    later = [row for row in body if row and row[0].lstrip("-").isdigit() and int(row[0]) >= step]
+    later, kept = [], []
+    for row in body:
+        (later if row and row[0].lstrip("-").isdigit() and int(row[0]) >= step else kept).append(row)
     if not later:
         return
-    kept = [row for row in body if not (row and row[0].lstrip("-").isdigit() and int(row[0]) >= step)]
     stem, ext = os.path.splitext(os.fspath(path))
     moved = f"{stem}.superseded{ext}"
     new = not os.path.exists(moved)

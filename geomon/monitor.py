@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from geomon._guard import Guard
 from geomon.alerts import AlertEngine, AlertEvent, LoggingSink, Rule, default_rules
 from geomon.capture.modules import compiled_parts
+from geomon.functional._common import is_index_tensor
 from geomon.functional._dispatch import BACKENDS, Backend
 from geomon.probes._sync import fsdp1_flattened, fsdp1_units, fsdp1_whole_parameters
 from geomon.probes.embedding import EmbeddingProbe
@@ -97,7 +98,7 @@ def checked_labels(labels: object) -> Tensor | None:
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor of class indices (-100: none), one per row of the head's "
                         f"input, got {type(labels).__name__}")  # fmt: skip
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if not is_index_tensor(labels):
         raise TypeError(f"labels must be an integer tensor of class indices (int64, int32, ...; -100: none), got "
                         f"{labels.dtype}; cast whole-number labels with .long()")  # fmt: skip
     return labels

@@ -148,7 +148,7 @@ def capture_attention(
         name = session.name_of(module)
         if layout is not None and name is not None:
             session.sdpa_layout[name] = layout
-        note = timm_vit.note_for(module) if name is not None else None
+        note = (timm_vit.note_for(module) or hf.note_for(module)) if name is not None else None
         if note is not None:
             session.notes[name] = note
         if kind is not None:

@@ -57,6 +57,15 @@ _REORDER = "_upcast_and_reordered_attn"
 _DIFFERENTIAL = ("lambda_init", "lambda_q1", "lambda_k1")
 
 
+def note_for(module: nn.Module) -> str | None:
+    """What a transformers attention module's values mean where that is not plain (the capture says it once)."""
+    if all(hasattr(module, a) for a in _DIFFERENTIAL):
+        return ("differential attention ((softmax_1 - λ·softmax_2)·V, head h paired with head h + H/2): its entropy "
+                "and max logit are those of each component softmax head; the difference is not a distribution and "
+                "has no entropy")  # fmt: skip
+    return None
+
+
 @functools.cache
 def _forward_function(cls: type) -> Any:
     return inspect.unwrap(cls.forward)
@@ -149,7 +158,9 @@ def call_layout(module: nn.Module, query: Tensor, key: Tensor, frame: Any) -> Ca
     ``max_cache_len``) they start where the cache was filled to (read on the device). The keys of another cache
     buffer cannot be placed: ``unplaced`` says why.
     """
-    local = frame.f_locals if frame is not None and frame.f_locals.get("self") is module else {}
+    local = {} if frame is None else frame.f_locals
+    if local.get("self") is not module:
+        local = {}
     cross = local.get("is_cross_attention")
     if not isinstance(cross, bool):
         cross = next((local[a] is not None for a in ("key_value_states", "encoder_hidden_states") if a in local), None)
@@ -307,11 +318,6 @@ def _report(
     elif layout.unplaced is not None:
         session.warn_once(f"unplaced:{name}", f"geomon: attention of {name!r} is not reported: {layout.unplaced}")
     else:
-        if all(hasattr(module, a) for a in _DIFFERENTIAL):
-            session.warn_once(f"differential:{name}", f"geomon: {name!r} is differential attention ((softmax_1 - "
-                              "λ·softmax_2)·V, head h paired with head h + H/2): its entropy and max logit are those "
-                              "of each component softmax head; the difference is not a distribution and has no "
-                              "entropy")  # fmt: skip
         found = lambda: _found(module, query, key, call, registry, layout)  # noqa: E731
         session.guarded(name, lambda: session.report_found(name, found()))
 

@@ -166,10 +166,15 @@ NOTES = {
 
 def note_for(module: nn.Module) -> str | None:
     """What :data:`NOTES` says of ``module``'s class, if anything."""
-    for (path, name), note in NOTES.items():
+    return _listed(NOTES, module)
+
+
+def _listed(table: dict[tuple[str, str], str], module: nn.Module) -> str | None:
+    """The entry of ``table`` (keyed by a timm module path and class name) for ``module``'s class, if any."""
+    for (path, name), entry in table.items():
         cls = _model_class(path, name)
         if cls is not None and isinstance(module, cls):
-            return note
+            return entry
     return None
 
 
@@ -196,10 +201,9 @@ def fallback_for(module: nn.Module) -> tuple[str | None, Any]:
     convit = _model_class("timm.models.convit", "MHSA")
     if convit is not None and type(module) is convit:
         return "timm", mhsa_fallback
-    for (path, name), kind in _NOT_MODELLED.items():
-        cls = _model_class(path, name)
-        if cls is not None and isinstance(module, cls):
-            return kind, None  # expected: named in the unseen-attention warning when it runs
+    kind = _listed(_NOT_MODELLED, module)
+    if kind is not None:
+        return kind, None  # expected: named in the unseen-attention warning when it runs
     if type(module).__module__.startswith("timm.") and hasattr(module, "fused_attn"):
         return "timm:sdpa-only", None
     return None, None

@@ -53,11 +53,16 @@ def check_float_tensor(x: object, name: str, ndim: int | tuple[int, ...], shape_
     return x
 
 
+def is_index_tensor(x: Tensor) -> bool:
+    """Whether ``x`` holds integers that can index classes (not float, complex or bool)."""
+    return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+
+
 def check_int_tensor(x: object, name: str, shape_doc: str) -> Tensor:
     """Check that ``x`` is a 1-D integer tensor (class labels)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
-    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+    if not is_index_tensor(x):
         raise TypeError(f"{name} must be an integer tensor (int64, int32, ...), got {x.dtype}")
     if x.ndim != 1:
         raise ValueError(f"{name} must have shape {shape_doc} (1-D), got {tuple(x.shape)}")

@@ -311,11 +311,9 @@ class Plan:
             traced_since()
             self._step = step
             try:
-                yield
-            except BaseException:
+                yield  # a forward that raised ends here: what ran or not says nothing then
+            finally:
                 self._step = None
-                raise  # the forward failed: what ran or not says nothing
-            self._step = None
             if traced_since():
                 self.guard.warn_once("traced", TRACED)
             elif only is None and hooked:
