@@ -27,12 +27,13 @@ spectrum images for W&B and TensorBoard (see :mod:`geomon._media`). A W&B run al
 min / max summaries of each key, the ``geomon-overview/...`` keys, per-head tables under ``geomon-heads/...`` and
 every option under ``geomon`` in its config (see :mod:`geomon.integrations.wandb_dashboard`).
 
-Measurement happens on the first micro-batch of every ``every_n_steps``-th optimizer step (gradient accumulation
-gives one measurement per optimizer step). When one step has fewer head-input rows than a RankMe / neural-collapse
-window needs (a classifier), the first micro-batch of the steps just before each measured step also feeds those
-windows (hooks on the head's input and the ``embedding_modules`` only: see :meth:`geomon.Monitor.fills`); other steps
-do no work. No step syncs the host with the device except the logging step. Under DDP ``compute``
-runs on every rank (it is a collective) and the values, identical on all ranks, are logged by rank zero.
+Measurement happens on the first micro-batch of every ``every_n_steps``-th optimizer step (gradient accumulation,
+Lightning's or a manual optimization's, gives one measurement per optimizer step, computed after that step). When
+one step has fewer head-input rows than a RankMe / neural-collapse window needs (a classifier), the first
+micro-batch of the steps just before each measured step also feeds those windows (hooks on the head's input and
+the ``embedding_modules`` only: see :meth:`geomon.Monitor.fills`); other steps do no work. No step syncs the host
+with the device except the logging step. Under DDP ``compute`` runs on every rank (it is a collective) and the
+values, identical on all ranks, are logged by rank zero.
 """
 
 from __future__ import annotations
@@ -235,8 +236,8 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         first_micro_batch = batch_idx % max(1, trainer.accumulate_grad_batches) == 0
         if self.monitor.model is None or not first_micro_batch:
             return
-        if self._to_compute:  # the last step's optimizer step never came (manual optimization without one)
-            self._compute(trainer)
+        if self._to_compute:  # the measured step goes on: manual optimization stepping every few batches
+            return
         step = trainer.global_step
         scheduled = self.monitor.is_scheduled(step)
         if scheduled or self.monitor.fills(step):  # a fill step arms the windowed probes' hooks only, no compute

@@ -59,6 +59,12 @@ FSDP1_WEIGHTS = (
     "alpha-ReQ and neural collapse (read during the forward pass) are computed. Shard with FSDP2 "
     "(torch.distributed.fsdp.fully_shard; Lightning's ModelParallelStrategy), whose weights geomon gathers whole"
 )
+REMEASURED = (
+    "geomon: step {step} was already measured and computed, so monitor.step({step}) measures nothing more and "
+    "compute({step}) returns nothing new (each step is reported once). Under gradient accumulation either open "
+    "monitor.step(step) around one micro-batch per optimizer step, or open it around every micro-batch and call "
+    "compute(step) once, after the optimizer step: the step's values then cover all of its micro-batches"
+)
 WEIGHT_VALUES = "geomon/spectral/*: logit_sigma, entropy_bound, σReparam's gamma and sigma"
 
 COMPILED = (
@@ -207,6 +213,7 @@ class Monitor:
         self.alert_engine = AlertEngine(default_rules() if alerts is None else alerts, [LoggingSink()], strict=strict)
         self.events: list[AlertEvent] = []  #: alert events of the latest compute
         self._measured = False  # a step was measured since the last compute
+        self._computed_step: int | None = None  # the last step whose measurement compute(step) reported
         self._fsdp1 = False  # FSDP1 flattens the weights: no weight-based value (see attach)
 
     @property
@@ -268,13 +275,19 @@ class Monitor:
         on fill steps (:meth:`fills`) only the windowed probes' hooks run (a Gram and sums updated on the device);
         a no-op otherwise.
 
-        ``labels`` (one per row of the head's input, ``-100`` = none) feed neural collapse."""
+        ``labels`` (one per row of the head's input, ``-100`` = none) feed neural collapse. Every block opened on a
+        scheduled step adds to that step's measurement (several micro-batches: one ``compute(step)`` after them all),
+        until :meth:`compute` reports the step; after that, blocks for the same step measure nothing (a warning says
+        so once)."""
         if self.model is None or self.plan is None:
             raise RuntimeError("Monitor.step() before attach(model)")
         labels = checked_labels(labels)
         if not self.is_scheduled(global_step):
             fill = self.plan.fill_probes(-step_number(global_step) % self.every_n_steps)
             return self.plan.armed(self.model, labels, only=fill) if fill else nullcontext()
+        if step_number(global_step) == self._computed_step:
+            self.guard.warn_once("step computed", REMEASURED.format(step=self._computed_step))
+            return nullcontext()
         self._measured = True
         return self.plan.armed(self.model, labels)
 
@@ -299,12 +312,15 @@ class Monitor:
         """Scalar values of what was measured since the last compute (a collective under DDP: call it on every
         rank), keyed by geomon's scheme; nothing for what no rank measured. Per-head vectors go to :attr:`details`
         and, with ``spectra=True``, the singular values of each full embedding window to :attr:`spectra`, under
-        the same keys. Given the ``step``, the alert rules run over the values and the per-head vectors: their
+        the same keys. A step is reported once: ``compute(step)`` again, with nothing measured since, returns ``{}``.
+        Given the ``step``, the alert rules run over the values and the per-head vectors: their
         events go to the sinks and :attr:`events`, their counts into the values as ``geomon/alerts/<rule>``."""
         step = None if step is None else step_number(step)
         self.details, self.spectra, self.events = {}, {}, []
-        if self.model is None or self.plan is None:
-            return {}
+        if self.model is None or self.plan is None or (step == self._computed_step and not self._measured):
+            return {}  # a step already reported: once per step, whatever calls compute again (every rank alike)
+        if step is not None:
+            self._computed_step = step
         self._check_fsdp1()
         measured, self._measured = self._measured, False
         out = self.plan.compute(self.model, spectra=spectra, measured=measured)
