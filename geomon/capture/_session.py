@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -103,21 +103,33 @@ Fallback = Callable[[nn.Module, tuple, dict, Any], Sequence[Found]]
 
 def in_backward() -> bool:
     """True where geomon's hooks must do nothing: while the autograd engine runs a backward pass (a checkpointed
-    forward being recomputed), and while ``torch.compile`` traces the forward (the model called inside a compiled
-    function: anything a hook did would be compiled into the graph and change it, hence the training). The latter is
-    recorded for :func:`traced_since` to report."""
+    forward being recomputed); while ``torch.compile`` traces the forward (the model called inside a compiled
+    function: anything a hook did would be compiled into the graph and change it, hence the training); and inside a
+    ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...: its tensors are wrappers that must not leave it,
+    and a state holding one breaks every later compute and checkpoint). The latter two are recorded for
+    :func:`traced_since` to report."""
     if torch.compiler.is_compiling():
-        _TRACED[0] = True  # torch.compile replays this store each time the compiled code runs
+        _TRACED[0] = "compile"  # torch.compile replays this store each time the compiled code runs
+        return True
+    if _functorch_level() is not None:
+        _TRACED[0] = "transform"
         return True
     return torch._C._current_graph_task_id() != -1
 
 
-_TRACED = [False]
+def _functorch_level() -> int | None:
+    """The innermost ``torch.func`` transform's level, ``None`` outside any."""
+    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    return None if level is None else level()
 
 
-def traced_since() -> bool:
-    """Whether a hook found itself inside ``torch.compile`` since the last call (which resets it)."""
-    traced, _TRACED[0] = _TRACED[0], False
+_TRACED: list[Literal["compile", "transform"] | None] = [None]
+
+
+def traced_since() -> Literal["compile", "transform"] | None:
+    """What a hook found itself inside since the last call (which resets it): ``torch.compile``, a ``torch.func``
+    transform, or nothing."""
+    traced, _TRACED[0] = _TRACED[0], None
     return traced
 
 

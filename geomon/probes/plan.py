@@ -75,6 +75,12 @@ TRACED = (
     "Weight-based values (spectral_modules, logit_sigma) still are; hand tensors to Monitor.observe (or return them "
     "under outputs['geomon'] from training_step) to measure them, or call the model outside the compiled function"
 )
+TRANSFORMED = (
+    "geomon: the model ran inside a torch.func transform (vmap, grad, jacrev, ...) on a measured step. Its tensors "
+    "are the transform's wrappers, which must not leave it, so geomon's hooks and attention capture do nothing there "
+    "and nothing read during that forward was measured (attention, the head's input, embedding_modules); forwards "
+    "outside the transform in the same step still are, and so are weight-based values (spectral_modules, logit_sigma)"
+)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -314,8 +320,9 @@ class Plan:
                 yield  # a forward that raised ends here: what ran or not says nothing then
             finally:
                 self._step = None
-            if traced_since():
-                self.guard.warn_once("traced", TRACED)
+            traced = traced_since()
+            if traced:
+                self.guard.warn_once(traced, TRACED if traced == "compile" else TRANSFORMED)
             elif only is None and hooked:
                 self._say_what_did_not_run(set(hooked), step.ran)
 
