@@ -156,6 +156,14 @@ def test_spectral_norms_of_chosen_weights_follow_training():
             assert stable == pytest.approx(frobenius_sq / sigma**2, rel=1e-9)
     restored = Monitor(spectral_modules=["blocks.*.attn.qkv"]).attach(model)
     restored.load_state_dict(monitor.state_dict())
+    in_autocast = Monitor(every_n_steps=1, attention=False, spectral_modules=["blocks.*.attn.qkv"]).attach(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a loop that wraps its whole step, compute included
+        with in_autocast.step(0):
+            model(x)
+        autocast_values = in_autocast.compute()
+    for j in range(2):
+        exact = float(torch.linalg.matrix_norm(model.blocks[j].attn.qkv.weight.detach().double(), 2))
+        assert float(autocast_values[f"geomon/spectral/sigma/blocks.{j}.attn.qkv"]) == pytest.approx(exact, rel=1e-4)
     pid = "spectral:blocks.0.attn.qkv"
     assert torch.equal(restored.plan.probes[pid].metric.u, monitor.plan.probes[pid].metric.u)
 

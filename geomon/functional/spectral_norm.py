@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from geomon.functional._common import check_float_tensor
+from geomon.functional._common import autocast_off, check_float_tensor
 
 #: Power steps on a cold start (no vector given); error decays like (σ₂/σ₁)^(2·steps).
 COLD_START_STEPS = 100
@@ -53,16 +53,18 @@ def _spectral_norm_update(w: Tensor, u: Tensor | None = None, *, n_iter: int | N
         u = u.detach().to(dtype)
         steps = 1 if n_iter is None else n_iter
     v = torch.zeros(weight.shape[:-2] + weight.shape[-1:], dtype=dtype, device=w.device)
-    for _ in range(steps):
-        v = _normalize_or_keep((weight.mT @ u.unsqueeze(-1)).squeeze(-1), v)
-        u = _normalize_or_keep((weight @ v.unsqueeze(-1)).squeeze(-1), u)
+    with autocast_off(w.device):  # float32 products even inside the caller's autocast region
+        for _ in range(steps):
+            v = _normalize_or_keep((weight.mT @ u.unsqueeze(-1)).squeeze(-1), v)
+            u = _normalize_or_keep((weight @ v.unsqueeze(-1)).squeeze(-1), u)
     return u
 
 
 def _spectral_norm_compute(w: Tensor, u: Tensor) -> Tensor:
     """The estimate ``σ ≈ |Wᵀ u|`` for a unit vector ``u``."""
     weight = w.detach().to(u.dtype)
-    return (weight.mT @ u.unsqueeze(-1)).squeeze(-1).norm(dim=-1)
+    with autocast_off(w.device):
+        return (weight.mT @ u.unsqueeze(-1)).squeeze(-1).norm(dim=-1)
 
 
 def spectral_norm(w: Tensor, *, u: Tensor | None = None, n_iter: int | None = None) -> tuple[Tensor, Tensor]:
@@ -70,7 +72,8 @@ def spectral_norm(w: Tensor, *, u: Tensor | None = None, n_iter: int | None = No
 
     Args:
         w: weight ``[out, in]`` or a batch ``[..., out, in]``; computed in float32 (float64 for float64 input).
-        u: left singular vector estimate ``[..., out]`` from a previous call; None starts cold.
+        u: left singular vector estimate ``[..., out]`` from a previous call; None starts cold (an all-zero vector
+            is refused: checking it reads one flag from the device).
         n_iter: power steps; default 1 with ``u`` (a warm start) and 100 without.
 
     Returns:
@@ -83,5 +86,8 @@ def spectral_norm(w: Tensor, *, u: Tensor | None = None, n_iter: int | None = No
         >>> round(float(sigma), 5)
         3.0
     """
+    if u is not None and isinstance(w, Tensor) and u.shape == w.shape[:-1] and not bool((u != 0).any(dim=-1).all()):
+        raise ValueError("u holds an all-zero vector, which power iteration cannot turn (σ would read 0): pass "
+                         "u=None to start cold, or the u a previous call returned")  # fmt: skip
     u = _spectral_norm_update(w, u, n_iter=n_iter)
     return _spectral_norm_compute(w, u), u

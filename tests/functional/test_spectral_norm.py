@@ -98,3 +98,20 @@ def test_does_not_consume_the_global_random_stream(gen):
 def test_bad_input_is_rejected(w, kwargs, error, match):
     with pytest.raises(error, match=match):
         spectral_norm(w, **kwargs)
+
+
+def test_inside_the_callers_autocast_it_still_computes_in_float32(gen):
+    """A plain loop that wraps its whole step, compute included, in autocast: σ must not come from bf16 products."""
+    w = _with_gap(gen, 48, 32).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sigma, u = spectral_norm(w)
+    assert sigma.dtype == torch.float32 and u.dtype == torch.float32
+    assert float(sigma) == pytest.approx(float(torch.linalg.matrix_norm(w.double(), 2)), rel=1e-6)
+
+
+def test_an_all_zero_u_is_refused_with_what_to_pass(gen):
+    w = _with_gap(gen, 6, 4, batch=(2,))
+    u = torch.nn.functional.normalize(torch.randn(2, 6, generator=gen, dtype=torch.float64), dim=-1)
+    u[1] = 0
+    with pytest.raises(ValueError, match=r"all-zero vector.*u=None"):
+        spectral_norm(w, u=u)
