@@ -46,14 +46,18 @@ def _model() -> torch.nn.Module:
 
 
 def _trainer(tmp_path, callback, *, steps, report_to=(), accumulation=1, save_steps=None, model=None):
-    args = transformers.TrainingArguments(
+    args = _args(tmp_path, steps=steps, report_to=report_to, accumulation=accumulation, save_steps=save_steps)
+    return transformers.Trainer(model=model or _model(), args=args, train_dataset=Tokens(), callbacks=[callback])
+
+
+def _args(tmp_path, *, steps, report_to=(), accumulation=1, save_steps=None):
+    return transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=1e-3,
         lr_scheduler_type="constant", gradient_accumulation_steps=accumulation, logging_steps=2,
         report_to=list(report_to), use_cpu=True,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, disable_tqdm=True, seed=0,
         dataloader_num_workers=0,
     )  # fmt: skip
-    return transformers.Trainer(model=model or _model(), args=args, train_dataset=Tokens(), callbacks=[callback])
 
 
 def _spy_computes(callback) -> dict[int, dict[str, float]]:
@@ -354,3 +358,65 @@ def test_a_subclass_of_the_wandb_callback_counts_as_reporting_to_wandb(monkeypat
     for handler, want in (([Predictions()], run), ([object()], None)):
         callback.trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=handler))
         assert callback._reported_run() is want
+
+
+class BufferedMetricsTrainer(transformers.Trainer):
+    """Logs like TRL's trainers (SFT, DPO, GRPO, KTO): ``compute_loss`` buffers a metric per micro-batch and the
+    ``log`` override adds their mean to the row being logged, then empties the buffer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.buffered: list[float] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        self.buffered.append(float(inputs["input_ids"][:, 0].float().mean()))
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+
+    def log(self, logs, start_time=None):
+        if self.buffered:
+            logs = {**logs, "first_token_mean": sum(self.buffered) / len(self.buffered)}
+            self.buffered = []
+        super().log(logs, start_time)
+
+
+def _buffered_run(tmp_path, callback):
+    trainer = BufferedMetricsTrainer(model=_model(), args=_args(tmp_path, steps=6), train_dataset=Tokens(),
+                                     callbacks=[callback] if callback else [])  # fmt: skip
+    trainer.train()
+    return [row for row in trainer.state.log_history if "train_runtime" not in row]  # the end's summary aside
+
+
+def test_a_trainer_that_builds_its_rows_in_log_keeps_them(tmp_path):
+    """geomon's row goes through ``transformers.Trainer.log``, not the subclass's override: the Trainer's own rows
+    keep the metrics it buffered (they moved into geomon's rows before, and their averaging windows changed)."""
+    plain = _buffered_run(tmp_path / "plain", None)
+    monitored = _buffered_run(tmp_path / "monitored", GeomonTrainerCallback(every_n_steps=3, attention=False))
+    own = [row for row in monitored if not any(key.startswith("geomon/") for key in row)]
+    assert [(r["step"], r["first_token_mean"]) for r in own] == [(r["step"], r["first_token_mean"]) for r in plain]
+    geomon = [row for row in monitored if any(key.startswith("geomon/") for key in row)]
+    assert [row["step"] for row in geomon] == [3, 6] and not any("first_token_mean" in row for row in geomon)
+
+
+class GeneratingTrainer(transformers.Trainer):
+    """Generates from the batch's prompts before the loss's forward, as GRPO does (under no_grad)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        model.generate(inputs["input_ids"][:, : CONTEXT // 2], max_new_tokens=3, do_sample=False, pad_token_id=0)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+
+
+def test_generation_before_the_trained_forward_is_not_measured(tmp_path):
+    model = _model()
+    calls = []  # (grad enabled, head input rows) of every forward of the model
+    model.lm_head.register_forward_hook(
+        lambda module, args, out: calls.append((torch.is_grad_enabled(), args[0].detach().reshape(-1, WIDTH)))
+    )
+    callback = GeomonTrainerCallback(every_n_steps=2, attention=False, neural_collapse=False, strict=True)
+    trainer = GeneratingTrainer(
+        model=model, args=_args(tmp_path, steps=2), train_dataset=Tokens(), callbacks=[callback]
+    )
+    trainer.train()
+    (value,) = [row[RANKME] for row in trainer.state.log_history if RANKME in row]
+    trained = [rows for grad, rows in calls if grad]
+    assert len(trained) == 2 and len(calls) > 2  # one trained forward per step, generation's forwards besides
+    assert math.isclose(value, ref_rankme(trained[1].numpy().astype(np.float64)), rel_tol=1e-4)

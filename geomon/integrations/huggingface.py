@@ -7,7 +7,8 @@ at the step that optimizer step completes (the Trainer's numbering, as its loss:
 update), under the same keys as :class:`geomon.GeomonCallback` (``geomon/attention/entropy/transformer.h.0.attn``,
 ``geomon/rankme/lm_head.input``, ``geomon/nc/nc1/lm_head.input``, ``geomon/alerts/<rule>``, ...).
 
-Where the values go: through ``Trainer.log``, the path the Trainer's own loss takes, so they are in
+Where the values go: through ``transformers.Trainer.log`` (the base method: a subclass's override, such as TRL's
+that adds its buffered metrics to the row, is not called), the path the Trainer's own loss takes, so they are in
 ``trainer.state.log_history`` and reach every ``report_to`` integration's ``on_log``. transformers' integrations
 (W&B, TensorBoard, Comet, Neptune, Trackio, SwanLab) prefix every training key with ``train/``
 (``transformers.integrations.integration_utils.rewrite_logs``); while geomon logs its own values, that function
@@ -15,17 +16,19 @@ passes keys that start with ``geomon/`` through unchanged (every other key is re
 arrive as they are. The callback finds the ``Trainer`` that calls it (a callback's hooks are not given it) by
 looking up the call stack once, at ``on_train_begin``, for the ``Trainer`` whose callbacks hold it.
 
-The batch: a forward pre-hook on the model, registered at ``on_step_begin`` of a measured step and removed by its
-first call, sees the measured micro-batch's inputs (``model(**inputs)``: ``input_ids``, ``labels``, ...); there it
-turns them into labels for neural collapse (``labels_fn``; by default a causal LM's ``labels`` shifted as the model
-shifts them, other kinds' as they are, see :mod:`geomon.labels`) and arms the capture. The capture is disarmed
-after that micro-batch (``on_substep_end``, or ``on_step_end`` without gradient accumulation), and
-``Monitor.compute`` runs at ``on_step_end`` on every rank (a collective under DDP); every rank logs like the
-Trainer does (its integrations write on the world's process zero only).
+The batch: a forward pre-hook on the model, registered at ``on_step_begin`` of a measured step and removed by its first
+call with gradients enabled (a generation or reference pass under ``no_grad`` before it is not measured), sees the
+measured micro-batch's inputs (``model(**inputs)``: ``input_ids``, ``labels``, ...); there it turns them into labels for
+neural collapse (``labels_fn``; by default a causal LM's ``labels`` shifted as the model shifts them, other kinds' as
+they are, see :mod:`geomon.labels`) and arms the capture. The capture is disarmed after that micro-batch
+(``on_substep_end``, or ``on_step_end`` without gradient accumulation), and ``Monitor.compute`` runs at ``on_step_end``
+on every rank (a collective under DDP); every rank logs like the Trainer does (its integrations write on the world's
+process zero only).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -45,7 +48,7 @@ from geomon.labels import LabelKind, default_labels, label_kind, labels_of
 from geomon.monitor import Monitor
 
 try:
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback
 except ImportError as error:  # pragma: no cover - transformers is what this module adapts to
     raise ImportError("geomon.integrations.huggingface needs transformers: pip install transformers") from error
 
@@ -57,6 +60,16 @@ STATE_FILE = "geomon_state.pt"
 
 #: the step metric transformers' W&B integration logs with every row
 HF_STEP = "train/global_step"
+
+
+def trainer_log(trainer: Any) -> Callable[[dict[str, float]], None] | None:
+    """``transformers.Trainer.log`` bound to ``trainer``, past any subclass's override: TRL's trainers (SFT, DPO,
+    GRPO, KTO) override ``log`` to add the metrics they buffered since their last row and then empty the buffer,
+    so a row of geomon's logged through the override would take those metrics from the Trainer's own next row."""
+    if isinstance(trainer, Trainer):
+        return functools.partial(Trainer.log, trainer)
+    log = getattr(trainer, "log", None)
+    return log if callable(log) else None
 
 
 def state_file(rank: int, world_size: int) -> str:
@@ -293,6 +306,8 @@ class GeomonTrainerCallback(TrainerCallback):
         self._hook = model.register_forward_pre_hook(self._arm, with_kwargs=True)
 
     def _arm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not torch.is_grad_enabled():  # generation or a reference pass before the trained forward (GRPO, DPO)
+            return
         self._remove_hook()
         labels = None
         if self.monitor.collapse is not None:
@@ -317,7 +332,7 @@ class GeomonTrainerCallback(TrainerCallback):
             self._log(state, {key: float(value) for key, value in values.items()})  # the logging step: sync is fine
 
     def _log(self, state: Any, values: dict[str, float]) -> None:
-        log = getattr(self.trainer, "log", None)
+        log = trainer_log(self.trainer)
         if log is None:
             state.log_history.append({**values, "step": state.global_step})
             return
