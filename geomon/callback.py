@@ -27,8 +27,9 @@ spectrum images for W&B and TensorBoard (see :mod:`geomon._media`). A W&B run al
 min / max summaries of each key, the ``geomon-overview/...`` keys, per-head tables under ``geomon-heads/...`` and
 every option under ``geomon`` in its config (see :mod:`geomon.integrations.wandb_dashboard`).
 
-Measurement happens on the first micro-batch of every ``every_n_steps``-th optimizer step (gradient accumulation,
-Lightning's or a manual optimization's, gives one measurement per optimizer step, computed after that step). When
+Measurement happens on the first micro-batch of every ``every_n_steps``-th step of the axis Lightning logs its own
+metrics on (:func:`logging_step`: optimizer steps under automatic optimization, so gradient accumulation gives one
+measurement per optimizer step, computed after it; batches under manual optimization, whatever its optimizers). When
 one step has fewer head-input rows than a RankMe / neural-collapse window needs (a classifier), the first
 micro-batch of the steps just before each measured step also feeds those windows (hooks on the head's input and
 the ``embedding_modules`` only: see :meth:`geomon.Monitor.fills`); other steps do no work. No step syncs the host
@@ -81,6 +82,15 @@ def _checkpoint_once_per_step(trainer: Any) -> Callable[[Any], None]:
             trainer.save_checkpoint(f"{trainer.default_root_dir}/geomon-alert-step{event.step}.ckpt")
 
     return save
+
+
+def logging_step(trainer: Any) -> int:
+    """The step Lightning logs the current batch's metrics at, as its own ``LearningRateMonitor`` does: batches
+    that stepped the optimizers, counted once per batch however many optimizers a manual optimization steps
+    (``trainer.global_step`` counts every optimizer's steps: twice per batch for a GAN). ``global_step`` where the
+    loop does not keep it."""
+    step = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "_batches_that_stepped", None)
+    return step if isinstance(step, int) else trainer.global_step
 
 
 class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
@@ -172,6 +182,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         self.label_kind: LabelKind | None = None  #: the kind of the model owning the head (default labels_fn)
         self._armed: Any = None
         self._measured_step = 0
+        self._optimizer_steps = 0  # trainer.global_step when the measured step began
         self._to_compute = False
         self._observed = False  # the measured micro-batch's outputs were handed to observe
         self._pending_state: dict[str, Any] | None = None
@@ -199,7 +210,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         for directory in _media.logger_directories(trainer.loggers if trainer.is_global_zero else []):
             for name in (_media.ALERTS_FILE, _media.HEADS_FILE):
                 self.monitor.guard.run(f"the sidecar {name}", _media.forget_from, f"{directory}/{name}",
-                                       trainer.global_step)  # fmt: skip
+                                       logging_step(trainer))  # fmt: skip
 
     def _setup_dashboards(self, loggers: list[Any]) -> None:
         settings = {**monitor_settings(self.monitor), "media": self.media, "on_alert": config_value(self.actions),
@@ -236,9 +247,9 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         first_micro_batch = batch_idx % max(1, trainer.accumulate_grad_batches) == 0
         if self.monitor.model is None or not first_micro_batch:
             return
-        if self._to_compute:  # the measured step goes on: manual optimization stepping every few batches
+        if self._to_compute:  # the measured step's optimizer step has not come yet
             return
-        step = trainer.global_step
+        step = logging_step(trainer)
         scheduled = self.monitor.is_scheduled(step)
         if scheduled or self.monitor.fills(step):  # a fill step arms the windowed probes' hooks only, no compute
             labels = None
@@ -249,6 +260,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
                 self._armed = armed
         if scheduled:
             self._measured_step, self._to_compute, self._observed = step, True, False
+            self._optimizer_steps = trainer.global_step
 
     def _labels(self, batch: Any) -> Tensor | None:
         return checked_labels(labels_of(batch, self.labels_fn, self.label_kind, self.monitor.guard, self.monitor.head))
@@ -264,8 +276,9 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
                     self.monitor.guard.run(f"outputs[{OUTPUT_KEY!r}][{name!r}]", self.monitor.observe, str(name),
                                            tensor)  # fmt: skip
         # Compute once the measured step's optimizer step has run (the last micro-batch under gradient
-        # accumulation), so that an alert's stop or checkpoint acts between optimizer steps, never inside one.
-        if trainer.global_step > self._measured_step:
+        # accumulation), so that an alert's stop or checkpoint acts between optimizer steps, never inside one. Under
+        # manual optimization a batch is a step (Lightning logs per batch), whatever its optimizer calls.
+        if trainer.global_step > self._optimizer_steps or not getattr(pl_module, "automatic_optimization", True):
             self._compute(trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:

@@ -93,57 +93,69 @@ def test_compute_twice_for_one_step_returns_nothing_the_second_time():
 lightning = pytest.importorskip("lightning.pytorch")
 
 
-class ManualAccumulation(lightning.LightningModule):
-    """Manual optimization that steps the optimizer every ``ACCUMULATE`` batches: ``global_step`` stays put in
-    between, so the callback sees one step over several batches."""
+class ManualOptimization(lightning.LightningModule):
+    """Manual optimization with ``optimizers`` optimizers (a GAN's two: ``global_step`` advances twice per batch),
+    each stepped every ``step_every`` batches (accumulation by hand: ``global_step`` stays put in between). Lightning
+    logs its own metrics once per batch; ``seen`` is the batch's index, logged at Lightning's step."""
 
-    def __init__(self) -> None:
+    def __init__(self, optimizers: int, step_every: int) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self.n_optimizers, self.step_every = optimizers, step_every
         self.net = TinyGPT(vocab_size=VOCAB, d_model=32, context=SEQ)
-        self.rows: list[tuple[int, torch.Tensor]] = []
-        self.net.head.register_forward_pre_hook(
-            lambda module, args: self.rows.append((self.trainer.global_step, args[0].detach().flatten(0, -2)))
-        )
+        self.rows: list[torch.Tensor] = []  # the head's input, one entry per batch
+        self.net.head.register_forward_pre_hook(lambda module, args: self.rows.append(args[0].detach().flatten(0, -2)))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        opt = self.optimizers()
+        opts = self.optimizers() if self.n_optimizers > 1 else [self.optimizers()]
         self.manual_backward(F.cross_entropy(self.net(x).flatten(0, 1), y.flatten()))
-        if (batch_idx + 1) % ACCUMULATE == 0:
-            opt.step()
-            opt.zero_grad()
+        self.log("seen", float(batch_idx))
+        if (batch_idx + 1) % self.step_every == 0:
+            for opt in opts:
+                opt.step()
+                opt.zero_grad()
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        layers = list(self.net.parameters())
+        if self.n_optimizers == 1:
+            return torch.optim.SGD(layers, lr=0.1)
+        return torch.optim.SGD(layers[: len(layers) // 2], lr=0.1), torch.optim.SGD(layers[len(layers) // 2 :], lr=0.1)
 
 
-def test_lightning_manual_accumulation_logs_each_step_once_after_its_optimizer_step(tmp_path):
+@pytest.mark.parametrize(("optimizers", "step_every", "every"), [(1, ACCUMULATE, 2), (2, 1, 3)],
+                         ids=["accumulating-by-hand", "two-optimizers"])  # fmt: skip
+def test_manual_optimization_logs_on_lightnings_own_step_axis(optimizers, step_every, every, tmp_path):
+    """geomon schedules and logs by the step Lightning logs its own metrics (and LearningRateMonitor its rates) at:
+    one per batch. ``trainer.global_step`` was used before: a GAN's two optimizers doubled it (with an odd
+    ``every_n_steps`` the period doubled too), and accumulating by hand logged one step several times."""
     from geomon.callback import GeomonCallback
 
-    calls: list[tuple[int, int, float]] = []  # (step logged at, global_step when logged, value)
+    geomon_rows: dict[int, list[float]] = {}
+    seen_at: dict[int, int] = {}  # Lightning's step -> the batch it logged
 
     class Spy(lightning.loggers.CSVLogger):
         def log_metrics(self, metrics, step=None):
             if NET_KEY in metrics:
-                calls.append((step, trainer.global_step, metrics[NET_KEY]))
+                geomon_rows.setdefault(step, []).append(metrics[NET_KEY])
+            if "seen" in metrics:
+                seen_at[step] = int(metrics["seen"])
             super().log_metrics(metrics, step)
 
     torch.manual_seed(0)
-    module = ManualAccumulation()
+    module = ManualOptimization(optimizers, step_every)
     loader = torch.utils.data.DataLoader(micro_batches(), batch_size=None)
     trainer = lightning.Trainer(
         max_epochs=1, accelerator="cpu", logger=Spy(tmp_path), enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False, callbacks=[GeomonCallback(every_n_steps=1, neural_collapse=False)],
+        enable_model_summary=False, log_every_n_steps=1,
+        callbacks=[GeomonCallback(every_n_steps=every, neural_collapse=False, alerts=())],
     )  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, loader)
-    assert [c[0] for c in calls] == list(range(STEPS))
-    assert all(now > step for step, now, _ in calls), "computed before the step's optimizer step"
-    firsts = {}
-    for step, rows in module.rows:
-        firsts.setdefault(step, rows)  # the step's first batch is the measured one
-    for step, _, value in calls:
-        assert value == pytest.approx(ref_rankme(firsts[step].double().numpy()), rel=1e-4)
+    batches = ACCUMULATE * STEPS
+    assert seen_at == {b: b for b in range(batches)}  # Lightning's own axis: one step per batch
+    assert sorted(geomon_rows) == list(range(0, batches, every))
+    for step, (value,) in geomon_rows.items():  # once each, from the batch Lightning logged at that step
+        assert value == pytest.approx(ref_rankme(module.rows[seen_at[step]].double().numpy()), rel=1e-4)
     assert not [w for w in caught if "already measured" in str(w.message)]
