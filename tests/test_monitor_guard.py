@@ -199,3 +199,17 @@ def test_the_default_budget_admits_a_70b_shaped_head():
         plan = build_plan(model, PlanOptions())
     assert "embedding:lm_head.input" in plan.probes and "collapse:lm_head.input" not in plan.probes
     assert 8192**2 * 8 <= plan.state_bytes() < PlanOptions().memory_budget_mib * (1 << 20)  # one 512 MiB Gram
+
+
+def test_a_block_nested_in_another_of_the_same_monitor_counts_each_row_once():
+    model = _model()
+    monitor = Monitor(every_n_steps=1, neural_collapse=False, alerts=()).attach(model)
+    x = torch.randint(0, 19, (4, 12), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with monitor.step(0), monitor.step(0):
+            model(x)
+    assert [str(w.message) for w in caught if "inside another block" in str(w.message)]
+    attention = monitor.plan.probes["attention:blocks.0.attn"].metric
+    assert float(attention.count.sum()) == 4 * 4 * 12  # batch x heads x queries, once (twice before)
+    assert float(monitor.plan.probes["embedding:head.input"].rankme.n) == 4 * 12

@@ -75,6 +75,10 @@ TRACED = (
     "Weight-based values (spectral_modules, logit_sigma) still are; hand tensors to Monitor.observe (or return them "
     "under outputs['geomon'] from training_step) to measure them, or call the model outside the compiled function"
 )
+NESTED = (
+    "geomon: a monitor.step block was opened inside another block of the same monitor; the inner one measures "
+    "nothing of its own (the outer block's hooks already see its forward, once)"
+)
 TRANSFORMED = (
     "geomon: the model ran inside a torch.func transform (vmap, grad, jacrev, ...) on a measured step. Its tensors "
     "are the transform's wrappers, which must not leave it, so geomon's hooks and attention capture do nothing there "
@@ -296,7 +300,12 @@ class Plan:
     @contextmanager
     def armed(self, model: nn.Module, labels: Tensor | None, only: Sequence[Probe] | None = None) -> Iterator[None]:
         """The hooks of one measured step, removed however the block exits; with ``only``, the hooks of a fill step:
-        those probes' alone (no attention capture)."""
+        those probes' alone (no attention capture). Inside another block of this plan it does nothing (the outer
+        block's hooks already see the forward: a second set would count every row twice), and says so once."""
+        if self._step is not None:
+            self.guard.warn_once("nested", NESTED)
+            yield
+            return
         step = Step(labels, self.guard, fill=only is not None)
         modules = plain_modules(model)
         hooked = []
