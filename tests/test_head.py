@@ -115,3 +115,39 @@ def test_the_vocabulary_rule_takes_only_the_last_layer_and_not_a_square_one():
         {"emb": nn.Embedding(VOCAB, DIM), "classifier": nn.Linear(DIM, 3), "tail": nn.Linear(DIM, VOCAB)}
     )
     assert find_head(named, "auto") == "classifier"
+
+
+TORCHVISION_HEADS = {"mobilenet_v3_small": "classifier.3", "convnext_tiny": "classifier.2", "vgg11": "classifier.6",
+                     "efficientnet_b0": "classifier.1", "alexnet": "classifier.6"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION_HEADS))
+def test_a_torchvision_classifier_sequential_gives_its_last_linear_layer(name):
+    """torchvision's classifiers end in ``classifier = nn.Sequential(..., nn.Linear)``: that last layer is the head
+    (no head was found before)."""
+    torchvision = pytest.importorskip("torchvision")
+    assert find_head(getattr(torchvision.models, name)(num_classes=10), "auto") == TORCHVISION_HEADS[name]
+
+
+def test_rankme_of_a_torchvision_classifier_reads_the_rows_entering_its_last_linear_layer():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    head = TORCHVISION_HEADS["mobilenet_v3_small"]
+    monitor = Monitor(every_n_steps=1, attention=False, neural_collapse=False, window_rows=8, strict=True).attach(model)
+    rows: list[Tensor] = []
+    model.get_submodule(head).register_forward_hook(lambda m, i, o: rows.append(i[0].detach().clone()))
+    with monitor.step(0):
+        model(torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    value = float(monitor.compute(0)[f"geomon/rankme/{head}.input"])
+    assert value == pytest.approx(ref_rankme(rows[0].double().numpy()), rel=1e-5)
+
+
+def test_a_sequential_named_like_a_head_counts_only_when_its_linear_layer_ends_it():
+    inner = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3), nn.Softmax(dim=-1))  # not the last child
+    model = nn.Sequential()
+    model.add_module("classifier", inner)
+    assert find_head(model, "auto") is None
+    model = nn.Sequential()
+    model.add_module("body", nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3)))  # not named like a head
+    assert find_head(model, "auto") is None

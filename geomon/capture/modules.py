@@ -21,6 +21,7 @@ HEAD_NAMES = ("lm_head", "head", "classifier", "fc", "score", "output", "out", "
 HEAD_RULES = (
     "the model's get_output_embeddings()",
     f"the last linear layer named {', '.join(HEAD_NAMES)}",
+    "the model's last linear layer when it ends an nn.Sequential so named (torchvision's classifier.6)",
     "the last linear layer when it has as many outputs as an nn.Embedding has rows and is not square (a vocabulary "
     "projection)",
 )
@@ -74,7 +75,8 @@ def head_dims(module: nn.Module) -> tuple[int, int]:
 def find_head(model: nn.Module, head: str | None) -> str | None:
     """The qualified name of the output head: ``head`` itself (checked), else (``"auto"``) the first of
     :data:`HEAD_RULES`: the model's own answer (``get_output_embeddings()``, Hugging Face), else the last linear layer
-    whose name ends in a usual head name (:data:`HEAD_NAMES`), else the model's last linear layer when it projects onto
+    whose name ends in a usual head name (:data:`HEAD_NAMES`), else the model's last linear layer when it ends an
+    ``nn.Sequential`` with such a name, else the model's last linear layer when it projects onto
     a vocabulary (as many outputs as an embedding has rows, and not square); ``None`` when none applies.
 
     Example:
@@ -82,6 +84,10 @@ def find_head(model: nn.Module, head: str | None) -> str | None:
         >>> model.add_module("body", nn.Linear(4, 8)); model.add_module("classifier", nn.Linear(8, 3))
         >>> find_head(model, "auto")
         'classifier'
+        >>> model = nn.Sequential()
+        >>> model.add_module("classifier", nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+        >>> find_head(model, "auto")
+        'classifier.2'
         >>> model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 8), nn.Linear(8, 50))  # no head names
         >>> find_head(model, "auto")
         '2'
@@ -103,12 +109,23 @@ def find_head(model: nn.Module, head: str | None) -> str | None:
     candidates = [name for name in linears if name.rsplit(".", 1)[-1] in HEAD_NAMES]
     if candidates:
         return candidates[-1]
+    if linears and _ends_a_head_sequential(linears[-1], named):
+        return linears[-1]
     if linears:  # a vocabulary projection: Lightning's demo Transformer's `decoder`, x-transformers' `to_logits`
         out_features, in_features = head_dims(named[linears[-1]])
         rows = {module.num_embeddings for module in named.values() if isinstance(module, nn.Embedding)}
         if out_features in rows and out_features != in_features:
             return linears[-1]
     return None
+
+
+def _ends_a_head_sequential(name: str, named: dict[str, nn.Module]) -> bool:
+    """Whether ``name`` is the last child of an ``nn.Sequential`` named like a head (``classifier.6``: VGG, AlexNet,
+    EfficientNet, ConvNeXt, MobileNet, MaxViT in torchvision), so that its input is the classifier's features."""
+    parent, _, child = name.rpartition(".")
+    container = named.get(parent)
+    return (isinstance(container, nn.Sequential) and parent.rsplit(".", 1)[-1] in HEAD_NAMES
+            and list(container._modules)[-1] == child)  # fmt: skip
 
 
 def _safe_call(getter: object) -> object:
