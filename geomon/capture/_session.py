@@ -153,6 +153,7 @@ class Session:
         self.expected: dict[int, str] = {}  # attention modules (id -> kind): warn if one runs and nothing is seen
         self.lookalikes: set[int] = set()  # modules that look like attention: warn if one runs and nothing is seen
         self.unseen = 0  # modules found unseen so far: an enclosing look-alike is not named again
+        self.unseen_names: dict[tuple[str, str], list[str]] = {}  # (category, kind or class) -> modules, said after
         self.warned: set[str] = set()
         self.busy = False  # geomon's own computation is running: ignore module calls and SDPA calls
         self.padding = PaddingRule()
@@ -266,21 +267,32 @@ class Session:
             self.guarded(name, lambda: self.report_found(name, fallback(module, args, kwargs, output)))
         elif key in self.expected:
             self.unseen += 1
-            self.warn_once(
-                name,
-                f"geomon: attention module {name!r} ({self.expected[key]}) ran but its attention was not seen; "
-                "see docs/guides/capture.md for what each implementation exposes",
-            )
+            self.unseen_names.setdefault(("expected", self.expected[key]), []).append(name)
         elif key in self.lookalikes:
             self.unseen += 1
-            self.warn_once(
-                name,
-                f"geomon: module {name!r} ({type(module).__name__}) looks like attention but no attention computation "
-                "was seen inside it, so it has no attention entropy; geomon sees softmax attention computed with "
-                "F.scaled_dot_product_attention (called at run time) or one of the implementations in "
-                "docs/guides/capture.md#not-seen-and-why. If it is softmax attention, compute it with "
-                "F.scaled_dot_product_attention; if it is not (linear attention, a pooling), ignore this warning",
-            )
+            self.unseen_names.setdefault(("lookalike", type(module).__name__), []).append(name)
+
+    def say_unseen(self) -> None:
+        """After the block: one warning per kind of module that ran unseen, naming those modules (a model's twelve
+        layers of one class make one warning, not twelve)."""
+        for (category, label), names in self.unseen_names.items():
+            unique = list(dict.fromkeys(names))
+            shown = ", ".join(repr(n) for n in unique[:4]) + (f" and {len(unique) - 4} more" if len(unique) > 4 else "")
+            if category == "expected":
+                self.warn_once(f"unseen:{label}", f"geomon: attention modules ({label}) ran but their attention "
+                               f"was not seen: {shown}; see docs/guides/capture.md for what each implementation "
+                               "exposes")  # fmt: skip
+            else:
+                self.warn_once(
+                    f"lookalike:{label}",
+                    f"geomon: {len(unique)} module(s) of class {label} ({shown}) look like attention but no attention "
+                    "computation was seen inside them, so they have no attention entropy; geomon sees softmax "
+                    "attention computed with F.scaled_dot_product_attention (called at run time) or one of the "
+                    "implementations in docs/guides/capture.md#not-seen-and-why. If it is softmax attention, compute "
+                    "it with F.scaled_dot_product_attention; if it is not (linear attention, a pooling), ignore this "
+                    "warning",
+                )
+        self.unseen_names.clear()
 
     @contextmanager
     def module_hooks(self) -> Iterator[None]:

@@ -161,6 +161,7 @@ def capture_attention(
         stack.enter_context(session.module_hooks())
         stack.enter_context(session.sdpa_wrapped())
         yield
+    session.say_unseen()
 
 
 def _enter(stack: ExitStack, context: Any, strict: bool) -> None:

@@ -387,6 +387,6 @@ class _UnknownAttention(torch.nn.Module):
 def test_an_attention_module_that_runs_unseen_is_named_in_a_warning():
     model = torch.nn.Sequential(_UnknownAttention())
     assert find_attention_modules(model) == {"0": "hf"}
-    with pytest.warns(UserWarning, match="'0' \\(hf\\) ran but its attention was not seen"):
+    with pytest.warns(UserWarning, match="attention modules \\(hf\\) ran but their attention was not seen: '0'"):
         calls, _ = collect(model, lambda: model(torch.randn(1, 3, 4)))
     assert calls == []

@@ -51,7 +51,7 @@ def _model(attention_cls):
 
 
 def _messages(caught):
-    return [str(w.message) for w in caught if "looks like attention" in str(w.message)]
+    return [str(w.message) for w in caught if "look like attention" in str(w.message)]
 
 
 def test_a_hand_written_attention_is_named_once_per_block_and_its_wrapper_is_not():
@@ -61,9 +61,8 @@ def test_a_hand_written_attention_is_named_once_per_block_and_its_wrapper_is_not
         with capture_attention(model, lambda call: None), torch.no_grad():
             model(torch.randn(2, 5, 16))
             model(torch.randn(2, 5, 16))
-    messages = _messages(caught)
-    assert len(messages) == 2  # each layer once, the blocks around them not at all
-    assert "'0.attn' (ManualAttention)" in messages[0] and "'1.attn' (ManualAttention)" in messages[1]
+    (message,) = _messages(caught)  # one for the class, naming each layer, the blocks around them not at all
+    assert "2 module(s) of class ManualAttention ('0.attn', '1.attn')" in message
 
 
 def test_attention_through_sdpa_raises_no_warning():
@@ -91,8 +90,19 @@ def test_the_monitor_says_it_once_per_run_not_once_per_measured_step():
             optimizer.zero_grad()
             monitor.compute()
     messages = _messages(caught)
-    assert len(messages) == 2 and all(isinstance(w.message, geomon.GeomonWarning) for w in caught if
-                                      "looks like attention" in str(w.message))  # fmt: skip
+    assert len(messages) == 1 and all(isinstance(w.message, geomon.GeomonWarning) for w in caught if
+                                      "look like attention" in str(w.message))  # fmt: skip
+
+
+def test_many_layers_of_one_class_make_one_warning_that_names_a_few():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[AttentionBlock(ManualAttention()) for _ in range(12)], nn.Linear(16, 10))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with capture_attention(model, lambda call: None), torch.no_grad():
+            model(torch.randn(2, 5, 16))
+    (message,) = _messages(caught)
+    assert "12 module(s) of class ManualAttention ('0.attn', '1.attn', '2.attn', '3.attn' and 8 more)" in message
 
 
 @pytest.mark.parametrize(
