@@ -74,6 +74,37 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+#: The one-shot functions rescale float64 inputs whose largest ``|value|`` lies outside ``[2^-SAFE_EXPONENT,
+#: 2^SAFE_EXPONENT]``: their float64 Gram (squares summed over rows) would otherwise overflow (above about 1e154) or
+#: underflow (below about 1e-162) although every value is finite.
+SAFE_EXPONENT = 250
+
+
+def scale_by_power_of_two(x: Tensor, exponent: int) -> Tensor:
+    """``x · 2^exponent`` in two steps, so that no factor overflows (``|exponent|`` may exceed 1023 for subnormal data).
+    Exact for every value whose result is a normal number."""
+    first = exponent // 2
+    return x * 2.0**first * 2.0 ** (exponent - first)
+
+
+def rescale_extreme(x: object) -> tuple[object, int]:
+    """``(x · 2^-e, e)`` when ``x`` is a float64 tensor whose largest ``|value|``, ``f · 2^e`` with ``f`` in
+    ``[0.5, 1)``, is finite, non-zero and outside ``[2^-SAFE_EXPONENT, 2^SAFE_EXPONENT]``; ``(x, 0)`` otherwise
+    (other dtypes cannot overflow a float64 Gram; non-finite data keeps its NaN/Inf warnings; anything that is not a
+    tensor is left to the validation). The scaled data has its largest ``|value|`` in ``[0.5, 1)``: exact, except
+    that values below ``2^-1022`` of the largest lose bits (their products are far below float64 resolution of a
+    Gram anyway). Reads the data: a host sync, for the one-shot functions only."""
+    if not isinstance(x, Tensor) or x.dtype != torch.float64 or x.numel() == 0:
+        return x, 0
+    largest = x.detach().abs().amax()
+    if not bool(torch.isfinite(largest) & (largest > 0)):
+        return x, 0
+    exponent = int(torch.frexp(largest).exponent.item())
+    if -SAFE_EXPONENT <= exponent <= SAFE_EXPONENT:
+        return x, 0
+    return scale_by_power_of_two(x, -exponent), exponent
+
+
 def nan(device: torch.device | str | None = None) -> Tensor:
     """A float64 NaN scalar, the documented value of a metric that cannot be computed."""
     return torch.tensor(float("nan"), dtype=torch.float64, device=device)

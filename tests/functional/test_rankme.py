@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -214,3 +215,28 @@ def test_zero_width_embeddings_are_rejected():
         rankme(torch.zeros(5, 0))
     with pytest.raises(ValueError, match="min_samples must be a positive integer"):
         rankme(torch.eye(3), min_samples=0)
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e300, 1e-170, 1e-300, 2.0**-1040])
+@pytest.mark.parametrize("centered", [False, True])
+def test_float64_input_of_extreme_scale_matches_the_unscaled_reference(scale, centered, rng):
+    # regression: the float64 Gram of finite values above ~1e154 overflowed (NaN, "contain NaN or Inf") and below
+    # ~1e-162 underflowed (NaN, "all zero"); RankMe is scale-invariant and the function rescales by a power of two
+    z = rng.standard_normal((200, 40)) * np.arange(1, 41) ** -0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GeomonWarning)
+        value = rankme(torch.from_numpy(z) * scale, centered=centered)
+    assert float(value) == pytest.approx(ref_rankme(z, centered=centered), rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("scale", "match"),
+    [(1e200, "are finite, but their float64 Gram overflows"), (1e-170, "non-zero but their float64 Gram underflows")],
+)
+def test_the_streaming_metric_names_extreme_scale_as_the_cause(scale, match, rng):
+    from geomon.metrics import RankMe
+
+    metric = RankMe(8, min_samples=1)
+    metric.update(torch.from_numpy(rng.standard_normal((50, 8))) * scale)
+    with pytest.warns(GeomonWarning, match=f"{match}.*cannot rescale"):
+        assert math.isnan(float(metric.compute()))
