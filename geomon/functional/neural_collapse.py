@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from geomon.functional._class_tiles import nearest_centre, pair_sums, tiled_argmax
+from geomon.functional._class_tiles import COINCIDENT, nearest_centre, pair_sums, tiled_argmax
 from geomon.functional._common import check_float_tensor, check_int_tensor, compute_dtype, nan, warn
 from geomon.functional._dispatch import Backend, choose_backend
 
@@ -219,15 +219,21 @@ def _neural_collapse_compute(
     variances = (stats.sq_norm_sum[seen] / counts - (means * means).sum(dim=1)).clamp(min=0)
     # the scale of each class's mean for the coincidence test: the rounding of the pair distances, computed from
     # the centred means, grows with |μ_c - μ_G|², and that of the means themselves with |μ_c|²
-    scales = (means * means).sum(dim=1) + (centred * centred).sum(dim=1)
-    pairs = pair_sums(centred, variances, cdnv_exponent, scales)
+    sq_means = (means * means).sum(dim=1)
+    scales = sq_means + (centred * centred).sum(dim=1)
+    # a mean at the global mean has no direction: |μ_c - μ_G|² at the rounding level of μ_c - μ_G, where μ_G (a mean
+    # over every class) rounds at the scale of the mean |μ_c'|², not of this class's own (maybe tiny) |μ_c|²
+    has_direction = norms**2 > COINCIDENT * (sq_means + sq_means.mean())
+    pairs = pair_sums(centred, variances, cdnv_exponent, scales, has_direction)
     n_ordered = n_seen * (n_seen - 1)
     n_means_apart, n_directions_apart = int(pairs.n_means_apart.item()), int(pairs.n_directions_apart.item())
     if n_means_apart < n_ordered or n_directions_apart < n_ordered:
         warn(  # one fixed text, so that the warnings filter shows it once rather than on every step
             "neural_collapse: some pairs of classes have coinciding means (an infinite CDNV) or mean directions (a "
             "mean at the global mean, or two on one ray from it); cdnv and gnc2_* are averaged over the other pairs, "
-            "and coincident_pairs reports the share of pairs whose means coincide"
+            "coincident_pairs reports the share of pairs whose means coincide, and a mean at the global mean (to "
+            "rounding) has no direction: nc2_equiangular, nc2_maxangle and, with a weight, nc3_cos_mean and unc3 "
+            "read NaN"
         )
     g_shift_mean = _mean_or_nan(pairs.log_inv_dist_shifted, n_directions_apart)
     out = {
@@ -245,7 +251,7 @@ def _neural_collapse_compute(
     if weight is not None:
         w = weight.detach().double()[seen]
         out["nc3"] = ((w / w.norm() - centred / centred.norm()) ** 2).sum()
-        cos = (w * centred).sum(dim=1) / (w.norm(dim=1) * norms)
+        cos = torch.where(has_direction, (w * centred).sum(dim=1) / (w.norm(dim=1) * norms), math.nan)
         out["nc3_cos_mean"] = cos.mean()
         out["unc3"] = cos.std() / cos.mean()
         out["nc4"] = stats.nc4_mismatch / stats.nc4_count if bool(stats.nc4_count > 0) else nan(device)

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -284,3 +285,33 @@ def test_coinciding_means_near_the_origin_beside_far_classes_are_found(rng):
             values = neural_collapse(features, labels)
         assert float(values["coincident_pairs"]) == pytest.approx(1 / math.comb(6, 2))
         _assert_matches(values, ref_neural_collapse(features.numpy(), labels.numpy()))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e-17, 1e-12])
+def test_a_mean_at_the_global_mean_to_rounding_has_no_direction(offset):
+    # regression: only a mean exactly at μ_G had no direction; one 1e-17 from it (the rounding of μ_G itself) gave
+    # finite nc2_equiangular 0.616 and no warning, while coincident pairs already had a relative tolerance
+    centres = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    centres[0] = offset  # the others sum to 0: class 0 sits at μ_G, up to the offset
+    labels = torch.arange(5).repeat(3)
+    spread = torch.tensor([[0.1, 0.0], [-0.1, 0.0], [0.0, 0.0]], dtype=torch.float64).repeat_interleave(5, 0)
+    features = centres[labels] + spread
+    weight = torch.from_numpy(np.random.default_rng(0).standard_normal((5, 2)))
+    with pytest.warns(GeomonWarning, match="has no direction"):
+        values = neural_collapse(features, labels, weight)
+    expected = ref_neural_collapse(features.numpy(), labels.numpy(), weight.numpy())
+    for key in ("nc2_equiangular", "nc2_maxangle", "nc3_cos_mean", "unc3"):
+        assert math.isnan(expected[key]) and math.isnan(float(values[key])), key
+    _assert_matches({k: v for k, v in values.items() if not math.isnan(float(v))},
+                    {k: v for k, v in expected.items() if not math.isnan(v)})  # fmt: skip
+
+
+def test_a_mean_well_apart_from_the_global_mean_keeps_its_direction():
+    centres = torch.tensor([[1e-5, 2e-5], [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    labels = torch.arange(5).repeat(2)
+    features = centres[labels] + torch.tensor([[0.1, 0.0], [-0.1, 0.0]], dtype=torch.float64).repeat_interleave(5, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GeomonWarning)
+        values = neural_collapse(features, labels)
+    _assert_matches(values, ref_neural_collapse(features.numpy(), labels.numpy()))
+    assert math.isfinite(float(values["nc2_equiangular"]))
