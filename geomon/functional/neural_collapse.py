@@ -21,8 +21,17 @@ import torch
 from torch import Tensor
 
 from geomon.functional._class_tiles import COINCIDENT, nearest_centre, pair_sums, tiled_argmax
-from geomon.functional._common import check_float_tensor, check_int_tensor, compute_dtype, nan, warn
+from geomon.functional._common import (
+    check_float_tensor,
+    check_int_tensor,
+    compute_dtype,
+    nan,
+    rescale_extreme,
+    scale_by_power_of_two,
+    warn,
+)
 from geomon.functional._dispatch import Backend, choose_backend
+from geomon.functional._embedding import GRAM_UNDERFLOW, STREAMING_NOTE
 
 STATISTICS = (
     "nc1",
@@ -80,18 +89,21 @@ def _nc4_update(
     class_means: Tensor,
     backend: Backend = "auto",
     keep: Tensor | None = None,
+    centre_features: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(mismatches, samples)``: classifier argmax over all classes vs nearest finite class mean, both as
     decided by the float64 scores (no host sync on the kernel path; the torch path's float64 re-check syncs on CUDA);
     rows where ``keep`` is False are not counted. A NaN anywhere in the head's weight or bias leaves the argmax
     undefined (the search would only skip that class), and means with no finite row leave no centre: the
-    mismatches are NaN then."""
+    mismatches are NaN then. ``centre_features``: the features the nearest-centre search reads, in the units of
+    ``class_means`` (the one-shot function's rescaled float64 features), default ``features``."""
     dtype = compute_dtype(features)
     h = features.detach().to(dtype)
     w = weight.detach().to(dtype)
     offset = torch.zeros(w.shape[0], dtype=dtype, device=h.device) if bias is None else bias.detach().to(dtype)
     decision = tiled_argmax(h, w, offset, backend)
-    nearest = nearest_centre(h, class_means.detach().to(dtype), backend)
+    search_h = h if centre_features is None else centre_features.detach().to(dtype)
+    nearest = nearest_centre(search_h, class_means.detach().to(dtype), backend)
     undefined = w.isnan().any() | offset.isnan().any() | ~class_means.isfinite().all(dim=1).any()
     if keep is None:
         mismatch = (decision != nearest).sum().to(torch.float64)
@@ -204,9 +216,8 @@ def _neural_collapse_compute(
         raise ValueError(f"{n_invalid} labels were outside [0, num_classes = {stats.count.shape[0]})")
     seen = stats.count > 0
     n_seen = int(seen.sum().item())
-    finite = all(bool(t.isfinite().all()) for t in (stats.feature_sum, stats.sq_norm_sum, stats.gram))
-    if n_seen < 2 or not finite:
-        reason = f"only {n_seen} class(es) have samples" if finite else "the features contain NaN or Inf"
+    reason = f"only {n_seen} class(es) have samples" if n_seen < 2 else _sums_problem(stats)
+    if reason is not None:
         warn(f"neural_collapse needs at least 2 classes with finite features: {reason}; returning NaN")
         return {key: nan(device) for key in keys}
     counts = stats.count[seen]
@@ -258,6 +269,25 @@ def _neural_collapse_compute(
     return out
 
 
+def _sums_problem(stats: ClassStats) -> str | None:
+    """Why the sums give no statistics (non-finite features, or finite ones whose float64 squares overflow or
+    underflow), or None when they are usable. Host syncs: the logging step only."""
+    if not bool(stats.feature_sum.isfinite().all()):
+        return "the features contain NaN or Inf (or finite values whose float64 sum overflows)"
+    if not (bool(stats.sq_norm_sum.isfinite().all()) and bool(stats.gram.isfinite().all())):
+        return (
+            "the features are finite, but their float64 squares overflow (values of magnitude above about 1e154 / "
+            f"sqrt(N)); {STREAMING_NOTE}"
+        )
+    top = stats.gram.diagonal().amax()
+    if bool(top < GRAM_UNDERFLOW) and bool((top > 0) | (stats.feature_sum != 0).any()):
+        return (
+            "the features are non-zero but their float64 squares underflow (every feature's sum of squares is below "
+            f"2^-960: values of magnitude below about 1e-145 / sqrt(N)); {STREAMING_NOTE}"
+        )
+    return None
+
+
 def _mean_or_nan(total: Tensor, n: int) -> Tensor:
     return total / n if n else nan(total.device)
 
@@ -297,7 +327,9 @@ def neural_collapse(
         with ``weight``, ``nc3, nc3_cos_mean, unc3, nc4``; float64 scalars, NaN (with a warning) when fewer than 2
         classes are seen. Pairs of classes whose means coincide (to float64 rounding, e.g. two next tokens seen only
         after the same prefix) have an infinite CDNV: ``cdnv`` and ``gnc2_*`` average over the other pairs (with a
-        warning) and ``coincident_pairs`` is the share of such pairs (0 when all means are apart).
+        warning) and ``coincident_pairs`` is the share of such pairs (0 when all means are apart). Float64 features
+        of extreme magnitude are rescaled by a power of two first (exact), so their squares neither overflow nor
+        underflow; ``cdnv`` is scaled back for an exponent other than 2.
 
     Example:
         >>> import torch
@@ -313,14 +345,23 @@ def neural_collapse(
         else:
             check_int_tensor(labels, "labels", "[N]")
             num_classes = int(labels.max().item()) + 1 if labels.numel() else 1
-    stats = _neural_collapse_update(
-        features, labels, weight, bias, num_classes=num_classes, class_means=class_means, backend=backend
-    )
+    _validate(features, labels, weight, bias, num_classes, class_means)
+    scaled, exponent = rescale_extreme(features)  # exact and scale-invariant but for cdnv (undone below) and nc4
+    stats = _neural_collapse_update(scaled, labels, num_classes=num_classes, backend=backend)
     n_invalid = int(stats.n_invalid.item())
     if n_invalid:
         low, high = int(labels.min().item()), int(labels.max().item())
         raise ValueError(f"{n_invalid} labels are outside [0, num_classes = {num_classes}) (labels span {low}..{high})")
-    if weight is not None and class_means is None:
-        mismatch, decided = _nc4_update(features, weight, bias, means_from_stats(stats), backend)
+    if weight is not None:  # the classifier decides on the features as given, the centres in the rescaled units
+        means = class_means
+        if class_means is None:
+            means = means_from_stats(stats)
+        elif exponent:
+            means = scale_by_power_of_two(class_means.double(), -exponent)
+        mismatch, decided = _nc4_update(features, weight, bias, means, backend, centre_features=scaled)
         stats = stats._replace(nc4_mismatch=mismatch, nc4_count=decided)
-    return _neural_collapse_compute(stats, weight, cdnv_exponent=cdnv_exponent)
+    out = _neural_collapse_compute(stats, weight, cdnv_exponent=cdnv_exponent)
+    if exponent and cdnv_exponent != 2:  # V_c scales as 2^(2e), the distance term as 2^(p·e)
+        factor = torch.tensor(exponent * (2.0 - cdnv_exponent), dtype=torch.float64, device=out["cdnv"].device)
+        out["cdnv"] = out["cdnv"] * torch.exp2(factor)
+    return out

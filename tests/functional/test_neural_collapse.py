@@ -315,3 +315,48 @@ def test_a_mean_well_apart_from_the_global_mean_keeps_its_direction():
         values = neural_collapse(features, labels)
     _assert_matches(values, ref_neural_collapse(features.numpy(), labels.numpy()))
     assert math.isfinite(float(values["nc2_equiangular"]))
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-170, 2.0**-1040])
+def test_float64_features_of_extreme_scale_match_the_unscaled_reference(scale, rng):
+    # regression: a float64 Gram of finite features above ~1e154 overflowed (NaN, "the features contain NaN or Inf")
+    # and below ~1e-162 underflowed (nc1 read 0); the statistics are scale-invariant, nc4 without a bias too
+    features, labels = _clustered(rng, 120, 5, 6)
+    weight = torch.from_numpy(rng.standard_normal((5, 6)))
+    expected = ref_neural_collapse(features.numpy(), labels.numpy(), weight.numpy())
+    values = neural_collapse(features * scale, labels, weight)
+    _assert_matches(values, expected)
+
+
+def test_extreme_features_decide_nc4_with_the_bias_as_given(rng):
+    # nc4's classifier decision is not scale-invariant with a bias: it sees the features as given, the nearest-centre
+    # search (scale-invariant) the rescaled ones
+    features, labels = _clustered(rng, 150, 4, 5, spread=2.0)
+    scale = 1e-170
+    weight = torch.from_numpy(rng.standard_normal((4, 5))) * 1e170
+    bias = torch.from_numpy(rng.standard_normal(4)) * 3
+    values = neural_collapse(features * scale, labels, weight, bias)
+    h, y = features.numpy(), labels.numpy()
+    means = np.stack([h[y == c].mean(axis=0) for c in range(4)])
+    decision = np.argmax((h * scale) @ weight.numpy().T + bias.numpy(), axis=1)
+    nearest = np.argmin(((h[:, None, :] - means[None]) ** 2).sum(axis=2), axis=1)
+    assert 0 < float(values["nc4"]) == pytest.approx(np.mean(decision != nearest), abs=1e-15)
+    assert float(values["nc4"]) != pytest.approx(np.mean(np.argmax(h @ weight.numpy().T + bias.numpy(), 1) != nearest))
+
+
+def test_extreme_scale_undoes_the_rescaling_of_cdnv_with_exponent_4(rng):
+    features, labels = _clustered(rng, 100, 4, 5)
+    expected = ref_neural_collapse(features.numpy(), labels.numpy(), cdnv_exponent=4.0)["cdnv"]
+    value = neural_collapse(features * 1e-100, labels, cdnv_exponent=4.0)["cdnv"]  # V / d^4 scales as 1e200
+    assert float(value) == pytest.approx(expected * 1e200, rel=1e-9)
+
+
+@pytest.mark.parametrize(("scale", "match"), [(1e200, "squares overflow"), (1e-170, "squares underflow")])
+def test_the_streaming_metric_names_extreme_scale_as_the_cause(scale, match, rng):
+    from geomon.metrics import NeuralCollapse
+
+    features, labels = _clustered(rng, 60, 3, 4)
+    metric = NeuralCollapse(3, 4)
+    metric.update(features * scale, labels)
+    with pytest.warns(GeomonWarning, match=f"{match}.*cannot rescale"):
+        assert math.isnan(float(metric.compute()["nc1"]))
