@@ -153,8 +153,7 @@ def _neural_collapse_update(
     temporary of the state's ``C x D`` size: the class sums go straight into ``into.feature_sum`` (a streaming
     metric's state)."""
     _validate(features, labels, weight, bias, num_classes, class_means)
-    if ignore_index is not None and 0 <= ignore_index < num_classes:
-        raise ValueError(f"ignore_index must lie outside [0, num_classes = {num_classes}), got {ignore_index}")
+    _check_ignore_index(ignore_index, num_classes)
     if into is None:
         into = zero_stats(num_classes, features.shape[1], features.device)
     _check_state(into, num_classes, features.shape[1], features.device)
@@ -308,19 +307,22 @@ def neural_collapse(
     class_means: Tensor | None = None,
     cdnv_exponent: float = 2.0,
     backend: Backend = "auto",
+    ignore_index: int | None = None,
 ) -> dict[str, Tensor]:
     """Neural-collapse statistics NC1-NC4 and their large-vocabulary forms, as METRICS.md defines them.
 
     Args:
         features: penultimate features ``[N, D]`` (the input of the classifier head).
-        labels: integer class labels ``[N]`` in ``[0, num_classes)``.
+        labels: integer class labels ``[N]`` in ``[0, num_classes)`` (or ``ignore_index``).
         weight: classifier weight ``[C, D]``; enables ``nc3``, ``nc3_cos_mean``, ``unc3`` and ``nc4``.
         bias: classifier bias ``[C]`` (used by ``nc4``'s classifier decision).
-        num_classes: ``C``; default ``weight.shape[0]``, else ``labels.max() + 1``.
+        num_classes: ``C``; default ``weight.shape[0]``, else the largest label other than ``ignore_index``, plus 1.
         class_means: ``[C, D]`` means for ``nc4``'s nearest-centre search (NaN rows = unknown classes); default
             the means of these features.
         cdnv_exponent: power of the distance in CDNV's denominator (2: Galanti et al.; 4: Linguistic Collapse code).
         backend: class statistics and ``nc4`` decisions by ``"torch"``, ``"triton"`` kernels, or ``"auto"``.
+        ignore_index: rows with this label (an integer outside ``[0, num_classes)``, e.g. -100 for padding) are
+            left out of every statistic, ``nc4`` included, as in :class:`geomon.metrics.NeuralCollapse`.
 
     Returns:
         ``nc1, nc2_equinorm, nc2_equiangular, nc2_maxangle, cdnv, gnc2_mean, gnc2_var, coincident_pairs`` and,
@@ -339,18 +341,21 @@ def neural_collapse(
         >>> float(stats["nc1"]), float(stats["nc3"]), float(stats["nc4"])
         (0.0, 0.0, 0.0)
     """
+    _check_ignore_index(ignore_index)
     if num_classes is None:
         if weight is not None and isinstance(weight, Tensor) and weight.ndim == 2:
             num_classes = weight.shape[0]
         else:
             check_int_tensor(labels, "labels", "[N]")
-            num_classes = int(labels.max().item()) + 1 if labels.numel() else 1
+            counted = labels if ignore_index is None else labels[labels != ignore_index]
+            num_classes = int(counted.max().item()) + 1 if counted.numel() else 1
     _validate(features, labels, weight, bias, num_classes, class_means)
     scaled, exponent = rescale_extreme(features)  # exact and scale-invariant but for cdnv (undone below) and nc4
-    stats = _neural_collapse_update(scaled, labels, num_classes=num_classes, backend=backend)
+    stats = _neural_collapse_update(scaled, labels, num_classes=num_classes, backend=backend, ignore_index=ignore_index)
     n_invalid = int(stats.n_invalid.item())
     if n_invalid:
-        low, high = int(labels.min().item()), int(labels.max().item())
+        valid = labels if ignore_index is None else labels[labels != ignore_index]
+        low, high = int(valid.min().item()), int(valid.max().item())
         raise ValueError(f"{n_invalid} labels are outside [0, num_classes = {num_classes}) (labels span {low}..{high})")
     if weight is not None:  # the classifier decides on the features as given, the centres in the rescaled units
         means = class_means
@@ -358,10 +363,21 @@ def neural_collapse(
             means = means_from_stats(stats)
         elif exponent:
             means = scale_by_power_of_two(class_means.double(), -exponent)
-        mismatch, decided = _nc4_update(features, weight, bias, means, backend, centre_features=scaled)
+        keep = None if ignore_index is None else labels != ignore_index
+        mismatch, decided = _nc4_update(features, weight, bias, means, backend, keep, centre_features=scaled)
         stats = stats._replace(nc4_mismatch=mismatch, nc4_count=decided)
     out = _neural_collapse_compute(stats, weight, cdnv_exponent=cdnv_exponent)
     if exponent and cdnv_exponent != 2:  # V_c scales as 2^(2e), the distance term as 2^(p·e)
         factor = torch.tensor(exponent * (2.0 - cdnv_exponent), dtype=torch.float64, device=out["cdnv"].device)
         out["cdnv"] = out["cdnv"] * torch.exp2(factor)
     return out
+
+
+def _check_ignore_index(ignore_index: object, num_classes: int | None = None) -> None:
+    """``ignore_index`` must be None or an integer outside ``[0, num_classes)``."""
+    if ignore_index is None:
+        return
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an integer label or None, got {type(ignore_index).__name__}")
+    if num_classes is not None and 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index must lie outside [0, num_classes = {num_classes}), got {ignore_index}")

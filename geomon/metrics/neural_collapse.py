@@ -10,6 +10,7 @@ from torch import Tensor
 from geomon.functional._dispatch import BACKENDS, Backend
 from geomon.functional.neural_collapse import (
     ClassStats,
+    _check_ignore_index,
     _neural_collapse_compute,
     _neural_collapse_update,
     means_from_stats,
@@ -48,8 +49,8 @@ class NeuralCollapse(StatsMetric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if ignore_index is not None and 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index must lie outside [0, num_classes = {num_classes}), got {ignore_index}")
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        _check_ignore_index(ignore_index, num_classes)
         self.ignore_index = ignore_index
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

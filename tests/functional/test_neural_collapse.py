@@ -360,3 +360,37 @@ def test_the_streaming_metric_names_extreme_scale_as_the_cause(scale, match, rng
     metric.update(features * scale, labels)
     with pytest.warns(GeomonWarning, match=f"{match}.*cannot rescale"):
         assert math.isnan(float(metric.compute()["nc1"]))
+
+
+def test_ignore_index_leaves_rows_out_of_everything(rng):
+    features, labels = _clustered(rng, 150, 5, 6)
+    weight = torch.from_numpy(rng.standard_normal((5, 6)))
+    bias = torch.from_numpy(rng.standard_normal(5))
+    padded = labels.clone()
+    padded[::4] = -100
+    features[::4] = float("nan")  # padding rows may hold anything
+    keep = padded != -100
+    values = neural_collapse(features, padded, weight, bias, ignore_index=-100)
+    expected = ref_neural_collapse(features[keep].numpy(), labels[keep].numpy(), weight.numpy(), bias.numpy())
+    _assert_matches(values, expected)
+    # without a weight the class count comes from the labels other than ignore_index (here one above them all)
+    values = neural_collapse(features, torch.where(keep, labels, 7), ignore_index=7)
+    _assert_matches(values, ref_neural_collapse(features[keep].numpy(), labels[keep].numpy()))
+
+
+@pytest.mark.parametrize(
+    ("ignore_index", "error", "match"),
+    [
+        (0, ValueError, "must lie outside"),
+        ("pad", TypeError, "ignore_index must be an integer"),
+        (True, TypeError, "got bool"),
+    ],
+)
+def test_ignore_index_is_checked(ignore_index, error, match):
+    from geomon.metrics import NeuralCollapse
+
+    features, labels = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(error, match=match):
+        neural_collapse(features, labels, num_classes=2, ignore_index=ignore_index)
+    with pytest.raises(error, match=match):
+        NeuralCollapse(2, 3, ignore_index=ignore_index)
