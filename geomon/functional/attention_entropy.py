@@ -454,7 +454,10 @@ def _attention_entropy_compute(stats: AttentionStats) -> dict[str, Tensor]:
     if not bool(stats.count.sum() > 0):
         warn("attention_entropy: no query row with an allowed key was seen; returning NaN")
     elif not bool(stats.entropy_sum.isfinite().all()):
-        warn("attention_entropy: the queries or keys contain NaN or Inf; the affected heads read NaN")
+        warn(
+            "attention_entropy: some rows met a NaN or infinite score (NaN or Inf in the queries or keys, +inf in an "
+            "additive mask, or a scaled q.k beyond the float range); the affected heads read NaN"
+        )
     per_head = stats.entropy_sum / stats.count
     per_head_normalized = stats.normalized_sum / stats.normalized_count
     max_per_head = torch.where(stats.count > 0, stats.max_logit, math.nan)
