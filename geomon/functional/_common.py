@@ -53,6 +53,20 @@ def check_float_tensor(x: object, name: str, ndim: int | tuple[int, ...], shape_
     return x
 
 
+def check_number(x: object, name: str, what: str) -> float:
+    """Check that ``x`` is a real Python number (not a bool, str, list or None); ``what`` says what is allowed."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise TypeError(f"{name} must be {what}, got {type(x).__name__}")
+    return float(x)
+
+
+def check_flag(x: object, name: str) -> bool:
+    """Check that ``x`` is a bool (a str or None would otherwise be read as truthy or falsy)."""
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be True or False, got {type(x).__name__}")
+    return x
+
+
 def is_index_tensor(x: Tensor) -> bool:
     """Whether ``x`` holds integers that can index classes (not float, complex or bool)."""
     return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from geomon.functional._common import nan, rescale_extreme, warn
+from geomon.functional._common import check_flag, nan, rescale_extreme, warn
 from geomon.functional._embedding import EmbeddingStats, _covariance_eigenvalues, _embedding_update, _sums_problem
 
 _alpha_req_update = _embedding_update
@@ -96,5 +96,6 @@ def alpha_req(
         True
     """
     z, _ = rescale_extreme(z)  # scale-invariant: keep a float64 Gram of extreme data finite and normal
+    check_flag(return_r2, "return_r2")
     alpha, r2 = _alpha_req_compute(_alpha_req_update(z), fit_range=fit_range)
     return (alpha, r2) if return_r2 else alpha

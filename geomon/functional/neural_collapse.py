@@ -24,6 +24,7 @@ from geomon.functional._class_tiles import COINCIDENT, nearest_centre, pair_sums
 from geomon.functional._common import (
     check_float_tensor,
     check_int_tensor,
+    check_number,
     compute_dtype,
     nan,
     rescale_extreme,
@@ -342,6 +343,7 @@ def neural_collapse(
         (0.0, 0.0, 0.0)
     """
     _check_ignore_index(ignore_index)
+    _check_cdnv_exponent(cdnv_exponent)
     if num_classes is None:
         if weight is not None and isinstance(weight, Tensor) and weight.ndim == 2:
             num_classes = weight.shape[0]
@@ -371,6 +373,13 @@ def neural_collapse(
         factor = torch.tensor(exponent * (2.0 - cdnv_exponent), dtype=torch.float64, device=out["cdnv"].device)
         out["cdnv"] = out["cdnv"] * torch.exp2(factor)
     return out
+
+
+def _check_cdnv_exponent(cdnv_exponent: object) -> None:
+    """The CDNV exponent is a finite number > 0 (2: Galanti et al., 4: the Linguistic Collapse code)."""
+    value = check_number(cdnv_exponent, "cdnv_exponent", "a number > 0 (2 or 4)")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"cdnv_exponent must be a finite number > 0 (2 or 4), got {cdnv_exponent!r}")
 
 
 def _check_ignore_index(ignore_index: object, num_classes: int | None = None) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from geomon.functional._common import nan, rescale_extreme, warn
+from geomon.functional._common import check_flag, check_number, nan, rescale_extreme, warn
 from geomon.functional._embedding import (
     EmbeddingStats,
     _covariance_eigenvalues,
@@ -41,8 +41,9 @@ def _rankme_compute(
     ``spectrum``: the values already computed from ``stats`` (``_covariance_eigenvalues`` when ``centered``, else
     ``_singular_values``), so that a caller that needs them for something else solves the eigenproblem once.
     """
-    if eps < 0:
+    if check_number(eps, "eps", "a number >= 0") < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    check_flag(centered, "centered")
     if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
         raise ValueError(f"min_samples must be a positive integer, got {min_samples!r}")
     device = stats.gram.device

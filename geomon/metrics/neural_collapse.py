@@ -10,6 +10,7 @@ from torch import Tensor
 from geomon.functional._dispatch import BACKENDS, Backend
 from geomon.functional.neural_collapse import (
     ClassStats,
+    _check_cdnv_exponent,
     _check_ignore_index,
     _neural_collapse_compute,
     _neural_collapse_update,
@@ -57,6 +58,7 @@ class NeuralCollapse(StatsMetric):
         self.backend = backend
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.num_features = check_positive_int(num_features, "num_features")
+        _check_cdnv_exponent(cdnv_exponent)
         self.cdnv_exponent = cdnv_exponent
         c, d = num_classes, num_features
         self._add_stats_states(ClassStats(zeros(c), zeros(c, d), zeros(c), zeros(d, d), zeros(), zeros(), zeros()))

@@ -122,3 +122,8 @@ def test_the_streaming_metric_names_extreme_scale_as_the_cause(scale, match, rng
     metric.update(torch.from_numpy(rng.standard_normal((300, 128))) * scale)
     with pytest.warns(GeomonWarning, match=f"{match}.*cannot rescale"):
         assert math.isnan(float(metric.compute()))
+
+
+def test_a_return_r2_that_is_not_a_bool_is_named():
+    with pytest.raises(TypeError, match="return_r2 must be True or False, got str"):
+        alpha_req(torch.randn(10, 4), fit_range=(1, 2), return_r2="no")

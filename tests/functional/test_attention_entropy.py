@@ -258,3 +258,18 @@ def test_a_plus_inf_mask_entry_reads_nan_entropy_and_inf_max_logit(gen):
     with pytest.warns(GeomonWarning, match=r"NaN or infinite score .*\+inf in an additive mask"):
         values = _attention_entropy_compute(_attention_entropy_update(q, k, attn_mask=mask))
     assert math.isnan(float(values["entropy"])) and float(values["max_logit"]) == math.inf
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"chunk_size": "8"}, "chunk_size must be a positive integer or None, got str"),
+        ({"chunk_size": [8]}, "chunk_size must be a positive integer or None, got list"),
+        ({"is_causal": "False"}, "is_causal must be True or False, got str"),  # a truthy str used to mean causal
+        ({"return_n_keys": None}, "return_n_keys must be True or False, got NoneType"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_named(kwargs, match, gen):
+    q, k = _qk(gen, 1, 1, 1, 3, 3, 4)
+    with pytest.raises(TypeError, match=match):
+        attention_entropy(q, k, **kwargs)

@@ -394,3 +394,16 @@ def test_ignore_index_is_checked(ignore_index, error, match):
         neural_collapse(features, labels, num_classes=2, ignore_index=ignore_index)
     with pytest.raises(error, match=match):
         NeuralCollapse(2, 3, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [("4", TypeError), (None, TypeError), ([2.0], TypeError), (0.0, ValueError), (math.inf, ValueError)],
+)
+def test_a_bad_cdnv_exponent_is_named(value, error):
+    from geomon.metrics import NeuralCollapse
+
+    with pytest.raises(error, match="cdnv_exponent must be"):
+        neural_collapse(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), cdnv_exponent=value)
+    with pytest.raises(error, match="cdnv_exponent must be"):
+        NeuralCollapse(2, 3, cdnv_exponent=value)

@@ -240,3 +240,16 @@ def test_the_streaming_metric_names_extreme_scale_as_the_cause(scale, match, rng
     metric.update(torch.from_numpy(rng.standard_normal((50, 8))) * scale)
     with pytest.warns(GeomonWarning, match=f"{match}.*cannot rescale"):
         assert math.isnan(float(metric.compute()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"eps": "a"}, "eps must be a number"),
+        ({"eps": None}, "eps must be a number"),
+        ({"centered": "yes"}, "centered"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_named(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        rankme(torch.randn(5, 3), **kwargs)
