@@ -363,8 +363,8 @@ def attention_entropy(
             :class:`geomon.capture.AttentionCall`).
 
     Returns:
-        ``(entropy, max_logit)`` (or with ``n_keys``), each ``[B, H, Nq]``, float32 (float64 for float64 inputs);
-        NaN in rows with no allowed key.
+        ``(entropy, max_logit)`` (or with ``n_keys``), each ``[B, H, Nq]``, float32 (float64 when ``q`` or ``k`` is
+        float64: unlike SDPA, ``q`` and ``k`` may differ in dtype, both are promoted); NaN in rows with no allowed key.
 
     Example:
         >>> import torch

@@ -273,3 +273,14 @@ def test_arguments_of_the_wrong_type_are_named(kwargs, match, gen):
     q, k = _qk(gen, 1, 1, 1, 3, 3, 4)
     with pytest.raises(TypeError, match=match):
         attention_entropy(q, k, **kwargs)
+
+
+def test_q_and_k_of_different_dtypes_are_promoted_to_the_wider(gen):
+    # SDPA refuses q and k of different dtypes; geomon computes in float64 when either is float64, as documented
+    q, k = _qk(gen, 1, 2, 2, 5, 7, 8, dtype=torch.float32)
+    k64 = k.double() + 1e-9  # not representable in float32: the float64 keys are used as they are
+    entropy, max_logit = attention_entropy(q, k64, is_causal=True)
+    assert entropy.dtype == max_logit.dtype == torch.float64
+    ref_entropy, ref_max, _ = ref_attention_entropy(to_np(q), to_np(k64), is_causal=True)
+    np.testing.assert_allclose(to_np(entropy), ref_entropy, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(to_np(max_logit), ref_max, rtol=1e-12)
