@@ -253,3 +253,18 @@ def test_the_streaming_metric_names_extreme_scale_as_the_cause(scale, match, rng
 def test_arguments_of_the_wrong_type_are_named(kwargs, match):
     with pytest.raises(TypeError, match=match):
         rankme(torch.randn(5, 3), **kwargs)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 100])
+def test_the_range_is_one_hot_to_flat_with_eps_shifted_ends(k):
+    # RankMe over K = min(N, D) values lies between the one-hot and the flat spectrum's values, both moved by eps:
+    # a single row reads exp(-(1+eps) log(1+eps)) = 1 - 1e-7, just below 1; a flat spectrum slightly above K
+    eps = 1e-7
+    one_hot = np.exp(-(1 + eps) * np.log1p(eps) - (k - 1) * eps * np.log(eps))
+    flat = np.exp(-(1 + k * eps) * np.log(1 / k + eps))
+    z = torch.zeros(k, 3 * k, dtype=torch.float64)
+    z[0, 0] = 2.5  # rank 1, K = k singular values
+    assert float(rankme(z)) == pytest.approx(one_hot, rel=1e-12)
+    assert float(rankme(torch.eye(k, dtype=torch.float64) * 3)) == pytest.approx(flat, rel=1e-12)
+    if k == 1:
+        assert float(rankme(z)) < 1.0
