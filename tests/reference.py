@@ -160,17 +160,22 @@ def ref_neural_collapse(
 
     norms = np.array([np.linalg.norm(m[:, j]) for j in range(cs)])
     out["nc2_equinorm"] = float(np.std(norms, ddof=1) / np.mean(norms))
+    # a mean at mu_G to rounding (|mu_c - mu_G|^2 <= 1e-12 (|mu_c|^2 + mean_c' |mu_c'|^2)) has no direction: NaN cosines
+    mean_sq = np.mean([mu[c] @ mu[c] for c in seen])
+    direction = [norms[j] ** 2 > 1e-12 * (mu[seen[j]] @ mu[seen[j]] + mean_sq) for j in range(cs)]
     pair_cos = []  # all ordered pairs c != c'
     for a in range(cs):
         for b in range(cs):
             if a != b:
-                pair_cos.append(m[:, a] @ m[:, b] / (norms[a] * norms[b]))
+                apart = direction[a] and direction[b]
+                pair_cos.append(m[:, a] @ m[:, b] / (norms[a] * norms[b]) if apart else np.nan)
     cos_off = np.array(pair_cos)
     out["nc2_equiangular"] = float(np.std(cos_off, ddof=1))
     out["nc2_maxangle"] = float(np.mean(np.abs(cos_off + 1.0 / (cs - 1))))
 
     var = {c: np.mean(np.sum((h[y == c] - mu[c]) ** 2, axis=1)) for c in seen}
-    muhat = m / norms[None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):  # a mean exactly at mu_G: NaN, never used
+        muhat = m / norms[None, :]
     cdnv, logs, coincident = [], [], 0
     for a in range(cs):
         for b in range(a + 1, cs):
@@ -185,8 +190,7 @@ def ref_neural_collapse(
             else:
                 coincident += 1
             unit_dist = np.linalg.norm(muhat[:, a] - muhat[:, b])
-            directions = norms[a] ** 2 > 1e-12 * scale_a and norms[b] ** 2 > 1e-12 * scale_b
-            if directions and unit_dist**2 > 2e-12:
+            if direction[a] and direction[b] and unit_dist**2 > 2e-12:
                 logs.append(np.log(1.0 / unit_dist))
     out["cdnv"] = float(np.mean(cdnv)) if cdnv else float("nan")
     out["gnc2_mean"] = float(np.mean(logs)) if logs else float("nan")
@@ -197,7 +201,9 @@ def ref_neural_collapse(
         w = np.asarray(weight, dtype=np.float64)
         ws = w[seen]  # C_seen x D
         out["nc3"] = float(np.linalg.norm(ws.T / np.linalg.norm(ws) - m / np.linalg.norm(m)) ** 2)
-        cosw = np.array([ws[j] @ m[:, j] / (np.linalg.norm(ws[j]) * norms[j]) for j in range(cs)])
+        cosw = np.array(
+            [ws[j] @ m[:, j] / (np.linalg.norm(ws[j]) * norms[j]) if direction[j] else np.nan for j in range(cs)]
+        )
         out["nc3_cos_mean"] = float(np.mean(cosw))
         out["unc3"] = float(np.std(cosw, ddof=1) / np.mean(cosw))
         b_vec = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)

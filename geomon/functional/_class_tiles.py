@@ -201,18 +201,21 @@ class PairSums(NamedTuple):
     n_directions_apart: Tensor  #: how many ordered pairs have distinct centred-mean directions
 
 
-def pair_sums(centred_means: Tensor, variances: Tensor, exponent: float, scales: Tensor) -> PairSums:
+def pair_sums(
+    centred_means: Tensor, variances: Tensor, exponent: float, scales: Tensor, has_direction: Tensor
+) -> PairSums:
     """One tiled pass over class pairs giving every pairwise neural-collapse statistic.
 
     Sums are shifted by their simplex-ETF values (``cos = -1/(C-1)``, ``g = -½ log(2C/(C-1))``) so that the
     variances computed from them do not cancel catastrophically near collapse. ``scales`` are the ``s_c`` of
-    ``COINCIDENT``: the scale against which two means (or a mean and the global mean) coincide.
+    ``COINCIDENT``: the scale against which two means coincide. ``has_direction`` (``[C]`` bool): False for a mean
+    at the global mean (to rounding), whose direction is noise: its cosines are NaN (so ``nc2_*`` read NaN) and its
+    pairs are left out of the ``g`` sums.
     """
     c = centred_means.shape[0]
     norms = centred_means.norm(dim=1)
     sq_norms = norms**2
-    has_direction = sq_norms > COINCIDENT * scales  # a mean at the global mean has no direction
-    unit = centred_means / norms[:, None]  # NaN for a mean exactly at the global mean: nc2_* read NaN
+    unit = torch.where(has_direction[:, None], centred_means / norms[:, None], math.nan)
     cos_etf = -1.0 / (c - 1)
     g_etf = -0.5 * math.log(2 * c / (c - 1))
     zero = torch.zeros((), dtype=centred_means.dtype, device=centred_means.device)

@@ -53,6 +53,20 @@ def check_float_tensor(x: object, name: str, ndim: int | tuple[int, ...], shape_
     return x
 
 
+def check_number(x: object, name: str, what: str) -> float:
+    """Check that ``x`` is a real Python number (not a bool, str, list or None); ``what`` says what is allowed."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise TypeError(f"{name} must be {what}, got {type(x).__name__}")
+    return float(x)
+
+
+def check_flag(x: object, name: str) -> bool:
+    """Check that ``x`` is a bool (a str or None would otherwise be read as truthy or falsy)."""
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be True or False, got {type(x).__name__}")
+    return x
+
+
 def is_index_tensor(x: Tensor) -> bool:
     """Whether ``x`` holds integers that can index classes (not float, complex or bool)."""
     return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
@@ -72,6 +86,37 @@ def check_int_tensor(x: object, name: str, shape_doc: str) -> Tensor:
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a batch is computed in: float64 stays float64, everything else is upcast to float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+#: The one-shot functions rescale float64 inputs whose largest ``|value|`` lies outside ``[2^-SAFE_EXPONENT,
+#: 2^SAFE_EXPONENT]``: their float64 Gram (squares summed over rows) would otherwise overflow (above about 1e154) or
+#: underflow (below about 1e-162) although every value is finite.
+SAFE_EXPONENT = 250
+
+
+def scale_by_power_of_two(x: Tensor, exponent: int) -> Tensor:
+    """``x · 2^exponent`` in two steps, so that no factor overflows (``|exponent|`` may exceed 1023 for subnormal data).
+    Exact for every value whose result is a normal number."""
+    first = exponent // 2
+    return x * 2.0**first * 2.0 ** (exponent - first)
+
+
+def rescale_extreme(x: object) -> tuple[object, int]:
+    """``(x · 2^-e, e)`` when ``x`` is a float64 tensor whose largest ``|value|``, ``f · 2^e`` with ``f`` in
+    ``[0.5, 1)``, is finite, non-zero and outside ``[2^-SAFE_EXPONENT, 2^SAFE_EXPONENT]``; ``(x, 0)`` otherwise
+    (other dtypes cannot overflow a float64 Gram; non-finite data keeps its NaN/Inf warnings; anything that is not a
+    tensor is left to the validation). The scaled data has its largest ``|value|`` in ``[0.5, 1)``: exact, except
+    that values below ``2^-1022`` of the largest lose bits (their products are far below float64 resolution of a
+    Gram anyway). Reads the data: a host sync, for the one-shot functions only."""
+    if not isinstance(x, Tensor) or x.dtype != torch.float64 or x.numel() == 0:
+        return x, 0
+    largest = x.detach().abs().amax()
+    if not bool(torch.isfinite(largest) & (largest > 0)):
+        return x, 0
+    exponent = int(torch.frexp(largest).exponent.item())
+    if -SAFE_EXPONENT <= exponent <= SAFE_EXPONENT:
+        return x, 0
+    return scale_by_power_of_two(x, -exponent), exponent
 
 
 def nan(device: torch.device | str | None = None) -> Tensor:

@@ -38,6 +38,36 @@ def _embedding_update(z: Tensor) -> EmbeddingStats:
     )
 
 
+#: A Gram whose largest diagonal entry is below this has lost precision to float64 underflow: entries at
+#: ``λ_max · eps`` (what the spectrum resolves) would fall among the subnormals (``2^-1022``).
+GRAM_UNDERFLOW = 2.0**-960
+
+#: Why a streaming metric cannot do what the one-shot functions do with such data.
+STREAMING_NOTE = (
+    "the streaming metrics sum raw Grams across updates and processes and cannot rescale them; the one-shot "
+    "functions rescale float64 input themselves (the metric is scale-invariant)"
+)
+
+
+def _sums_problem(stats: EmbeddingStats, metric: str) -> str | None:
+    """A warning naming why the sums give no spectrum (non-finite data, or finite data whose float64 Gram overflows or
+    underflows), or None when they are usable. Host syncs: the logging step only."""
+    if not bool(stats.total.isfinite().all()):
+        return f"{metric}: the embeddings contain NaN or Inf (or finite values whose float64 sum overflows)"
+    if not bool(stats.gram.isfinite().all()):
+        return (
+            f"{metric}: the embeddings are finite, but their float64 Gram overflows (values of magnitude above about "
+            f"1e154 / sqrt(N)); {STREAMING_NOTE}"
+        )
+    top = stats.gram.diagonal().amax() if stats.gram.numel() else stats.gram.new_zeros(())
+    if bool(top < GRAM_UNDERFLOW) and bool((top > 0) | (stats.total != 0).any()):
+        return (
+            f"{metric}: the embeddings are non-zero but their float64 Gram underflows (every column's sum of squares "
+            f"is below 2^-960: values of magnitude below about 1e-145 / sqrt(N)); {STREAMING_NOTE}"
+        )
+    return None
+
+
 def _covariance(stats: EmbeddingStats) -> Tensor:
     """Unbiased covariance ``(Σzzᵀ - N μμᵀ) / (N - 1)`` from the sums (float64, symmetrised)."""
     n = stats.n

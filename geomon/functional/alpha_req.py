@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from geomon.functional._common import nan, warn
-from geomon.functional._embedding import EmbeddingStats, _covariance_eigenvalues, _embedding_update
+from geomon.functional._common import check_flag, nan, rescale_extreme, warn
+from geomon.functional._embedding import EmbeddingStats, _covariance_eigenvalues, _embedding_update, _sums_problem
 
 _alpha_req_update = _embedding_update
 
@@ -58,8 +58,9 @@ def _alpha_req_compute(
     if n < 2:
         warn(f"alpha_req needs at least 2 rows for a covariance, got {n}; returning NaN")
         return nan(device), nan(device)
-    if not bool(stats.gram.isfinite().all()) or not bool(stats.total.isfinite().all()):
-        warn("alpha_req: the embeddings contain NaN or Inf; returning NaN")
+    problem = _sums_problem(stats, "alpha_req")
+    if problem is not None:
+        warn(f"{problem}; returning NaN")
         return nan(device), nan(device)
     if eigenvalues is None:
         eigenvalues = _covariance_eigenvalues(stats)  # the zeros past min(N, D) are never fitted (see below)
@@ -94,5 +95,7 @@ def alpha_req(
         >>> 0.9 < float(alpha_req(z)) < 1.1
         True
     """
+    z, _ = rescale_extreme(z)  # scale-invariant: keep a float64 Gram of extreme data finite and normal
+    check_flag(return_r2, "return_r2")
     alpha, r2 = _alpha_req_compute(_alpha_req_update(z), fit_range=fit_range)
     return (alpha, r2) if return_r2 else alpha

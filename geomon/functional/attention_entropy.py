@@ -28,6 +28,7 @@ from torch import Tensor
 from geomon.functional._common import (
     TILE_ELEMENTS,
     autocast_off,
+    check_flag,
     check_float_tensor,
     check_int_tensor,
     nan,
@@ -214,6 +215,8 @@ def _attention_rows(
     _validate(q, k, scale, is_causal, attn_mask, query_index)
     _validate_padding(q, is_causal, masked_at, query_padding, pattern)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+        raise TypeError(f"chunk_size must be a positive integer or None, got {type(chunk_size).__name__}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     unsupported = None
@@ -360,8 +363,8 @@ def attention_entropy(
             :class:`geomon.capture.AttentionCall`).
 
     Returns:
-        ``(entropy, max_logit)`` (or with ``n_keys``), each ``[B, H, Nq]``, float32 (float64 for float64 inputs);
-        NaN in rows with no allowed key.
+        ``(entropy, max_logit)`` (or with ``n_keys``), each ``[B, H, Nq]``, float32 (float64 when ``q`` or ``k`` is
+        float64: unlike SDPA, ``q`` and ``k`` may differ in dtype, both are promoted); NaN in rows with no allowed key.
 
     Example:
         >>> import torch
@@ -370,6 +373,8 @@ def attention_entropy(
         >>> torch.allclose(entropy, torch.full((1, 1, 4), torch.log(torch.tensor(16.0)).item()))
         True
     """
+    check_flag(is_causal, "is_causal")
+    check_flag(return_n_keys, "return_n_keys")
     if query_index is not None:
         check_int_tensor(query_index, "query_index", "[Nsel]")
     if query_index is not None and isinstance(q, Tensor) and query_index.numel():  # the update path clamps
@@ -454,7 +459,10 @@ def _attention_entropy_compute(stats: AttentionStats) -> dict[str, Tensor]:
     if not bool(stats.count.sum() > 0):
         warn("attention_entropy: no query row with an allowed key was seen; returning NaN")
     elif not bool(stats.entropy_sum.isfinite().all()):
-        warn("attention_entropy: the queries or keys contain NaN or Inf; the affected heads read NaN")
+        warn(
+            "attention_entropy: some rows met a NaN or infinite score (NaN or Inf in the queries or keys, +inf in an "
+            "additive mask, or a scaled q.k beyond the float range); the affected heads read NaN"
+        )
     per_head = stats.entropy_sum / stats.count
     per_head_normalized = stats.normalized_sum / stats.normalized_count
     max_per_head = torch.where(stats.count > 0, stats.max_logit, math.nan)

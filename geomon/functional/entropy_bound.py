@@ -33,7 +33,13 @@ def entropy_lower_bound(sigma: Tensor | float, n_keys: int) -> Tensor:
         raise ValueError(f"n_keys must be a positive integer, got {n_keys!r}")
     if isinstance(sigma, complex) or (isinstance(sigma, torch.Tensor) and sigma.is_complex()):
         raise ValueError("sigma must be real and >= 0 (a product of spectral norms), got a complex value")
-    s = torch.as_tensor(sigma, dtype=torch.float64)
+    try:
+        s = torch.as_tensor(sigma, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            "sigma must be a real number >= 0 or a real tensor (or nested sequence of numbers) of them, got "
+            f"{type(sigma).__name__}"
+        ) from None
     if bool((s < 0).any()) or bool(s.isnan().any()):
         raise ValueError("sigma must be real and >= 0 (a product of spectral norms)")
     if n_keys == 1:

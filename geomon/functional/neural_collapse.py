@@ -20,9 +20,19 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from geomon.functional._class_tiles import nearest_centre, pair_sums, tiled_argmax
-from geomon.functional._common import check_float_tensor, check_int_tensor, compute_dtype, nan, warn
+from geomon.functional._class_tiles import COINCIDENT, nearest_centre, pair_sums, tiled_argmax
+from geomon.functional._common import (
+    check_float_tensor,
+    check_int_tensor,
+    check_number,
+    compute_dtype,
+    nan,
+    rescale_extreme,
+    scale_by_power_of_two,
+    warn,
+)
 from geomon.functional._dispatch import Backend, choose_backend
+from geomon.functional._embedding import GRAM_UNDERFLOW, STREAMING_NOTE
 
 STATISTICS = (
     "nc1",
@@ -80,18 +90,21 @@ def _nc4_update(
     class_means: Tensor,
     backend: Backend = "auto",
     keep: Tensor | None = None,
+    centre_features: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(mismatches, samples)``: classifier argmax over all classes vs nearest finite class mean, both as
     decided by the float64 scores (no host sync on the kernel path; the torch path's float64 re-check syncs on CUDA);
     rows where ``keep`` is False are not counted. A NaN anywhere in the head's weight or bias leaves the argmax
     undefined (the search would only skip that class), and means with no finite row leave no centre: the
-    mismatches are NaN then."""
+    mismatches are NaN then. ``centre_features``: the features the nearest-centre search reads, in the units of
+    ``class_means`` (the one-shot function's rescaled float64 features), default ``features``."""
     dtype = compute_dtype(features)
     h = features.detach().to(dtype)
     w = weight.detach().to(dtype)
     offset = torch.zeros(w.shape[0], dtype=dtype, device=h.device) if bias is None else bias.detach().to(dtype)
     decision = tiled_argmax(h, w, offset, backend)
-    nearest = nearest_centre(h, class_means.detach().to(dtype), backend)
+    search_h = h if centre_features is None else centre_features.detach().to(dtype)
+    nearest = nearest_centre(search_h, class_means.detach().to(dtype), backend)
     undefined = w.isnan().any() | offset.isnan().any() | ~class_means.isfinite().all(dim=1).any()
     if keep is None:
         mismatch = (decision != nearest).sum().to(torch.float64)
@@ -141,8 +154,7 @@ def _neural_collapse_update(
     temporary of the state's ``C x D`` size: the class sums go straight into ``into.feature_sum`` (a streaming
     metric's state)."""
     _validate(features, labels, weight, bias, num_classes, class_means)
-    if ignore_index is not None and 0 <= ignore_index < num_classes:
-        raise ValueError(f"ignore_index must lie outside [0, num_classes = {num_classes}), got {ignore_index}")
+    _check_ignore_index(ignore_index, num_classes)
     if into is None:
         into = zero_stats(num_classes, features.shape[1], features.device)
     _check_state(into, num_classes, features.shape[1], features.device)
@@ -204,9 +216,8 @@ def _neural_collapse_compute(
         raise ValueError(f"{n_invalid} labels were outside [0, num_classes = {stats.count.shape[0]})")
     seen = stats.count > 0
     n_seen = int(seen.sum().item())
-    finite = all(bool(t.isfinite().all()) for t in (stats.feature_sum, stats.sq_norm_sum, stats.gram))
-    if n_seen < 2 or not finite:
-        reason = f"only {n_seen} class(es) have samples" if finite else "the features contain NaN or Inf"
+    reason = f"only {n_seen} class(es) have samples" if n_seen < 2 else _sums_problem(stats)
+    if reason is not None:
         warn(f"neural_collapse needs at least 2 classes with finite features: {reason}; returning NaN")
         return {key: nan(device) for key in keys}
     counts = stats.count[seen]
@@ -219,15 +230,21 @@ def _neural_collapse_compute(
     variances = (stats.sq_norm_sum[seen] / counts - (means * means).sum(dim=1)).clamp(min=0)
     # the scale of each class's mean for the coincidence test: the rounding of the pair distances, computed from
     # the centred means, grows with |μ_c - μ_G|², and that of the means themselves with |μ_c|²
-    scales = (means * means).sum(dim=1) + (centred * centred).sum(dim=1)
-    pairs = pair_sums(centred, variances, cdnv_exponent, scales)
+    sq_means = (means * means).sum(dim=1)
+    scales = sq_means + (centred * centred).sum(dim=1)
+    # a mean at the global mean has no direction: |μ_c - μ_G|² at the rounding level of μ_c - μ_G, where μ_G (a mean
+    # over every class) rounds at the scale of the mean |μ_c'|², not of this class's own (maybe tiny) |μ_c|²
+    has_direction = norms**2 > COINCIDENT * (sq_means + sq_means.mean())
+    pairs = pair_sums(centred, variances, cdnv_exponent, scales, has_direction)
     n_ordered = n_seen * (n_seen - 1)
     n_means_apart, n_directions_apart = int(pairs.n_means_apart.item()), int(pairs.n_directions_apart.item())
     if n_means_apart < n_ordered or n_directions_apart < n_ordered:
         warn(  # one fixed text, so that the warnings filter shows it once rather than on every step
             "neural_collapse: some pairs of classes have coinciding means (an infinite CDNV) or mean directions (a "
             "mean at the global mean, or two on one ray from it); cdnv and gnc2_* are averaged over the other pairs, "
-            "and coincident_pairs reports the share of pairs whose means coincide"
+            "coincident_pairs reports the share of pairs whose means coincide, and a mean at the global mean (to "
+            "rounding) has no direction: nc2_equiangular, nc2_maxangle and, with a weight, nc3_cos_mean and unc3 "
+            "read NaN"
         )
     g_shift_mean = _mean_or_nan(pairs.log_inv_dist_shifted, n_directions_apart)
     out = {
@@ -245,11 +262,30 @@ def _neural_collapse_compute(
     if weight is not None:
         w = weight.detach().double()[seen]
         out["nc3"] = ((w / w.norm() - centred / centred.norm()) ** 2).sum()
-        cos = (w * centred).sum(dim=1) / (w.norm(dim=1) * norms)
+        cos = torch.where(has_direction, (w * centred).sum(dim=1) / (w.norm(dim=1) * norms), math.nan)
         out["nc3_cos_mean"] = cos.mean()
         out["unc3"] = cos.std() / cos.mean()
         out["nc4"] = stats.nc4_mismatch / stats.nc4_count if bool(stats.nc4_count > 0) else nan(device)
     return out
+
+
+def _sums_problem(stats: ClassStats) -> str | None:
+    """Why the sums give no statistics (non-finite features, or finite ones whose float64 squares overflow or
+    underflow), or None when they are usable. Host syncs: the logging step only."""
+    if not bool(stats.feature_sum.isfinite().all()):
+        return "the features contain NaN or Inf (or finite values whose float64 sum overflows)"
+    if not (bool(stats.sq_norm_sum.isfinite().all()) and bool(stats.gram.isfinite().all())):
+        return (
+            "the features are finite, but their float64 squares overflow (values of magnitude above about 1e154 / "
+            f"sqrt(N)); {STREAMING_NOTE}"
+        )
+    top = stats.gram.diagonal().amax()
+    if bool(top < GRAM_UNDERFLOW) and bool((top > 0) | (stats.feature_sum != 0).any()):
+        return (
+            "the features are non-zero but their float64 squares underflow (every feature's sum of squares is below "
+            f"2^-960: values of magnitude below about 1e-145 / sqrt(N)); {STREAMING_NOTE}"
+        )
+    return None
 
 
 def _mean_or_nan(total: Tensor, n: int) -> Tensor:
@@ -272,26 +308,31 @@ def neural_collapse(
     class_means: Tensor | None = None,
     cdnv_exponent: float = 2.0,
     backend: Backend = "auto",
+    ignore_index: int | None = None,
 ) -> dict[str, Tensor]:
     """Neural-collapse statistics NC1-NC4 and their large-vocabulary forms, as METRICS.md defines them.
 
     Args:
         features: penultimate features ``[N, D]`` (the input of the classifier head).
-        labels: integer class labels ``[N]`` in ``[0, num_classes)``.
+        labels: integer class labels ``[N]`` in ``[0, num_classes)`` (or ``ignore_index``).
         weight: classifier weight ``[C, D]``; enables ``nc3``, ``nc3_cos_mean``, ``unc3`` and ``nc4``.
         bias: classifier bias ``[C]`` (used by ``nc4``'s classifier decision).
-        num_classes: ``C``; default ``weight.shape[0]``, else ``labels.max() + 1``.
+        num_classes: ``C``; default ``weight.shape[0]``, else the largest label other than ``ignore_index``, plus 1.
         class_means: ``[C, D]`` means for ``nc4``'s nearest-centre search (NaN rows = unknown classes); default
             the means of these features.
         cdnv_exponent: power of the distance in CDNV's denominator (2: Galanti et al.; 4: Linguistic Collapse code).
         backend: class statistics and ``nc4`` decisions by ``"torch"``, ``"triton"`` kernels, or ``"auto"``.
+        ignore_index: rows with this label (an integer outside ``[0, num_classes)``, e.g. -100 for padding) are
+            left out of every statistic, ``nc4`` included, as in :class:`geomon.metrics.NeuralCollapse`.
 
     Returns:
         ``nc1, nc2_equinorm, nc2_equiangular, nc2_maxangle, cdnv, gnc2_mean, gnc2_var, coincident_pairs`` and,
         with ``weight``, ``nc3, nc3_cos_mean, unc3, nc4``; float64 scalars, NaN (with a warning) when fewer than 2
         classes are seen. Pairs of classes whose means coincide (to float64 rounding, e.g. two next tokens seen only
         after the same prefix) have an infinite CDNV: ``cdnv`` and ``gnc2_*`` average over the other pairs (with a
-        warning) and ``coincident_pairs`` is the share of such pairs (0 when all means are apart).
+        warning) and ``coincident_pairs`` is the share of such pairs (0 when all means are apart). Float64 features
+        of extreme magnitude are rescaled by a power of two first (exact), so their squares neither overflow nor
+        underflow; ``cdnv`` is scaled back for an exponent other than 2.
 
     Example:
         >>> import torch
@@ -301,20 +342,51 @@ def neural_collapse(
         >>> float(stats["nc1"]), float(stats["nc3"]), float(stats["nc4"])
         (0.0, 0.0, 0.0)
     """
+    _check_ignore_index(ignore_index)
+    _check_cdnv_exponent(cdnv_exponent)
     if num_classes is None:
         if weight is not None and isinstance(weight, Tensor) and weight.ndim == 2:
             num_classes = weight.shape[0]
         else:
             check_int_tensor(labels, "labels", "[N]")
-            num_classes = int(labels.max().item()) + 1 if labels.numel() else 1
-    stats = _neural_collapse_update(
-        features, labels, weight, bias, num_classes=num_classes, class_means=class_means, backend=backend
-    )
+            counted = labels if ignore_index is None else labels[labels != ignore_index]
+            num_classes = int(counted.max().item()) + 1 if counted.numel() else 1
+    _validate(features, labels, weight, bias, num_classes, class_means)
+    scaled, exponent = rescale_extreme(features)  # exact and scale-invariant but for cdnv (undone below) and nc4
+    stats = _neural_collapse_update(scaled, labels, num_classes=num_classes, backend=backend, ignore_index=ignore_index)
     n_invalid = int(stats.n_invalid.item())
     if n_invalid:
-        low, high = int(labels.min().item()), int(labels.max().item())
+        valid = labels if ignore_index is None else labels[labels != ignore_index]
+        low, high = int(valid.min().item()), int(valid.max().item())
         raise ValueError(f"{n_invalid} labels are outside [0, num_classes = {num_classes}) (labels span {low}..{high})")
-    if weight is not None and class_means is None:
-        mismatch, decided = _nc4_update(features, weight, bias, means_from_stats(stats), backend)
+    if weight is not None:  # the classifier decides on the features as given, the centres in the rescaled units
+        means = class_means
+        if class_means is None:
+            means = means_from_stats(stats)
+        elif exponent:
+            means = scale_by_power_of_two(class_means.double(), -exponent)
+        keep = None if ignore_index is None else labels != ignore_index
+        mismatch, decided = _nc4_update(features, weight, bias, means, backend, keep, centre_features=scaled)
         stats = stats._replace(nc4_mismatch=mismatch, nc4_count=decided)
-    return _neural_collapse_compute(stats, weight, cdnv_exponent=cdnv_exponent)
+    out = _neural_collapse_compute(stats, weight, cdnv_exponent=cdnv_exponent)
+    if exponent and cdnv_exponent != 2:  # V_c scales as 2^(2e), the distance term as 2^(p·e)
+        factor = torch.tensor(exponent * (2.0 - cdnv_exponent), dtype=torch.float64, device=out["cdnv"].device)
+        out["cdnv"] = out["cdnv"] * torch.exp2(factor)
+    return out
+
+
+def _check_cdnv_exponent(cdnv_exponent: object) -> None:
+    """The CDNV exponent is a finite number > 0 (2: Galanti et al., 4: the Linguistic Collapse code)."""
+    value = check_number(cdnv_exponent, "cdnv_exponent", "a number > 0 (2 or 4)")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"cdnv_exponent must be a finite number > 0 (2 or 4), got {cdnv_exponent!r}")
+
+
+def _check_ignore_index(ignore_index: object, num_classes: int | None = None) -> None:
+    """``ignore_index`` must be None or an integer outside ``[0, num_classes)``."""
+    if ignore_index is None:
+        return
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an integer label or None, got {type(ignore_index).__name__}")
+    if num_classes is not None and 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index must lie outside [0, num_classes = {num_classes}), got {ignore_index}")

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from geomon.functional._common import nan, warn
+from geomon.functional._common import check_flag, check_number, nan, rescale_extreme, warn
 from geomon.functional._embedding import (
     EmbeddingStats,
     _covariance_eigenvalues,
     _embedding_update,
     _singular_values,
     _spectral_entropy_rank,
+    _sums_problem,
 )
 
 _rankme_update = _embedding_update
@@ -40,8 +41,9 @@ def _rankme_compute(
     ``spectrum``: the values already computed from ``stats`` (``_covariance_eigenvalues`` when ``centered``, else
     ``_singular_values``), so that a caller that needs them for something else solves the eigenproblem once.
     """
-    if eps < 0:
+    if check_number(eps, "eps", "a number >= 0") < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    check_flag(centered, "centered")
     if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
         raise ValueError(f"min_samples must be a positive integer, got {min_samples!r}")
     device = stats.gram.device
@@ -50,8 +52,9 @@ def _rankme_compute(
     if n < needed:
         warn(f"rankme needs at least {needed} rows, got {n}; returning NaN")
         return nan(device)
-    if not bool(stats.gram.isfinite().all()) or not bool(stats.total.isfinite().all()):
-        warn("rankme: the embeddings contain NaN or Inf; returning NaN")
+    problem = _sums_problem(stats, "rankme")
+    if problem is not None:
+        warn(f"{problem}; returning NaN")
         return nan(device)
     if spectrum is not None:
         values = spectrum
@@ -82,4 +85,5 @@ def rankme(z: Tensor, *, eps: float = 1e-7, centered: bool = False, min_samples:
         >>> round(float(rankme(torch.eye(100))), 4)
         100.0036
     """
+    z, _ = rescale_extreme(z)  # scale-invariant: keep a float64 Gram of extreme data finite and normal
     return _rankme_compute(_rankme_update(z), eps=eps, centered=centered, min_samples=min_samples)

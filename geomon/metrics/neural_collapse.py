@@ -10,6 +10,8 @@ from torch import Tensor
 from geomon.functional._dispatch import BACKENDS, Backend
 from geomon.functional.neural_collapse import (
     ClassStats,
+    _check_cdnv_exponent,
+    _check_ignore_index,
     _neural_collapse_compute,
     _neural_collapse_update,
     means_from_stats,
@@ -48,14 +50,15 @@ class NeuralCollapse(StatsMetric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if ignore_index is not None and 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index must lie outside [0, num_classes = {num_classes}), got {ignore_index}")
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        _check_ignore_index(ignore_index, num_classes)
         self.ignore_index = ignore_index
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.num_features = check_positive_int(num_features, "num_features")
+        _check_cdnv_exponent(cdnv_exponent)
         self.cdnv_exponent = cdnv_exponent
         c, d = num_classes, num_features
         self._add_stats_states(ClassStats(zeros(c), zeros(c, d), zeros(c), zeros(d, d), zeros(), zeros(), zeros()))

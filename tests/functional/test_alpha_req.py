@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -95,3 +96,34 @@ def test_bad_embeddings_are_rejected():
         alpha_req(torch.ones(10, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"shape \[N, D\]"):
         alpha_req(torch.ones(10))
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-170, 2.0**-1040])
+def test_float64_input_of_extreme_scale_matches_the_unscaled_reference(scale, rng):
+    # regression: finite values above ~1e154 overflowed the float64 Gram (NaN, "contain NaN or Inf"); α is
+    # scale-invariant and the function rescales by a power of two
+    z = rng.standard_normal((400, 128)) * np.arange(1, 129) ** -0.7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GeomonWarning)
+        alpha, r2 = alpha_req(torch.from_numpy(z) * scale, return_r2=True)
+    expected_alpha, expected_r2 = ref_alpha_req(z)
+    assert float(alpha) == pytest.approx(expected_alpha, rel=1e-9)
+    assert float(r2) == pytest.approx(expected_r2, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("scale", "match"),
+    [(1e200, "are finite, but their float64 Gram overflows"), (1e-170, "non-zero but their float64 Gram underflows")],
+)
+def test_the_streaming_metric_names_extreme_scale_as_the_cause(scale, match, rng):
+    from geomon.metrics import AlphaReQ
+
+    metric = AlphaReQ(128)
+    metric.update(torch.from_numpy(rng.standard_normal((300, 128))) * scale)
+    with pytest.warns(GeomonWarning, match=f"{match}.*cannot rescale"):
+        assert math.isnan(float(metric.compute()))
+
+
+def test_a_return_r2_that_is_not_a_bool_is_named():
+    with pytest.raises(TypeError, match="return_r2 must be True or False, got str"):
+        alpha_req(torch.randn(10, 4), fit_range=(1, 2), return_r2="no")

@@ -239,3 +239,48 @@ def test_entropy_lies_between_zero_and_log_n(seed, nq, nk, spread, causal):
 def test_bad_input_is_rejected_with_a_clear_message(q, k, kwargs, error, match):
     with pytest.raises(error, match=match):
         attention_entropy(q, k, **kwargs)
+
+
+def test_a_plus_inf_mask_entry_reads_nan_entropy_and_inf_max_logit(gen):
+    # q and k finite, +inf only in the additive mask: that row's entropy is NaN and its max logit +inf (the max of its
+    # scores); the other rows are untouched. Regression: the warning blamed the queries or keys
+    q, k = _qk(gen, 1, 1, 1, 4, 6, 8, dtype=torch.float64)
+    mask = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    mask[2, 1] = math.inf
+    entropy, max_logit = attention_entropy(q, k, attn_mask=mask)
+    assert math.isnan(float(entropy[0, 0, 2])) and float(max_logit[0, 0, 2]) == math.inf
+    finite = mask.clone()
+    finite[2, 1] = 0.0
+    ref_entropy, ref_max, _ = ref_attention_entropy(to_np(q), to_np(k), attn_mask=to_np(finite))
+    rows = [0, 1, 3]
+    np.testing.assert_allclose(to_np(entropy)[0, 0, rows], ref_entropy[0, 0, rows], rtol=1e-12)
+    np.testing.assert_allclose(to_np(max_logit)[0, 0, rows], ref_max[0, 0, rows], rtol=1e-12)
+    with pytest.warns(GeomonWarning, match=r"NaN or infinite score .*\+inf in an additive mask"):
+        values = _attention_entropy_compute(_attention_entropy_update(q, k, attn_mask=mask))
+    assert math.isnan(float(values["entropy"])) and float(values["max_logit"]) == math.inf
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"chunk_size": "8"}, "chunk_size must be a positive integer or None, got str"),
+        ({"chunk_size": [8]}, "chunk_size must be a positive integer or None, got list"),
+        ({"is_causal": "False"}, "is_causal must be True or False, got str"),  # a truthy str used to mean causal
+        ({"return_n_keys": None}, "return_n_keys must be True or False, got NoneType"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_named(kwargs, match, gen):
+    q, k = _qk(gen, 1, 1, 1, 3, 3, 4)
+    with pytest.raises(TypeError, match=match):
+        attention_entropy(q, k, **kwargs)
+
+
+def test_q_and_k_of_different_dtypes_are_promoted_to_the_wider(gen):
+    # SDPA refuses q and k of different dtypes; geomon computes in float64 when either is float64, as documented
+    q, k = _qk(gen, 1, 2, 2, 5, 7, 8, dtype=torch.float32)
+    k64 = k.double() + 1e-9  # not representable in float32: the float64 keys are used as they are
+    entropy, max_logit = attention_entropy(q, k64, is_causal=True)
+    assert entropy.dtype == max_logit.dtype == torch.float64
+    ref_entropy, ref_max, _ = ref_attention_entropy(to_np(q), to_np(k64), is_causal=True)
+    np.testing.assert_allclose(to_np(entropy), ref_entropy, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(to_np(max_logit), ref_max, rtol=1e-12)

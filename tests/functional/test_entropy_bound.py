@@ -75,3 +75,11 @@ def test_bad_input_is_rejected(sigma, n_keys, match):
 def test_complex_sigma_is_rejected():
     with pytest.raises(ValueError, match="complex"):
         entropy_lower_bound(torch.tensor([1.0 + 2.0j]), 8)
+
+
+@pytest.mark.parametrize("sigma", ["a", None, object()])
+def test_a_sigma_of_the_wrong_type_is_named(sigma):
+    # regression: entropy_lower_bound("a", 16) raised "new(): invalid data type 'str'", naming neither sigma nor
+    # what is allowed
+    with pytest.raises(TypeError, match=r"sigma must be a real number >= 0 or a real tensor .*got"):
+        entropy_lower_bound(sigma, 16)

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -284,3 +285,125 @@ def test_coinciding_means_near_the_origin_beside_far_classes_are_found(rng):
             values = neural_collapse(features, labels)
         assert float(values["coincident_pairs"]) == pytest.approx(1 / math.comb(6, 2))
         _assert_matches(values, ref_neural_collapse(features.numpy(), labels.numpy()))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e-17, 1e-12])
+def test_a_mean_at_the_global_mean_to_rounding_has_no_direction(offset):
+    # regression: only a mean exactly at μ_G had no direction; one 1e-17 from it (the rounding of μ_G itself) gave
+    # finite nc2_equiangular 0.616 and no warning, while coincident pairs already had a relative tolerance
+    centres = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    centres[0] = offset  # the others sum to 0: class 0 sits at μ_G, up to the offset
+    labels = torch.arange(5).repeat(3)
+    spread = torch.tensor([[0.1, 0.0], [-0.1, 0.0], [0.0, 0.0]], dtype=torch.float64).repeat_interleave(5, 0)
+    features = centres[labels] + spread
+    weight = torch.from_numpy(np.random.default_rng(0).standard_normal((5, 2)))
+    with pytest.warns(GeomonWarning, match="has no direction"):
+        values = neural_collapse(features, labels, weight)
+    expected = ref_neural_collapse(features.numpy(), labels.numpy(), weight.numpy())
+    for key in ("nc2_equiangular", "nc2_maxangle", "nc3_cos_mean", "unc3"):
+        assert math.isnan(expected[key]) and math.isnan(float(values[key])), key
+    _assert_matches({k: v for k, v in values.items() if not math.isnan(float(v))},
+                    {k: v for k, v in expected.items() if not math.isnan(v)})  # fmt: skip
+
+
+def test_a_mean_well_apart_from_the_global_mean_keeps_its_direction():
+    centres = torch.tensor([[1e-5, 2e-5], [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    labels = torch.arange(5).repeat(2)
+    features = centres[labels] + torch.tensor([[0.1, 0.0], [-0.1, 0.0]], dtype=torch.float64).repeat_interleave(5, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GeomonWarning)
+        values = neural_collapse(features, labels)
+    _assert_matches(values, ref_neural_collapse(features.numpy(), labels.numpy()))
+    assert math.isfinite(float(values["nc2_equiangular"]))
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-170, 2.0**-1040])
+def test_float64_features_of_extreme_scale_match_the_unscaled_reference(scale, rng):
+    # regression: a float64 Gram of finite features above ~1e154 overflowed (NaN, "the features contain NaN or Inf")
+    # and below ~1e-162 underflowed (nc1 read 0); the statistics are scale-invariant, nc4 without a bias too
+    features, labels = _clustered(rng, 120, 5, 6)
+    weight = torch.from_numpy(rng.standard_normal((5, 6)))
+    expected = ref_neural_collapse(features.numpy(), labels.numpy(), weight.numpy())
+    values = neural_collapse(features * scale, labels, weight)
+    _assert_matches(values, expected)
+
+
+def test_extreme_features_decide_nc4_with_the_bias_as_given(rng):
+    # nc4's classifier decision is not scale-invariant with a bias: it sees the features as given, the nearest-centre
+    # search (scale-invariant) the rescaled ones
+    features, labels = _clustered(rng, 150, 4, 5, spread=2.0)
+    scale = 1e-170
+    weight = torch.from_numpy(rng.standard_normal((4, 5))) * 1e170
+    bias = torch.from_numpy(rng.standard_normal(4)) * 3
+    values = neural_collapse(features * scale, labels, weight, bias)
+    h, y = features.numpy(), labels.numpy()
+    means = np.stack([h[y == c].mean(axis=0) for c in range(4)])
+    decision = np.argmax((h * scale) @ weight.numpy().T + bias.numpy(), axis=1)
+    nearest = np.argmin(((h[:, None, :] - means[None]) ** 2).sum(axis=2), axis=1)
+    assert 0 < float(values["nc4"]) == pytest.approx(np.mean(decision != nearest), abs=1e-15)
+    assert float(values["nc4"]) != pytest.approx(np.mean(np.argmax(h @ weight.numpy().T + bias.numpy(), 1) != nearest))
+
+
+def test_extreme_scale_undoes_the_rescaling_of_cdnv_with_exponent_4(rng):
+    features, labels = _clustered(rng, 100, 4, 5)
+    expected = ref_neural_collapse(features.numpy(), labels.numpy(), cdnv_exponent=4.0)["cdnv"]
+    value = neural_collapse(features * 1e-100, labels, cdnv_exponent=4.0)["cdnv"]  # V / d^4 scales as 1e200
+    assert float(value) == pytest.approx(expected * 1e200, rel=1e-9)
+
+
+@pytest.mark.parametrize(("scale", "match"), [(1e200, "squares overflow"), (1e-170, "squares underflow")])
+def test_the_streaming_metric_names_extreme_scale_as_the_cause(scale, match, rng):
+    from geomon.metrics import NeuralCollapse
+
+    features, labels = _clustered(rng, 60, 3, 4)
+    metric = NeuralCollapse(3, 4)
+    metric.update(features * scale, labels)
+    with pytest.warns(GeomonWarning, match=f"{match}.*cannot rescale"):
+        assert math.isnan(float(metric.compute()["nc1"]))
+
+
+def test_ignore_index_leaves_rows_out_of_everything(rng):
+    features, labels = _clustered(rng, 150, 5, 6)
+    weight = torch.from_numpy(rng.standard_normal((5, 6)))
+    bias = torch.from_numpy(rng.standard_normal(5))
+    padded = labels.clone()
+    padded[::4] = -100
+    features[::4] = float("nan")  # padding rows may hold anything
+    keep = padded != -100
+    values = neural_collapse(features, padded, weight, bias, ignore_index=-100)
+    expected = ref_neural_collapse(features[keep].numpy(), labels[keep].numpy(), weight.numpy(), bias.numpy())
+    _assert_matches(values, expected)
+    # without a weight the class count comes from the labels other than ignore_index (here one above them all)
+    values = neural_collapse(features, torch.where(keep, labels, 7), ignore_index=7)
+    _assert_matches(values, ref_neural_collapse(features[keep].numpy(), labels[keep].numpy()))
+
+
+@pytest.mark.parametrize(
+    ("ignore_index", "error", "match"),
+    [
+        (0, ValueError, "must lie outside"),
+        ("pad", TypeError, "ignore_index must be an integer"),
+        (True, TypeError, "got bool"),
+    ],
+)
+def test_ignore_index_is_checked(ignore_index, error, match):
+    from geomon.metrics import NeuralCollapse
+
+    features, labels = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(error, match=match):
+        neural_collapse(features, labels, num_classes=2, ignore_index=ignore_index)
+    with pytest.raises(error, match=match):
+        NeuralCollapse(2, 3, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [("4", TypeError), (None, TypeError), ([2.0], TypeError), (0.0, ValueError), (math.inf, ValueError)],
+)
+def test_a_bad_cdnv_exponent_is_named(value, error):
+    from geomon.metrics import NeuralCollapse
+
+    with pytest.raises(error, match="cdnv_exponent must be"):
+        neural_collapse(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), cdnv_exponent=value)
+    with pytest.raises(error, match="cdnv_exponent must be"):
+        NeuralCollapse(2, 3, cdnv_exponent=value)

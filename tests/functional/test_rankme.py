@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -214,3 +215,56 @@ def test_zero_width_embeddings_are_rejected():
         rankme(torch.zeros(5, 0))
     with pytest.raises(ValueError, match="min_samples must be a positive integer"):
         rankme(torch.eye(3), min_samples=0)
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e300, 1e-170, 1e-300, 2.0**-1040])
+@pytest.mark.parametrize("centered", [False, True])
+def test_float64_input_of_extreme_scale_matches_the_unscaled_reference(scale, centered, rng):
+    # regression: the float64 Gram of finite values above ~1e154 overflowed (NaN, "contain NaN or Inf") and below
+    # ~1e-162 underflowed (NaN, "all zero"); RankMe is scale-invariant and the function rescales by a power of two
+    z = rng.standard_normal((200, 40)) * np.arange(1, 41) ** -0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GeomonWarning)
+        value = rankme(torch.from_numpy(z) * scale, centered=centered)
+    assert float(value) == pytest.approx(ref_rankme(z, centered=centered), rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("scale", "match"),
+    [(1e200, "are finite, but their float64 Gram overflows"), (1e-170, "non-zero but their float64 Gram underflows")],
+)
+def test_the_streaming_metric_names_extreme_scale_as_the_cause(scale, match, rng):
+    from geomon.metrics import RankMe
+
+    metric = RankMe(8, min_samples=1)
+    metric.update(torch.from_numpy(rng.standard_normal((50, 8))) * scale)
+    with pytest.warns(GeomonWarning, match=f"{match}.*cannot rescale"):
+        assert math.isnan(float(metric.compute()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"eps": "a"}, "eps must be a number"),
+        ({"eps": None}, "eps must be a number"),
+        ({"centered": "yes"}, "centered"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_named(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        rankme(torch.randn(5, 3), **kwargs)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 100])
+def test_the_range_is_one_hot_to_flat_with_eps_shifted_ends(k):
+    # RankMe over K = min(N, D) values lies between the one-hot and the flat spectrum's values, both moved by eps:
+    # a single row reads exp(-(1+eps) log(1+eps)) = 1 - 1e-7, just below 1; a flat spectrum slightly above K
+    eps = 1e-7
+    one_hot = np.exp(-(1 + eps) * np.log1p(eps) - (k - 1) * eps * np.log(eps))
+    flat = np.exp(-(1 + k * eps) * np.log(1 / k + eps))
+    z = torch.zeros(k, 3 * k, dtype=torch.float64)
+    z[0, 0] = 2.5  # rank 1, K = k singular values
+    assert float(rankme(z)) == pytest.approx(one_hot, rel=1e-12)
+    assert float(rankme(torch.eye(k, dtype=torch.float64) * 3)) == pytest.approx(flat, rel=1e-12)
+    if k == 1:
+        assert float(rankme(z)) < 1.0

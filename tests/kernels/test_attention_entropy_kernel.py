@@ -698,3 +698,17 @@ def test_key_mask_entries_below_the_floor_are_held_at_it():
     assert n_keys.flatten().tolist() == [20, 20, 20]
     torch.testing.assert_close(entropy.cpu(), torch.full((1, 1, 3), math.log(20)), atol=1e-5, rtol=0)
     torch.testing.assert_close(max_logit.cpu(), torch.full((1, 1, 3), kernel_module.KEY_FLOOR * math.log(2)))
+
+
+def test_a_plus_inf_mask_entry_reads_as_on_the_torch_path():
+    # finite q and k, +inf in an additive mask at an allowed key: NaN entropy and +inf max logit in that row, as the
+    # torch path (and the attention_entropy docs) read it; the other rows match the float64 torch reference
+    q, k = _qk(1, 2, 1, BLOCK + 3, BLOCK + 5, 16, seed=41)
+    mask = torch.zeros(1, 1, BLOCK + 3, BLOCK + 5)
+    mask[0, 0, 2, BLOCK + 1] = math.inf
+    mask = mask.to(DEVICE)
+    entropy, max_logit, _ = _kernel(q, k, attn_mask=mask)
+    torch_entropy, torch_max = attention_entropy(q, k, attn_mask=mask, backend="torch")
+    for e, m in ((entropy, max_logit), (torch_entropy, torch_max)):
+        assert e[0, :, 2].isnan().all() and (m[0, :, 2] == math.inf).all()
+    _check(q, k, attn_mask=mask)
