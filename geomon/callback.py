@@ -154,7 +154,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         if on_alert is None or not (isinstance(on_alert, str) or callable(on_alert) or isinstance(on_alert, Sequence)):
             raise TypeError(f"on_alert must be 'warn', 'checkpoint', 'stop', a callable or a list of these, got "
                             f"{on_alert!r}")  # fmt: skip
-        check_flag("media", media)
+        check_flag(media, "media")
         actions = [on_alert] if isinstance(on_alert, str) or callable(on_alert) else list(on_alert)
         for action in actions:
             if not callable(action) and action not in ("warn", "checkpoint", "stop"):

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from geomon._guard import Guard
 from geomon.alerts import AlertEngine, AlertEvent, LoggingSink, Rule, default_rules
 from geomon.capture.modules import compiled_parts
-from geomon.functional._common import is_index_tensor
+from geomon.functional._common import check_flag, is_index_tensor
 from geomon.functional._dispatch import BACKENDS, Backend
 from geomon.probes._sync import fsdp1_flattened, fsdp1_units, fsdp1_whole_parameters
 from geomon.probes.embedding import EmbeddingProbe
@@ -74,12 +74,6 @@ COMPILED = (
     "layers' logit maps, read off the weights, still work); hand the tensors you want measured to Monitor.observe "
     "(or return them under outputs['geomon'] from training_step): that leaves training bit-identical"
 )
-
-
-def check_flag(name: str, value: object) -> None:
-    """A ``TypeError`` unless ``value`` is a ``bool`` (a string such as ``"no"`` would read as true)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def check_rules(alerts: object) -> None:
@@ -185,7 +179,7 @@ class Monitor:
         if neural_collapse not in (True, False, "auto"):
             raise ValueError(f"neural_collapse must be True, False or 'auto', got {neural_collapse!r}")
         for name, flag in (("attention", attention), ("entropy_bound", entropy_bound), ("strict", strict)):
-            check_flag(name, flag)
+            check_flag(flag, name)
         if head is not None and not isinstance(head, str):
             raise TypeError(f"head must be 'auto', a module name or None, got {head!r}")
         for name, patterns in (("embedding_modules", embedding_modules), ("spectral_modules", spectral_modules)):

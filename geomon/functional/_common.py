@@ -63,7 +63,7 @@ def check_number(x: object, name: str, what: str) -> float:
 def check_flag(x: object, name: str) -> bool:
     """Check that ``x`` is a bool (a str or None would otherwise be read as truthy or falsy)."""
     if not isinstance(x, bool):
-        raise TypeError(f"{name} must be True or False, got {type(x).__name__}")
+        raise TypeError(f"{name} must be True or False, got {type(x).__name__} {x!r}")
     return x
 
 
