@@ -33,6 +33,9 @@ def sigma_reparam(
 ) -> nn.Module:
     """Replace, in place, the linear layers of ``model`` by :class:`SigmaReparamLinear` computing the same function.
 
+    Each new layer takes the mode (``training``) of the layer it replaces: converting a model in eval mode leaves it
+    in eval mode, where ``u`` is frozen and the outputs are those of the model before conversion.
+
     Args:
         model: the module to convert (its children are replaced; the module itself must not be a bare layer: use
             :meth:`SigmaReparamLinear.from_linear` for that).
@@ -100,8 +103,9 @@ def sigma_reparam(
 def remove_sigma_reparam(model: nn.Module) -> nn.Module:
     """Replace, in place, every :class:`SigmaReparamLinear` by a plain layer holding ``Ŵ = γ · W / σ(W)``.
 
-    ``nn.Linear`` for ordinary layers, ``transformers``' ``Conv1D`` for transposed ones; ``Ŵ`` uses the current
-    ``u`` (no power step), so the eval-mode function is unchanged. The global RNG is not consumed.
+    ``nn.Linear`` for ordinary layers, ``transformers``' ``Conv1D`` for transposed ones, each in the mode
+    (``training``) of the layer it replaces; ``Ŵ`` uses the current ``u`` (no power step), so the eval-mode function
+    is unchanged. The global RNG is not consumed.
 
     Args:
         model: a module containing converted layers (a model without any is returned unchanged).
@@ -162,7 +166,7 @@ def _plain_layer(layer: SigmaReparamLinear) -> nn.Module:
         plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
     plain.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
     plain.bias = bias
-    return plain
+    return plain.train(layer.training)
 
 
 def _check_model(model: object, allow_layer: bool = False) -> None:

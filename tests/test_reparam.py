@@ -135,6 +135,29 @@ def test_from_linear_keeps_the_function_and_the_copy_is_independent():
     assert SigmaReparamLinear.from_linear(broken)(x).isnan().all()  # loud, not hidden as zeros
 
 
+def test_converted_and_removed_layers_keep_the_mode_of_the_layers_they_replace(gen):
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(4, 40, generator=gen)
+    with torch.no_grad():
+        before = model(x)
+    sigma_reparam(model)
+    assert not model.training and not model[0].training and not model[2].training
+    u0, u2, sigma0 = model[0].u.clone(), model[2].u.clone(), model[0].sigma.clone()
+    with torch.no_grad():
+        for _ in range(3):  # eval forwards take no power step: the output is the plain model's, bit for bit
+            assert torch.equal(model(x), before)
+    assert torch.equal(model[0].u, u0) and torch.equal(model[2].u, u2) and torch.equal(model[0].sigma, sigma0)
+    model[2].train()  # mixed modes survive the round trip layer by layer
+    remove_sigma_reparam(model)
+    assert type(model[0]) is nn.Linear and not model[0].training
+    assert type(model[2]) is nn.Linear and model[2].training
+    mixed = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).eval())
+    sigma_reparam(mixed)
+    assert mixed[0].training and not mixed[1].training
+    assert not SigmaReparamLinear.from_linear(nn.Linear(4, 4).eval()).training
+    assert SigmaReparamLinear.from_linear(nn.Linear(4, 4)).training
+
+
 def test_zero_weights_are_converted_with_a_warning():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     nn.init.zeros_(model[1].weight)

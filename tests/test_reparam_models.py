@@ -85,15 +85,20 @@ def test_conversion_keeps_the_outputs_of_real_models(build, gen):
     converted = sorted(sigma_reparam_stats(model))
     assert converted == sorted(set(candidates) - set(tied)) and len(converted) >= 8
     assert not _convertible(model) or _convertible(model) == tied
-    # 1e-6 relative to the outputs' scale: float32 kernels round differently with the weight's memory alignment
-    # (a ViT's outputs near 4 moved by up to 8e-7 at random under load); float64 below checks the function exactly
-    tolerance = 1e-6 * max(1.0, float(before.abs().max()))
-    assert (_outputs(model, inputs) - before).abs().max() <= tolerance
+    # the converted layers took the eval mode of the layers they replace: u is frozen, and as γ / σ(W₀) is exactly
+    # one the applied weight is W itself, so the outputs are those of the model before conversion, bit for bit
+    layers = [m for m in model.modules() if isinstance(m, SigmaReparamLinear)]
+    assert not any(layer.training for layer in layers)
+    u_before = [layer.u.clone() for layer in layers]
+    assert torch.equal(_outputs(model, inputs), before)
+    assert torch.equal(_outputs(model, inputs), before)
+    assert all(torch.equal(layer.u, u) for layer, u in zip(layers, u_before, strict=True))
     if tied:  # the tie is intact
         assert model.lm_head.weight is model.get_input_embeddings().weight
     remove_sigma_reparam(model)
     assert _convertible(model) == candidates and not sigma_reparam_stats(model)
-    assert (_outputs(model, inputs) - before).abs().max() <= tolerance
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(_outputs(model, inputs), before)
 
 
 @pytest.mark.parametrize("build", [_gpt2, _llama, _vit], ids=["gpt2", "llama", "vit"])
