@@ -7,9 +7,12 @@ reference code does. Converted layers are :class:`SigmaReparamLinear`; they save
 
 Which layers: modules whose type is exactly ``nn.Linear`` or Hugging Face's ``transformers.pytorch_utils.Conv1D``
 (GPT-2). Subclasses are left alone (``nn.MultiheadAttention``'s ``out_proj`` is read by its parent as a raw weight,
-quantised layers have their own storage). A layer whose weight is **tied** to another module (an LM head sharing the
-token embedding) is **skipped with a warning**: reparametrising one side would untie or change the other. Exclude it
-explicitly to silence the warning.
+quantised layers have their own storage). ``linear1`` and ``linear2`` of an ``nn.TransformerEncoderLayer`` are
+**skipped with a warning**: the layer's inference fast path (eval mode without grad) reads their weights directly, so
+a converted layer would be ignored there (``nn.TransformerDecoderLayer`` has no such path: its layers are converted).
+A layer whose weight is **tied** to another module (an LM head sharing the token embedding) is **skipped with a
+warning**: reparametrising one side would untie or change the other. Exclude a skipped layer explicitly to silence
+its warning.
 """
 
 from __future__ import annotations
@@ -70,11 +73,14 @@ def sigma_reparam(
             shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
             raise ValueError(f"pattern {pattern!r} matches no nn.Linear or Conv1D layer; the candidates are: {shown}")
     owners = _parameter_owners(model)
-    converted, zero = 0, []
+    converted, zero, raw_read = 0, [], []
     for module_names in places.values():
         if include_list is not None and not _matches_any(module_names, include_list):
             continue
         if _matches_any(module_names, exclude_list):
+            continue
+        if any(_weight_read_raw(model, name) for name in module_names):
+            raw_read.append(module_names[0])
             continue
         module = model.get_submodule(module_names[0])
         sharing = sorted(
@@ -93,9 +99,15 @@ def sigma_reparam(
         converted += 1
         if float(replacement.gamma.detach()) == 0:
             zero.append(module_names[0])
+    if raw_read:
+        warn(
+            f"sigma_reparam skips {', '.join(map(repr, raw_read))}: nn.TransformerEncoderLayer's inference fast path "
+            "(eval mode without grad) reads linear1.weight and linear2.weight directly, which would ignore γ / σ "
+            "there; pass exclude=[...] with their names to silence this warning"
+        )
     if zero:
         warn(f"sigma_reparam converted all-zero weights, which get no gradient and stay zero: {', '.join(zero)}")
-    if converted == 0 and include_list is None:
+    if converted == 0 and include_list is None and not raw_read:
         warn("sigma_reparam converted no layer: the model has no untied nn.Linear or Conv1D layer")
     return model
 
@@ -210,6 +222,13 @@ def _parameter_owners(model: nn.Module) -> dict[int, set[str]]:
         for parameter in module.parameters(recurse=False):
             owners.setdefault(id(parameter), set()).add(name)
     return owners
+
+
+def _weight_read_raw(model: nn.Module, name: str) -> bool:
+    """Whether the layer at ``name`` is ``linear1`` / ``linear2`` of an ``nn.TransformerEncoderLayer``, whose fast
+    path passes those layers' weights to a fused kernel instead of calling them."""
+    parent_name, _, child = name.rpartition(".")
+    return child in ("linear1", "linear2") and isinstance(model.get_submodule(parent_name), nn.TransformerEncoderLayer)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
