@@ -51,7 +51,8 @@ def sigma_reparam(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or is itself a linear layer.
-        ValueError: a pattern matches no convertible layer (the message lists the candidates).
+        ValueError: a pattern matches no convertible layer (the message lists the candidates), or ``include`` is an
+            empty list.
 
     Example:
         >>> import torch
@@ -108,7 +109,10 @@ def sigma_reparam(
     if zero:
         warn(f"sigma_reparam converted all-zero weights, which get no gradient and stay zero: {', '.join(zero)}")
     if converted == 0 and include_list is None and not raw_read:
-        warn("sigma_reparam converted no layer: the model has no untied nn.Linear or Conv1D layer")
+        if any(isinstance(module, SigmaReparamLinear) for module in model.modules()):
+            warn("sigma_reparam converted no layer: the model's layers are already σReparam (SigmaReparamLinear)")
+        else:
+            warn("sigma_reparam converted no layer: the model has no untied nn.Linear or Conv1D layer")
     return model
 
 
@@ -131,7 +135,7 @@ def remove_sigma_reparam(model: nn.Module) -> nn.Module:
         >>> type(remove_sigma_reparam(model)[0]).__name__
         'Linear'
     """
-    _check_model(model)
+    _check_model(model, removing=True)
     for module_names in _places(model, lambda module: isinstance(module, SigmaReparamLinear)).values():
         layer = model.get_submodule(module_names[0])
         plain = _plain_layer(layer)
@@ -181,13 +185,22 @@ def _plain_layer(layer: SigmaReparamLinear) -> nn.Module:
     return plain.train(layer.training)
 
 
-def _check_model(model: object, allow_layer: bool = False) -> None:
+def _check_model(model: object, allow_layer: bool = False, removing: bool = False) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not allow_layer and (isinstance(model, (nn.Linear, SigmaReparamLinear)) or _is_conv1d(model)):
+    if allow_layer:
+        return
+    if isinstance(model, SigmaReparamLinear):
+        advice = (
+            "remove_sigma_reparam(nn.Sequential(layer))[0] gives the plain layer (layer.effective_weight() its weight)"
+            if removing
+            else "it is already σReparam"
+        )
+        raise TypeError(f"model is itself a SigmaReparamLinear, which cannot be replaced in place; {advice}")
+    if isinstance(model, nn.Linear) or _is_conv1d(model):
         raise TypeError(
             f"model is itself a {type(model).__name__}, which cannot be replaced in place; "
-            "use SigmaReparamLinear.from_linear(layer) (or layer's effective_weight()) for a single layer"
+            "use SigmaReparamLinear.from_linear(layer) for a single layer"
         )
 
 
@@ -199,6 +212,9 @@ def _patterns(patterns: Patterns, what: str) -> list[str] | None:
     result = list(patterns)
     if not all(isinstance(p, str) for p in result):
         raise TypeError(f"{what} must be a string or a sequence of strings, got {patterns!r}")
+    if what == "include" and not result:
+        raise ValueError("include=[] selects no layer; pass include=None to convert every layer, or the patterns of "
+                         "the layers to convert")  # fmt: skip
     return result
 
 

@@ -140,8 +140,31 @@ def test_bad_input_fails_fast_with_the_candidates():
         remove_sigma_reparam("model")
     with pytest.raises(TypeError, match="sequence of strings"):
         sigma_reparam(model, include=[3])
-    with pytest.warns(GeomonWarning, match="converted no layer"):
+    with pytest.warns(GeomonWarning, match="converted no layer: the model has no untied nn.Linear or Conv1D layer"):
         sigma_reparam(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match=r"include=\[\] selects no layer; pass include=None"):
+        sigma_reparam(model, include=[])
+    assert not sigma_reparam_stats(model)
+
+
+def test_converting_twice_frozen_layers_and_bare_layers_are_said_plainly():
+    model = sigma_reparam(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)))
+    with pytest.warns(GeomonWarning, match=r"converted no layer: the model's layers are already σReparam"):
+        sigma_reparam(model)
+    layer = model[0]
+    with pytest.raises(TypeError, match=r"is itself a SigmaReparamLinear.*; it is already σReparam"):
+        sigma_reparam(layer)
+    advice = r"remove_sigma_reparam\(nn\.Sequential\(layer\)\)\[0\] gives the plain layer"
+    with pytest.raises(TypeError, match=advice):
+        remove_sigma_reparam(layer)
+    x = torch.randn(2, 3)
+    expected = layer.eval()(x)
+    plain = remove_sigma_reparam(nn.Sequential(layer))[0]  # the advice works
+    assert type(plain) is nn.Linear and torch.equal(plain(x), expected)
+    frozen = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    frozen[0].requires_grad_(False)
+    sigma_reparam(frozen)
+    assert [name for name, p in frozen.named_parameters() if p.requires_grad] == ["1.weight", "1.bias", "1.gamma"]
 
 
 # ------------------------------------------------------------------------------------------- training, checkpoints
