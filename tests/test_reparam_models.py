@@ -357,3 +357,33 @@ def test_logit_maps_of_sigma_reparam_layers_use_the_weight_they_apply(build, gen
         assert any(f"logit map of {name!r} is not logged: rotary" in str(w.message) for w in caught)
         w_q_read, w_k_read, scale, _ = qk_weights(attn)
         assert float(logit_map_sigma(w_q_read, w_k_read, scale).max()) == pytest.approx(float(max(per_head)), rel=1e-5)
+
+
+def test_spectral_keys_of_sigma_reparam_layers_describe_the_weight_they_apply(gen):
+    from geomon import Monitor
+
+    torch.manual_seed(0)
+    model, make_inputs = _gpt2()
+    sigma_reparam(model, exclude=["lm_head"])
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, SigmaReparamLinear):
+                layer.gamma.mul_(2.5)  # the applied weight is now 2.5 x W / σ(W), far from W
+    model.eval()
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"]
+    monitor = Monitor(every_n_steps=1, head=None, attention=False, spectral_modules=names, strict=True).attach(model)
+    with torch.no_grad(), monitor.step(0):
+        model(**make_inputs(gen))
+    values = monitor.compute()
+    for name in names:
+        layer = model.get_submodule(name)
+        applied = _applied_weight(layer)
+        sigma = torch.linalg.matrix_norm(applied, 2)
+        # the monitor's 100-step cold start is a lower bound, within 5e-4 here (σ₂/σ₁ of a random init is near 1);
+        # the raw W's σ is 2.5 times smaller
+        logged = float(values[f"geomon/spectral/sigma/{name}"])
+        assert float(sigma) * (1 - 2e-3) <= logged <= float(sigma) * (1 + 1e-6)
+        stable_rank = applied.square().sum() / sigma.square()
+        assert float(values[f"geomon/spectral/stable_rank/{name}"]) == pytest.approx(float(stable_rank), rel=5e-3)
+        raw = torch.linalg.matrix_norm(layer.weight.detach().double(), 2)  # the raw W's σ is reparam_sigma's
+        assert float(values[f"geomon/spectral/reparam_sigma/{name}"]) == pytest.approx(float(raw), rel=1e-6)
