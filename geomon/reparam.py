@@ -1,9 +1,9 @@
 """σReparam (Zhai et al., ICML 2023): convert a model's linear layers to ``Ŵ = γ · W / σ(W)`` and back.
 
 The conversion is an explicit opt-in that changes the model (the monitor never does it). It keeps the function the
-model computes at conversion time: ``γ`` starts at ``σ(W₀)`` instead of re-initialising the weights as the paper's
-reference code does. Converted layers are :class:`SigmaReparamLinear`; they save ``γ``, ``σ`` and ``u`` in
-``state_dict()`` (and so in Lightning checkpoints).
+model computes at conversion time: ``W`` is kept and ``γ`` starts at ``σ(W₀)`` (the paper's PyTorch reference code
+re-initialises the weights and also starts its scale at their ``σ``). Converted layers are
+:class:`SigmaReparamLinear`; they save ``γ``, ``σ`` and ``u`` in ``state_dict()`` (and so in Lightning checkpoints).
 
 Which layers: modules whose type is exactly ``nn.Linear`` or Hugging Face's ``transformers.pytorch_utils.Conv1D``
 (GPT-2). Subclasses are left alone (``nn.MultiheadAttention``'s ``out_proj`` is read by its parent as a raw weight,
