@@ -110,8 +110,10 @@ class SigmaReparamLinear(nn.Module):
     def from_linear(cls, linear: nn.Module, n_power_iter: int = 1) -> SigmaReparamLinear:
         """A σReparam copy of ``linear`` (``nn.Linear`` or ``transformers``' ``Conv1D``) computing the same function.
 
-        ``W`` and ``b`` are copied (same device, dtype and ``requires_grad``); ``u`` is the converged top singular
-        vector and ``γ = σ(W₀)``. The global RNG is not consumed.
+        ``W`` and ``b`` are copied (same device, dtype and ``requires_grad``; ``γ`` requires grad when ``W`` does, so
+        a frozen layer stays frozen); ``u`` is the converged top singular vector and ``γ = σ(W₀)``. The copy takes
+        ``linear``'s mode (``training``): a layer converted in eval mode stays in eval mode, where ``u`` is frozen and
+        the output equals ``linear``'s. The global RNG is not consumed.
         """
         if isinstance(linear, nn.Linear):
             in_features, out_features, transposed = linear.in_features, linear.out_features, False
@@ -136,7 +138,8 @@ class SigmaReparamLinear(nn.Module):
         layer.u = torch.zeros(out_features, device=weight.device, dtype=buffer_dtype)
         layer.sigma = torch.ones((), device=weight.device, dtype=buffer_dtype)
         layer.reset_sigma()
-        return layer
+        layer.gamma.requires_grad_(weight.requires_grad)
+        return layer.train(linear.training)
 
     def _matrix(self) -> Tensor:
         """``W`` as ``[out, in]`` (a view: gradients flow to ``weight``)."""

@@ -105,7 +105,8 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             kind of the Hugging Face model that owns the head - a causal LM's ``labels`` shifted, a masked LM's,
             token classifier's or seq2seq model's as they are; a warning, once, when the kind is unknown).
         embedding_modules: ``fnmatch`` patterns of modules whose outputs feed RankMe / alpha-ReQ.
-        spectral_modules: ``fnmatch`` patterns of modules with a 2-D weight whose σ(W) and stable rank are logged.
+        spectral_modules: ``fnmatch`` patterns of modules with a 2-D weight (``nn.Embedding`` excluded) whose σ(W)
+            and stable rank are logged.
         entropy_bound: also log Theorem 3.1's entropy lower bound per attention layer
             (``geomon/spectral/entropy_bound/<module>``; see :class:`geomon.Monitor`).
         window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).

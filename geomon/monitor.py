@@ -128,7 +128,8 @@ class Monitor:
             pass labels), ``True`` (a head is required), or ``False``.
         embedding_modules: ``fnmatch`` patterns over ``named_modules()``; each match's output ``[..., D]`` feeds
             RankMe and alpha-ReQ (alpha only where ``D > 100``).
-        spectral_modules: ``fnmatch`` patterns of modules with a 2-D ``weight``: σ(W) and stable rank.
+        spectral_modules: ``fnmatch`` patterns of modules with a 2-D ``weight`` (``nn.Embedding`` excluded): σ(W)
+            and stable rank.
         entropy_bound: also log Theorem 3.1's entropy lower bound per attention layer where the measured step
             shows that it holds (self-attention without causal rows, masks, additive biases, rotary embeddings or
             QK-norm; query biases are folded in), with one warning per layer where it does not (see

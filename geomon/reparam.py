@@ -1,15 +1,18 @@
 """σReparam (Zhai et al., ICML 2023): convert a model's linear layers to ``Ŵ = γ · W / σ(W)`` and back.
 
 The conversion is an explicit opt-in that changes the model (the monitor never does it). It keeps the function the
-model computes at conversion time: ``γ`` starts at ``σ(W₀)`` instead of re-initialising the weights as the paper's
-reference code does. Converted layers are :class:`SigmaReparamLinear`; they save ``γ``, ``σ`` and ``u`` in
-``state_dict()`` (and so in Lightning checkpoints).
+model computes at conversion time: ``W`` is kept and ``γ`` starts at ``σ(W₀)`` (the paper's PyTorch reference code
+re-initialises the weights and also starts its scale at their ``σ``). Converted layers are
+:class:`SigmaReparamLinear`; they save ``γ``, ``σ`` and ``u`` in ``state_dict()`` (and so in Lightning checkpoints).
 
 Which layers: modules whose type is exactly ``nn.Linear`` or Hugging Face's ``transformers.pytorch_utils.Conv1D``
 (GPT-2). Subclasses are left alone (``nn.MultiheadAttention``'s ``out_proj`` is read by its parent as a raw weight,
-quantised layers have their own storage). A layer whose weight is **tied** to another module (an LM head sharing the
-token embedding) is **skipped with a warning**: reparametrising one side would untie or change the other. Exclude it
-explicitly to silence the warning.
+quantised layers have their own storage). ``linear1`` and ``linear2`` of an ``nn.TransformerEncoderLayer`` are
+**skipped with a warning**: the layer's inference fast path (eval mode without grad) reads their weights directly, so
+a converted layer would be ignored there (``nn.TransformerDecoderLayer`` has no such path: its layers are converted).
+A layer whose weight is **tied** to another module (an LM head sharing the token embedding) is **skipped with a
+warning**: reparametrising one side would untie or change the other. Exclude a skipped layer explicitly to silence
+its warning.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def sigma_reparam(
 ) -> nn.Module:
     """Replace, in place, the linear layers of ``model`` by :class:`SigmaReparamLinear` computing the same function.
 
+    Each new layer takes the mode (``training``) of the layer it replaces: converting a model in eval mode leaves it
+    in eval mode, where ``u`` is frozen and the outputs are those of the model before conversion.
+
     Args:
         model: the module to convert (its children are replaced; the module itself must not be a bare layer: use
             :meth:`SigmaReparamLinear.from_linear` for that).
@@ -45,7 +51,8 @@ def sigma_reparam(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or is itself a linear layer.
-        ValueError: a pattern matches no convertible layer (the message lists the candidates).
+        ValueError: a pattern matches no convertible layer (the message lists the candidates), or ``include`` is an
+            empty list.
 
     Example:
         >>> import torch
@@ -67,11 +74,14 @@ def sigma_reparam(
             shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
             raise ValueError(f"pattern {pattern!r} matches no nn.Linear or Conv1D layer; the candidates are: {shown}")
     owners = _parameter_owners(model)
-    converted, zero = 0, []
+    converted, zero, raw_read = 0, [], []
     for module_names in places.values():
         if include_list is not None and not _matches_any(module_names, include_list):
             continue
         if _matches_any(module_names, exclude_list):
+            continue
+        if any(_weight_read_raw(model, name) for name in module_names):
+            raw_read.append(module_names[0])
             continue
         module = model.get_submodule(module_names[0])
         sharing = sorted(
@@ -90,18 +100,28 @@ def sigma_reparam(
         converted += 1
         if float(replacement.gamma.detach()) == 0:
             zero.append(module_names[0])
+    if raw_read:
+        warn(
+            f"sigma_reparam skips {', '.join(map(repr, raw_read))}: nn.TransformerEncoderLayer's inference fast path "
+            "(eval mode without grad) reads linear1.weight and linear2.weight directly, which would ignore γ / σ "
+            "there; pass exclude=[...] with their names to silence this warning"
+        )
     if zero:
         warn(f"sigma_reparam converted all-zero weights, which get no gradient and stay zero: {', '.join(zero)}")
-    if converted == 0 and include_list is None:
-        warn("sigma_reparam converted no layer: the model has no untied nn.Linear or Conv1D layer")
+    if converted == 0 and include_list is None and not raw_read:
+        if any(isinstance(module, SigmaReparamLinear) for module in model.modules()):
+            warn("sigma_reparam converted no layer: the model's layers are already σReparam (SigmaReparamLinear)")
+        else:
+            warn("sigma_reparam converted no layer: the model has no untied nn.Linear or Conv1D layer")
     return model
 
 
 def remove_sigma_reparam(model: nn.Module) -> nn.Module:
     """Replace, in place, every :class:`SigmaReparamLinear` by a plain layer holding ``Ŵ = γ · W / σ(W)``.
 
-    ``nn.Linear`` for ordinary layers, ``transformers``' ``Conv1D`` for transposed ones; ``Ŵ`` uses the current
-    ``u`` (no power step), so the eval-mode function is unchanged. The global RNG is not consumed.
+    ``nn.Linear`` for ordinary layers, ``transformers``' ``Conv1D`` for transposed ones, each in the mode
+    (``training``) of the layer it replaces; ``Ŵ`` uses the current ``u`` (no power step), so the eval-mode function
+    is unchanged. The global RNG is not consumed.
 
     Args:
         model: a module containing converted layers (a model without any is returned unchanged).
@@ -115,7 +135,7 @@ def remove_sigma_reparam(model: nn.Module) -> nn.Module:
         >>> type(remove_sigma_reparam(model)[0]).__name__
         'Linear'
     """
-    _check_model(model)
+    _check_model(model, removing=True)
     for module_names in _places(model, lambda module: isinstance(module, SigmaReparamLinear)).values():
         layer = model.get_submodule(module_names[0])
         plain = _plain_layer(layer)
@@ -162,16 +182,25 @@ def _plain_layer(layer: SigmaReparamLinear) -> nn.Module:
         plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
     plain.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
     plain.bias = bias
-    return plain
+    return plain.train(layer.training)
 
 
-def _check_model(model: object, allow_layer: bool = False) -> None:
+def _check_model(model: object, allow_layer: bool = False, removing: bool = False) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not allow_layer and (isinstance(model, (nn.Linear, SigmaReparamLinear)) or _is_conv1d(model)):
+    if allow_layer:
+        return
+    if isinstance(model, SigmaReparamLinear):
+        advice = (
+            "remove_sigma_reparam(nn.Sequential(layer))[0] gives the plain layer (layer.effective_weight() its weight)"
+            if removing
+            else "it is already σReparam"
+        )
+        raise TypeError(f"model is itself a SigmaReparamLinear, which cannot be replaced in place; {advice}")
+    if isinstance(model, nn.Linear) or _is_conv1d(model):
         raise TypeError(
             f"model is itself a {type(model).__name__}, which cannot be replaced in place; "
-            "use SigmaReparamLinear.from_linear(layer) (or layer's effective_weight()) for a single layer"
+            "use SigmaReparamLinear.from_linear(layer) for a single layer"
         )
 
 
@@ -183,6 +212,9 @@ def _patterns(patterns: Patterns, what: str) -> list[str] | None:
     result = list(patterns)
     if not all(isinstance(p, str) for p in result):
         raise TypeError(f"{what} must be a string or a sequence of strings, got {patterns!r}")
+    if what == "include" and not result:
+        raise ValueError("include=[] selects no layer; pass include=None to convert every layer, or the patterns of "
+                         "the layers to convert")  # fmt: skip
     return result
 
 
@@ -206,6 +238,13 @@ def _parameter_owners(model: nn.Module) -> dict[int, set[str]]:
         for parameter in module.parameters(recurse=False):
             owners.setdefault(id(parameter), set()).add(name)
     return owners
+
+
+def _weight_read_raw(model: nn.Module, name: str) -> bool:
+    """Whether the layer at ``name`` is ``linear1`` / ``linear2`` of an ``nn.TransformerEncoderLayer``, whose fast
+    path passes those layers' weights to a fused kernel instead of calling them."""
+    parent_name, _, child = name.rpartition(".")
+    return child in ("linear1", "linear2") and isinstance(model.get_submodule(parent_name), nn.TransformerEncoderLayer)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

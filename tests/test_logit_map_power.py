@@ -164,3 +164,59 @@ def test_exact_switch_logs_the_qr_svd_form(monkeypatch):
     values = _train(model, monitor, range(2), seed=0)
     assert len(calls) == 2 and len(values) == 2
     assert monitor.plan.probes["logit_map:attn"].u is None  # the power path never ran
+
+
+class _BoolScale(nn.Module):
+    """Attention-like (a fused ``qkv`` and a head count) with a boolean ``scale`` of unknown meaning."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.num_heads, self.scale = nn.Linear(16, 48), 2, True
+
+    def forward(self, x):
+        return self.qkv(x)
+
+
+def test_openai_gpt_boolean_scale_is_read_as_the_model_applies_it():
+    transformers = pytest.importorskip("transformers")
+    from geomon.probes.logit_map import qk_layout
+
+    torch.manual_seed(0)
+    config = transformers.OpenAIGPTConfig(
+        n_layer=1, n_embd=64, n_head=4, vocab_size=100, n_positions=32, attn_pdrop=0.0, resid_pdrop=0.0
+    )
+    model = transformers.OpenAIGPTModel(config)
+    attn, dh = model.h[0].attn, 16
+    assert attn.scale is True  # the model's switch for q·k / √Dh
+    w = attn.c_attn.weight.detach().double().T  # Conv1D stores [in, out]: the rows are the queries, keys, values
+    maps = torch.stack([w[h * dh : (h + 1) * dh].T @ w[64 + h * dh : 64 + (h + 1) * dh] for h in range(4)])
+    unscaled = torch.linalg.matrix_norm(maps, 2)
+
+    layout = qk_layout(attn)
+    assert layout.scale == 1.0 / math.sqrt(dh)
+    # the layout's scale and projections give the model's own attention probabilities
+    inputs = []
+    hook = attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().double()))
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        probabilities = model(ids, output_attentions=True).attentions[0].double()
+    hook.remove()
+    x = inputs[0]
+    q = torch.einsum("btd,hed->bhte", x, layout.w_q.double()) + layout.b_q.double()[None, :, None]
+    k = torch.einsum("btd,hed->bhte", x, layout.w_k.double()) + layout.b_k.double()[None, :, None]
+    logits = layout.scale * q @ k.transpose(-1, -2)
+    logits = logits.masked_fill(~torch.ones(10, 10, dtype=torch.bool).tril(), -math.inf)
+    torch.testing.assert_close(logits.softmax(-1), probabilities, atol=1e-6, rtol=0)
+
+    monitor = Monitor(every_n_steps=1, head=None, neural_collapse=False, attention=False).attach(model)
+    with monitor.step(0):
+        model(ids).last_hidden_state.sum().backward()
+    logged = monitor.compute()["geomon/spectral/logit_sigma/h.0.attn"]
+    assert float(logged) == pytest.approx(float(unscaled.max()) / math.sqrt(dh), rel=1e-9)
+
+    attn.scale = False  # no scaling: the logits are q·k
+    assert qk_layout(attn).scale == 1.0
+    torch.testing.assert_close(logit_map_sigma(*qk_layout(attn)[:3]), unscaled, rtol=1e-12, atol=0)
+
+    reason = qk_layout(_BoolScale())
+    assert isinstance(reason, str) and "'scale' attribute is a bool (True)" in reason

@@ -197,8 +197,13 @@ def test_hook_reparametrised_weights_are_not_taken_for_fsdp1_shards(reparametris
 
 
 def test_spectral_patterns_only_match_modules_with_a_matrix_weight():
-    with pytest.raises(ValueError, match=r"spectral_modules \(modules with a 2-D weight\) pattern 'ln_f'"):
+    what = r"spectral_modules \(modules with a 2-D weight, nn\.Embedding excluded\)"
+    with pytest.raises(ValueError, match=what + " pattern 'ln_f'"):
         Monitor(spectral_modules=["ln_f"]).attach(_model())
+    model = _model()
+    assert model.tok.weight.ndim == 2  # an embedding has a 2-D weight, but is not a spectral module
+    with pytest.raises(ValueError, match=what + " pattern 'tok'"):
+        Monitor(spectral_modules=["tok"]).attach(model)
 
 
 def _live_tensors():

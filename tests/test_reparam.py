@@ -3,6 +3,7 @@
 import ast
 import inspect
 import sys
+import warnings
 
 import pytest
 import torch
@@ -133,6 +134,70 @@ def test_from_linear_keeps_the_function_and_the_copy_is_independent():
     with torch.no_grad():
         broken.weight[0, 0] = float("nan")
     assert SigmaReparamLinear.from_linear(broken)(x).isnan().all()  # loud, not hidden as zeros
+
+
+def test_converted_and_removed_layers_keep_the_mode_of_the_layers_they_replace(gen):
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(4, 40, generator=gen)
+    with torch.no_grad():
+        before = model(x)
+    sigma_reparam(model)
+    assert not model.training and not model[0].training and not model[2].training
+    u0, u2, sigma0 = model[0].u.clone(), model[2].u.clone(), model[0].sigma.clone()
+    with torch.no_grad():
+        for _ in range(3):  # eval forwards take no power step: the output is the plain model's, bit for bit
+            assert torch.equal(model(x), before)
+    assert torch.equal(model[0].u, u0) and torch.equal(model[2].u, u2) and torch.equal(model[0].sigma, sigma0)
+    model[2].train()  # mixed modes survive the round trip layer by layer
+    remove_sigma_reparam(model)
+    assert type(model[0]) is nn.Linear and not model[0].training
+    assert type(model[2]) is nn.Linear and model[2].training
+    mixed = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).eval())
+    sigma_reparam(mixed)
+    assert mixed[0].training and not mixed[1].training
+    assert not SigmaReparamLinear.from_linear(nn.Linear(4, 4).eval()).training
+    assert SigmaReparamLinear.from_linear(nn.Linear(4, 4)).training
+
+
+class _EncoderDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        options = {"d_model": 32, "nhead": 4, "dim_feedforward": 64, "dropout": 0.0, "batch_first": True}
+        layer = nn.TransformerEncoderLayer(**options)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoderLayer(**options)
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x, memory):
+        return self.head(self.decoder(self.encoder(x), memory))
+
+
+def test_encoder_layer_linears_read_raw_by_the_fast_path_are_skipped_and_named(gen):
+    torch.manual_seed(0)
+    model = _EncoderDecoder()
+    skipped = [f"encoder.layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]
+    with pytest.warns(GeomonWarning) as caught:
+        sigma_reparam(model)
+    assert [str(w.message) for w in caught] == [
+        f"sigma_reparam skips {', '.join(map(repr, skipped))}: nn.TransformerEncoderLayer's inference fast path "
+        "(eval mode without grad) reads linear1.weight and linear2.weight directly, which would ignore γ / σ there; "
+        "pass exclude=[...] with their names to silence this warning"
+    ]
+    converted = sorted(n for n, m in model.named_modules() if isinstance(m, SigmaReparamLinear))
+    assert converted == ["decoder.linear1", "decoder.linear2", "head"]
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SigmaReparamLinear):
+                module.gamma.mul_(3.0)  # as training moves γ: the converted layers now compute something else
+    model.eval()
+    x, memory = torch.randn(2, 5, 32, generator=gen), torch.randn(2, 7, 32, generator=gen)
+    with_grad = model(x, memory)
+    with torch.no_grad():  # the encoder layers take their fused fast path here
+        without_grad = model(x, memory)
+    torch.testing.assert_close(without_grad, with_grad.detach(), atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sigma_reparam(_EncoderDecoder(), exclude=["encoder.*.linear1", "encoder.*.linear2"])
 
 
 def test_zero_weights_are_converted_with_a_warning():

@@ -85,15 +85,20 @@ def test_conversion_keeps_the_outputs_of_real_models(build, gen):
     converted = sorted(sigma_reparam_stats(model))
     assert converted == sorted(set(candidates) - set(tied)) and len(converted) >= 8
     assert not _convertible(model) or _convertible(model) == tied
-    # 1e-6 relative to the outputs' scale: float32 kernels round differently with the weight's memory alignment
-    # (a ViT's outputs near 4 moved by up to 8e-7 at random under load); float64 below checks the function exactly
-    tolerance = 1e-6 * max(1.0, float(before.abs().max()))
-    assert (_outputs(model, inputs) - before).abs().max() <= tolerance
+    # the converted layers took the eval mode of the layers they replace: u is frozen, and as γ / σ(W₀) is exactly
+    # one the applied weight is W itself, so the outputs are those of the model before conversion, bit for bit
+    layers = [m for m in model.modules() if isinstance(m, SigmaReparamLinear)]
+    assert not any(layer.training for layer in layers)
+    u_before = [layer.u.clone() for layer in layers]
+    assert torch.equal(_outputs(model, inputs), before)
+    assert torch.equal(_outputs(model, inputs), before)
+    assert all(torch.equal(layer.u, u) for layer, u in zip(layers, u_before, strict=True))
     if tied:  # the tie is intact
         assert model.lm_head.weight is model.get_input_embeddings().weight
     remove_sigma_reparam(model)
     assert _convertible(model) == candidates and not sigma_reparam_stats(model)
-    assert (_outputs(model, inputs) - before).abs().max() <= tolerance
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(_outputs(model, inputs), before)
 
 
 @pytest.mark.parametrize("build", [_gpt2, _llama, _vit], ids=["gpt2", "llama", "vit"])
@@ -135,8 +140,31 @@ def test_bad_input_fails_fast_with_the_candidates():
         remove_sigma_reparam("model")
     with pytest.raises(TypeError, match="sequence of strings"):
         sigma_reparam(model, include=[3])
-    with pytest.warns(GeomonWarning, match="converted no layer"):
+    with pytest.warns(GeomonWarning, match="converted no layer: the model has no untied nn.Linear or Conv1D layer"):
         sigma_reparam(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match=r"include=\[\] selects no layer; pass include=None"):
+        sigma_reparam(model, include=[])
+    assert not sigma_reparam_stats(model)
+
+
+def test_converting_twice_frozen_layers_and_bare_layers_are_said_plainly():
+    model = sigma_reparam(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)))
+    with pytest.warns(GeomonWarning, match=r"converted no layer: the model's layers are already σReparam"):
+        sigma_reparam(model)
+    layer = model[0]
+    with pytest.raises(TypeError, match=r"is itself a SigmaReparamLinear.*; it is already σReparam"):
+        sigma_reparam(layer)
+    advice = r"remove_sigma_reparam\(nn\.Sequential\(layer\)\)\[0\] gives the plain layer"
+    with pytest.raises(TypeError, match=advice):
+        remove_sigma_reparam(layer)
+    x = torch.randn(2, 3)
+    expected = layer.eval()(x)
+    plain = remove_sigma_reparam(nn.Sequential(layer))[0]  # the advice works
+    assert type(plain) is nn.Linear and torch.equal(plain(x), expected)
+    frozen = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    frozen[0].requires_grad_(False)
+    sigma_reparam(frozen)
+    assert [name for name, p in frozen.named_parameters() if p.requires_grad] == ["1.weight", "1.bias", "1.gamma"]
 
 
 # ------------------------------------------------------------------------------------------- training, checkpoints
@@ -329,3 +357,33 @@ def test_logit_maps_of_sigma_reparam_layers_use_the_weight_they_apply(build, gen
         assert any(f"logit map of {name!r} is not logged: rotary" in str(w.message) for w in caught)
         w_q_read, w_k_read, scale, _ = qk_weights(attn)
         assert float(logit_map_sigma(w_q_read, w_k_read, scale).max()) == pytest.approx(float(max(per_head)), rel=1e-5)
+
+
+def test_spectral_keys_of_sigma_reparam_layers_describe_the_weight_they_apply(gen):
+    from geomon import Monitor
+
+    torch.manual_seed(0)
+    model, make_inputs = _gpt2()
+    sigma_reparam(model, exclude=["lm_head"])
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, SigmaReparamLinear):
+                layer.gamma.mul_(2.5)  # the applied weight is now 2.5 x W / σ(W), far from W
+    model.eval()
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"]
+    monitor = Monitor(every_n_steps=1, head=None, attention=False, spectral_modules=names, strict=True).attach(model)
+    with torch.no_grad(), monitor.step(0):
+        model(**make_inputs(gen))
+    values = monitor.compute()
+    for name in names:
+        layer = model.get_submodule(name)
+        applied = _applied_weight(layer)
+        sigma = torch.linalg.matrix_norm(applied, 2)
+        # the monitor's 100-step cold start is a lower bound, within 5e-4 here (σ₂/σ₁ of a random init is near 1);
+        # the raw W's σ is 2.5 times smaller
+        logged = float(values[f"geomon/spectral/sigma/{name}"])
+        assert float(sigma) * (1 - 2e-3) <= logged <= float(sigma) * (1 + 1e-6)
+        stable_rank = applied.square().sum() / sigma.square()
+        assert float(values[f"geomon/spectral/stable_rank/{name}"]) == pytest.approx(float(stable_rank), rel=5e-3)
+        raw = torch.linalg.matrix_norm(layer.weight.detach().double(), 2)  # the raw W's σ is reparam_sigma's
+        assert float(values[f"geomon/spectral/reparam_sigma/{name}"]) == pytest.approx(float(raw), rel=1e-6)

@@ -50,7 +50,7 @@ def _shown(names: Sequence[str], limit: int = 40) -> str:
 
 
 def linear_like(module: nn.Module) -> bool:
-    """A module with a 2-D ``weight`` (``nn.Linear``, Hugging Face ``Conv1D``, ...)."""
+    """A module with a 2-D ``weight`` (``nn.Linear``, Hugging Face ``Conv1D``, ...), ``nn.Embedding`` excluded."""
     weight = getattr(module, "weight", None)
     return isinstance(weight, Tensor) and weight.ndim == 2 and not isinstance(module, nn.Embedding)
 
@@ -98,7 +98,10 @@ def find_head(model: nn.Module, head: str | None) -> str | None:
         return None
     if head != "auto":
         if head not in linears:
-            raise ValueError(f"head {head!r} is not a module with a 2-D weight; the candidates are: {_shown(linears)}")
+            raise ValueError(
+                f"head {head!r} is not a module with a 2-D weight (nn.Embedding excluded); the candidates are: "
+                f"{_shown(linears)}"
+            )
         return head
     names_by_id = {id(module): name for name, module in named.items()}
     for _, module in model.named_modules():  # a Hugging Face model (possibly inside a LightningModule) names its head

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from geomon.functional._common import autocast_off, check_float_tensor
 
-#: Power steps on a cold start (no vector given); error decays like (σ₂/σ₁)^(2·steps).
+#: Power steps on a cold start (no vector given): the vector's error decays like (σ₂/σ₁)^(2·steps), the relative
+#: error of σ like (σ₂/σ₁)^(4·steps).
 COLD_START_STEPS = 100
 
 

@@ -124,7 +124,8 @@ class GeomonTrainerCallback(TrainerCallback):
             arguments of the measured forward call (``model(**inputs)``); default: :func:`geomon.labels.default_labels`
             for the kind of the model that owns the head.
         embedding_modules: ``fnmatch`` patterns of modules whose outputs feed RankMe / alpha-ReQ.
-        spectral_modules: ``fnmatch`` patterns of modules with a 2-D weight whose σ(W) and stable rank are logged.
+        spectral_modules: ``fnmatch`` patterns of modules with a 2-D weight (``nn.Embedding`` excluded) whose σ(W)
+            and stable rank are logged.
         entropy_bound: also log Theorem 3.1's entropy lower bound per attention layer.
         window_rows: rows per RankMe / neural-collapse window (default ``4 x D``).
         query_rows: measure at most this many evenly spaced query rows per head in each attention call; ``"auto"``

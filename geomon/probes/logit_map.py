@@ -171,8 +171,9 @@ def qk_layout(module: nn.Module, *, gather: bool = True) -> QKLayout | str | Non
     for b, w in ((b_q, w_q), (b_k, w_k)):
         if b is not None and tuple(b.shape) != (w.shape[0],):
             return f"a query/key bias has shape {tuple(b.shape)}, not ({w.shape[0]},)"
-    scale = getattr(module, "scale", None) or getattr(module, "scaling", None)
-    scale = float(scale) if isinstance(scale, (int, float)) else 1.0 / math.sqrt(head_dim)
+    scale = _softmax_scale(module, head_dim)
+    if isinstance(scale, str):
+        return scale
     qk_norm = any(not isinstance(getattr(module, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm"))
     d = w_q.shape[1]
     return QKLayout(
@@ -183,6 +184,21 @@ def qk_layout(module: nn.Module, *, gather: bool = True) -> QKLayout | str | Non
         None if b_q is None else b_q.reshape(heads, head_dim),
         None if b_k is None else b_k.reshape(hk, head_dim),
     )
+
+
+def _softmax_scale(module: nn.Module, head_dim: int) -> float | str:
+    """The factor on ``q·k``: a numeric ``scale`` / ``scaling`` attribute, else ``1 / √Dh``; a string saying why
+    not for a boolean one whose meaning is not known. A bool is a switch, never a number: Hugging Face OpenAI-GPT's
+    ``Attention.scale`` is ``True`` for "divide by ``√Dh``" and ``False`` for no scaling."""
+    for name in ("scale", "scaling"):
+        value = getattr(module, name, None)
+        if isinstance(value, bool):
+            if type(module).__module__ == "transformers.models.openai.modeling_openai":
+                return 1.0 / math.sqrt(head_dim) if value else 1.0
+            return f"its {name!r} attribute is a bool ({value}), a switch whose scale is not known"
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 1.0 / math.sqrt(head_dim)
 
 
 def qk_weights(module: nn.Module, *, gather: bool = True) -> tuple[Tensor, Tensor, float, bool] | None:

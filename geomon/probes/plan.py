@@ -174,11 +174,12 @@ def build_plan(model: nn.Module, options: PlanOptions, guard: Guard | None = Non
         last = ", ".join(linears[-8:])
         plan.guard.warn_once("head", f"geomon: head='auto' found no output head in {type(model).__name__} (looked for "
                              f"{'; '.join(HEAD_RULES)}): no RankMe of the head's input and no neural collapse. Pass "
-                             f"head='<module name>' (the last modules with a 2-D weight: {last}), or head=None to "
+                             f"head='<module name>' (the last modules with a 2-D weight, nn.Embedding "
+                             f"excluded: {last}), or head=None to "
                              "silence this")  # fmt: skip
     if options.neural_collapse is True and plan.head is None:
         raise ValueError("neural_collapse=True needs the output head: pass head=<module name>; modules with a "
-                         f"2-D weight: {', '.join(linears[:40]) or '(none)'}")  # fmt: skip
+                         f"2-D weight (nn.Embedding excluded): {', '.join(linears[:40]) or '(none)'}")  # fmt: skip
     if plan.head is not None:
         classes, features = head_dims(modules[plan.head])
         plan.add(EmbeddingProbe(plan.head + ".input", features, module=plan.head, source="input",
@@ -196,7 +197,8 @@ def build_plan(model: nn.Module, options: PlanOptions, guard: Guard | None = Non
             )
     for name in resolve_patterns(options.embedding_modules, list(modules), "embedding_modules"):
         plan.add(EmbeddingProbe(name, output_features(modules[name]), module=name, min_rows=options.window_rows))
-    spectral = resolve_patterns(options.spectral_modules, linears, "spectral_modules (modules with a 2-D weight)")
+    what = "spectral_modules (modules with a 2-D weight, nn.Embedding excluded)"
+    spectral = resolve_patterns(options.spectral_modules, linears, what)
     if options.weights:
         for name in spectral:
             plan.add(SpectralProbe(name))

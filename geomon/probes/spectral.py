@@ -13,6 +13,7 @@ from torch import nn
 
 from geomon import keys
 from geomon._reparam_layer import SigmaReparamLinear
+from geomon.capture.modules import weight_out_in
 from geomon.metrics import SpectralNorm
 from geomon.probes._sync import whole
 from geomon.probes.base import Context, Probe, Values
@@ -20,7 +21,9 @@ from geomon.probes.base import Context, Probe, Values
 
 class SpectralProbe(Probe):
     """``geomon/spectral/sigma/<module>`` and ``geomon/spectral/stable_rank/<module>`` (``|W|_F² / σ²``), by
-    warm-started power iteration (one step per compute once converged)."""
+    warm-started power iteration (one step per compute once converged), of the weight the module applies: for a
+    σReparam layer ``Ŵ = γ W / σ(W)`` (with the layer's current ``u``), as for the logit map; the raw ``W``'s σ is
+    the layer's own estimate, logged as ``reparam_sigma``."""
 
     kind = "spectral"
     weight_based = True
@@ -33,7 +36,10 @@ class SpectralProbe(Probe):
         return [keys.key(keys.SIGMA, self.name), keys.key(keys.STABLE_RANK, self.name)]
 
     def compute(self, context: Context, out: Values) -> None:
-        weight = whole(context.modules[self.name].weight)  # FSDP2: a collective, at the same point on every rank
+        module = context.modules[self.name]
+        # σReparam: the applied weight (σ and |·|_F do not depend on its layout); else FSDP2 gathers, a collective at
+        # the same point on every rank
+        weight = weight_out_in(module) if isinstance(module, SigmaReparamLinear) else whole(module.weight)
         self.metric.to(weight.device).update(weight)
         sigma = self.metric.compute()
         out.scalars[keys.key(keys.SIGMA, self.name)] = sigma
