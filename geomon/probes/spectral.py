@@ -39,7 +39,7 @@ class SpectralProbe(Probe):
         module = context.modules[self.name]
         # σReparam: the applied weight (σ and |·|_F do not depend on its layout); else FSDP2 gathers, a collective at
         # the same point on every rank
-        weight = weight_out_in(module) if isinstance(module, SigmaReparamLinear) else whole(module.weight)
+        weight = whole(weight_out_in(module) if isinstance(module, SigmaReparamLinear) else module.weight)
         self.metric.to(weight.device).update(weight)
         sigma = self.metric.compute()
         out.scalars[keys.key(keys.SIGMA, self.name)] = sigma
