@@ -12,6 +12,7 @@ transformers, any ``attn_implementation``      the attention-interface call (eag
 ``nn.TransformerEncoderLayer`` fused (eval)    Q/K recomputed from the layer input, under ``<layer>.self_attn``
 timm ``Attention`` / ``AttentionRope`` eager   Q/K recomputed from ``qkv``, QK-norm, rotary (``timm``)
 nanoGPT ``CausalSelfAttention`` eager          Q/K recomputed from ``c_attn``, causal (``nanogpt``)
+torchvision Swin (v1, v2), MaxViT attention    Q/K recomputed per window, with their biases (``torchvision``)
 =============================================  =================================================================
 
 Each attention computation is reported once: the innermost source that saw it wins (a module-level adapter runs at
@@ -33,7 +34,7 @@ from typing import Any
 
 from torch import nn
 
-from geomon.capture import hf, hf_alibi, nanogpt, timm_vit, torch_mha, xtransformers
+from geomon.capture import hf, hf_alibi, nanogpt, timm_vit, torch_mha, torchvision_attn, xtransformers
 from geomon.capture._session import AttentionCall, Fallback, Session
 
 __all__ = ["capture_attention", "find_attention_modules"]
@@ -47,7 +48,7 @@ def _recognise(module: nn.Module) -> tuple[str | None, Fallback | None]:
         kind = hf.kind(module)
         if kind is not None:
             return kind, None
-    for adapter in (timm_vit, nanogpt, xtransformers, hf_alibi):
+    for adapter in (timm_vit, torchvision_attn, nanogpt, xtransformers, hf_alibi):
         kind, fallback = adapter.fallback_for(module)
         if kind is not None:
             return kind, fallback
@@ -91,6 +92,7 @@ def find_attention_modules(model: nn.Module) -> dict[str, str]:
 
     Kinds: ``"torch_mha"`` (``nn.MultiheadAttention``), ``"hf:<attn_implementation>"`` (transformers),
     ``"timm"`` (timm ``Attention`` / ``AttentionRope``), ``"timm:sdpa-only"`` (other timm attention: seen when fused),
+    ``"torchvision"`` (Swin's ``ShiftedWindowAttention`` / ``V2``, MaxViT's ``RelativePositionalMultiHeadAttention``),
     ``"nanogpt"`` and ``"tiny_gpt"``. Modules that simply call SDPA are seen too without being listed here.
 
     Example:
