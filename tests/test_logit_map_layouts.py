@@ -103,10 +103,23 @@ class NoHeads(nn.Module):
         return self.q_proj(x) + self.k_proj(x)
 
 
+class CosineQKV(nn.Module):
+    """Swin V2's cosine attention: normalised q and k times a learned per-head logit scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads, self.qkv = 2, nn.Linear(16, 48)
+        self.logit_scale = nn.Parameter(torch.full((2, 1, 1), math.log(10.0)))
+
+    def forward(self, x):
+        return self.qkv(x)[..., :16]
+
+
 @pytest.mark.parametrize(
     ("module", "reason"),
     [
         (OddQKV, r"fused projection's weight has shape \(40, 16\)"),
+        (CosineQKV, "cosine attention"),
         (NoWeightQKV, "reading its query/key projections failed"),
         (NoHeads, "head count is not known"),
     ],

@@ -126,11 +126,15 @@ def qk_layout(module: nn.Module, *, gather: bool = True) -> QKLayout | str | Non
 
     Layouts: ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q_proj_weight`` / ``k_proj_weight``); separate
     ``q_proj`` / ``k_proj`` (Hugging Face, timm EVA); fused ``qkv`` / ``c_attn`` (nanoGPT, timm, GPT-2), with the
-    biases of the fused layer or separate ``q_bias`` / ``k_bias`` (timm EVA). Sharded weights (FSDP2 ``DTensor``) are
-    gathered whole, a collective; ``gather=False`` returns meta tensors of their shapes instead, for a layout check
-    without communication."""
+    biases of the fused layer or separate ``q_bias`` / ``k_bias`` (timm EVA). A module with a ``logit_scale`` tensor
+    (Swin V2's cosine attention) has no logit map of its weights: said, not read. Sharded weights (FSDP2 ``DTensor``)
+    are gathered whole, a collective; ``gather=False`` returns meta tensors of their shapes instead, for a layout
+    check without communication."""
     if not looks_like_attention(module):
         return None
+    if isinstance(getattr(module, "logit_scale", None), Tensor):
+        return ("it computes cosine attention (Swin V2: normalised queries and keys times a learned per-head "
+                "logit_scale), whose logits are bounded by that scale, not by σ(W_Qᵀ W_K)")  # fmt: skip
     heads = head_count(module)
     if isinstance(module, nn.MultiheadAttention):
         heads = module.num_heads

@@ -219,6 +219,22 @@ def test_padding_rows_are_left_out_and_every_real_row_is_exact():
         assert_clean(model)
 
 
+def test_swin_v2_cosine_attention_has_no_logit_sigma_and_says_why():
+    """The logit-map diagnostics read σ(W_Qᵀ W_K)·scale from ``qkv``: right for Swin v1 (logits scale·q·k + bias),
+    not for V2's cosine attention, which is skipped with a warning rather than logged."""
+    for v2 in (False, True):
+        model = _swin_small(v2=v2).eval()
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            monitor = Monitor(every_n_steps=1, head=None).attach(model)
+            with monitor.step(0):
+                model(_images(1, 32))
+            values = monitor.compute()
+        sigma = [key for key in values if key.startswith("geomon/spectral/logit_sigma/")]
+        said = [str(w.message) for w in caught if "cosine attention" in str(w.message)]
+        assert (len(sigma), len(said)) == ((0, 4) if v2 else (4, 0)), (sigma, said)
+
+
 def test_a_subclass_is_not_recomputed_but_named():
     class Mine(swin_transformer.ShiftedWindowAttention):
         pass
