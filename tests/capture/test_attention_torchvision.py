@@ -279,3 +279,28 @@ def test_training_is_bit_identical_with_the_monitor_on(kind):
     assert all(torch.equal(a, b) for a, b in zip(losses_a, losses_b, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b, strict=True))
     assert torch.equal(rng_a, rng_b)
+
+
+@pytest.mark.parametrize("which", ["swin-v1", "swin-v2", "maxvit"])
+def test_the_kernel_as_cuda_would_run_it_equals_their_own_softmax(which, monkeypatch):
+    """The padded, shifted Swin maps and MaxViT again with ``backend="auto"`` choosing as on CUDA: the (interpreted)
+    kernel takes every call, with the per-window float mask and the padding tokens' rows left out."""
+    import importlib
+
+    from geomon.functional._dispatch import choose_backend
+
+    functional = importlib.import_module("geomon.functional.attention_entropy")
+    chosen = []
+
+    def as_on_cuda(backend, op, *tensors, unsupported=None):
+        if backend == "auto" and op == "attention_entropy":
+            chosen.append("torch" if unsupported else "triton")
+            return chosen[-1]
+        return choose_backend(backend, op, *tensors, unsupported=unsupported)
+
+    monkeypatch.setattr(functional, "choose_backend", as_on_cuda)
+    if which == "maxvit":
+        _check(_maxvit_small(), _images(1, 64))
+    else:
+        _check(_swin_small(v2=which == "swin-v2"), _images(1, 40, 24))
+    assert chosen and set(chosen) == {"triton"}, chosen
