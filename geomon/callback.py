@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import importlib
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any, Literal
 
 from torch import Tensor
@@ -51,7 +52,7 @@ from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink,
 from geomon.functional._dispatch import Backend
 from geomon.integrations.wandb_dashboard import LIGHTNING_STEP, WandbDashboard, config_value, monitor_settings
 from geomon.labels import LabelKind, default_labels, label_kind, labels_of
-from geomon.monitor import Monitor, check_flag, checked_labels
+from geomon.monitor import COMPILED, Monitor, check_flag, checked_labels
 
 OnAlert = Literal["warn", "checkpoint", "stop"] | Callable[[Any], None]
 
@@ -82,6 +83,13 @@ def _checkpoint_once_per_step(trainer: Any) -> Callable[[Any], None]:
             trainer.save_checkpoint(f"{trainer.default_root_dir}/geomon-alert-step{event.step}.ckpt")
 
     return save
+
+
+def _train_step_context(trainer: Any) -> Any:
+    """The context Lightning runs ``training_step`` in (autocast under mixed precision)."""
+    plugin = getattr(trainer, "precision_plugin", None)
+    context = getattr(plugin, "train_step_context", None)
+    return context() if callable(context) else nullcontext()
 
 
 def logging_step(trainer: Any) -> int:
@@ -124,6 +132,14 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             or a sequence of these.
         action_level: the least severe level that triggers ``on_alert``.
         backend: ``"auto"`` (Triton kernels on CUDA), ``"torch"`` or ``"triton"``.
+        measure_forward: ``(pl_module, batch) -> anything``: measure by an extra forward pass that this function
+            runs, not by the training forward - for a ``torch.compile``'d model (or submodule), whose own forward
+            hooks cannot see into (without it, such a model is refused at ``on_fit_start`` unless the hook-based
+            probes are off). Called at the start of each measured (and fill) step's first micro-batch, on its
+            batch, under the Trainer's precision context, without gradients, with compiled code run eagerly and the
+            random-number state and buffers restored after it (:meth:`geomon.Monitor.measure_forward`): training is
+            unchanged, and each measured (or fill) step costs one more forward pass. Example:
+            ``measure_forward=lambda module, batch: module(batch[0])``.
         strict: raise probe errors instead of warning (for tests).
 
     Example:
@@ -150,8 +166,13 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         on_alert: OnAlert | Sequence[OnAlert] = "warn",
         action_level: Level = "WARN",
         backend: Backend = "auto",
+        measure_forward: Callable[[Any, Any], Any] | None = None,
         strict: bool = False,
     ) -> None:
+        if measure_forward is not None and not callable(measure_forward):
+            raise TypeError(f"measure_forward must be a callable (pl_module, batch) -> anything, or None, got "
+                            f"{measure_forward!r}")  # fmt: skip
+        self.measure_forward = measure_forward
         if on_alert is None or not (isinstance(on_alert, str) or callable(on_alert) or isinstance(on_alert, Sequence)):
             raise TypeError(f"on_alert must be 'warn', 'checkpoint', 'stop', a callable or a list of these, got "
                             f"{on_alert!r}")  # fmt: skip
@@ -193,6 +214,8 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         # here, not in setup: the model exists (configure_model has run) and sits on its device, wrapped as the
         # strategy wraps it (FSDP), so the plan reads the structure that will train
         self.monitor.attach(pl_module)
+        if self.monitor.compiled and self.measure_forward is None:
+            raise ValueError(COMPILED.format(parts=self.monitor.compiled))
         if self.labels_fn is default_labels and self.monitor.head is not None:
             self.label_kind = self.monitor.guard.run("the model's kind", label_kind, pl_module, self.monitor.head)
         self.monitor.alert_engine.sinks = self._sinks(trainer)
@@ -256,9 +279,13 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             labels = None
             if self.monitor.collapse is not None:
                 labels = self.monitor.guard.run("labels_fn", self._labels, batch)
-            armed = self.monitor.step(step, labels=labels)
-            if self.monitor.guard.run("arming the capture", armed.__enter__, default=False) is not False:
-                self._armed = armed
+            if self.measure_forward is not None:  # before the training forward: the weights it uses, its batch
+                with _train_step_context(trainer):
+                    self.monitor.measure_forward(step, self.measure_forward, pl_module, batch, labels=labels)
+            else:
+                armed = self.monitor.step(step, labels=labels)
+                if self.monitor.guard.run("arming the capture", armed.__enter__, default=False) is not False:
+                    self._armed = armed
         if scheduled:
             self._measured_step, self._to_compute, self._observed = step, True, False
             self._optimizer_steps = trainer.global_step

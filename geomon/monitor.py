@@ -35,7 +35,8 @@ Example:
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, Literal
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 
 from geomon._guard import Guard
 from geomon.alerts import AlertEngine, AlertEvent, LoggingSink, Rule, default_rules
+from geomon.capture.extra_forward import can_force_eager, extra_forward
 from geomon.capture.modules import compiled_parts
 from geomon.functional._common import check_flag, is_index_tensor
 from geomon.functional._dispatch import BACKENDS, Backend
@@ -68,12 +70,17 @@ REMEASURED = (
 WEIGHT_VALUES = "geomon/spectral/*: logit_sigma, entropy_bound, σReparam's gamma and sigma"
 
 COMPILED = (
-    "the model is compiled with torch.compile ({parts}): forward hooks and the attention interception would have to "
-    "run inside the compiled graph, which changes what is compiled and so the training itself. Keep the compiled "
-    "model as it is and pass attention=False, head=None, embedding_modules=() (spectral_modules and the attention "
-    "layers' logit maps, read off the weights, still work); hand the tensors you want measured to Monitor.observe "
-    "(or return them under outputs['geomon'] from training_step): that leaves training bit-identical"
+    "the model is compiled with torch.compile ({parts}): forward hooks and the attention interception do not run "
+    "inside the compiled graph, and adding them would change what is compiled, and so the training. Either measure "
+    "by an extra forward pass that runs the model eagerly without gradients and leaves training as it was: "
+    "Monitor.measure_forward(step, model, *inputs) before the step's training forward instead of monitor.step(step) "
+    "(GeomonCallback(measure_forward=lambda module, batch: module(batch[0])) in Lightning), which costs one forward "
+    "pass per measured step; or keep the compiled model as it is and pass attention=False, head=None, "
+    "embedding_modules=() (spectral_modules and the attention layers' logit maps, read off the weights, still "
+    "work) and hand the tensors you want measured to Monitor.observe (or return them under outputs['geomon'] from "
+    "training_step)"
 )
+COMPILED_OLD_TORCH = "; Monitor.measure_forward needs torch >= 2.6 (torch.compiler.set_stance), this is torch {version}"
 
 
 def check_rules(alerts: object) -> None:
@@ -210,6 +217,10 @@ class Monitor:
         self._measured = False  # a step was measured since the last compute
         self._computed_step: int | None = None  # the last step whose measurement compute(step) reported
         self._fsdp1 = False  # FSDP1 flattens the weights: no weight-based value (see attach)
+        #: the compiled parts the hook-based probes cannot see into, named (``""``: none); such a model is measured
+        #: by :meth:`measure_forward`, not by :meth:`step`
+        self.compiled = ""
+        self._in_extra_forward = False
 
     @property
     def head(self) -> str | None:
@@ -235,8 +246,11 @@ class Monitor:
             raise TypeError(f"Monitor.attach needs a torch.nn.Module, got {type(model).__name__}")
         options = self.options
         compiled = compiled_parts(model)
-        if compiled and (options.attention or options.embedding_modules or options.head is not None):
-            raise ValueError(COMPILED.format(parts=", ".join(repr(p) if p else "the model" for p in compiled)))
+        hooked = options.attention or bool(options.embedding_modules) or options.head is not None
+        self.compiled = ", ".join(repr(p) if p else "the model" for p in compiled) if compiled and hooked else ""
+        if self.compiled and not can_force_eager():
+            old_torch = COMPILED_OLD_TORCH.format(version=torch.__version__)
+            raise ValueError(COMPILED.format(parts=self.compiled) + old_torch)
         model = unwrap(model)
         self._fsdp1 = bool(fsdp1_units(model)) or any(fsdp1_flattened(module) for module in model.modules())
         if self._fsdp1 and options.spectral_modules:
@@ -276,6 +290,12 @@ class Monitor:
         so once)."""
         if self.model is None or self.plan is None:
             raise RuntimeError("Monitor.step() before attach(model)")
+        if self.compiled and not self._in_extra_forward:
+            raise ValueError(COMPILED.format(parts=self.compiled))
+        return self._step(global_step, labels)
+
+    def _step(self, global_step: int, labels: Tensor | None) -> Any:
+        assert self.model is not None and self.plan is not None
         labels = checked_labels(labels)
         if not self.is_scheduled(global_step):
             fill = self.plan.fill_probes(-step_number(global_step) % self.every_n_steps)
@@ -285,6 +305,55 @@ class Monitor:
             return nullcontext()
         self._measured = True
         return self.plan.armed(self.model, labels)
+
+    def measure_forward(
+        self, global_step: int, forward: Callable[..., Any], *args: Any, labels: Tensor | None = None, **kwargs: Any
+    ) -> None:
+        """Measure ``global_step`` by an extra forward pass, ``forward(*args, **kwargs)``, whose output is dropped:
+        for a ``torch.compile``'d model, whose own forward hooks cannot see into. A no-op off schedule (and on
+        fill steps it feeds the windowed probes only, as :meth:`step` does).
+
+        The pass runs without autograd, with compiled code run eagerly (the compiled graph is neither used nor
+        changed), and with the random-number state and the model's buffers restored after it, so training goes on
+        as it would have without it (see :mod:`geomon.capture.extra_forward`). It costs one forward pass without
+        gradients per step it measures. Call it before the training forward of the step, on the same batch, to
+        measure the weights that forward uses. An error inside it is a warning and a skipped measurement (raised
+        with ``strict=True``); ``labels`` feed neural collapse as in :meth:`step`.
+
+        A training loop (``model``, ``loader``, ``loss_fn``, ``optimizer`` yours)::
+
+            compiled = torch.compile(model)
+            monitor = Monitor(every_n_steps=50).attach(compiled)
+            for step, (x, y) in enumerate(loader):
+                monitor.measure_forward(step, compiled, x, labels=y)  # before the training forward
+                loss = loss_fn(compiled(x), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                values = monitor.compute(step)  # {} off schedule
+        """
+        if self.model is None or self.plan is None:
+            raise RuntimeError("Monitor.measure_forward() before attach(model)")
+        if not callable(forward):
+            raise TypeError(f"Monitor.measure_forward needs a callable forward (the model, or a function), got "
+                            f"{forward!r}")  # fmt: skip
+        labels = checked_labels(labels)
+        if not (self.is_scheduled(global_step) or self.fills(global_step)):
+            return
+        self.guard.run("the extra measuring forward", self._extra_forward, global_step, labels, forward, args, kwargs)
+
+    def _extra_forward(self, global_step: int, labels: Tensor | None, forward: Callable[..., Any], args: tuple,
+                       kwargs: dict[str, Any]) -> None:  # fmt: skip
+        assert self.model is not None
+        with extra_forward(self.model), self._step(global_step, labels), warnings.catch_warnings():
+            # torch says that geomon's global hooks (armed in this block only) also fire for the compiled wrapper:
+            # they do, and they ignore it (it is not one of the model's named modules)
+            warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+            self._in_extra_forward = True
+            try:
+                forward(*args, **kwargs)
+            finally:
+                self._in_extra_forward = False
 
     def observe(self, name: str, tensor: Tensor) -> None:
         """Add embeddings ``[..., D]`` to probe ``name`` (``geomon/rankme/<name>``, ...) yourself: for models that

@@ -167,7 +167,7 @@ def test_a_compiled_model_is_refused_with_advice_that_keeps_training_unchanged()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         if watch:
             with pytest.raises(ValueError, match=re.escape("attention=False, head=None, embedding_modules=()")):
-                Monitor().attach(compiled)
+                Monitor().attach(compiled).step(0)  # hook-based probes: the step is refused, measure_forward is not
             monitor = Monitor(every_n_steps=1, attention=False, head=None, spectral_modules=["blocks.*.attn.qkv"])
             monitor.attach(compiled)
         for step in range(4):

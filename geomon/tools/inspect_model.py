@@ -43,8 +43,9 @@ NO_HEAD = (
     "head, classifier, fc, ...); pass head=<module name> to watch one"
 )
 COMPILED = (
-    "the model is compiled with torch.compile: Monitor.attach refuses the hook-based probes (attention, head input); "
-    "attach before compiling, or hand tensors to Monitor.observe"
+    "the model is compiled with torch.compile: its compiled forward runs no hooks, so the hook-based probes "
+    "(attention, head input) are fed by an extra eager forward (Monitor.measure_forward, GeomonCallback("
+    "measure_forward=...)), or hand tensors to Monitor.observe"
 )
 NO_ATTENTION = (
     "no module recognisably attention; modules that call F.scaled_dot_product_attention are still seen at run time "
