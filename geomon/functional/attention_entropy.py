@@ -154,7 +154,8 @@ def _attention_rows_torch(
             allowed = torch.arange(start, stop, device=q.device)[None, :] <= rows
         terms = []
         if mask is not None:  # the rows of this chunk only: a selected copy stays Nsel x chunk
-            terms.append(mask[..., start:stop].index_select(-2, positions) if select_rows else mask[..., start:stop])
+            chunk = mask if mask.shape[-1] == 1 else mask[..., start:stop]  # size 1: one entry for every key
+            terms.append(chunk.index_select(-2, positions) if select_rows else chunk)
         if pattern is not None:
             terms.append(_grouped_mask(pattern(positions, start, stop), kv_heads, group))
         for chunk in terms:
@@ -166,7 +167,8 @@ def _attention_rows_torch(
             allowed = ok if allowed is None else allowed & ok
         if allowed is not None:
             scores = scores.masked_fill(~allowed, -math.inf)
-            n_keys += allowed.sum(-1)  # broadcasts: counted before any expansion to the score shape
+            # counted before any expansion to the score shape; a key dim of size 1 stands for every key of the chunk
+            n_keys += allowed.sum(-1) * (stop - start if allowed.shape[-1] == 1 else 1)
         else:
             n_keys += stop - start
         new_max = torch.maximum(running_max, scores.amax(-1))

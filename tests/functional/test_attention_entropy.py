@@ -71,6 +71,23 @@ def test_boolean_padding_and_float_masks(chunk_size, gen):
         _assert_matches_reference(q, k, attn_mask=additive, chunk_size=chunk_size, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(6, 1), (2, 1, 6, 1), (2, 4, 1, 1), (1,)])
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_masks_broadcast_along_the_keys_count_every_key(shape, kind, chunk_size, gen):
+    # a mask whose key dim has size 1 allows or blocks every key of its rows: each allowed row counts all Nk keys
+    # (it used to count one per chunk: n = 1, its entropy clamped to log 1 = 0), as SDPA and the float64 oracle read it
+    b, h, nq, nk = 2, 4, 6, 7
+    q, k = _qk(gen, b, h, 2, nq, nk, 8)
+    blocked = torch.rand(shape, generator=gen) < 0.3
+    blocked.view(-1)[0] = False  # at least one row allowed
+    if kind == "bool":
+        mask = ~blocked
+    else:
+        mask = torch.randn(shape, generator=gen, dtype=torch.float64).masked_fill(blocked, -math.inf)
+    _assert_matches_reference(q, k, attn_mask=mask, chunk_size=chunk_size)
+
+
 def _sdpa_probabilities(q, k, **kwargs):
     """Attention probabilities as torch's SDPA computes them: values = the identity over keys."""
     b, hk, nk = k.shape[0], k.shape[1], k.shape[2]

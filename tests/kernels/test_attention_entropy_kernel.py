@@ -88,6 +88,17 @@ def test_boolean_float_and_padding_masks_with_broadcasts():
         _check(q, k, attn_mask=additive)
 
 
+@pytest.mark.parametrize("shape", [(13, 1), (2, 1, 13, 1), (2, 4, 1, 1)])
+def test_masks_broadcast_along_the_keys_agree_with_the_torch_path(shape):
+    # one entry for every key of a row: all Nk keys counted on both paths (the torch path used to count one per chunk)
+    q, k = _qk(2, 4, 2, 13, 2 * BLOCK + 3, 16)
+    blocked = torch.rand(shape, generator=torch.Generator().manual_seed(4)) < 0.3
+    blocked.view(-1)[0] = False
+    for mask in (~blocked, torch.randn(shape).masked_fill(blocked, -math.inf)):
+        _check(q, k, attn_mask=mask.to(DEVICE))
+        assert set(_reference(q, k, attn_mask=mask.to(DEVICE))[2].unique().tolist()) <= {0, 2 * BLOCK + 3}
+
+
 def test_non_contiguous_inputs_are_read_through_their_strides():
     g = torch.Generator().manual_seed(5)
     qkv = torch.randn(2, 23, 3, 4, 16, generator=g).to(DEVICE)  # [B, N, 3, H, Dh] as a fused projection gives
