@@ -24,6 +24,7 @@ from typing import Any
 from torch import Tensor
 
 from geomon import keys
+from geomon.functional import GeomonWarning
 
 HEADS_FILE = "geomon_heads.csv"
 ALERTS_FILE = "geomon_alerts.csv"
@@ -193,7 +194,8 @@ def _images(heads: dict[str, Tensor], spectra: dict[str, Tensor], step: int) -> 
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        warnings.warn("geomon: matplotlib is not installed, so no heatmaps or spectra are drawn", stacklevel=3)
+        warnings.warn("geomon: matplotlib is not installed, so no heatmaps or spectra are drawn", GeomonWarning,
+                      stacklevel=3)  # fmt: skip
         return {}
     images = {}
     if any(key.startswith(ENTROPY_NORMALIZED) for key in heads):

@@ -145,3 +145,13 @@ def test_wandb_and_tensorboard_get_both_images_from_one_drawing(tmp_path, monkey
     # the same rendering went to both: TensorBoard's heatmap has the W&B heatmap's size
     last = events.Images(HEATMAP)[-1]
     assert (last.width, last.height) == (heatmap.width, heatmap.height)
+
+
+def test_missing_matplotlib_is_a_geomon_warning(monkeypatch):
+    # the callback's warnings share one category (docs/faq.md: filter them with GeomonWarning)
+    from geomon import GeomonWarning
+
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    heads, spectra = _heads_and_spectra(0)
+    with pytest.warns(GeomonWarning, match="geomon: matplotlib is not installed"):
+        assert _media._images(heads, spectra, 0) == {}
