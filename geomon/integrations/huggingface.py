@@ -24,14 +24,22 @@ they are, see :mod:`geomon.labels`) and arms the capture. The capture is disarme
 (``on_substep_end``, or ``on_step_end`` without gradient accumulation), and ``Monitor.compute`` runs at ``on_step_end``
 on every rank (a collective under DDP); every rank logs like the Trainer does (its integrations write on the world's
 process zero only).
+
+A compiled model (``TrainingArguments(torch_compile=True)``, or a model or submodule compiled before the Trainer got
+it) runs no hooks inside its graph, and patching the attention call while its graph runs would make it recompile.
+There the measured micro-batch is measured by an extra forward pass instead (:meth:`geomon.Monitor.measure_forward`):
+the Trainer's ``training_step`` is wrapped for that one call, and before the training forward the wrapper runs
+``model(**inputs)`` on the same prepared inputs, without gradients, eagerly, in the Trainer's
+``compute_loss_context_manager``; the compiled graph is neither changed nor recompiled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -41,6 +49,7 @@ from torch import Tensor, nn
 from geomon import _media
 from geomon._media import ALERTS_FILE
 from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink, WandbSink
+from geomon.capture.modules import compiled_parts
 from geomon.functional._dispatch import Backend
 from geomon.integrations.wandb_dashboard import WandbDashboard, config_value, monitor_settings
 from geomon.keys import is_geomon
@@ -60,6 +69,11 @@ STATE_FILE = "geomon_state.pt"
 
 #: the step metric transformers' W&B integration logs with every row
 HF_STEP = "train/global_step"
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    """The model on a Trainer's inputs, as ``compute_loss`` calls it."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
 def trainer_log(trainer: Any) -> Callable[[dict[str, float]], None] | None:
@@ -198,6 +212,8 @@ class GeomonTrainerCallback(TrainerCallback):
         self._armed: Any = None
         self._measured_step = 0
         self._armed_step = 0  # the step the pending hook arms: measured, or one that fills the windows
+        self._compiled = False  # the Trainer runs a compiled model: measure by an extra forward (see the module)
+        self._wrapped: tuple[Any, Any] | None = None  # (trainer, its own training_step attribute or None) while wrapped
         self._to_compute = False
         self._pending_state: dict[str, Any] | None = None
         self._dashboard: WandbDashboard | None = None  # the W&B run's summaries, overview and per-head tables
@@ -212,8 +228,14 @@ class GeomonTrainerCallback(TrainerCallback):
             raise ValueError("GeomonTrainerCallback: the Trainer passed no model to on_train_begin")
         if self.every_n_steps is None:
             self.monitor.every_n_steps = max(1, int(getattr(state, "logging_steps", 0) or args.logging_steps or 50))
+        self._compiled = bool(getattr(args, "torch_compile", False) or compiled_parts(model))
         model = unwrap(model)
         self.monitor.attach(model)
+        self._compiled = self._compiled or bool(self.monitor.compiled)
+        if self._compiled and self.trainer is None:
+            raise ValueError("geomon: the model is compiled, so GeomonTrainerCallback measures it by an extra forward "
+                             "pass run from the Trainer's training_step, and no transformers Trainer was found calling "
+                             "this callback")  # fmt: skip
         if self.labels_fn is default_labels and self.monitor.head is not None:
             self.label_kind = self.monitor.guard.run("the model's kind", label_kind, model, self.monitor.head)
         if state.is_world_process_zero and args.output_dir and state.global_step > 0:  # resumed: the steps after
@@ -304,7 +326,45 @@ class GeomonTrainerCallback(TrainerCallback):
             self._measured_step, self._to_compute = step, True  # on every rank alike: compute is a collective
         self._armed_step = step
         self._release()  # nothing is armed at a step's start, unless a measured forward raised before
-        self._hook = model.register_forward_pre_hook(self._arm, with_kwargs=True)
+        if self._compiled:
+            self._wrap_training_step()
+        else:
+            self._hook = model.register_forward_pre_hook(self._arm, with_kwargs=True)
+
+    def _wrap_training_step(self) -> None:
+        """Have the Trainer's next ``training_step`` call measure its inputs by an extra forward first."""
+        trainer = self.trainer
+        own = trainer.__dict__.get("training_step")  # an attribute set on the instance, else the class's method
+        original = trainer.training_step
+
+        def training_step(model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            self._unwrap_training_step()
+            self.monitor.guard.run("the extra measuring forward", self._measure, inputs)
+            return original(model, inputs, *args, **kwargs)
+
+        trainer.training_step = training_step
+        self._wrapped = (trainer, own)
+
+    def _unwrap_training_step(self) -> None:
+        wrapped, self._wrapped = self._wrapped, None
+        if wrapped is None:
+            return
+        trainer, own = wrapped
+        if own is None:
+            trainer.__dict__.pop("training_step", None)
+        else:
+            trainer.training_step = own
+
+    def _measure(self, inputs: Any) -> None:
+        trainer, model = self.trainer, self.monitor.model
+        prepare = getattr(trainer, "_prepare_inputs", None)
+        inputs = prepare(inputs) if callable(prepare) else inputs
+        labels = None
+        if self.monitor.collapse is not None:
+            labels = self.monitor.guard.run("labels_fn", self._labels, inputs)
+        context = getattr(trainer, "compute_loss_context_manager", None)
+        with context() if callable(context) else contextlib.nullcontext():
+            self.monitor.measure_forward(self._armed_step, _call, model, inputs, labels=labels)
 
     def _arm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not torch.is_grad_enabled():  # generation or a reference pass before the trained forward (GRPO, DPO)
@@ -350,6 +410,7 @@ class GeomonTrainerCallback(TrainerCallback):
             self.monitor.guard.run("the W&B dashboard", dashboard.log, state.global_step, values, self.monitor.details)
 
     def _remove_hook(self) -> None:
+        self._unwrap_training_step()
         hook, self._hook = self._hook, None
         if hook is not None:
             hook.remove()

@@ -1,0 +1,59 @@
+"""The Hugging Face Trainer with ``torch_compile=True``: GeomonTrainerCallback measures the compiled model by an extra
+eager forward run from ``training_step`` (``Monitor.measure_forward``). Before, its hooks and the patched attention
+call ran under Dynamo: nothing was measured and every measured step recompiled the graph (8 graphs for 2, until
+Dynamo's recompile limit sent a frame back to eager for the rest of the run)."""
+
+import dataclasses
+import os
+import tempfile
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from geomon.capture.extra_forward import can_force_eager  # noqa: E402
+from geomon.integrations.huggingface import GeomonTrainerCallback  # noqa: E402
+from tests.test_hf_trainer import ENTROPY, Tokens, _args, _model  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not can_force_eager(), reason="torch.compiler.set_stance needs torch >= 2.6")
+
+
+def _train(compiled: bool, watched: bool):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE"):  # set by TrainingArguments(torch_compile)
+        os.environ.pop(name, None)
+    args = _args(tempfile.mkdtemp(), steps=6)
+    args = dataclasses.replace(args, torch_compile=compiled, torch_compile_backend="aot_eager" if compiled else None)
+    callbacks = [GeomonTrainerCallback(every_n_steps=2, strict=True)] if watched else []
+    trainer = transformers.Trainer(model=_model(), args=args, train_dataset=Tokens(), callbacks=callbacks)
+    trainer.train()
+    history = trainer.state.log_history
+    losses = [row["loss"] for row in history if "loss" in row]
+    entropy = {row["step"]: row[ENTROPY] for row in history if ENTROPY in row}
+    graphs = counters["stats"]["unique_graphs"]
+    return [p.detach().clone() for p in trainer.model.parameters()], losses, entropy, graphs
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment(monkeypatch):
+    for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE"):
+        monkeypatch.setenv(name, "")  # recorded, so that the end of the test removes what the Trainer sets
+        monkeypatch.delenv(name)
+
+
+def test_a_compiled_trainer_is_measured_without_recompiling_or_changing_training():
+    plain, plain_losses, _, plain_graphs = _train(compiled=True, watched=False)
+    watched, losses, entropy, graphs = _train(compiled=True, watched=True)
+    assert losses == plain_losses and len(losses) == 3
+    for a, b in zip(plain, watched, strict=True):
+        assert torch.equal(a, b)
+    assert graphs == plain_graphs  # no graph of geomon's making
+    _, _, hooked, _ = _train(compiled=False, watched=True)  # the hook-based probes on the eager model
+    assert sorted(entropy) == sorted(hooked) == [2, 4, 6]
+    for step in entropy:  # aot_eager and eager training may round apart after the first update
+        assert entropy[step] == pytest.approx(hooked[step], rel=1e-4)
