@@ -299,12 +299,14 @@ class Monitor:
         labels = checked_labels(labels)
         if not self.is_scheduled(global_step):
             fill = self.plan.fill_probes(-step_number(global_step) % self.every_n_steps)
-            return self.plan.armed(self.model, labels, only=fill) if fill else nullcontext()
+            return (
+                self.plan.armed(self.model, labels, only=fill, eager=self._in_extra_forward) if fill else nullcontext()
+            )
         if step_number(global_step) == self._computed_step:
             self.guard.warn_once("step computed", REMEASURED.format(step=self._computed_step))
             return nullcontext()
         self._measured = True
-        return self.plan.armed(self.model, labels)
+        return self.plan.armed(self.model, labels, eager=self._in_extra_forward)
 
     def measure_forward(
         self, global_step: int, forward: Callable[..., Any], *args: Any, labels: Tensor | None = None, **kwargs: Any
@@ -345,15 +347,17 @@ class Monitor:
     def _extra_forward(self, global_step: int, labels: Tensor | None, forward: Callable[..., Any], args: tuple,
                        kwargs: dict[str, Any]) -> None:  # fmt: skip
         assert self.model is not None
-        with extra_forward(self.model), self._step(global_step, labels), warnings.catch_warnings():
-            # torch says that geomon's global hooks (armed in this block only) also fire for the compiled wrapper:
-            # they do, and they ignore it (it is not one of the model's named modules)
-            warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
-            self._in_extra_forward = True
-            try:
+        self._in_extra_forward = True
+        try:
+            with extra_forward(self.model), self._step(global_step, labels), warnings.catch_warnings():
+                # torch says that geomon's global hooks (armed in this block only) also fire for the compiled
+                # wrapper: they do, and they ignore it (it is not one of the model's named modules)
+                warnings.filterwarnings(
+                    "ignore", message=r"Using `torch.compile\(module\)` when there are global hooks"
+                )
                 forward(*args, **kwargs)
-            finally:
-                self._in_extra_forward = False
+        finally:
+            self._in_extra_forward = False
 
     def observe(self, name: str, tensor: Tensor) -> None:
         """Add embeddings ``[..., D]`` to probe ``name`` (``geomon/rankme/<name>``, ...) yourself: for models that

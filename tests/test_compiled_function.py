@@ -9,9 +9,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from geomon import Monitor
 from geomon._tiny_gpt import TinyGPT
+from geomon.capture.extra_forward import can_force_eager
 from geomon.functional import GeomonWarning
 
 VOCAB = 17
@@ -100,3 +102,43 @@ def test_a_head_read_without_its_forward_is_named_and_attention_still_measured()
     assert [m for m in said if "was not called through its forward" in m and "'head'" in m], said
     assert not [m for m in said if "none of the watched modules" in m], said
     assert "geomon/attention/entropy/blocks.0.attn" in values
+
+
+def test_later_measured_steps_do_not_recompile_and_measure_forward_still_measures():
+    """The attention interception is a new function at every measured step, and Dynamo guards on the function it
+    traced: before, every measured step recompiled the compiled function (8 graphs for 1 in 24 steps, then Dynamo's
+    recompile limit ran the frame eagerly for the rest of the run). Once a measured forward ran under compile,
+    later steps arm nothing: one more graph (the first measured step's) and no more; an extra eager forward
+    (``measure_forward``) is still measured."""
+    if not can_force_eager():
+        pytest.skip("torch.compiler.set_stance needs torch >= 2.6")
+    from torch._dynamo.utils import counters
+
+    def graphs(monitored: bool) -> tuple[int, list[dict]]:
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = TinyGPT(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, context=12)
+        loss_of = torch.compile(lambda x, y: F.cross_entropy(model(x).flatten(0, 1), y.flatten()), backend="aot_eager")
+        monitor = Monitor(every_n_steps=2).attach(model) if monitored else None
+        g = torch.Generator().manual_seed(1)
+        logged = []
+        for step in range(24):
+            x, y = torch.randint(0, VOCAB, (4, 12), generator=g), torch.randint(0, VOCAB, (4, 12), generator=g)
+            if monitor is None:
+                loss_of(x, y).backward()
+                continue
+            if step >= 20:
+                monitor.measure_forward(step, model, x, labels=y)
+            with monitor.step(step, labels=y):
+                loss_of(x, y).backward()
+            logged.append(monitor.compute(step))
+        return counters["stats"]["unique_graphs"], logged
+
+    plain, _ = graphs(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monitored, logged = graphs(True)
+    assert plain == 1 and monitored <= plain + 1, (plain, monitored)
+    measured = [step for step, values in enumerate(logged) if "geomon/attention/entropy/blocks.0.attn" in values]
+    assert measured == [20, 22], measured

@@ -72,8 +72,10 @@ TRACED = (
     "geomon: the model ran inside a torch.compile'd function on a measured step. Under compilation geomon's hooks "
     "and attention capture do nothing (whatever they did would be compiled into the graph and change the training), "
     "so nothing read during the forward was measured there: attention, the head's input, embedding_modules. "
-    "Weight-based values (spectral_modules, logit_sigma) still are; hand tensors to Monitor.observe (or return them "
-    "under outputs['geomon'] from training_step) to measure them, or call the model outside the compiled function"
+    "Weight-based values (spectral_modules, logit_sigma) still are. From now on geomon arms nothing during "
+    "monitor.step (its hooks and interception would only make the compiled graph recompile); measure by an extra "
+    "eager forward with Monitor.measure_forward(step, model, *inputs), hand tensors to Monitor.observe (or return "
+    "them under outputs['geomon'] from training_step), or call the model outside the compiled function"
 )
 NESTED = (
     "geomon: a monitor.step block was opened inside another block of the same monitor; the inner one measures "
@@ -220,6 +222,7 @@ class Plan:
         self.head: str | None = None
         self.dropped: set[str] = set()  # probes given up (ranks disagreed on their shape, over the memory budget)
         self._step: Step | None = None  # the measured step being armed: attention calls mark it
+        self._compiled_forward = False  # a measured forward ran under torch.compile: arm nothing more (see armed)
         self.device = torch.device("cpu")
 
     def add(self, probe: Probe) -> Probe:
@@ -300,12 +303,22 @@ class Plan:
         return [p for p in self if p.module is not None and p.lead_steps(world) > steps_to_compute]
 
     @contextmanager
-    def armed(self, model: nn.Module, labels: Tensor | None, only: Sequence[Probe] | None = None) -> Iterator[None]:
+    def armed(self, model: nn.Module, labels: Tensor | None, only: Sequence[Probe] | None = None,
+              eager: bool = False) -> Iterator[None]:  # fmt: skip
         """The hooks of one measured step, removed however the block exits; with ``only``, the hooks of a fill step:
         those probes' alone (no attention capture). Inside another block of this plan it does nothing (the outer
-        block's hooks already see the forward: a second set would count every row twice), and says so once."""
+        block's hooks already see the forward: a second set would count every row twice), and says so once.
+
+        Once a measured forward has run under ``torch.compile`` (the model called inside a compiled function), no
+        later block arms anything, unless ``eager`` (an extra forward run with compiled code forced eager): the
+        hooks measure nothing there, and the attention interception, a new function each step, would make Dynamo
+        recompile the graph at every measured step until its recompile limit sent the frame back to eager for the
+        rest of the run."""
         if self._step is not None:
             self.guard.warn_once("nested", NESTED)
+            yield
+            return
+        if self._compiled_forward and not eager:
             yield
             return
         step = Step(labels, self.guard, fill=only is not None)
@@ -334,6 +347,7 @@ class Plan:
             traced = traced_since()
             if traced:
                 self.guard.warn_once(traced, TRACED if traced == "compile" else TRANSFORMED)
+                self._compiled_forward = self._compiled_forward or (traced == "compile" and not eager)
             elif only is None and hooked:
                 self._say_what_did_not_run(set(hooked), step.ran)
 
