@@ -53,6 +53,7 @@ from geomon.functional._dispatch import Backend
 from geomon.integrations.wandb_dashboard import LIGHTNING_STEP, WandbDashboard, config_value, monitor_settings
 from geomon.labels import LabelKind, default_labels, label_kind, labels_of
 from geomon.monitor import COMPILED, Monitor, check_flag, checked_labels
+from geomon.probes.plan import MEMORY_BUDGET_MIB
 
 OnAlert = Literal["warn", "checkpoint", "stop"] | Callable[[Any], None]
 
@@ -132,6 +133,8 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             or a sequence of these.
         action_level: the least severe level that triggers ``on_alert``.
         backend: ``"auto"`` (Triton kernels on CUDA), ``"torch"`` or ``"triton"``.
+        memory_budget_mib: the most memory all probe state together may take (MiB, per process; see
+            :class:`geomon.Monitor`): a plan over it fails at attach, naming its largest probes.
         measure_forward: ``(pl_module, batch) -> anything``: measure by an extra forward pass that this function
             runs, not by the training forward - for a ``torch.compile``'d model (or submodule), whose own forward
             hooks cannot see into (without it, such a model is refused at ``on_fit_start`` unless the hook-based
@@ -166,6 +169,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         on_alert: OnAlert | Sequence[OnAlert] = "warn",
         action_level: Level = "WARN",
         backend: Backend = "auto",
+        memory_budget_mib: float = MEMORY_BUDGET_MIB,
         measure_forward: Callable[[Any, Any], Any] | None = None,
         strict: bool = False,
     ) -> None:
@@ -198,6 +202,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             query_rows=query_rows,
             alerts=alerts,
             backend=backend,
+            memory_budget_mib=memory_budget_mib,
             strict=strict,
         )
         self.labels_fn, self.media, self.strict = labels_fn, media, strict
@@ -239,7 +244,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
     def _setup_dashboards(self, loggers: list[Any]) -> None:
         settings = {**monitor_settings(self.monitor), "media": self.media, "on_alert": config_value(self.actions),
                     "action_level": self.action_level, "labels_fn": config_value(self.labels_fn),
-                    "label_kind": self.label_kind}  # fmt: skip
+                    "label_kind": self.label_kind, "measure_forward": config_value(self.measure_forward)}  # fmt: skip
         for logger in loggers:
             if _media.logger_kind(logger) == "WandbLogger":
                 prefix = getattr(logger, "_prefix", "") or ""  # WandbLogger(prefix="p") logs p-<key>

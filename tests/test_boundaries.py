@@ -139,3 +139,33 @@ def test_float_labels_from_labels_fn_are_skipped_with_one_warning_not_truncated(
     assert any("integer tensor" in message and "float32" in message for message in said), said
     assert not [key for key in trainer.callback_metrics if key.startswith("geomon/nc/")]  # no truncated labels
     assert "geomon/rankme/head.input" in trainer.callback_metrics  # the rest is measured
+
+
+def test_the_callbacks_take_the_memory_budget_that_the_attach_error_tells_to_raise(tmp_path):
+    lightning = pytest.importorskip("lightning.pytorch")
+    from geomon._tiny_gpt import TinyGPT
+    from geomon.callback import GeomonCallback
+
+    class Lit(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = TinyGPT(vocab_size=11, d_model=16, n_layer=1, n_head=2, context=8)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(callback):
+        trainer = lightning.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                    enable_model_summary=False, accelerator="cpu", callbacks=[callback])  # fmt: skip
+        trainer.fit(Lit(), torch.utils.data.DataLoader([(torch.randint(0, 11, (2, 8)),)], batch_size=None))
+
+    with pytest.raises(ValueError, match=r"over memory_budget_mib=0\.001.*or raise memory_budget_mib"):
+        fit(GeomonCallback(memory_budget_mib=0.001))
+    fit(GeomonCallback(memory_budget_mib=1.0, strict=True))  # the same plan fits in 1 MiB
+    pytest.importorskip("transformers")
+    from geomon.integrations.huggingface import GeomonTrainerCallback
+
+    assert GeomonTrainerCallback(memory_budget_mib=0.5).monitor.options.memory_budget_mib == 0.5

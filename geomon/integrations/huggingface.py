@@ -55,6 +55,7 @@ from geomon.integrations.wandb_dashboard import WandbDashboard, config_value, mo
 from geomon.keys import is_geomon
 from geomon.labels import LabelKind, default_labels, label_kind, labels_of
 from geomon.monitor import Monitor
+from geomon.probes.plan import MEMORY_BUDGET_MIB
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -154,6 +155,8 @@ class GeomonTrainerCallback(TrainerCallback):
             (process zero), or a sequence of these.
         action_level: the least severe level that triggers ``on_alert``.
         backend: ``"auto"`` (Triton kernels on CUDA), ``"torch"`` or ``"triton"``.
+        memory_budget_mib: the most memory all probe state together may take (MiB, per process; see
+            :class:`geomon.Monitor`): a plan over it fails at attach, naming its largest probes.
         strict: raise probe errors instead of warning (for tests).
 
     Example:
@@ -179,6 +182,7 @@ class GeomonTrainerCallback(TrainerCallback):
         on_alert: OnAlert | Sequence[OnAlert] = "warn",
         action_level: Level = "WARN",
         backend: Backend = "auto",
+        memory_budget_mib: float = MEMORY_BUDGET_MIB,
         strict: bool = False,
     ) -> None:
         actions = [on_alert] if isinstance(on_alert, str) or callable(on_alert) else list(on_alert)
@@ -201,6 +205,7 @@ class GeomonTrainerCallback(TrainerCallback):
             query_rows=query_rows,
             alerts=alerts,
             backend=backend,
+            memory_budget_mib=memory_budget_mib,
             strict=strict,
         )
         self.every_n_steps, self.actions, self.action_level = every_n_steps, actions, action_level
