@@ -313,3 +313,14 @@ def test_recheck_share_benchmark_counts_tied_rows_and_runs_a_short_training():
     assert [int(r[0]) for r in table] == [0, 2]
     for row in table:
         assert all(0 <= float(x.strip().rstrip("%")) <= 100 for x in row[3].split("/"))
+
+
+def test_compiled_measure_cost_runs_and_prints_its_ratios():
+    pytest.importorskip("torch._dynamo")
+    script = ROOT / "benchmarks" / "compiled_measure_cost.py"
+    proc = subprocess.run([sys.executable, str(script), "--backend", "aot_eager", "--pairs", "2", "--warmup", "0",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = r"^\| \d+\.\d ms \| \d+\.\d ms \| \d+\.\d ms \| \d+\.\d{3} \[\d+\.\d{3}, \d+\.\d{3}\] \| \d+\.\d{3} \|$"
+    assert re.search(row, proc.stdout, re.MULTILINE), proc.stdout
+    assert re.search(r"default schedule \(1 measured step and \d+ fill steps in 50\): adds -?\d", proc.stdout)
