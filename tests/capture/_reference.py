@@ -75,3 +75,23 @@ def assert_clean(model: torch.nn.Module, global_hooks: tuple[int, int] = (0, 0))
     assert not module_hooks._global_forward_hooks_always_called
     assert not module_hooks._global_forward_hooks_with_kwargs
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def choose_as_on_cuda(monkeypatch) -> list[str]:
+    """Make ``backend="auto"`` choose for ``attention_entropy`` as it does on CUDA: the (interpreted) kernel for every
+    call it supports, the torch path for the patterns it leaves to torch. Returns the list the choices go into."""
+    import importlib
+
+    from geomon.functional._dispatch import choose_backend
+
+    functional = importlib.import_module("geomon.functional.attention_entropy")  # the module, not the function
+    chosen: list[str] = []
+
+    def as_on_cuda(backend, op, *tensors, unsupported=None):
+        if backend == "auto" and op == "attention_entropy":
+            chosen.append("torch" if unsupported else "triton")
+            return chosen[-1]
+        return choose_backend(backend, op, *tensors, unsupported=unsupported)
+
+    monkeypatch.setattr(functional, "choose_backend", as_on_cuda)
+    return chosen

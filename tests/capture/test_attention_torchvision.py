@@ -19,7 +19,13 @@ from torchvision.models import maxvit, swin_transformer  # noqa: E402
 
 from geomon import Monitor  # noqa: E402
 from geomon.capture import capture_attention, find_attention_modules  # noqa: E402
-from tests.capture._reference import assert_clean, assert_rows_close, collect, rows_of  # noqa: E402
+from tests.capture._reference import (  # noqa: E402
+    assert_clean,
+    assert_rows_close,
+    choose_as_on_cuda,
+    collect,
+    rows_of,
+)
 
 ATTENTION = (
     swin_transformer.ShiftedWindowAttention,
@@ -285,20 +291,7 @@ def test_training_is_bit_identical_with_the_monitor_on(kind):
 def test_the_kernel_as_cuda_would_run_it_equals_their_own_softmax(which, monkeypatch):
     """The padded, shifted Swin maps and MaxViT again with ``backend="auto"`` choosing as on CUDA: the (interpreted)
     kernel takes every call, with the per-window float mask and the padding tokens' rows left out."""
-    import importlib
-
-    from geomon.functional._dispatch import choose_backend
-
-    functional = importlib.import_module("geomon.functional.attention_entropy")
-    chosen = []
-
-    def as_on_cuda(backend, op, *tensors, unsupported=None):
-        if backend == "auto" and op == "attention_entropy":
-            chosen.append("torch" if unsupported else "triton")
-            return chosen[-1]
-        return choose_backend(backend, op, *tensors, unsupported=unsupported)
-
-    monkeypatch.setattr(functional, "choose_backend", as_on_cuda)
+    chosen = choose_as_on_cuda(monkeypatch)
     if which == "maxvit":
         _check(_maxvit_small(), _images(1, 64))
     else:

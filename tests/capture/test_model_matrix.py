@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import json
 import os
 import re
@@ -22,8 +21,8 @@ import pytest
 import torch
 
 from geomon import Monitor, keys
-from geomon.functional._dispatch import choose_backend
 from tests.capture._matrix import CASES, DOCS, TOLERANCE, Case, docs_table, render, softmax_reference
+from tests.capture._reference import choose_as_on_cuda
 
 #: torch's fused attention kernels, taken only when no hook or grad is in the way
 NATIVE = ("_native_multi_head_attention", "_transformer_encoder_layer_fwd")
@@ -121,16 +120,7 @@ def test_logged_entropy_and_max_logit_equal_the_models_own_softmax(case: Case):
 def test_the_kernel_as_cuda_would_run_it_logs_the_models_own_softmax(case: Case, monkeypatch):
     """Each cell again, with ``backend="auto"`` choosing as on CUDA: the (interpreted) kernel for every captured call it
     supports, the torch path for the patterns it leaves to torch (flex, x-transformers' zero keys)."""
-    functional = importlib.import_module("geomon.functional.attention_entropy")  # the module, not the function
-    chosen = []
-
-    def as_on_cuda(backend, op, *tensors, unsupported=None):
-        if backend == "auto" and op == "attention_entropy":
-            chosen.append("torch" if unsupported else "triton")
-            return chosen[-1]
-        return choose_backend(backend, op, *tensors, unsupported=unsupported)
-
-    monkeypatch.setattr(functional, "choose_backend", as_on_cuda)
+    chosen = choose_as_on_cuda(monkeypatch)
     setup = case.build(case.implementation, case.padding)
     expected = softmax_reference(setup)
     logged, messages, _ = _monitored(case, setup)
