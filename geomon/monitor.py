@@ -332,7 +332,8 @@ class Monitor:
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
-                values = monitor.compute(step)  # {} off schedule
+                if monitor.is_scheduled(step):
+                    values = monitor.compute(step)
         """
         if self.model is None or self.plan is None:
             raise RuntimeError("Monitor.measure_forward() before attach(model)")

@@ -168,3 +168,21 @@ def test_huggingface_llama_watches_every_attention_layer_and_collapse(tmp_path):
     assert 0.0 <= rows[10]["geomon/nc/nc4/model.lm_head.input"] <= 1.0
     assert result["values"] == pytest.approx(rows[10], rel=1e-6, nan_ok=True)
     assert math.isfinite(result["loss"])
+
+
+def test_compiled_model_example_measures_what_the_plain_loop_measures_on_the_same_model():
+    """The compiled model, measured by an extra forward, logs at step 0 (same initial weights, same batch) what the
+    plain loop's hook-based probes log on the uncompiled model; training goes on to the same loss as without it."""
+    from geomon.capture.extra_forward import can_force_eager
+
+    if not can_force_eager():
+        pytest.skip("torch.compiler.set_stance needs torch >= 2.6")
+    compiled = _load("compiled_model").main([*FAST, "--backend", "aot_eager"])
+    plain = _load("plain_loop").main(FAST)
+    assert sorted(compiled["history"]) == sorted(plain["history"]) == [0, 10]
+    layers = ["blocks.0.attn", "blocks.1.attn"]
+    _check_attention(compiled["history"][10], layers, _load("plain_loop").CONTEXT)
+    for key, value in plain["history"][0].items():
+        if not key.startswith("geomon/spectral/"):  # weights read at compute, after each loop's own update
+            assert compiled["history"][0][key] == pytest.approx(value, rel=1e-5, nan_ok=True), key
+    assert compiled["loss"] == pytest.approx(plain["loss"], rel=1e-4)  # aot_eager and eager round apart a little
