@@ -265,3 +265,60 @@ def test_the_callbacks_extra_forward_runs_in_the_trainers_precision_context(tmp_
     trainer.fit(Lit(), torch.utils.data.DataLoader([_batch(step) for step in range(3)], batch_size=None))
     # steps 0 and 2, and step 1, which fills the head input's window (48 rows a step for 128)
     assert seen == [(True, torch.bfloat16, False)] * 3
+
+
+class _HostRandom(nn.Module):
+    """A forward that draws from Python's and NumPy's global generators, as wav2vec2's SpecAugment masks
+    (``np.random``) and BigBird's random blocks do in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, x):
+        import random
+
+        import numpy as np
+
+        keep = torch.from_numpy(np.random.rand(x.shape[1]) > 0.3).float() * (random.random() + 0.5)
+        h = self.embed(x) * keep[None, :, None]
+        q, k, v = self.qkv(h).reshape(*x.shape, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(out.transpose(1, 2).reshape(*x.shape, 16))
+
+
+def test_a_forward_drawing_from_python_and_numpy_random_leaves_training_unchanged():
+    import random
+
+    np = pytest.importorskip("numpy")
+
+    def train(measure):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
+        model = _HostRandom()
+        compiled = torch.compile(model, backend="eager")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        monitor = Monitor(every_n_steps=1, strict=True).attach(compiled) if measure else None
+        losses = []
+        for step in range(3):
+            x, y = _batch(step)
+            if monitor is not None:
+                monitor.measure_forward(step, compiled, x, labels=y)
+            loss = F.cross_entropy(compiled(x).flatten(0, 1), y.flatten())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+            if monitor is not None:
+                assert "geomon/attention/entropy/" in " ".join(monitor.compute(step))
+        return losses, random.getstate(), np.random.get_state()[1]
+
+    plain_losses, plain_python, plain_numpy = train(False)
+    losses, python, numpy_state = train(True)
+    assert losses == plain_losses
+    assert python == plain_python
+    assert (numpy_state == plain_numpy).all()
