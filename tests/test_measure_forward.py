@@ -322,3 +322,23 @@ def test_a_forward_drawing_from_python_and_numpy_random_leaves_training_unchange
     assert losses == plain_losses
     assert python == plain_python
     assert (numpy_state == plain_numpy).all()
+
+
+def test_a_module_whose_forward_was_replaced_by_its_compiled_self_is_a_compiled_part():
+    """``block.forward = torch.compile(block.forward)`` (a per-block compile) leaves plain modules: before, the monitor
+    took such a model for an eager one, its first measured step ran the attention capture under Dynamo, and from then
+    on nothing was armed (the head's input, outside the compiled blocks, was no longer measured either)."""
+    model = _tiny_gpt()
+    for block in model.blocks:
+        block.forward = torch.compile(block.forward, backend="eager")
+    monitor = Monitor(every_n_steps=1, strict=True).attach(model)
+    assert monitor.compiled == "'blocks.0', 'blocks.1'"
+    with pytest.raises(ValueError, match=r"Monitor\.measure_forward"):
+        monitor.step(0)
+    keys = []
+    for step in range(3):
+        x, y = _batch(step)
+        monitor.measure_forward(step, model, x, labels=y)
+        keys.append(set(monitor.compute(step)))
+    assert all("geomon/attention/entropy/blocks.0.attn" in step_keys for step_keys in keys)
+    assert "geomon/rankme/head.input" in keys[2]  # the head's window (128 rows, 48 a step) closed at the third step
