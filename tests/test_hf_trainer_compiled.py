@@ -1,5 +1,5 @@
 """The Hugging Face Trainer with ``torch_compile=True``: GeomonTrainerCallback measures the compiled model by an extra
-eager forward run from ``training_step`` (``Monitor.measure_forward``). Before, its hooks and the patched attention
+eager forward run from ``compute_loss`` (``Monitor.measure_forward``). Before, its hooks and the patched attention
 call ran under Dynamo: nothing was measured and every measured step recompiled the graph (8 graphs for 2, until
 Dynamo's recompile limit sent a frame back to eager for the rest of the run)."""
 
@@ -57,3 +57,52 @@ def test_a_compiled_trainer_is_measured_without_recompiling_or_changing_training
     assert sorted(entropy) == sorted(hooked) == [2, 4, 6]
     for step in entropy:  # aot_eager and eager training may round apart after the first update
         assert entropy[step] == pytest.approx(hooked[step], rel=1e-4)
+
+
+class _SamplingTrainer(transformers.Trainer):
+    """As TRL's GRPO: ``_prepare_inputs`` has side effects (it samples completions and advances a buffer index)."""
+
+    calls = 0
+
+    def _prepare_inputs(self, inputs):
+        type(self).calls += 1
+        inputs = super()._prepare_inputs(inputs)
+        sampled = torch.randint(0, 50, inputs["input_ids"].shape)
+        return {**inputs, "input_ids": (inputs["input_ids"] + sampled) % 50}
+
+
+def test_the_extra_forward_prepares_nothing_twice_and_runs_in_training_mode_after_an_evaluation():
+    """The extra pass runs from ``compute_loss``: on the inputs as ``training_step`` prepared them (once: a second
+    ``_prepare_inputs`` would have sampled again and changed training) and after its ``model.train()`` (an
+    evaluation before a measured step leaves the model in eval mode)."""
+
+    def train(watched):
+        torch._dynamo.reset()
+        for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE"):
+            os.environ.pop(name, None)
+        args = dataclasses.replace(_args(tempfile.mkdtemp(), steps=3), torch_compile=True,
+                                   torch_compile_backend="aot_eager", eval_strategy="steps", eval_steps=1,
+                                   per_device_eval_batch_size=8)  # fmt: skip
+        model = _model()
+        modes = []
+        model.transformer.h[0].register_forward_pre_hook(
+            lambda module, args: modes.append((module.training, torch.is_grad_enabled()))
+        )
+        callbacks = [GeomonTrainerCallback(every_n_steps=1, strict=True)] if watched else []
+        trainer = _SamplingTrainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=Tokens(16),
+                                   callbacks=callbacks)  # fmt: skip
+        _SamplingTrainer.calls = 0
+        trainer.train()
+        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+        measured = [row["step"] for row in trainer.state.log_history if ENTROPY in row]
+        return losses, [p.detach().clone() for p in model.parameters()], _SamplingTrainer.calls, modes, measured
+
+    plain_losses, plain, plain_calls, _, _ = train(False)
+    losses, weights, calls, modes, measured = train(True)
+    assert calls == plain_calls == 9  # 3 training steps, and 3 evaluations of 2 batches
+    assert losses == plain_losses
+    for a, b in zip(plain, weights, strict=True):
+        assert torch.equal(a, b)
+    assert measured == [1, 2, 3]
+    # per step: the extra pass (no grad), the training forward, then the evaluation's two forwards (no grad, eval)
+    assert [modes[i] for i in range(0, len(modes), 4)] == [(True, False)] * 3, modes

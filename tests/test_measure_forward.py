@@ -265,3 +265,80 @@ def test_the_callbacks_extra_forward_runs_in_the_trainers_precision_context(tmp_
     trainer.fit(Lit(), torch.utils.data.DataLoader([_batch(step) for step in range(3)], batch_size=None))
     # steps 0 and 2, and step 1, which fills the head input's window (48 rows a step for 128)
     assert seen == [(True, torch.bfloat16, False)] * 3
+
+
+class _HostRandom(nn.Module):
+    """A forward that draws from Python's and NumPy's global generators, as wav2vec2's SpecAugment masks
+    (``np.random``) and BigBird's random blocks do in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, x):
+        import random
+
+        import numpy as np
+
+        keep = torch.from_numpy(np.random.rand(x.shape[1]) > 0.3).float() * (random.random() + 0.5)
+        h = self.embed(x) * keep[None, :, None]
+        q, k, v = self.qkv(h).reshape(*x.shape, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(out.transpose(1, 2).reshape(*x.shape, 16))
+
+
+def test_a_forward_drawing_from_python_and_numpy_random_leaves_training_unchanged():
+    import random
+
+    np = pytest.importorskip("numpy")
+
+    def train(measure):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
+        model = _HostRandom()
+        compiled = torch.compile(model, backend="eager")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        monitor = Monitor(every_n_steps=1, strict=True).attach(compiled) if measure else None
+        losses = []
+        for step in range(3):
+            x, y = _batch(step)
+            if monitor is not None:
+                monitor.measure_forward(step, compiled, x, labels=y)
+            loss = F.cross_entropy(compiled(x).flatten(0, 1), y.flatten())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+            if monitor is not None:
+                assert "geomon/attention/entropy/" in " ".join(monitor.compute(step))
+        return losses, random.getstate(), np.random.get_state()[1]
+
+    plain_losses, plain_python, plain_numpy = train(False)
+    losses, python, numpy_state = train(True)
+    assert losses == plain_losses
+    assert python == plain_python
+    assert (numpy_state == plain_numpy).all()
+
+
+def test_a_module_whose_forward_was_replaced_by_its_compiled_self_is_a_compiled_part():
+    """``block.forward = torch.compile(block.forward)`` (a per-block compile) leaves plain modules: before, the monitor
+    took such a model for an eager one, its first measured step ran the attention capture under Dynamo, and from then
+    on nothing was armed (the head's input, outside the compiled blocks, was no longer measured either)."""
+    model = _tiny_gpt()
+    for block in model.blocks:
+        block.forward = torch.compile(block.forward, backend="eager")
+    monitor = Monitor(every_n_steps=1, strict=True).attach(model)
+    assert monitor.compiled == "'blocks.0', 'blocks.1'"
+    with pytest.raises(ValueError, match=r"Monitor\.measure_forward"):
+        monitor.step(0)
+    keys = []
+    for step in range(3):
+        x, y = _batch(step)
+        monitor.measure_forward(step, model, x, labels=y)
+        keys.append(set(monitor.compute(step)))
+    assert all("geomon/attention/entropy/blocks.0.attn" in step_keys for step_keys in keys)
+    assert "geomon/rankme/head.input" in keys[2]  # the head's window (128 rows, 48 a step) closed at the third step

@@ -7,8 +7,10 @@ them would change what is compiled).
 - ``torch.no_grad()``: no graph, no gradients, nothing for the optimizer;
 - compiled code runs eagerly (``torch.compiler.set_stance("force_eager")``, torch >= 2.6), so the hooks fire and the
   attention call is intercepted; nothing is compiled or recompiled, and the compiled training graph stays as it was;
-- the random-number state of the CPU and of the model's accelerator is saved and restored (``torch.random.fork_rng``):
-  dropout in the extra pass draws, the training's next draws are those it would have made without it;
+- the random-number state of the CPU and of the model's accelerator is saved and restored (``torch.random.fork_rng``),
+  and so are Python's ``random`` and NumPy's global generators (a forward may draw from them: wav2vec2's SpecAugment
+  masks, BigBird's random blocks): dropout in the extra pass draws, the training's next draws are those it would have
+  made without it;
 - the pass runs on copies of the model's buffers, and the model's own buffer tensors are put back after it: what it
   writes into a buffer (a ``BatchNorm``'s running statistics and batch counter, σReparam's power-iteration vector,
   any buffer a forward updates in place or replaces) is dropped, and the training's buffers are not written at all.
@@ -19,6 +21,8 @@ Cost: one forward pass without autograd, on every step it measures, plus a copy 
 
 from __future__ import annotations
 
+import random
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -39,6 +43,22 @@ def _accelerator(model: nn.Module) -> tuple[str, list[int]] | None:
     kind = sorted(d.type for d in devices)[0]
     indices = sorted({d.index if d.index is not None else 0 for d in devices if d.type == kind})
     return kind, indices
+
+
+@contextmanager
+def _host_rng_kept() -> Iterator[None]:
+    """Put Python's ``random`` and NumPy's global generator back as they were after the block (a forward may draw
+    from them, out of ``torch.random.fork_rng``'s reach). NumPy is not imported for this: if it is not loaded yet,
+    nothing in the block's caller drew from it."""
+    python_state = random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)
 
 
 @contextmanager
@@ -71,6 +91,7 @@ def extra_forward(model: nn.Module) -> Iterator[None]:
         else:
             kind, indices = accelerator
             stack.enter_context(torch.random.fork_rng(devices=indices, device_type=kind))
+        stack.enter_context(_host_rng_kept())
         stack.enter_context(_buffers_copied(model))
         stack.enter_context(torch.no_grad())
         stack.enter_context(torch.compiler.set_stance("force_eager"))

@@ -148,6 +148,15 @@ def compiled_parts(model: nn.Module) -> list[str]:
     if getattr(model, "_compiler_ctx", None):  # Lightning's unwrapped `torch.compile(LightningModule)`
         parts.append("")
     for name, module in model.named_modules():
-        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
+        if name in parts:
+            continue
+        if (type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
+                or _compiled_function(module.__dict__.get("forward"))):  # fmt: skip
             parts.append(name)
     return parts
+
+
+def _compiled_function(function: object) -> bool:
+    """Whether ``function`` is ``torch.compile(f)`` (a module's ``forward`` replaced by its compiled self:
+    ``block.forward = torch.compile(block.forward)``, a per-block compile that leaves the module a plain one)."""
+    return callable(function) and getattr(function, "_torchdynamo_orig_callable", None) is not None

@@ -28,14 +28,16 @@ process zero only).
 A compiled model (``TrainingArguments(torch_compile=True)``, or a model or submodule compiled before the Trainer got
 it) runs no hooks inside its graph, and patching the attention call while its graph runs would make it recompile.
 There the measured micro-batch is measured by an extra forward pass instead (:meth:`geomon.Monitor.measure_forward`):
-the Trainer's ``training_step`` is wrapped for that one call, and before the training forward the wrapper runs
-``model(**inputs)`` on the same prepared inputs, without gradients, eagerly, in the Trainer's
-``compute_loss_context_manager``; the compiled graph is neither changed nor recompiled.
+the Trainer's ``compute_loss`` is wrapped for that one call, and before the training forward the wrapper runs
+``model(**inputs)`` on the inputs ``training_step`` handed it: prepared once, as training prepares them (a subclass's
+``_prepare_inputs`` may have side effects: TRL's GRPO generates there and advances its buffer), with the model in
+training mode (``training_step`` calls ``model.train()``, which an evaluation before the step undid), inside the
+Trainer's ``compute_loss_context_manager``, without gradients and eagerly; the compiled graph is neither changed nor
+recompiled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sys
@@ -218,7 +220,7 @@ class GeomonTrainerCallback(TrainerCallback):
         self._measured_step = 0
         self._armed_step = 0  # the step the pending hook arms: measured, or one that fills the windows
         self._compiled = False  # the Trainer runs a compiled model: measure by an extra forward (see the module)
-        self._wrapped: tuple[Any, Any] | None = None  # (trainer, its own training_step attribute or None) while wrapped
+        self._wrapped: tuple[Any, Any] | None = None  # (trainer, its own compute_loss attribute or None) while wrapped
         self._to_compute = False
         self._pending_state: dict[str, Any] | None = None
         self._dashboard: WandbDashboard | None = None  # the W&B run's summaries, overview and per-head tables
@@ -239,7 +241,7 @@ class GeomonTrainerCallback(TrainerCallback):
         self._compiled = self._compiled or bool(self.monitor.compiled)
         if self._compiled and self.trainer is None:
             raise ValueError("geomon: the model is compiled, so GeomonTrainerCallback measures it by an extra forward "
-                             "pass run from the Trainer's training_step, and no transformers Trainer was found calling "
+                             "pass run from the Trainer's compute_loss, and no transformers Trainer was found calling "
                              "this callback")  # fmt: skip
         if self.labels_fn is default_labels and self.monitor.head is not None:
             self.label_kind = self.monitor.guard.run("the model's kind", label_kind, model, self.monitor.head)
@@ -332,44 +334,41 @@ class GeomonTrainerCallback(TrainerCallback):
         self._armed_step = step
         self._release()  # nothing is armed at a step's start, unless a measured forward raised before
         if self._compiled:
-            self._wrap_training_step()
+            self._wrap_compute_loss()
         else:
             self._hook = model.register_forward_pre_hook(self._arm, with_kwargs=True)
 
-    def _wrap_training_step(self) -> None:
-        """Have the Trainer's next ``training_step`` call measure its inputs by an extra forward first."""
+    def _wrap_compute_loss(self) -> None:
+        """Have the Trainer's next ``compute_loss`` call measure its inputs by an extra forward first: there the
+        inputs are prepared (once, as training prepares them), the model is in training mode and the Trainer's
+        autocast is on."""
         trainer = self.trainer
-        own = trainer.__dict__.get("training_step")  # an attribute set on the instance, else the class's method
-        original = trainer.training_step
+        own = trainer.__dict__.get("compute_loss")  # an attribute set on the instance, else the class's method
+        original = trainer.compute_loss
 
-        def training_step(model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            self._unwrap_training_step()
+        def compute_loss(model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            self._unwrap_compute_loss()
             self.monitor.guard.run("the extra measuring forward", self._measure, inputs)
             return original(model, inputs, *args, **kwargs)
 
-        trainer.training_step = training_step
+        trainer.compute_loss = compute_loss
         self._wrapped = (trainer, own)
 
-    def _unwrap_training_step(self) -> None:
+    def _unwrap_compute_loss(self) -> None:
         wrapped, self._wrapped = self._wrapped, None
         if wrapped is None:
             return
         trainer, own = wrapped
         if own is None:
-            trainer.__dict__.pop("training_step", None)
+            trainer.__dict__.pop("compute_loss", None)
         else:
-            trainer.training_step = own
+            trainer.compute_loss = own
 
     def _measure(self, inputs: Any) -> None:
-        trainer, model = self.trainer, self.monitor.model
-        prepare = getattr(trainer, "_prepare_inputs", None)
-        inputs = prepare(inputs) if callable(prepare) else inputs
         labels = None
         if self.monitor.collapse is not None:
             labels = self.monitor.guard.run("labels_fn", self._labels, inputs)
-        context = getattr(trainer, "compute_loss_context_manager", None)
-        with context() if callable(context) else contextlib.nullcontext():
-            self.monitor.measure_forward(self._armed_step, _call, model, inputs, labels=labels)
+        self.monitor.measure_forward(self._armed_step, _call, self.monitor.model, inputs, labels=labels)
 
     def _arm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not torch.is_grad_enabled():  # generation or a reference pass before the trained forward (GRPO, DPO)
@@ -415,7 +414,7 @@ class GeomonTrainerCallback(TrainerCallback):
             self.monitor.guard.run("the W&B dashboard", dashboard.log, state.global_step, values, self.monitor.details)
 
     def _remove_hook(self) -> None:
-        self._unwrap_training_step()
+        self._unwrap_compute_loss()
         hook, self._hook = self._hook, None
         if hook is not None:
             hook.remove()
