@@ -223,6 +223,13 @@ class Monitor:
         self._in_extra_forward = False
 
     @property
+    def reads_forward(self) -> bool:
+        """Whether a probe reads the forward pass (attention, the head's input, ``embedding_modules``), rather than
+        only the weights."""
+        options = self.options
+        return options.attention or bool(options.embedding_modules) or options.head is not None
+
+    @property
     def head(self) -> str | None:
         """The output head's name (plain), once attached."""
         return None if self.plan is None else self.plan.head
@@ -246,8 +253,8 @@ class Monitor:
             raise TypeError(f"Monitor.attach needs a torch.nn.Module, got {type(model).__name__}")
         options = self.options
         compiled = compiled_parts(model)
-        hooked = options.attention or bool(options.embedding_modules) or options.head is not None
-        self.compiled = ", ".join(repr(p) if p else "the model" for p in compiled) if compiled and hooked else ""
+        parts = ", ".join(repr(p) if p else "the model" for p in compiled)
+        self.compiled = parts if compiled and self.reads_forward else ""
         if self.compiled and not can_force_eager():
             old_torch = COMPILED_OLD_TORCH.format(version=torch.__version__)
             raise ValueError(COMPILED.format(parts=self.compiled) + old_torch)

@@ -20,7 +20,7 @@ from tests.test_hf_trainer import ENTROPY, Tokens, _args, _model  # noqa: E402
 pytestmark = pytest.mark.skipif(not can_force_eager(), reason="torch.compiler.set_stance needs torch >= 2.6")
 
 
-def _train(compiled: bool, watched: bool):
+def _train(compiled: bool, watched: bool | GeomonTrainerCallback):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -29,7 +29,9 @@ def _train(compiled: bool, watched: bool):
         os.environ.pop(name, None)
     args = _args(tempfile.mkdtemp(), steps=6)
     args = dataclasses.replace(args, torch_compile=compiled, torch_compile_backend="aot_eager" if compiled else None)
-    callbacks = [GeomonTrainerCallback(every_n_steps=2, strict=True)] if watched else []
+    if watched is True:
+        watched = GeomonTrainerCallback(every_n_steps=2, strict=True)
+    callbacks = [watched] if watched else []
     trainer = transformers.Trainer(model=_model(), args=args, train_dataset=Tokens(), callbacks=callbacks)
     trainer.train()
     history = trainer.state.log_history
@@ -106,3 +108,19 @@ def test_the_extra_forward_prepares_nothing_twice_and_runs_in_training_mode_afte
     assert measured == [1, 2, 3]
     # per step: the extra pass (no grad), the training forward, then the evaluation's two forwards (no grad, eval)
     assert [modes[i] for i in range(0, len(modes), 4)] == [(True, False)] * 3, modes
+
+
+def test_weight_probes_alone_need_no_extra_forward():
+    """σ(W) reads the weights: a compiled Trainer watched for it alone runs no extra forward pass."""
+    callback = GeomonTrainerCallback(every_n_steps=2, attention=False, head=None, strict=True,
+                                     spectral_modules=["transformer.h.0.mlp.c_fc"])  # fmt: skip
+    calls = []
+    measure = callback.monitor.measure_forward
+    callback.monitor.measure_forward = lambda *args, **kwargs: calls.append(args[0]) or measure(*args, **kwargs)
+    _train(compiled=True, watched=callback)
+    assert calls == []
+    callback = GeomonTrainerCallback(every_n_steps=2, strict=True)  # the default probes read the forward
+    measure_default = callback.monitor.measure_forward
+    callback.monitor.measure_forward = lambda *args, **kwargs: calls.append(args[0]) or measure_default(*args, **kwargs)
+    _train(compiled=True, watched=callback)
+    assert calls == [2, 4, 6]

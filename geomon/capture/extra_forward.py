@@ -14,7 +14,8 @@ them would change what is compiled).
 - the pass runs on copies of the model's buffers, and the model's own buffer tensors are put back after it: what it
   writes into a buffer (a ``BatchNorm``'s running statistics and batch counter, σReparam's power-iteration vector,
   any buffer a forward updates in place or replaces) is dropped, and the training's buffers are not written at all.
-  Python attributes a forward sets, and tensors a module keeps outside its buffers, are not protected.
+  Python attributes a forward sets, tensors a module keeps outside its buffers, parameters a forward changes in place
+  and a module's own generators are not protected; a buffer shared by two modules becomes two copies in the pass.
 
 Cost: one forward pass without autograd, on every step it measures, plus a copy of the model's buffers.
 """

@@ -238,7 +238,8 @@ class GeomonTrainerCallback(TrainerCallback):
         self._compiled = bool(getattr(args, "torch_compile", False) or compiled_parts(model))
         model = unwrap(model)
         self.monitor.attach(model)
-        self._compiled = self._compiled or bool(self.monitor.compiled)
+        # an extra forward only where a probe reads the forward: weight-based probes need none
+        self._compiled = (self._compiled or bool(self.monitor.compiled)) and self.monitor.reads_forward
         if self._compiled and self.trainer is None:
             raise ValueError("geomon: the model is compiled, so GeomonTrainerCallback measures it by an extra forward "
                              "pass run from the Trainer's compute_loss, and no transformers Trainer was found calling "
