@@ -142,3 +142,31 @@ def test_later_measured_steps_do_not_recompile_and_measure_forward_still_measure
     assert plain == 1 and monitored <= plain + 1, (plain, monitored)
     measured = [step for step, values in enumerate(logged) if "geomon/attention/entropy/blocks.0.attn" in values]
     assert measured == [20, 22], measured
+
+
+def test_a_compiled_teacher_inside_a_measured_block_is_not_compiled_again_at_every_step():
+    """A compiled model that is not watched (a distillation teacher) runs inside the watched student's measured
+    block: it traces geomon's global module hooks and the SDPA dispatcher. They were new objects at every measured
+    step, so the teacher recompiled at each one (8 graphs in 12 steps, then Dynamo's recompile limit ran it eagerly
+    for the rest of the run). They are the same objects at every step now: one graph without them, one with, and
+    the student is measured at every step."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    student = TinyGPT(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, context=12)
+    teacher = torch.compile(TinyGPT(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, context=12), backend="eager")
+    monitor = Monitor(every_n_steps=1, strict=True).attach(student)
+    counters.clear()
+    g = torch.Generator().manual_seed(1)
+    measured = 0
+    for step in range(12):
+        x = torch.randint(0, VOCAB, (4, 12), generator=g)
+        with torch.no_grad():
+            teacher(x)  # outside the block: the graph without geomon's hooks
+            with monitor.step(step):
+                teacher(x)
+                student(x)
+        measured += "geomon/attention/entropy/blocks.0.attn" in monitor.compute(step)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert measured == 12

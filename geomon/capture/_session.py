@@ -3,9 +3,11 @@
 A :class:`Session` lives for one ``with`` block. It keeps
 
 - the stack of the model's modules that are running, from *global* module hooks
-  (``torch.nn.modules.module.register_module_forward_pre_hook`` / ``register_module_forward_hook``). Global hooks
-  leave every module's own hook dictionaries empty, so code that changes path when hooks are present (the fused
-  inference path of ``nn.TransformerEncoderLayer`` checks ``m._forward_hooks``) runs exactly as without geomon;
+  (torch's global forward pre-hook and forward hook dictionaries; one pair, under fixed keys, for all active
+  sessions, so that every measured step installs the same hooks and a compiled model that traced them is not compiled
+  again). Global hooks leave every module's own hook dictionaries empty, so code that changes path when hooks are
+  present (the fused inference path of ``nn.TransformerEncoderLayer`` checks ``m._forward_hooks``) runs exactly as
+  without geomon;
 - a counter of reported attention computations. Every source reports through :meth:`Session.report`; a module-level
   fallback (an adapter that recomputes Q/K from the module's weights) runs at the module's exit only when nothing
   was reported while the module ran, and a function wrapper (Hugging Face) only when the wrapped call reported
@@ -296,19 +298,17 @@ class Session:
 
     @contextmanager
     def module_hooks(self) -> Iterator[None]:
-        """Track the running modules of the model with global hooks, removed however the block exits."""
-        pre = _module_hooks.register_module_forward_pre_hook(self._enter)
-        try:
-            post = _module_hooks.register_module_forward_hook(self._leave, with_kwargs=True, always_call=True)
-        except BaseException:
-            pre.remove()
-            raise
+        """Track the running modules of the model with global hooks, removed however the block exits (shared by
+        the active sessions: see :func:`_global_hooks_joined`)."""
+        _HOOK_SESSIONS.append(self)
+        if len(_HOOK_SESSIONS) == 1:
+            _install_global_hooks()
         try:
             yield
         finally:
-            pre.remove()
-            post.remove()
-            _module_hooks._global_forward_hooks_with_kwargs.pop(post.id, None)  # torch's handle forgets this one
+            _HOOK_SESSIONS.remove(self)
+            if not _HOOK_SESSIONS:
+                _remove_global_hooks()
 
     # -- F.scaled_dot_product_attention -------------------------------------------------------------------------
 
@@ -334,8 +334,14 @@ class SharedPatch:
     def __init__(self, owner: Any, name: str, make: MakeDispatcher) -> None:
         self.owner, self.name = owner, name
         self.original = self._get()
-        self.sessions: list[Session] = []
-        self.dispatcher = make(self.original, self.sessions)
+        made = _DISPATCHERS.get((id(owner), name))
+        same = made is not None and all(a is b for a, b in zip(made[:3], (owner, self.original, make), strict=True))
+        if made is None or not same or made[3]:  # made for something else, or its session list is in use: a new one
+            sessions: list[Session] = []
+            dispatcher = make(self.original, sessions)
+            made = _DISPATCHERS[(id(owner), name)] = (owner, self.original, make, sessions, dispatcher)
+        self.sessions: list[Session] = made[3]  # the one the dispatcher reads (empty while none is installed)
+        self.dispatcher = made[4]
         self._set(self.dispatcher)
 
     def _get(self) -> Any:
@@ -380,6 +386,45 @@ class SharedPatch:
 
 
 _INSTALLED: dict[tuple[int, str], SharedPatch] = {}  # the patches installed now, by (id(owner), name)
+#: the last dispatcher made for each (id(owner), name): (owner, original, make, sessions, dispatcher), reused while
+#: they are the same, so that one function stands in for the original at every measured step (a compiled graph that
+#: traced it is not compiled again: see the global hooks below)
+_DISPATCHERS: dict[tuple[int, str], tuple[Any, Any, Any, list, Any]] = {}
+
+# -- global module hooks, one pair for all active sessions ------------------------------------------------------------
+#
+# The pair is installed under fixed keys of torch's global hook dictionaries (negative: torch's own handles count up
+# from 0) and calls module-level functions, so that every measured step installs the very same hooks. A compiled
+# model that runs inside a measured block (a compiled teacher beside the monitored student) traces them, and
+# Dynamo's guards on the global hooks then see the same keys and functions at every measured step: the graph traced
+# with them is reused instead of being compiled again at each one, up to Dynamo's recompile limit.
+
+_HOOK_SESSIONS: list[Session] = []  # the sessions whose modules the global hooks track, in the order they joined
+_PRE_HOOK_KEY, _POST_HOOK_KEY = -0x6E0A, -0x6E0B
+
+
+def _enter_all(module: nn.Module, args: tuple) -> None:
+    for session in tuple(_HOOK_SESSIONS):
+        session._enter(module, args)
+
+
+def _leave_all(module: nn.Module, args: tuple, *rest: Any) -> None:
+    for session in tuple(_HOOK_SESSIONS):
+        session._leave(module, args, *rest)
+
+
+def _install_global_hooks() -> None:
+    _module_hooks._global_forward_pre_hooks[_PRE_HOOK_KEY] = _enter_all
+    _module_hooks._global_forward_hooks[_POST_HOOK_KEY] = _leave_all
+    _module_hooks._global_forward_hooks_with_kwargs[_POST_HOOK_KEY] = True  # called (module, args, kwargs, output)
+    _module_hooks._global_forward_hooks_always_called[_POST_HOOK_KEY] = True  # and (module, args, output) on error
+
+
+def _remove_global_hooks() -> None:
+    _module_hooks._global_forward_pre_hooks.pop(_PRE_HOOK_KEY, None)
+    for hooks in (_module_hooks._global_forward_hooks, _module_hooks._global_forward_hooks_with_kwargs,
+                  _module_hooks._global_forward_hooks_always_called):  # fmt: skip
+        hooks.pop(_POST_HOOK_KEY, None)
 
 
 def _sdpa_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
