@@ -124,3 +124,20 @@ def test_weight_probes_alone_need_no_extra_forward():
     callback.monitor.measure_forward = lambda *args, **kwargs: calls.append(args[0]) or measure_default(*args, **kwargs)
     _train(compiled=True, watched=callback)
     assert calls == [2, 4, 6]
+
+
+def test_an_evaluation_call_of_compute_loss_is_not_measured_by_a_wrapper_left_behind():
+    """HF calls no callback when a training step raises, so the one-shot ``compute_loss`` wrapper of a measured step
+    can outlive it; an evaluation then calls ``compute_loss`` in eval mode without gradients: it passes through."""
+    callback = GeomonTrainerCallback(every_n_steps=1, strict=True)
+    args = dataclasses.replace(_args(tempfile.mkdtemp(), steps=1), per_device_eval_batch_size=8)
+    trainer = transformers.Trainer(model=_model(), args=args, eval_dataset=Tokens(16), callbacks=[callback])
+    callback.trainer = trainer
+    callback.monitor.attach(trainer.model)
+    calls = []
+    callback.monitor.measure_forward = lambda *a, **k: calls.append(a[0])
+    callback._wrap_compute_loss()  # as on_step_begin of a measured step whose training call never came
+    trainer.evaluate()
+    assert calls == [] and "compute_loss" in vars(trainer)  # passed through, still waiting for a training call
+    callback._release()
+    assert "compute_loss" not in vars(trainer)

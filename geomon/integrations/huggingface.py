@@ -348,6 +348,8 @@ class GeomonTrainerCallback(TrainerCallback):
         original = trainer.compute_loss
 
         def compute_loss(model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            if not (model.training and torch.is_grad_enabled()):  # an evaluation's call (a step that raised left
+                return original(model, inputs, *args, **kwargs)  # the wrapper): the training's call measures
             self._unwrap_compute_loss()
             self.monitor.guard.run("the extra measuring forward", self._measure, inputs)
             return original(model, inputs, *args, **kwargs)
