@@ -94,6 +94,26 @@ def test_measured_values_equal_an_explicit_float64_softmax_and_the_uncompiled_ho
     assert {"attention", "rankme", "nc"} <= compared, compared  # the windows closed too
 
 
+def _compiled_loop(model, optimizer, steps, measure, backend):
+    """Train the compiled ``model`` for ``steps`` steps, measured by ``measure_forward`` at every one if ``measure``:
+    the losses and what each ``compute`` returned."""
+    compiled = torch.compile(model, backend=backend)
+    monitor = Monitor(every_n_steps=1, strict=True).attach(compiled) if measure else None
+    losses, measured = [], []
+    for step in range(steps):
+        x, y = _batch(step)
+        if monitor is not None:
+            monitor.measure_forward(step, compiled, x, labels=y)
+        loss = F.cross_entropy(compiled(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if monitor is not None:
+            measured.append(monitor.compute(step))
+    return losses, measured
+
+
 class _Noisy(nn.Module):
     """Dropout, a BatchNorm's running statistics and an attention call: what an extra forward could disturb."""
 
@@ -121,21 +141,8 @@ def test_training_is_bit_identical_with_dropout_batchnorm_and_the_rng(backend):
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = _Noisy().train()
-        compiled = torch.compile(model, backend=backend)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        monitor = Monitor(every_n_steps=1, strict=True).attach(compiled) if measure else None
-        losses, measured = [], []
-        for step in range(4):
-            x, y = _batch(step)
-            if monitor is not None:
-                monitor.measure_forward(step, compiled, x, labels=y)
-            loss = F.cross_entropy(compiled(x).flatten(0, 1), y.flatten())
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            if monitor is not None:
-                measured.append(monitor.compute(step))
+        losses, measured = _compiled_loop(model, optimizer, 4, measure, backend)
         return model, losses, torch.get_rng_state(), measured
 
     plain, plain_losses, plain_rng, _ = train(False)
@@ -300,21 +307,9 @@ def test_a_forward_drawing_from_python_and_numpy_random_leaves_training_unchange
         np.random.seed(0)
         random.seed(0)
         model = _HostRandom()
-        compiled = torch.compile(model, backend="eager")
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        monitor = Monitor(every_n_steps=1, strict=True).attach(compiled) if measure else None
-        losses = []
-        for step in range(3):
-            x, y = _batch(step)
-            if monitor is not None:
-                monitor.measure_forward(step, compiled, x, labels=y)
-            loss = F.cross_entropy(compiled(x).flatten(0, 1), y.flatten())
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            if monitor is not None:
-                assert "geomon/attention/entropy/" in " ".join(monitor.compute(step))
+        losses, measured = _compiled_loop(model, optimizer, 3, measure, "eager")
+        assert all("geomon/attention/entropy/" in " ".join(values) for values in measured)
         return losses, random.getstate(), np.random.get_state()[1]
 
     plain_losses, plain_python, plain_numpy = train(False)
