@@ -141,7 +141,8 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             probes are off). Called at the start of each measured (and fill) step's first micro-batch, on its
             batch, under the Trainer's precision context, without gradients, with compiled code run eagerly and the
             random-number state and buffers restored after it (:meth:`geomon.Monitor.measure_forward`): training is
-            unchanged, and each measured (or fill) step costs one more forward pass. Example:
+            unchanged, and each measured (or fill) step costs one more forward pass (none when only weight-based
+            probes are on: ``attention=False, head=None`` and no ``embedding_modules``). Example:
             ``measure_forward=lambda module, batch: module(batch[0])``.
         strict: raise probe errors instead of warning (for tests).
 
@@ -284,7 +285,9 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             labels = None
             if self.monitor.collapse is not None:
                 labels = self.monitor.guard.run("labels_fn", self._labels, batch)
-            if self.measure_forward is not None:  # before the training forward: the weights it uses, its batch
+            if self.measure_forward is not None and self.monitor.reads_forward:
+                # before the training forward: the weights it uses, its batch (weight-based probes alone read no
+                # forward: they take the plain path below, which hooks nothing for them)
                 with _train_step_context(trainer):
                     self.monitor.measure_forward(step, self.measure_forward, pl_module, batch, labels=labels)
             else:

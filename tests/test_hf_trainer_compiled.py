@@ -117,8 +117,12 @@ def test_weight_probes_alone_need_no_extra_forward():
     calls = []
     measure = callback.monitor.measure_forward
     callback.monitor.measure_forward = lambda *args, **kwargs: calls.append(args[0]) or measure(*args, **kwargs)
-    _train(compiled=True, watched=callback)
-    assert calls == []
+    computed, compute = [], callback.monitor.compute
+    callback.monitor.compute = lambda *args, **kwargs: computed.append(compute(*args, **kwargs)) or computed[-1]
+    _, plain_losses, _, plain_graphs = _train(compiled=True, watched=False)
+    _, losses, _, graphs = _train(compiled=True, watched=callback)
+    assert calls == [] and losses == plain_losses and graphs == plain_graphs
+    assert len(computed) == 3 and all("geomon/spectral/sigma/transformer.h.0.mlp.c_fc" in v for v in computed)
     callback = GeomonTrainerCallback(every_n_steps=2, strict=True)  # the default probes read the forward
     measure_default = callback.monitor.measure_forward
     callback.monitor.measure_forward = lambda *args, **kwargs: calls.append(args[0]) or measure_default(*args, **kwargs)

@@ -337,3 +337,27 @@ def test_a_module_whose_forward_was_replaced_by_its_compiled_self_is_a_compiled_
         keys.append(set(monitor.compute(step)))
     assert all("geomon/attention/entropy/blocks.0.attn" in step_keys for step_keys in keys)
     assert "geomon/rankme/head.input" in keys[2]  # the head's window (128 rows, 48 a step) closed at the third step
+
+
+def test_the_callback_runs_no_extra_forward_for_weight_probes_alone(tmp_path):
+    lightning = pytest.importorskip("lightning.pytorch")
+    from geomon.callback import GeomonCallback
+
+    class Lit(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.compile(_tiny_gpt(), backend="eager")
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]).flatten(0, 1), batch[1].flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    calls = []
+    callback = GeomonCallback(every_n_steps=1, attention=False, head=None, spectral_modules=["net.head"],
+                              strict=True, measure_forward=lambda module, batch: calls.append(1))  # fmt: skip
+    trainer = lightning.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, accelerator="cpu", callbacks=[callback])  # fmt: skip
+    trainer.fit(Lit(), torch.utils.data.DataLoader([_batch(step) for step in range(2)], batch_size=None))
+    assert calls == [] and "geomon/spectral/sigma/net.head" in trainer.callback_metrics
