@@ -104,14 +104,13 @@ def test_a_head_read_without_its_forward_is_named_and_attention_still_measured()
     assert "geomon/attention/entropy/blocks.0.attn" in values
 
 
+@pytest.mark.skipif(not can_force_eager(), reason="torch.compiler.set_stance needs torch >= 2.6")
 def test_later_measured_steps_do_not_recompile_and_measure_forward_still_measures():
     """The attention interception is a new function at every measured step, and Dynamo guards on the function it
     traced: before, every measured step recompiled the compiled function (8 graphs for 1 in 24 steps, then Dynamo's
     recompile limit ran the frame eagerly for the rest of the run). Once a measured forward ran under compile,
     later steps arm nothing: one more graph (the first measured step's) and no more; an extra eager forward
     (``measure_forward``) is still measured."""
-    if not can_force_eager():
-        pytest.skip("torch.compiler.set_stance needs torch >= 2.6")
     from torch._dynamo.utils import counters
 
     def graphs(monitored: bool) -> tuple[int, list[dict]]:

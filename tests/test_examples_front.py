@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from geomon._tiny_gpt import CausalSelfAttention
+from geomon.capture.extra_forward import can_force_eager
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FAST = ["--steps", "11", "--every", "10", "--batch-size", "8"]  # measured at steps 0 and 10
@@ -170,13 +171,10 @@ def test_huggingface_llama_watches_every_attention_layer_and_collapse(tmp_path):
     assert math.isfinite(result["loss"])
 
 
+@pytest.mark.skipif(not can_force_eager(), reason="torch.compiler.set_stance needs torch >= 2.6")
 def test_compiled_model_example_measures_what_the_plain_loop_measures_on_the_same_model():
     """The compiled model, measured by an extra forward, logs at step 0 (same initial weights, same batch) what the
     plain loop's hook-based probes log on the uncompiled model; training goes on to the same loss as without it."""
-    from geomon.capture.extra_forward import can_force_eager
-
-    if not can_force_eager():
-        pytest.skip("torch.compiler.set_stance needs torch >= 2.6")
     compiled = _load("compiled_model").main([*FAST, "--backend", "aot_eager"])
     plain = _load("plain_loop").main(FAST)
     assert sorted(compiled["history"]) == sorted(plain["history"]) == [0, 10]

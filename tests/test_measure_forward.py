@@ -244,20 +244,28 @@ def test_the_lightning_callback_measures_a_compiled_module_and_training_is_uncha
         assert measured[step] == pytest.approx(hooked[step], rel=1e-3)
 
 
-def test_the_callbacks_extra_forward_runs_in_the_trainers_precision_context(tmp_path):
-    lightning = pytest.importorskip("lightning.pytorch")
-    from geomon.callback import GeomonCallback
+def _lit_compiled_gpt(lightning):
+    """A LightningModule training a compiled (``eager`` backend) tiny GPT, as ``net``, with SGD."""
 
     class Lit(lightning.LightningModule):
         def __init__(self):
             super().__init__()
             self.net = torch.compile(_tiny_gpt(), backend="eager")
 
-        def training_step(self, batch, batch_idx):
+        def training_step(self, batch, batch_idx):  # float logits: the loss in fp32 under bf16 autocast too
             return F.cross_entropy(self.net(batch[0]).flatten(0, 1).float(), batch[1].flatten())
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Lit
+
+
+def test_the_callbacks_extra_forward_runs_in_the_trainers_precision_context(tmp_path):
+    lightning = pytest.importorskip("lightning.pytorch")
+    from geomon.callback import GeomonCallback
+
+    Lit = _lit_compiled_gpt(lightning)
 
     seen = []
 
@@ -343,16 +351,7 @@ def test_the_callback_runs_no_extra_forward_for_weight_probes_alone(tmp_path):
     lightning = pytest.importorskip("lightning.pytorch")
     from geomon.callback import GeomonCallback
 
-    class Lit(lightning.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.compile(_tiny_gpt(), backend="eager")
-
-        def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self.net(batch[0]).flatten(0, 1), batch[1].flatten())
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    Lit = _lit_compiled_gpt(lightning)
 
     calls = []
     callback = GeomonCallback(every_n_steps=1, attention=False, head=None, spectral_modules=["net.head"],

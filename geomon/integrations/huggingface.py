@@ -235,11 +235,12 @@ class GeomonTrainerCallback(TrainerCallback):
             raise ValueError("GeomonTrainerCallback: the Trainer passed no model to on_train_begin")
         if self.every_n_steps is None:
             self.monitor.every_n_steps = max(1, int(getattr(state, "logging_steps", 0) or args.logging_steps or 50))
-        self._compiled = bool(getattr(args, "torch_compile", False) or compiled_parts(model))
+        # compiled by the Trainer, or before it (read before unwrapping: a compiled wrapper is unwrapped); an extra
+        # forward only where a probe reads the forward: weight-based probes need none
+        compiled = bool(getattr(args, "torch_compile", False) or compiled_parts(model))
         model = unwrap(model)
         self.monitor.attach(model)
-        # an extra forward only where a probe reads the forward: weight-based probes need none
-        self._compiled = (self._compiled or bool(self.monitor.compiled)) and self.monitor.reads_forward
+        self._compiled = compiled and self.monitor.reads_forward
         if self._compiled and self.trainer is None:
             raise ValueError("geomon: the model is compiled, so GeomonTrainerCallback measures it by an extra forward "
                              "pass run from the Trainer's compute_loss, and no transformers Trainer was found calling "
