@@ -28,12 +28,12 @@ through).
 What it printed here (torch 2.x, one CPU thread), RankMe of the first window (steps 0, 4 and 5) -> step 1000:
 
 - projector: ``no_covariance`` 144 -> 6.6, ``vicreg`` 158 -> 82; ``rank_collapse`` fires on the collapse at step
-  115 (RankMe 24.9 < 25.6), never on ``vicreg`` (torch 2.14.1 reads 144 -> 6.8, firing at step 120 with RankMe
-  24.6);
-- projector alpha-ReQ: ``no_covariance`` 1.28 -> 0.77, ``vicreg`` 1.30 -> 3.09. Read with care: the fit starts at
-  rank 11, beyond the handful of directions the collapsed embedding has left, so it sees a flat noise floor
-  (small alpha) where the healthy run has a steep, still-informative decay. alpha-ReQ does not see this collapse;
-  RankMe, which weighs the top directions most, does;
+  115 (RankMe 24.9 < 25.6), never on ``vicreg`` (torch 2.14.1, re-run on 2026-12-06: ``no_covariance`` 144 -> 6.8,
+  firing at step 120 with RankMe 24.6, ``vicreg`` 158 -> 81.4);
+- projector alpha-ReQ: ``no_covariance`` 1.28 -> 0.77 (0.80 on torch 2.14.1), ``vicreg`` 1.30 -> 3.09. Read with
+  care: the fit starts at rank 11, beyond the handful of directions the collapsed embedding has left, so it sees a
+  flat noise floor (small alpha) where the healthy run has a steep, still-informative decay. alpha-ReQ does not
+  see this collapse; RankMe, which weighs the top directions most, does;
 - backbone: ``no_covariance`` 182 -> 128, ``vicreg`` 183 -> 157: the collapse is mostly in the projector (as Jing
   et al., ICLR 2022, found for contrastive learning); the backbone, which a linear probe reads, loses less.
 
