@@ -358,3 +358,20 @@ def test_every_logger_holds_exactly_what_the_monitor_computed(four_loggers):
     assert _by_step(_wandb_points(four_loggers["run_file"], count)) == computed
     as_float32 = {s: {k: float(np.float32(v)) for k, v in values.items()} for s, values in computed.items()}
     assert _by_step(_tensorboard_points(loggers["tensorboard"])) == as_float32
+
+
+def test_a_wandb_logger_gets_each_alert_once_with_its_title_and_level(four_loggers):
+    """An episode that starts at step 0 and lasts the whole fit (three measured steps) is one W&B alert per layer,
+    titled with the rule's own name and the layer, at the rule's level, as docs/guides/alerts.md says."""
+    from tests.wandb_records import alerts
+
+    deadline = time.monotonic() + 30
+    while len(found := alerts(four_loggers["run_file"])) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    layers = ["model.blocks.0.attn", "model.blocks.1.attn"]
+    assert [(a["title"], a["level"], a["wait_duration"]) for a in found] == [
+        (f"Max attention logit (logit_forced): {layer}", "WARN", 60_000) for layer in layers
+    ]
+    for alert, layer in zip(found, layers, strict=True):
+        assert alert["text"].startswith(f"Max attention logit in layer {layer} at step 0:")
+    assert [values["geomon/alerts/logit_forced"] for values in four_loggers["computed"].values()] == [2.0] * 3
