@@ -324,12 +324,12 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
 
     def _compute(self, trainer: Any) -> None:
         self._to_compute = False
-        values = {
-            key: value.float() for key, value in self.monitor.compute(self._measured_step, spectra=self.media).items()
-        }
-        trainer.callback_metrics.update(values)
+        values = self.monitor.compute(self._measured_step, spectra=self.media)
+        trainer.callback_metrics.update({key: value.float() for key, value in values.items()})
         if values:
-            scalars = {key: float(value) for key, value in values.items()}  # the logging step: a sync is fine here
+            # the loggers get the values as computed (float64), not their float32 copies in callback_metrics: CSV,
+            # W&B and MLflow keep doubles; the logging step: a sync is fine here
+            scalars = {key: float(value) for key, value in values.items()}
             for dashboard in self._dashboards:  # before logging: a summary counts only values logged after it
                 self.monitor.guard.run("the W&B dashboard", dashboard.define, scalars)
             for logger in trainer.loggers:

@@ -1,4 +1,5 @@
-"""The callback's values reach real trackers: W&B offline (read back from the run file) and TensorBoard."""
+"""The callback's values reach real trackers: W&B offline (read back from the run file), TensorBoard, MLflow (a
+local file store) and CSV, each read back with its own reader."""
 
 import csv
 import time
@@ -247,3 +248,130 @@ def test_a_prefixed_wandb_logger_gets_the_summaries_of_its_prefixed_keys(tmp_pat
         time.sleep(0.5)
     assert len(rows) == 3
     assert summary(run_file)[key] == {"min": pytest.approx(min(row[key] for row in rows), rel=1e-6)}
+
+
+@pytest.fixture(scope="module")
+def four_loggers(tmp_path_factory):
+    """One fit logging to CSV, TensorBoard, MLflow (a local file store) and W&B (offline) at once, with what the
+    monitor computed at each step, and a rule whose episode starts at step 0 and never ends."""
+    for package in ("wandb", "mlflow", "tensorboard"):
+        pytest.importorskip(package)
+    from geomon.alerts import MaxLogitAbove
+
+    directory = tmp_path_factory.mktemp("four_loggers")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(directory),
+                            "MLFLOW_ALLOW_FILE_STORE": "true"}.items():  # fmt: skip
+            patch.setenv(name, value)
+        loggers = {
+            "csv": lightning.loggers.CSVLogger(directory, name="csv"),
+            "tensorboard": lightning.loggers.TensorBoardLogger(directory, name="tb"),
+            "mlflow": lightning.loggers.MLFlowLogger(experiment_name="geomon", tracking_uri=_mlflow_uri(directory)),
+            "wandb": lightning.loggers.WandbLogger(project="geomon-test", save_dir=str(directory), offline=True),
+        }
+        rule = MaxLogitAbove(threshold=1e-6, name="logit_forced")  # every head is above it from the first step on
+        callback = GeomonCallback(every_n_steps=2, spectral_modules=["model.head"], alerts=[rule], strict=True)
+        computed = _spy_computes(callback)
+        torch.manual_seed(0)
+        trainer = lightning.Trainer(
+            max_steps=5, logger=list(loggers.values()), callbacks=[callback], enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        )  # fmt: skip
+        trainer.fit(_module_class(lightning)(), _loader())
+        loggers["wandb"].experiment.finish()
+    (run_file,) = directory.glob("wandb/offline-run-*/run-*.wandb")
+    return {"loggers": loggers, "computed": computed, "run_file": run_file, "directory": directory}
+
+
+def _mlflow_uri(directory):
+    return f"file:{directory / 'mlruns'}"
+
+
+def _spy_computes(callback):
+    """What the monitor's compute returned, by step, as Python floats (before the callback hands it on)."""
+    found, compute = {}, callback.monitor.compute
+
+    def spy(step=None, **kwargs):
+        values = compute(step, **kwargs)
+        found[step] = {key: float(value) for key, value in values.items()}
+        return values
+
+    callback.monitor.compute = spy
+    return found
+
+
+def _by_step(points):
+    """``(step, key, value)`` triples as ``{step: {key: value}}``, each (step, key) required to be logged once."""
+    found: dict[int, dict[str, float]] = {}
+    for step, key, value in points:
+        assert key not in found.setdefault(step, {}), f"{key} logged twice at step {step}"
+        found[step][key] = value
+    return found
+
+
+def _csv_points(logger):
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return [(int(r["step"]), k, float(v)) for r in rows for k, v in r.items() if k.startswith("geomon/") and v != ""]
+
+
+def _tensorboard_points(logger):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    tags = [tag for tag in events.Tags()["scalars"] if tag.startswith("geomon/")]
+    return [(event.step, tag, event.value) for tag in tags for event in events.Scalars(tag)]
+
+
+def _mlflow_points(logger, directory):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=_mlflow_uri(directory))
+    names = [name for name in client.get_run(logger.run_id).data.metrics if name.startswith("geomon/")]
+    return [(m.step, name, m.value) for name in names for m in client.get_metric_history(logger.run_id, name)]
+
+
+def _wandb_points(run_file, count):
+    from tests.wandb_records import history
+
+    deadline = time.monotonic() + 30
+    while True:  # the service may still be flushing the file after finish() on a loaded machine
+        rows = [row for row in history(run_file) if any(isinstance(v, float) for k, v in row.items() if "geomon/" in k)]
+        points = [(row["trainer/global_step"], key, value) for row in rows for key, value in row.items()
+                  if key.startswith("geomon/") and not key.startswith("geomon/media/")]  # fmt: skip
+        if len(points) >= count or time.monotonic() > deadline:
+            return points
+        time.sleep(0.5)
+
+
+def test_every_logger_holds_exactly_what_the_monitor_computed(four_loggers):
+    """Read back with each tracker's own reader: the same steps and keys, each once, and the computed float64 value
+    (TensorBoard stores float32: the computed value rounded to it). The callback used to log float32 copies."""
+    import numpy as np
+
+    computed, loggers = four_loggers["computed"], four_loggers["loggers"]
+    assert sorted(computed) == [0, 2, 4] and all(computed.values())
+    count = sum(len(values) for values in computed.values())
+    assert _by_step(_csv_points(loggers["csv"])) == computed
+    assert _by_step(_mlflow_points(loggers["mlflow"], four_loggers["directory"])) == computed
+    assert _by_step(_wandb_points(four_loggers["run_file"], count)) == computed
+    as_float32 = {s: {k: float(np.float32(v)) for k, v in values.items()} for s, values in computed.items()}
+    assert _by_step(_tensorboard_points(loggers["tensorboard"])) == as_float32
+
+
+def test_a_wandb_logger_gets_each_alert_once_with_its_title_and_level(four_loggers):
+    """An episode that starts at step 0 and lasts the whole fit (three measured steps) is one W&B alert per layer,
+    titled with the rule's own name and the layer, at the rule's level, as docs/guides/alerts.md says."""
+    from tests.wandb_records import alerts
+
+    deadline = time.monotonic() + 30
+    while len(found := alerts(four_loggers["run_file"])) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    layers = ["model.blocks.0.attn", "model.blocks.1.attn"]
+    assert [(a["title"], a["level"], a["wait_duration"]) for a in found] == [
+        (f"Max attention logit (logit_forced): {layer}", "WARN", 60_000) for layer in layers
+    ]
+    for alert, layer in zip(found, layers, strict=True):
+        assert alert["text"].startswith(f"Max attention logit in layer {layer} at step 0:")
+    assert [values["geomon/alerts/logit_forced"] for values in four_loggers["computed"].values()] == [2.0] * 3
