@@ -3,7 +3,7 @@
 One set of sums serves every spectrum-based metric: ``n`` rows, their sum ``Σz`` and their Gram ``Σ z zᵀ``.
 All three add across batches and processes, so streaming and DDP are exact. The Gram is formed and accumulated in
 float64, whatever the input dtype: RankMe takes square roots of its eigenvalues, which turns float32 rounding in
-the null space into spurious singular values (a rank-1 ``Z`` with D = 2048 reads 1.42 from a float32 Gram instead
+the null space into spurious singular values (a rank-1 ``Z`` with D = 2048 reads about 1.4 from a float32 Gram instead
 of 1.0033). Eigen-problems are solved in float64.
 """
 

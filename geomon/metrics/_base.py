@@ -14,8 +14,9 @@ class StatsMetric(Metric):
 
     Every field is a metric state reduced across processes with a sum, or with a max for the fields named in
     ``max_fields``; streaming, ``reset`` and ``.to()`` come from torchmetrics. States are persistent (they are in
-    ``state_dict()``, so a resumed run continues its window), and the DDP sync is an in-place all-reduce: memory stays
-    one copy of the state whatever the world size (torchmetrics' default gathers every rank's copy first).
+    ``state_dict()``, so a resumed run continues its window), and the DDP sync is an in-place all-reduce of a copy:
+    with torchmetrics' cached copy, three copies of a state whatever the world size (torchmetrics' default gathers
+    every rank's copy first; tests/metrics/test_sync_memory.py).
     """
 
     full_state_update: ClassVar[bool] = False

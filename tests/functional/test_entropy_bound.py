@@ -83,3 +83,11 @@ def test_a_sigma_of_the_wrong_type_is_named(sigma):
     # what is allowed
     with pytest.raises(TypeError, match=r"sigma must be a real number >= 0 or a real tensor .*got"):
         entropy_lower_bound(sigma, 16)
+
+
+@pytest.mark.parametrize(("n_keys", "half_at"), [(16, 3.5), (1024, 7.3), (4096, 8.6)])
+def test_the_bound_reaches_half_of_log_t_where_the_docs_say(n_keys, half_at):
+    # docs/metrics/entropy_bound.md: half of log T at sigma about 3.5 (T = 16), 7.3 (1024), 8.6 (4096)
+    half = math.log(n_keys) / 2
+    assert ref_entropy_lower_bound(half_at - 0.05, n_keys) > half > ref_entropy_lower_bound(half_at + 0.05, n_keys)
+    assert float(entropy_lower_bound(half_at, n_keys)) == pytest.approx(ref_entropy_lower_bound(half_at, n_keys))

@@ -268,3 +268,27 @@ def test_the_range_is_one_hot_to_flat_with_eps_shifted_ends(k):
     assert float(rankme(torch.eye(k, dtype=torch.float64) * 3)) == pytest.approx(flat, rel=1e-12)
     if k == 1:
         assert float(rankme(z)) < 1.0
+
+
+def test_small_n_bias_table_of_the_docs():
+    # docs/metrics/rankme.md: standard Gaussian embeddings, D = 256, read low for small N (reference: svdvals)
+    table = {256: 205.5, 512: 237.0, 1024: 247.3, 2560: 252.7, 25600: 255.7}
+    g = torch.Generator().manual_seed(0)
+    for n, expected in table.items():
+        z = torch.randn(n, 256, generator=g, dtype=torch.float64)
+        value = float(rankme(z))
+        assert value == pytest.approx(_svdvals_rankme(z, 1e-7, False), rel=1e-9)
+        assert value == pytest.approx(expected, abs=0.5)  # one draw: draws differ by a few tenths at N = 256
+
+
+def test_a_float32_gram_would_read_a_rank_one_z_as_about_1_4():
+    # why the Gram is accumulated in float64 (docs/metrics/rankme.md): the same eigen-solve on a float32 Gram turns
+    # its rounding in the null space into spurious singular values; geomon reads the float32 input at 1.0033
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(4096, 1, generator=g) * torch.randn(2048, generator=g)
+    gram32 = (z.T @ z).double().numpy()
+    lam = np.sort(np.linalg.eigvalsh(gram32))[::-1]
+    lam = np.where(lam > lam[0] * 2048 * np.finfo(np.float64).eps, lam, 0.0)
+    p = np.sqrt(lam) / np.sqrt(lam).sum() + 1e-7
+    assert 1.3 < float(np.exp(-(p * np.log(p)).sum())) < 1.5
+    assert float(rankme(z)) == pytest.approx(1.0033, abs=5e-5)
