@@ -164,6 +164,7 @@ class Session:
         #: modules whose SDPA calls put extra keys first, by name: (cross-attention or not, how many extra keys)
         self.sdpa_layout: dict[str, tuple[bool | None, int]] = {}
         self.sdpa_context: list[SdpaContext] = []  # transformers' attention functions running now, innermost last
+        self.calls_in_forward: dict[str, int] = {}  # reports per module name in the model's running forward
 
     def name_of(self, module: object) -> str | None:
         """The module's name in the watched model, None for modules outside it."""
@@ -192,6 +193,7 @@ class Session:
         :meth:`guarded`); the mask is passed on as it is, never copied. ``leading`` extra keys come before the
         tokens' own (key ``leading + j`` is token ``j``)."""
         self.reports += 1
+        self._count_call(name)
         note = self.notes.get(name)
         if note is not None:
             self.warn_once(f"note:{name}", f"geomon: {name!r} is {note}")
@@ -204,6 +206,18 @@ class Session:
                 name, q.detach(), k.detach(), mask, bool(is_causal), scale, padding, MASKED_AT, pattern
             )  # fmt: skip
             self.on_attention(call)
+
+    def _count_call(self, name: str) -> None:
+        """Say once when a module computes attention again within one forward of the model: a layer shared across
+        depths (ALBERT's one layer group run ``num_hidden_layers`` times) is logged under one name, its depths
+        pooled, with nothing else to tell the user that the model's twelve layers are one key."""
+        count = self.calls_in_forward.get(name, 0) + 1
+        self.calls_in_forward[name] = count
+        if count == 2:
+            self.warn_once(f"repeated:{name}", f"geomon: attention module {name!r} computed attention more than once "
+                           "in one forward of the model (a layer shared across depths, as in ALBERT, or a module "
+                           "called twice): its entropy and max logit pool every call under that one name, not one "
+                           "value per depth")  # fmt: skip
 
     def guarded(self, name: str, fn: Callable[[], None]) -> None:
         """Run a probe under ``no_grad``, turning its failure into a warning (``strict``: raising)."""
@@ -260,6 +274,8 @@ class Session:
             return
         before = self.stack[depth][2]
         del self.stack[depth:]  # with any module whose exit was missed
+        if not self.stack:  # the model's forward ended: the next one counts its calls afresh
+            self.calls_in_forward.clear()
         if len(rest) != 2 or self.reports + self.unseen != before:
             return  # the forward raised, or its attention was already seen (or found unseen) inside
         kwargs, output = rest
