@@ -39,8 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
+from geomon.capture._batch_dims import fold_batch_dims
 from geomon.capture._padding import MASKED_AT, PaddingRule, crossed
 from geomon.capture._patterns import MaskPattern
+from geomon.capture.modules import head_count
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class Session:
         warn: Callable[[str, str], None] | None = None,
     ) -> None:
         self.warn = warn  # warn(tag, message): a caller's warn-once across blocks; default: once per block
+        self.model = model
         self.names = {id(module): name for name, module in model.named_modules()}
         self.on_attention = on_attention
         self.strict = strict
@@ -165,6 +168,10 @@ class Session:
         self.sdpa_layout: dict[str, tuple[bool | None, int]] = {}
         self.sdpa_context: list[SdpaContext] = []  # transformers' attention functions running now, innermost last
         self.calls_in_forward: dict[str, int] = {}  # reports per module name in the model's running forward
+
+    def module(self, name: str) -> nn.Module:
+        """The watched model's module of that name."""
+        return self.model.get_submodule(name)
 
     def name_of(self, module: object) -> str | None:
         """The module's name in the watched model, None for modules outside it."""
@@ -458,12 +465,15 @@ def _sdpa_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
 
 def _report_sdpa(session: Session, name: str, args: tuple, kwargs: dict) -> None:
     q, k, mask, is_causal, scale = _sdpa_arguments(args, kwargs)
-    if q.ndim != 4 or k.ndim != 4:  # SDPA takes any batch dimensions; which of them are heads, the call cannot say
-        session.reports += 1  # seen and said: the module's exit must not call it unseen too
-        session.warn_once(f"layout:{name}", f"geomon: attention of {name!r} is not reported: it calls "
-                          f"scaled_dot_product_attention with a {q.ndim}-D query {tuple(q.shape)}, and geomon reads "
-                          "[batch, heads, queries, head_dim] (4-D) calls only")  # fmt: skip
-        return
+    if q.ndim != 4 or k.ndim != 4:  # SDPA takes any batch dimensions; the module says which of them are heads
+        folded = fold_batch_dims(q, k, mask, head_count(session.module(name)))
+        if isinstance(folded, str):
+            session.reports += 1  # seen and said: the module's exit must not call it unseen too
+            session.warn_once(f"layout:{name}", f"geomon: attention of {name!r} is not reported: it calls "
+                              f"scaled_dot_product_attention with a {q.ndim}-D query {tuple(q.shape)}, and geomon "
+                              f"reads [batch, heads, queries, head_dim]: {folded}")  # fmt: skip
+            return
+        q, k, mask = folded
     context = session.sdpa_context[-1] if session.sdpa_context else None
     if context is not None and context.name == name:
         _report_in_context(session, context, q, k, mask, is_causal, scale)

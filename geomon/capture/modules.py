@@ -27,6 +27,27 @@ HEAD_RULES = (
 )
 
 
+#: Attributes that hold an attention module's query-head count (``heads``: timm's Hiera, vit-pytorch).
+HEAD_COUNT_ATTRIBUTES = ("n_head", "num_heads", "num_attention_heads", "n_heads", "heads")
+
+
+def head_count(module: nn.Module, default: int | None = None) -> int | None:
+    """Query heads of an attention module as its attributes or config say, else ``default``.
+
+    Example:
+        >>> from torch import nn
+        >>> head_count(nn.MultiheadAttention(8, 2)), head_count(nn.Linear(2, 2))
+        (2, None)
+    """
+    for name in HEAD_COUNT_ATTRIBUTES:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    config = getattr(module, "config", None)
+    value = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    return value if isinstance(value, int) else default
+
+
 def resolve_patterns(patterns: Sequence[str], names: Sequence[str], what: str) -> list[str]:
     """The names matching each ``fnmatch`` pattern, in order; a pattern that matches nothing fails, listing names.
 

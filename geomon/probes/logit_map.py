@@ -51,7 +51,7 @@ from torch.utils.hooks import RemovableHandle
 from geomon import keys
 from geomon._guard import Guard
 from geomon.capture._session import AttentionCall, in_backward
-from geomon.capture.modules import weight_out_in
+from geomon.capture.modules import head_count, weight_out_in
 from geomon.functional import entropy_lower_bound
 from geomon.functional.spectral_norm import _normalize_or_keep
 from geomon.probes._sync import multi_process, whole
@@ -62,17 +62,6 @@ from geomon.probes.base import Context, Probe, Step, Values
 ROTARY_ARGUMENTS = ("rope", "position_embeddings", "rotary_pos_emb", "freqs_cis", "rotary_emb")
 #: Forward arguments that carry the keys' source when it is not the module's input (cross-attention).
 KEY_SOURCE_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
-
-
-def head_count(module: nn.Module, default: int | None = None) -> int | None:
-    """Query heads of an attention module as its attributes or config say, else ``default``."""
-    for name in ("n_head", "num_heads", "num_attention_heads", "n_heads"):
-        value = getattr(module, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    config = getattr(module, "config", None)
-    value = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
-    return value if isinstance(value, int) else default
 
 
 def _whole(weight: Tensor, gather: bool) -> Tensor:
@@ -162,7 +151,10 @@ def qk_layout(module: nn.Module, *, gather: bool = True) -> QKLayout | str | Non
         if bias is None:  # timm EVA: q_bias, k_bias next to a bias-free fused qkv
             b_q, b_k = _tensor(module, "q_bias", gather), _tensor(module, "k_bias", gather)
     if heads is None:
-        return "its head count is not known (no n_head / num_heads / num_attention_heads attribute or config)"
+        return (
+            "its head count is not known (no n_head / num_heads / num_attention_heads / n_heads / heads attribute or "
+            "config)"
+        )
     if w_q.ndim != 2 or w_k.ndim != 2 or w_q.shape[1] != w_k.shape[1]:
         return f"its query and key weights have shapes {tuple(w_q.shape)} and {tuple(w_k.shape)}"
     head_dim = getattr(module, "head_dim", None)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from geomon._guard import Guard
 from geomon.capture import AttentionCall, capture_attention, find_attention_modules
 from geomon.capture._session import traced_since
-from geomon.capture.modules import HEAD_RULES, find_head, head_dims, linear_like, resolve_patterns
+from geomon.capture.modules import HEAD_RULES, find_head, head_count, head_dims, linear_like, resolve_patterns
 from geomon.functional import GeomonWarning
 from geomon.functional._dispatch import Backend
 from geomon.probes._sync import multi_process
@@ -36,7 +36,7 @@ from geomon.probes.attention import AttentionProbe
 from geomon.probes.base import Context, Probe, Step, Values
 from geomon.probes.collapse import CollapseProbe
 from geomon.probes.embedding import EmbeddingProbe
-from geomon.probes.logit_map import LogitMapProbe, head_count, logit_map_probe
+from geomon.probes.logit_map import LogitMapProbe, logit_map_probe
 from geomon.probes.spectral import ReparamProbe, SpectralProbe, reparam_layers
 
 #: Neural collapse is switched on automatically only below this state size (C x D float64 values: 128 MiB).
