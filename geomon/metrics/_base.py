@@ -14,9 +14,10 @@ class StatsMetric(Metric):
 
     Every field is a metric state reduced across processes with a sum, or with a max for the fields named in
     ``max_fields``; streaming, ``reset`` and ``.to()`` come from torchmetrics. States are persistent (they are in
-    ``state_dict()``, so a resumed run continues its window), and the DDP sync is an in-place all-reduce of a copy:
-    with torchmetrics' cached copy, three copies of a state whatever the world size (torchmetrics' default gathers
-    every rank's copy first; tests/metrics/test_sync_memory.py).
+    ``state_dict()``, so a resumed run continues its window), and the DDP sync is an in-place all-reduce of a copy,
+    while torchmetrics' cache of the local values holds the state tensors themselves: two copies of a state whatever
+    the world size (torchmetrics' default caches a third and gathers every rank's copy first;
+    tests/metrics/test_sync_memory.py).
     """
 
     full_state_update: ClassVar[bool] = False
@@ -51,6 +52,12 @@ class StatsMetric(Metric):
             reduced = getattr(self, name).clone()
             dist.all_reduce(reduced, op=op, group=group)
             setattr(self, name, reduced)
+
+    def _copy_state_dict(self) -> dict[str, Any]:
+        # What ``sync`` caches to restore after ``compute``. torchmetrics clones every state; the tensors themselves
+        # will do, since ``_sync_dist`` reduces copies and nothing writes a state in place between sync and unsync
+        # (``forward``, the other caller, is replaced below): one full-size copy fewer at every logging step.
+        return {name: getattr(self, name) for name in self._defaults}
 
     def forward(self, *args: Any, **kwargs: Any) -> None:
         """Only ``update``: a per-batch value would cost an eigen-solve (and host syncs) on every step."""
