@@ -74,6 +74,17 @@ class AttentionCall:
         }
 
 
+@dataclass
+class ScoresCall:
+    """Attention a module wrote by hand, read at its own softmax (see :mod:`geomon.capture.softmax`): the rows of
+    the scores ``[B, H, Nq, Nk]`` it passed, already reduced (nothing of size ``Nq x Nk`` is kept)."""
+
+    module: str  #: name of the attention module in ``model.named_modules()``
+    entropy: Tensor  #: [B, H, Nq] nats, NaN for a row with no allowed key or a padded query row
+    max_logit: Tensor  #: [B, H, Nq]
+    n_keys: Tensor  #: [B, H, Nq] allowed keys of each row (0 for the rows above)
+
+
 class Found(NamedTuple):
     """Q/K that an adapter recovered, to be reported under the module's name plus ``suffix``."""
 
@@ -146,6 +157,7 @@ class Session:
         on_attention: Callable[[AttentionCall], None],
         strict: bool,
         warn: Callable[[str, str], None] | None = None,
+        on_scores: Callable[[ScoresCall], None] | None = None,
     ) -> None:
         self.warn = warn  # warn(tag, message): a caller's warn-once across blocks; default: once per block
         self.model = model
@@ -168,6 +180,9 @@ class Session:
         self.sdpa_layout: dict[str, tuple[bool | None, int]] = {}
         self.sdpa_context: list[SdpaContext] = []  # transformers' attention functions running now, innermost last
         self.calls_in_forward: dict[str, int] = {}  # reports per module name in the model's running forward
+        self.on_scores = on_scores  # receives attention read at a module's own softmax (None: not read there)
+        #: rows read at softmax calls, by the stack depth of the module call they belong to (resolved at its exit)
+        self.softmax_rows: dict[int, list[ScoresCall]] = {}
 
     def module(self, name: str) -> nn.Module:
         """The watched model's module of that name."""
@@ -281,6 +296,9 @@ class Session:
             return
         before = self.stack[depth][2]
         del self.stack[depth:]  # with any module whose exit was missed
+        read = self.softmax_rows.pop(depth, [])
+        for deeper in [d for d in self.softmax_rows if d > depth]:
+            del self.softmax_rows[deeper]
         if not self.stack:  # the model's forward ended: the next one counts its calls afresh
             self.calls_in_forward.clear()
         if len(rest) != 2 or self.reports + self.unseen != before:
@@ -290,12 +308,28 @@ class Session:
         if fallback is not None:
             self.reports += 1  # handled, even if the fallback fails: no outer module reports it again
             self.guarded(name, lambda: self.report_found(name, fallback(module, args, kwargs, output)))
+        elif read:
+            self._report_softmax(module, read)
         elif key in self.expected:
             self.unseen += 1
             self.unseen_names.setdefault(("expected", self.expected[key]), []).append(name)
         elif key in self.lookalikes:
             self.unseen += 1
             self.unseen_names.setdefault(("lookalike", type(module).__name__), []).append(name)
+
+    def _report_softmax(self, module: nn.Module, read: list[ScoresCall]) -> None:
+        """Attention seen only at the module's own softmax: reported when it was one softmax, said once otherwise."""
+        self.reports += 1
+        if len(read) > 1:
+            self.warn_once(f"softmaxes:{type(module).__name__}", f"geomon: {type(module).__name__} modules (such as "
+                           f"{read[0].module!r}) take {len(read)} softmaxes over [batch, heads, queries, keys] scores "
+                           "in one call, which geomon cannot tell apart (a mix of attention maps, or a softmax that "
+                           "is not attention): their attention is not reported")  # fmt: skip
+            return
+        on_scores = self.on_scores
+        assert on_scores is not None
+        self._count_call(read[0].module)
+        self.guarded(read[0].module, lambda: on_scores(read[0]))
 
     def say_unseen(self) -> None:
         """After the block: one warning per kind of module that ran unseen, naming those modules (a model's twelve
@@ -312,10 +346,11 @@ class Session:
                     f"lookalike:{label}",
                     f"geomon: {len(unique)} module(s) of class {label} ({shown}) look like attention but no attention "
                     "computation was seen inside them, so they have no attention entropy; geomon sees softmax "
-                    "attention computed with F.scaled_dot_product_attention (called at run time) or one of the "
-                    "implementations in docs/guides/capture.md#not-seen-and-why. If it is softmax attention, compute "
-                    "it with F.scaled_dot_product_attention; if it is not (linear attention, a pooling), ignore this "
-                    "warning",
+                    "attention computed with F.scaled_dot_product_attention (called at run time), one of the "
+                    "implementations in docs/guides/capture.md#not-seen-and-why, or (under the monitor) one softmax "
+                    "over [batch, heads, queries, keys] scores whose heads the module declares (num_heads, heads, "
+                    "...). If it is softmax attention, compute it so; if it is not (linear attention, a pooling), "
+                    "ignore this warning",
                 )
         self.unseen_names.clear()
 
@@ -356,7 +391,10 @@ class SharedPatch:
 
     def __init__(self, owner: Any, name: str, make: MakeDispatcher) -> None:
         self.owner, self.name = owner, name
-        self.original = self._get()
+        #: a class's method it inherits (``torch.Tensor.softmax`` is ``TensorBase``'s): patched on the class itself,
+        #: and on leaving deleted there again, so that the inherited one shows through as before
+        self.inherited = not isinstance(owner, dict) and name not in vars(owner)
+        self.original = getattr(owner, name) if self.inherited else self._get()
         made = _DISPATCHERS.get((id(owner), name))
         same = made is not None and all(a is b for a, b in zip(made[:3], (owner, self.original, make), strict=True))
         if made is None or not same or made[3]:  # made for something else, or its session list is in use: a new one
@@ -395,7 +433,10 @@ class SharedPatch:
         if _INSTALLED.get(key) is self:
             del _INSTALLED[key]
         if self._get() is self.dispatcher:
-            self._set(self.original)
+            if self.inherited:
+                delattr(self.owner, self.name)
+            else:
+                self._set(self.original)
 
     @classmethod
     @contextmanager

@@ -35,7 +35,8 @@ from typing import Any
 from torch import nn
 
 from geomon.capture import hf, hf_alibi, nanogpt, timm_vit, torch_mha, torchvision_attn, xtransformers
-from geomon.capture._session import AttentionCall, Fallback, Session
+from geomon.capture._session import AttentionCall, Fallback, ScoresCall, Session
+from geomon.capture.softmax import softmax_wrapped
 
 __all__ = ["capture_attention", "find_attention_modules"]
 
@@ -116,6 +117,7 @@ def capture_attention(
     *,
     strict: bool = False,
     warn: Callable[[str, str], None] | None = None,
+    on_scores: Callable[[ScoresCall], None] | None = None,
 ) -> Iterator[None]:
     """Call ``on_attention`` once per attention computation of ``model`` while the block runs.
 
@@ -129,6 +131,9 @@ def capture_attention(
         warn: ``warn(tag, message)`` for what could not be seen (a module that ran unseen, an unmodelled term);
             default: ``warnings.warn``, once per block. The monitor passes its own warn-once, so each is said once
             per run.
+        on_scores: receives the attention of modules that write it by hand, read at their own softmax (a
+            ``ScoresCall``: the rows, already reduced; see :mod:`geomon.capture.softmax`); ``None`` (default): such
+            modules are named in the unseen-attention warning instead.
 
     Example:
         >>> import torch
@@ -141,7 +146,7 @@ def capture_attention(
         >>> seen
         [('attn', (1, 2, 5, 4))]
     """
-    session = Session(model, on_attention, strict, warn)
+    session = Session(model, on_attention, strict, warn, on_scores)
     for module in model.modules():
         kind, fallback = _recognise(module)
         if fallback is not None:
@@ -162,6 +167,8 @@ def capture_attention(
             _enter(stack, hf.patched(model, session), strict)
         stack.enter_context(session.module_hooks())
         stack.enter_context(session.sdpa_wrapped())
+        if on_scores is not None:
+            stack.enter_context(softmax_wrapped(session))
         yield
     session.say_unseen()
 

@@ -428,6 +428,11 @@ def _attention_entropy_update(
         query_padding=query_padding,
         pattern=pattern,
     )
+    return _stats_from_rows(entropy, max_logit, n_keys)
+
+
+def _stats_from_rows(entropy: Tensor, max_logit: Tensor, n_keys: Tensor) -> AttentionStats:
+    """Per-head sums of ``[B, H, Nq]`` rows (rows with no allowed key left out)."""
     valid = n_keys >= 1
     spread = n_keys >= 2
     normalized = entropy / torch.log(n_keys.clamp(min=2).to(entropy.dtype))

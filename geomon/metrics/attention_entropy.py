@@ -16,7 +16,9 @@ from geomon.functional.attention_entropy import (
     MaskPattern,
     _attention_entropy_compute,
     _attention_entropy_update,
+    _stats_from_rows,
 )
+from geomon.functional.attention_scores import _attention_entropy_update_scores
 from geomon.metrics._base import StatsMetric, check_positive_int, zeros
 
 
@@ -85,6 +87,29 @@ class AttentionEntropy(StatsMetric):
             pattern=_pattern,
         )
         self._accumulate(stats)
+
+    def update_scores(
+        self,
+        scores: Tensor,
+        *,
+        query_index: Tensor | None = None,
+        query_padding: Tensor | None = None,
+        masked_at: float | None = None,
+    ) -> None:
+        """Add the rows of scores a model formed itself, ``[B, H, Nq, Nk]`` (its softmax input: scale, biases and
+        mask included; keys at ``-inf``, or at or below ``masked_at``, are not allowed); ``query_index`` and
+        ``query_padding`` as in :meth:`update`."""
+        if not isinstance(scores, Tensor) or scores.ndim != 4 or scores.shape[1] != self.num_heads:
+            shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise ValueError(f"scores must be [B, {self.num_heads} heads, Nq, Nk], got {shape}")
+        stats = _attention_entropy_update_scores(
+            scores, masked_at=masked_at, query_index=query_index, query_padding=query_padding
+        )
+        self._accumulate(stats)
+
+    def _update_rows(self, entropy: Tensor, max_logit: Tensor, n_keys: Tensor) -> None:
+        """Add rows already reduced (``[B, H, Nq]`` each; the capture's softmax reader)."""
+        self._accumulate(_stats_from_rows(entropy, max_logit, n_keys))
 
     def compute(self) -> dict[str, Tensor]:
         return _attention_entropy_compute(self._stats())

@@ -9,6 +9,7 @@ import torch
 
 from geomon import keys
 from geomon.capture import AttentionCall
+from geomon.capture._session import ScoresCall
 from geomon.functional._dispatch import Backend
 from geomon.functional.attention_entropy import _attention_entropy_compute
 from geomon.metrics import AttentionEntropy
@@ -101,7 +102,10 @@ class AttentionProbe(Probe):
 
     def accepts(self, call: AttentionCall) -> bool:
         """Whether ``call`` fits the spec; an unknown spec is taken from it (agreed across ranks at compute)."""
-        heads = call.q.shape[1]
+        return self.accepts_heads(call.q.shape[1])
+
+    def accepts_heads(self, heads: int) -> bool:
+        """Whether a call of ``heads`` query heads fits the spec; an unknown spec is taken from it."""
         if self.spec is None:
             self.spec = (heads,)
         return self.spec == (heads,)
@@ -125,6 +129,13 @@ class AttentionProbe(Probe):
             _masked_at=call.masked_at,
             _pattern=call.pattern,
         )  # the mask's parts by reference: none is N x N
+
+    def update_rows(self, call: ScoresCall) -> None:
+        """Add attention read at the module's own softmax: every query row (they were reduced from the scores the
+        module had formed, so ``query_rows`` would save nothing there)."""
+        self.allocate(call.entropy.device)
+        assert self.metric is not None
+        self.metric._update_rows(call.entropy, call.max_logit, call.n_keys)
 
     def rows(self, n_q: int, n_k: int, width: int) -> int:
         """Query rows per head measured in a call of ``n_q`` queries, ``n_k`` keys, query width ``H·Dh``."""

@@ -430,6 +430,16 @@ class LogitMapProbe(Probe):
         seen.counts.add((call.q.shape[-2], call.k.shape[-2]))
         seen.scales.add(call.scale if call.scale is not None else 1.0 / math.sqrt(call.q.shape[-1]))
 
+    def note_scores(self) -> None:
+        """Record attention read at the module's own softmax: its scores hold terms (masks, biases, a scale) that
+        cannot be told apart from ``q·k`` there, so no row of it is shown to be bounded."""
+        if self.bound:
+            self.seen.calls += 1
+            self.seen.why = self.seen.why or (
+                "its attention was read at its own softmax, whose scores may hold terms besides q·k (a mask, a bias) "
+                "that geomon cannot tell apart"
+            )
+
     def _unbounded(self, seen: _Measured, layout: QKLayout) -> str | None:
         """Why Theorem 3.1 does not bound this layer's rows on the measured step, or ``None`` if it does."""
         if seen.why is not None:

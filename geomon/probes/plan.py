@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from geomon._guard import Guard
 from geomon.capture import AttentionCall, capture_attention, find_attention_modules
-from geomon.capture._session import traced_since
+from geomon.capture._session import ScoresCall, traced_since
 from geomon.capture.modules import HEAD_RULES, find_head, head_count, head_dims, linear_like, resolve_patterns
 from geomon.functional import GeomonWarning
 from geomon.functional._dispatch import Backend
@@ -285,6 +285,27 @@ class Plan:
                                  f"{probe.spec[0]} heads, but a call had {call.q.shape[1]}; such calls are "  # type: ignore[index]
                                  "skipped")  # fmt: skip
 
+    def scores_call(self, call: ScoresCall) -> None:
+        """Route attention read at a module's own softmax to its module's probe (created here if none is planned)."""
+        name = plain_name(call.module)
+        logit_map = self.probes.get(f"{LogitMapProbe.kind}:{name}")
+        if isinstance(logit_map, LogitMapProbe):
+            logit_map.note_scores()
+        pid = f"{AttentionProbe.kind}:{name}"
+        if pid in self.dropped:
+            return
+        probe = self.probes.get(pid)
+        if probe is None:
+            probe = self.add(AttentionProbe(name, None, backend=self.options.backend,
+                                            query_rows=self.options.query_rows))  # fmt: skip
+        assert isinstance(probe, AttentionProbe)
+        if probe.accepts_heads(call.entropy.shape[1]):
+            probe.update_rows(call)
+        else:
+            self.guard.warn_once(f"heads:{name}", f"geomon: attention module {name!r} is planned with "
+                                 f"{probe.spec[0]} heads, but a call had {call.entropy.shape[1]}; such calls are "  # type: ignore[index]
+                                 "skipped")  # fmt: skip
+
     def observe(self, name: str, tensor: Tensor) -> None:
         """Add rows ``[..., D]`` to the embedding probe ``name`` (created on first use)."""
         pid = f"{EmbeddingProbe.kind}:{name}"
@@ -337,7 +358,8 @@ class Plan:
                     hooked.append(probe.module)
             if self.options.attention and only is None:
                 stack.enter_context(capture_attention(model, self._on_attention, strict=self.guard.strict,
-                                                        warn=self.guard.warn_once))  # fmt: skip
+                                                        warn=self.guard.warn_once,
+                                                        on_scores=self._on_scores))  # fmt: skip
             traced_since()
             self._step = step
             try:
@@ -373,6 +395,11 @@ class Plan:
         if self._step is not None:
             self._step.ran.add("")
         self.guard.run(f"attention probe of {call.module!r}", self.attention_call, call)
+
+    def _on_scores(self, call: ScoresCall) -> None:
+        if self._step is not None:
+            self._step.ran.add("")
+        self.guard.run(f"attention probe of {call.module!r}", self.scores_call, call)
 
     # agreement and values ---------------------------------------------------------------------------------------
     def agree(self) -> None:

@@ -14,7 +14,8 @@ from geomon.capture.attention import looks_like_attention
 
 
 class ManualAttention(nn.Module):
-    """Softmax attention written by hand (no SDPA): geomon cannot see its scores."""
+    """Softmax attention written by hand (no SDPA): ``capture_attention`` without ``on_scores`` does not read it (the
+    monitor reads it at its softmax: tests/capture/test_attention_softmax.py)."""
 
     def __init__(self, dim=16, heads=2):
         super().__init__()
@@ -26,6 +27,16 @@ class ManualAttention(nn.Module):
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
         return (weights @ v).transpose(1, 2).flatten(2)
+
+
+class FoldedAttention(ManualAttention):
+    """Written by hand over ``[B·H, N, N]`` scores: no head dimension to read at its softmax either."""
+
+    def forward(self, x):
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2).flatten(0, 1)  # noqa: E731
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        return (weights @ v).unflatten(0, (x.shape[0], self.heads)).transpose(1, 2).flatten(2)
 
 
 class SdpaAttention(ManualAttention):
@@ -77,7 +88,7 @@ def test_attention_through_sdpa_raises_no_warning():
 
 
 def test_the_monitor_says_it_once_per_run_not_once_per_measured_step():
-    model = _model(ManualAttention)
+    model = _model(FoldedAttention)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor = geomon.Monitor(every_n_steps=1, head=None).attach(model)
     with warnings.catch_warnings(record=True) as caught:

@@ -1,0 +1,123 @@
+"""Attention written by hand, read at the module's own softmax.
+
+Many attention layers never call SDPA: they form ``scores = q @ kᵀ · scale``, add their biases, fill in their mask
+and call ``softmax(scores, dim=-1)`` themselves (Hugging Face DeBERTa and GPT-Neo, timm's TNT, LeViT, MViT v2,
+CaiT, Twins or BEiT with their fused path off, vit-pytorch). The scores are then exactly ``s_ij`` of the entropy's
+definition, scale, biases and mask included. While a measured block runs, ``Tensor.softmax`` and ``torch.softmax``
+(which ``F.softmax`` and ``nn.Softmax`` go through) are wrapped: a softmax over the last dimension of a
+``[B, H, Nq, Nk]`` tensor whose ``H`` is the head count the module declares (``num_heads``, ``heads``, ...), called
+inside a module that looks like attention and that no other path captures, is reduced at once to its rows (entropy,
+max logit, allowed keys: :mod:`geomon.functional.attention_scores`; nothing of size ``Nq x Nk`` is kept). At the
+module's exit, the rows are reported if that call took exactly one such softmax and nothing else of it was seen;
+two or more (a gated mix of two attention maps, such as ConViT's GPSA) are said once and not reported.
+
+Masks are read off the scores: a key at ``-inf`` or at or below -1e4 is not allowed (the padding rule's threshold),
+and in self-attention (as many queries as keys) a key that no query row of any head may attend to is padding, so
+its query row is left out, as on every other path. Rows of cross-attention keep all their query rows.
+
+Cost: a few elementwise operations per score of the wrapped softmax on measured steps (about the softmax's own
+cost), and on every softmax call of the model in the block a Python check of its shape.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from geomon.capture._padding import MASKED_AT
+from geomon.capture._session import ScoresCall, Session, SharedPatch, in_backward
+from geomon.capture.modules import head_count
+from geomon.functional._common import TILE_ELEMENTS
+from geomon.functional.attention_entropy import _drop_rows
+from geomon.functional.attention_scores import _score_rows
+
+#: where the softmax a module calls lives: ``F.softmax`` and ``nn.Softmax`` call the tensor method
+_TARGETS = ((torch.Tensor, "softmax"), (torch, "softmax"))
+_INSIDE = [0]  # softmax calls running now: a wrapped one that calls another (F.softmax -> Tensor.softmax) counts once
+
+
+def _softmax_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
+    @functools.wraps(original)
+    def softmax(*args: Any, **kwargs: Any) -> Any:
+        _INSIDE[0] += 1
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            _INSIDE[0] -= 1
+        if not _INSIDE[0]:
+            for session in tuple(sessions):
+                _read(session, args, kwargs)
+        return out
+
+    return softmax
+
+
+@contextmanager
+def softmax_wrapped(session: Session) -> Iterator[None]:
+    """Read every softmax the model calls while the block runs (see the module)."""
+    with ExitStack() as stack:
+        for owner, name in _TARGETS:
+            stack.enter_context(SharedPatch.joined(owner, name, _softmax_dispatcher, session))
+        yield
+
+
+def _read(session: Session, args: tuple, kwargs: dict) -> None:
+    if session.on_scores is None or not session.stack or session.busy or session.sdpa_context or in_backward():
+        return  # sdpa_context: inside a transformers attention function, which geomon intercepts itself
+    scores = args[0] if args else kwargs.get("input")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if not isinstance(scores, Tensor) or scores.ndim < 4 or not scores.is_floating_point():
+        return
+    if dim not in (-1, scores.ndim - 1):
+        return
+    depth = _reading_module(session)
+    if depth is None:
+        return
+    name = session.stack[depth][1]
+    heads = head_count(session.module(name))
+    axes = [axis for axis in range(1, scores.ndim - 2) if scores.shape[axis] == heads]
+    if len(axes) != 1:
+        return  # no [batch, ..., heads, ..., queries, keys] layout with the heads the module declares
+    read = session.softmax_rows.setdefault(depth, [])
+    session.guarded(name, lambda: read.append(rows_of(name, scores.detach(), axes[0])))
+
+
+def _reading_module(session: Session) -> int | None:
+    """Stack depth of the innermost running module whose attention is read at its softmax: one that looks like
+    attention or is expected to be, that no adapter recomputes, and that is not known to be something else."""
+    for depth in range(len(session.stack) - 1, -1, -1):
+        key = session.stack[depth][0]
+        if key in session.fallbacks:
+            return None
+        if key in session.lookalikes or (key in session.expected and "not modelled" not in session.expected[key]):
+            return depth
+    return None
+
+
+def rows_of(name: str, scores: Tensor, head_axis: int = 1) -> ScoresCall:
+    """The rows of one softmax input ``[B, ..., H, ..., Nq, Nk]`` (the heads at ``head_axis``; any other leading
+    dimensions fold into the batch, as SDPA treats them), its padded query rows (self-attention) left out."""
+    n_q, n_k = scores.shape[-2:]
+    heads = scores.shape[head_axis]
+    rows = tuple(
+        part.movedim(head_axis, -2).reshape(-1, heads, n_q) for part in _score_rows(scores, masked_at=MASKED_AT)
+    )
+    if n_q == n_k:
+        rows = _drop_rows(rows, ~_open_keys(scores, head_axis).reshape(-1, n_k), None)  # type: ignore[arg-type]
+    return ScoresCall(name, *rows)
+
+
+def _open_keys(scores: Tensor, head_axis: int) -> Tensor:
+    """Keys some query row of some head may attend to, ``scores``' leading dimensions but the heads, then ``Nk``;
+    read a chunk of rows at a time."""
+    n_q = scores.shape[-2]
+    step = max(1, TILE_ELEMENTS // max(1, scores[..., 0, :].numel()))
+    open_keys = torch.zeros(scores[..., 0, :].shape, dtype=torch.bool, device=scores.device)
+    for start in range(0, n_q, step):
+        open_keys |= (scores[..., start : start + step, :] > MASKED_AT).any(dim=-2)
+    return open_keys.any(dim=head_axis)

@@ -1,0 +1,281 @@
+"""Attention written by hand, read at the module's own softmax: rows equal a float64 softmax of the scores (and the
+q/k path on the same scores), padded query rows left out as on every other path, Hugging Face DeBERTa-v2 and GPT-Neo
+equal to their own returned probabilities, a module with two softmaxes said once and not reported, and training
+unchanged. References: explicit float64 softmax of q/k the test forms itself, and the models' own probabilities."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from geomon import Monitor
+from geomon.functional import attention_entropy
+from geomon.functional.attention_scores import _score_rows
+from geomon.keys import ENTROPY, ENTROPY_NORMALIZED, MAX_LOGIT, key
+from geomon.metrics import AttentionEntropy
+
+B, N, H, D = 2, 7, 3, 4
+
+
+def _float64_rows(scores: torch.Tensor, allowed: torch.Tensor | None = None):
+    """Entropy, max logit and key count of softmax rows over allowed keys, in float64."""
+    scores = scores.double()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf)
+    p = torch.softmax(scores, -1)
+    entropy = -torch.special.xlogy(p, p).sum(-1)
+    n_keys = torch.isfinite(scores).sum(-1)
+    empty = n_keys == 0
+    return entropy.masked_fill(empty, math.nan), scores.amax(-1).masked_fill(empty, math.nan), n_keys
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_score_rows_equal_a_float64_softmax_and_the_query_key_path(seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, H, N, D, generator=g) * 2, torch.randn(B, H, N + 2, D, generator=g) * 2
+    allowed = torch.rand(B, 1, N, N + 2, generator=g) < 0.5
+    allowed[0, 0, 3] = False  # a row with no allowed key
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    filled = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)  # as Hugging Face fills a mask
+    got = _score_rows(filled, masked_at=-1e4)
+    want = _float64_rows(scores, allowed.expand_as(scores))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    via_qk = attention_entropy(q, k, attn_mask=allowed, backend="torch", return_n_keys=True)
+    for a, b in zip(got, via_qk, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    metric, reference = AttentionEntropy(H), AttentionEntropy(H)
+    metric.update_scores(filled, masked_at=-1e4)
+    reference.update(q, k, attn_mask=allowed)
+    for name, value in reference.compute().items():
+        torch.testing.assert_close(metric.compute()[name], value, rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+class HandWritten(nn.Module):
+    """Attention written by hand, its key padding filled with -1e9 (as much hand-written code does); keeps the
+    scores it formed for the test's reference."""
+
+    def __init__(self, dim: int = H * D, heads: int = H, softmaxes: int = 1) -> None:
+        super().__init__()
+        self.heads, self.softmaxes = heads, softmaxes
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.kept: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if keep is not None:
+            scores = scores.masked_fill(~keep[:, None, None, :], -1e9)
+        self.kept.append(scores.detach())
+        weights = scores.softmax(dim=-1)
+        if self.softmaxes == 2:  # a gated mix of two maps (as ConViT's GPSA): not one attention
+            weights = 0.5 * weights + 0.5 * torch.nn.functional.softmax(scores * 0.1, dim=-1)
+        return (weights @ v).transpose(1, 2).flatten(2)
+
+
+class Net(nn.Module):
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.attn = HandWritten(**kwargs)
+        self.out = nn.Linear(H * D, 5)
+
+    def forward(self, x, keep=None):
+        return self.out(x + self.attn(x, keep))
+
+
+def _measure(model, *args, **kwargs):
+    monitor = Monitor(every_n_steps=1, query_rows=None, head=None, neural_collapse=False, alerts=[]).attach(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), monitor.step(0):
+            model(*args, **kwargs)
+        values = {name: float(value) for name, value in monitor.compute(0).items()}
+    return values, dict(monitor.details), [str(w.message) for w in caught if "geomon" in str(w.message)]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "right-padded"])
+def test_a_hand_written_attention_is_measured_at_its_softmax_without_its_padded_rows(padded):
+    torch.manual_seed(0)
+    model = Net()
+    nn.init.normal_(model.attn.qkv.weight, std=0.6)
+    x = torch.randn(B, N, H * D)
+    keep = torch.ones(B, N, dtype=torch.bool)
+    if padded:
+        keep[1, -3:] = False
+    values, details, said = _measure(model, x, keep)
+    assert not [m for m in said if "'attn'" in m], said
+    scores = model.attn.kept[0]
+    entropy, max_logit, n_keys = _float64_rows(scores, keep[:, None, None, :].expand_as(scores))
+    real = keep[:, None, :].expand_as(entropy)  # padded tokens' query rows are left out
+    per_head = torch.stack([entropy[:, h][real[:, h]].mean() for h in range(H)])
+    normalized = entropy / torch.log(n_keys.double())
+    torch.testing.assert_close(details[key(ENTROPY, "attn")].double(), per_head, rtol=1e-5, atol=1e-6)
+    assert values[key(ENTROPY, "attn")] == pytest.approx(float(entropy[real].mean()), rel=1e-5)
+    assert values[key(ENTROPY_NORMALIZED, "attn")] == pytest.approx(float(normalized[real].mean()), rel=1e-5)
+    assert values[key(MAX_LOGIT, "attn")] == pytest.approx(float(max_logit[real].max()), rel=1e-5)
+
+
+def test_two_softmaxes_in_one_call_are_said_once_and_not_reported():
+    model = Net(softmaxes=2)
+    for _ in range(2):
+        values, _, said = _measure(model, torch.randn(B, N, H * D))
+        assert key(ENTROPY, "attn") not in values
+    assert len([m for m in said if "take 2 softmaxes" in m]) == 1, said
+
+
+def test_training_with_a_hand_written_attention_is_unchanged():
+    def train(monitored: bool):
+        torch.manual_seed(0)
+        model = Net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        monitor = Monitor(every_n_steps=1, head=None).attach(model) if monitored else None
+        g = torch.Generator().manual_seed(1)
+        for step in range(3):
+            x = torch.randn(B, N, H * D, generator=g)
+            if monitor is not None:
+                with monitor.step(step):
+                    loss = model(x).square().mean()
+            else:
+                loss = model(x).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if monitor is not None:
+                assert key(ENTROPY, "attn") in monitor.compute(step)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(train(False), train(True), strict=True):
+        assert torch.equal(a, b)
+    assert "softmax" not in vars(torch.Tensor)  # the wrapper is gone, the inherited method shows through again
+
+
+def _hf(config_name, model_name, **config):
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, config_name)(initializer_range=0.3, **config)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("config_name", "model_name", "config"),
+    [
+        # XLNet lets a padded token attend to itself: no key is blocked for every row, so its padded rows count
+        ("XLNetConfig", "XLNetModel", dict(vocab_size=100, d_model=64, n_layer=2, n_head=4, d_inner=128)),
+        ("DebertaV2Config", "DebertaV2Model",
+         dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+              relative_attention=True, position_buckets=8, max_relative_positions=16, pos_att_type=["p2c", "c2p"])),
+        ("GPTNeoConfig", "GPTNeoModel",
+         dict(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+              window_size=4, max_position_embeddings=64)),
+    ],
+    ids=["xlnet", "deberta-v2", "gpt-neo"],
+)  # fmt: skip
+def test_hugging_face_attention_written_by_hand_equals_its_own_probabilities(config_name, model_name, config):
+    model = _hf(config_name, model_name, **config)
+    ids = torch.randint(4, 100, (B, 9), generator=torch.Generator().manual_seed(1))
+    keep = torch.ones(B, 9, dtype=torch.long)
+    keep[1, -3:] = 0  # right padding
+    with torch.no_grad():
+        probabilities = model(input_ids=ids, attention_mask=keep, output_attentions=True).attentions
+    values, details, said = _measure(model, input_ids=ids, attention_mask=keep)
+    layers = sorted(name.removeprefix(key(ENTROPY, "")) for name in values if name.startswith(key(ENTROPY, "")))
+    assert len(layers) == len(probabilities) == 2, (layers, said)
+    real = keep.bool()[:, None, :].expand(B, 4, 9)
+    if model_name == "XLNetModel":
+        real = torch.ones_like(real)
+    for layer, p in zip(layers, probabilities, strict=True):
+        entropy = -torch.special.xlogy(p.double(), p.double()).sum(-1)
+        per_head = torch.stack([entropy[:, h][real[:, h]].mean() for h in range(4)])
+        torch.testing.assert_close(details[key(ENTROPY, layer)].double(), per_head, rtol=1e-5, atol=1e-6)
+        assert values[key(ENTROPY, layer)] == pytest.approx(float(entropy[real].mean()), rel=1e-5)
+
+
+def test_timm_tnt_attention_equals_its_own_softmax_input():
+    pytest.importorskip("timm")
+    from timm.models.tnt import Attention
+
+    torch.manual_seed(0)
+    layer = Attention(24, 24, num_heads=3)
+    nn.init.normal_(layer.qk.weight, std=0.5)
+    x = torch.randn(B, N, 24)
+    seen = []
+    original = torch.Tensor.softmax
+
+    def softmax(self, dim=None, *args, **kwargs):  # the reference: the scores TNT hands to its softmax
+        seen.append(self.detach().double())
+        return original(self, dim, *args, **kwargs)
+
+    torch.Tensor.softmax = softmax
+    try:
+        with torch.no_grad():
+            layer(x)
+    finally:
+        del torch.Tensor.softmax
+    values, details, _ = _measure(_Wrapped(layer), x)
+    entropy, max_logit, _ = _float64_rows(seen[0])
+    torch.testing.assert_close(details[key(ENTROPY, "attn")].double(), entropy.mean(dim=(0, 2)), rtol=1e-5, atol=1e-6)
+    assert values[key(MAX_LOGIT, "attn")] == pytest.approx(float(max_logit.max()), rel=1e-5)
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.attn = layer
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+def _own_softmax_entropy(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Mean float64 entropy of the rows of every last-dim softmax a module of the model takes, by the innermost
+    module running (a separate forward, the test's own hooks)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    running: list[str] = []
+    rows: dict[str, list[torch.Tensor]] = {}
+    original = torch.Tensor.softmax
+
+    def softmax(self, dim=None, *args, **kwargs):
+        if running and self.ndim >= 3 and dim in (-1, self.ndim - 1):
+            p = original(self.double(), -1)
+            rows.setdefault(running[-1], []).append((-torch.special.xlogy(p, p).sum(-1)).flatten())
+        return original(self, dim, *args, **kwargs)
+
+    def enter(module, args):
+        running.append(names.get(id(module), ""))
+
+    def leave(module, args, output):
+        running.pop()  # returns None: the output stays the module's
+
+    pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
+    post = torch.nn.modules.module.register_module_forward_hook(leave)
+    torch.Tensor.softmax = softmax
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        del torch.Tensor.softmax
+        pre.remove()
+        post.remove()
+    return {name: float(torch.cat(parts).mean()) for name, parts in rows.items()}
+
+
+@pytest.mark.parametrize("name", ["levit_128s", "mvitv2_tiny", "cait_xxs24_224", "xcit_nano_12_p16_224"])
+def test_timm_models_written_by_hand_log_their_own_softmax(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    for module in model.modules():  # every attention by hand: the reference sees softmax calls only
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    x = torch.randn(1, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
+    want = _own_softmax_entropy(model, x)
+    values, _, said = _measure(model, x)
+    got = {n.removeprefix(key(ENTROPY, "")): v for n, v in values.items() if n.startswith(key(ENTROPY, ""))}
+    assert got.keys() == want.keys(), (sorted(got.keys() ^ want.keys()), said)
+    for layer, value in want.items():
+        assert got[layer] == pytest.approx(value, rel=1e-5), layer
