@@ -132,8 +132,8 @@ def capture_attention(
             default: ``warnings.warn``, once per block. The monitor passes its own warn-once, so each is said once
             per run.
         on_scores: receives the attention of modules that write it by hand, read at their own softmax (a
-            ``ScoresCall``: the rows, already reduced; see :mod:`geomon.capture.softmax`); ``None`` (default): such
-            modules are named in the unseen-attention warning instead.
+            :class:`~geomon.capture.ScoresCall`: the rows, already reduced; see :mod:`geomon.capture.softmax`);
+            ``None`` (default): such modules are named in the unseen-attention warning instead.
 
     Example:
         >>> import torch
