@@ -11,9 +11,12 @@ max logit, allowed keys: :mod:`geomon.functional.attention_scores`; nothing of s
 module's exit, the rows are reported if that call took exactly one such softmax and nothing else of it was seen;
 two or more (a gated mix of two attention maps, such as ConViT's GPSA) are said once and not reported.
 
-Masks are read off the scores: a key at ``-inf`` or at or below -1e4 is not allowed (the padding rule's threshold),
-and in self-attention (as many queries as keys) a key that no query row of any head may attend to is padding, so
-its query row is left out, as on every other path. Rows of cross-attention keep all their query rows.
+Masks are read off the scores: a key at ``-inf`` or at or below -5e3 is not allowed. The padding rule's threshold,
+-1e4, is for a mask's own values; here the mask has been added to the logits, so a BERT-era ``-10000`` mask puts a
+padded key at ``q·k - 10000``, above -1e4 wherever ``q·k > 0``: half the threshold leaves 5e3 of room for the logits
+(a key that far below its row's best has no weight in any dtype either way). In self-attention (as many queries as
+keys) a key that no query row of any head may attend to is padding, so its query row is left out, as on every other
+path. Rows of cross-attention keep all their query rows.
 
 Cost: a few elementwise operations per score of the wrapped softmax on measured steps (about the softmax's own
 cost), and on every softmax call of the model in the block a Python check of its shape.
@@ -36,6 +39,9 @@ from geomon.functional._common import TILE_ELEMENTS
 from geomon.functional.attention_entropy import _drop_rows
 from geomon.functional.attention_scores import _score_rows
 
+#: scores at or below this are masked keys: the padding rule's -1e4 (a mask's values) with 5e3 of room for the logit
+#: the mask was added to
+SCORES_MASKED_AT = MASKED_AT / 2
 #: where the softmax a module calls lives: ``F.softmax`` and ``nn.Softmax`` call the tensor method
 _TARGETS = ((torch.Tensor, "softmax"), (torch, "softmax"))
 _INSIDE = [0]  # softmax calls running now: a wrapped one that calls another (F.softmax -> Tensor.softmax) counts once
@@ -105,7 +111,7 @@ def rows_of(name: str, scores: Tensor, head_axis: int = 1) -> ScoresCall:
     n_q, n_k = scores.shape[-2:]
     heads = scores.shape[head_axis]
     rows = tuple(
-        part.movedim(head_axis, -2).reshape(-1, heads, n_q) for part in _score_rows(scores, masked_at=MASKED_AT)
+        part.movedim(head_axis, -2).reshape(-1, heads, n_q) for part in _score_rows(scores, masked_at=SCORES_MASKED_AT)
     )
     if n_q == n_k:
         rows = _drop_rows(rows, ~_open_keys(scores, head_axis).reshape(-1, n_k), None)  # type: ignore[arg-type]
@@ -119,5 +125,5 @@ def _open_keys(scores: Tensor, head_axis: int) -> Tensor:
     step = max(1, TILE_ELEMENTS // max(1, scores[..., 0, :].numel()))
     open_keys = torch.zeros(scores[..., 0, :].shape, dtype=torch.bool, device=scores.device)
     for start in range(0, n_q, step):
-        open_keys |= (scores[..., start : start + step, :] > MASKED_AT).any(dim=-2)
+        open_keys |= (scores[..., start : start + step, :] > SCORES_MASKED_AT).any(dim=-2)
     return open_keys.any(dim=head_axis)

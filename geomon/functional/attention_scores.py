@@ -4,8 +4,9 @@ Attention written by hand (``scores = q @ kᵀ · scale``, a mask added or fille
 never calls SDPA; the capture reads it at that softmax (private: :mod:`geomon.capture`). The scores already hold the
 scale, every bias and the mask, so ``s_ij`` of METRICS.md is the tensor itself: ``p_i = softmax_j(s_i)`` over the
 allowed keys, ``H_i = -Σ_j p_ij log p_ij``, ``max_logit_i = max_j s_ij``. A key is *not allowed* where its score is
-``-inf`` or at or below ``masked_at`` (the capture passes -1e4, its padding rule: masks filled with the dtype's
-minimum or -1e9 read as masked, as in every other path). Rows are visited in chunks, so beyond the model's own
+``-inf`` or at or below ``masked_at`` (the capture passes -5e3: its padding rule's -1e4 with room for the logit a
+mask was added to, so that masks filled with the dtype's minimum, -1e9 or added as -10000 read as masked, as in
+every other path). Rows are visited in chunks, so beyond the model's own
 tensor the temporaries stay near ``TILE_ELEMENTS`` scores; the result is float32 (float64 for float64 scores).
 
 Cost: a few elementwise operations per score, about what the model's own softmax costs.

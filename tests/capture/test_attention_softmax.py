@@ -227,8 +227,8 @@ class _Wrapped(nn.Module):
         super().__init__()
         self.attn = layer
 
-    def forward(self, x):
-        return self.attn(x)
+    def forward(self, *args):
+        return self.attn(*args)
 
 
 def _own_softmax_entropy(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
@@ -279,3 +279,40 @@ def test_timm_models_written_by_hand_log_their_own_softmax(name):
     assert got.keys() == want.keys(), (sorted(got.keys() ^ want.keys()), said)
     for layer, value in want.items():
         assert got[layer] == pytest.approx(value, rel=1e-5), layer
+
+
+class AdditiveMask(nn.Module):
+    """Attention by hand whose padding mask is added as ``(1 - keep) * -10000`` (BERT-era code): the scores at padded
+    keys are ``q·k - 10000``, above -1e4 wherever ``q·k`` is positive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = H
+        self.qkv = nn.Linear(H * D, 3 * H * D)
+        self.kept: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, H, -1)).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) + ((1.0 - keep.float()) * -10000.0)[:, None, None, :]
+        self.kept.append(scores.detach())
+        return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+
+def test_an_additive_minus_10000_mask_is_masked_whatever_the_logit():
+    torch.manual_seed(0)
+    model = _Wrapped(AdditiveMask())
+    nn.init.normal_(model.attn.qkv.weight, std=1.0)
+    nn.init.constant_(model.attn.qkv.bias, 1.0)  # positive logits: padded keys score above -1e4
+    x = torch.randn(B, N, H * D)
+    keep = torch.ones(B, N, dtype=torch.bool)
+    keep[1, -3:] = False
+    values, details, _ = _measure(model, x, keep)
+    scores = model.attn.kept[0]
+    assert bool((scores[1, ..., -3:] > -1e4).any())  # the case in point
+    entropy, max_logit, n_keys = _float64_rows(scores, keep[:, None, None, :].expand_as(scores))
+    real = keep[:, None, :].expand_as(entropy)
+    normalized = entropy / torch.log(n_keys.double())
+    per_head = torch.stack([entropy[:, h][real[:, h]].mean() for h in range(H)])
+    torch.testing.assert_close(details[key(ENTROPY, "attn")].double(), per_head, rtol=1e-5, atol=1e-6)
+    assert values[key(ENTROPY_NORMALIZED, "attn")] == pytest.approx(float(normalized[real].mean()), rel=1e-5)
+    assert values[key(MAX_LOGIT, "attn")] == pytest.approx(float(max_logit[real].max()), rel=1e-5)
