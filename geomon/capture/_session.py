@@ -181,8 +181,9 @@ class Session:
         self.sdpa_context: list[SdpaContext] = []  # transformers' attention functions running now, innermost last
         self.calls_in_forward: dict[str, int] = {}  # reports per module name in the model's running forward
         self.on_scores = on_scores  # receives attention read at a module's own softmax (None: not read there)
-        #: rows read at softmax calls, by the stack depth of the module call they belong to (resolved at its exit)
-        self.softmax_rows: dict[int, list[ScoresCall]] = {}
+        #: rows read at softmax calls, by the stack depth of the module call they belong to (resolved at its exit);
+        #: None for a softmax over another dimension of a [batch, heads, ...] tensor (such a call is not reported)
+        self.softmax_rows: dict[int, list[ScoresCall | None]] = {}
 
     def module(self, name: str) -> nn.Module:
         """The watched model's module of that name."""
@@ -309,7 +310,7 @@ class Session:
             self.reports += 1  # handled, even if the fallback fails: no outer module reports it again
             self.guarded(name, lambda: self.report_found(name, fallback(module, args, kwargs, output)))
         elif read:
-            self._report_softmax(module, read)
+            self._report_softmax(module, name, read)
         elif key in self.expected:
             self.unseen += 1
             self.unseen_names.setdefault(("expected", self.expected[key]), []).append(name)
@@ -317,19 +318,28 @@ class Session:
             self.unseen += 1
             self.unseen_names.setdefault(("lookalike", type(module).__name__), []).append(name)
 
-    def _report_softmax(self, module: nn.Module, read: list[ScoresCall]) -> None:
-        """Attention seen only at the module's own softmax: reported when it was one softmax, said once otherwise."""
+    def _report_softmax(self, module: nn.Module, name: str, read: list[ScoresCall | None]) -> None:
+        """Attention seen only at the module's own softmax: reported when it was one softmax over its last
+        dimension, said once otherwise."""
         self.reports += 1
-        if len(read) > 1:
-            self.warn_once(f"softmaxes:{type(module).__name__}", f"geomon: {type(module).__name__} modules (such as "
-                           f"{read[0].module!r}) take {len(read)} softmaxes over [batch, heads, queries, keys] scores "
-                           "in one call, which geomon cannot tell apart (a mix of attention maps, or a softmax that "
-                           "is not attention): their attention is not reported")  # fmt: skip
+        label = type(module).__name__
+        if None in read:
+            self.warn_once(f"softmax-dims:{label}", f"geomon: {label} modules (such as {name!r}) take a softmax over a "
+                           "dimension other than the last of a [batch, heads, ...] tensor, as linear attention "
+                           "normalises its queries and keys: it is not softmax attention over [queries, keys], so "
+                           "their attention is not reported")  # fmt: skip
             return
+        if len(read) > 1:
+            self.warn_once(f"softmaxes:{label}", f"geomon: {label} modules (such as {name!r}) take {len(read)} "
+                           "softmaxes over [batch, heads, queries, keys] scores in one call, which geomon cannot tell "
+                           "apart (a mix of attention maps, or a softmax that is not attention): their attention is "
+                           "not reported")  # fmt: skip
+            return
+        call = read[0]
         on_scores = self.on_scores
-        assert on_scores is not None
-        self._count_call(read[0].module)
-        self.guarded(read[0].module, lambda: on_scores(read[0]))
+        assert call is not None and on_scores is not None
+        self._count_call(call.module)
+        self.guarded(call.module, lambda: on_scores(call))
 
     def say_unseen(self) -> None:
         """After the block: one warning per kind of module that ran unseen, naming those modules (a model's twelve

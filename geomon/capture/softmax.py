@@ -9,7 +9,10 @@ definition, scale, biases and mask included. While a measured block runs, ``Tens
 inside a module that looks like attention and that no other path captures, is reduced at once to its rows (entropy,
 max logit, allowed keys: :mod:`geomon.functional.attention_scores`; nothing of size ``Nq x Nk`` is kept). At the
 module's exit, the rows are reported if that call took exactly one such softmax and nothing else of it was seen;
-two or more (a gated mix of two attention maps, such as ConViT's GPSA) are said once and not reported.
+two or more (a gated mix of two attention maps, such as ConViT's GPSA) are said once and not reported, and so is a
+call that also took a softmax over another dimension of such a tensor: linear attention normalises ``q`` over its
+channels and ``k`` over the tokens, and ``k``'s softmax, over the last dimension of ``[B, H, Dh, N]``, is no map of
+queries over keys.
 
 Masks are read off the scores: a key at ``-inf`` or at or below -5e3 is not allowed. The padding rule's threshold,
 -1e4, is for a mask's own values; here the mask has been added to the logits, so a BERT-era ``-10000`` mask puts a
@@ -79,8 +82,6 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
     if not isinstance(scores, Tensor) or scores.ndim < 4 or not scores.is_floating_point():
         return
-    if dim not in (-1, scores.ndim - 1):
-        return
     depth = _reading_module(session)
     if depth is None:
         return
@@ -90,6 +91,9 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
     if len(axes) != 1:
         return  # no [batch, ..., heads, ..., queries, keys] layout with the heads the module declares
     read = session.softmax_rows.setdefault(depth, [])
+    if dim not in (-1, scores.ndim - 1):  # linear attention normalises q and k so: not a [queries, keys] map
+        read.append(None)
+        return
     session.guarded(name, lambda: read.append(rows_of(name, scores.detach(), axes[0])))
 
 

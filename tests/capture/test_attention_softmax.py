@@ -316,3 +316,25 @@ def test_an_additive_minus_10000_mask_is_masked_whatever_the_logit():
     torch.testing.assert_close(details[key(ENTROPY, "attn")].double(), per_head, rtol=1e-5, atol=1e-6)
     assert values[key(ENTROPY_NORMALIZED, "attn")] == pytest.approx(float(normalized[real].mean()), rel=1e-5)
     assert values[key(MAX_LOGIT, "attn")] == pytest.approx(float(max_logit[real].max()), rel=1e-5)
+
+
+class LinearAttention(nn.Module):
+    """Linear attention as in denoising-diffusion-pytorch: ``q`` softmaxed over its channels, ``k`` over the tokens
+    (``[B, heads, Dh, N]``, a last-dim softmax over a heads-shaped tensor), never a ``[queries, keys]`` map."""
+
+    def __init__(self, dim: int = H * D, heads: int = H) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).permute(0, 2, 3, 1) for t in self.to_qkv(x).chunk(3, -1))
+        q, k = q.softmax(dim=-2), k.softmax(dim=-1)
+        context = torch.einsum("bhdn,bhen->bhde", k, v)
+        return torch.einsum("bhde,bhdn->bhen", context, q).permute(0, 3, 1, 2).flatten(2)
+
+
+def test_linear_attention_is_not_read_as_softmax_attention():
+    values, _, said = _measure(_Wrapped(LinearAttention()), torch.randn(B, N, H * D))
+    assert not [name for name in values if name.startswith("geomon/attention/") and name.endswith("/attn")], values
+    assert [m for m in said if "'attn'" in m], said  # named, not silently measured
