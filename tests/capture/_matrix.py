@@ -469,12 +469,15 @@ def _softmax_inputs(model: nn.Module) -> Iterator[list[tuple[str, Tensor]]]:
         return mha_forward(self, *args, **kwargs)
 
     originals = (F.softmax, torch.softmax, Tensor.softmax)
+    own = "softmax" in vars(Tensor)  # the method is TensorBase's: restored by deleting the wrapper, not by assigning
     F.softmax, torch.softmax, Tensor.softmax = (wrap(f) for f in originals)  # type: ignore[assignment]
     nn.MultiheadAttention.forward = weights_forward  # type: ignore[method-assign]
     try:
         yield seen
     finally:
         F.softmax, torch.softmax, Tensor.softmax = originals  # type: ignore[assignment]
+        if not own:
+            del Tensor.softmax
         nn.MultiheadAttention.forward = mha_forward  # type: ignore[method-assign]
         for handle in handles:
             handle.remove()

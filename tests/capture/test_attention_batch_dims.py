@@ -138,12 +138,16 @@ def _softmax_inputs(layer: nn.Module, inputs: tuple) -> torch.Tensor:
         return original(self, dim, *args, **kwargs)
 
     layer.fused_attn = False
+    own = "softmax" in vars(torch.Tensor)
     torch.Tensor.softmax = softmax
     try:
         with torch.no_grad():
             layer(*inputs)
     finally:
-        torch.Tensor.softmax = original
+        if own:
+            torch.Tensor.softmax = original
+        else:
+            del torch.Tensor.softmax  # TensorBase's method shows through again, as before
         layer.fused_attn = True
     assert len(seen) == 1
     return seen[0]
