@@ -324,3 +324,14 @@ def test_compiled_measure_cost_runs_and_prints_its_ratios():
     row = r"^\| \d+\.\d ms \| \d+\.\d ms \| \d+\.\d ms \| \d+\.\d{3} \[\d+\.\d{3}, \d+\.\d{3}\] \| \d+\.\d{3} \|$"
     assert re.search(row, proc.stdout, re.MULTILINE), proc.stdout
     assert re.search(r"default schedule \(1 measured step and \d+ fill steps in 50\): adds -?\d", proc.stdout)
+
+
+def test_softmax_read_cost_quick_run_prints_its_ratios(tmp_path):
+    script = ROOT / "benchmarks" / "softmax_read_cost.py"
+    out = tmp_path / "softmax-read.md"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = r"^\| 2, 2, 32, 64 \|( \d+\.\d{2} \|){6}$"
+    assert re.search(row, proc.stdout, re.MULTILINE), proc.stdout
+    assert re.search(row, out.read_text(), re.MULTILINE)

@@ -158,6 +158,7 @@ class Session:
         strict: bool,
         warn: Callable[[str, str], None] | None = None,
         on_scores: Callable[[ScoresCall], None] | None = None,
+        score_rows: Callable[[int, int, int], int | None] | None = None,
     ) -> None:
         self.warn = warn  # warn(tag, message): a caller's warn-once across blocks; default: once per block
         self.model = model
@@ -181,6 +182,7 @@ class Session:
         self.sdpa_context: list[SdpaContext] = []  # transformers' attention functions running now, innermost last
         self.calls_in_forward: dict[str, int] = {}  # reports per module name in the model's running forward
         self.on_scores = on_scores  # receives attention read at a module's own softmax (None: not read there)
+        self.score_rows = score_rows  # (Nq, Nk, heads) -> query rows to read there (None: all)
         #: rows read at softmax calls, by the stack depth of the module call they belong to (resolved at its exit);
         #: None for a softmax over another dimension of a [batch, heads, ...] tensor (such a call is not reported)
         self.softmax_rows: dict[int, list[ScoresCall | None]] = {}

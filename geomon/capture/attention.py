@@ -118,6 +118,7 @@ def capture_attention(
     strict: bool = False,
     warn: Callable[[str, str], None] | None = None,
     on_scores: Callable[[ScoresCall], None] | None = None,
+    score_rows: Callable[[int, int, int], int | None] | None = None,
 ) -> Iterator[None]:
     """Call ``on_attention`` once per attention computation of ``model`` while the block runs.
 
@@ -134,6 +135,8 @@ def capture_attention(
         on_scores: receives the attention of modules that write it by hand, read at their own softmax (a
             :class:`~geomon.capture.ScoresCall`: the rows, already reduced; see :mod:`geomon.capture.softmax`);
             ``None`` (default): such modules are named in the unseen-attention warning instead.
+        score_rows: ``score_rows(Nq, Nk, heads)``, how many evenly spaced query rows to read at such a softmax
+            (``None``, or a call returning ``None``: all of them).
 
     Example:
         >>> import torch
@@ -146,7 +149,7 @@ def capture_attention(
         >>> seen
         [('attn', (1, 2, 5, 4))]
     """
-    session = Session(model, on_attention, strict, warn, on_scores)
+    session = Session(model, on_attention, strict, warn, on_scores, score_rows)
     for module in model.modules():
         kind, fallback = _recognise(module)
         if fallback is not None:

@@ -21,8 +21,10 @@ padded key at ``q·k - 10000``, above -1e4 wherever ``q·k > 0``: half the thres
 keys) a key that no query row of any head may attend to is padding, so its query row is left out, as on every other
 path. Rows of cross-attention keep all their query rows.
 
-Cost: a few elementwise operations per score of the wrapped softmax on measured steps (about the softmax's own
-cost), and on every softmax call of the model in the block a Python check of its shape.
+Cost: on measured steps, about ten elementwise passes over the scores of the query rows read (``score_rows``:
+the monitor samples them as ``query_rows`` says) plus one max-reduction over all of them for the padding, and on
+every softmax call of the model in the block a Python check of its shape (measured on the CPU:
+``benchmarks/softmax_read_cost.py``).
 """
 
 from __future__ import annotations
@@ -94,7 +96,9 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
     if dim not in (-1, scores.ndim - 1):  # linear attention normalises q and k so: not a [queries, keys] map
         read.append(None)
         return
-    session.guarded(name, lambda: read.append(rows_of(name, scores.detach(), axes[0])))
+    n_q, n_k = scores.shape[-2:]
+    keep = None if session.score_rows is None else session.score_rows(n_q, n_k, scores.shape[axes[0]])
+    session.guarded(name, lambda: read.append(rows_of(name, scores.detach(), axes[0], keep)))
 
 
 def _reading_module(session: Session) -> int | None:
@@ -109,25 +113,29 @@ def _reading_module(session: Session) -> int | None:
     return None
 
 
-def rows_of(name: str, scores: Tensor, head_axis: int = 1) -> ScoresCall:
+def rows_of(name: str, scores: Tensor, head_axis: int = 1, keep: int | None = None) -> ScoresCall:
     """The rows of one softmax input ``[B, ..., H, ..., Nq, Nk]`` (the heads at ``head_axis``; any other leading
-    dimensions fold into the batch, as SDPA treats them), its padded query rows (self-attention) left out."""
+    dimensions fold into the batch, as SDPA treats them), its padded query rows (self-attention) left out; ``keep``:
+    only that many evenly spaced query rows (the others are not read), ``None``: all of them."""
     n_q, n_k = scores.shape[-2:]
     heads = scores.shape[head_axis]
-    rows = tuple(
-        part.movedim(head_axis, -2).reshape(-1, heads, n_q) for part in _score_rows(scores, masked_at=SCORES_MASKED_AT)
-    )
-    if n_q == n_k:
-        rows = _drop_rows(rows, ~_open_keys(scores, head_axis).reshape(-1, n_k), None)  # type: ignore[arg-type]
+    index = None
+    if keep is not None and keep < n_q:
+        index = torch.linspace(0, n_q - 1, keep, device=scores.device).round().long()
+    rows = _score_rows(scores, masked_at=SCORES_MASKED_AT, query_index=index)
+    rows = tuple(part.movedim(head_axis, -2).reshape(-1, heads, part.shape[-1]) for part in rows)
+    if n_q == n_k:  # a key no row of any head may attend to is padding, read over every row
+        padding = ~(_best_scores(scores).amax(dim=head_axis) > SCORES_MASKED_AT).reshape(-1, n_k)
+        rows = _drop_rows(rows, padding, index)  # type: ignore[arg-type]
     return ScoresCall(name, *rows)
 
 
-def _open_keys(scores: Tensor, head_axis: int) -> Tensor:
-    """Keys some query row of some head may attend to, ``scores``' leading dimensions but the heads, then ``Nk``;
-    read a chunk of rows at a time."""
+def _best_scores(scores: Tensor) -> Tensor:
+    """The highest score each key gets from any query row, ``scores``' shape without ``Nq``; one reduction, read a
+    chunk of rows at a time."""
     n_q = scores.shape[-2]
     step = max(1, TILE_ELEMENTS // max(1, scores[..., 0, :].numel()))
-    open_keys = torch.zeros(scores[..., 0, :].shape, dtype=torch.bool, device=scores.device)
-    for start in range(0, n_q, step):
-        open_keys |= (scores[..., start : start + step, :] > SCORES_MASKED_AT).any(dim=-2)
-    return open_keys.any(dim=head_axis)
+    best = scores[..., :step, :].amax(dim=-2)
+    for start in range(step, n_q, step):
+        best = torch.maximum(best, scores[..., start : start + step, :].amax(dim=-2))
+    return best

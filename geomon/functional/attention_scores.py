@@ -9,7 +9,8 @@ mask was added to, so that masks filled with the dtype's minimum, -1e9 or added 
 every other path). Rows are visited in chunks, so beyond the model's own
 tensor the temporaries stay near ``TILE_ELEMENTS`` scores; the result is float32 (float64 for float64 scores).
 
-Cost: a few elementwise operations per score, about what the model's own softmax costs.
+Cost: about ten elementwise passes over the scores of the rows read (5-12x a ``torch.softmax`` of all of them on
+the CPU when every row is read: ``benchmarks/results/cpu-softmax-read-2026-12-06.md``).
 """
 
 from __future__ import annotations

@@ -131,8 +131,8 @@ class AttentionProbe(Probe):
         )  # the mask's parts by reference: none is N x N
 
     def update_rows(self, call: ScoresCall) -> None:
-        """Add attention read at the module's own softmax: every query row (they were reduced from the scores the
-        module had formed, so ``query_rows`` would save nothing there)."""
+        """Add attention read at the module's own softmax (its rows already reduced, as many as the plan's
+        ``score_rows`` chose)."""
         self.allocate(call.entropy.device)
         assert self.metric is not None
         self.metric._update_rows(call.entropy, call.max_logit, call.n_keys)

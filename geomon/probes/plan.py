@@ -32,7 +32,7 @@ from geomon.capture.modules import HEAD_RULES, find_head, head_count, head_dims,
 from geomon.functional import GeomonWarning
 from geomon.functional._dispatch import Backend
 from geomon.probes._sync import multi_process
-from geomon.probes.attention import AttentionProbe
+from geomon.probes.attention import AttentionProbe, auto_query_rows
 from geomon.probes.base import Context, Probe, Step, Values
 from geomon.probes.collapse import CollapseProbe
 from geomon.probes.embedding import EmbeddingProbe
@@ -358,8 +358,8 @@ class Plan:
                     hooked.append(probe.module)
             if self.options.attention and only is None:
                 stack.enter_context(capture_attention(model, self._on_attention, strict=self.guard.strict,
-                                                        warn=self.guard.warn_once,
-                                                        on_scores=self._on_scores))  # fmt: skip
+                                                        warn=self.guard.warn_once, on_scores=self._on_scores,
+                                                        score_rows=self._score_rows))  # fmt: skip
             traced_since()
             self._step = step
             try:
@@ -395,6 +395,15 @@ class Plan:
         if self._step is not None:
             self._step.ran.add("")
         self.guard.run(f"attention probe of {call.module!r}", self.attention_call, call)
+
+    def _score_rows(self, n_q: int, n_k: int, heads: int) -> int | None:
+        """Query rows read at a module's own softmax: ``query_rows`` as elsewhere; ``"auto"`` applies the same rule
+        with the layer's width taken as its head count, the only width its scores show (so at least 128 rows, and
+        0.04·N beyond: reading a row there costs elementwise passes over its keys, not the logits' dot products)."""
+        rows = self.options.query_rows
+        if rows == "auto":
+            return auto_query_rows(n_q, n_k, heads)
+        return None if rows is None else min(n_q, int(rows))
 
     def _on_scores(self, call: ScoresCall) -> None:
         if self._step is not None:

@@ -87,8 +87,9 @@ class Net(nn.Module):
         return self.out(x + self.attn(x, keep))
 
 
-def _measure(model, *args, **kwargs):
-    monitor = Monitor(every_n_steps=1, query_rows=None, head=None, neural_collapse=False, alerts=[]).attach(model)
+def _measure(model, *args, query_rows=None, **kwargs):
+    monitor = Monitor(every_n_steps=1, query_rows=query_rows, head=None, neural_collapse=False, alerts=[])
+    monitor.attach(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad(), monitor.step(0):
@@ -117,6 +118,23 @@ def test_a_hand_written_attention_is_measured_at_its_softmax_without_its_padded_
     assert values[key(ENTROPY, "attn")] == pytest.approx(float(entropy[real].mean()), rel=1e-5)
     assert values[key(ENTROPY_NORMALIZED, "attn")] == pytest.approx(float(normalized[real].mean()), rel=1e-5)
     assert values[key(MAX_LOGIT, "attn")] == pytest.approx(float(max_logit[real].max()), rel=1e-5)
+
+
+def test_query_rows_reads_evenly_spaced_rows_and_still_finds_the_padding_over_every_row():
+    torch.manual_seed(2)
+    model = Net()
+    nn.init.normal_(model.attn.qkv.weight, std=0.6)
+    keep = torch.ones(B, N, dtype=torch.bool)
+    keep[1, -3:] = False
+    values, details, _ = _measure(model, torch.randn(B, N, H * D), keep, query_rows=4)
+    scores = model.attn.kept[0]
+    entropy, _, _ = _float64_rows(scores, keep[:, None, None, :].expand_as(scores))
+    rows = torch.linspace(0, N - 1, 4).round().long()  # 0, 2, 4, 6: row 6 of the second sequence is padding
+    real = keep[:, None, rows].expand(B, H, 4)
+    sampled = entropy[:, :, rows]
+    per_head = torch.stack([sampled[:, h][real[:, h]].mean() for h in range(H)])
+    torch.testing.assert_close(details[key(ENTROPY, "attn")].double(), per_head, rtol=1e-5, atol=1e-6)
+    assert values[key(ENTROPY, "attn")] == pytest.approx(float(sampled[real].mean()), rel=1e-5)
 
 
 def test_two_softmaxes_in_one_call_are_said_once_and_not_reported():
