@@ -100,12 +100,9 @@ class AttentionProbe(Probe):
         if self.metric is not None:
             self.metric.to(device)
 
-    def accepts(self, call: AttentionCall) -> bool:
-        """Whether ``call`` fits the spec; an unknown spec is taken from it (agreed across ranks at compute)."""
-        return self.accepts_heads(call.q.shape[1])
-
     def accepts_heads(self, heads: int) -> bool:
-        """Whether a call of ``heads`` query heads fits the spec; an unknown spec is taken from it."""
+        """Whether a call of ``heads`` query heads fits the spec; an unknown spec is taken from it (agreed across
+        ranks at compute)."""
         if self.spec is None:
             self.spec = (heads,)
         return self.spec == (heads,)

@@ -266,45 +266,39 @@ class Plan:
     # feeding ----------------------------------------------------------------------------------------------------
     def attention_call(self, call: AttentionCall) -> None:
         """Route one captured attention call to its module's probe (created here if no adapter planned it)."""
-        name = plain_name(call.module)
-        logit_map = self.probes.get(f"{LogitMapProbe.kind}:{name}")
+        logit_map = self.probes.get(f"{LogitMapProbe.kind}:{plain_name(call.module)}")
         if isinstance(logit_map, LogitMapProbe):
             logit_map.note_call(call)  # what the entropy bound's conditions need to see
-        pid = f"{AttentionProbe.kind}:{name}"
-        if pid in self.dropped:
-            return
-        probe = self.probes.get(pid)
-        if probe is None:
-            probe = self.add(AttentionProbe(name, None, backend=self.options.backend,
-                                            query_rows=self.options.query_rows))  # fmt: skip
-        assert isinstance(probe, AttentionProbe)
-        if probe.accepts(call):
+        probe = self._attention_probe(call.module, call.q.shape[1])
+        if probe is not None:
             probe.update(call)
-        else:
-            self.guard.warn_once(f"heads:{name}", f"geomon: attention module {name!r} is planned with "
-                                 f"{probe.spec[0]} heads, but a call had {call.q.shape[1]}; such calls are "  # type: ignore[index]
-                                 "skipped")  # fmt: skip
 
     def scores_call(self, call: ScoresCall) -> None:
         """Route attention read at a module's own softmax to its module's probe (created here if none is planned)."""
-        name = plain_name(call.module)
-        logit_map = self.probes.get(f"{LogitMapProbe.kind}:{name}")
+        logit_map = self.probes.get(f"{LogitMapProbe.kind}:{plain_name(call.module)}")
         if isinstance(logit_map, LogitMapProbe):
             logit_map.note_scores()
+        probe = self._attention_probe(call.module, call.entropy.shape[1])
+        if probe is not None:
+            probe.update_rows(call)
+
+    def _attention_probe(self, module: str, heads: int) -> AttentionProbe | None:
+        """The attention probe of ``module`` (created if none is planned) when a call of ``heads`` query heads fits
+        it; ``None`` (said once) when it does not, or when the probe was dropped."""
+        name = plain_name(module)
         pid = f"{AttentionProbe.kind}:{name}"
         if pid in self.dropped:
-            return
+            return None
         probe = self.probes.get(pid)
         if probe is None:
             probe = self.add(AttentionProbe(name, None, backend=self.options.backend,
                                             query_rows=self.options.query_rows))  # fmt: skip
         assert isinstance(probe, AttentionProbe)
-        if probe.accepts_heads(call.entropy.shape[1]):
-            probe.update_rows(call)
-        else:
-            self.guard.warn_once(f"heads:{name}", f"geomon: attention module {name!r} is planned with "
-                                 f"{probe.spec[0]} heads, but a call had {call.entropy.shape[1]}; such calls are "  # type: ignore[index]
-                                 "skipped")  # fmt: skip
+        if probe.accepts_heads(heads):
+            return probe
+        self.guard.warn_once(f"heads:{name}", f"geomon: attention module {name!r} is planned with "
+                             f"{probe.spec[0]} heads, but a call had {heads}; such calls are skipped")  # type: ignore[index]  # fmt: skip
+        return None
 
     def observe(self, name: str, tensor: Tensor) -> None:
         """Add rows ``[..., D]`` to the embedding probe ``name`` (created on first use)."""
