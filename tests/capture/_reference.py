@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -95,3 +97,39 @@ def choose_as_on_cuda(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(functional, "choose_backend", as_on_cuda)
     return chosen
+
+
+@contextlib.contextmanager
+def recorded_softmax(record):
+    """``record(scores, dim)`` on every ``Tensor.softmax`` call (``F.softmax`` and ``nn.Softmax`` go through it) while
+    the block runs; ``Tensor.softmax`` is as it was afterwards (TensorBase's inherited method, or whatever was set)."""
+    own = "softmax" in vars(torch.Tensor)
+    original = torch.Tensor.softmax
+
+    def softmax(self, dim=None, *args, **kwargs):
+        record(self, dim)
+        return original(self, dim, *args, **kwargs)
+
+    torch.Tensor.softmax = softmax
+    try:
+        yield
+    finally:
+        if own:
+            torch.Tensor.softmax = original
+        else:
+            del torch.Tensor.softmax
+
+
+def measure_once(model: torch.nn.Module, *args, query_rows=None, **kwargs) -> tuple[dict, dict, list[str]]:
+    """One measured forward of ``model`` under a fresh attention-only monitor (every row unless ``query_rows``):
+    the logged values as floats, the per-head details, and geomon's warnings."""
+    from geomon import Monitor
+
+    monitor = Monitor(every_n_steps=1, query_rows=query_rows, head=None, neural_collapse=False, alerts=[])
+    monitor.attach(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), monitor.step(0):
+            model(*args, **kwargs)
+        values = {name: float(value) for name, value in monitor.compute(0).items()}
+    return values, dict(monitor.details), [str(w.message) for w in caught if "geomon" in str(w.message)]

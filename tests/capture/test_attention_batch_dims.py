@@ -8,15 +8,14 @@ with its fused path off (timm's Twins, NesT and Hiera windowed attention)."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from geomon import Monitor
 from geomon.keys import ENTROPY, MAX_LOGIT, key
+from tests.capture._reference import measure_once, recorded_softmax
 
 B, W, H, N, D = 2, 3, 4, 5, 8
 
@@ -55,17 +54,6 @@ def _per_head(scores: torch.Tensor, head_axis: int) -> tuple[torch.Tensor, torch
     return entropy.mean(1), scores.movedim(head_axis, 0).flatten(1).amax(1)
 
 
-def _measure(model: nn.Module, *args, **kwargs) -> tuple[dict, dict, list[str]]:
-    monitor = Monitor(every_n_steps=1, query_rows=None, head=None, neural_collapse=False, alerts=[])
-    monitor.attach(model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.no_grad(), monitor.step(0):
-            model(*args, **kwargs)
-        values = {name: float(value) for name, value in monitor.compute(0).items()}
-    return values, dict(monitor.details), [str(w.message) for w in caught if "geomon" in str(w.message)]
-
-
 def _assert_heads(values, details, name, entropy, max_logit):
     torch.testing.assert_close(details[key(ENTROPY, name)].double(), entropy, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(details[key(MAX_LOGIT, name)].double(), max_logit, rtol=1e-5, atol=1e-6)
@@ -78,7 +66,7 @@ def test_five_d_calls_give_each_head_its_own_rows(head_axis):
     torch.manual_seed(0)
     model = Net(Windowed(head_axis))
     nn.init.normal_(model.attn.qkv.weight, std=0.5)  # sharp rows: heads differ
-    values, details, said = _measure(model, torch.randn(B, W * N, H * D))
+    values, details, said = measure_once(model, torch.randn(B, W * N, H * D))
     assert not said, said
     q, k, _ = model.attn.kept[0]
     scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
@@ -91,7 +79,7 @@ def test_a_five_d_mask_laid_out_as_the_queries_is_read_in_place():
     nn.init.normal_(model.attn.qkv.weight, std=0.5)
     allowed = torch.rand(B, 1, W, N, N) < 0.6
     allowed[..., 0] = True  # every row keeps a key
-    values, details, said = _measure(model, torch.randn(B, W * N, H * D), mask=allowed)
+    values, details, said = measure_once(model, torch.randn(B, W * N, H * D), mask=allowed)
     assert not said, said
     q, k, _ = model.attn.kept[0]
     scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
@@ -108,7 +96,7 @@ def test_a_five_d_mask_laid_out_as_the_queries_is_read_in_place():
 def test_what_cannot_be_folded_is_said_once_and_not_reported(heads, windows, mask_shape, said):
     model = Net(Windowed(head_axis=1, heads=heads, windows=windows))
     mask = None if mask_shape is None else torch.ones(mask_shape, dtype=torch.bool)
-    values, _, messages = _measure(model, torch.randn(B, windows * N, heads * D), mask=mask)
+    values, _, messages = measure_once(model, torch.randn(B, windows * N, heads * D), mask=mask)
     assert key(ENTROPY, "attn") not in values
     assert len([m for m in messages if "'attn'" in m and said in m]) == 1, messages
 
@@ -131,23 +119,11 @@ def _timm_layers():
 def _softmax_inputs(layer: nn.Module, inputs: tuple) -> torch.Tensor:
     """The scores the layer itself hands to softmax on its non-fused path."""
     seen = []
-    original = torch.Tensor.softmax
-
-    def softmax(self, dim=None, *args, **kwargs):
-        seen.append(self.detach().double())
-        return original(self, dim, *args, **kwargs)
-
     layer.fused_attn = False
-    own = "softmax" in vars(torch.Tensor)
-    torch.Tensor.softmax = softmax
     try:
-        with torch.no_grad():
+        with recorded_softmax(lambda scores, dim: seen.append(scores.detach().double())), torch.no_grad():
             layer(*inputs)
     finally:
-        if own:
-            torch.Tensor.softmax = original
-        else:
-            del torch.Tensor.softmax  # TensorBase's method shows through again, as before
         layer.fused_attn = True
     assert len(seen) == 1
     return seen[0]
@@ -160,6 +136,6 @@ def test_timm_windowed_attention_equals_its_own_softmax_per_head(name):
     for parameter in layer.parameters():
         nn.init.normal_(parameter, std=0.4)
     scores = _softmax_inputs(layer, inputs)
-    values, details, said = _measure(Net(layer), *inputs)
+    values, details, said = measure_once(Net(layer), *inputs)
     assert not [m for m in said if "'attn'" in m and "not reported" in m], said
     _assert_heads(values, details, "attn", *_per_head(scores, head_axis))

@@ -6,7 +6,6 @@ unchanged. References: explicit float64 softmax of q/k the test forms itself, an
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from geomon.functional import attention_entropy
 from geomon.functional.attention_scores import _score_rows
 from geomon.keys import ENTROPY, ENTROPY_NORMALIZED, MAX_LOGIT, key
 from geomon.metrics import AttentionEntropy
+from tests.capture._reference import measure_once, recorded_softmax
 
 B, N, H, D = 2, 7, 3, 4
 
@@ -87,17 +87,6 @@ class Net(nn.Module):
         return self.out(x + self.attn(x, keep))
 
 
-def _measure(model, *args, query_rows=None, **kwargs):
-    monitor = Monitor(every_n_steps=1, query_rows=query_rows, head=None, neural_collapse=False, alerts=[])
-    monitor.attach(model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.no_grad(), monitor.step(0):
-            model(*args, **kwargs)
-        values = {name: float(value) for name, value in monitor.compute(0).items()}
-    return values, dict(monitor.details), [str(w.message) for w in caught if "geomon" in str(w.message)]
-
-
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "right-padded"])
 def test_a_hand_written_attention_is_measured_at_its_softmax_without_its_padded_rows(padded):
     torch.manual_seed(0)
@@ -107,7 +96,7 @@ def test_a_hand_written_attention_is_measured_at_its_softmax_without_its_padded_
     keep = torch.ones(B, N, dtype=torch.bool)
     if padded:
         keep[1, -3:] = False
-    values, details, said = _measure(model, x, keep)
+    values, details, said = measure_once(model, x, keep)
     assert not [m for m in said if "'attn'" in m], said
     scores = model.attn.kept[0]
     entropy, max_logit, n_keys = _float64_rows(scores, keep[:, None, None, :].expand_as(scores))
@@ -126,7 +115,7 @@ def test_query_rows_reads_evenly_spaced_rows_and_still_finds_the_padding_over_ev
     nn.init.normal_(model.attn.qkv.weight, std=0.6)
     keep = torch.ones(B, N, dtype=torch.bool)
     keep[1, -3:] = False
-    values, details, _ = _measure(model, torch.randn(B, N, H * D), keep, query_rows=4)
+    values, details, _ = measure_once(model, torch.randn(B, N, H * D), keep, query_rows=4)
     scores = model.attn.kept[0]
     entropy, _, _ = _float64_rows(scores, keep[:, None, None, :].expand_as(scores))
     rows = torch.linspace(0, N - 1, 4).round().long()  # 0, 2, 4, 6: row 6 of the second sequence is padding
@@ -140,7 +129,7 @@ def test_query_rows_reads_evenly_spaced_rows_and_still_finds_the_padding_over_ev
 def test_two_softmaxes_in_one_call_are_said_once_and_not_reported():
     model = Net(softmaxes=2)
     for _ in range(2):
-        values, _, said = _measure(model, torch.randn(B, N, H * D))
+        values, _, said = measure_once(model, torch.randn(B, N, H * D))
         assert key(ENTROPY, "attn") not in values
     assert len([m for m in said if "take 2 softmaxes" in m]) == 1, said
 
@@ -202,7 +191,7 @@ def test_hugging_face_attention_written_by_hand_equals_its_own_probabilities(con
     keep[1, -3:] = 0  # right padding
     with torch.no_grad():
         probabilities = model(input_ids=ids, attention_mask=keep, output_attentions=True).attentions
-    values, details, said = _measure(model, input_ids=ids, attention_mask=keep)
+    values, details, said = measure_once(model, input_ids=ids, attention_mask=keep)
     layers = sorted(name.removeprefix(key(ENTROPY, "")) for name in values if name.startswith(key(ENTROPY, "")))
     assert len(layers) == len(probabilities) == 2, (layers, said)
     real = keep.bool()[:, None, :].expand(B, 4, 9)
@@ -224,19 +213,9 @@ def test_timm_tnt_attention_equals_its_own_softmax_input():
     nn.init.normal_(layer.qk.weight, std=0.5)
     x = torch.randn(B, N, 24)
     seen = []
-    original = torch.Tensor.softmax
-
-    def softmax(self, dim=None, *args, **kwargs):  # the reference: the scores TNT hands to its softmax
-        seen.append(self.detach().double())
-        return original(self, dim, *args, **kwargs)
-
-    torch.Tensor.softmax = softmax
-    try:
-        with torch.no_grad():
-            layer(x)
-    finally:
-        del torch.Tensor.softmax
-    values, details, _ = _measure(_Wrapped(layer), x)
+    with recorded_softmax(lambda scores, dim: seen.append(scores.detach().double())), torch.no_grad():
+        layer(x)  # the reference: the scores TNT hands to its softmax
+    values, details, _ = measure_once(_Wrapped(layer), x)
     entropy, max_logit, _ = _float64_rows(seen[0])
     torch.testing.assert_close(details[key(ENTROPY, "attn")].double(), entropy.mean(dim=(0, 2)), rtol=1e-5, atol=1e-6)
     assert values[key(MAX_LOGIT, "attn")] == pytest.approx(float(max_logit.max()), rel=1e-5)
@@ -257,13 +236,11 @@ def _own_softmax_entropy(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     names = {id(m): n for n, m in model.named_modules()}
     running: list[str] = []
     rows: dict[str, list[torch.Tensor]] = {}
-    original = torch.Tensor.softmax
 
-    def softmax(self, dim=None, *args, **kwargs):
-        if running and self.ndim >= 3 and dim in (-1, self.ndim - 1):
-            p = original(self.double(), -1)
+    def record(scores, dim):
+        if running and scores.ndim >= 3 and dim in (-1, scores.ndim - 1):
+            p = torch.softmax(scores.double(), -1)  # torch.softmax is not the recorded tensor method
             rows.setdefault(running[-1], []).append((-torch.special.xlogy(p, p).sum(-1)).flatten())
-        return original(self, dim, *args, **kwargs)
 
     def enter(module, args):
         running.append(names.get(id(module), ""))
@@ -273,12 +250,10 @@ def _own_softmax_entropy(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
     pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
     post = torch.nn.modules.module.register_module_forward_hook(leave)
-    torch.Tensor.softmax = softmax
     try:
-        with torch.no_grad():
+        with recorded_softmax(record), torch.no_grad():
             model(x)
     finally:
-        del torch.Tensor.softmax
         pre.remove()
         post.remove()
     return {name: float(torch.cat(parts).mean()) for name, parts in rows.items()}
@@ -294,7 +269,7 @@ def test_timm_models_written_by_hand_log_their_own_softmax(name):
             module.fused_attn = False
     x = torch.randn(1, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
     want = _own_softmax_entropy(model, x)
-    values, _, said = _measure(model, x)
+    values, _, said = measure_once(model, x)
     got = {n.removeprefix(key(ENTROPY, "")): v for n, v in values.items() if n.startswith(key(ENTROPY, ""))}
     assert got.keys() == want.keys(), (sorted(got.keys() ^ want.keys()), said)
     for layer, value in want.items():
@@ -326,7 +301,7 @@ def test_an_additive_minus_10000_mask_is_masked_whatever_the_logit():
     x = torch.randn(B, N, H * D)
     keep = torch.ones(B, N, dtype=torch.bool)
     keep[1, -3:] = False
-    values, details, _ = _measure(model, x, keep)
+    values, details, _ = measure_once(model, x, keep)
     scores = model.attn.kept[0]
     assert bool((scores[1, ..., -3:] > -1e4).any())  # the case in point
     entropy, max_logit, n_keys = _float64_rows(scores, keep[:, None, None, :].expand_as(scores))
@@ -355,6 +330,6 @@ class LinearAttention(nn.Module):
 
 
 def test_linear_attention_is_not_read_as_softmax_attention():
-    values, _, said = _measure(_Wrapped(LinearAttention()), torch.randn(B, N, H * D))
+    values, _, said = measure_once(_Wrapped(LinearAttention()), torch.randn(B, N, H * D))
     assert not [name for name in values if name.startswith("geomon/attention/") and name.endswith("/attn")], values
     assert [m for m in said if "'attn'" in m], said  # named, not silently measured
