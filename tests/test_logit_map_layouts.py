@@ -81,12 +81,27 @@ class OddQKV(nn.Module):
 
 
 class NoWeightQKV(nn.Module):
-    """A ``qkv`` submodule without a weight (a custom projection): reading it raises inside geomon's reader."""
+    """A ``qkv`` submodule without a weight of its own (a custom projection, as LeViT's ``LinearNorm``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.num_heads = 2
         self.qkv = nn.Sequential(nn.Linear(16, 48))
+
+    def forward(self, x):
+        return self.qkv(x)[..., :16]
+
+
+class BrokenHeadDim(nn.Module):
+    """A ``head_dim`` attribute that raises when read: the reader's failure becomes the warning's reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.qkv = 2, nn.Linear(16, 48)
+
+    @property
+    def head_dim(self):
+        raise RuntimeError("no head_dim here")
 
     def forward(self, x):
         return self.qkv(x)[..., :16]
@@ -120,7 +135,8 @@ class CosineQKV(nn.Module):
     [
         (OddQKV, r"fused projection's weight has shape \(40, 16\)"),
         (CosineQKV, "cosine attention"),
-        (NoWeightQKV, "reading its query/key projections failed"),
+        (NoWeightQKV, "its query/key projection is a Sequential, not a layer with a 2-D weight"),
+        (BrokenHeadDim, "reading its query/key projections failed"),
         (NoHeads, "head count is not known"),
     ],
 )

@@ -50,8 +50,9 @@ from torch.utils.hooks import RemovableHandle
 
 from geomon import keys
 from geomon._guard import Guard
+from geomon._reparam_layer import SigmaReparamLinear
 from geomon.capture._session import AttentionCall, in_backward
-from geomon.capture.modules import head_count, weight_out_in
+from geomon.capture.modules import head_count, linear_like, weight_out_in
 from geomon.functional import entropy_lower_bound
 from geomon.functional.spectral_norm import _normalize_or_keep
 from geomon.probes._sync import multi_process, whole
@@ -137,11 +138,17 @@ def qk_layout(module: nn.Module, *, gather: bool = True) -> QKLayout | str | Non
         else:
             return "nn.MultiheadAttention without query/key projection weights"
     elif (q_proj := _module(module, "q_proj")) is not None and (k_proj := _module(module, "k_proj")) is not None:
+        unread = _not_linear(q_proj) or _not_linear(k_proj)
+        if unread:
+            return unread
         w_q, w_k = _whole(weight_out_in(q_proj), gather), _whole(weight_out_in(k_proj), gather)
         b_q, b_k = _bias(q_proj, gather), _bias(k_proj, gather)
     else:
         fused = _module(module, "qkv") or _module(module, "c_attn")
         assert fused is not None
+        unread = _not_linear(fused)
+        if unread:
+            return unread
         weight = _whole(weight_out_in(fused), gather)
         if weight.ndim != 2 or weight.shape[0] % 3:
             return f"its fused projection's weight has shape {tuple(weight.shape)}, not [3·H·Dh, D]"
@@ -180,6 +187,14 @@ def qk_layout(module: nn.Module, *, gather: bool = True) -> QKLayout | str | Non
         None if b_q is None else b_q.reshape(heads, head_dim),
         None if b_k is None else b_k.reshape(hk, head_dim),
     )
+
+
+def _not_linear(projection: nn.Module) -> str | None:
+    """Why a query/key projection's weight cannot be read as ``[out, in]`` (None when it can)."""
+    if isinstance(projection, SigmaReparamLinear) or linear_like(projection):
+        return None
+    return (f"its query/key projection is a {type(projection).__name__}, not a layer with a 2-D weight that geomon "
+            "reads as W")  # fmt: skip
 
 
 def _softmax_scale(module: nn.Module, head_dim: int) -> float | str:
