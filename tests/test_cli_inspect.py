@@ -49,6 +49,18 @@ def encoder():
 
 MODEL = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
 
+class HandWritten(nn.Module):  # softmax attention written by hand: seen at its softmax when a forward runs
+    def __init__(self):
+        super().__init__()
+        self.num_heads, self.qkv = 4, nn.Linear(32, 96)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 4, 8)).permute(2, 0, 3, 1, 4)
+        return ((q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+def hand_written():
+    return nn.Sequential(nn.Embedding({VOCAB}, 32), HandWritten(), nn.Linear(32, {VOCAB}))
+
 def not_a_model():
     return 42
 
@@ -326,6 +338,13 @@ def test_module_instance_and_text_output(factory, capsys, monkeypatch):
     assert cli.main(["inspect", f"{factory}:build"]) == 0
     plain = capsys.readouterr().out
     assert "blocks.1.attn | tiny_gpt | 4" in plain and "┃" not in plain
+
+
+def test_attention_written_by_hand_is_found_by_a_measured_forward(factory, capsys):
+    report = _json(capsys, [f"{factory}:hand_written"])
+    assert report["attention"] == [] and any("by hand" in note for note in report["notes"])
+    measured = _json(capsys, [f"{factory}:hand_written", "--measure"])
+    assert any(note.endswith("modules not in the plan: 1") for note in measured["notes"]), measured["notes"]
 
 
 def test_bad_model_specs(capsys):

@@ -48,8 +48,8 @@ COMPILED = (
     "measure_forward=...)), or hand tensors to Monitor.observe"
 )
 NO_ATTENTION = (
-    "no module recognisably attention; modules that call F.scaled_dot_product_attention are still seen at run time "
-    "(--measure lists what a forward reports)"
+    "no module recognisably attention; modules that call F.scaled_dot_product_attention, or that write softmax "
+    "attention by hand, are still seen at run time (--measure lists what a forward reports)"
 )
 
 
