@@ -16,7 +16,7 @@ from geomon.functional import attention_entropy
 from geomon.functional.attention_scores import _score_rows
 from geomon.keys import ENTROPY, ENTROPY_NORMALIZED, MAX_LOGIT, key
 from geomon.metrics import AttentionEntropy
-from tests.capture._reference import measure_once, recorded_softmax
+from tests.capture._reference import measure_once, own_softmax_entropy, recorded_softmax
 
 B, N, H, D = 2, 7, 3, 4
 
@@ -230,35 +230,6 @@ class _Wrapped(nn.Module):
         return self.attn(*args)
 
 
-def _own_softmax_entropy(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Mean float64 entropy of the rows of every last-dim softmax a module of the model takes, by the innermost
-    module running (a separate forward, the test's own hooks)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    running: list[str] = []
-    rows: dict[str, list[torch.Tensor]] = {}
-
-    def record(scores, dim):
-        if running and scores.ndim >= 3 and dim in (-1, scores.ndim - 1):
-            p = torch.softmax(scores.double(), -1)  # torch.softmax is not the recorded tensor method
-            rows.setdefault(running[-1], []).append((-torch.special.xlogy(p, p).sum(-1)).flatten())
-
-    def enter(module, args):
-        running.append(names.get(id(module), ""))
-
-    def leave(module, args, output):
-        running.pop()  # returns None: the output stays the module's
-
-    pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
-    post = torch.nn.modules.module.register_module_forward_hook(leave)
-    try:
-        with recorded_softmax(record), torch.no_grad():
-            model(x)
-    finally:
-        pre.remove()
-        post.remove()
-    return {name: float(torch.cat(parts).mean()) for name, parts in rows.items()}
-
-
 @pytest.mark.parametrize("name", ["levit_128s", "mvitv2_tiny", "cait_xxs24_224", "xcit_nano_12_p16_224"])
 def test_timm_models_written_by_hand_log_their_own_softmax(name):
     timm = pytest.importorskip("timm")
@@ -268,7 +239,7 @@ def test_timm_models_written_by_hand_log_their_own_softmax(name):
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
     x = torch.randn(1, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
-    want = _own_softmax_entropy(model, x)
+    want = own_softmax_entropy(model, x)
     values, _, said = measure_once(model, x)
     got = {n.removeprefix(key(ENTROPY, "")): v for n, v in values.items() if n.startswith(key(ENTROPY, ""))}
     assert got.keys() == want.keys(), (sorted(got.keys() ^ want.keys()), said)

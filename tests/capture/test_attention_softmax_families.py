@@ -1,0 +1,176 @@
+"""More families whose attention is written by hand, read at its own softmax (tiny configs, eager: these Hugging Face
+models have no sdpa). Hugging Face text models equal their own returned probabilities per layer and head with right
+padding, padded query rows left out in self-attention; Swin V2 equals each block's own probabilities (its shifted
+window mask included); timm models equal the scores each module hands to its softmax, with their fused paths off.
+References: the models' own probabilities (``output_attentions=True``) and softmax inputs, in float64."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from geomon.keys import ENTROPY, key
+from tests.capture._reference import entropy_of, measure_once, own_softmax_entropy
+
+B, N, PADDED = 2, 9, 3
+TEXT = dict(
+    vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+
+
+def _hf(config_name: str, model_name: str, **config) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"transformers has no {model_name}")
+    config = getattr(transformers, config_name)(initializer_range=0.3, **config)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def _logged_layers(values: dict) -> list[str]:
+    return sorted(name.removeprefix(key(ENTROPY, "")) for name in values if name.startswith(key(ENTROPY, "")))
+
+
+def _assert_layer_equals(values: dict, details: dict, layer: str, entropy: torch.Tensor, real: torch.Tensor) -> None:
+    """The layer's per-head and mean entropy equal the float64 entropies ``[B', H, Nq]`` over the ``real`` rows."""
+    heads = entropy.shape[1]
+    per_head = torch.stack([entropy[:, h][real[:, h]].mean() for h in range(heads)])
+    torch.testing.assert_close(details[key(ENTROPY, layer)].double(), per_head, rtol=1e-5, atol=1e-6)
+    assert values[key(ENTROPY, layer)] == pytest.approx(float(entropy[real].mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("config_name", "model_name", "config"),
+    [
+        pytest.param("DebertaConfig", "DebertaModel",
+                     dict(TEXT, relative_attention=True, max_relative_positions=16, pos_att_type=["p2c", "c2p"]),
+                     id="deberta"),
+        pytest.param("BigBirdConfig", "BigBirdModel", dict(TEXT, attention_type="original_full"), id="bigbird-full"),
+        # block 2 pools its queries (5 of them over 9 keys): rows of unequal length keep every query row
+        pytest.param("FunnelConfig", "FunnelBaseModel",
+                     dict(vocab_size=100, block_sizes=[1, 1], d_model=32, n_head=4, d_head=8, d_inner=64),
+                     id="funnel"),
+        pytest.param("MPNetConfig", "MPNetModel", TEXT, id="mpnet"),
+        pytest.param("ConvBertConfig", "ConvBertModel", dict(TEXT, embedding_size=32), id="convbert"),
+        pytest.param("RemBertConfig", "RemBertModel",
+                     dict(TEXT, input_embedding_size=32, output_embedding_size=32, bos_token_id=1, eos_token_id=2),
+                     id="rembert"),
+        pytest.param("XLMConfig", "XLMModel",
+                     dict(vocab_size=100, emb_dim=32, n_layers=2, n_heads=4, max_position_embeddings=64), id="xlm"),
+        pytest.param("RoFormerConfig", "RoFormerModel", dict(TEXT, embedding_size=32), id="roformer"),
+        pytest.param("MegatronBertConfig", "MegatronBertModel", TEXT, id="megatron-bert"),
+        pytest.param("LukeConfig", "LukeModel", dict(TEXT, entity_vocab_size=10, entity_emb_size=16), id="luke"),
+        # its output_attentions are the scores before the softmax
+        pytest.param("SqueezeBertConfig", "SqueezeBertModel", dict(TEXT, embedding_size=32), id="squeezebert"),
+    ],
+)  # fmt: skip
+def test_hugging_face_text_families_equal_their_own_probabilities(config_name, model_name, config):
+    model = _hf(config_name, model_name, **config)
+    ids = torch.randint(4, 100, (B, N), generator=torch.Generator().manual_seed(1))
+    keep = torch.ones(B, N, dtype=torch.long)
+    keep[1, -PADDED:] = 0  # right padding
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=keep, output_attentions=True).attentions
+    values, details, said = measure_once(model, input_ids=ids, attention_mask=keep)
+    assert not said, said
+    layers = _logged_layers(values)
+    assert len(layers) == len(own) == 2, layers
+    for layer, p in zip(layers, own, strict=True):
+        if model_name == "SqueezeBertModel":
+            p = torch.softmax(p.double(), dim=-1)
+        entropy = entropy_of(p)
+        heads, n_q, n_k = p.shape[1:]
+        if n_q == n_k:  # self-attention: padded tokens' query rows are left out
+            real = keep.bool()[:, None, :].expand(B, heads, n_q)
+        else:
+            real = torch.ones(B, heads, n_q, dtype=torch.bool)
+        _assert_layer_equals(values, details, layer, entropy, real)
+
+
+def test_hugging_face_swin_v2_equals_each_blocks_own_probabilities():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Swinv2Config(
+        image_size=16, patch_size=2, embed_dim=32, depths=[2], num_heads=[4], window_size=4, initializer_range=0.3
+    )  # 8x8 patches in four 4x4 windows; the second block shifts them, its mask at -100
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Swinv2Model(config).eval()
+    x = torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    own: dict[str, torch.Tensor] = {}
+    # a stage returns only its last block's probabilities: each block's are read where its attention returns them
+    hooks = [
+        module.register_forward_hook(lambda m, args, out, name=name: own.__setitem__(name, out[1]))
+        for name, module in model.named_modules()
+        if type(module).__name__ == "Swinv2SelfAttention"
+    ]
+    try:
+        with torch.no_grad():
+            model(pixel_values=x, output_attentions=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    values, details, said = measure_once(model, pixel_values=x)
+    assert not said, said
+    assert _logged_layers(values) == sorted(own) and len(own) == 2, (sorted(own), said)
+    for layer, p in own.items():
+        assert p.shape == (B * 4, 4, 16, 16)  # windows fold into the batch
+        entropy = entropy_of(p)
+        _assert_layer_equals(values, details, layer, entropy, torch.ones_like(entropy, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("module_name", "class_name", "config", "size"),
+    [
+        # outlook attention ([B, H, h·w, k², k²] per location), then self-attention, then class attention
+        pytest.param("volo", "VOLO",
+                     dict(img_size=32, layers=(1, 1), embed_dims=(32, 64), num_heads=(2, 4), downsamples=(True, False),
+                          outlook_attention=(True, False), stem_hidden_dim=16, post_layers=("ca",)), 32, id="volo"),
+        # window attention (an nn.Softmax module) and channel attention in each stage
+        pytest.param("davit", "DaVit", dict(depths=(1, 1), embed_dims=(32, 64), num_heads=(2, 4), window_size=4), 32,
+                     id="davit"),
+        # local window attention, then global-query attention, in each stage
+        pytest.param("gcvit", "GlobalContextVit",
+                     dict(img_size=64, depths=(2, 2), num_heads=(2, 4), embed_dim=32, window_ratio=(8, 8)), 64,
+                     id="gcvit"),
+        pytest.param("beit", "Beit",
+                     dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, use_rel_pos_bias=True), 32,
+                     id="beit"),
+        # locally grouped windows ([B, windows, H, N, N]) and sub-sampled keys, alternately
+        pytest.param("twins", "Twins",
+                     dict(img_size=32, embed_dims=(32, 64), num_heads=(2, 4), depths=(2, 2), sr_ratios=(2, 1),
+                          wss=(4, 4), mlp_ratios=(2, 2)), 32, id="twins"),
+        pytest.param("nest", "Nest",
+                     dict(img_size=32, num_levels=2, embed_dims=(32, 64), num_heads=(2, 4), depths=(1, 1)), 32,
+                     id="nest"),
+        # mask-unit attention ([B, H, units, N, N]) with pooled queries, then global attention
+        pytest.param("hiera", "Hiera",
+                     dict(img_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 1), q_pool=1, mask_unit_size=(4, 4),
+                          mask_unit_attn=(True, False), global_pos_size=(4, 4)), 64, id="hiera"),
+    ],
+)  # fmt: skip
+def test_timm_families_written_by_hand_log_their_own_softmax(module_name, class_name, config, size):
+    pytest.importorskip("timm")
+    family = importlib.import_module(f"timm.models.{module_name}")
+    torch.manual_seed(0)
+    model = getattr(family, class_name)(num_classes=10, **config).eval()
+    for module in model.modules():
+        if isinstance(module, nn.Linear):  # maps far from uniform, so that a misread row shows
+            nn.init.normal_(module.weight, std=0.3)
+        if hasattr(module, "fused_attn"):  # every attention by hand: the reference sees softmax calls only
+            module.fused_attn = False
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    want = own_softmax_entropy(model, x)
+    values, _, said = measure_once(model, x)
+    got = {n.removeprefix(key(ENTROPY, "")): v for n, v in values.items() if n.startswith(key(ENTROPY, ""))}
+    assert got.keys() == want.keys() and len(want) >= 2, (sorted(got.keys() ^ want.keys()), said)
+    for layer, value in want.items():
+        assert got[layer] == pytest.approx(value, rel=1e-5), layer
