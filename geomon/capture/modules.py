@@ -27,7 +27,7 @@ HEAD_RULES = (
 )
 
 
-#: Attributes that hold an attention module's query-head count (``heads``: timm's Hiera, vit-pytorch).
+#: Attributes that hold an attention module's query-head count (``heads``: timm's Hiera, x-transformers).
 HEAD_COUNT_ATTRIBUTES = ("n_head", "num_heads", "num_attention_heads", "n_heads", "heads")
 
 

@@ -2,7 +2,7 @@
 
 Many attention layers never call SDPA: they form ``scores = q @ kᵀ · scale``, add their biases, fill in their mask
 and call ``softmax(scores, dim=-1)`` themselves (Hugging Face DeBERTa and GPT-Neo, timm's TNT, LeViT, MViT v2,
-CaiT, Twins or BEiT with their fused path off, vit-pytorch). The scores are then exactly ``s_ij`` of the entropy's
+CaiT, Twins or BEiT with their fused path off). The scores are then exactly ``s_ij`` of the entropy's
 definition, scale, biases and mask included. While a measured block runs, ``Tensor.softmax`` and ``torch.softmax``
 (which ``F.softmax`` and ``nn.Softmax`` go through) are wrapped: a softmax over the last dimension of a
 ``[B, H, Nq, Nk]`` tensor whose ``H`` is the head count the module declares (``num_heads``, ``heads``, ...), called
