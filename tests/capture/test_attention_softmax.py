@@ -230,17 +230,23 @@ class _Wrapped(nn.Module):
         return self.attn(*args)
 
 
-def _own_softmax_entropy(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Mean float64 entropy of the rows of every last-dim softmax a module of the model takes, by the innermost
-    module running (a separate forward, the test's own hooks)."""
+def _own_softmax_rows(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per head, the mean float64 entropy and the max logit of the rows of every last-dim softmax a module of the
+    model takes over ``[B, H, Nq, Nk]`` scores, by the innermost module running (a separate forward, the test's own
+    hooks)."""
     names = {id(m): n for n, m in model.named_modules()}
     running: list[str] = []
-    rows: dict[str, list[torch.Tensor]] = {}
+    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def record(scores, dim):
         if running and scores.ndim >= 3 and dim in (-1, scores.ndim - 1):
-            p = torch.softmax(scores.double(), -1)  # torch.softmax is not the recorded tensor method
-            rows.setdefault(running[-1], []).append((-torch.special.xlogy(p, p).sum(-1)).flatten())
+            assert scores.ndim == 4, (running[-1], tuple(scores.shape))  # [B, H, Nq, Nk]: heads at dim 1
+            scores = scores.double()
+            p = torch.softmax(scores, -1)  # torch.softmax is not the recorded tensor method
+            entropy = -torch.special.xlogy(p, p).sum(-1)  # [B, H, Nq]
+            rows.setdefault(running[-1], []).append(
+                (entropy.transpose(0, 1).flatten(1), scores.amax(-1).transpose(0, 1).flatten(1))
+            )
 
     def enter(module, args):
         running.append(names.get(id(module), ""))
@@ -256,11 +262,15 @@ def _own_softmax_entropy(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     finally:
         pre.remove()
         post.remove()
-    return {name: float(torch.cat(parts).mean()) for name, parts in rows.items()}
+    return {
+        name: (torch.cat([e for e, _ in parts], 1).mean(1), torch.cat([m for _, m in parts], 1).amax(1))
+        for name, parts in rows.items()
+    }
 
 
 @pytest.mark.parametrize("name", ["levit_128s", "mvitv2_tiny", "cait_xxs24_224", "xcit_nano_12_p16_224"])
 def test_timm_models_written_by_hand_log_their_own_softmax(name):
+    """Per layer and head: the mean entropy and the max logit of the rows each module hands to its own softmax."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
@@ -268,12 +278,15 @@ def test_timm_models_written_by_hand_log_their_own_softmax(name):
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
     x = torch.randn(1, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
-    want = _own_softmax_entropy(model, x)
-    values, _, said = measure_once(model, x)
-    got = {n.removeprefix(key(ENTROPY, "")): v for n, v in values.items() if n.startswith(key(ENTROPY, ""))}
-    assert got.keys() == want.keys(), (sorted(got.keys() ^ want.keys()), said)
-    for layer, value in want.items():
-        assert got[layer] == pytest.approx(value, rel=1e-5), layer
+    want = _own_softmax_rows(model, x)
+    values, details, said = measure_once(model, x)
+    got = {n.removeprefix(key(ENTROPY, "")) for n in values if n.startswith(key(ENTROPY, ""))}
+    assert got == want.keys(), (sorted(got ^ want.keys()), said)
+    for layer, (entropy, max_logit) in want.items():
+        torch.testing.assert_close(details[key(ENTROPY, layer)].double(), entropy, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(details[key(MAX_LOGIT, layer)].double(), max_logit, rtol=1e-5, atol=1e-6)
+        assert values[key(ENTROPY, layer)] == pytest.approx(float(entropy.mean()), rel=1e-5), layer
+        assert values[key(MAX_LOGIT, layer)] == pytest.approx(float(max_logit.max()), rel=1e-5), layer
 
 
 class AdditiveMask(nn.Module):
