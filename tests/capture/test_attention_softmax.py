@@ -126,6 +126,19 @@ def test_query_rows_reads_evenly_spaced_rows_and_still_finds_the_padding_over_ev
     assert values[key(ENTROPY, "attn")] == pytest.approx(float(sampled[real].mean()), rel=1e-5)
 
 
+def test_auto_query_rows_reads_at_least_128_evenly_spaced_rows_at_the_softmax():
+    """``query_rows="auto"`` (the default) at a softmax: the layer's head count stands for its width, so a call of
+    300 queries reads the 128-row floor (0.24·3 + 0.04·300 = 12.7 is below it), evenly spaced."""
+    torch.manual_seed(3)
+    model = Net()
+    nn.init.normal_(model.attn.qkv.weight, std=0.6)
+    values, details, _ = measure_once(model, torch.randn(1, 300, H * D), query_rows="auto")
+    entropy, _, _ = _float64_rows(model.attn.kept[0])
+    sampled = entropy[:, :, torch.linspace(0, 299, 128).round().long()]
+    torch.testing.assert_close(details[key(ENTROPY, "attn")].double(), sampled.mean(dim=(0, 2)), rtol=1e-5, atol=1e-6)
+    assert values[key(ENTROPY, "attn")] != pytest.approx(float(entropy.mean()), rel=1e-4)  # not every row
+
+
 def test_two_softmaxes_in_one_call_are_said_once_and_not_reported():
     model = Net(softmaxes=2)
     for _ in range(2):
