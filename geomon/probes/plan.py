@@ -393,7 +393,8 @@ class Plan:
     def _score_rows(self, n_q: int, n_k: int, heads: int) -> int | None:
         """Query rows read at a module's own softmax: ``query_rows`` as elsewhere; ``"auto"`` applies the same rule
         with the layer's width taken as its head count, the only width its scores show (so at least 128 rows, and
-        0.04·N beyond: reading a row there costs elementwise passes over its keys, not the logits' dot products)."""
+        0.24·H + 0.04·N beyond in self-attention: reading a row there costs elementwise passes over its keys, not the
+        logits' dot products)."""
         rows = self.options.query_rows
         if rows == "auto":
             return auto_query_rows(n_q, n_k, heads)

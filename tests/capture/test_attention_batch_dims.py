@@ -139,3 +139,19 @@ def test_timm_windowed_attention_equals_its_own_softmax_per_head(name):
     values, details, said = measure_once(Net(layer), *inputs)
     assert not [m for m in said if "'attn'" in m and "not reported" in m], said
     _assert_heads(values, details, "attn", *_per_head(scores, head_axis))
+
+
+@pytest.mark.parametrize("name", ["twins", "nest", "hiera"])
+def test_timm_windowed_attention_by_hand_is_read_at_its_softmax_per_head(name):
+    """The same layers with their fused path off: their 5-D scores ([B, windows, H, N, N] or [B, H, windows, N, N])
+    are read at their own softmax, the heads found by the declared head count as for SDPA calls."""
+    layers, _ = _timm_layers()
+    layer, inputs, head_axis = layers[name]
+    for parameter in layer.parameters():
+        nn.init.normal_(parameter, std=0.4)
+    scores = _softmax_inputs(layer, inputs)
+    assert scores.ndim == 5
+    layer.fused_attn = False
+    values, details, said = measure_once(Net(layer), *inputs)
+    assert not [m for m in said if "'attn'" in m], said
+    _assert_heads(values, details, "attn", *_per_head(scores, head_axis))

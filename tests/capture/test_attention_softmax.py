@@ -16,7 +16,7 @@ from geomon.functional import attention_entropy
 from geomon.functional.attention_scores import _score_rows
 from geomon.keys import ENTROPY, ENTROPY_NORMALIZED, MAX_LOGIT, key
 from geomon.metrics import AttentionEntropy
-from tests.capture._reference import measure_once, own_softmax_entropy, recorded_softmax
+from tests.capture._reference import measure_once, recorded_softmax
 
 B, N, H, D = 2, 7, 3, 4
 
@@ -126,6 +126,19 @@ def test_query_rows_reads_evenly_spaced_rows_and_still_finds_the_padding_over_ev
     assert values[key(ENTROPY, "attn")] == pytest.approx(float(sampled[real].mean()), rel=1e-5)
 
 
+def test_auto_query_rows_reads_at_least_128_evenly_spaced_rows_at_the_softmax():
+    """``query_rows="auto"`` (the default) at a softmax: the layer's head count stands for its width, so a call of
+    300 queries reads the 128-row floor (0.24·3 + 0.04·300 = 12.7 is below it), evenly spaced."""
+    torch.manual_seed(3)
+    model = Net()
+    nn.init.normal_(model.attn.qkv.weight, std=0.6)
+    values, details, _ = measure_once(model, torch.randn(1, 300, H * D), query_rows="auto")
+    entropy, _, _ = _float64_rows(model.attn.kept[0])
+    sampled = entropy[:, :, torch.linspace(0, 299, 128).round().long()]
+    torch.testing.assert_close(details[key(ENTROPY, "attn")].double(), sampled.mean(dim=(0, 2)), rtol=1e-5, atol=1e-6)
+    assert values[key(ENTROPY, "attn")] != pytest.approx(float(entropy.mean()), rel=1e-4)  # not every row
+
+
 def test_two_softmaxes_in_one_call_are_said_once_and_not_reported():
     model = Net(softmaxes=2)
     for _ in range(2):
@@ -230,8 +243,47 @@ class _Wrapped(nn.Module):
         return self.attn(*args)
 
 
+def _own_softmax_rows(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per head, the mean float64 entropy and the max logit of the rows of every last-dim softmax a module of the
+    model takes over ``[B, H, Nq, Nk]`` scores, by the innermost module running (a separate forward, the test's own
+    hooks)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    running: list[str] = []
+    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def record(scores, dim):
+        if running and scores.ndim >= 3 and dim in (-1, scores.ndim - 1):
+            assert scores.ndim == 4, (running[-1], tuple(scores.shape))  # [B, H, Nq, Nk]: heads at dim 1
+            scores = scores.double()
+            p = torch.softmax(scores, -1)  # torch.softmax is not the recorded tensor method
+            entropy = -torch.special.xlogy(p, p).sum(-1)  # [B, H, Nq]
+            rows.setdefault(running[-1], []).append(
+                (entropy.transpose(0, 1).flatten(1), scores.amax(-1).transpose(0, 1).flatten(1))
+            )
+
+    def enter(module, args):
+        running.append(names.get(id(module), ""))
+
+    def leave(module, args, output):
+        running.pop()  # returns None: the output stays the module's
+
+    pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
+    post = torch.nn.modules.module.register_module_forward_hook(leave)
+    try:
+        with recorded_softmax(record), torch.no_grad():
+            model(x)
+    finally:
+        pre.remove()
+        post.remove()
+    return {
+        name: (torch.cat([e for e, _ in parts], 1).mean(1), torch.cat([m for _, m in parts], 1).amax(1))
+        for name, parts in rows.items()
+    }
+
+
 @pytest.mark.parametrize("name", ["levit_128s", "mvitv2_tiny", "cait_xxs24_224", "xcit_nano_12_p16_224"])
 def test_timm_models_written_by_hand_log_their_own_softmax(name):
+    """Per layer and head: the mean entropy and the max logit of the rows each module hands to its own softmax."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
@@ -241,12 +293,15 @@ def test_timm_models_written_by_hand_log_their_own_softmax(name):
         if isinstance(module, nn.Linear):  # sharper maps than the default init's near-uniform ones
             nn.init.normal_(module.weight, std=0.3)
     x = torch.randn(1, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
-    want = own_softmax_entropy(model, x)
-    values, _, said = measure_once(model, x)
-    got = {n.removeprefix(key(ENTROPY, "")): v for n, v in values.items() if n.startswith(key(ENTROPY, ""))}
-    assert got.keys() == want.keys(), (sorted(got.keys() ^ want.keys()), said)
-    for layer, value in want.items():
-        assert got[layer] == pytest.approx(value, rel=1e-5), layer
+    want = _own_softmax_rows(model, x)
+    values, details, said = measure_once(model, x)
+    got = {n.removeprefix(key(ENTROPY, "")) for n in values if n.startswith(key(ENTROPY, ""))}
+    assert got == want.keys(), (sorted(got ^ want.keys()), said)
+    for layer, (entropy, max_logit) in want.items():
+        torch.testing.assert_close(details[key(ENTROPY, layer)].double(), entropy, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(details[key(MAX_LOGIT, layer)].double(), max_logit, rtol=1e-5, atol=1e-6)
+        assert values[key(ENTROPY, layer)] == pytest.approx(float(entropy.mean()), rel=1e-5), layer
+        assert values[key(MAX_LOGIT, layer)] == pytest.approx(float(max_logit.max()), rel=1e-5), layer
 
 
 class AdditiveMask(nn.Module):
