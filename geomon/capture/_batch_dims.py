@@ -45,7 +45,7 @@ def fold_batch_dims(
         return f"its key {tuple(k.shape)} has another number of dimensions"
     if heads is None:
         return "the module declares no head count (num_heads, n_head, heads, ...) that tells which dimension holds them"
-    axes = [axis for axis in range(1, q.ndim - 2) if q.shape[axis] == heads]
+    axes = head_axes(q.shape, heads)
     if not axes:
         return f"no dimension before the last two has its {heads} heads"
     if len(axes) > 1:
@@ -59,6 +59,12 @@ def fold_batch_dims(
     if isinstance(folded_mask, str):
         return folded_mask
     return _fold(q, axis), _fold(k, axis), folded_mask
+
+
+def head_axes(shape: tuple[int, ...], heads: int | None) -> list[int]:
+    """The dimensions after the batch and before the last two whose size is ``heads``: the heads' place when there
+    is exactly one."""
+    return [axis for axis in range(1, len(shape) - 2) if shape[axis] == heads]
 
 
 def _fold(x: Tensor, axis: int) -> Tensor:

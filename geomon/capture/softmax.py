@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from geomon.capture._batch_dims import head_axes
 from geomon.capture._padding import MASKED_AT
 from geomon.capture._session import ScoresCall, Session, SharedPatch, in_backward
 from geomon.capture.modules import head_count
@@ -89,7 +90,7 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
         return
     name = session.stack[depth][1]
     heads = head_count(session.module(name))
-    axes = [axis for axis in range(1, scores.ndim - 2) if scores.shape[axis] == heads]
+    axes = head_axes(scores.shape, heads)
     if len(axes) != 1:
         return  # no [batch, ..., heads, ..., queries, keys] layout with the heads the module declares
     read = session.softmax_rows.setdefault(depth, [])
