@@ -299,9 +299,10 @@ class Session:
             return
         before = self.stack[depth][2]
         del self.stack[depth:]  # with any module whose exit was missed
-        read = self.softmax_rows.pop(depth, [])
-        for deeper in [d for d in self.softmax_rows if d > depth]:
-            del self.softmax_rows[deeper]
+        read: list[ScoresCall | None] = []
+        if self.softmax_rows:  # rows read at softmax calls: this call's, and none of a deeper call left behind
+            read = self.softmax_rows.pop(depth, [])
+            self.softmax_rows = {d: rows for d, rows in self.softmax_rows.items() if d < depth}
         if not self.stack:  # the model's forward ended: the next one counts its calls afresh
             self.calls_in_forward.clear()
         if len(rest) != 2 or self.reports + self.unseen != before:
