@@ -18,6 +18,7 @@ from geomon.alerts import Threshold  # noqa: E402
 from geomon.integrations.huggingface import STATE_FILE, GeomonTrainerCallback  # noqa: E402
 from tests.firing_rule import FiresFrom  # noqa: E402
 from tests.reference import ref_rankme  # noqa: E402
+from tests.spies import spy_computes  # noqa: E402
 
 VOCAB, CONTEXT, BATCH, WIDTH = 50, 16, 8, 32  # one micro-batch = 128 rows = 4 x WIDTH: one full RankMe window
 RANKME = "geomon/rankme/lm_head.input"
@@ -58,19 +59,6 @@ def _args(tmp_path, *, steps, report_to=(), accumulation=1, save_steps=None):
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, disable_tqdm=True, seed=0,
         dataloader_num_workers=0,
     )  # fmt: skip
-
-
-def _spy_computes(callback) -> dict[int, dict[str, float]]:
-    """What the monitor's compute returned, by step (read before any routing)."""
-    found, compute = {}, callback.monitor.compute
-
-    def spy(step=None, **kwargs):
-        values = compute(step, **kwargs)
-        found[step] = {key: float(value) for key, value in values.items()}
-        return values
-
-    callback.monitor.compute = spy
-    return found
 
 
 def _record_head_inputs(model) -> list[torch.Tensor]:
@@ -116,7 +104,7 @@ def test_values_reach_wandb_tensorboard_and_log_history_unprefixed(tmp_path, off
     callback = GeomonTrainerCallback(every_n_steps=2, strict=True)
     model = _model()
     head_rows = _record_head_inputs(model)
-    computed = _spy_computes(callback)
+    computed = spy_computes(callback)
     trainer = _trainer(tmp_path, callback, steps=4, report_to=["wandb", "tensorboard"], model=model)
     trainer.train()
     offline_wandb.finish()
@@ -290,7 +278,7 @@ def test_windows_fill_on_the_steps_before_each_measured_one(tmp_path):
     callback = GeomonTrainerCallback(every_n_steps=4, window_rows=512, strict=True)
     model = _model()
     head_rows = _record_head_inputs(model)
-    computed = _spy_computes(callback)
+    computed = spy_computes(callback)
     _trainer(tmp_path, callback, steps=8, model=model).train()
     assert RANKME not in computed[4] and RANKME in computed[8]
     rows = torch.cat(head_rows[3:8]).numpy().astype(np.float64)  # forward i completes step i + 1

@@ -10,6 +10,7 @@ import torch
 lightning = pytest.importorskip("lightning.pytorch")
 
 from geomon.callback import GeomonCallback  # noqa: E402
+from tests.spies import spy_computes  # noqa: E402
 from tests.test_callback import _loader, _module_class  # noqa: E402
 
 KEY = "geomon/attention/entropy/model.blocks.0.attn"
@@ -271,7 +272,7 @@ def four_loggers(tmp_path_factory):
         }
         rule = MaxLogitAbove(threshold=1e-6, name="logit_forced")  # every head is above it from the first step on
         callback = GeomonCallback(every_n_steps=2, spectral_modules=["model.head"], alerts=[rule], strict=True)
-        computed = _spy_computes(callback)
+        computed = spy_computes(callback)
         torch.manual_seed(0)
         trainer = lightning.Trainer(
             max_steps=5, logger=list(loggers.values()), callbacks=[callback], enable_checkpointing=False,
@@ -285,19 +286,6 @@ def four_loggers(tmp_path_factory):
 
 def _mlflow_uri(directory):
     return f"file:{directory / 'mlruns'}"
-
-
-def _spy_computes(callback):
-    """What the monitor's compute returned, by step, as Python floats (before the callback hands it on)."""
-    found, compute = {}, callback.monitor.compute
-
-    def spy(step=None, **kwargs):
-        values = compute(step, **kwargs)
-        found[step] = {key: float(value) for key, value in values.items()}
-        return values
-
-    callback.monitor.compute = spy
-    return found
 
 
 def _by_step(points):

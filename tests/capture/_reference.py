@@ -135,18 +135,17 @@ def measure_once(model: torch.nn.Module, *args, query_rows=None, **kwargs) -> tu
     return values, dict(monitor.details), [str(w.message) for w in caught if "geomon" in str(w.message)]
 
 
-def own_softmax_entropy(model: torch.nn.Module, *args, **kwargs) -> dict[str, float]:
-    """Mean float64 entropy of the rows of every last-dim softmax a module of the model takes, by the innermost
+def softmax_inputs(model: torch.nn.Module, *args, **kwargs) -> dict[str, list[Tensor]]:
+    """The float64 scores of every last-dim softmax a module of the model takes (3-D or more), by the innermost
     module running (a separate forward, the test's own hooks); an ``nn.Softmax`` module counts as the module that
     holds it, as it is that module's softmax."""
     names = {id(m): n for n, m in model.named_modules()}
     running: list[str] = []
-    rows: dict[str, list[Tensor]] = {}
+    inputs: dict[str, list[Tensor]] = {}
 
     def record(scores, dim):
         if running and scores.ndim >= 3 and dim in (-1, scores.ndim - 1):
-            p = torch.softmax(scores.double(), -1)  # torch.softmax is not the recorded tensor method
-            rows.setdefault(running[-1], []).append((-torch.special.xlogy(p, p).sum(-1)).flatten())
+            inputs.setdefault(running[-1], []).append(scores.detach().double())
 
     def enter(module, args):
         held = isinstance(module, torch.nn.Softmax) and running
@@ -163,4 +162,17 @@ def own_softmax_entropy(model: torch.nn.Module, *args, **kwargs) -> dict[str, fl
     finally:
         pre.remove()
         post.remove()
-    return {name: float(torch.cat(parts).mean()) for name, parts in rows.items()}
+    return inputs
+
+
+def own_softmax_entropy(model: torch.nn.Module, *args, **kwargs) -> dict[str, float]:
+    """Mean float64 entropy of the rows of every last-dim softmax a module of the model takes (see
+    :func:`softmax_inputs`)."""
+    means = {}
+    for name, calls in softmax_inputs(model, *args, **kwargs).items():
+        rows = []
+        for scores in calls:
+            p = torch.softmax(scores, -1)  # torch.softmax is not the recorded tensor method
+            rows.append(-torch.special.xlogy(p, p).sum(-1).flatten())
+        means[name] = float(torch.cat(rows).mean())
+    return means

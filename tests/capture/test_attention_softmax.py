@@ -16,7 +16,7 @@ from geomon.functional import attention_entropy
 from geomon.functional.attention_scores import _score_rows
 from geomon.keys import ENTROPY, ENTROPY_NORMALIZED, MAX_LOGIT, key
 from geomon.metrics import AttentionEntropy
-from tests.capture._reference import measure_once, recorded_softmax
+from tests.capture._reference import measure_once, recorded_softmax, softmax_inputs
 
 B, N, H, D = 2, 7, 3, 4
 
@@ -245,40 +245,17 @@ class _Wrapped(nn.Module):
 
 def _own_softmax_rows(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per head, the mean float64 entropy and the max logit of the rows of every last-dim softmax a module of the
-    model takes over ``[B, H, Nq, Nk]`` scores, by the innermost module running (a separate forward, the test's own
-    hooks)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    running: list[str] = []
-    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-    def record(scores, dim):
-        if running and scores.ndim >= 3 and dim in (-1, scores.ndim - 1):
-            assert scores.ndim == 4, (running[-1], tuple(scores.shape))  # [B, H, Nq, Nk]: heads at dim 1
-            scores = scores.double()
-            p = torch.softmax(scores, -1)  # torch.softmax is not the recorded tensor method
-            entropy = -torch.special.xlogy(p, p).sum(-1)  # [B, H, Nq]
-            rows.setdefault(running[-1], []).append(
-                (entropy.transpose(0, 1).flatten(1), scores.amax(-1).transpose(0, 1).flatten(1))
-            )
-
-    def enter(module, args):
-        running.append(names.get(id(module), ""))
-
-    def leave(module, args, output):
-        running.pop()  # returns None: the output stays the module's
-
-    pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
-    post = torch.nn.modules.module.register_module_forward_hook(leave)
-    try:
-        with recorded_softmax(record), torch.no_grad():
-            model(x)
-    finally:
-        pre.remove()
-        post.remove()
-    return {
-        name: (torch.cat([e for e, _ in parts], 1).mean(1), torch.cat([m for _, m in parts], 1).amax(1))
-        for name, parts in rows.items()
-    }
+    model takes over ``[B, H, Nq, Nk]`` scores (heads at dim 1)."""
+    per_head = {}
+    for name, calls in softmax_inputs(model, x).items():
+        entropies, maxima = [], []
+        for scores in calls:
+            assert scores.ndim == 4, (name, tuple(scores.shape))
+            p = torch.softmax(scores, -1)
+            entropies.append((-torch.special.xlogy(p, p).sum(-1)).transpose(0, 1).flatten(1))  # [H, B·Nq]
+            maxima.append(scores.amax(-1).transpose(0, 1).flatten(1))
+        per_head[name] = (torch.cat(entropies, 1).mean(1), torch.cat(maxima, 1).amax(1))
+    return per_head
 
 
 @pytest.mark.parametrize("name", ["levit_128s", "mvitv2_tiny", "cait_xxs24_224", "xcit_nano_12_p16_224"])
