@@ -64,6 +64,13 @@ def auto_query_rows(n_q: int, n_k: int, width: int) -> int:
     return min(n_q, max(MIN_QUERY_ROWS, budget))
 
 
+def rows_to_measure(query_rows: QueryRows, n_q: int, n_k: int, width: int) -> int:
+    """Query rows per head that ``query_rows`` measures in a call of ``n_q`` queries, ``n_k`` keys, width ``width``."""
+    if query_rows == "auto":
+        return auto_query_rows(n_q, n_k, width)
+    return n_q if query_rows is None else min(n_q, query_rows)
+
+
 class AttentionProbe(Probe):
     """:class:`~geomon.metrics.AttentionEntropy` of one module (``spec = (heads,)``).
 
@@ -136,9 +143,7 @@ class AttentionProbe(Probe):
 
     def rows(self, n_q: int, n_k: int, width: int) -> int:
         """Query rows per head measured in a call of ``n_q`` queries, ``n_k`` keys, query width ``H·Dh``."""
-        if self.query_rows == "auto":
-            return auto_query_rows(n_q, n_k, width)
-        return n_q if self.query_rows is None else min(n_q, self.query_rows)
+        return rows_to_measure(self.query_rows, n_q, n_k, width)
 
     def compute(self, context: Context, out: Values) -> None:
         metric = self.metric

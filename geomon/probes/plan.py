@@ -32,7 +32,7 @@ from geomon.capture.modules import HEAD_RULES, find_head, head_count, head_dims,
 from geomon.functional import GeomonWarning
 from geomon.functional._dispatch import Backend
 from geomon.probes._sync import multi_process
-from geomon.probes.attention import AttentionProbe, auto_query_rows
+from geomon.probes.attention import AttentionProbe, rows_to_measure
 from geomon.probes.base import Context, Probe, Step, Values
 from geomon.probes.collapse import CollapseProbe
 from geomon.probes.embedding import EmbeddingProbe
@@ -390,15 +390,12 @@ class Plan:
             self._step.ran.add("")
         self.guard.run(f"attention probe of {call.module!r}", self.attention_call, call)
 
-    def _score_rows(self, n_q: int, n_k: int, heads: int) -> int | None:
+    def _score_rows(self, n_q: int, n_k: int, heads: int) -> int:
         """Query rows read at a module's own softmax: ``query_rows`` as elsewhere; ``"auto"`` applies the same rule
         with the layer's width taken as its head count, the only width its scores show (so at least 128 rows, and
         0.24·H + 0.04·N beyond in self-attention: reading a row there costs elementwise passes over its keys, not the
         logits' dot products)."""
-        rows = self.options.query_rows
-        if rows == "auto":
-            return auto_query_rows(n_q, n_k, heads)
-        return None if rows is None else min(n_q, int(rows))
+        return rows_to_measure(self.options.query_rows, n_q, n_k, heads)
 
     def _on_scores(self, call: ScoresCall) -> None:
         if self._step is not None:
