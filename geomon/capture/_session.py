@@ -361,9 +361,9 @@ class Session:
                     "computation was seen inside them, so they have no attention entropy; geomon sees softmax "
                     "attention computed with F.scaled_dot_product_attention (called at run time), one of the "
                     "implementations in docs/guides/capture.md#not-seen-and-why, or (under the monitor) one softmax "
-                    "over [batch, heads, queries, keys] scores whose heads the module declares (num_heads, heads, "
-                    "...). If it is softmax attention, compute it so; if it is not (linear attention, a pooling), "
-                    "ignore this warning",
+                    "over [batch, heads, queries, keys] (or [batch·heads, queries, keys]) scores whose heads the "
+                    "module declares (num_heads, heads, ...). If it is softmax attention, compute it so; if it is "
+                    "not (linear attention, a pooling), ignore this warning",
                 )
         self.unseen_names.clear()
 

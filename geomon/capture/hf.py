@@ -55,6 +55,11 @@ _ADDITIVE = ("position_bias",)
 _REORDER = "_upcast_and_reordered_attn"
 #: attributes of differential attention (DiffLlama): its output mixes two softmax heads, λ-weighted
 _DIFFERENTIAL = ("lambda_init", "lambda_q1", "lambda_k1")
+#: transformers attention whose rows are not one softmax over every query: listed, never reported
+_NOT_MODELLED = {
+    "InformerProbSparseAttention": "hf:ProbSparse attention (only the top-u query rows take a softmax; the others "
+    "read the mean of the values), not modelled",
+}  # fmt: skip
 
 
 def note_for(module: nn.Module) -> str | None:
@@ -81,9 +86,13 @@ def kind(module: nn.Module) -> str | None:
     """``"hf:<attn_implementation>"`` for a transformers-style attention module, else None.
 
     Recognised by its ``forward`` reading the global ``ALL_ATTENTION_FUNCTIONS`` or ``eager_attention_forward``
-    (also true of ``trust_remote_code`` models written in the transformers style).
+    (also true of ``trust_remote_code`` models written in the transformers style). Attention in
+    ``_NOT_MODELLED`` gets its reason instead.
     """
-    if not _is_attention_class(type(module)):
+    cls = type(module)
+    if cls.__name__ in _NOT_MODELLED and cls.__module__.startswith("transformers."):
+        return _NOT_MODELLED[cls.__name__]
+    if not _is_attention_class(cls):
         return None
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
     return f"hf:{implementation}" if implementation else "hf"

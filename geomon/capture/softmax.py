@@ -7,12 +7,17 @@ definition, scale, biases and mask included. While a measured block runs, ``Tens
 (which ``F.softmax`` and ``nn.Softmax`` go through) are wrapped: a softmax over the last dimension of a
 ``[B, H, Nq, Nk]`` tensor whose ``H`` is the head count the module declares (``num_heads``, ``heads``, ...), called
 inside a module that looks like attention and that no other path captures, is reduced at once to its rows (entropy,
-max logit, allowed keys: :mod:`geomon.functional.attention_scores`; nothing of size ``Nq x Nk`` is kept). At the
+max logit, allowed keys: :mod:`geomon.functional.attention_scores`; nothing of size ``Nq x Nk`` is kept). Scores
+with the heads folded into the batch, ``[B·H, Nq, Nk]`` (fairseq-era Hugging Face attention: XGLM, TrOCR, MVP, FSMT,
+VitDet, GroupViT; torch's ``F.multi_head_attention_forward``, which WavLM calls), are read as ``[B, H, Nq, Nk]``:
+batch-major, the grouping these models use to return their own per-head probabilities (a leading size that is no
+multiple of ``H`` is not read). At the
 module's exit, the rows are reported if that call took exactly one such softmax and nothing else of it was seen;
 two or more (a gated mix of two attention maps, such as ConViT's GPSA) are said once and not reported, and so is a
 call that also took a softmax over another dimension of such a tensor: linear attention normalises ``q`` over its
 channels and ``k`` over the tokens, and ``k``'s softmax, over the last dimension of ``[B, H, Dh, N]``, is no map of
-queries over keys.
+queries over keys. (A softmax over another dimension of a tensor whose last dimension is 1, such as ConvBERT's
+dynamic convolution kernels ``[B·N·H, K, 1]``, is neither, and is not counted.)
 
 Masks are read off the scores: a key at ``-inf`` or at or below -5e3 is not allowed. The padding rule's threshold,
 -1e4, is for a mask's own values; here the mask has been added to the logits, so a BERT-era ``-10000`` mask puts a
@@ -83,20 +88,25 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
         return  # sdpa_context: inside a transformers attention function, which geomon intercepts itself
     scores = args[0] if args else kwargs.get("input")
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    if not isinstance(scores, Tensor) or scores.ndim < 4 or not scores.is_floating_point():
+    if not isinstance(scores, Tensor) or scores.ndim < 3 or not scores.is_floating_point():
         return
     depth = _reading_module(session)
     if depth is None:
         return
     name = session.stack[depth][1]
     heads = head_count(session.module(name))
+    if scores.ndim == 3:  # [B·H, Nq, Nk], batch-major (see the module): [B, H, Nq, Nk] as a view
+        if heads is None or scores.shape[0] % heads:
+            return
+        scores = scores.unflatten(0, (-1, heads))
     axes = head_axes(scores.shape, heads)
     if len(axes) != 1:
         return  # no [batch, ..., heads, ..., queries, keys] layout with the heads the module declares
-    read = session.softmax_rows.setdefault(depth, [])
     if dim not in (-1, scores.ndim - 1):  # linear attention normalises q and k so: not a [queries, keys] map
-        read.append(None)
+        if scores.shape[-1] > 1:  # [..., K, 1] (ConvBERT's dynamic convolution kernels) is neither
+            session.softmax_rows.setdefault(depth, []).append(None)
         return
+    read = session.softmax_rows.setdefault(depth, [])
     n_q, n_k = scores.shape[-2:]
     keep = None if session.score_rows is None else session.score_rows(n_q, n_k, scores.shape[axes[0]])
     session.guarded(name, lambda: read.append(rows_of(name, scores.detach(), axes[0], keep)))

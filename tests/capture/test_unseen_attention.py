@@ -29,14 +29,19 @@ class ManualAttention(nn.Module):
         return (weights @ v).transpose(1, 2).flatten(2)
 
 
-class FoldedAttention(ManualAttention):
-    """Written by hand over ``[B·H, N, N]`` scores: no head dimension to read at its softmax either."""
+class UndeclaredHeadsAttention(ManualAttention):
+    """Written by hand, its head count under a name no library uses: no head dimension to read at its softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.splits = self.heads
+        del self.heads
 
     def forward(self, x):
-        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2).flatten(0, 1)  # noqa: E731
+        split = lambda t: t.unflatten(-1, (self.splits, -1)).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-        return (weights @ v).unflatten(0, (x.shape[0], self.heads)).transpose(1, 2).flatten(2)
+        return (weights @ v).transpose(1, 2).flatten(2)
 
 
 class SdpaAttention(ManualAttention):
@@ -88,7 +93,7 @@ def test_attention_through_sdpa_raises_no_warning():
 
 
 def test_the_monitor_says_it_once_per_run_not_once_per_measured_step():
-    model = _model(FoldedAttention)
+    model = _model(UndeclaredHeadsAttention)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor = geomon.Monitor(every_n_steps=1, head=None).attach(model)
     with warnings.catch_warnings(record=True) as caught:
