@@ -154,6 +154,83 @@ def test_vision_families_equal_their_own_probabilities_per_head():
     assert "GroupViTAssignAttention" in warning and "vision_model.encoder.stages.0.downsample.assign" in warning
 
 
+def test_sam_vision_encoder_equals_its_own_probabilities_per_head():
+    """SAM's image encoder: windowed and global blocks, decomposed relative positions added to ``[B·H, N, N]``
+    scores, which it returns as they are (batch-major, as it folds them)."""
+    model = _hf("SamVisionConfig", "SamVisionModel", hidden_size=32, output_channels=16, num_hidden_layers=2,
+                num_attention_heads=4, image_size=64, patch_size=8, mlp_dim=64, global_attn_indexes=[1],
+                window_size=4, use_rel_pos=True)  # fmt: skip
+    with torch.no_grad():
+        for parameter in model.parameters():  # the patch embedding too: no window is near uniform
+            parameter.normal_(0, 0.3)
+    x = torch.randn(B, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        own = model(pixel_values=x, output_attentions=True).attentions
+    values, details, said = measure_once(model, pixel_values=x)
+    assert not said, said
+    measured = _entropies(values, details)
+    assert sorted(measured) == ["vision_encoder.layers.0.attn", "vision_encoder.layers.1.attn"]
+    for layer, p in zip(sorted(measured), own, strict=True):  # [B·windows·H, N, N], then [B·H, N, N]
+        p = p.view(-1, 4, *p.shape[-2:])
+        assert float(entropy_of(p).std()) > 0.05  # not uniform: the per-head check can fail
+        _assert_equals_own(measured[layer], p, torch.ones(p.shape[0], p.shape[-2], dtype=torch.bool))
+
+
+def test_detr_style_and_led_decoders_equal_their_own_probabilities_per_head():
+    """Table Transformer (DETR's attention: self-attention of object queries, cross-attention to image features),
+    and LED's decoder (its encoder's banded sliding-window attention stays named, not reported)."""
+    transformers = pytest.importorskip("transformers")
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], out_features=["stage2"])
+    detr = _hf("TableTransformerConfig", "TableTransformerModel", use_timm_backbone=False, backbone_config=backbone,
+               use_pretrained_backbone=False, num_queries=5, **TEXT_SEQ2SEQ)  # fmt: skip
+    x = torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = detr(pixel_values=x, output_attentions=True)
+    values, details, said = measure_once(detr, pixel_values=x)
+    assert not said, said
+    measured = _entropies(values, details)
+    expected = {"encoder.layers.0.self_attn": out.encoder_attentions[0], "decoder.layers.0.self_attn":
+                out.decoder_attentions[0], "decoder.layers.0.encoder_attn": out.cross_attentions[0]}  # fmt: skip
+    assert sorted(measured) == sorted(expected)
+    for layer, p in expected.items():  # the image's padding mask is all ones here: every row counts
+        _assert_equals_own(measured[layer], p, torch.ones(B, p.shape[-2], dtype=torch.bool))
+
+    led = _hf("LEDConfig", "LEDModel", max_encoder_position_embeddings=64, max_decoder_position_embeddings=64,
+              attention_window=4, **TEXT_SEQ2SEQ)  # fmt: skip
+    ids, keep = _padded_ids()
+    inputs = dict(input_ids=ids, attention_mask=keep, decoder_input_ids=ids[:, :7].clone())
+    with torch.no_grad():
+        out = led(**inputs, output_attentions=True)
+    values, details, said = measure_once(led, **inputs)
+    measured = _entropies(values, details)
+    assert sorted(measured) == ["decoder.layers.0.encoder_attn", "decoder.layers.0.self_attn"]
+    _assert_equals_own(measured["decoder.layers.0.self_attn"], out.decoder_attentions[0], torch.ones(B, 7).bool())
+    _assert_equals_own(measured["decoder.layers.0.encoder_attn"], out.cross_attentions[0], torch.ones(B, 7).bool())
+    (warning,) = said
+    assert "LEDEncoderSelfAttention" in warning and "encoder.layers.0.self_attn.longformer_self_attn" in warning
+
+
+def test_vits_text_encoder_equals_the_scores_its_softmax_takes():
+    """VITS: windowed relative position terms added to ``[B·H, N, N]`` scores, padded keys at the dtype's lowest
+    value; its own probabilities are not returned."""
+    model = _hf("VitsConfig", "VitsModel", vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                ffn_dim=64, window_size=2, flow_size=8, spectrogram_bins=16, upsample_initial_channel=16,
+                upsample_rates=[2], upsample_kernel_sizes=[4], resblock_kernel_sizes=[3],
+                resblock_dilation_sizes=[[1, 3]], prior_encoder_num_flows=1, posterior_encoder_num_wavenet_layers=1,
+                prior_encoder_num_wavenet_layers=1, duration_predictor_num_flows=1,
+                depth_separable_num_layers=1).text_encoder  # fmt: skip
+    ids, keep = _padded_ids()
+    ids = ids % 40
+    inputs = dict(input_ids=ids, padding_mask=keep.unsqueeze(-1).float(), attention_mask=keep)
+    scores = softmax_inputs(model, **inputs)
+    values, details, said = measure_once(model, **inputs)
+    assert not said, said
+    measured = _entropies(values, details)
+    assert sorted(measured) == sorted(scores) == ["encoder.layers.0.attention", "encoder.layers.1.attention"]
+    for layer, (s,) in scores.items():
+        _assert_equals_own(measured[layer], torch.softmax(s.view(B, 4, N, N), dim=-1), keep.bool())
+
+
 def test_wavlm_equals_the_scores_its_multi_head_attention_takes():
     """WavLM calls ``F.multi_head_attention_forward`` with a gated relative position bias and a key padding mask:
     its softmax takes ``[B·H, N, N]`` scores with padded keys at -inf, which torch itself regroups as
