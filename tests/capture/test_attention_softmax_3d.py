@@ -231,6 +231,37 @@ def test_vits_text_encoder_equals_the_scores_its_softmax_takes():
         _assert_equals_own(measured[layer], torch.softmax(s.view(B, 4, N, N), dim=-1), keep.bool())
 
 
+def test_speecht5_equals_its_own_probabilities_per_head():
+    """SpeechT5 speech-to-text: its encoder adds a relative position bias to ``[B·H, N, N]`` scores, over frames
+    padded in the second sample; the decoder's self- and cross-attention are fairseq-style too."""
+    model = _hf("SpeechT5Config", "SpeechT5ForSpeechToText", vocab_size=50, hidden_size=32, encoder_layers=1,
+                decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                decoder_ffn_dim=64, conv_dim=(16, 16), conv_stride=(5, 5), conv_kernel=(10, 10),
+                num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                encoder_max_relative_position=8)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    keep = torch.ones(B, 800, dtype=torch.long)
+    keep[1, -300:] = 0
+    inputs = dict(input_values=torch.randn(B, 800, generator=g), attention_mask=keep,
+                  decoder_input_ids=torch.randint(3, 50, (B, 6), generator=g))  # fmt: skip
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    values, details, said = measure_once(model, **inputs)
+    assert not said, said
+    measured = _entropies(values, details)
+    (encoder,) = out.encoder_attentions
+    frames = (encoder > 0).any(dim=1).any(dim=1)  # [B, N]: frames some row of some head attends to
+    assert frames[0].all() and not frames[1].all()
+    expected = {
+        "speecht5.encoder.wrapped_encoder.layers.0.attention": (encoder, frames),
+        "speecht5.decoder.wrapped_decoder.layers.0.self_attn": (out.decoder_attentions[0], torch.ones(B, 6).bool()),
+        "speecht5.decoder.wrapped_decoder.layers.0.encoder_attn": (out.cross_attentions[0], torch.ones(B, 6).bool()),
+    }
+    assert sorted(measured) == sorted(expected)
+    for layer, (p, real) in expected.items():
+        _assert_equals_own(measured[layer], p, real)
+
+
 def test_wavlm_equals_the_scores_its_multi_head_attention_takes():
     """WavLM calls ``F.multi_head_attention_forward`` with a gated relative position bias and a key padding mask:
     its softmax takes ``[B·H, N, N]`` scores with padded keys at -inf, which torch itself regroups as
