@@ -171,7 +171,10 @@ class Session:
         self.expected: dict[int, str] = {}  # attention modules (id -> kind): warn if one runs and nothing is seen
         self.lookalikes: set[int] = set()  # modules that look like attention: warn if one runs and nothing is seen
         self.unseen = 0  # modules found unseen so far: an enclosing look-alike is not named again
-        self.unseen_names: dict[tuple[str, str], list[str]] = {}  # (category, kind or class) -> modules, said after
+        #: (category, kind or class) -> modules that ran with no value, said after the block: attention not seen
+        #: ("expected", "lookalike"), or read at softmaxes that are not one attention ("softmax-dims", "softmaxes")
+        self.unseen_names: dict[tuple[str, str], list[str]] = {}
+        self.softmax_counts: dict[str, set[int]] = {}  # class -> how many softmaxes its "softmaxes" modules took
         self.warned: set[str] = set()
         self.busy = False  # geomon's own computation is running: ignore module calls and SDPA calls
         self.padding = PaddingRule()
@@ -323,20 +326,16 @@ class Session:
 
     def _report_softmax(self, module: nn.Module, name: str, read: list[ScoresCall | None]) -> None:
         """Attention seen only at the module's own softmax: reported when it was one softmax over its last
-        dimension, said once otherwise."""
+        dimension; otherwise the module is named, with the others of its class, after the block
+        (:meth:`say_unseen`)."""
         self.reports += 1
         label = type(module).__name__
         if None in read:
-            self.warn_once(f"softmax-dims:{label}", f"geomon: {label} modules (such as {name!r}) take a softmax over a "
-                           "dimension other than the last of a [batch, heads, ...] tensor, as linear attention "
-                           "normalises its queries and keys: it is not softmax attention over [queries, keys], so "
-                           "their attention is not reported")  # fmt: skip
+            self.unseen_names.setdefault(("softmax-dims", label), []).append(name)
             return
         if len(read) > 1:
-            self.warn_once(f"softmaxes:{label}", f"geomon: {label} modules (such as {name!r}) take {len(read)} "
-                           "softmaxes over [batch, heads, queries, keys] scores in one call, which geomon cannot tell "
-                           "apart (a mix of attention maps, or a softmax that is not attention): their attention is "
-                           "not reported")  # fmt: skip
+            self.unseen_names.setdefault(("softmaxes", label), []).append(name)
+            self.softmax_counts.setdefault(label, set()).add(len(read))
             return
         call = read[0]
         on_scores = self.on_scores
@@ -350,7 +349,18 @@ class Session:
         for (category, label), names in self.unseen_names.items():
             unique = list(dict.fromkeys(names))
             shown = ", ".join(repr(n) for n in unique[:4]) + (f" and {len(unique) - 4} more" if len(unique) > 4 else "")
-            if category == "expected":
+            if category == "softmax-dims":
+                self.warn_once(f"softmax-dims:{label}", f"geomon: {len(unique)} module(s) of class {label} ({shown}) "
+                               "take a softmax over a dimension other than the last of a [batch, heads, ...] tensor, "
+                               "as linear attention normalises its queries and keys: it is not softmax attention over "
+                               "[queries, keys], so their attention is not reported")  # fmt: skip
+            elif category == "softmaxes":
+                count = " or ".join(str(c) for c in sorted(self.softmax_counts.pop(label, ())))
+                self.warn_once(f"softmaxes:{label}", f"geomon: {len(unique)} module(s) of class {label} ({shown}) "
+                               f"take {count} softmaxes over [batch, heads, queries, keys] scores in one call, which "
+                               "geomon cannot tell apart (a mix of attention maps, or a softmax that is not "
+                               "attention): their attention is not reported")  # fmt: skip
+            elif category == "expected":
                 self.warn_once(f"unseen:{label}", f"geomon: attention modules ({label}) ran but their attention "
                                f"was not seen: {shown}; see docs/guides/capture.md for what each implementation "
                                "exposes")  # fmt: skip

@@ -128,12 +128,34 @@ def _hf_encoder_decoder(config_name: str, model_name: str, **config: Any) -> Cal
     return build
 
 
-def _hf_vit(implementation: str, padding: str) -> Setup:
-    make = _hf("ViTConfig", "ViTModel", image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-               num_attention_heads=2, intermediate_size=64)  # fmt: skip
+def _hf_whisper(implementation: str, padding: str) -> Setup:
+    """Whisper: an audio encoder over 16 frames (no mask: Whisper's encoder takes none), a decoder over 7 padded
+    tokens with its cross-attention to the frames."""
+    make = _hf("WhisperConfig", "WhisperModel", vocab_size=100, num_mel_bins=8, encoder_layers=2, decoder_layers=2,
+               encoder_attention_heads=4, decoder_attention_heads=4, d_model=32, encoder_ffn_dim=64,
+               decoder_ffn_dim=64, max_source_positions=16, max_target_positions=32, init_std=0.3, pad_token_id=0,
+               bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)  # fmt: skip
     model, reference = make(implementation)
-    images = torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    return Setup(model, reference, lambda m: m(pixel_values=images))
+    features = torch.randn(B, 8, 32, generator=torch.Generator().manual_seed(1))  # 32 mel frames -> 16 positions
+    n_dec = 7
+    dec, dec_ids = _tokens(n_dec, padding), _ids(n_dec, seed=2)
+
+    def forward(m: nn.Module) -> Any:
+        return m(input_features=features, decoder_input_ids=dec_ids, decoder_attention_mask=dec.long())
+
+    return Setup(model, reference, forward, {n_dec: dec})
+
+
+def _hf_images(config_name: str, model_name: str, **config: Any) -> Callable[[str, str], Setup]:
+    make = _hf(config_name, model_name, image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+               num_attention_heads=2, intermediate_size=64, **config)  # fmt: skip
+
+    def build(implementation: str, padding: str) -> Setup:
+        model, reference = make(implementation)
+        images = torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        return Setup(model, reference, lambda m: m(pixel_values=images))
+
+    return build
 
 
 SMALL_LM = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
@@ -336,7 +358,23 @@ CASES: list[Case] = [
         PADDINGS,
         EAGER_REF,
     ),
-    *_cells("Hugging Face ViT (`ViTModel`)", _hf_vit, HF_IMPLEMENTATIONS, ("none",), EAGER_REF),
+    *_cells(
+        "Hugging Face Whisper (`WhisperModel`: audio encoder, decoder self and cross attention; decoder padded)",
+        _hf_whisper,
+        HF_IMPLEMENTATIONS,
+        PADDINGS,
+        EAGER_REF,
+    ),
+    *_cells(
+        "Hugging Face ViT (`ViTModel`)", _hf_images("ViTConfig", "ViTModel"), HF_IMPLEMENTATIONS, ("none",), EAGER_REF
+    ),
+    *_cells(
+        "Hugging Face BEiT (`BeitModel`: relative position bias)",
+        _hf_images("BeitConfig", "BeitModel", use_relative_position_bias=True, initializer_range=0.3),
+        HF_IMPLEMENTATIONS,
+        ("none",),
+        EAGER_REF,
+    ),
     *_cells(
         "timm ViT (`vit_tiny_patch16_224`, 32 px, depth 2)",
         _timm("vit_tiny_patch16_224", 32, depth=2),

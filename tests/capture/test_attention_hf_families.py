@@ -22,6 +22,7 @@ FAMILIES = {  # name: (config class, model class, config, decoder-only)
     "distilbert": ("DistilBertConfig", "DistilBertModel", dict(vocab_size=50, dim=32, n_layers=2, n_heads=4,
                                                                hidden_dim=64, initializer_range=0.3)),
     "clip-text-causal": ("CLIPTextConfig", "CLIPTextModel", dict(LM, eos_token_id=2, max_position_embeddings=16)),
+    "siglip-text": ("SiglipTextConfig", "SiglipTextModel", dict(LM, max_position_embeddings=16)),
 }  # fmt: skip
 N, PADDED = 9, 3
 

@@ -147,6 +147,20 @@ def test_two_softmaxes_in_one_call_are_said_once_and_not_reported():
     assert len([m for m in said if "take 2 softmaxes" in m]) == 1, said
 
 
+@pytest.mark.parametrize("layer", ["two-softmaxes", "linear"])
+def test_every_layer_left_unreported_for_its_softmaxes_is_named(layer):
+    """Each layer of a class that takes several softmaxes (BigBird's block-sparse attention, Nystromformer's
+    landmarks) or a softmax over another dimension (linear attention) is named in the warning, not only the first
+    one: a layer that runs attention must have a value or be named (as the unseen-attention warning does: the
+    count, and the first four names)."""
+    make = (lambda: HandWritten(softmaxes=2)) if layer == "two-softmaxes" else LinearAttention
+    model = nn.Sequential(*(_Wrapped(make()) for _ in range(3)))
+    values, _, said = measure_once(model, torch.randn(B, N, H * D))
+    assert not [name for name in values if name.startswith("geomon/attention/")], values
+    assert len(said) == 1, said  # one warning for the class
+    assert all(f"'{i}.attn'" in said[0] for i in range(3)) and "3 module(s)" in said[0], said
+
+
 def test_training_with_a_hand_written_attention_is_unchanged():
     before = vars(torch.Tensor).get("softmax")  # None: TensorBase's method, inherited
 
