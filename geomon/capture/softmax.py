@@ -23,8 +23,10 @@ Masks are read off the scores: a key at ``-inf`` or at or below -5e3 is not allo
 -1e4, is for a mask's own values; here the mask has been added to the logits, so a BERT-era ``-10000`` mask puts a
 padded key at ``q·k - 10000``, above -1e4 wherever ``q·k > 0``: half the threshold leaves 5e3 of room for the logits
 (a key that far below its row's best has no weight in any dtype either way). In self-attention (as many queries as
-keys) a key that no query row of any head may attend to is padding, so its query row is left out, as on every other
-path. Rows of cross-attention keep all their query rows.
+keys, and a module whose path does not name it cross-attention) a key that no query row of any head may attend to
+is padding, so its query row is left out, as on every other path; a cross-attention leaves out the query rows the
+last self-attention over as many queries left out, as on every other path
+(:mod:`geomon.capture._padding`, rule 3).
 
 Cost: on measured steps, about ten elementwise passes over the scores of the query rows read (``score_rows``:
 the monitor samples them as ``query_rows`` says) plus one max-reduction over all of them for the padding, and on
@@ -43,7 +45,7 @@ import torch
 from torch import Tensor
 
 from geomon.capture._batch_dims import head_axes
-from geomon.capture._padding import MASKED_AT
+from geomon.capture._padding import MASKED_AT, PaddingRule, is_cross_name
 from geomon.capture._session import ScoresCall, Session, SharedPatch, in_backward
 from geomon.capture.modules import head_count
 from geomon.functional._common import TILE_ELEMENTS
@@ -109,7 +111,7 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
     read = session.softmax_rows.setdefault(depth, [])
     n_q, n_k = scores.shape[-2:]
     keep = None if session.score_rows is None else session.score_rows(n_q, n_k, scores.shape[axes[0]])
-    session.guarded(name, lambda: read.append(rows_of(name, scores.detach(), axes[0], keep)))
+    session.guarded(name, lambda: read.append(rows_of(name, scores.detach(), axes[0], keep, session.padding)))
 
 
 def _reading_module(session: Session) -> int | None:
@@ -124,10 +126,13 @@ def _reading_module(session: Session) -> int | None:
     return None
 
 
-def rows_of(name: str, scores: Tensor, head_axis: int = 1, keep: int | None = None) -> ScoresCall:
+def rows_of(
+    name: str, scores: Tensor, head_axis: int = 1, keep: int | None = None, padding: PaddingRule | None = None
+) -> ScoresCall:
     """The rows of one softmax input ``[B, ..., H, ..., Nq, Nk]`` (the heads at ``head_axis``; any other leading
-    dimensions fold into the batch, as SDPA treats them), its padded query rows (self-attention) left out; ``keep``:
-    only that many evenly spaced query rows (the others are not read), ``None``: all of them."""
+    dimensions fold into the batch, as SDPA treats them), padded query rows left out as on every path (``padding``:
+    the session's rule; self-attention's own are remembered for the cross-attention after it); ``keep``: only that
+    many evenly spaced query rows (the others are not read), ``None``: all of them."""
     n_q, n_k = scores.shape[-2:]
     heads = scores.shape[head_axis]
     index = None
@@ -135,9 +140,15 @@ def rows_of(name: str, scores: Tensor, head_axis: int = 1, keep: int | None = No
         index = torch.linspace(0, n_q - 1, keep, device=scores.device).round().long()
     rows = _score_rows(scores, masked_at=SCORES_MASKED_AT, query_index=index)
     rows = tuple(part.movedim(head_axis, -2).reshape(-1, heads, part.shape[-1]) for part in rows)
-    if n_q == n_k:  # a key no row of any head may attend to is padding, read over every row
-        padding = ~(_best_scores(scores).amax(dim=head_axis) > SCORES_MASKED_AT).reshape(-1, n_k)
-        rows = _drop_rows(rows, padding, index)  # type: ignore[arg-type]
+    batch = rows[0].shape[0]
+    if n_q == n_k and not is_cross_name(name):  # a key no row of any head may attend to is padding (rule 2)
+        padded = ~(_best_scores(scores).amax(dim=head_axis) > SCORES_MASKED_AT).reshape(-1, n_k)
+        if padding is not None:
+            padding.queries[(batch, n_q)] = padded
+    else:  # cross-attention: the rows of the last self-attention over as many queries (rule 3)
+        padded = None if padding is None else padding.queries.get((batch, n_q))
+    if padded is not None:
+        rows = _drop_rows(rows, padded.to(scores.device), index)  # type: ignore[arg-type]
     return ScoresCall(name, *rows)
 
 

@@ -93,21 +93,24 @@ def test_decoders_equal_their_own_probabilities_per_head(config_name, model_name
                                                      tgt_vocab_size=100), id="fsmt"),
     ],
 )  # fmt: skip
-def test_encoder_decoders_equal_their_own_probabilities_per_head(config_name, model_name, config):
+@pytest.mark.parametrize("decoder_length", [7, N])
+def test_encoder_decoders_equal_their_own_probabilities_per_head(config_name, model_name, config, decoder_length):
+    """With as many decoder tokens as encoder tokens, the cross-attention's padded keys (the encoder's) are not its
+    padded queries: its rows are the decoder's, none padded here."""
     model = _hf(config_name, model_name, **config)
     ids, keep = _padded_ids()
-    decoder_ids = ids[:, :7].clone()
+    decoder_ids = ids[:, :decoder_length].clone()
     inputs = dict(input_ids=ids, attention_mask=keep, decoder_input_ids=decoder_ids)
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)
     values, details, said = measure_once(model, **inputs)
     assert not said, said
     measured = _entropies(values, details)
-    real_queries = torch.ones(B, 7, dtype=torch.bool)
+    real_queries = torch.ones(B, decoder_length, dtype=torch.bool)
     expected = {
         "encoder.layers.0.self_attn": (out.encoder_attentions[0], keep.bool()),  # padded query rows left out
         "decoder.layers.0.self_attn": (out.decoder_attentions[0], real_queries),
-        "decoder.layers.0.encoder_attn": (out.cross_attentions[0], real_queries),  # cross-attention: every row
+        "decoder.layers.0.encoder_attn": (out.cross_attentions[0], real_queries),  # the decoder's rows
     }
     assert sorted(measured) == sorted(expected)
     for layer, (p, real) in expected.items():

@@ -176,11 +176,6 @@ def test_timm_families_written_by_hand_log_their_own_softmax(module_name, class_
         assert got[layer] == pytest.approx(value, rel=1e-5), layer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="geomon/capture/softmax.py keeps every query row of a cross-attention read at its softmax; the padding "
-    "rule (rule 3) leaves out the padded query rows of the last self-attention of the same batch and length",
-)
 def test_hugging_face_blip_text_cross_attention_leaves_out_padded_query_rows():
     """BLIP's text encoder (BERT-style attention by hand, no sdpa) attends from right-padded text to the image
     patches: its cross-attention's padded text rows are left out as in every other implementation's
