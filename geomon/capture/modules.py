@@ -28,7 +28,7 @@ HEAD_RULES = (
 
 
 #: Attributes that hold an attention module's query-head count (``heads``: timm's Hiera, x-transformers).
-HEAD_COUNT_ATTRIBUTES = ("n_head", "num_heads", "num_attention_heads", "n_heads", "heads")
+HEAD_COUNT_ATTRIBUTES = ("n_head", "num_heads", "num_attention_heads", "n_heads", "heads", "num_attn_heads")
 
 
 def head_count(module: nn.Module, default: int | None = None) -> int | None:

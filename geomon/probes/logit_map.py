@@ -52,7 +52,7 @@ from geomon import keys
 from geomon._guard import Guard
 from geomon._reparam_layer import SigmaReparamLinear
 from geomon.capture._session import AttentionCall, in_backward
-from geomon.capture.modules import head_count, linear_like, weight_out_in
+from geomon.capture.modules import HEAD_COUNT_ATTRIBUTES, head_count, linear_like, weight_out_in
 from geomon.functional import entropy_lower_bound
 from geomon.functional.spectral_norm import _normalize_or_keep
 from geomon.probes._sync import multi_process, whole
@@ -158,10 +158,7 @@ def qk_layout(module: nn.Module, *, gather: bool = True) -> QKLayout | str | Non
         if bias is None:  # timm EVA: q_bias, k_bias next to a bias-free fused qkv
             b_q, b_k = _tensor(module, "q_bias", gather), _tensor(module, "k_bias", gather)
     if heads is None:
-        return (
-            "its head count is not known (no n_head / num_heads / num_attention_heads / n_heads / heads attribute or "
-            "config)"
-        )
+        return f"its head count is not known (no {' / '.join(HEAD_COUNT_ATTRIBUTES)} attribute or config)"
     if w_q.ndim != 2 or w_k.ndim != 2 or w_q.shape[1] != w_k.shape[1]:
         return f"its query and key weights have shapes {tuple(w_q.shape)} and {tuple(w_k.shape)}"
     head_dim = getattr(module, "head_dim", None)

@@ -201,3 +201,31 @@ def test_hugging_face_blip_text_cross_attention_leaves_out_padded_query_rows():
     entropy = entropy_of(torch.softmax(scores, dim=-1))
     real = keep.bool()[:, None, :].expand_as(entropy)
     _assert_layer_equals(values, details, layer, entropy, real)
+
+
+def test_hugging_face_prophetnet_declares_num_attn_heads_and_equals_its_own_scores():
+    """ProphetNet declares its heads as ``num_attn_heads``. Its encoder self-attention (right padding) and the
+    decoder's cross-attention (main and predicting streams: 7 + 2·7 query rows) equal the softmax of the scores it
+    returns as its attentions, per head; its n-gram self-attention (a main and a predicting-stream softmax in one
+    call) is named, not reported."""
+    model = _hf("ProphetNetConfig", "ProphetNetModel", vocab_size=100, hidden_size=32, encoder_ffn_dim=64,
+                decoder_ffn_dim=64, num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=4,
+                num_decoder_attention_heads=4, max_position_embeddings=64, ngram=2, num_buckets=8,
+                relative_max_distance=16)  # fmt: skip
+    ids = torch.randint(4, 100, (B, N), generator=torch.Generator().manual_seed(1))
+    keep = torch.ones(B, N, dtype=torch.long)
+    keep[1, -PADDED:] = 0
+    inputs = dict(input_ids=ids, attention_mask=keep, decoder_input_ids=ids[:, :7].clone())
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)  # its "attentions" are the scores before the softmax
+    values, details, said = measure_once(model, **inputs)
+    assert _logged_layers(values) == ["decoder.layers.0.cross_attn", "encoder.layers.0.self_attn"]
+    (encoder,), (cross,) = out.encoder_attentions, out.cross_attentions
+    assert cross.shape == (B, 4, 21, N)
+    real = keep.bool()[:, None, :].expand(B, 4, N)
+    entropy = entropy_of(torch.softmax(encoder.double(), dim=-1))
+    _assert_layer_equals(values, details, "encoder.layers.0.self_attn", entropy, real)
+    entropy = entropy_of(torch.softmax(cross.double(), dim=-1))
+    _assert_layer_equals(values, details, "decoder.layers.0.cross_attn", entropy, torch.ones_like(entropy).bool())
+    (warning,) = said
+    assert "ProphetNetNgramSelfAttention ('decoder.layers.0.self_attn') take 2 softmaxes" in warning
