@@ -268,7 +268,14 @@ class Monitor:
             self.guard.warn_once("fsdp1", "geomon: " + FSDP1_WEIGHTS.format(what=WEIGHT_VALUES))
         self.plan.allocate(next((p.device for p in model.parameters()), self.plan.device))
         self.model = model
+        self._restart()  # a new plan: the steps a previous one measured or reported are not this one's
         return self
+
+    def _restart(self) -> None:
+        """Forget which step was last measured and reported: a fresh plan (:meth:`attach`) or a restored state
+        (:meth:`load_state_dict`, a resumed or rolled-back run that may replay steps already reported) measures
+        every step it is given again."""
+        self._measured, self._computed_step = False, None
 
     def detach(self) -> None:
         """Forget the model (no hook outlives a :meth:`step` block anyway)."""
@@ -294,7 +301,8 @@ class Monitor:
         ``labels`` (one per row of the head's input, ``-100`` = none) feed neural collapse. Every block opened on a
         scheduled step adds to that step's measurement (several micro-batches: one ``compute(step)`` after them all),
         until :meth:`compute` reports the step; after that, blocks for the same step measure nothing (a warning says
-        so once)."""
+        so once) until :meth:`attach` or :meth:`load_state_dict` starts afresh (a resumed or rolled-back run replays
+        steps: they are measured again)."""
         if self.model is None or self.plan is None:
             raise RuntimeError("Monitor.step() before attach(model)")
         if self.compiled and not self._in_extra_forward:
@@ -437,5 +445,6 @@ class Monitor:
         if "plan" not in state:
             raise ValueError("this monitor state was saved by an older geomon (no 'plan'); it cannot be restored")
         self.plan.load_state_dict(state["plan"])
+        self._restart()
         if "alerts" in state:
             self.alert_engine.load_state_dict(state["alerts"])

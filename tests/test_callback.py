@@ -278,3 +278,66 @@ def test_a_state_another_callback_restores_by_its_key_is_not_taken_by_a_new_one(
     resumed.fit(_module_class(lightning)(), _loader(), ckpt_path=str(ckpt))
     assert len(restored["a"]) == 1 and restored["c"] == []
     assert not [pid for pid in c.monitor.plan.probes if pid.startswith("attention:")]  # nothing of A's came along
+
+
+def test_validation_inside_fit_and_evaluation_stages_are_not_measured(tmp_path):
+    """Only training forwards are measured (docs: the callback watches ``fit``): validation batches run in the fit
+    (sanity check, ``val_check_interval``, ``limit_val_batches``) add no row to a measured step, and
+    ``validate`` / ``test`` / ``predict`` with the callback attached measure and log nothing and leave no hook.
+    Validation batches are 3 rows, training batches 8, so a validation forward pooled into a step would change its
+    per-head row count; the logged entropy equals an explicit float64 softmax of the training forward's Q/K."""
+    layer = "model.blocks.0.attn"
+
+    class Evaluated(_module_class(lightning)):
+        def __init__(self):
+            super().__init__()
+            self.qk: dict[int, torch.Tensor] = {}  # the training forward's qkv output, by step
+            self.model.blocks[0].attn.qkv.register_forward_hook(self._record)
+
+        def _record(self, module, args, output):
+            if self.training and self.trainer.training:
+                self.qk.setdefault(self.global_step, output.detach().double())
+
+        def validation_step(self, batch, batch_idx):
+            (x,) = batch
+            self.log("val_loss", F.cross_entropy(self.model(x).flatten(0, 1), x.flatten()))
+
+        test_step = validation_step
+
+        def predict_step(self, batch, batch_idx):
+            return self.model(batch[0])
+
+    logged: dict[int, tuple[list[float], float]] = {}
+    callback = GeomonCallback(every_n_steps=1, head=None, alerts=(), query_rows=None, media=False, strict=True)
+    compute = callback.monitor.compute
+
+    def spy(step=None, **kwargs):
+        count = callback.monitor.plan.probes[f"attention:{layer}"].metric.count.tolist()
+        values = compute(step, **kwargs)
+        logged[step] = (count, float(values[f"geomon/attention/entropy/{layer}"]))
+        return values
+
+    callback.monitor.compute = spy
+    torch.manual_seed(0)
+    module = Evaluated()
+    trainer = lightning.Trainer(max_steps=4, val_check_interval=2, limit_val_batches=2, num_sanity_val_steps=1,
+                                callbacks=[callback], logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    validation = _loader(batch_size=3)
+    for run in (trainer.validate, trainer.test, trainer.predict):
+        run(module, validation)
+    assert logged == {}
+    trainer.fit(module, _loader(), validation)
+    assert sorted(logged) == [0, 1, 2, 3]
+    for step, (count, entropy) in logged.items():
+        assert count == [8 * 12] * 4  # one training batch of 8 x 12 query rows per head, nothing else
+        q, k = (t.unflatten(-1, (4, 8)).transpose(1, 2) for t in module.qk[step].split(32, -1)[:2])
+        scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~torch.ones(12, 12).tril().bool(), float("-inf"))
+        p = scores.softmax(-1)
+        assert entropy == pytest.approx(float(-torch.special.xlogy(p, p).sum(-1).mean()), rel=1e-6)
+    for run in (trainer.validate, trainer.test, trainer.predict):
+        run(module, validation)
+    assert sorted(logged) == [0, 1, 2, 3]
+    assert F.scaled_dot_product_attention is SDPA
+    recorder = module.model.blocks[0].attn.qkv  # the test's own hook
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules() if m is not recorder)

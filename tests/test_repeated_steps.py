@@ -90,6 +90,35 @@ def test_compute_twice_for_one_step_returns_nothing_the_second_time():
     assert KEY in monitor.compute(6)
 
 
+def test_a_monitor_rolled_back_to_a_saved_state_measures_the_replayed_steps_again():
+    """A plain loop that rolls back to a checkpoint (model, optimizer and ``monitor.state_dict()``) after a loss
+    spike replays steps the monitor already computed: after ``load_state_dict`` those steps are measured and
+    reported again, from the replayed forward's rows. Before the fix the monitor remembered the last step it had
+    computed across the restore and skipped it ("already measured"): a silently missing value."""
+    torch.manual_seed(0)
+    model = TinyGPT(vocab_size=VOCAB, d_model=32, context=SEQ)
+    monitor = Monitor(every_n_steps=1, neural_collapse=False, alerts=()).attach(model)
+    batches = micro_batches()
+    with monitor.step(0):
+        model(batches[0][0])
+    monitor.compute(0)
+    saved = monitor.state_dict()  # checkpoint after step 0
+    with monitor.step(1):
+        model(batches[1][0])
+    assert KEY in monitor.compute(1)
+    monitor.load_state_dict(saved)  # roll back to step 0's checkpoint and replay step 1 on another batch
+    rows: list[torch.Tensor] = []
+    handle = head_rows(model, rows)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with monitor.step(1):
+            model(batches[2][0])
+        values = monitor.compute(1)
+    handle.remove()
+    assert not [w for w in caught if "already measured" in str(w.message)]
+    assert float(values[KEY]) == pytest.approx(ref_rankme(rows[0].double().numpy()), rel=1e-4)
+
+
 lightning = pytest.importorskip("lightning.pytorch")
 
 
@@ -159,3 +188,56 @@ def test_manual_optimization_logs_on_lightnings_own_step_axis(optimizers, step_e
     for step, (value,) in geomon_rows.items():  # once each, from the batch Lightning logged at that step
         assert value == pytest.approx(ref_rankme(module.rows[seen_at[step]].double().numpy()), rel=1e-4)
     assert not [w for w in caught if "already measured" in str(w.message)]
+
+
+class AutomaticOptimization(lightning.LightningModule):
+    """TinyGPT trained with automatic optimization; ``rows`` keeps the head's input of every training forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyGPT(vocab_size=VOCAB, d_model=32, context=SEQ)
+        self.rows: list[torch.Tensor] = []
+        self.net.head.register_forward_pre_hook(lambda module, args: self.rows.append(args[0].detach().flatten(0, -2)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x).flatten(0, 1), y.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_fit_resumed_with_the_same_callback_logs_its_first_measured_step(tmp_path):
+    """The same ``GeomonCallback`` object in a second fit that resumes from an earlier checkpoint (a notebook that
+    re-runs ``fit(ckpt_path=...)``, a restart after a divergence): the resumed fit's steps are measured and logged
+    like those of a fresh callback. Before the fix the first of them was skipped, with a warning that it had
+    already been measured: the monitor kept the previous fit's last computed step across ``attach``."""
+    from geomon.callback import GeomonCallback
+
+    callback = GeomonCallback(every_n_steps=2, neural_collapse=False, alerts=(), media=False)
+    saver = lightning.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1,
+                                                filename="{step}")  # fmt: skip
+    loader = torch.utils.data.DataLoader(micro_batches(), batch_size=None)
+
+    def trainer(callbacks, logger=False):
+        return lightning.Trainer(max_steps=4, accelerator="cpu", logger=logger, callbacks=callbacks,
+                                 enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                                 enable_checkpointing=saver in callbacks)  # fmt: skip
+
+    torch.manual_seed(0)
+    trainer([callback, saver]).fit(AutomaticOptimization(), loader)  # computes steps 0 and 2, saves after step 2
+    logged: dict[int, float] = {}
+
+    class Spy(lightning.loggers.CSVLogger):
+        def log_metrics(self, metrics, step=None):
+            if NET_KEY in metrics:
+                logged[step] = metrics[NET_KEY]
+            super().log_metrics(metrics, step)
+
+    module = AutomaticOptimization()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer([callback], Spy(tmp_path)).fit(module, loader, ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+    assert not [w for w in caught if "already measured" in str(w.message)]
+    assert sorted(logged) == [2]  # steps 2 and 3 run again; step 2 is measured
+    assert logged[2] == pytest.approx(ref_rankme(module.rows[0].double().numpy()), rel=1e-4)
