@@ -1,15 +1,17 @@
-"""`make bench-gpu`: the kernel benchmarks and the Trainer overhead benchmark, written to ONE results file.
+"""`make bench-gpu`: the kernel benchmarks, the Trainer overhead benchmark and the cost of reading attention written
+by hand at its softmax, written to ONE results file.
 
     python benchmarks/bench_gpu.py                 # on a CUDA machine: benchmarks/results/<device>-<date>.md
     python benchmarks/bench_gpu.py --tests         # ... with the GPU test run's summary line first
     python benchmarks/bench_gpu.py --fast          # anywhere (CPU: kernels in TRITON_INTERPRET=1), a few seconds,
                                                    # to a temporary file unless --out is given
 
-Each part runs as its own process (``benchmarks/kernel_timings.py``, ``benchmarks/trainer_overhead.py``; Triton's
-interpreter mode must be chosen before triton is imported, and a crash in one part leaves the other's results). The
-results file starts with the device, the torch / triton / CUDA versions, the date and the commit, then holds each
-part's markdown as that part wrote it (its headings one level down) and the command that produced it; a part that
-failed is recorded with its exit status and the tail of its output, and the command exits non-zero.
+Each part runs as its own process (``benchmarks/kernel_timings.py``, ``benchmarks/trainer_overhead.py``,
+``benchmarks/softmax_read_cost.py``; Triton's interpreter mode must be chosen before triton is imported, and a crash
+in one part leaves the others' results). The results file starts with the device, the torch / triton / CUDA
+versions, the date and the commit, then holds each part's markdown as that part wrote it (its headings one level
+down) and the command that produced it; a part that failed is recorded with its exit status and the tail of its
+output, and the command exits non-zero.
 """
 
 from __future__ import annotations
@@ -140,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             overhead += ["--device", "cuda" if cuda else "cpu", "--max-minutes", f"{args.overhead_minutes:g}"]
         part, good = run_part("Overhead through a Lightning Trainer", overhead, overhead_md, env, args.timeout)
+        sections, ok = [*sections, "", *part], ok and good
+        softmax_md = Path(scratch) / "softmax_read.md"
+        softmax_read = [sys.executable, str(HERE / "softmax_read_cost.py"), "--out", str(softmax_md)]
+        softmax_read += ["--quick"] if args.fast else ["--device", "cuda" if cuda else "cpu"]
+        part, good = run_part("Attention written by hand, read at its softmax", softmax_read, softmax_md, env,
+                              args.timeout)  # fmt: skip
         sections, ok = [*sections, "", *part], ok and good
     header = [
         f"# geomon GPU benchmarks: {name}",

@@ -13,12 +13,14 @@ Per shape ``[B, H, N, Dh]`` (``Dh`` 64, width ``H·Dh``), with a right-padding m
 
 Arms alternate call by call (ABBA), under ``no_grad``, one CPU thread by default; reported are medians of
 ``--reps`` calls and their ratio. Results go to ``benchmarks/results/cpu-softmax-read-<date>.md`` (``--quick``: tiny
-shapes, a temporary file, for the smoke test).
+shapes, a temporary file, for the smoke test). ``--device cuda`` times the same on a GPU, in bfloat16, at larger
+shapes, each call bracketed by ``torch.cuda.synchronize()`` (``make bench-gpu`` runs it as one of its parts).
 
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/softmax_read_cost.py            # about a minute on one CPU core
     .venv/bin/python benchmarks/softmax_read_cost.py --quick
+    python benchmarks/softmax_read_cost.py --device cuda --out results.md
 """
 
 from __future__ import annotations
@@ -65,12 +67,19 @@ class Net(nn.Module):
         return self.attn(x, keep)
 
 
-def _timed(fn):
-    """``fn`` as a call that returns its own duration in seconds."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device):
+    """``fn`` as a call that returns its own duration in seconds (the device's queued work included)."""
 
     def run() -> float:
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         return time.perf_counter() - start
 
     return run
@@ -89,35 +98,39 @@ def _pairs(first, second, reps: int) -> tuple[float, float]:
     return statistics.median(a), statistics.median(b)
 
 
-def measure(batch: int, heads: int, n: int, reps: int) -> dict[str, float]:
+def measure(batch: int, heads: int, n: int, reps: int, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     torch.manual_seed(0)
-    model = Net(heads).eval()
-    x = torch.randn(batch, n, heads * DIM_HEAD)
-    keep = torch.ones(batch, n, dtype=torch.bool)
+    model = Net(heads).eval().to(device, dtype)
+    x = torch.randn(batch, n, heads * DIM_HEAD, device=device, dtype=dtype)
+    keep = torch.ones(batch, n, dtype=torch.bool, device=device)
     keep[-1, -n // 4 :] = False
     monitor = Monitor(every_n_steps=1, head=None, neural_collapse=False, alerts=[]).attach(model)
     step = [0]
 
-    @_timed
-    def plain():
+    def forward() -> None:
         with torch.no_grad():
             model(x, keep)
 
     def measured() -> float:  # the forward timed; compute (a logging step's work, not the forward's) after it
+        _sync(device)
         start = time.perf_counter()
         with torch.no_grad(), monitor.step(step[0]):
             model(x, keep)
+        _sync(device)
         elapsed = time.perf_counter() - start
         monitor.compute(step[0])
         step[0] += 1
         return elapsed
 
+    forward()  # warm-up: kernels loaded, caches filled
     measured()  # the first compute agrees the plan: not counted
-    plain_s, measured_s = _pairs(plain, measured, reps)
+    plain_s, measured_s = _pairs(_timed(forward, device), measured, reps)
     with torch.no_grad():
         q, k, _ = model.attn.qkv(x).unflatten(-1, (3, heads, DIM_HEAD)).permute(2, 0, 3, 1, 4)
         scores = ((q @ k.transpose(-1, -2)) / math.sqrt(DIM_HEAD)).masked_fill(~keep[:, None, None, :], -1e9)
-    softmax_s, read_s = _pairs(_timed(lambda: scores.softmax(-1)), _timed(lambda: rows_of("attn", scores)), reps)
+    softmax_s, read_s = _pairs(
+        _timed(lambda: scores.softmax(-1), device), _timed(lambda: rows_of("attn", scores), device), reps
+    )
     return {"plain": plain_s, "measured": measured_s, "softmax": softmax_s, "read": read_s}
 
 
@@ -126,31 +139,45 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=21)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few calls (a smoke test)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    shapes = [(2, 2, 32)] if args.quick else [(4, 12, 256), (2, 12, 1024)]
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.quick:
+        shapes = [(2, 2, 32)]
+    elif cuda:
+        shapes = [(8, 12, 1024), (4, 16, 4096)]
+    else:
+        shapes = [(4, 12, 256), (2, 12, 1024)]
     reps = 3 if args.quick else args.reps
+    gpu = torch.cuda.get_device_name(device) if cuda else None
+    machine = f"{gpu}, {str(dtype).removeprefix('torch.')}" if cuda else f"{cpu_model()}, {args.threads} thread(s)"
+    shown = " ".join(["python benchmarks/softmax_read_cost.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [
-        "# Reading attention written by hand at its own softmax: cost on the CPU",
+        f"# Reading attention written by hand at its own softmax: cost on the {'GPU' if cuda else 'CPU'}",
         "",
-        f"- machine: {cpu_model()}, {args.threads} thread(s), load average before the run {loadavg()}",
-        f"- torch {torch.__version__}, Python {sys.version.split()[0]}; command: `python "
-        f"benchmarks/softmax_read_cost.py{' --quick' if args.quick else ''}`; medians of {reps} calls, ABBA order",
+        f"- machine: {machine}, load average before the run {loadavg()}",
+        f"- torch {torch.__version__}, Python {sys.version.split()[0]}; command: `{shown.strip()}`; medians of {reps} "
+        "calls, ABBA order",
         "",
         "| B, H, N, Dh | plain forward ms | measured forward ms (default query_rows) | measured / plain | softmax ms "
         "| reading every row ms | every row / softmax |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for batch, heads, n in shapes:
-        t = measure(batch, heads, n, reps)
+        t = measure(batch, heads, n, reps, device, dtype)
         lines.append(
             f"| {batch}, {heads}, {n}, {DIM_HEAD} | {t['plain'] * 1e3:.2f} | {t['measured'] * 1e3:.2f} "
             f"| {t['measured'] / t['plain']:.2f} | {t['softmax'] * 1e3:.2f} | {t['read'] * 1e3:.2f} "
             f"| {t['read'] / t['softmax']:.2f} |"
         )
         print(lines[-1], flush=True)
-    out = write_results(lines, "softmax-read", out=args.out, quick=args.quick, gpu=None)
+    out = write_results(lines, "softmax-read", out=args.out, quick=args.quick, gpu=gpu)
     print(f"written to {out}")
     return out
 

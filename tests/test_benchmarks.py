@@ -24,7 +24,8 @@ def _on_path(folder):
 
 
 def test_bench_gpu_fast_mode_writes_one_file_with_the_kernel_and_trainer_overhead_tables(tmp_path):
-    """`make bench-gpu`'s script in fast mode (kernels --smoke in Triton's interpreter, the Trainer overhead --quick):
+    """`make bench-gpu`'s script in fast mode (kernels --smoke in Triton's interpreter, the Trainer overhead and the
+    softmax reading --quick):
     one results file with the device, versions, date and every part's tables, so that it cannot rot."""
     pytest.importorskip("triton")
     out = tmp_path / "bench.md"
@@ -64,6 +65,10 @@ def test_bench_gpu_fast_mode_writes_one_file_with_the_kernel_and_trainer_overhea
     for name in ("default GeomonCallback()", "every probe, every step"):
         row = rf"^\| {re.escape(name)} \| (50 / 50|1 / 1) \| 15 \| 60 \| .* \| {ratio} (\| {ratio} )?\| 0\.0e\+00 \|"
         assert re.search(row, text[overhead:], re.MULTILINE), text[overhead:]
+    # the softmax-reading part, after the overhead: its table with one measured row
+    softmax_read = text.index("## Attention written by hand, read at its softmax")
+    assert overhead < softmax_read and re.search(r"softmax_read_cost.py .*--quick", text[softmax_read:])
+    assert re.search(r"^\| 2, 2, 32, 64 \|( \d+\.\d{2} \|){6}$", text[softmax_read:], re.MULTILINE)
     assert f"wrote {out}" in proc.stdout
 
 
