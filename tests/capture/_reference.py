@@ -165,6 +165,25 @@ def softmax_inputs(model: torch.nn.Module, *args, **kwargs) -> dict[str, list[Te
     return inputs
 
 
+def returned_probabilities(model: torch.nn.Module, class_name: str, *args, **kwargs) -> dict[str, Tensor]:
+    """The probabilities each module of class ``class_name`` returns (its output's second element) in one forward
+    with ``output_attentions=True``, by module name: where a model returns only some of them (a stage's last
+    block), each module's own."""
+    own: dict[str, Tensor] = {}
+    hooks = [
+        module.register_forward_hook(lambda m, a, out, name=name: own.__setitem__(name, out[1]))
+        for name, module in model.named_modules()
+        if type(module).__name__ == class_name
+    ]
+    try:
+        with torch.no_grad():
+            model(*args, output_attentions=True, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return own
+
+
 def own_softmax_entropy(model: torch.nn.Module, *args, **kwargs) -> dict[str, float]:
     """Mean float64 entropy of the rows of every last-dim softmax a module of the model takes (see
     :func:`softmax_inputs`)."""

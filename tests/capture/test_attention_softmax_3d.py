@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from geomon.keys import ENTROPY, MAX_LOGIT, key
-from tests.capture._reference import entropy_of, measure_once, softmax_inputs
+from tests.capture._reference import entropy_of, measure_once, returned_probabilities, softmax_inputs
 
 B, N, PADDED = 2, 9, 3
 
@@ -136,18 +136,7 @@ def test_vision_families_equal_their_own_probabilities_per_head():
     groupvit = _hf("GroupViTVisionConfig", "GroupViTVisionModel", hidden_size=32, depths=[1, 1], num_hidden_layers=2,
                    num_group_tokens=[4, 0], num_output_groups=[4, 4], num_attention_heads=4, intermediate_size=64,
                    image_size=32, patch_size=8)  # fmt: skip
-    own_maps: dict[str, torch.Tensor] = {}  # each self-attention's own probabilities, where it returns them
-    hooks = [
-        module.register_forward_hook(lambda m, args, out, name=name: own_maps.__setitem__(name, out[1]))
-        for name, module in groupvit.named_modules()
-        if type(module).__name__ == "GroupViTAttention"
-    ]
-    try:
-        with torch.no_grad():
-            groupvit(pixel_values=x, output_attentions=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    own_maps = returned_probabilities(groupvit, "GroupViTAttention", pixel_values=x)
     values, details, said = measure_once(groupvit, pixel_values=x)
     measured = _entropies(values, details)
     assert sorted(measured) == sorted(own_maps) and len(own_maps) == 3, (sorted(measured), sorted(own_maps))

@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from geomon.keys import ENTROPY, key
-from tests.capture._reference import entropy_of, measure_once, own_softmax_entropy, softmax_inputs
+from tests.capture._reference import (
+    entropy_of,
+    measure_once,
+    own_softmax_entropy,
+    returned_probabilities,
+    softmax_inputs,
+)
 
 B, N, PADDED = 2, 9, 3
 TEXT = dict(
@@ -105,19 +111,8 @@ def test_hugging_face_swin_v2_equals_each_blocks_own_probabilities():
     torch.manual_seed(0)
     model = transformers.Swinv2Model(config).eval()
     x = torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    own: dict[str, torch.Tensor] = {}
     # a stage returns only its last block's probabilities: each block's are read where its attention returns them
-    hooks = [
-        module.register_forward_hook(lambda m, args, out, name=name: own.__setitem__(name, out[1]))
-        for name, module in model.named_modules()
-        if type(module).__name__ == "Swinv2SelfAttention"
-    ]
-    try:
-        with torch.no_grad():
-            model(pixel_values=x, output_attentions=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    own = returned_probabilities(model, "Swinv2SelfAttention", pixel_values=x)
     values, details, said = measure_once(model, pixel_values=x)
     assert not said, said
     assert _logged_layers(values) == sorted(own) and len(own) == 2, (sorted(own), said)
