@@ -66,3 +66,29 @@ def test_a_failing_action_and_rule_neither_stop_nor_change_training_and_are_said
     assert sum("no such key" in m for m in messages) == 1, messages
     counters = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("geomon/alerts/")}
     assert counters == {"geomon/alerts/always": 1.0, "geomon/alerts/flips": 4.0, "geomon/alerts/broken": 0.0}
+
+
+def test_a_rule_whose_pattern_matches_no_logged_key_is_named_once_with_the_keys_there_are():
+    """A typo in a key pattern would leave a rule that can never fire, in silence: the monitor says so at its
+    first compute (once), naming the rule, its pattern and the key families it logs; a rule with its default
+    pattern (entropy collapse on a model without attention) and a pattern that matches stay quiet."""
+    from geomon import Monitor
+    from geomon.alerts import EntropyCollapse, Threshold
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    rules = [
+        Threshold("geomon/rankme/1*", below=1.0, name="typo"),  # the probe is "0"
+        Threshold("geomon/rankme/*", below=1.0, name="fine"),
+        EntropyCollapse(),
+    ]
+    monitor = Monitor(every_n_steps=1, head=None, embedding_modules=["0"], window_rows=8, alerts=rules).attach(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            with monitor.step(step):
+                model(torch.randn(8, 8))
+            monitor.compute(step)
+    messages = [str(w.message) for w in caught if issubclass(w.category, GeomonWarning)]
+    named = [m for m in messages if "'typo'" in m]
+    assert len(named) == 1 and "geomon/rankme/1*" in named[0] and "geomon/rankme/*" in named[0], messages
+    assert not [m for m in messages if "'fine'" in m or "entropy_collapse" in m], messages
