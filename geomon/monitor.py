@@ -34,6 +34,8 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
+import inspect
 import operator
 import warnings
 from collections.abc import Callable, Sequence
@@ -221,6 +223,7 @@ class Monitor:
         #: by :meth:`measure_forward`, not by :meth:`step`
         self.compiled = ""
         self._in_extra_forward = False
+        self._patterns_checked = False  # the rules' key patterns are checked at the first compute with a step
 
     @property
     def reads_forward(self) -> bool:
@@ -268,6 +271,7 @@ class Monitor:
             self.guard.warn_once("fsdp1", "geomon: " + FSDP1_WEIGHTS.format(what=WEIGHT_VALUES))
         self.plan.allocate(next((p.device for p in model.parameters()), self.plan.device))
         self.model = model
+        self._patterns_checked = False  # a new plan: new keys
         self._restart()  # a new plan: the steps a previous one measured or reported are not this one's
         return self
 
@@ -415,10 +419,29 @@ class Monitor:
             for rule in self.alert_engine.rules:
                 if callable(getattr(rule, "set_dims", None)):
                     rule.set_dims(dims)
+            if not self._patterns_checked:
+                self._patterns_checked = True
+                self.guard.run("checking the alert patterns", self._check_patterns, values)
             self.events = self.guard.run("alert evaluation", self.alert_engine.evaluate, step, values, self.details,
                                          default=[])  # fmt: skip
             values.update({name: torch.tensor(float(n)) for name, n in self.alert_engine.counters().items()})
         return values
+
+    def _check_patterns(self, values: dict[str, Tensor]) -> None:
+        """Name, once, each rule whose key pattern (given, not its class's default) matches none of the keys this
+        monitor logs: it could never fire (a typo, a key logged by the training loop rather than by geomon)."""
+        assert self.plan is not None
+        known = {*self.plan.keys(), *values}
+        for rule in self.alert_engine.rules:
+            pattern = getattr(rule, "pattern", None)
+            default = inspect.signature(type(rule)).parameters.get("pattern")
+            if not isinstance(pattern, str) or (default is not None and pattern == default.default):
+                continue
+            if not any(fnmatch.fnmatchcase(key, pattern) for key in known):
+                families = ", ".join(sorted({key.rsplit("/", 1)[0] + "/*" for key in known})) or "none"
+                self.guard.warn_once(f"pattern:{rule.name}", f"geomon: alert rule {rule.name!r} watches {pattern!r}, "
+                                     f"which matches none of the keys this monitor logs ({families}), so it cannot "
+                                     "fire; the rules see geomon's values only")  # fmt: skip
 
     def _check_fsdp1(self) -> None:
         """FSDP1 wrapped the model after attach (a plain loop that wraps late): drop the weight-based probes."""

@@ -1,6 +1,7 @@
 """What GeomonCallback's ``on_alert`` actions do in real fits: stop every DDP rank at the same step, write a
 checkpoint that loads and resumes, hand the event to a user function."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
 lightning = pytest.importorskip("lightning.pytorch")
 
 
-from geomon.alerts import Custom, EntropyCollapse  # noqa: E402
+from geomon.alerts import Custom, EntropyCollapse, MaxLogitAbove  # noqa: E402
 from geomon.callback import GeomonCallback  # noqa: E402
 from tests.test_callback import _loader  # noqa: E402
 from tests.test_callback_ddp import TinyLitGPT as LitGPT  # noqa: E402
@@ -23,28 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EVERY, FIRE_AT, MAX_STEPS = 2, 4, 12
 
 
-class ShardedGPT(LitGPT):
-    def train_dataloader(self):
-        """Rank r gets every world-th row of the 48: each rank its own batches, as many on every rank."""
-        data = _loader().dataset
-        shard = torch.utils.data.Subset(data, range(self.global_rank, len(data), self.trainer.world_size))
-        return torch.utils.data.DataLoader(shard, batch_size=4)
-
-
 def fires_at(step, scalars, heads):
     """A deterministic trigger (module level: ddp_spawn pickles the callback): the first measurement at or after
     ``FIRE_AT``, given that the attention values were computed (collectively, so every rank sees the same)."""
     return step >= FIRE_AT and any(key.startswith("geomon/attention/entropy/") for key in scalars)
-
-
-class FinalStep(lightning.Callback):
-    """Each rank writes the global step it ended at (ddp_spawn's parent process never sees the ranks' trainers)."""
-
-    def __init__(self, directory):
-        self.directory = directory
-
-    def on_fit_end(self, trainer, pl_module):
-        Path(self.directory, f"rank{trainer.global_rank}.step").write_text(str(trainer.global_step))
 
 
 def _trainer(root, callbacks, max_steps=MAX_STEPS, **kwargs):
@@ -54,23 +39,88 @@ def _trainer(root, callbacks, max_steps=MAX_STEPS, **kwargs):
     )  # fmt: skip
 
 
+class Attention(nn.Module):
+    """One SDPA self-attention over float inputs: its logits scale with the square of the inputs' scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24, bias=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (part.view(b, t, 2, 4).transpose(1, 2) for part in self.qkv(x).chunk(3, dim=-1))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 8)
+
+
+def rank_inputs(rank):
+    """Rank 0's inputs are tiny at every step (max logit ~1e-3); rank 1's are tiny before batch ``FIRE_AT`` and
+    large from there (max logit in the thousands): only the all-reduced max crosses 100 on both ranks."""
+    x = torch.randn(MAX_STEPS, 4, 6, 8, generator=torch.Generator().manual_seed(1))
+    loud = (rank == 1) & (torch.arange(MAX_STEPS) >= FIRE_AT)
+    return (x * torch.where(loud, 30.0, 0.05).view(-1, 1, 1, 1)).flatten(0, 1)
+
+
+class QuietAndLoud(lightning.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = Attention()
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return self.attn(x).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # the weights stay put: the logits are the inputs'
+
+    def train_dataloader(self):
+        dataset = torch.utils.data.TensorDataset(rank_inputs(self.global_rank))
+        return torch.utils.data.DataLoader(dataset, batch_size=4)
+
+
+class Record(lightning.Callback):
+    """Each rank writes what it decided (ddp_spawn's parent never sees the ranks' trainers): the step it ended at
+    and the geomon values it holds (the max logit, the alert counter)."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_fit_end(self, trainer, pl_module):
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("geomon/")}
+        record = {"step": trainer.global_step, "metrics": metrics}
+        Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
 def ddp_stop_fit(root):
     """The fit the DDP test runs in a child process (so that a hang cannot hang the test session)."""
-    torch.manual_seed(0)
     callback = GeomonCallback(
-        every_n_steps=EVERY, alerts=[Custom("trigger", fires_at)], on_alert=["checkpoint", "stop"],
-        neural_collapse=False, strict=True,
+        every_n_steps=EVERY, alerts=[MaxLogitAbove(threshold=100.0)], on_alert=["checkpoint", "stop"], head=None,
+        media=False, strict=True,
     )  # fmt: skip
-    trainer = _trainer(
-        root, [callback, FinalStep(root)], devices=2, strategy="ddp_spawn", use_distributed_sampler=False
-    )
-    trainer.fit(ShardedGPT())
+    trainer = _trainer(root, [callback, Record(root)], devices=2, strategy="ddp_spawn", use_distributed_sampler=False)
+    trainer.fit(QuietAndLoud())
+
+
+def _local_max_logits():
+    """The max attention logit of each rank's own batch at step ``FIRE_AT``, from an explicit scale x q.k over
+    every head and pair: what a rank that did not sync would have compared with the threshold."""
+    attn, out = QuietAndLoud().attn, []
+    for rank in (0, 1):
+        x = rank_inputs(rank)[4 * FIRE_AT : 4 * FIRE_AT + 4]
+        with torch.no_grad():
+            q, k, _ = (p.view(4, 6, 2, 4).transpose(1, 2) for p in attn.qkv(x).chunk(3, dim=-1))
+        out.append(float((q @ k.transpose(-1, -2) / 2.0).max()))
+    return out
 
 
 @pytest.mark.slow
 def test_stop_and_checkpoint_end_every_ddp_rank_at_the_alert_step(tmp_path):
+    """Two gloo ranks see different data, so that only rank 1's own values cross the max-logit threshold: every
+    rank must still take the same decision (the values are all-reduced before the rules see them)."""
     if not dist.is_gloo_available():
         pytest.skip("this torch build has no gloo backend")
+    quiet, loud = _local_max_logits()
+    assert quiet < 1.0 and loud > 1000.0  # only rank 1's own values would cross the threshold 100
     code = f"from tests.test_alert_actions import ddp_stop_fit; ddp_stop_fit({str(tmp_path)!r})"
     child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -81,11 +131,13 @@ def test_stop_and_checkpoint_end_every_ddp_rank_at_the_alert_step(tmp_path):
         output, _ = child.communicate()
         pytest.fail(f"the 2-process fit did not return within 240 s (a rank hung?):\n{output[-3000:]}")
     assert child.returncode == 0, output[-3000:]
-    steps = {path.name: int(path.read_text()) for path in tmp_path.glob("rank*.step")}
-    # the alert fires on the measured step FIRE_AT, after whose optimizer step both ranks stop
-    assert steps == {"rank0.step": FIRE_AT + 1, "rank1.step": FIRE_AT + 1}, output[-3000:]
-    assert "Rule trigger fired at step 4" in output  # logged once, by rank zero
-    assert output.count("Rule trigger fired") == 1
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # measured at 0, 2, 4: the alert of step FIRE_AT (patience 1) stops both ranks after its optimizer step
+    assert [r["step"] for r in ranks] == [FIRE_AT + 1] * 2, output[-3000:]
+    for r in ranks:  # both hold the global max (rank 1's) and counted one alert
+        assert r["metrics"]["geomon/alerts/max_logit"] == 1.0
+        assert r["metrics"]["geomon/attention/max_logit/attn"] == pytest.approx(loud, rel=1e-3)
+    assert output.count(f"Max attention logit in layer attn at step {FIRE_AT}") == 1  # logged once, by rank zero
     # the checkpoint action is a collective (a barrier on every rank): it neither hangs nor writes twice
     assert [path.name for path in tmp_path.glob("*.ckpt")] == [f"geomon-alert-step{FIRE_AT}.ckpt"]
     checkpoint = torch.load(tmp_path / f"geomon-alert-step{FIRE_AT}.ckpt", weights_only=False)

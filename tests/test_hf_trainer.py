@@ -408,3 +408,31 @@ def test_generation_before_the_trained_forward_is_not_measured(tmp_path):
     trained = [rows for grad, rows in calls if grad]
     assert len(trained) == 2 and len(calls) > 2  # one trained forward per step, generation's forwards besides
     assert math.isclose(value, ref_rankme(trained[1].numpy().astype(np.float64)), rel_tol=1e-4)
+
+
+def test_checkpoint_and_stop_actions_save_once_and_a_resume_does_not_fire_again(tmp_path):
+    """on_alert=["checkpoint", "stop"] under the Trainer: the alert of step 4 saves checkpoint-4 (save_strategy
+    "no" otherwise) with the monitor's state, its episode open, and ends the run there; a run resumed from it
+    continues the episode: no second event, no second checkpoint."""
+    from geomon.alerts import Custom
+
+    def callback(on_alert):
+        rule = Custom("trigger", lambda step, scalars, heads: step >= 4, level="ERROR")
+        return GeomonTrainerCallback(every_n_steps=2, alerts=[rule], on_alert=on_alert, neural_collapse=False,
+                                     strict=True)  # fmt: skip
+
+    first = _trainer(tmp_path, callback(["checkpoint", "stop"]), steps=10)
+    first.train()
+    assert first.state.global_step == 4
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4"]
+    state = torch.load(tmp_path / "checkpoint-4" / STATE_FILE, weights_only=True)
+    assert state["alerts"]["counters"] == {"trigger": 1} and state["alerts"]["rules"]["trigger"]["open"]
+    resumed_callback = callback("checkpoint")
+    resumed = _trainer(tmp_path, resumed_callback, steps=8)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert resumed.state.global_step == 8
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert resumed_callback.monitor.alert_engine.counters() == {"geomon/alerts/trigger": 1}
+    rows = [row for row in resumed.state.log_history if "geomon/alerts/trigger" in row]
+    # the history resumes with the checkpoint's rows (2, 4); the counter stays at 1 after it
+    assert [(row["step"], row["geomon/alerts/trigger"]) for row in rows] == [(2, 0.0), (4, 1.0), (6, 1.0), (8, 1.0)]

@@ -76,7 +76,10 @@ def check_name(owner: str, value: object) -> str:
 def check_pattern(owner: str, value: object) -> str:
     """A non-empty fnmatch pattern over value keys."""
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{owner}: pattern must be a non-empty fnmatch pattern over keys, e.g. 'geomon/rankme/*'")
+        raise ValueError(
+            f"{owner}: pattern must be a non-empty fnmatch pattern over keys (one string), e.g. 'geomon/rankme/*', "
+            f"got {value!r}"
+        )
     return value
 
 

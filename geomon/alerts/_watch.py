@@ -138,9 +138,10 @@ class WatchRule(Rule):
                 baseline = unit.baseline(self.baseline_steps) if self.relative_drop is not None else None
                 bars = self.bars(key, baseline)
                 bad = any(bar.violated(value) for bar in bars)
+                was_active = unit.active  # a value arriving while active never joins the baseline, even the last
                 change = unit.update(bad=bad, clear=all(bar.cleared(value) for bar in bars), patience=self.patience)
                 newly[key] = newly.get(key, False) or change == "fired"
-                if self.relative_drop is not None and not bad and not unit.active:
+                if self.relative_drop is not None and not bad and not was_active and not unit.active:
                     unit.remember(value, self.baseline_steps)
                 now[key][label] = (value, bars, baseline)
         seen = sum(len(present) for present in now.values())

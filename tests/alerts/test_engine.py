@@ -264,3 +264,26 @@ def test_a_sink_filtering_on_an_unknown_rule_is_refused_naming_the_known_ones():
     ok = CallableSink(print, rules=["entropy_collapse"])
     engine.sinks = [ok]
     assert engine.sinks == [ok]
+
+
+def test_a_rule_or_sink_that_fails_on_every_step_is_said_once():
+    """DESIGN.md / _guard.py: a monitoring failure is a warning said once per thing, not a flood on every step;
+    the failing rule is still skipped and every other rule and sink still runs at each step."""
+
+    def broken(step, scalars, heads):
+        raise RuntimeError("boom")
+
+    def bad_sink(event):
+        raise OSError("disk full")
+
+    seen = []
+    engine = AlertEngine([Custom("broken", broken), MaxLogitAbove()], [bad_sink, seen.append])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step, logit in enumerate([150.0, 10.0, 150.0, 10.0]):  # four events, all through the failing sink
+            engine.evaluate(step, {LOGIT.format(0): logit})
+    messages = [str(w.message) for w in caught if issubclass(w.category, GeomonWarning)]
+    assert len([m for m in messages if "rule 'broken' raised RuntimeError: boom" in m]) == 1, messages
+    assert len([m for m in messages if "raised OSError: disk full" in m]) == 1, messages
+    assert [e.kind for e in seen] == ["fired", "recovered", "fired", "recovered"]
+    assert engine.counters() == {"geomon/alerts/broken": 0, "geomon/alerts/max_logit": 2}

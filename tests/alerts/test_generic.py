@@ -161,6 +161,11 @@ def test_custom_rule_text_patience_and_recovery():
         (lambda: LoggingSink(rules=3), r"rules must be a collection of rule names or None"),
         (lambda: LoggingSink(logger="geomon"), r"LoggingSink: logger must be a logging.Logger or None, got 'geomon'"),
         (lambda: CsvSink(None), r"CsvSink: path must be a file path \(str or os.PathLike\), got None"),
+        (
+            lambda: Threshold(["geomon/rankme/*"], above=1.0),
+            r"pattern must be a non-empty .*, got \['geomon/rankme/\*'\]",
+        ),
+        (lambda: Drop("", 0.5), r"Drop: pattern must be a non-empty fnmatch pattern .*, got ''"),
     ],
 )
 def test_bad_arguments_raise_value_errors_that_say_what_is_allowed(make, message):
