@@ -200,7 +200,9 @@ class WatchRule(Rule):
             f"{self.noun} {fmt(value)}{which}, {' and '.join(bar.reason for bar in crossed)}, for {patience}"
             f"{self.summary(active, seen)}.{' ' + self.advice if self.advice and level != 'INFO' else ''}"
         )
-        absolute = [bar.value for bar in crossed if not bar.relative] or [b.value for b in bars if not b.relative]
+        # the bar crossed: a fixed threshold where one was, else the level the relative test set
+        threshold = next((b.value for b in crossed if not b.relative), None)
+        threshold = next((b.value for b in crossed if b.violated(value)), None) if threshold is None else threshold
         details = {
             "values": {label or "value": present[label][0] for label in present},
             "active": labels,
@@ -215,7 +217,7 @@ class WatchRule(Rule):
         return AlertEvent(
             rule=self.name, key=key, step=step, kind="fired", level=level,
             title=self._title(key, notes=(grown[2:-1],) if grown else ()), text=text,
-            value=value, threshold=absolute[0] if absolute else None, baseline=baseline,
+            value=value, threshold=threshold, baseline=baseline,
             heads=tuple(int(label) for label in labels if label), details=details,
         )  # fmt: skip
 

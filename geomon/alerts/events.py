@@ -38,7 +38,8 @@ class AlertEvent:
         title: short, under 64 characters (W&B's limit), and distinct per rule and key.
         text: one human sentence naming the layer or probe, the heads, the step, the value and the threshold.
         value: the worst value involved (the lowest entropy, the highest logit...), or ``None``.
-        threshold: the absolute threshold crossed, where there is one.
+        threshold: the bar the value crossed: a fixed threshold where one was crossed, else the level the
+            relative test set (``(1 - relative_drop) x`` the baseline).
         baseline: the running baseline the value was compared with, for relative rules.
         heads: the head indices involved, for per-head values (empty for scalars).
         details: everything else, JSON-friendly (per-head values, model-wide share, fired step...).

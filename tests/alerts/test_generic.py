@@ -89,7 +89,7 @@ def test_drop_fires_on_a_sharp_drop_only():
     # baseline median(2.0, 2.1, 1.9) = 2.0 (1.8 then joins: median(2.1, 1.9, 1.8) = 1.9); 1.0, 1.1 < 1.14 -> fired
     # at 5; clear once >= min(1.14 * 1.1, 1.9) = 1.254: 7, 8 -> recovered at 8
     assert summary(events) == [(5, "fired", key, ()), (8, "recovered", key, ())]
-    assert events[0].baseline == 1.9 and events[0].threshold is None
+    assert events[0].baseline == 1.9 and events[0].threshold == pytest.approx(1.14)  # (1 - 0.4) x 1.9
     negative = Drop("k", 0.5, patience=1, baseline_steps=1)
     assert run(negative, scalars=[{"k": v} for v in [-1.0, -5.0, 0.0]]) == []  # non-positive baselines: not tested
 
