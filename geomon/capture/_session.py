@@ -187,8 +187,10 @@ class Session:
         self.on_scores = on_scores  # receives attention read at a module's own softmax (None: not read there)
         self.score_rows = score_rows  # (Nq, Nk, heads) -> query rows to read there (None: all)
         #: rows read at softmax calls, by the stack depth of the module call they belong to (resolved at its exit);
-        #: None for a softmax over another dimension of a [batch, heads, ...] tensor (such a call is not reported)
-        self.softmax_rows: dict[int, list[ScoresCall | None]] = {}
+        #: None for a softmax over another dimension of a [batch, heads, ...] tensor, a string for scores in which
+        #: the module's heads cannot be placed (what the warning says of them): such a call is not reported
+        self.softmax_rows: dict[int, list[ScoresCall | str | None]] = {}
+        self.softmax_layouts: dict[str, str] = {}  # class -> the first unplaceable layout of its "layout" modules
 
     def module(self, name: str) -> nn.Module:
         """The watched model's module of that name."""
@@ -302,7 +304,7 @@ class Session:
             return
         before = self.stack[depth][2]
         del self.stack[depth:]  # with any module whose exit was missed
-        read: list[ScoresCall | None] = []
+        read: list[ScoresCall | str | None] = []
         if self.softmax_rows:  # rows read at softmax calls: this call's, and none of a deeper call left behind
             read = self.softmax_rows.pop(depth, [])
             self.softmax_rows = {d: rows for d, rows in self.softmax_rows.items() if d < depth}
@@ -324,12 +326,17 @@ class Session:
             self.unseen += 1
             self.unseen_names.setdefault(("lookalike", type(module).__name__), []).append(name)
 
-    def _report_softmax(self, module: nn.Module, name: str, read: list[ScoresCall | None]) -> None:
+    def _report_softmax(self, module: nn.Module, name: str, read: list[ScoresCall | str | None]) -> None:
         """Attention seen only at the module's own softmax: reported when it was one softmax over its last
         dimension; otherwise the module is named, with the others of its class, after the block
         (:meth:`say_unseen`)."""
         self.reports += 1
         label = type(module).__name__
+        layouts = [entry for entry in read if isinstance(entry, str)]
+        if layouts:
+            self.unseen_names.setdefault(("layout", label), []).append(name)
+            self.softmax_layouts.setdefault(label, layouts[0])
+            return
         if None in read:
             self.unseen_names.setdefault(("softmax-dims", label), []).append(name)
             return
@@ -339,7 +346,7 @@ class Session:
             return
         call = read[0]
         on_scores = self.on_scores
-        assert call is not None and on_scores is not None
+        assert isinstance(call, ScoresCall) and on_scores is not None
         self._count_call(call.module)
         self.guarded(call.module, lambda: on_scores(call))
 
@@ -349,7 +356,13 @@ class Session:
         for (category, label), names in self.unseen_names.items():
             unique = list(dict.fromkeys(names))
             shown = ", ".join(repr(n) for n in unique[:4]) + (f" and {len(unique) - 4} more" if len(unique) > 4 else "")
-            if category == "softmax-dims":
+            if category == "layout":
+                layout = self.softmax_layouts.pop(label, "")
+                self.warn_once(f"layout:{label}", f"geomon: {len(unique)} module(s) of class {label} ({shown}) "
+                               f"take a softmax over scores {layout}: which of those holds the heads cannot be told, "
+                               "so their attention is not reported for such inputs (the layout can depend on the "
+                               "input's length)")  # fmt: skip
+            elif category == "softmax-dims":
                 self.warn_once(f"softmax-dims:{label}", f"geomon: {len(unique)} module(s) of class {label} ({shown}) "
                                "take a softmax over a dimension other than the last of a [batch, heads, ...] tensor, "
                                "as linear attention normalises its queries and keys: it is not softmax attention over "

@@ -102,7 +102,12 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
             return
         scores = scores.unflatten(0, (-1, heads))
     axes = head_axes(scores.shape, heads)
-    if len(axes) != 1:
+    if len(axes) > 1:  # [B, blocks, H, L, 3L] with as many blocks as heads (LongT5's local attention on some lengths)
+        shape = ", ".join(str(size) for size in scores.shape)
+        session.softmax_rows.setdefault(depth, []).append(f"[{shape}], in which {len(axes)} dimensions have its "
+                                                         f"{heads} heads")  # fmt: skip
+        return
+    if not axes:
         return  # no [batch, ..., heads, ..., queries, keys] layout with the heads the module declares
     if dim not in (-1, scores.ndim - 1):  # linear attention normalises q and k so: not a [queries, keys] map
         if scores.shape[-1] > 1:  # [..., K, 1] (ConvBERT's dynamic convolution kernels) is neither
