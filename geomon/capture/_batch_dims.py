@@ -11,6 +11,12 @@ say that, so the module does: the one leading dimension (after the batch) whose 
 batch. Where no dimension, or more than one, has that size, or the module declares no head count, the call is not
 folded and the caller says so.
 
+A 3-D call ``[B·H, N, Dh]`` (timm's SAM ViT) has its heads folded into the batch: it is read as ``[B, H, N, Dh]``,
+batch-major (``reshape(B * H, ...)`` of a ``[B, H, N, Dh]`` tensor), by the declared head count, the grouping in which
+attention written by hand is read at its softmax from ``[B·H, Nq, Nk]`` scores (:mod:`geomon.capture.softmax`); a
+leading size that is no multiple of the heads is not folded. Its keys are ``[B·Hk, N, Dh]`` (``Hk`` dividing ``H``),
+its mask ``[Nq, Nk]``, ``[1, Nq, Nk]`` or ``[B·H, Nq, Nk]``, regrouped as a view.
+
 Keys must have the queries' leading dimensions, except at the heads (a divisor of the query heads: query head ``h``
 reads key head ``h // (H / Hk)``, geomon's grouped-query rule, which is also what broadcasting a single key head
 means). A mask folds only when that is a view of it (its leading dimensions either all broadcast, size 1, or laid out
@@ -39,12 +45,14 @@ def fold_batch_dims(
         >>> fold_batch_dims(q, q, None, heads=6)
         'no dimension before the last two has its 6 heads'
     """
-    if q.ndim < 5:
-        return "its heads have no dimension of their own"
     if k.ndim != q.ndim:
         return f"its key {tuple(k.shape)} has another number of dimensions"
     if heads is None:
         return "the module declares no head count (num_heads, n_head, heads, ...) that tells which dimension holds them"
+    if q.ndim == 3:
+        return _unfold_heads(q, k, mask, heads)
+    if q.ndim < 5:
+        return "its heads have no dimension of their own"
     axes = head_axes(q.shape, heads)
     if not axes:
         return f"no dimension before the last two has its {heads} heads"
@@ -59,6 +67,25 @@ def fold_batch_dims(
     if isinstance(folded_mask, str):
         return folded_mask
     return _fold(q, axis), _fold(k, axis), folded_mask
+
+
+def _unfold_heads(q: Tensor, k: Tensor, mask: Tensor | None, heads: int) -> tuple[Tensor, Tensor, Tensor | None] | str:
+    """A ``[B·H, N, Dh]`` call as ``[B, H, N, Dh]``, batch-major (see the module); views only."""
+    if q.shape[0] % heads:
+        return f"its heads are folded into a batch of {q.shape[0]}, no multiple of its {heads} heads"
+    batch = q.shape[0] // heads
+    if k.shape[0] % batch or heads % (k.shape[0] // batch):
+        return f"its key {tuple(k.shape)} does not fold as its query {tuple(q.shape)}"
+    if mask is not None and mask.ndim == 3:
+        if mask.shape[0] == q.shape[0]:
+            mask = mask.unflatten(0, (batch, heads))
+        elif mask.shape[0] == 1:
+            mask = mask.unsqueeze(0)
+        else:
+            return f"its mask {tuple(mask.shape)} does not fold as its query {tuple(q.shape)}"
+    elif mask is not None and mask.ndim > 3:
+        return f"its mask has {mask.ndim} dimensions, more than its query's 3"
+    return q.unflatten(0, (batch, heads)), k.unflatten(0, (batch, -1)), mask
 
 
 def head_axes(shape: tuple[int, ...], heads: int | None) -> list[int]:

@@ -191,10 +191,16 @@ class Session:
         #: the module's heads cannot be placed (what the warning says of them): such a call is not reported
         self.softmax_rows: dict[int, list[ScoresCall | str | None]] = {}
         self.softmax_layouts: dict[str, str] = {}  # class -> the first unplaceable layout of its "layout" modules
+        #: head counts of modules that declare none in their attributes, by name (timm's single-head attention)
+        self.declared_heads: dict[str, int] = {}
 
     def module(self, name: str) -> nn.Module:
         """The watched model's module of that name."""
         return self.model.get_submodule(name)
+
+    def head_count(self, name: str) -> int | None:
+        """Query heads of the module of that name: what an adapter declared for it, else its attributes."""
+        return self.declared_heads.get(name) or head_count(self.module(name))
 
     def name_of(self, module: object) -> str | None:
         """The module's name in the watched model, None for modules outside it."""
@@ -543,7 +549,7 @@ def _sdpa_dispatcher(original: Callable, sessions: list[Session]) -> Callable:
 def _report_sdpa(session: Session, name: str, args: tuple, kwargs: dict) -> None:
     q, k, mask, is_causal, scale = _sdpa_arguments(args, kwargs)
     if q.ndim != 4 or k.ndim != 4:  # SDPA takes any batch dimensions; the module says which of them are heads
-        folded = fold_batch_dims(q, k, mask, head_count(session.module(name)))
+        folded = fold_batch_dims(q, k, mask, session.head_count(name))
         if isinstance(folded, str):
             session.reports += 1  # seen and said: the module's exit must not call it unseen too
             session.warn_once(f"layout:{name}", f"geomon: attention of {name!r} is not reported: it calls "

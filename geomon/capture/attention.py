@@ -161,6 +161,9 @@ def capture_attention(
         note = (timm_vit.note_for(module) or hf.note_for(module)) if name is not None else None
         if note is not None:
             session.notes[name] = note
+        heads = timm_vit.heads_for(module) if name is not None else None
+        if heads is not None:
+            session.declared_heads[name] = heads
         if kind is not None:
             session.expected[id(module)] = kind
         elif fallback is None and looks_like_attention(module):

@@ -47,7 +47,6 @@ from torch import Tensor
 from geomon.capture._batch_dims import head_axes
 from geomon.capture._padding import MASKED_AT, PaddingRule, is_cross_name
 from geomon.capture._session import ScoresCall, Session, SharedPatch, in_backward
-from geomon.capture.modules import head_count
 from geomon.functional._common import TILE_ELEMENTS
 from geomon.functional.attention_entropy import _drop_rows
 from geomon.functional.attention_scores import _score_rows
@@ -96,7 +95,7 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
     if depth is None:
         return
     name = session.stack[depth][1]
-    heads = head_count(session.module(name))
+    heads = session.head_count(name)
     if scores.ndim == 3:  # [B·H, Nq, Nk], batch-major (see the module): [B, H, Nq, Nk] as a view
         if heads is None or scores.shape[0] % heads:
             return

@@ -164,6 +164,17 @@ NOTES = {
 }  # fmt: skip
 
 
+#: timm attention that is single-head by design and declares no head count: its scores ``[B, Nq, Nk]`` are one head
+#: (its fused path, where it has one, calls SDPA with ``[B, 1, N, Dh]``)
+_SINGLE_HEAD = (("timm.models.iformer", "SHMA"), ("timm.models.shvit", "SHSA"))
+
+
+def heads_for(module: nn.Module) -> int | None:
+    """The head count of a timm attention class that declares none (:data:`_SINGLE_HEAD`), else None."""
+    single = any(cls is not None and type(module) is cls for cls in (_model_class(*entry) for entry in _SINGLE_HEAD))
+    return 1 if single else None
+
+
 def note_for(module: nn.Module) -> str | None:
     """What :data:`NOTES` says of ``module``'s class, if anything."""
     return _listed(NOTES, module)

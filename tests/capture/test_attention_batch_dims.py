@@ -155,3 +155,26 @@ def test_timm_windowed_attention_by_hand_is_read_at_its_softmax_per_head(name):
     values, details, said = measure_once(Net(layer), *inputs)
     assert not [m for m in said if "'attn'" in m], said
     _assert_heads(values, details, "attn", *_per_head(scores, head_axis))
+
+
+@pytest.mark.parametrize("rel_pos", [True, False], ids=["rel-pos-bias", "no-bias"])
+def test_heads_folded_into_the_batch_are_read_batch_major_as_at_the_softmax(rel_pos):
+    """timm's SAM ViT calls SDPA with ``[B·H, N, Dh]`` (and a ``[B·H, N, N]`` relative position bias): read as
+    ``[B, H, N, Dh]`` by the declared head count, batch-major, as its own ``[B·H, N, N]`` scores are read at its
+    softmax on its non-fused path, so that both paths report the layer, with the same per-head values."""
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer_sam import Attention
+
+    torch.manual_seed(0)
+    layer = Attention(24, num_heads=3, use_rel_pos=rel_pos, input_size=(3, 4) if rel_pos else None)
+    for parameter in layer.parameters():
+        nn.init.normal_(parameter, std=0.4)
+    inputs = (torch.randn(B, 3, 4, 24),)
+    scores = _softmax_inputs(layer, inputs)
+    assert scores.shape == (B * 3, 12, 12)
+    expected = _per_head(scores.unflatten(0, (B, 3)), 1)
+    for fused in (True, False):
+        layer.fused_attn = fused
+        values, details, said = measure_once(Net(layer), *inputs)
+        assert not [m for m in said if "'attn'" in m], said
+        _assert_heads(values, details, "attn", *expected)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from geomon.keys import ENTROPY, key
+from geomon.keys import ENTROPY, MAX_LOGIT, key
 from tests.capture._reference import (
     entropy_of,
     measure_once,
@@ -246,3 +246,48 @@ def test_hugging_face_longt5_local_blocks_read_or_said_by_whether_the_heads_can_
         assert scores.shape == (B, 4, 4, 3, 9) and _logged_layers(values) == []
         (warning,) = said
         assert f"LongT5LocalAttention ('{layer}') take a softmax over scores [2, 4, 4, 3, 9], in which 2" in warning
+
+
+@pytest.mark.parametrize(
+    ("module_name", "class_name", "config", "fused"),
+    [
+        # single-head modulation attention, windowed: scores [B·windows, N, N]; its fused path calls SDPA [B, 1, N, D]
+        pytest.param("iformer", "SHMA", dict(dim=16, window_size=4), (True, False), id="iformer-shma"),
+        pytest.param("iformer", "SHMA", dict(dim=16), (True, False), id="iformer-shma-global"),
+        pytest.param("shvit", "SHSA", dict(dim=16, qk_dim=8, pdim=8), (None,), id="shvit-shsa"),
+    ],
+)  # fmt: skip
+def test_timm_single_head_attention_is_one_head_on_both_paths(module_name, class_name, config, fused):
+    """timm's single-head attention declares no head count: its scores ``[B, Nq, Nk]`` are one head, on its
+    non-fused path as on its fused SDPA call ``[B, 1, N, D]``, so that both paths report the layer."""
+    pytest.importorskip("timm")
+    family = importlib.import_module(f"timm.models.{module_name}")
+    torch.manual_seed(0)
+    layer = nn.ModuleDict({"attn": getattr(family, class_name)(**config)}).eval()
+    for parameter in layer.parameters():
+        nn.init.normal_(parameter, std=0.4)
+    model = _Call(layer)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    if fused[0] is not None:
+        layer["attn"].fused_attn = False
+    scores = softmax_inputs(model, x)["attn.attn"]
+    assert len(scores) == 1 and scores[0].ndim == 3
+    p = torch.softmax(scores[0], -1)
+    entropy, max_logit = -torch.special.xlogy(p, p).sum(-1), scores[0].amax(-1)
+    for path in fused:
+        if path is not None:
+            layer["attn"].fused_attn = path
+        values, details, said = measure_once(model, x)
+        assert not [m for m in said if "attn.attn" in m], said
+        per_head = details[key(ENTROPY, "attn.attn")].double()
+        torch.testing.assert_close(per_head, entropy.mean()[None], rtol=1e-5, atol=1e-6)
+        assert values[key(MAX_LOGIT, "attn.attn")] == pytest.approx(float(max_logit.max()), rel=1e-5)
+
+
+class _Call(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.attn = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn["attn"](x)
