@@ -55,10 +55,17 @@ _ADDITIVE = ("position_bias",)
 _REORDER = "_upcast_and_reordered_attn"
 #: attributes of differential attention (DiffLlama): its output mixes two softmax heads, λ-weighted
 _DIFFERENTIAL = ("lambda_init", "lambda_q1", "lambda_k1")
-#: transformers attention whose rows are not one softmax over every query: listed, never reported
+_DEPTH = (
+    "hf:depth attention (a learned query over the earlier blocks' states at each token: the call's heads axis "
+    "is the token positions and its keys are depths, not tokens), not modelled"
+)
+#: transformers attention whose rows are not one softmax over every query, or not over tokens: listed, never reported
 _NOT_MODELLED = {
     "InformerProbSparseAttention": "hf:ProbSparse attention (only the top-u query rows take a softmax; the others "
     "read the mean of the values), not modelled",
+    "Inkling2BlockAttentionResidual": _DEPTH,
+    "Inkling2LoopBlockAttentionResidual": _DEPTH,
+    "Inkling2LoopMessageAttentionResidual": _DEPTH,
 }  # fmt: skip
 
 
@@ -82,16 +89,23 @@ def _is_attention_class(cls: type) -> bool:
     return code is not None and bool({"ALL_ATTENTION_FUNCTIONS", "eager_attention_forward"} & set(code.co_names))
 
 
+def _not_modelled(module: nn.Module) -> str | None:
+    cls = type(module)
+    return _NOT_MODELLED.get(cls.__name__) if cls.__module__.startswith("transformers.") else None
+
+
 def kind(module: nn.Module) -> str | None:
     """``"hf:<attn_implementation>"`` for a transformers-style attention module, else None.
 
     Recognised by its ``forward`` reading the global ``ALL_ATTENTION_FUNCTIONS`` or ``eager_attention_forward``
     (also true of ``trust_remote_code`` models written in the transformers style). Attention in
-    ``_NOT_MODELLED`` gets its reason instead.
+    ``_NOT_MODELLED`` gets its reason instead (its calls of the attention function are not reported: the module's
+    exit names it, with that reason, in the unseen-attention warning).
     """
     cls = type(module)
-    if cls.__name__ in _NOT_MODELLED and cls.__module__.startswith("transformers."):
-        return _NOT_MODELLED[cls.__name__]
+    reason = _not_modelled(module)
+    if reason is not None:
+        return reason
     if not _is_attention_class(cls):
         return None
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
@@ -315,8 +329,8 @@ def _report(
     module's call says, :func:`call_layout`; None: nothing, the padding rule decides)."""
     layout = CallLayout(None) if layout is None else layout
     name = session.name_of(module)
-    if name is None or session.busy or in_backward():
-        return
+    if name is None or session.busy or in_backward() or _not_modelled(module) is not None:
+        return  # not modelled: left unseen, so that the module's exit names it with its reason
     session.reports += 1
     reason = next((why for arg, why in _UNMODELLED.items() if call.get(arg) is not None), None)
     if reason is None:

@@ -61,3 +61,29 @@ def test_every_layer_equals_the_models_own_probabilities(family, implementation)
         real = tokens.bool()[:, None, :].expand(rows.shape)  # padded tokens' query rows are left out
         want = torch.stack([rows[:, h][real[:, h]].mean() for h in range(rows.shape[1])])
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("n", [4, N])  # 4: as many tokens as the config's heads
+def test_inkling2_depth_attention_residuals_are_said_and_not_reported(n):
+    """Inkling 2's ``*AttentionResidual`` modules call the attention function with a learned query over the earlier
+    blocks' states, ``[B, N, 1, D]`` over ``[B, N, blocks, D]``: a softmax over depth whose "heads" axis is the token
+    positions. With as many tokens as the config has heads it was logged as four heads of attention over tokens;
+    now it is named as not modelled at any length, and not reported (its self-attention has sinks: warned too; the
+    model has eager attention only)."""
+    config = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+                  layer_types=["hybrid_sliding", "hybrid"], moe_intermediate_size=16, n_routed_experts=4,
+                  num_experts_per_tok=2, n_layers_per_attn_res_block=1, eos_token_id=2)  # fmt: skip
+    model = _model("Inkling2TextConfig", "Inkling2TextModel", config, "eager")
+    ids = torch.randint(3, 50, (2, n), generator=torch.Generator().manual_seed(1))
+    monitor = Monitor(every_n_steps=1, head=None, query_rows=None).attach(model)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        with monitor.step(0):
+            model(input_ids=ids)
+        values = monitor.compute()
+    assert not [k for k in values if k.startswith("geomon/attention/")], sorted(values)
+    said = [str(w.message) for w in caught if "depth attention" in str(w.message)]
+    assert len(said) == 1 and "not modelled" in said[0], [str(w.message) for w in caught]
+    for name in ("layers.0.mlp_input", "layers.1.attention_input", "layers.1.mlp_input", "final_input"):
+        assert repr(name) in said[0], said[0]

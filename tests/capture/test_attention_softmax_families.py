@@ -291,3 +291,37 @@ class _Call(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attn["attn"](x)
+
+
+def test_hugging_face_timesfm_default_eager_function_is_read_at_its_softmax():
+    """TimesFM asks the attention interface for ``simple_eager_attention_forward`` as its default, a function geomon
+    does not wrap (it wraps ``eager_attention_forward``): its eager attention is read at the module's softmax. The
+    second series' first patch is padding (causal over 4 patches): that key is masked for every row, so its query
+    row is left out; per layer and head against the scores the module hands its softmax."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "TimesFmModel"):
+        pytest.skip("transformers has no TimesFmModel")
+    config = transformers.TimesFmConfig(patch_length=4, context_length=16, horizon_length=4, hidden_size=32,
+                                        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        head_dim=8)  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.TimesFmModel(config).eval()
+    with torch.no_grad():  # weights large enough that no map is near uniform
+        for parameter in model.parameters():
+            if parameter.ndim == 2:
+                parameter.normal_(0, 0.3)
+    padding = torch.zeros(B, 16)
+    padding[1, :4] = 1  # the second series' first patch
+    inputs = dict(past_values=torch.randn(B, 16, generator=torch.Generator().manual_seed(1)),
+                  past_values_padding=padding, freq=torch.zeros(B, 1, dtype=torch.long))  # fmt: skip
+    values, details, said = measure_once(model, **inputs)
+    assert not said, said
+    scores = softmax_inputs(model, **inputs)
+    assert _logged_layers(values) == sorted(scores) == ["layers.0.self_attn", "layers.1.self_attn"]
+    for layer, (s,) in scores.items():
+        assert s.shape == (B, 4, 4, 4)
+        real = (s > -1e4).any(dim=(1, 2))  # [B, patches]: keys some row may attend to; the others are padding
+        assert real.tolist() == [[True] * 4, [False, True, True, True]]
+        entropy = entropy_of(torch.softmax(s, dim=-1))
+        _assert_layer_equals(values, details, layer, entropy, real[:, None, :].expand_as(entropy))
