@@ -193,6 +193,9 @@ class Session:
         self.softmax_layouts: dict[str, str] = {}  # class -> the first unplaceable layout of its "layout" modules
         #: head counts of modules that declare none in their attributes, by name (timm's single-head attention)
         self.declared_heads: dict[str, int] = {}
+        #: component softmaxes per head of modules that compute several by design, by name (timm's differential
+        #: attention: 2, one attention call each): that many calls per forward are one computation, not a repeat
+        self.components: dict[str, int] = {}
 
     def module(self, name: str) -> nn.Module:
         """The watched model's module of that name."""
@@ -230,9 +233,7 @@ class Session:
         tokens' own (key ``leading + j`` is token ``j``)."""
         self.reports += 1
         self._count_call(name)
-        note = self.notes.get(name)
-        if note is not None:
-            self.warn_once(f"note:{name}", f"geomon: {name!r} is {note}")
+        self._say_note(name)
         if cross is None:
             cross = self.cross_hint.get(name)
         with torch.no_grad():
@@ -243,13 +244,19 @@ class Session:
             )  # fmt: skip
             self.on_attention(call)
 
+    def _say_note(self, name: str) -> None:
+        """Say once what a reported module's values mean where that is not plain (:attr:`notes`)."""
+        note = self.notes.get(name)
+        if note is not None:
+            self.warn_once(f"note:{name}", f"geomon: {name!r} is {note}")
+
     def _count_call(self, name: str) -> None:
         """Say once when a module computes attention again within one forward of the model: a layer shared across
         depths (ALBERT's one layer group run ``num_hidden_layers`` times) is logged under one name, its depths
         pooled, with nothing else to tell the user that the model's twelve layers are one key."""
         count = self.calls_in_forward.get(name, 0) + 1
         self.calls_in_forward[name] = count
-        if count == 2:
+        if count == self.components.get(name, 1) + 1:
             self.warn_once(f"repeated:{name}", f"geomon: attention module {name!r} computed attention more than once "
                            "in one forward of the model (a layer shared across depths, as in ALBERT, or a module "
                            "called twice): its entropy and max logit pool every call under that one name, not one "
@@ -354,6 +361,7 @@ class Session:
         on_scores = self.on_scores
         assert isinstance(call, ScoresCall) and on_scores is not None
         self._count_call(call.module)
+        self._say_note(call.module)
         self.guarded(call.module, lambda: on_scores(call))
 
     def say_unseen(self) -> None:

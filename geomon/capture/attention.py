@@ -164,6 +164,9 @@ def capture_attention(
         heads = timm_vit.heads_for(module) if name is not None else None
         if heads is not None:
             session.declared_heads[name] = heads
+        components = timm_vit.components_for(module) if name is not None else None
+        if components is not None:
+            session.components[name] = components
         if kind is not None:
             session.expected[id(module)] = kind
         elif fallback is None and looks_like_attention(module):

@@ -100,7 +100,12 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
         if heads is None or scores.shape[0] % heads:
             return
         scores = scores.unflatten(0, (-1, heads))
-    axes = head_axes(scores.shape, heads)
+    components = session.components.get(name, 1)
+    if heads is not None and components > 1 and scores.ndim == 4 and scores.shape[1] == components * heads:
+        # [B, C·H, Nq, Nk], head h's components at C·h + c: [B, H, C, Nq, Nk], each head pooling its components
+        scores, axes = scores.unflatten(1, (heads, components)), [1]
+    else:
+        axes = head_axes(scores.shape, heads)
     if len(axes) > 1:  # [B, blocks, H, L, 3L] with as many blocks as heads (LongT5's local attention on some lengths)
         shape = ", ".join(str(size) for size in scores.shape)
         session.softmax_rows.setdefault(depth, []).append(f"[{shape}], in which {len(axes)} dimensions have its "

@@ -161,7 +161,14 @@ NOTES = {
     ("timm.models.xcit", "XCA"): "cross-covariance attention (XCiT): its softmax runs over the head's channels, so "
     "its rows and keys are the Dh channels, not tokens, and its entropy and max logit are those of that channel "
     "attention (normalised entropy: over log Dh)",
+    ("timm.layers.diff_attention", "DiffAttention"): "differential attention ((softmax_1 - λ·softmax_2)·V per "
+    "head): each of its heads pools the entropy and max logit of its two component softmaxes; the difference is not "
+    "a distribution and has no entropy",
 }  # fmt: skip
+
+#: timm attention that computes two component softmaxes per head by design (one SDPA call each on its fused path;
+#: one softmax over ``[B, 2H, N, N]``, head ``h``'s components at ``2h`` and ``2h + 1``, on the other)
+_COMPONENTS = {("timm.layers.diff_attention", "DiffAttention"): 2}
 
 
 #: timm attention that is single-head by design and declares no head count: its scores ``[B, Nq, Nk]`` are one head
@@ -173,6 +180,15 @@ def heads_for(module: nn.Module) -> int | None:
     """The head count of a timm attention class that declares none (:data:`_SINGLE_HEAD`), else None."""
     single = any(cls is not None and type(module) is cls for cls in (_model_class(*entry) for entry in _SINGLE_HEAD))
     return 1 if single else None
+
+
+def components_for(module: nn.Module) -> int | None:
+    """Component softmaxes per head of a timm attention class that has several (:data:`_COMPONENTS`), else None."""
+    for (path, name), count in _COMPONENTS.items():
+        cls = _model_class(path, name)
+        if cls is not None and isinstance(module, cls):
+            return count
+    return None
 
 
 def note_for(module: nn.Module) -> str | None:

@@ -325,3 +325,38 @@ def test_hugging_face_timesfm_default_eager_function_is_read_at_its_softmax():
         assert real.tolist() == [[True] * 4, [False, True, True, True]]
         entropy = entropy_of(torch.softmax(s, dim=-1))
         _assert_layer_equals(values, details, layer, entropy, real[:, None, :].expand_as(entropy))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_timm_differential_attention_pools_each_heads_two_components_on_both_paths(fused):
+    """timm's ``DiffAttention`` computes two component softmaxes per head: two SDPA calls of ``H`` heads on its fused
+    path, one softmax over ``[B, 2H, N, N]`` (head ``h``'s components at ``2h`` and ``2h + 1``) on the other. Both
+    paths report ``H`` heads, each pooling its two components (the float64 softmax of the non-fused path's scores),
+    say what that means once, and do not take the two calls for a layer run twice."""
+    timm = pytest.importorskip("timm")
+    if "vit_dwee_patch16_reg1_gap_256" not in timm.list_models():
+        pytest.skip("timm has no differential-attention ViT")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_dwee_patch16_reg1_gap_256", pretrained=False, img_size=32, depth=2).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 2:
+                parameter.normal_(0, 0.3)
+    heads = model.blocks[0].attn.num_heads
+    x = torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    scores = softmax_inputs(model, x)
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    values, details, said = measure_once(model, x)
+    assert _logged_layers(values) == ["blocks.0.attn", "blocks.1.attn"] == sorted(scores)
+    for layer, (s,) in scores.items():
+        assert s.shape[1] == 2 * heads
+        s = s.unflatten(1, (heads, 2))  # [B, H, 2, N, N]
+        entropy = entropy_of(torch.softmax(s, dim=-1)).transpose(1, 2).flatten(0, 1)  # [B·2, H, N]
+        _assert_layer_equals(values, details, layer, entropy, torch.ones_like(entropy).bool())
+        assert values[key(MAX_LOGIT, layer)] == pytest.approx(float(s.amax()), rel=1e-5)
+    assert not [m for m in said if "more than once" in m], said
+    notes = [m for m in said if "differential attention" in m]
+    assert len(notes) == 2 and all("pools the entropy and max logit of its two component softmaxes" in m for m in notes)
