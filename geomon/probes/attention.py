@@ -10,6 +10,7 @@ import torch
 from geomon import keys
 from geomon.capture import AttentionCall
 from geomon.capture._session import ScoresCall
+from geomon.capture.softmax import SCORES_MASKED_AT
 from geomon.functional._dispatch import Backend
 from geomon.functional.attention_entropy import _attention_entropy_compute
 from geomon.metrics import AttentionEntropy
@@ -22,6 +23,10 @@ FIELDS = (
     (keys.MAX_LOGIT, "max_logit", "max_logit_per_head"),
 )
 
+
+#: a layer read at its softmax whose max logit passes this (half the masking threshold's size) may have logits low
+#: enough to read as masked: said once
+LOGITS_NEAR_MASKED = -SCORES_MASKED_AT / 2
 
 #: Calls with at most this many query rows are measured in full, and ``"auto"`` never measures fewer rows than this.
 MIN_QUERY_ROWS = 128
@@ -92,6 +97,7 @@ class AttentionProbe(Probe):
         super().__init__(name, None if heads is None else (heads,))
         self.backend, self.query_rows = backend, query_rows
         self.metric: AttentionEntropy | None = None
+        self.read_at_softmax = False  # rows came from the module's own softmax since the last compute
 
     def keys(self) -> list[str]:
         return [keys.key(family, self.name) for family, _, _ in FIELDS]
@@ -140,6 +146,7 @@ class AttentionProbe(Probe):
         self.allocate(call.entropy.device)
         assert self.metric is not None
         self.metric._update_rows(call.entropy, call.max_logit, call.n_keys)
+        self.read_at_softmax = True
 
     def rows(self, n_q: int, n_k: int, width: int) -> int:
         """Query rows per head measured in a call of ``n_q`` queries, ``n_k`` keys, query width ``H·Dh``."""
@@ -153,6 +160,13 @@ class AttentionProbe(Probe):
             rows, normalized_rows = float(stats.count.sum()), float(stats.normalized_count.sum())
             result = _attention_entropy_compute(stats) if rows > 0 else {}
         metric.reset()
+        if self.read_at_softmax and rows > 0 and float(result["max_logit"]) > LOGITS_NEAR_MASKED:
+            context.guard.warn_once(f"softmax-logits:{self.name}", f"geomon: {self.name!r}, read at its own softmax, "
+                                    f"has logits up to {float(result['max_logit']):.4g}: at that size its scores at or "
+                                    f"below {SCORES_MASKED_AT:g} may be logits rather than a mask added to them, and "
+                                    "they are read as masked (a row whose keys all fall there is left out), so its "
+                                    "values may leave rows out from here on")  # fmt: skip
+        self.read_at_softmax = False
         for family, total, per_head in FIELDS:
             if rows > 0 and (family != keys.ENTROPY_NORMALIZED or normalized_rows > 0):
                 out.scalars[keys.key(family, self.name)] = result[total]

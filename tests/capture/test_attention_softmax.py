@@ -352,3 +352,21 @@ def test_linear_attention_is_not_read_as_softmax_attention():
     values, _, said = measure_once(_Wrapped(LinearAttention()), torch.randn(B, N, H * D))
     assert not [name for name in values if name.startswith("geomon/attention/") and name.endswith("/attn")], values
     assert [m for m in said if "'attn'" in m], said  # named, not silently measured
+
+
+@pytest.mark.parametrize("std", [0.6, 40.0])
+def test_logits_near_the_masking_threshold_are_said_once(std):
+    """At the softmax a score at or below -5e3 reads as masked (a mask added to a logit); a layer whose own logits
+    reach thousands may have real logits there, so that its values leave rows out: said once, for that layer only."""
+    torch.manual_seed(0)
+    model = Net()
+    nn.init.normal_(model.attn.qkv.weight, std=std)
+    values, _, said = measure_once(model, torch.randn(B, N, H * D))
+    max_logit = float(model.attn.kept[0].amax())
+    warned = [m for m in said if "read at its own softmax, has logits up to" in m]
+    if std == 0.6:
+        assert max_logit < 100 and not warned, said
+    else:
+        assert float(model.attn.kept[0].amin()) < -5e3 < 2.5e3 < max_logit
+        assert len(warned) == 1 and "'attn'" in warned[0], said
+        assert values[key(MAX_LOGIT, "attn")] > 2.5e3
