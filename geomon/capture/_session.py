@@ -196,6 +196,9 @@ class Session:
         #: component softmaxes per head of modules that compute several by design, by name (timm's differential
         #: attention: 2, one attention call each): that many calls per forward are one computation, not a repeat
         self.components: dict[str, int] = {}
+        #: modules whose softmax scores have their heads folded into the first dimension whatever their rank,
+        #: batch-major (timm's HaloAttn: [B·H, blocks, Nq, Nk])
+        self.folded_heads: set[str] = set()
 
     def module(self, name: str) -> nn.Module:
         """The watched model's module of that name."""

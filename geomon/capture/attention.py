@@ -167,6 +167,8 @@ def capture_attention(
         components = timm_vit.components_for(module) if name is not None else None
         if components is not None:
             session.components[name] = components
+        if name is not None and timm_vit.folds_heads(module):
+            session.folded_heads.add(name)
         if kind is not None:
             session.expected[id(module)] = kind
         elif fallback is None and looks_like_attention(module):

@@ -96,16 +96,13 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
         return
     name = session.stack[depth][1]
     heads = session.head_count(name)
-    if scores.ndim == 3:  # [B·H, Nq, Nk], batch-major (see the module): [B, H, Nq, Nk] as a view
-        if heads is None or scores.shape[0] % heads:
-            return
-        scores = scores.unflatten(0, (-1, heads))
-    components = session.components.get(name, 1)
-    if heads is not None and components > 1 and scores.ndim == 4 and scores.shape[1] == components * heads:
-        # [B, C·H, Nq, Nk], head h's components at C·h + c: [B, H, C, Nq, Nk], each head pooling its components
-        scores, axes = scores.unflatten(1, (heads, components)), [1]
-    else:
-        axes = head_axes(scores.shape, heads)
+    if heads is None:
+        return
+    over_keys = dim in (-1, scores.ndim - 1)  # of the tensor as the module passed it
+    placed = _heads_placed(session, name, scores, heads)
+    if placed is None:
+        return
+    scores, axes = placed
     if len(axes) > 1:  # [B, blocks, H, L, 3L] with as many blocks as heads (LongT5's local attention on some lengths)
         shape = ", ".join(str(size) for size in scores.shape)
         session.softmax_rows.setdefault(depth, []).append(f"[{shape}], in which {len(axes)} dimensions have its "
@@ -113,7 +110,7 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
         return
     if not axes:
         return  # no [batch, ..., heads, ..., queries, keys] layout with the heads the module declares
-    if dim not in (-1, scores.ndim - 1):  # linear attention normalises q and k so: not a [queries, keys] map
+    if not over_keys:  # linear attention normalises q and k so: not a [queries, keys] map
         if scores.shape[-1] > 1:  # [..., K, 1] (ConvBERT's dynamic convolution kernels) is neither
             session.softmax_rows.setdefault(depth, []).append(None)
         return
@@ -121,6 +118,21 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
     n_q, n_k = scores.shape[-2:]
     keep = None if session.score_rows is None else session.score_rows(n_q, n_k, scores.shape[axes[0]])
     session.guarded(name, lambda: read.append(rows_of(name, scores.detach(), axes[0], keep, session.padding)))
+
+
+def _heads_placed(session: Session, name: str, scores: Tensor, heads: int) -> tuple[Tensor, list[int]] | None:
+    """``scores`` with the heads at a dimension of their own (a view), and the dimensions that may hold them (one:
+    placed; several: ambiguous); None where they cannot be."""
+    folded = scores.ndim == 3 or (name in session.folded_heads and scores.ndim >= 4)
+    if folded:  # [B·H, ..., Nq, Nk], batch-major (see the module): [B, H, ..., Nq, Nk]
+        if scores.shape[0] % heads:
+            return None
+        return scores.unflatten(0, (-1, heads)), [1]
+    components = session.components.get(name, 1)
+    if components > 1 and scores.ndim == 4 and scores.shape[1] == components * heads:
+        # [B, C·H, Nq, Nk], head h's components at C·h + c: [B, H, C, Nq, Nk], each head pooling its components
+        return scores.unflatten(1, (heads, components)), [1]
+    return scores, head_axes(scores.shape, heads)
 
 
 def _reading_module(session: Session) -> int | None:

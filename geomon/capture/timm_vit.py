@@ -182,6 +182,16 @@ def heads_for(module: nn.Module) -> int | None:
     return 1 if single else None
 
 
+#: timm attention whose softmax scores have the heads folded into their first dimension, batch-major, beside other
+#: leading dimensions: HaloAttn's ``[B·H, blocks, Nq, Nk]`` (blocks of queries, each over its haloed window of keys)
+_FOLDED_HEADS = (("timm.layers.halo_attn", "HaloAttn"),)
+
+
+def folds_heads(module: nn.Module) -> bool:
+    """Whether ``module`` is a timm attention class whose scores fold the heads into the first dimension."""
+    return any(cls is not None and isinstance(module, cls) for cls in (_model_class(*e) for e in _FOLDED_HEADS))
+
+
 def components_for(module: nn.Module) -> int | None:
     """Component softmaxes per head of a timm attention class that has several (:data:`_COMPONENTS`), else None."""
     for (path, name), count in _COMPONENTS.items():

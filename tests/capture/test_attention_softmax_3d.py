@@ -305,9 +305,9 @@ class FoldedAttention(nn.Module):
     """Written by hand over ``[B·H, N, N]`` scores, heads folded into the batch batch-major, a key padding mask
     added as -inf."""
 
-    def __init__(self, dim: int = 16, heads: int = 4):
+    def __init__(self, dim: int = 16, heads: int = 4, softmax_dim: int = -1):
         super().__init__()
-        self.num_heads = heads
+        self.num_heads, self.softmax_dim = heads, softmax_dim
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
 
     def scores(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
@@ -318,14 +318,15 @@ class FoldedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         v = self.v_proj(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2).flatten(0, 1)
-        weights = torch.softmax(self.scores(x, padding), dim=-1)
+        weights = torch.softmax(self.scores(x, padding), dim=self.softmax_dim)
         return (weights @ v).unflatten(0, (x.shape[0], self.num_heads)).transpose(1, 2).flatten(2)
 
 
-@pytest.mark.parametrize("query_rows", [None, 5])
-def test_folded_scores_equal_an_explicit_float64_softmax_per_head(query_rows):
+@pytest.mark.parametrize(("query_rows", "softmax_dim"), [(None, -1), (5, -1), (None, 2)])
+def test_folded_scores_equal_an_explicit_float64_softmax_per_head(query_rows, softmax_dim):
+    """Also with the keys' dimension given as a positive index of the 3-D scores (``dim=2``)."""
     torch.manual_seed(0)
-    model = nn.ModuleDict({"attn": FoldedAttention()})
+    model = nn.ModuleDict({"attn": FoldedAttention(softmax_dim=softmax_dim)})
     for parameter in model.parameters():
         nn.init.normal_(parameter, 0, 0.6)
     n = 12

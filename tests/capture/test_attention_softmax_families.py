@@ -360,3 +360,24 @@ def test_timm_differential_attention_pools_each_heads_two_components_on_both_pat
     assert not [m for m in said if "more than once" in m], said
     notes = [m for m in said if "differential attention" in m]
     assert len(notes) == 2 and all("pools the entropy and max logit of its two component softmaxes" in m for m in notes)
+
+
+@pytest.mark.parametrize("size", [8, 16], ids=["as-many-blocks-as-heads", "more-blocks"])
+def test_timm_halo_attention_folds_its_heads_into_the_first_dimension(size):
+    """timm's ``HaloAttn`` takes its softmax over ``[B·H, blocks, Nq, Nk]`` scores (blocks of queries, each over its
+    haloed window of keys): read as ``[B, H, blocks, Nq, Nk]``, each head pooling its blocks, equal per head to the
+    float64 softmax of those scores, also where there are as many blocks as heads (8 px: 4 blocks of 4x4, 4 heads)."""
+    halo = pytest.importorskip("timm.layers.halo_attn")
+    torch.manual_seed(0)
+    layer = nn.ModuleDict({"attn": halo.HaloAttn(dim=16, num_heads=4, block_size=4, halo_size=1)}).eval()
+    for parameter in layer.parameters():
+        nn.init.normal_(parameter, std=0.5)
+    model = _Call(layer)
+    x = torch.randn(B, 16, size, size, generator=torch.Generator().manual_seed(1))
+    (scores,) = softmax_inputs(model, x)["attn.attn"]
+    assert scores.shape == (B * 4, (size // 4) ** 2, 16, 36)
+    values, details, said = measure_once(model, x)
+    assert not [m for m in said if "attn.attn" in m], said
+    entropy = entropy_of(torch.softmax(scores, dim=-1)).unflatten(0, (B, 4)).transpose(1, 2).flatten(0, 1)
+    _assert_layer_equals(values, details, "attn.attn", entropy, torch.ones_like(entropy).bool())  # [B·blocks, H, N]
+    assert values[key(MAX_LOGIT, "attn.attn")] == pytest.approx(float(scores.amax()), rel=1e-5)
