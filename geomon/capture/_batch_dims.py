@@ -90,8 +90,15 @@ def _unfold_heads(q: Tensor, k: Tensor, mask: Tensor | None, heads: int) -> tupl
 
 def head_axes(shape: tuple[int, ...], heads: int | None) -> list[int]:
     """The dimensions after the batch and before the last two whose size is ``heads``: the heads' place when there
-    is exactly one."""
-    return [axis for axis in range(1, len(shape) - 2) if shape[axis] == heads]
+    is exactly one. One head fits any such dimension of size 1 alike (the first is taken): whichever holds it, the
+    values are the same.
+
+    Example:
+        >>> head_axes((2, 4, 4, 3, 9), 4), head_axes((2, 1, 1, 5, 5), 1)
+        ([1, 2], [1])
+    """
+    axes = [axis for axis in range(1, len(shape) - 2) if shape[axis] == heads]
+    return axes[:1] if heads == 1 else axes
 
 
 def _fold(x: Tensor, axis: int) -> Tensor:

@@ -73,6 +73,19 @@ def test_five_d_calls_give_each_head_its_own_rows(head_axis):
     _assert_heads(values, details, "attn", *_per_head(scores, head_axis))
 
 
+def test_one_head_beside_one_window_is_read_whichever_dimension_holds_it():
+    """A 5-D call of one head and one window (a stage of a tiny Hiera): both dimensions have the one head's size,
+    and either gives the same rows, so the call is read, not named as ambiguous."""
+    torch.manual_seed(0)
+    model = Net(Windowed(head_axis=1, heads=1, windows=1))
+    nn.init.normal_(model.attn.qkv.weight, std=0.5)
+    values, details, said = measure_once(model, torch.randn(B, N, D))
+    assert not said, said
+    q, k, _ = model.attn.kept[0]
+    scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
+    _assert_heads(values, details, "attn", *_per_head(scores, 1))
+
+
 def test_a_five_d_mask_laid_out_as_the_queries_is_read_in_place():
     torch.manual_seed(1)
     model = Net(Windowed(head_axis=1))
