@@ -79,8 +79,8 @@ def looks_like_attention(module: nn.Module) -> bool:
         >>> looks_like_attention(Attend()), looks_like_attention(nn.Linear(8, 8))
         (True, False)
     """
-    if isinstance(module, _LAYERS_WITHOUT_ATTENTION):
-        return False
+    if isinstance(module, _LAYERS_WITHOUT_ATTENTION) or isinstance(getattr(module, "A_log", None), nn.Parameter):
+        return False  # A_log: a state-space mixer (Mamba, Mamba-2), whose in_proj is not attention's
     cls = type(module).__name__.lower()
     if "attention" in cls or cls.endswith(("attn", "attend")):
         return True

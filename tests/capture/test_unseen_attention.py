@@ -134,3 +134,21 @@ def test_many_layers_of_one_class_make_one_warning_that_names_a_few():
 )
 def test_looks_like_attention(module, expected):
     assert looks_like_attention(module) is expected
+
+
+@pytest.mark.parametrize(("config_name", "model_name"), [("MambaConfig", "MambaModel"),
+                                                          ("FalconMambaConfig", "FalconMambaModel")])  # fmt: skip
+def test_state_space_mixers_are_not_named_as_attention(config_name, model_name):
+    """A Mamba mixer has an ``in_proj`` (as ``nn.MultiheadAttention`` does) but no attention: its ``A_log``
+    parameter marks it as a state-space layer, so no unseen-attention warning names it."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"transformers has no {model_name}")
+    config = getattr(transformers, config_name)(vocab_size=50, hidden_size=16, num_hidden_layers=1, state_size=4)
+    model = getattr(transformers, model_name)(config).eval()
+    assert isinstance(model.layers[0].mixer.A_log, nn.Parameter) and hasattr(model.layers[0].mixer, "in_proj")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with capture_attention(model, lambda call: None), torch.no_grad():
+            model(input_ids=torch.randint(0, 50, (1, 6)))
+    assert not _messages(caught), _messages(caught)
