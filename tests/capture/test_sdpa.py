@@ -137,7 +137,8 @@ def test_calls_outside_the_watched_model_are_ignored_and_kwargs_are_read():
 @pytest.mark.parametrize("shape", [(2, 5, 8), (2, 3, 2, 5, 8)], ids=["3-D", "5-D"])
 def test_a_call_that_is_not_four_dimensional_is_named_once_and_not_reported(shape):
     """SDPA takes any batch dimensions (SAM's windows, Hiera's units, [B*H, N, D]); which of them are heads the call
-    does not say, so such a call is left out with one warning that names the layout, not a probe failure."""
+    does not say, so in a module that declares no head count such a call is left out with one warning that names
+    the layout, not a probe failure (with a declared head count it is read: test_attention_batch_dims.py)."""
     import warnings
 
     from geomon import Monitor
