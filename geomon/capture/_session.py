@@ -83,6 +83,8 @@ class ScoresCall:
     entropy: Tensor  #: [B, H, Nq] nats, NaN for a row with no allowed key or a padded query row
     max_logit: Tensor  #: [B, H, Nq]
     n_keys: Tensor  #: [B, H, Nq] allowed keys of each row (0 for the rows above)
+    #: 0-dim: the highest logit of every row read, padded ones included (left out of the values above)
+    peak: Tensor | None = None
 
 
 class Found(NamedTuple):

@@ -37,6 +37,7 @@ every softmax call of the model in the block a Python check of its shape (measur
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -162,6 +163,7 @@ def rows_of(
     rows = _score_rows(scores, masked_at=SCORES_MASKED_AT, query_index=index)
     rows = tuple(part.movedim(head_axis, -2).reshape(-1, heads, part.shape[-1]) for part in rows)
     batch = rows[0].shape[0]
+    peak = rows[1].nan_to_num(nan=-math.inf).amax()  # before any row is left out: what the values may miss
     if n_q == n_k and not is_cross_name(name):  # a key no row of any head may attend to is padding (rule 2)
         padded = ~(_best_scores(scores).amax(dim=head_axis) > SCORES_MASKED_AT).reshape(-1, n_k)
         if padding is not None:
@@ -170,7 +172,7 @@ def rows_of(
         padded = None if padding is None else padding.queries.get((batch, n_q))
     if padded is not None:
         rows = _drop_rows(rows, padded.to(scores.device), index)  # type: ignore[arg-type]
-    return ScoresCall(name, *rows)
+    return ScoresCall(name, *rows, peak=peak)
 
 
 def _best_scores(scores: Tensor) -> Tensor:

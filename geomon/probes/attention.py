@@ -24,9 +24,10 @@ FIELDS = (
 )
 
 
-#: a layer read at its softmax whose max logit passes this (half the masking threshold's size) may have logits low
-#: enough to read as masked: said once
-LOGITS_NEAR_MASKED = -SCORES_MASKED_AT / 2
+#: a layer read at its softmax with a logit above this (a fifth of the masking threshold's size, ten times the
+#: max-logit alert's default), in any row read, left out or not, may have logits low enough to read as masked:
+#: said once
+LOGITS_NEAR_MASKED = -SCORES_MASKED_AT / 5
 
 #: Calls with at most this many query rows are measured in full, and ``"auto"`` never measures fewer rows than this.
 MIN_QUERY_ROWS = 128
@@ -97,7 +98,7 @@ class AttentionProbe(Probe):
         super().__init__(name, None if heads is None else (heads,))
         self.backend, self.query_rows = backend, query_rows
         self.metric: AttentionEntropy | None = None
-        self.read_at_softmax = False  # rows came from the module's own softmax since the last compute
+        self.softmax_peak: torch.Tensor | None = None  # highest logit read at the module's softmax since compute
 
     def keys(self) -> list[str]:
         return [keys.key(family, self.name) for family, _, _ in FIELDS]
@@ -146,7 +147,9 @@ class AttentionProbe(Probe):
         self.allocate(call.entropy.device)
         assert self.metric is not None
         self.metric._update_rows(call.entropy, call.max_logit, call.n_keys)
-        self.read_at_softmax = True
+        if call.peak is not None:  # on the device: compared at compute, no sync here
+            peak = self.softmax_peak
+            self.softmax_peak = call.peak if peak is None else torch.maximum(peak, call.peak)
 
     def rows(self, n_q: int, n_k: int, width: int) -> int:
         """Query rows per head measured in a call of ``n_q`` queries, ``n_k`` keys, query width ``H·Dh``."""
@@ -160,13 +163,13 @@ class AttentionProbe(Probe):
             rows, normalized_rows = float(stats.count.sum()), float(stats.normalized_count.sum())
             result = _attention_entropy_compute(stats) if rows > 0 else {}
         metric.reset()
-        if self.read_at_softmax and rows > 0 and float(result["max_logit"]) > LOGITS_NEAR_MASKED:
+        peak, self.softmax_peak = self.softmax_peak, None
+        if peak is not None and float(peak) > LOGITS_NEAR_MASKED:  # this rank's rows: said where they were read
             context.guard.warn_once(f"softmax-logits:{self.name}", f"geomon: {self.name!r}, read at its own softmax, "
-                                    f"has logits up to {float(result['max_logit']):.4g}: at that size its scores at or "
-                                    f"below {SCORES_MASKED_AT:g} may be logits rather than a mask added to them, and "
-                                    "they are read as masked (a row whose keys all fall there is left out), so its "
-                                    "values may leave rows out from here on")  # fmt: skip
-        self.read_at_softmax = False
+                                    f"has logits up to {float(peak):.4g}: at that size its scores at or below "
+                                    f"{SCORES_MASKED_AT:g} may be logits rather than a mask added to them, and they "
+                                    "are read as masked (a key no row may attend to is padding, and its query row is "
+                                    "left out), so its values may leave rows out from here on")  # fmt: skip
         for family, total, per_head in FIELDS:
             if rows > 0 and (family != keys.ENTROPY_NORMALIZED or normalized_rows > 0):
                 out.scalars[keys.key(family, self.name)] = result[total]
