@@ -120,6 +120,22 @@ def recorded_softmax(record):
             del torch.Tensor.softmax
 
 
+def tiny_hf_model(config_name: str, model_name: str, implementation: str = "eager", **config) -> torch.nn.Module:
+    """A transformers model built from its config (random weights, seed 0, eval mode, the attention implementation
+    given); the test is skipped, saying so, on a transformers release that lacks the class (the floor is 4.45:
+    later families are not in it)."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    model_class = getattr(transformers, model_name, None)
+    if model_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
+    built = getattr(transformers, config_name)(**config)
+    built._attn_implementation = implementation
+    torch.manual_seed(0)
+    return model_class(built).eval()
+
+
 def measure_once(model: torch.nn.Module, *args, query_rows=None, **kwargs) -> tuple[dict, dict, list[str]]:
     """One measured forward of ``model`` under a fresh attention-only monitor (every row unless ``query_rows``):
     the logged values as floats, the per-head details, and geomon's warnings."""

@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from geomon import Monitor  # noqa: E402
-from tests.capture._reference import entropy_of  # noqa: E402
+from tests.capture._reference import entropy_of, tiny_hf_model  # noqa: E402
 
 LM = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
           initializer_range=0.3)  # fmt: skip
@@ -28,13 +28,7 @@ N, PADDED = 9, 3
 
 
 def _model(config_name: str, model_name: str, config: dict, implementation: str) -> torch.nn.Module:
-    model_class = getattr(transformers, model_name, None)
-    if model_class is None:
-        pytest.skip(f"this transformers version has no {model_name}")
-    cfg = getattr(transformers, config_name)(**config)
-    cfg._attn_implementation = implementation
-    torch.manual_seed(0)
-    return model_class(cfg).eval()
+    return tiny_hf_model(config_name, model_name, implementation, **config)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])

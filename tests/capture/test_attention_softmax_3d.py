@@ -13,19 +13,19 @@ import torch
 from torch import nn
 
 from geomon.keys import ENTROPY, MAX_LOGIT, key
-from tests.capture._reference import entropy_of, measure_once, returned_probabilities, softmax_inputs
+from tests.capture._reference import (
+    entropy_of,
+    measure_once,
+    returned_probabilities,
+    softmax_inputs,
+    tiny_hf_model,
+)
 
 B, N, PADDED = 2, 9, 3
 
 
 def _hf(config_name: str, model_name: str, **config) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, model_name):
-        pytest.skip(f"transformers has no {model_name}")
-    config = getattr(transformers, config_name)(**config)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = getattr(transformers, model_name)(config).eval()
+    model = tiny_hf_model(config_name, model_name, **config)
     with torch.no_grad():  # weights large enough that no map is near uniform
         for name, parameter in model.named_parameters():
             if parameter.ndim == 2 and "embed" not in name:

@@ -19,6 +19,7 @@ from tests.capture._reference import (
     own_softmax_entropy,
     returned_probabilities,
     softmax_inputs,
+    tiny_hf_model,
 )
 
 B, N, PADDED = 2, 9, 3
@@ -33,13 +34,7 @@ TEXT = dict(
 
 
 def _hf(config_name: str, model_name: str, **config) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, model_name):
-        pytest.skip(f"transformers has no {model_name}")
-    config = getattr(transformers, config_name)(initializer_range=0.3, **config)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return getattr(transformers, model_name)(config).eval()
+    return tiny_hf_model(config_name, model_name, initializer_range=0.3, **config)
 
 
 def _logged_layers(values: dict) -> list[str]:
@@ -298,15 +293,9 @@ def test_hugging_face_timesfm_default_eager_function_is_read_at_its_softmax():
     does not wrap (it wraps ``eager_attention_forward``): its eager attention is read at the module's softmax. The
     second series' first patch is padding (causal over 4 patches): that key is masked for every row, so its query
     row is left out; per layer and head against the scores the module hands its softmax."""
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "TimesFmModel"):
-        pytest.skip("transformers has no TimesFmModel")
-    config = transformers.TimesFmConfig(patch_length=4, context_length=16, horizon_length=4, hidden_size=32,
-                                        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        head_dim=8)  # fmt: skip
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.TimesFmModel(config).eval()
+    model = tiny_hf_model("TimesFmConfig", "TimesFmModel", patch_length=4, context_length=16, horizon_length=4,
+                          hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          head_dim=8)  # fmt: skip
     with torch.no_grad():  # weights large enough that no map is near uniform
         for parameter in model.parameters():
             if parameter.ndim == 2:

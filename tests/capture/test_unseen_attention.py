@@ -11,6 +11,7 @@ from torch import nn
 import geomon
 from geomon.capture import capture_attention
 from geomon.capture.attention import looks_like_attention
+from tests.capture._reference import tiny_hf_model
 
 
 class ManualAttention(nn.Module):
@@ -141,11 +142,7 @@ def test_looks_like_attention(module, expected):
 def test_state_space_mixers_are_not_named_as_attention(config_name, model_name):
     """A Mamba mixer has an ``in_proj`` (as ``nn.MultiheadAttention`` does) but no attention: its ``A_log``
     parameter marks it as a state-space layer, so no unseen-attention warning names it."""
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, model_name):
-        pytest.skip(f"transformers has no {model_name}")
-    config = getattr(transformers, config_name)(vocab_size=50, hidden_size=16, num_hidden_layers=1, state_size=4)
-    model = getattr(transformers, model_name)(config).eval()
+    model = tiny_hf_model(config_name, model_name, vocab_size=50, hidden_size=16, num_hidden_layers=1, state_size=4)
     assert isinstance(model.layers[0].mixer.A_log, nn.Parameter) and hasattr(model.layers[0].mixer, "in_proj")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
