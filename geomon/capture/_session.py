@@ -375,23 +375,23 @@ class Session:
         for (category, label), names in self.unseen_names.items():
             unique = list(dict.fromkeys(names))
             shown = ", ".join(repr(n) for n in unique[:4]) + (f" and {len(unique) - 4} more" if len(unique) > 4 else "")
+            modules = f"geomon: {len(unique)} module(s) of class {label} ({shown})"
             if category == "layout":
                 layout = self.softmax_layouts.pop(label, "")
-                self.warn_once(f"layout:{label}", f"geomon: {len(unique)} module(s) of class {label} ({shown}) "
-                               f"take a softmax over scores {layout}: which of those holds the heads cannot be told, "
-                               "so their attention is not reported for such inputs (the layout can depend on the "
-                               "input's length)")  # fmt: skip
+                self.warn_once(f"layout:{label}", f"{modules} take a softmax over scores {layout}: which of those "
+                               "holds the heads cannot be told, so their attention is not reported for such inputs "
+                               "(the layout can depend on the input's length)")  # fmt: skip
             elif category == "softmax-dims":
-                self.warn_once(f"softmax-dims:{label}", f"geomon: {len(unique)} module(s) of class {label} ({shown}) "
-                               "take a softmax over a dimension other than the last of a [batch, heads, ...] tensor, "
-                               "as linear attention normalises its queries and keys: it is not softmax attention over "
-                               "[queries, keys], so their attention is not reported")  # fmt: skip
+                self.warn_once(f"softmax-dims:{label}", f"{modules} take a softmax over a dimension other than the "
+                               "last of a [batch, heads, ...] tensor, as linear attention normalises its queries and "
+                               "keys: it is not softmax attention over [queries, keys], so their attention is not "
+                               "reported")  # fmt: skip
             elif category == "softmaxes":
                 count = " or ".join(str(c) for c in sorted(self.softmax_counts.pop(label, ())))
-                self.warn_once(f"softmaxes:{label}", f"geomon: {len(unique)} module(s) of class {label} ({shown}) "
-                               f"take {count} softmaxes over [batch, heads, queries, keys] scores in one call, which "
-                               "geomon cannot tell apart (a mix of attention maps, or a softmax that is not "
-                               "attention): their attention is not reported")  # fmt: skip
+                self.warn_once(f"softmaxes:{label}", f"{modules} take {count} softmaxes over [batch, heads, "
+                               "queries, keys] scores in one call, which geomon cannot tell apart (a mix of attention "
+                               "maps, or a softmax that is not attention): their attention is not "
+                               "reported")  # fmt: skip
             elif category == "expected":
                 self.warn_once(f"unseen:{label}", f"geomon: attention modules ({label}) ran but their attention "
                                f"was not seen: {shown}; see docs/guides/capture.md for what each implementation "
@@ -399,8 +399,8 @@ class Session:
             else:
                 self.warn_once(
                     f"lookalike:{label}",
-                    f"geomon: {len(unique)} module(s) of class {label} ({shown}) look like attention but no attention "
-                    "computation was seen inside them, so they have no attention entropy; geomon sees softmax "
+                    f"{modules} look like attention but no attention computation was seen inside them, so they "
+                    "have no attention entropy; geomon sees softmax "
                     "attention computed with F.scaled_dot_product_attention (called at run time), one of the "
                     "implementations in docs/guides/capture.md#not-seen-and-why, or (under the monitor) one softmax "
                     "over [batch, heads, queries, keys] (or [batch·heads, queries, keys]) scores whose heads the "
