@@ -201,8 +201,7 @@ class WatchRule(Rule):
             f"{self.summary(active, seen)}.{' ' + self.advice if self.advice and level != 'INFO' else ''}"
         )
         # the bar crossed: a fixed threshold where one was, else the level the relative test set
-        threshold = next((b.value for b in crossed if not b.relative), None)
-        threshold = next((b.value for b in crossed if b.violated(value)), None) if threshold is None else threshold
+        threshold = next((b.value for b in sorted(crossed, key=lambda b: b.relative) if b.violated(value)), None)
         details = {
             "values": {label or "value": present[label][0] for label in present},
             "active": labels,

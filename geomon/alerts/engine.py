@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from geomon import keys
+from geomon._guard import Guard
 from geomon.alerts._base import Heads, Rule, Scalars, is_integer
 from geomon.alerts.events import AlertEvent, as_floats
 from geomon.alerts.rules import default_rules
@@ -75,7 +76,7 @@ class AlertEngine:
         self.strict = bool(strict)
         self._counts = dict.fromkeys(names, 0)
         self._skipped: set[str] = set()
-        self._failed: set[str] = set()  # the rules and sinks that raised (each is warned about once)
+        self._failures = Guard(strict)  # the rules and sinks that raised: each is warned about once
 
     @property
     def sinks(self) -> list[Sink]:
@@ -130,11 +131,10 @@ class AlertEngine:
             except Exception as error:
                 if self.strict:
                     raise
-                self._warn_once(
+                self._failures.warn_once(
                     f"rule:{rule.name}",
                     f"geomon alert rule {rule.name!r} raised {type(error).__name__}: {error}; skipped at step {step} "
                     "(and at every later step where it raises, without another warning)",
-                    stacklevel=3,
                 )
                 continue
             self._counts[rule.name] += sum(event.kind == "fired" for event in found)
@@ -151,19 +151,11 @@ class AlertEngine:
         except Exception as error:
             if self.strict:
                 raise
-            self._warn_once(
+            self._failures.warn_once(
                 f"sink:{id(sink)}",
                 f"geomon alert sink {sink!r} raised {type(error).__name__}: {error} on {event.title!r} (later "
                 "failures of this sink are skipped without another warning)",
-                stacklevel=4,
             )
-
-    def _warn_once(self, tag: str, message: str, stacklevel: int) -> None:
-        """A GeomonWarning the first time ``tag`` fails: a rule or sink that fails at every step (a bug, a
-        notification service that is down) is said once, not on every step (DESIGN.md; see geomon._guard)."""
-        if tag not in self._failed:
-            self._failed.add(tag)
-            warnings.warn(message, GeomonWarning, stacklevel=stacklevel)
 
     def counters(self) -> dict[str, int]:
         """``{"geomon/alerts/<rule>": fired events so far}`` for every rule (zeros included), to log as metrics."""
