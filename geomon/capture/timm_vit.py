@@ -23,13 +23,15 @@ Cost of a recomputation: the Q and K projections, ``2·B·N·E·(2·attn_dim)`` 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from geomon.capture._session import Found, bind
+
+T = TypeVar("T")
 
 
 def _classes() -> tuple[type | None, type | None]:
@@ -170,35 +172,28 @@ NOTES = {
 #: one softmax over ``[B, 2H, N, N]``, head ``h``'s components at ``2h`` and ``2h + 1``, on the other)
 _COMPONENTS = {("timm.layers.diff_attention", "DiffAttention"): 2}
 
-
 #: timm attention that is single-head by design and declares no head count: its scores ``[B, Nq, Nk]`` are one head
 #: (its fused path, where it has one, calls SDPA with ``[B, 1, N, Dh]``)
-_SINGLE_HEAD = (("timm.models.iformer", "SHMA"), ("timm.models.shvit", "SHSA"))
+_SINGLE_HEAD = {("timm.models.iformer", "SHMA"): 1, ("timm.models.shvit", "SHSA"): 1}
+
+#: timm attention whose softmax scores have the heads folded into their first dimension, batch-major, beside other
+#: leading dimensions: HaloAttn's ``[B·H, blocks, Nq, Nk]`` (blocks of queries, each over its haloed window of keys)
+_FOLDED_HEADS = {("timm.layers.halo_attn", "HaloAttn"): True}
 
 
 def heads_for(module: nn.Module) -> int | None:
     """The head count of a timm attention class that declares none (:data:`_SINGLE_HEAD`), else None."""
-    single = any(cls is not None and type(module) is cls for cls in (_model_class(*entry) for entry in _SINGLE_HEAD))
-    return 1 if single else None
-
-
-#: timm attention whose softmax scores have the heads folded into their first dimension, batch-major, beside other
-#: leading dimensions: HaloAttn's ``[B·H, blocks, Nq, Nk]`` (blocks of queries, each over its haloed window of keys)
-_FOLDED_HEADS = (("timm.layers.halo_attn", "HaloAttn"),)
+    return _listed(_SINGLE_HEAD, module)
 
 
 def folds_heads(module: nn.Module) -> bool:
     """Whether ``module`` is a timm attention class whose scores fold the heads into the first dimension."""
-    return any(cls is not None and isinstance(module, cls) for cls in (_model_class(*e) for e in _FOLDED_HEADS))
+    return bool(_listed(_FOLDED_HEADS, module))
 
 
 def components_for(module: nn.Module) -> int | None:
     """Component softmaxes per head of a timm attention class that has several (:data:`_COMPONENTS`), else None."""
-    for (path, name), count in _COMPONENTS.items():
-        cls = _model_class(path, name)
-        if cls is not None and isinstance(module, cls):
-            return count
-    return None
+    return _listed(_COMPONENTS, module)
 
 
 def note_for(module: nn.Module) -> str | None:
@@ -206,7 +201,7 @@ def note_for(module: nn.Module) -> str | None:
     return _listed(NOTES, module)
 
 
-def _listed(table: dict[tuple[str, str], str], module: nn.Module) -> str | None:
+def _listed(table: dict[tuple[str, str], T], module: nn.Module) -> T | None:
     """The entry of ``table`` (keyed by a timm module path and class name) for ``module``'s class, if any."""
     for (path, name), entry in table.items():
         cls = _model_class(path, name)
