@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import nn
 
-from geomon.capture import hf, hf_alibi, nanogpt, timm_vit, torch_mha, torchvision_attn, xtransformers
+from geomon.capture import hf, hf_alibi, hf_longformer, nanogpt, timm_vit, torch_mha, torchvision_attn, xtransformers
 from geomon.capture._session import AttentionCall, Fallback, ScoresCall, Session
 from geomon.capture.softmax import softmax_wrapped
 
@@ -49,7 +49,7 @@ def _recognise(module: nn.Module) -> tuple[str | None, Fallback | None]:
         kind = hf.kind(module)
         if kind is not None:
             return kind, None
-    for adapter in (timm_vit, torchvision_attn, nanogpt, xtransformers, hf_alibi):
+    for adapter in (timm_vit, torchvision_attn, nanogpt, xtransformers, hf_alibi, hf_longformer):
         kind, fallback = adapter.fallback_for(module)
         if kind is not None:
             return kind, fallback
