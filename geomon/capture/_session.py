@@ -42,6 +42,7 @@ from torch.nn.modules import module as _module_hooks
 from geomon.capture._batch_dims import fold_batch_dims
 from geomon.capture._padding import MASKED_AT, PaddingRule, crossed
 from geomon.capture._patterns import MaskPattern
+from geomon.capture._projections import ChildOutputs
 from geomon.capture.modules import head_count
 
 
@@ -170,6 +171,7 @@ class Session:
         self.stack: list[tuple[int, str, int]] = []  # (id(module), name, reports when it started)
         self.reports = 0
         self.fallbacks: dict[int, Fallback] = {}
+        self.child_outputs = ChildOutputs()  # what the fallbacks' projections returned in the call they report
         self.expected: dict[int, str] = {}  # attention modules (id -> kind): warn if one runs and nothing is seen
         self.lookalikes: set[int] = set()  # modules that look like attention: warn if one runs and nothing is seen
         self.unseen = 0  # modules found unseen so far: an enclosing look-alike is not named again
@@ -328,13 +330,17 @@ class Session:
             self.softmax_rows = {d: rows for d, rows in self.softmax_rows.items() if d < depth}
         if not self.stack:  # the model's forward ended: the next one counts its calls afresh
             self.calls_in_forward.clear()
+        if len(rest) == 2:  # a projection a fallback may read back (see _projections)
+            self.child_outputs.record(key, args, *rest, running=(entry[0] for entry in self.stack))
         if len(rest) != 2 or self.reports + self.unseen != before:
+            self.child_outputs.forget(key)
             return  # the forward raised, or its attention was already seen (or found unseen) inside
         kwargs, output = rest
         fallback = self.fallbacks.get(key)
         if fallback is not None:
             self.reports += 1  # handled, even if the fallback fails: no outer module reports it again
-            self.guarded(name, lambda: self.report_found(name, fallback(module, args, kwargs, output)))
+            with self.child_outputs.during(key):
+                self.guarded(name, lambda: self.report_found(name, fallback(module, args, kwargs, output)))
         elif read:
             self._report_softmax(module, name, read)
         elif key in self.expected:

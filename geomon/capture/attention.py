@@ -154,6 +154,7 @@ def capture_attention(
         kind, fallback = _recognise(module)
         if fallback is not None:
             session.fallbacks[id(module)] = fallback
+            session.child_outputs.watch(module)
         layout = xtransformers.sdpa_layout(module)
         name = session.name_of(module)
         if layout is not None and name is not None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from geomon.capture._patterns import ModuleMasks
+from geomon.capture._projections import projected, recorded
 from geomon.capture._session import Found, bind
 
 
@@ -53,12 +54,13 @@ def bloom_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) ->
     batch, n, width = x.shape
     heads, dim = module.num_heads, module.head_dim
     proj = module.query_key_value
-    if type(proj) is nn.Linear:  # only the Q and K rows of each head's [q, k, v] block
+    qk = recorded(proj, x)  # as the model computed it in this call
+    if qk is None and type(proj) is nn.Linear:  # only the Q and K rows of each head's [q, k, v] block
         weight = proj.weight.view(heads, 3, dim, width)[:, :2].reshape(-1, width)
         bias = None if proj.bias is None else proj.bias.view(heads, 3, dim)[:, :2].reshape(-1)
         qk = F.linear(x, weight, bias).view(batch, n, heads, 2, dim)
     else:
-        qk = proj.forward(x).view(batch, n, heads, 3, dim)
+        qk = (qk if qk is not None else projected(proj, x)).view(batch, n, heads, 3, dim)
     q, k = qk[..., 0, :].transpose(1, 2), qk[..., 1, :].transpose(1, 2)
     n_k = alibi.shape[-1]
     if n_k != n:
@@ -76,11 +78,7 @@ def mpt_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> l
     cache = call.get("cache", call.get("past_key_values"))
     batch, n, width = x.shape
     heads, dim = module.n_heads, module.head_dim
-    proj = module.Wqkv
-    if type(proj) is nn.Linear:
-        qk = F.linear(x, proj.weight[: 2 * width], None if proj.bias is None else proj.bias[: 2 * width])
-    else:
-        qk = proj.forward(x)[..., : 2 * width]
+    qk = projected(module.Wqkv, x, 2 * width)
     if module.clip_qkv:
         qk = qk.clamp(min=-module.clip_qkv, max=module.clip_qkv)
     q, k = (t.reshape(batch, n, heads, dim).transpose(1, 2) for t in qk.chunk(2, dim=-1))

@@ -13,8 +13,9 @@ projections, and the rows are those the module's own softmax normalises:
 - padded tokens (``is_index_masked``, Longformer's padding to a whole number of windows included) are left out as
   queries and masked as keys, as the module masks them.
 
-Longformer reads its global-token count on the host at every layer (``nonzero``); the adapter reads it once more at
-the module's exit, to size the global rows.
+The global tokens' hidden states are those the module gave ``query_global``, read back at its exit (see
+:mod:`geomon.capture._projections`; Longformer divides the projections' outputs in place, so Q and K themselves are
+computed again).
 
 Cost of a recomputation: the Q and K projections, ``2·B·N·E·2E`` FLOPs, plus those of the global tokens.
 """
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from geomon.capture._patterns import AlignedRule, MaskPattern
+from geomon.capture._projections import projected, seen_calls
 from geomon.capture._session import Found, bind
 
 _CLASSES = (
@@ -67,6 +69,18 @@ def _heads(x: Tensor, heads: int) -> Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
+def _global_states(module: nn.Module, x: Tensor, global_tokens: Tensor, counts: Tensor) -> Tensor:
+    """The hidden states of each item's global tokens, ``[B, G, E]`` (``G``: the most any item has; the other
+    slots hold anything): the input Longformer gave ``query_global`` (``[G, B, E]``, read without a host sync), or
+    gathered again, which reads ``G`` on the host."""
+    for seen in reversed(seen_calls(module.query_global)):
+        if isinstance(seen.input, Tensor) and seen.input.ndim == 3 and seen.input.shape[1] == x.shape[0]:
+            return seen.input.transpose(0, 1)
+    most = int(counts.max())  # as Longformer's own nonzero() does at every layer
+    order = torch.argsort((~global_tokens).to(torch.int8), dim=1, stable=True)[:, :most]
+    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def longformer_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
     """Band rows (and the global tokens' rows) of one ``LongformerSelfAttention`` call, as its forward forms them."""
     call = bind(_ARGUMENTS, args, kwargs)
@@ -80,18 +94,17 @@ def longformer_fallback(module: nn.Module, args: tuple, kwargs: dict, output: An
     heads, scale = module.num_heads, 1 / math.sqrt(module.head_dim)
     window = module.one_sided_attn_window_size
     n = x.shape[1]
-    q, k = _heads(module.query(x), heads), _heads(module.key(x), heads)
+    q, k = _heads(projected(module.query, x), heads), _heads(projected(module.key, x), heads)
     keys = ~padded[:, None, None, :]  # True = may attend
     if not call.get("is_global_attn"):
         return [Found("", q, k, keys, False, scale, False, AlignedRule(n, n, False, window + 1, None))]
     # a global token's band row is replaced by its global row: left out here, reported under ".global"
     band = Found("", q, k, keys, False, scale, False, BandOrGlobalKeys(window, global_tokens), dropped=global_tokens)
     counts = global_tokens.sum(dim=1)
-    most = int(counts.max())  # a host read, as Longformer's own nonzero() at every layer
-    order = torch.argsort((~global_tokens).to(torch.int8), dim=1, stable=True)[:, :most]  # global tokens, in order
-    chosen = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
-    unused = torch.arange(most, device=x.device)[None, :] >= counts[:, None]  # slots past an item's global tokens
-    q_global, k_global = _heads(module.query_global(chosen), heads), _heads(module.key_global(x), heads)
+    chosen = _global_states(module, x, global_tokens, counts)  # [B, G, E]: each item's global tokens, in order
+    unused = torch.arange(chosen.shape[1], device=x.device)[None, :] >= counts[:, None]  # slots past an item's own
+    q_global = _heads(projected(module.query_global, chosen), heads)
+    k_global = _heads(projected(module.key_global, x), heads)
     rows = Found(".global", q_global, k_global, None, False, scale, False, KeysOnly(padded), dropped=unused)
     return [band, rows]
 

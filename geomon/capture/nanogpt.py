@@ -29,8 +29,8 @@ from typing import Any
 from torch import nn
 
 from geomon._tiny_gpt import CausalSelfAttention as TinyAttention
+from geomon.capture._projections import projected
 from geomon.capture._session import Found, bind
-from geomon.capture.timm_vit import _project
 
 _CHILDREN = frozenset({"c_attn", "c_proj", "attn_dropout", "resid_dropout"})
 #: name parts that hint at a change to nanoGPT's scores (whole parts, or the start of one)
@@ -100,7 +100,7 @@ def fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[
     x = bind(("x",), args, kwargs)["x"]
     batch, n, _ = x.shape
     heads = module.n_head
-    qk = _project(proj, x, 2 * width).view(batch, n, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+    qk = projected(proj, x, 2 * width).view(batch, n, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
     return [Found("", qk[0], qk[1], None, True, None)]
 
 

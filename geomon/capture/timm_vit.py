@@ -3,8 +3,8 @@
 
 With ``fused_attn=True`` (timm's default on recent torch) the layer calls ``F.scaled_dot_product_attention`` and
 the SDPA wrapper sees it. With ``fused_attn=False`` it computes ``(q * scale) @ kᵀ`` itself; then Q and K are
-recomputed at the layer's exit from its input: ``qkv`` (only the Q and K thirds of the weight when ``qkv`` is a plain
-``nn.Linear``; the whole module's ``forward`` otherwise, e.g. under LoRA), ``q_norm`` / ``k_norm`` (QK-norm), and for
+recomputed at the layer's exit from its input: ``qkv`` (its output in the call, read back, or computed again: see
+:mod:`geomon.capture._projections`), ``q_norm`` / ``k_norm`` (QK-norm), and for
 ``AttentionRope`` the rotary embedding passed to the call (prefix tokens left unrotated), with ``num_kv_heads`` key
 heads (grouped-query; timm's ``repeat_interleave`` matches geomon's "query head h reads key head h // G").
 Masks are already in SDPA semantics in timm (boolean True = may attend, float added); ``is_causal`` wins over a mask,
@@ -26,9 +26,9 @@ import sys
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geomon.capture._projections import projected
 from geomon.capture._session import Found, bind
 
 T = TypeVar("T")
@@ -41,14 +41,6 @@ def _classes() -> tuple[type | None, type | None]:
     return getattr(module, "Attention", None), getattr(module, "AttentionRope", None)
 
 
-def _project(proj: nn.Module, x: Tensor, width: int) -> Tensor:
-    """The first ``width`` output features of ``proj(x)`` (only those rows of a plain Linear are computed)."""
-    if type(proj) is nn.Linear:
-        bias = None if proj.bias is None else proj.bias[:width]
-        return F.linear(x, proj.weight[:width], bias)
-    return proj.forward(x)[..., :width]
-
-
 def _mask(attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor | None, bool]:
     return (None, True) if is_causal else (attn_mask, False)
 
@@ -59,7 +51,7 @@ def attention_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any
     x = call["x"]
     batch, n, _ = x.shape
     heads, dim = module.num_heads, module.head_dim
-    qk = _project(module.qkv, x, 2 * heads * dim).reshape(batch, n, 2, heads, dim).permute(2, 0, 3, 1, 4)
+    qk = projected(module.qkv, x, 2 * heads * dim).reshape(batch, n, 2, heads, dim).permute(2, 0, 3, 1, 4)
     q, k = module.q_norm.forward(qk[0]), module.k_norm.forward(qk[1])
     mask, causal = _mask(call.get("attn_mask"), bool(call.get("is_causal", False)))
     return [Found("", q, k, mask, causal, float(module.scale))]
@@ -72,11 +64,11 @@ def rope_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     batch, n, _ = x.shape
     heads, dim = module.num_heads, module.head_dim
     if module.qkv is not None:
-        qk = _project(module.qkv, x, 2 * heads * dim).reshape(batch, n, 2, heads, dim).permute(2, 0, 3, 1, 4)
+        qk = projected(module.qkv, x, 2 * heads * dim).reshape(batch, n, 2, heads, dim).permute(2, 0, 3, 1, 4)
         q, k = qk[0], qk[1]
     else:
-        q = module.q_proj.forward(x).reshape(batch, n, heads, dim).transpose(1, 2)
-        k = module.k_proj.forward(x).reshape(batch, n, module.num_kv_heads, dim).transpose(1, 2)
+        q = projected(module.q_proj, x).reshape(batch, n, heads, dim).transpose(1, 2)
+        k = projected(module.k_proj, x).reshape(batch, n, module.num_kv_heads, dim).transpose(1, 2)
     dtype = q.dtype
     q, k = module.q_norm.forward(q), module.k_norm.forward(k)
     rope = call.get("rope")
@@ -101,7 +93,7 @@ def swin_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     windows, n, _ = x.shape
     heads = module.num_heads
     width = 2 * (module.qkv.out_features // 3)
-    qk = _project(module.qkv, x, width).reshape(windows, n, 2, heads, -1).permute(2, 0, 3, 1, 4)
+    qk = projected(module.qkv, x, width).reshape(windows, n, 2, heads, -1).permute(2, 0, 3, 1, 4)
     bias = module._get_rel_pos_bias()  # [1, H, N, N]
     if mask is not None:  # [num_win, N, N], window w of every image: x is [B * num_win, N, C]
         bias = (bias.unsqueeze(1) + mask[None, :, None]).reshape(-1, heads, n, n)
@@ -119,13 +111,13 @@ def eva_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> l
     heads = module.num_heads
     if module.qkv is not None:
         width = 2 * (module.qkv.out_features // 3)
-        qk = _project(module.qkv, x, width)
+        qk = projected(module.qkv, x, width)
         if module.q_bias is not None:
             qk = qk + torch.cat((module.q_bias, module.k_bias))
         q, k = qk.reshape(batch, n, 2, heads, -1).permute(2, 0, 3, 1, 4)
     else:
-        q = module.q_proj.forward(x).reshape(batch, n, heads, -1).transpose(1, 2)
-        k = module.k_proj.forward(x).reshape(batch, n, heads, -1).transpose(1, 2)
+        q = projected(module.q_proj, x).reshape(batch, n, heads, -1).transpose(1, 2)
+        k = projected(module.k_proj, x).reshape(batch, n, heads, -1).transpose(1, 2)
     dtype = q.dtype
     q, k = module.q_norm.forward(q), module.k_norm.forward(k)
     rope = call.get("rope")
@@ -147,7 +139,7 @@ def mhsa_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     x = bind(("x",), args, kwargs)["x"]
     batch, n, width = x.shape
     heads = module.num_heads
-    qk = _project(module.qkv, x, 2 * width).reshape(batch, n, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+    qk = projected(module.qkv, x, 2 * width).reshape(batch, n, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
     return [Found("", qk[0], qk[1], None, False, float(module.scale), False)]
 
 

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geomon.capture._projections import projected
 from geomon.capture._session import Found, bind
-from geomon.capture.timm_vit import _project
 
 #: the region mask torchvision adds between tokens of different regions of a shifted window
 SHIFT_MASK = -100.0
@@ -125,7 +125,7 @@ def maxvit_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -
     x = bind(("x",), args, kwargs)["x"]
     batch, groups, n, _ = x.shape
     heads, dim = module.n_heads, module.head_dim
-    qk = _project(module.to_qkv, x, 2 * heads * dim).reshape(batch * groups, n, 2, heads, dim).permute(2, 0, 3, 1, 4)
+    qk = projected(module.to_qkv, x, 2 * heads * dim).reshape(batch * groups, n, 2, heads, dim).permute(2, 0, 3, 1, 4)
     bias = module.get_relative_positional_bias()  # [1, H, P, P]
     return [Found("", qk[0], qk[1], bias, False, float(module.scale_factor), False)]
 
