@@ -11,7 +11,8 @@ Q/K, mask and scale are all in hand, so it is intercepted there, while the captu
   alone here (any function that reaches SDPA is reported by SDPA and not again by its wrapper).
 - ``"eager"``: ``eager_attention_forward`` is a global of each modeling module, looked up at call time; it is
   replaced in the namespace (``forward.__globals__``) of each attention class found in the model. Its mask is the 4-D
-  additive float mask that eager adds to the scores (or None), reported as such. GPT-2's
+  additive float mask that eager adds to the scores (or None), reported as such; a 4-D boolean mask the user passed,
+  which transformers hands on as it is, is added by eager too, as 1 / 0 (it masks nothing), and reported so. GPT-2's
   ``_upcast_and_reordered_attn`` (eager with ``reorder_and_upcast_attn``) is wrapped on its class likewise.
 - everything else (``flash_attention_2/3/4``, ``flex_attention``, ``paged|eager``, functions registered with
   ``AttentionInterface.register``): the entries of ``transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS`` (the class
@@ -380,6 +381,8 @@ def _found(
     if not registry:  # eager: the mask and the position bias are exactly what is added to the scores
         if mask is not None and mask.shape[-1] != key.shape[-2]:
             mask = mask[..., : key.shape[-2]]
+        if mask is not None and mask.dtype == torch.bool:  # a 4-D boolean mask passed by the user: added as 1 / 0
+            mask = mask.to(query.dtype)
         terms = [call[arg] for arg in _ADDITIVE if isinstance(call.get(arg), Tensor)]
         mask = _additive(mask, terms, query.dtype)
         return [Found("", query, key, mask, False, scale, layout.cross, leading=layout.leading)]
