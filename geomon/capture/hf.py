@@ -22,7 +22,8 @@ Q/K, mask and scale are all in hand, so it is intercepted there, while the captu
   ``mask_mod`` (:class:`~geomon.capture._patterns.FlexRule`); a 2-D ``[B, Nk]`` padding mask (flash, 1 = token)
   becomes a ``[B, 1, 1, Nk]`` key mask, and the causal flag (the call's ``is_causal`` keyword or
   ``module.is_causal``), aligned bottom-right when ``Nq != Nk`` as flash-attn does, ``sliding_window`` and packed
-  sequences (flash with ``position_ids`` and no mask, batch of one) become a rule generated per key chunk
+  sequences (flash with no mask, batch of one: its ``cu_seq_lens_q/k`` varlen arguments, else a sequence starting
+  wherever ``position_ids`` is at its minimum, as transformers cuts them) become a rule generated per key chunk
   (:class:`~geomon.capture._patterns.AlignedRule`), never an ``Nq x Nk`` tensor. Flash drops padded query tokens:
   their rows are excluded (``query_padding``: NaN, out of every mean).
 
@@ -391,6 +392,25 @@ def _found(
                   converted.dropped, layout.leading)]  # fmt: skip
 
 
+#: flash's varlen arguments, all four given: ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` makes them
+_VARLEN = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _packed_sequences(kwargs: dict, n: int) -> Tensor | None:
+    """The sequence of each of the ``n`` tokens of a packed row (batch 1, no mask) as transformers' flash call finds
+    them: from ``cu_seq_lens_q`` when the call has all of flash's varlen arguments (they win over ``position_ids``),
+    else a sequence starting wherever ``position_ids`` is at its minimum (0, or 1 for positions counted from 1), as
+    ``prepare_fa_kwargs_from_position_ids`` cuts them; None when the call has neither. On the device, no host sync."""
+    if all(kwargs.get(arg) is not None for arg in _VARLEN):
+        ends = kwargs["cu_seq_lens_q"].reshape(-1)[1:]
+        return torch.bucketize(torch.arange(n, device=ends.device, dtype=ends.dtype), ends, right=True)
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        return None
+    positions = positions.reshape(-1)[-n:]
+    return torch.cumsum(positions == positions.min(), dim=0)
+
+
 class InterfaceMask(NamedTuple):
     """The mask of an attention-interface call in SDPA semantics, in parts that are never ``Nq x Nk`` tensors."""
 
@@ -426,8 +446,8 @@ def interface_mask(module: nn.Module, query: Tensor, key: Tensor, mask: Any, kwa
             raise ValueError(f"cannot read an attention mask of shape {tuple(mask.shape)} for {n_k} keys")
         tokens = mask.bool()
         keys, dropped = tokens[:, None, None, :], ~tokens[:, n_k - n_q :]
-    elif mask is None and kwargs.get("position_ids") is not None and batch == 1 and n_q == n_k:
-        segments = torch.cumsum(kwargs["position_ids"].reshape(-1)[-n_q:] == 0, dim=0)  # packed sequences
+    elif mask is None and batch == 1 and n_q == n_k:
+        segments = _packed_sequences(kwargs, n_q)
     if segments is None and window is None and (not causal or (n_q == n_k and keys is None)):
         return InterfaceMask(keys, causal, None, dropped)  # SDPA's own causal flag (top-left) is exact when Nq == Nk
     rule = AlignedRule(n_q, n_k, causal, None if window is None else int(window), segments)
