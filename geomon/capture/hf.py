@@ -18,9 +18,10 @@ Q/K, mask and scale are all in hand, so it is intercepted there, while the captu
   ``AttentionInterface.register``): the entries of ``transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS`` (the class
   mapping, and the local mapping of every interface instance a modeling module uses) are wrapped. Their masks follow
   the mask function of the implementation and are converted to SDPA semantics: a 4-D boolean (True = may attend) or
-  float (added) mask is kept, by reference; a ``BlockMask`` (flex) is read per key chunk from its block tables and
-  ``mask_mod`` (:class:`~geomon.capture._patterns.FlexRule`); a 2-D ``[B, Nk]`` padding mask (flash, 1 = token)
-  becomes a ``[B, 1, 1, Nk]`` key mask, and the causal flag (the call's ``is_causal`` keyword or
+  float (added) mask is kept, by reference (transformers' flex function adds a 4-D tensor mask in its ``score_mod``,
+  head 0's for every head: a boolean one as 1 / 0, and so it is read); a ``BlockMask`` (flex) is read per key chunk
+  from its block tables and ``mask_mod`` (:class:`~geomon.capture._patterns.FlexRule`); a 2-D ``[B, Nk]`` padding
+  mask (flash, 1 = token) becomes a ``[B, 1, 1, Nk]`` key mask, and the causal flag (the call's ``is_causal`` keyword or
   ``module.is_causal``), aligned bottom-right when ``Nq != Nk`` as flash-attn does, ``sliding_window`` and packed
   sequences (flash with no mask, batch of one: its ``cu_seq_lens_q/k`` varlen arguments, else a sequence starting
   wherever ``position_ids`` is at its minimum, as transformers cuts them) become a rule generated per key chunk
@@ -262,8 +263,24 @@ def _contexts(
     return told, layout
 
 
+def _is_transformers_flex(fn: object) -> bool:
+    return getattr(fn, "__name__", "") == "flex_attention_forward" and "transformers" in getattr(fn, "__module__", "")
+
+
+def _flex_score_mask(call: dict, query: Tensor) -> dict:
+    """transformers' flex function adds a 4-D tensor mask in its ``score_mod``, head 0's rows for every head
+    (``score + mask[b][0][q][kv]``), a boolean one as 1 / 0 (it masks nothing): the call's mask as it adds it."""
+    mask = call.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.dim() != 4:
+        return call
+    mask = mask[:, :1]
+    return {**call, "attention_mask": mask.to(query.dtype) if mask.dtype == torch.bool else mask}
+
+
 def _interface_dispatcher(registry: bool) -> MakeDispatcher:
     def make(original: Callable, sessions: list[Session]) -> Callable:
+        adds_mask = _is_transformers_flex(original)
+
         @functools.wraps(original)
         def wrapper(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
             told, layout = _contexts(sessions, module, query, key)
@@ -274,6 +291,8 @@ def _interface_dispatcher(registry: bool) -> MakeDispatcher:
                 for session in told:
                     session.sdpa_context.pop()
             call = bind(_INTERFACE_ARGS, args, kwargs)
+            if adds_mask and before:
+                call = _flex_score_mask(call, query)
             for session, reports in before:
                 if session.reports == reports:  # the function reported nothing itself (did not reach SDPA)
                     _report(session, module, query, key, call, registry, layout)

@@ -1,7 +1,9 @@
 """Hugging Face models given a 4-D attention mask by the user (a prefix-LM mask, say), which transformers passes to
-the attention function as it is. Eager adds it to the scores whatever its dtype, so a boolean mask is added as
-1 / 0 (it masks nothing); SDPA reads a boolean one as True = may attend. References: the eager copy's own
-probabilities (``output_attentions=True``) and the scores its softmax took, in float64, per layer and head."""
+the attention function as it is. Eager, and transformers' flex function in its ``score_mod``, add it to the scores
+whatever its dtype, so a boolean mask is added as 1 / 0 (it masks nothing); SDPA reads a boolean one as True = may
+attend. References: the eager copy's own probabilities (``output_attentions=True``) and the scores its softmax took,
+in float64, per layer and head. Flex runs uncompiled (transformers compiles it, which fails on the CPU with a tensor
+mask): the same ``score_mod`` and the same call of geomon's wrapper."""
 
 import pytest
 import torch
@@ -16,6 +18,18 @@ MODELS = {  # name: (config class, model class, config, attention module of laye
 }
 LM = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
           initializer_range=0.3)  # fmt: skip
+
+
+@pytest.fixture
+def flex_uncompiled(monkeypatch):
+    """transformers' flex function calling ``flex_attention`` as it is, not compiled."""
+    flex = pytest.importorskip("transformers.integrations.flex_attention")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def uncompiled(query, key, value, training=False, **kwargs):
+        return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(flex, "compile_friendly_flex_attention", uncompiled)
 
 
 def _model(name: str, implementation: str) -> torch.nn.Module:
@@ -55,14 +69,18 @@ def _assert_layers(name: str, values: dict, details: dict, expected: list) -> No
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_eager_adds_a_boolean_4d_mask_as_one_and_zero(name):
-    """Eager computes ``softmax(scores + mask)``: a boolean mask adds 1 to the allowed scores and masks nothing, and
-    that is what its own probabilities are. geomon read the boolean as SDPA's (True = may attend) and reported the
-    prefix-LM attention the model did not compute (entropy off by up to 0.4 nats per head, silently)."""
-    model = _model(name, "eager")
+@pytest.mark.parametrize("implementation", ["eager", "flex_attention"])
+def test_eager_and_flex_add_a_boolean_4d_mask_as_one_and_zero(name, implementation, flex_uncompiled):
+    """Eager computes ``softmax(scores + mask)``, and so does flex's ``score_mod``: a boolean mask adds 1 to the
+    allowed scores and masks nothing, and that is what the eager copy's own probabilities are. geomon read the
+    boolean as SDPA's (True = may attend) and reported the prefix-LM attention the model did not compute (entropy off
+    by up to 0.4 nats per head, silently)."""
+    model = _model(name, implementation)
+    reference = _model(name, "eager")
+    reference.load_state_dict(model.state_dict())
     ids = torch.randint(3, 60, (B, N), generator=torch.Generator().manual_seed(1))
     mask = _prefix_lm(torch.bool)
-    expected = _expected(model, name, input_ids=ids, attention_mask=mask)
+    expected = _expected(reference, name, input_ids=ids, attention_mask=mask)
     values, details, said = measure_once(model, input_ids=ids, attention_mask=mask)
     assert not [s for s in said if "logit map" not in s], said
     _assert_layers(name, values, details, expected)
@@ -71,11 +89,11 @@ def test_eager_adds_a_boolean_4d_mask_as_one_and_zero(name):
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize(
     ("implementation", "dtype"),
-    [("eager", torch.float32), ("sdpa", torch.float32), ("sdpa", torch.bool)],
-    ids=["eager-additive", "sdpa-additive", "sdpa-boolean"],
+    [("eager", torch.float32), ("sdpa", torch.float32), ("flex_attention", torch.float32), ("sdpa", torch.bool)],
+    ids=["eager-additive", "sdpa-additive", "flex-additive", "sdpa-boolean"],
 )
-def test_a_4d_mask_that_masks_is_measured_as_the_prefix_lm_it_is(name, implementation, dtype):
-    """An additive 4-D mask (eager and SDPA add it), and a boolean one under SDPA (True = may attend), mask the
+def test_a_4d_mask_that_masks_is_measured_as_the_prefix_lm_it_is(name, implementation, dtype, flex_uncompiled):
+    """An additive 4-D mask (eager, SDPA and flex add it), and a boolean one under SDPA (True = may attend), mask the
     scores: the values equal the eager copy's own probabilities under the additive mask."""
     model = _model(name, implementation)
     reference = _model(name, "eager")
