@@ -11,17 +11,20 @@ Q/K, mask and scale are all in hand, so it is intercepted there, while the captu
   alone here (any function that reaches SDPA is reported by SDPA and not again by its wrapper).
 - ``"eager"``: ``eager_attention_forward`` is a global of each modeling module, looked up at call time; it is
   replaced in the namespace (``forward.__globals__``) of each attention class found in the model. Its mask is the 4-D
-  additive float mask that eager adds to the scores (or None), reported as such. GPT-2's
+  additive float mask that eager adds to the scores (or None), reported as such; a 4-D boolean mask the user passed,
+  which transformers hands on as it is, is added by eager too, as 1 / 0 (it masks nothing), and reported so. GPT-2's
   ``_upcast_and_reordered_attn`` (eager with ``reorder_and_upcast_attn``) is wrapped on its class likewise.
 - everything else (``flash_attention_2/3/4``, ``flex_attention``, ``paged|eager``, functions registered with
   ``AttentionInterface.register``): the entries of ``transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS`` (the class
   mapping, and the local mapping of every interface instance a modeling module uses) are wrapped. Their masks follow
   the mask function of the implementation and are converted to SDPA semantics: a 4-D boolean (True = may attend) or
-  float (added) mask is kept, by reference; a ``BlockMask`` (flex) is read per key chunk from its block tables and
-  ``mask_mod`` (:class:`~geomon.capture._patterns.FlexRule`); a 2-D ``[B, Nk]`` padding mask (flash, 1 = token)
-  becomes a ``[B, 1, 1, Nk]`` key mask, and the causal flag (the call's ``is_causal`` keyword or
+  float (added) mask is kept, by reference (transformers' flex function adds a 4-D tensor mask in its ``score_mod``,
+  head 0's for every head: a boolean one as 1 / 0, and so it is read); a ``BlockMask`` (flex) is read per key chunk
+  from its block tables and ``mask_mod`` (:class:`~geomon.capture._patterns.FlexRule`); a 2-D ``[B, Nk]`` padding
+  mask (flash, 1 = token) becomes a ``[B, 1, 1, Nk]`` key mask, and the causal flag (the call's ``is_causal`` keyword or
   ``module.is_causal``), aligned bottom-right when ``Nq != Nk`` as flash-attn does, ``sliding_window`` and packed
-  sequences (flash with ``position_ids`` and no mask, batch of one) become a rule generated per key chunk
+  sequences (flash with no mask, batch of one: its ``cu_seq_lens_q/k`` varlen arguments, else a sequence starting
+  wherever ``position_ids`` is at its minimum, as transformers cuts them) become a rule generated per key chunk
   (:class:`~geomon.capture._patterns.AlignedRule`), never an ``Nq x Nk`` tensor. Flash drops padded query tokens:
   their rows are excluded (``query_padding``: NaN, out of every mean).
 
@@ -260,8 +263,24 @@ def _contexts(
     return told, layout
 
 
+def _is_transformers_flex(fn: object) -> bool:
+    return getattr(fn, "__name__", "") == "flex_attention_forward" and "transformers" in getattr(fn, "__module__", "")
+
+
+def _flex_score_mask(call: dict, query: Tensor) -> dict:
+    """transformers' flex function adds a 4-D tensor mask in its ``score_mod``, head 0's rows for every head
+    (``score + mask[b][0][q][kv]``), a boolean one as 1 / 0 (it masks nothing): the call's mask as it adds it."""
+    mask = call.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.dim() != 4:
+        return call
+    mask = mask[:, :1]
+    return {**call, "attention_mask": mask.to(query.dtype) if mask.dtype == torch.bool else mask}
+
+
 def _interface_dispatcher(registry: bool) -> MakeDispatcher:
     def make(original: Callable, sessions: list[Session]) -> Callable:
+        adds_mask = _is_transformers_flex(original)
+
         @functools.wraps(original)
         def wrapper(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
             told, layout = _contexts(sessions, module, query, key)
@@ -272,6 +291,8 @@ def _interface_dispatcher(registry: bool) -> MakeDispatcher:
                 for session in told:
                     session.sdpa_context.pop()
             call = bind(_INTERFACE_ARGS, args, kwargs)
+            if adds_mask and before:
+                call = _flex_score_mask(call, query)
             for session, reports in before:
                 if session.reports == reports:  # the function reported nothing itself (did not reach SDPA)
                     _report(session, module, query, key, call, registry, layout)
@@ -380,12 +401,33 @@ def _found(
     if not registry:  # eager: the mask and the position bias are exactly what is added to the scores
         if mask is not None and mask.shape[-1] != key.shape[-2]:
             mask = mask[..., : key.shape[-2]]
+        if mask is not None and mask.dtype == torch.bool:  # a 4-D boolean mask passed by the user: added as 1 / 0
+            mask = mask.to(query.dtype)
         terms = [call[arg] for arg in _ADDITIVE if isinstance(call.get(arg), Tensor)]
         mask = _additive(mask, terms, query.dtype)
         return [Found("", query, key, mask, False, scale, layout.cross, leading=layout.leading)]
     converted = interface_mask(module, query, key, mask, call)
     return [Found("", query, key, converted.attn_mask, converted.is_causal, scale, layout.cross, converted.pattern,
                   converted.dropped, layout.leading)]  # fmt: skip
+
+
+#: flash's varlen arguments, all four given: ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` makes them
+_VARLEN = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _packed_sequences(kwargs: dict, n: int) -> Tensor | None:
+    """The sequence of each of the ``n`` tokens of a packed row (batch 1, no mask) as transformers' flash call finds
+    them: from ``cu_seq_lens_q`` when the call has all of flash's varlen arguments (they win over ``position_ids``),
+    else a sequence starting wherever ``position_ids`` is at its minimum (0, or 1 for positions counted from 1), as
+    ``prepare_fa_kwargs_from_position_ids`` cuts them; None when the call has neither. On the device, no host sync."""
+    if all(kwargs.get(arg) is not None for arg in _VARLEN):
+        ends = kwargs["cu_seq_lens_q"].reshape(-1)[1:]
+        return torch.bucketize(torch.arange(n, device=ends.device, dtype=ends.dtype), ends, right=True)
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        return None
+    positions = positions.reshape(-1)[-n:]
+    return torch.cumsum(positions == positions.min(), dim=0)
 
 
 class InterfaceMask(NamedTuple):
@@ -423,8 +465,8 @@ def interface_mask(module: nn.Module, query: Tensor, key: Tensor, mask: Any, kwa
             raise ValueError(f"cannot read an attention mask of shape {tuple(mask.shape)} for {n_k} keys")
         tokens = mask.bool()
         keys, dropped = tokens[:, None, None, :], ~tokens[:, n_k - n_q :]
-    elif mask is None and kwargs.get("position_ids") is not None and batch == 1 and n_q == n_k:
-        segments = torch.cumsum(kwargs["position_ids"].reshape(-1)[-n_q:] == 0, dim=0)  # packed sequences
+    elif mask is None and batch == 1 and n_q == n_k:
+        segments = _packed_sequences(kwargs, n_q)
     if segments is None and window is None and (not causal or (n_q == n_k and keys is None)):
         return InterfaceMask(keys, causal, None, dropped)  # SDPA's own causal flag (top-left) is exact when Nq == Nk
     rule = AlignedRule(n_q, n_k, causal, None if window is None else int(window), segments)

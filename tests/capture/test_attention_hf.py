@@ -53,13 +53,21 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
 
 
 def _packed_attention(module, query, key, value, attention_mask, scaling=None, position_ids=None, **kwargs):
-    """Flash's varlen call on packed sequences (batch 1, no mask): each token sees the tokens of its own sequence up to
-    itself, a sequence starting where ``position_ids`` is 0."""
+    """Flash's varlen call on packed sequences (batch 1, no mask), its sequences found as transformers' flash call
+    finds them (``_flash_attention_forward``): its varlen arguments ``cu_seq_lens_q/k`` when all four are given, else
+    ``prepare_fa_kwargs_from_position_ids`` (a sequence starts wherever ``position_ids`` is at its minimum); each
+    token sees the tokens of its own sequence up to itself."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
     assert attention_mask is None and query.shape[0] == 1
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-    sequence = torch.cumsum(position_ids.reshape(-1) == 0, 0)
-    n = sequence.numel()
+    if all(kwargs.get(arg) is not None for arg in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")):
+        edges = kwargs["cu_seq_lens_q"]
+    else:
+        (edges, _), _ = prepare_fa_kwargs_from_position_ids(position_ids)
+    n = query.shape[-2]
+    sequence = torch.bucketize(torch.arange(n), edges[1:].long(), right=True)
     allowed = (sequence[:, None] == sequence[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
     probs = torch.softmax(((query @ key.transpose(-1, -2)) * scaling).masked_fill(~allowed, -math.inf), dim=-1)
     return (probs @ value).transpose(1, 2).contiguous(), probs
@@ -301,16 +309,27 @@ def _rule(found, n):
     return None if found.pattern is None else found.pattern(torch.arange(n), 0, n).reshape(n, n)
 
 
-def test_packed_sequences_are_measured_as_the_sequences_alone():
-    # four sequences packed into one row (position_ids restart at 0), as a flash varlen call sees them; reference:
-    # each sequence run alone through the eager copy. The kernel takes each row's own sequence as its key range.
+@pytest.mark.parametrize("packing", ["positions-from-0", "positions-from-1", "varlen-arguments"])
+def test_packed_sequences_are_measured_as_the_sequences_alone(packing):
+    # four sequences packed into one row, as a flash varlen call sees them: position_ids restarting at 0, or at 1
+    # (flash starts a sequence wherever they are at their minimum), or flash's own varlen arguments (cu_seq_lens_q/k,
+    # max_length_q/k, as DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes them; the model's positions
+    # then run over the whole row). Reference: each sequence run alone through the eager copy. The kernel takes each
+    # row's own sequence as its key range. Before, sequences started only where position_ids was 0: the last two
+    # ways were measured as one causal sequence over the whole row, with nothing said.
     model, eager = _models("llama", PACKED)
     lengths = [4, 1, 6, 3]
     ids = torch.randint(0, 100, (1, sum(lengths)), generator=torch.Generator().manual_seed(2))
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    edges = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    edges = torch.tensor([0, *lengths]).cumsum(0)
+    if packing == "varlen-arguments":
+        edges32, longest = edges.to(torch.int32), max(lengths)
+        packed = dict(cu_seq_lens_q=edges32, cu_seq_lens_k=edges32, max_length_q=longest, max_length_k=longest)
+    else:
+        first = 0 if packing == "positions-from-0" else 1
+        packed = dict(position_ids=torch.cat([torch.arange(first, first + n) for n in lengths])[None])
+    edges = edges.tolist()
     with torch.no_grad():
-        calls, out = collect(model, lambda: model(ids, position_ids=position_ids))
+        calls, out = collect(model, lambda: model(ids, **packed))
         alone = [eager(ids[:, a:b], output_attentions=True) for a, b in itertools.pairwise(edges)]
     expected_logits = torch.cat([run.logits for run in alone], dim=1)
     torch.testing.assert_close(out.logits, expected_logits, rtol=1e-4, atol=1e-5)  # the packed call is right
