@@ -102,6 +102,18 @@ class Found(NamedTuple):
     leading: int | Tensor = 0  #: keys before the tokens' own (a cache of earlier tokens): key ``leading + j`` is ``j``
 
 
+class SoftmaxStream(NamedTuple):
+    """One of the softmaxes a class of attention written by hand takes per call, in order, read at the softmax with
+    a layout known by class (:mod:`geomon.capture.hf_softmax`): where its scores hold the heads, which of its query
+    rows are tokens, and under which name its rows are reported."""
+
+    suffix: str  #: its rows are reported under the module's name plus this ("": the module's own)
+    head_axis: int  #: the heads' dimension of the scores it takes (another one may have their size)
+    #: its keys begin with this many blocks of ``Nq`` keys around the queries' own (LongT5: 3): a query row none of
+    #: whose first ``local_blocks · Nq`` keys any head may attend to is no token's (None: the padding rule decides)
+    local_blocks: int | None = None
+
+
 class SdpaContext(NamedTuple):
     """What a function that may call SDPA for a module (transformers' attention functions) knew about the call: SDPA
     itself sees only tensors, which the function may have reshaped (transformers packs grouped query heads)."""
@@ -201,6 +213,9 @@ class Session:
         #: modules whose softmax scores have their heads folded into the first dimension whatever their rank,
         #: batch-major (timm's HaloAttn: [B·H, blocks, Nq, Nk])
         self.folded_heads: set[str] = set()
+        #: modules whose softmax scores hold their heads where their shape cannot say, read with layouts known by
+        #: class, by name (LongT5's local attention)
+        self.softmax_streams: dict[str, tuple[SoftmaxStream, ...]] = {}
 
     def module(self, name: str) -> nn.Module:
         """The watched model's module of that name."""

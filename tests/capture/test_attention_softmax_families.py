@@ -221,28 +221,6 @@ def test_hugging_face_prophetnet_declares_num_attn_heads_and_equals_its_own_scor
     assert "ProphetNetNgramSelfAttention ('decoder.layers.0.self_attn') take 2 softmaxes" in warning
 
 
-@pytest.mark.parametrize("tokens", [9, 10])
-def test_hugging_face_longt5_local_blocks_read_or_said_by_whether_the_heads_can_be_placed(tokens):
-    """LongT5's local attention scores are ``[B, blocks, H, L, 3L]``. With 9 tokens in blocks of 3 they are read,
-    equal to its own softmax inputs per head; with 10 there are 4 blocks beside the 4 heads, so the heads cannot be
-    placed: the module is named with the layout, and nothing is reported."""
-    model = _hf("LongT5Config", "LongT5EncoderModel", vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                num_heads=4, local_radius=2, encoder_attention_type="local")  # fmt: skip
-    ids = torch.randint(4, 100, (B, tokens), generator=torch.Generator().manual_seed(1))
-    layer = "encoder.block.0.layer.0.LocalSelfAttention"
-    (scores,) = softmax_inputs(model, input_ids=ids)[layer]
-    values, details, said = measure_once(model, input_ids=ids)
-    if tokens == 9:
-        assert scores.shape == (B, 3, 4, 3, 9) and not said, said
-        entropy = entropy_of(torch.softmax(scores, dim=-1)).movedim(2, 1).flatten(2)  # [B, H, blocks·L]
-        real = scores.amax(-1).movedim(2, 1).flatten(2) > -1e4  # block-padding rows have no key
-        _assert_layer_equals(values, details, layer, entropy, real)
-    else:
-        assert scores.shape == (B, 4, 4, 3, 9) and _logged_layers(values) == []
-        (warning,) = said
-        assert f"LongT5LocalAttention ('{layer}') take a softmax over scores [2, 4, 4, 3, 9], in which 2" in warning
-
-
 @pytest.mark.parametrize(
     ("module_name", "class_name", "config", "fused"),
     [
