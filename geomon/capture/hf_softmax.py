@@ -1,7 +1,7 @@
 """Hugging Face attention written by hand whose softmax scores are read with a layout known by class.
 
 Attention read at its own softmax (:mod:`geomon.capture.softmax`) is placed by its shape: the one dimension with the
-module's head count holds the heads, and a call takes one softmax. One family breaks that, and its classes say
+module's head count holds the heads, and a call takes one softmax. Two families break that, and their classes say
 what the shape cannot (:class:`~geomon.capture._session.SoftmaxStream`, one per softmax of a call, in order):
 
 - LongT5's local and transient-global attention (``LongT5LocalAttention``, ``LongT5TransientGlobalAttention``) score
@@ -12,10 +12,19 @@ what the shape cannot (:class:`~geomon.capture._session.SoftmaxStream`, one per 
   token), and so may the rows of the last block's padding past the sequence (their global bias is the zero padding
   of ``_split_into_blocks``): a row counts only when a key of its three local blocks is allowed, which every token
   has (itself).
+- ProphetNet's n-gram self-attention (``ProphetNetNgramSelfAttention``, the decoder's) takes two softmaxes per call:
+  the main stream ``[B, H, T, T]`` over its causal keys, then the ``ngram`` predicting streams at once,
+  ``[B, ngram, H, T, 2T]`` over the main keys and their own. The main stream is reported under the module's name, its
+  padded rows left out by the padding rule (a key no row may attend to); the predicting streams under
+  ``<module>.ngram``, pooled as the module takes them and returns them (``ngram_attentions``: one tensor), with the
+  main stream's padded positions left out of each stream (a padded position's predicting row still sees its own
+  predicting key). One series for the streams keeps one extra series per layer whatever ``ngram`` is, as
+  Longformer's ``<module>.global``.
 
 Read at the softmax rather than recomputed from Q/K at the module's exit (as :mod:`geomon.capture.hf_longformer`
-does): the scores each softmax takes already hold every term, exactly (LongT5's local and global position biases,
-its global aggregates and their layer norm), where a recomputation would copy that code
+does): the scores each softmax takes already hold every term, exactly (ProphetNet's relative position embeddings
+gathered by buckets its decoder computes, its n-gram mask built from ``max_target_positions``; LongT5's local and
+global position biases, its global aggregates and their layer norm), where a recomputation would copy that code
 from transformers, with each release's changes, and pay for the projections again. Only the layout comes from here.
 """
 
@@ -34,6 +43,10 @@ _LOCAL_BLOCKS = (SoftmaxStream("", 2, local_blocks=3),)  # [B, blocks, H, L, 3L 
 _LISTED = {
     (_LONGT5, "LongT5LocalAttention"): _LOCAL_BLOCKS,
     (_LONGT5, "LongT5TransientGlobalAttention"): _LOCAL_BLOCKS,
+    ("transformers.models.prophetnet.modeling_prophetnet", "ProphetNetNgramSelfAttention"): (
+        SoftmaxStream("", 1),  # main stream [B, H, T, T]
+        SoftmaxStream(".ngram", 2, main_rows=True),  # predicting streams [B, ngram, H, T, 2T]
+    ),
 }
 
 

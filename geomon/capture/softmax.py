@@ -11,14 +11,15 @@ max logit, allowed keys: :mod:`geomon.functional.attention_scores`; nothing of s
 with the heads folded into the batch, ``[B·H, Nq, Nk]`` (fairseq-era Hugging Face attention: XGLM, TrOCR, MVP, FSMT,
 VitDet, GroupViT; torch's ``F.multi_head_attention_forward``, which WavLM calls), are read as ``[B, H, Nq, Nk]``:
 batch-major, the grouping these models use to return their own per-head probabilities (a leading size that is no
-multiple of ``H`` is not read). A class whose scores have the heads beside another dimension of their size is read
-with the layout its class is known to have (:mod:`geomon.capture.hf_softmax`: LongT5's blocks). At the module's
-exit, the rows are reported if that call took exactly one such softmax and nothing else of it was seen; two or more
-(a gated mix of two attention maps, such as ConViT's GPSA) are said once and not reported, and so is a call that
-also took a softmax over another dimension of such a tensor: linear attention normalises ``q`` over its channels and
-``k`` over the tokens, and ``k``'s softmax, over the last dimension of ``[B, H, Dh, N]``, is no map of queries over
-keys. (A softmax over another dimension of a tensor whose last dimension is 1, such as ConvBERT's dynamic
-convolution kernels ``[B·N·H, K, 1]``, is neither, and is not counted.)
+multiple of ``H`` is not read). A class whose scores have the heads beside another dimension of their size, or whose
+call takes several softmaxes, is read with the layout its class is known to have (:mod:`geomon.capture.hf_softmax`:
+LongT5's blocks, ProphetNet's n-gram streams, each softmax under its own name). At the module's exit, the rows are
+reported if that call took exactly one such softmax (or those its class is known to take) and nothing else of it was
+seen; two or more (a gated mix of two attention maps, such as ConViT's GPSA) are said once and not reported, and so
+is a call that also took a softmax over another dimension of such a tensor: linear attention normalises ``q`` over
+its channels and ``k`` over the tokens, and ``k``'s softmax, over the last dimension of ``[B, H, Dh, N]``, is no map
+of queries over keys. (A softmax over another dimension of a tensor whose last dimension is 1, such as ConvBERT's
+dynamic convolution kernels ``[B·N·H, K, 1]``, is neither, and is not counted.)
 
 Masks are read off the scores: a key at ``-inf`` or at or below -5e3 is not allowed. The padding rule's threshold,
 -1e4, is for a mask's own values; here the mask has been added to the logits, so a BERT-era ``-10000`` mask puts a
@@ -232,4 +233,11 @@ def _stream_padding(stream: SoftmaxStream, scores: Tensor, head_axis: int, paddi
     if stream.local_blocks is not None:  # a row with no local key is a padded token's, or a block's padding
         local = scores[..., : stream.local_blocks * n_q].amax(dim=-1).amax(dim=head_axis)
         return ~(local > SCORES_MASKED_AT).reshape(-1, n_q)
+    if stream.main_rows:  # the main stream's rows, in each other leading dimension (ProphetNet's n-gram streams)
+        batch = scores.shape[0]
+        others = math.prod(size for axis, size in enumerate(scores.shape[1:-2], 1) if axis != head_axis)
+        main = padding.queries.get((batch, n_q))  # what the rule left out of the main stream, just before
+        if main is None:
+            return torch.zeros(batch * others, n_q, dtype=torch.bool, device=scores.device)
+        return main.to(scores.device)[:, None, :].expand(batch, others, n_q).reshape(-1, n_q)
     return None

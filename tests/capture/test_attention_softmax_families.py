@@ -197,7 +197,8 @@ def test_hugging_face_prophetnet_declares_num_attn_heads_and_equals_its_own_scor
     """ProphetNet declares its heads as ``num_attn_heads``. Its encoder self-attention (right padding) and the
     decoder's cross-attention (main and predicting streams: 7 + 2·7 query rows) equal the softmax of the scores it
     returns as its attentions, per head; its n-gram self-attention (a main and a predicting-stream softmax in one
-    call) is named, not reported."""
+    call) is reported too, under its name and ``<module>.ngram``, and nothing is said
+    (``test_attention_softmax_streams.py`` compares those streams)."""
     model = _hf("ProphetNetConfig", "ProphetNetModel", vocab_size=100, hidden_size=32, encoder_ffn_dim=64,
                 decoder_ffn_dim=64, num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=4,
                 num_decoder_attention_heads=4, max_position_embeddings=64, ngram=2, num_buckets=8,
@@ -209,7 +210,9 @@ def test_hugging_face_prophetnet_declares_num_attn_heads_and_equals_its_own_scor
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)  # its "attentions" are the scores before the softmax
     values, details, said = measure_once(model, **inputs)
-    assert _logged_layers(values) == ["decoder.layers.0.cross_attn", "encoder.layers.0.self_attn"]
+    assert not said, said
+    assert _logged_layers(values) == ["decoder.layers.0.cross_attn", "decoder.layers.0.self_attn",
+                                      "decoder.layers.0.self_attn.ngram", "encoder.layers.0.self_attn"]  # fmt: skip
     (encoder,), (cross,) = out.encoder_attentions, out.cross_attentions
     assert cross.shape == (B, 4, 21, N)
     real = keep.bool()[:, None, :].expand(B, 4, N)
@@ -217,8 +220,6 @@ def test_hugging_face_prophetnet_declares_num_attn_heads_and_equals_its_own_scor
     _assert_layer_equals(values, details, "encoder.layers.0.self_attn", entropy, real)
     entropy = entropy_of(torch.softmax(cross.double(), dim=-1))
     _assert_layer_equals(values, details, "decoder.layers.0.cross_attn", entropy, torch.ones_like(entropy).bool())
-    (warning,) = said
-    assert "ProphetNetNgramSelfAttention ('decoder.layers.0.self_attn') take 2 softmaxes" in warning
 
 
 @pytest.mark.parametrize(

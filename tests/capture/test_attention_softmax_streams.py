@@ -1,6 +1,7 @@
 """Attention read at its own softmax with a layout known by class (``geomon/capture/hf_softmax.py``): LongT5's local
 and transient-global attention (``[B, blocks, H, L, 3L (+ G)]``, read at every length, as many blocks as heads
-included). References, in float64: the models' own probabilities (``output_attentions=True``)
+included) and ProphetNet's n-gram self-attention (a main-stream and a predicting-streams softmax in one call, the
+latter under ``<module>.ngram``). References, in float64: the models' own probabilities (``output_attentions=True``)
 per head over the real tokens' rows, taken from the attention mask, and the scores each softmax takes (max logit)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from geomon.keys import ENTROPY, ENTROPY_NORMALIZED, MAX_LOGIT, key
 from tests.capture._reference import entropy_of, measure_once, softmax_inputs, tiny_hf_model
 
 B, PADDED = 2, 3
-MASKED = -1e9  # LongT5 masks with -1e10: far below any logit here
+MASKED = -1e9  # LongT5 masks with -1e10, ProphetNet with finfo.min: far below any logit here
 
 
 def _logged(values: dict) -> list[str]:
@@ -76,3 +77,42 @@ def test_hugging_face_longt5_blocks_are_read_at_every_length_over_the_keys_its_s
         positions[:, :tokens] = keep.bool()  # the real tokens; the last block's padding past them is none
         real = positions[:, None, :].expand(B, 4, 3 * blocks)
         _assert_rows(values, details, layer, _blocks_to_rows(probabilities.double()), _blocks_to_rows(scores), real)
+
+
+@pytest.mark.parametrize(
+    ("heads", "ngram"), [pytest.param(4, 2, id="4-heads-2-streams"), pytest.param(2, 2, id="as-many-streams-as-heads")]
+)
+def test_hugging_face_prophetnet_ngram_self_attention_reports_its_main_and_predicting_streams(heads, ngram):
+    """ProphetNet's decoder n-gram self-attention takes two softmaxes per call: the main stream ``[B, H, T, T]``
+    (causal), reported under the module's name, and the predicting streams ``[B, ngram, H, T, 2T]``, reported under
+    ``<module>.ngram`` (it was named and not reported). With decoder right padding, per head: entropy, normalised
+    entropy and max logit equal its own ``decoder_attentions`` / ``decoder_ngram_attentions`` and the scores each
+    softmax took, over the real decoder tokens' rows, in every stream (a padded position's predicting row still sees
+    its own predicting key). With as many streams as heads, the heads are placed by class."""
+    model = tiny_hf_model("ProphetNetConfig", "ProphetNetModel", vocab_size=100, hidden_size=32, encoder_ffn_dim=64,
+                          decoder_ffn_dim=64, num_encoder_layers=1, num_decoder_layers=1,
+                          num_encoder_attention_heads=heads, num_decoder_attention_heads=heads,
+                          max_position_embeddings=64, ngram=ngram, num_buckets=8, relative_max_distance=16,
+                          initializer_range=0.3)  # fmt: skip
+    n, t = 9, 7
+    ids = torch.randint(4, 100, (B, n), generator=torch.Generator().manual_seed(1))
+    keep, decoder_keep = torch.ones(B, n, dtype=torch.long), torch.ones(B, t, dtype=torch.long)
+    keep[1, -PADDED:] = 0
+    decoder_keep[1, -2:] = 0
+    inputs = dict(input_ids=ids, attention_mask=keep, decoder_input_ids=ids[:, :t].clone(),
+                  decoder_attention_mask=decoder_keep)  # fmt: skip
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    (main_scores, ngram_scores) = softmax_inputs(model, **inputs)["decoder.layers.0.self_attn"]
+    values, details, said = measure_once(model, **inputs)
+    assert not said, said
+    layer = "decoder.layers.0.self_attn"
+    assert _logged(values) == ["decoder.layers.0.cross_attn", layer, f"{layer}.ngram", "encoder.layers.0.self_attn"]
+    (main,), (streams,) = out.decoder_attentions, out.decoder_ngram_attentions
+    assert main.shape == main_scores.shape == (B, heads, t, t)
+    assert streams.shape == ngram_scores.shape == (B, ngram, heads, t, 2 * t)
+    real = decoder_keep.bool()[:, None, :].expand(B, heads, t)
+    _assert_rows(values, details, layer, main.double(), main_scores, real)
+    per_stream = real[:, :, None, :].expand(B, heads, ngram, t).flatten(2)
+    _assert_rows(values, details, f"{layer}.ngram", streams.double().movedim(2, 1).flatten(2, 3),
+                 ngram_scores.movedim(2, 1).flatten(2, 3), per_stream)  # fmt: skip
