@@ -103,6 +103,21 @@ class Found(NamedTuple):
     leading: int | Tensor = 0  #: keys before the tokens' own (a cache of earlier tokens): key ``leading + j`` is ``j``
 
 
+class SoftmaxStream(NamedTuple):
+    """One of the softmaxes a class of attention written by hand takes per call, in order, read at the softmax with
+    a layout known by class (:mod:`geomon.capture.hf_softmax`): where its scores hold the heads, which of its query
+    rows are tokens, and under which name its rows are reported."""
+
+    suffix: str  #: its rows are reported under the module's name plus this ("": the module's own)
+    head_axis: int  #: the heads' dimension of the scores it takes (another one may have their size)
+    #: its keys begin with this many blocks of ``Nq`` keys around the queries' own (LongT5: 3): a query row none of
+    #: whose first ``local_blocks · Nq`` keys any head may attend to is no token's (None: the padding rule decides)
+    local_blocks: int | None = None
+    #: its query rows are the positions of the call's first softmax (a main stream), in each of its other leading
+    #: dimensions (predicting streams): left out where the padding rule left those out
+    main_rows: bool = False
+
+
 class SdpaContext(NamedTuple):
     """What a function that may call SDPA for a module (transformers' attention functions) knew about the call: SDPA
     itself sees only tensors, which the function may have reshaped (transformers packs grouped query heads)."""
@@ -203,6 +218,9 @@ class Session:
         #: modules whose softmax scores have their heads folded into the first dimension whatever their rank,
         #: batch-major (timm's HaloAttn: [B·H, blocks, Nq, Nk])
         self.folded_heads: set[str] = set()
+        #: modules whose call takes several softmaxes, or one whose heads' place its shape cannot say, read with
+        #: layouts known by class, by name (LongT5's local attention, ProphetNet's n-gram self-attention)
+        self.softmax_streams: dict[str, tuple[SoftmaxStream, ...]] = {}
 
     def module(self, name: str) -> nn.Module:
         """The watched model's module of that name."""
@@ -352,7 +370,8 @@ class Session:
 
     def _report_softmax(self, module: nn.Module, name: str, read: list[ScoresCall | str | None]) -> None:
         """Attention seen only at the module's own softmax: reported when it was one softmax over its last
-        dimension; otherwise the module is named, with the others of its class, after the block
+        dimension, or no more than the streams its class is known to take (:attr:`softmax_streams`), each under its
+        own name; otherwise the module is named, with the others of its class, after the block
         (:meth:`say_unseen`)."""
         self.reports += 1
         label = type(module).__name__
@@ -364,16 +383,18 @@ class Session:
         if None in read:
             self.unseen_names.setdefault(("softmax-dims", label), []).append(name)
             return
-        if len(read) > 1:
+        known = len(self.softmax_streams.get(name, ())) or 1  # softmaxes per call: one, unless its class is listed
+        if len(read) > known:  # more than that: what are they?
             self.unseen_names.setdefault(("softmaxes", label), []).append(name)
             self.softmax_counts.setdefault(label, set()).add(len(read))
             return
-        call = read[0]
         on_scores = self.on_scores
-        assert isinstance(call, ScoresCall) and on_scores is not None
-        self._count_call(call.module)
-        self._say_note(call.module)
-        self.guarded(call.module, lambda: on_scores(call))
+        assert on_scores is not None
+        for call in read:  # one, or one per stream its class is known to take (each under its own name)
+            assert isinstance(call, ScoresCall)
+            self._count_call(call.module)
+            self._say_note(call.module)
+            self.guarded(call.module, functools.partial(on_scores, call))
 
     def say_unseen(self) -> None:
         """After the block: one warning per kind of module that ran unseen, naming those modules (a model's twelve

@@ -34,7 +34,17 @@ from typing import Any
 
 from torch import nn
 
-from geomon.capture import hf, hf_alibi, hf_longformer, nanogpt, timm_vit, torch_mha, torchvision_attn, xtransformers
+from geomon.capture import (
+    hf,
+    hf_alibi,
+    hf_longformer,
+    hf_softmax,
+    nanogpt,
+    timm_vit,
+    torch_mha,
+    torchvision_attn,
+    xtransformers,
+)
 from geomon.capture._session import AttentionCall, Fallback, ScoresCall, Session
 from geomon.capture.softmax import softmax_wrapped
 
@@ -170,6 +180,9 @@ def capture_attention(
             session.components[name] = components
         if name is not None and timm_vit.folds_heads(module):
             session.folded_heads.add(name)
+        streams = hf_softmax.streams_for(module) if name is not None else None
+        if streams is not None:
+            session.softmax_streams[name] = streams
         if kind is not None:
             session.expected[id(module)] = kind
         elif fallback is None and looks_like_attention(module):

@@ -11,12 +11,14 @@ max logit, allowed keys: :mod:`geomon.functional.attention_scores`; nothing of s
 with the heads folded into the batch, ``[B·H, Nq, Nk]`` (fairseq-era Hugging Face attention: XGLM, TrOCR, MVP, FSMT,
 VitDet, GroupViT; torch's ``F.multi_head_attention_forward``, which WavLM calls), are read as ``[B, H, Nq, Nk]``:
 batch-major, the grouping these models use to return their own per-head probabilities (a leading size that is no
-multiple of ``H`` is not read). At the
-module's exit, the rows are reported if that call took exactly one such softmax and nothing else of it was seen;
-two or more (a gated mix of two attention maps, such as ConViT's GPSA) are said once and not reported, and so is a
-call that also took a softmax over another dimension of such a tensor: linear attention normalises ``q`` over its
-channels and ``k`` over the tokens, and ``k``'s softmax, over the last dimension of ``[B, H, Dh, N]``, is no map of
-queries over keys. (A softmax over another dimension of a tensor whose last dimension is 1, such as ConvBERT's
+multiple of ``H`` is not read). A class whose scores have the heads beside another dimension of their size, or whose
+call takes several softmaxes, is read with the layout its class is known to have (:mod:`geomon.capture.hf_softmax`:
+LongT5's blocks, ProphetNet's n-gram streams, each softmax under its own name). At the module's exit, the rows are
+reported if that call took exactly one such softmax (or those its class is known to take) and nothing else of it was
+seen; two or more (a gated mix of two attention maps, such as ConViT's GPSA) are said once and not reported, and so
+is a call that also took a softmax over another dimension of such a tensor: linear attention normalises ``q`` over
+its channels and ``k`` over the tokens, and ``k``'s softmax, over the last dimension of ``[B, H, Dh, N]``, is no map
+of queries over keys. (A softmax over another dimension of a tensor whose last dimension is 1, such as ConvBERT's
 dynamic convolution kernels ``[B·N·H, K, 1]``, is neither, and is not counted.)
 
 Masks are read off the scores: a key at ``-inf`` or at or below -5e3 is not allowed. The padding rule's threshold,
@@ -47,7 +49,7 @@ from torch import Tensor
 
 from geomon.capture._batch_dims import head_axes
 from geomon.capture._padding import MASKED_AT, PaddingRule, is_cross_name
-from geomon.capture._session import ScoresCall, Session, SharedPatch, in_backward
+from geomon.capture._session import ScoresCall, Session, SharedPatch, SoftmaxStream, in_backward
 from geomon.functional._common import TILE_ELEMENTS
 from geomon.functional.attention_entropy import _drop_rows
 from geomon.functional.attention_scores import _score_rows
@@ -100,11 +102,12 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
     if heads is None:
         return
     over_keys = dim in (-1, scores.ndim - 1)  # of the tensor as the module passed it
-    placed = _heads_placed(session, name, scores, heads)
+    stream = _listed_stream(session, name, depth)
+    placed = _heads_placed(session, name, scores, heads, stream)
     if placed is None:
         return
     scores, axes = placed
-    if len(axes) > 1:  # [B, blocks, H, L, 3L] with as many blocks as heads (LongT5's local attention on some lengths)
+    if len(axes) > 1:  # [B, blocks, H, L, L] with as many blocks as heads, of a class not listed
         shape = ", ".join(str(size) for size in scores.shape)
         session.softmax_rows.setdefault(depth, []).append(f"[{shape}], in which {len(axes)} dimensions have its "
                                                          f"{heads} heads")  # fmt: skip
@@ -118,12 +121,32 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
     read = session.softmax_rows.setdefault(depth, [])
     n_q, n_k = scores.shape[-2:]
     keep = None if session.score_rows is None else session.score_rows(n_q, n_k, scores.shape[axes[0]])
-    session.guarded(name, lambda: read.append(rows_of(name, scores.detach(), axes[0], keep, session.padding)))
+
+    def read_rows() -> None:  # under the stream's own name and rows where its class is listed
+        padded = None if stream is None else _stream_padding(stream, scores.detach(), axes[0], session.padding)
+        suffix = "" if stream is None else stream.suffix
+        read.append(rows_of(name + suffix, scores.detach(), axes[0], keep, session.padding, padded))
+
+    session.guarded(name, read_rows)
 
 
-def _heads_placed(session: Session, name: str, scores: Tensor, heads: int) -> tuple[Tensor, list[int]] | None:
+def _listed_stream(session: Session, name: str, depth: int) -> SoftmaxStream | None:
+    """Which of the softmaxes its class is known to take (:mod:`geomon.capture.hf_softmax`) this one of the module's
+    call is, by how many it took before; None for a module not listed, or a softmax past those."""
+    streams = session.softmax_streams.get(name)
+    taken = len(session.softmax_rows.get(depth, ()))
+    return streams[taken] if streams is not None and taken < len(streams) else None
+
+
+def _heads_placed(
+    session: Session, name: str, scores: Tensor, heads: int, stream: SoftmaxStream | None = None
+) -> tuple[Tensor, list[int]] | None:
     """``scores`` with the heads at a dimension of their own (a view), and the dimensions that may hold them (one:
-    placed; several: ambiguous); None where they cannot be."""
+    placed; several: ambiguous); None where they cannot be. A softmax whose class says where its heads are
+    (``stream``) is placed there alone, or not read where that dimension does not have them."""
+    if stream is not None:
+        axis = stream.head_axis
+        return scores, [axis] if 0 < axis < scores.ndim - 2 and scores.shape[axis] == heads else []
     folded = scores.ndim == 3 or (name in session.folded_heads and scores.ndim >= 4)
     if folded:  # [B·H, ..., Nq, Nk], batch-major (see the module): [B, H, ..., Nq, Nk]
         if scores.shape[0] % heads:
@@ -149,13 +172,20 @@ def _reading_module(session: Session) -> int | None:
 
 
 def rows_of(
-    name: str, scores: Tensor, head_axis: int = 1, keep: int | None = None, padding: PaddingRule | None = None
+    name: str,
+    scores: Tensor,
+    head_axis: int = 1,
+    keep: int | None = None,
+    padding: PaddingRule | None = None,
+    padded: Tensor | None = None,
 ) -> ScoresCall:
     """The rows of one softmax input ``[B, ..., H, ..., Nq, Nk]`` (the heads at ``head_axis``; any other leading
     dimensions fold into the batch, as SDPA treats them), padded query rows left out as on every path (``padding``:
-    the session's rule; self-attention's own are remembered for the cross-attention after it); ``keep``: only that
-    many evenly spaced query rows (the others are not read), ``None``: all of them."""
-    n_q, n_k = scores.shape[-2:]
+    the session's rule; self-attention's own are remembered for the cross-attention after it; ``padded``: the rows
+    ``[B', Nq]`` to leave out instead, ``B'`` the leading dimensions but the heads, folded, where a layout known by
+    class says which they are); ``keep``: only that many evenly spaced query rows (the others are not read),
+    ``None``: all of them."""
+    n_q = scores.shape[-2]
     heads = scores.shape[head_axis]
     index = None
     if keep is not None and keep < n_q:
@@ -164,15 +194,24 @@ def rows_of(
     rows = tuple(part.movedim(head_axis, -2).reshape(-1, heads, part.shape[-1]) for part in rows)
     batch = rows[0].shape[0]
     peak = rows[1].nan_to_num(nan=-math.inf).amax()  # before any row is left out: what the values may miss
+    if padded is None:  # the padding rule's, unless a layout known by class said which rows are no token's
+        padded = _padded_rows(name, scores, head_axis, batch, padding)
+    if padded is not None:
+        rows = _drop_rows(rows, padded.to(scores.device), index)  # type: ignore[arg-type]
+    return ScoresCall(name, *rows, peak=peak)
+
+
+def _padded_rows(name: str, scores: Tensor, head_axis: int, batch: int, padding: PaddingRule | None) -> Tensor | None:
+    """The query rows ``[B', Nq]`` the padding rule leaves out of ``scores`` (``B'``: ``batch``, the leading
+    dimensions but the heads, folded); self-attention's are remembered for the cross-attention after it."""
+    n_q, n_k = scores.shape[-2:]
     if n_q == n_k and not is_cross_name(name):  # a key no row of any head may attend to is padding (rule 2)
         padded = ~(_best_scores(scores).amax(dim=head_axis) > SCORES_MASKED_AT).reshape(-1, n_k)
         if padding is not None:
             padding.queries[(batch, n_q)] = padded
-    else:  # cross-attention: the rows of the last self-attention over as many queries (rule 3)
-        padded = None if padding is None else padding.queries.get((batch, n_q))
-    if padded is not None:
-        rows = _drop_rows(rows, padded.to(scores.device), index)  # type: ignore[arg-type]
-    return ScoresCall(name, *rows, peak=peak)
+        return padded
+    # cross-attention: the rows of the last self-attention over as many queries (rule 3)
+    return None if padding is None else padding.queries.get((batch, n_q))
 
 
 def _best_scores(scores: Tensor) -> Tensor:
@@ -184,3 +223,21 @@ def _best_scores(scores: Tensor) -> Tensor:
     for start in range(step, n_q, step):
         best = torch.maximum(best, scores[..., start : start + step, :].amax(dim=-2))
     return best
+
+
+def _stream_padding(stream: SoftmaxStream, scores: Tensor, head_axis: int, padding: PaddingRule) -> Tensor | None:
+    """The query rows ``[B', Nq]`` a softmax of a listed class leaves out (``B'``: its leading dimensions but the
+    heads, folded as :func:`rows_of` folds them); None: the padding rule decides (see
+    :class:`~geomon.capture._session.SoftmaxStream`)."""
+    n_q = scores.shape[-2]
+    if stream.local_blocks is not None:  # a row with no local key is a padded token's, or a block's padding
+        local = scores[..., : stream.local_blocks * n_q].amax(dim=-1).amax(dim=head_axis)
+        return ~(local > SCORES_MASKED_AT).reshape(-1, n_q)
+    if stream.main_rows:  # the main stream's rows, in each other leading dimension (ProphetNet's n-gram streams)
+        batch = scores.shape[0]
+        others = math.prod(size for axis, size in enumerate(scores.shape[1:-2], 1) if axis != head_axis)
+        main = padding.queries.get((batch, n_q))  # what the rule left out of the main stream, just before
+        if main is None:
+            return torch.zeros(batch * others, n_q, dtype=torch.bool, device=scores.device)
+        return main.to(scores.device)[:, None, :].expand(batch, others, n_q).reshape(-1, n_q)
+    return None

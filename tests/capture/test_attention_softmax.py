@@ -147,6 +147,32 @@ def test_two_softmaxes_in_one_call_are_said_once_and_not_reported():
     assert len([m for m in said if "take 2 softmaxes" in m]) == 1, said
 
 
+class BlockAttention(nn.Module):
+    """Attention over blocks of ``L`` tokens written by hand, its scores ``[B, blocks, H, L, L]`` (LongT5's layout,
+    of a class geomon does not list)."""
+
+    def __init__(self, block: int) -> None:
+        super().__init__()
+        self.num_heads, self.block = H, block
+        self.qkv = nn.Linear(H * D, 3 * H * D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], -1, self.block, 3, H, D).unbind(3)  # [B, blocks, L, H, D]
+        p = torch.einsum("bnqhd,bnkhd->bnhqk", q, k).softmax(-1)
+        return torch.einsum("bnhqk,bnkhd->bnqhd", p, v).reshape(x.shape)
+
+
+def test_scores_with_two_dimensions_of_the_head_count_are_named_with_their_layout():
+    """With as many blocks as heads, which dimension holds the heads cannot be told from an unlisted class's
+    scores: it is named with the layout, and nothing is reported (a listed class is placed by its table:
+    ``test_attention_softmax_streams.py``)."""
+    model = nn.Sequential(BlockAttention(block=2))
+    values, _, said = measure_once(model, torch.randn(B, H * 2, H * D))  # 3 blocks of 2 tokens
+    assert not [name for name in values if name.startswith("geomon/attention/")], values
+    (warning,) = said
+    assert "take a softmax over scores [2, 3, 3, 2, 2], in which 2 dimensions have its 3 heads" in warning
+
+
 @pytest.mark.parametrize("layer", ["two-softmaxes", "linear"])
 def test_every_layer_left_unreported_for_its_softmaxes_is_named(layer):
     """Each layer of a class that takes several softmaxes (BigBird's block-sparse attention, Nystromformer's

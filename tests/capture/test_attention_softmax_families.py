@@ -197,7 +197,8 @@ def test_hugging_face_prophetnet_declares_num_attn_heads_and_equals_its_own_scor
     """ProphetNet declares its heads as ``num_attn_heads``. Its encoder self-attention (right padding) and the
     decoder's cross-attention (main and predicting streams: 7 + 2·7 query rows) equal the softmax of the scores it
     returns as its attentions, per head; its n-gram self-attention (a main and a predicting-stream softmax in one
-    call) is named, not reported."""
+    call) is reported too, under its name and ``<module>.ngram``, and nothing is said
+    (``test_attention_softmax_streams.py`` compares those streams)."""
     model = _hf("ProphetNetConfig", "ProphetNetModel", vocab_size=100, hidden_size=32, encoder_ffn_dim=64,
                 decoder_ffn_dim=64, num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=4,
                 num_decoder_attention_heads=4, max_position_embeddings=64, ngram=2, num_buckets=8,
@@ -209,7 +210,9 @@ def test_hugging_face_prophetnet_declares_num_attn_heads_and_equals_its_own_scor
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)  # its "attentions" are the scores before the softmax
     values, details, said = measure_once(model, **inputs)
-    assert _logged_layers(values) == ["decoder.layers.0.cross_attn", "encoder.layers.0.self_attn"]
+    assert not said, said
+    assert _logged_layers(values) == ["decoder.layers.0.cross_attn", "decoder.layers.0.self_attn",
+                                      "decoder.layers.0.self_attn.ngram", "encoder.layers.0.self_attn"]  # fmt: skip
     (encoder,), (cross,) = out.encoder_attentions, out.cross_attentions
     assert cross.shape == (B, 4, 21, N)
     real = keep.bool()[:, None, :].expand(B, 4, N)
@@ -217,30 +220,6 @@ def test_hugging_face_prophetnet_declares_num_attn_heads_and_equals_its_own_scor
     _assert_layer_equals(values, details, "encoder.layers.0.self_attn", entropy, real)
     entropy = entropy_of(torch.softmax(cross.double(), dim=-1))
     _assert_layer_equals(values, details, "decoder.layers.0.cross_attn", entropy, torch.ones_like(entropy).bool())
-    (warning,) = said
-    assert "ProphetNetNgramSelfAttention ('decoder.layers.0.self_attn') take 2 softmaxes" in warning
-
-
-@pytest.mark.parametrize("tokens", [9, 10])
-def test_hugging_face_longt5_local_blocks_read_or_said_by_whether_the_heads_can_be_placed(tokens):
-    """LongT5's local attention scores are ``[B, blocks, H, L, 3L]``. With 9 tokens in blocks of 3 they are read,
-    equal to its own softmax inputs per head; with 10 there are 4 blocks beside the 4 heads, so the heads cannot be
-    placed: the module is named with the layout, and nothing is reported."""
-    model = _hf("LongT5Config", "LongT5EncoderModel", vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                num_heads=4, local_radius=2, encoder_attention_type="local")  # fmt: skip
-    ids = torch.randint(4, 100, (B, tokens), generator=torch.Generator().manual_seed(1))
-    layer = "encoder.block.0.layer.0.LocalSelfAttention"
-    (scores,) = softmax_inputs(model, input_ids=ids)[layer]
-    values, details, said = measure_once(model, input_ids=ids)
-    if tokens == 9:
-        assert scores.shape == (B, 3, 4, 3, 9) and not said, said
-        entropy = entropy_of(torch.softmax(scores, dim=-1)).movedim(2, 1).flatten(2)  # [B, H, blocks·L]
-        real = scores.amax(-1).movedim(2, 1).flatten(2) > -1e4  # block-padding rows have no key
-        _assert_layer_equals(values, details, layer, entropy, real)
-    else:
-        assert scores.shape == (B, 4, 4, 3, 9) and _logged_layers(values) == []
-        (warning,) = said
-        assert f"LongT5LocalAttention ('{layer}') take a softmax over scores [2, 4, 4, 3, 9], in which 2" in warning
 
 
 @pytest.mark.parametrize(
