@@ -11,11 +11,12 @@ Masks are already in SDPA semantics in timm (boolean True = may attend, float ad
 as in timm. EVA's ``EvaAttention`` is recomputed likewise (its ``q_bias`` / ``k_bias`` added, or separate ``q_proj`` /
 ``k_proj``). Swin's ``WindowAttention`` (non-fused unless ``TIMM_FUSED_ATTN=2``) is recomputed from ``qkv`` per window
 (windows are the batch), with its relative position bias plus the shifted windows' 0 / -100 mask as the additive
-mask, exactly what it adds. ConViT's ``MHSA`` (plain softmax attention written by hand) is recomputed from ``qkv``.
-ConViT's ``GPSA`` mixes a content softmax and a positional softmax through a sigmoid gate, which is not the
-softmax of one set of logits: it is listed and named in a warning when it runs, never reported. Other timm
-attention classes (with a ``fused_attn`` flag) are seen on their SDPA path only, and named in a warning when they
-run without it.
+mask, exactly what it adds; the query rows of the zero tokens its block pads the map with to whole windows are
+left out (on its SDPA path, ``fused_attn=True``, they are not known and are counted). ConViT's ``MHSA`` (plain
+softmax attention written by hand) is recomputed from ``qkv``. ConViT's ``GPSA`` mixes a content softmax and a
+positional softmax through a sigmoid gate, which is not the softmax of one set of logits: it is listed and named in a
+warning when it runs, never reported. Other timm attention classes (with a ``fused_attn`` flag) are seen on their
+SDPA path only, and named in a warning when they run without it.
 
 Cost of a recomputation: the Q and K projections, ``2·B·N·E·(2·attn_dim)`` FLOPs, plus QK-norm / rotary.
 """
@@ -87,10 +88,16 @@ def rope_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
 
 def swin_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
     """Q/K of a Swin ``WindowAttention`` call that did not use SDPA, with its relative position bias and the shifted
-    windows' mask (0 / -100, added as Swin adds it) as the additive mask; windows are the batch."""
+    windows' mask (0 / -100, added as Swin adds it) as the additive mask; windows are the batch.
+
+    At a size that is not a whole number of windows, the block pads its normalised (and shifted) map with zeros on
+    the bottom and right and crops their outputs away: those tokens are keys like any other, but their query rows
+    are padding, left out (``dropped``). They are the window tokens that are exactly zero (the block's own padding;
+    a real token out of its LayerNorm is not the zero vector), found on the device, without a sync."""
     call = bind(("x", "mask"), args, kwargs)
     x, mask = call["x"], call.get("mask")
     windows, n, _ = x.shape
+    dropped = (x == 0).all(-1)  # [windows, N]
     heads = module.num_heads
     width = 2 * (module.qkv.out_features // 3)
     qk = projected(module.qkv, x, width).reshape(windows, n, 2, heads, -1).permute(2, 0, 3, 1, 4)
@@ -98,7 +105,7 @@ def swin_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     if mask is not None:  # [num_win, N, N], window w of every image: x is [B * num_win, N, C]
         bias = (bias.unsqueeze(1) + mask[None, :, None]).reshape(-1, heads, n, n)
         bias = bias.repeat(windows // bias.shape[0], 1, 1, 1) if bias.shape[0] != windows else bias
-    return [Found("", qk[0], qk[1], bias, False, float(module.scale), False)]
+    return [Found("", qk[0], qk[1], bias, False, float(module.scale), False, dropped=dropped)]
 
 
 def eva_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:

@@ -102,6 +102,58 @@ def test_swin_training_is_bit_identical_with_capture_on():
     assert all(torch.equal(x, y) for x, y in zip(grads_a, grads_b, strict=True))
 
 
+def test_swin_padded_windows_leave_out_the_padding_tokens_query_rows():
+    """At a size that is not a whole number of windows (60 x 76 images: 15 x 19 patches in 7 x 7 windows), each
+    block pads its map with zero tokens on the bottom and right, after its shift, and crops their outputs away:
+    their query rows are padding, left out as torchvision Swin's are, and the real rows equal the layer's own
+    softmax, per head. Reference: each layer's softmax input, and the real rows placed from the block's input size."""
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    from geomon.keys import ENTROPY, MAX_LOGIT, key
+    from tests.capture._reference import measure_once
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64, embed_dim=32,
+                              depths=(2, 2), num_heads=(2, 4), strict_img_size=False, num_classes=5).eval()  # fmt: skip
+    for module in model.modules():
+        if isinstance(module, nn.Linear):  # maps far from uniform, so that a padding row counted would show
+            nn.init.normal_(module.weight, std=0.3)
+    images = torch.randn(2, 3, 60, 76, generator=torch.Generator().manual_seed(1))
+    logits, real = {}, {}
+
+    def place(block, name):
+        def hook(module, args):
+            batch, height, width, _ = args[0].shape
+            wh, ww = block.window_size
+            grid = torch.zeros(-(-height // wh) * wh, -(-width // ww) * ww, dtype=torch.bool)
+            grid[:height, :width] = True  # the zero padding comes after the shift: at the bottom and right
+            windows = grid.reshape(grid.shape[0] // wh, wh, grid.shape[1] // ww, ww).permute(0, 2, 1, 3)
+            real[name] = windows.reshape(-1, wh * ww).repeat(batch, 1)  # [B·nW, N], windows row-major
+
+        return hook
+
+    handles = []
+    for name, block in model.named_modules():
+        if isinstance(block, SwinTransformerBlock):
+            handles.append(block.register_forward_pre_hook(place(block, f"{name}.attn")))
+            handles.append(block.attn.softmax.register_forward_hook(
+                lambda m, a, out, n=f"{name}.attn": logits.update({n: a[0].double()})))  # fmt: skip
+    with torch.no_grad():
+        model(images)
+    for handle in handles:
+        handle.remove()
+    assert len(real) == 4 and not any(rows.all() for rows in real.values())  # padding in every block here
+    values, details, said = measure_once(model, images)
+    assert not [w for w in said if "pad" in w], said
+    for layer, scores in logits.items():
+        rows = real[layer][:, None, :].expand(scores.shape[:-1])
+        entropy = entropy_of(torch.softmax(scores, dim=-1))
+        per_head = torch.stack([entropy[:, h][rows[:, h]].mean() for h in range(scores.shape[1])])
+        torch.testing.assert_close(details[key(ENTROPY, layer)].double(), per_head, rtol=1e-5, atol=1e-6)
+        assert values[key(ENTROPY, layer)] == pytest.approx(float(entropy[rows].mean()), rel=1e-5)
+        assert values[key(MAX_LOGIT, layer)] == pytest.approx(float(scores.amax(-1)[rows].max()), rel=1e-5)
+
+
 def _eva():
     torch.manual_seed(0)
     model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=2, num_classes=5)
