@@ -170,7 +170,7 @@ def test_sam_vision_encoder_equals_its_own_probabilities_per_head():
 
 def test_detr_style_and_led_decoders_equal_their_own_probabilities_per_head():
     """Table Transformer (DETR's attention: self-attention of object queries, cross-attention to image features),
-    and LED's decoder (its encoder's banded sliding-window attention stays named, not reported)."""
+    and LED's decoder (its encoder's banded attention: tests/capture/test_attention_longformer.py)."""
     transformers = pytest.importorskip("transformers")
     backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], out_features=["stage2"])
     detr = _hf("TableTransformerConfig", "TableTransformerModel", use_timm_backbone=False, backbone_config=backbone,
@@ -195,11 +195,11 @@ def test_detr_style_and_led_decoders_equal_their_own_probabilities_per_head():
         out = led(**inputs, output_attentions=True)
     values, details, said = measure_once(led, **inputs)
     measured = _entropies(values, details)
-    assert sorted(measured) == ["decoder.layers.0.encoder_attn", "decoder.layers.0.self_attn"]
+    assert not said, said
+    assert sorted(measured) == ["decoder.layers.0.encoder_attn", "decoder.layers.0.self_attn",
+                                "encoder.layers.0.self_attn.longformer_self_attn"]  # fmt: skip
     _assert_equals_own(measured["decoder.layers.0.self_attn"], out.decoder_attentions[0], torch.ones(B, 7).bool())
     _assert_equals_own(measured["decoder.layers.0.encoder_attn"], out.cross_attentions[0], torch.ones(B, 7).bool())
-    (warning,) = said
-    assert "LEDEncoderSelfAttention" in warning and "encoder.layers.0.self_attn.longformer_self_attn" in warning
 
 
 def test_vits_text_encoder_equals_the_scores_its_softmax_takes():
