@@ -140,6 +140,7 @@ BASE = Scenario("base", "healthy", lr=1e-3)
 
 SCENARIOS = [
     # attention-logit growth: no QK-norm, Adam at 3e-2, no warm-up; spikes at steps 1349 (seed 0) and 974 (seed 2)
+    # on the CPU of the 2026-12-04 records; at 1406 (seed 0) and not within 1500 steps (seed 2) on that of 12-07
     replace(BASE, name="logit_growth", kind="unstable", lr=3e-2, notes="no QK-norm, high LR, no warm-up"),
     replace(BASE, name="logit_growth_seed2", kind="unstable", lr=3e-2, seed=2, notes="the same, seed 2"),
     # recipes that never learn (loss stays near the unigram entropy): no spike to lead, but the loss is degraded
