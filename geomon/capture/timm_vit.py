@@ -13,7 +13,9 @@ as in timm. EVA's ``EvaAttention`` is recomputed likewise (its ``q_bias`` / ``k_
 (windows are the batch), with its relative position bias plus the shifted windows' 0 / -100 mask as the additive
 mask, exactly what it adds; the query rows of the zero tokens its block pads the map with to whole windows are
 left out, on its SDPA path (``fused_attn=True``) too: the session notes them at the module's entry
-(:data:`_WINDOW_PADDING`) and leaves them out of the SDPA call made inside it. ConViT's ``MHSA`` (plain
+(:data:`_WINDOW_PADDING`) and leaves them out of the SDPA call made inside it, as it does for the padded windows of
+Swin V2, Swin V2 CR, DaViT, TinyViT, SAM and Twins, on their SDPA path and where they are read at their softmax.
+ConViT's ``MHSA`` (plain
 softmax attention written by hand) is recomputed from ``qkv``. ConViT's ``GPSA`` mixes a content softmax and a
 positional softmax through a sigmoid gate, which is not the softmax of one set of logits: it is listed and named in a
 warning when it runs, never reported. Other timm attention classes (with a ``fused_attn`` flag) are seen on their
@@ -238,11 +240,19 @@ def grouped_padding(module: nn.Module, args: tuple) -> Tensor | None:
 
 #: windowed attention whose block pads its map with zero tokens on the bottom and right to whole windows at a size
 #: that is not a whole number of them, then crops their outputs away: their query rows are padding, left out on
-#: every path (SDPA, the softmax read, the fallback), from what the session notes at the module's entry. Swin's block
-#: pads the attention module's input (its normalised, shifted map), so its window tokens that are exactly zero are the
-#: padding (a real token out of a LayerNorm is not the zero vector).
+#: every path (SDPA, the softmax read, the fallback), from what the session notes at the module's entry. The blocks
+#: of Swin, Swin V2, Swin V2 CR, DaViT, TinyViT and SAM pad the attention module's input, so its window tokens that are
+#: exactly zero are the padding (a real token out of a LayerNorm, or of the residual stream for Swin V2, V2 CR and
+#: TinyViT, is not the zero vector); Twins' ``LocallyGroupedAttn`` pads inside the module, as the size its call is
+#: given says.
 _WINDOW_PADDING = {
     ("timm.models.swin_transformer", "WindowAttention"): zero_tokens,
+    ("timm.models.swin_transformer_v2", "WindowAttention"): zero_tokens,
+    ("timm.models.swin_transformer_v2_cr", "WindowMultiHeadAttention"): zero_tokens,
+    ("timm.models.davit", "WindowAttention"): zero_tokens,
+    ("timm.models.tiny_vit", "Attention"): zero_tokens,
+    ("timm.models.vision_transformer_sam", "Attention"): zero_tokens,
+    ("timm.models.twins", "LocallyGroupedAttn"): grouped_padding,
 }
 
 
