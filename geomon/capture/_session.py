@@ -221,6 +221,12 @@ class Session:
         #: modules whose call takes several softmaxes, or one whose heads' place its shape cannot say, read with
         #: layouts known by class, by name (LongT5's local attention, ProphetNet's n-gram self-attention)
         self.softmax_streams: dict[str, tuple[SoftmaxStream, ...]] = {}
+        #: windowed attention whose block pads its map to whole windows (timm's Swin, DaViT, TinyViT, SAM, Twins), by
+        #: id: ``rows(module, args) -> [windows, N]`` True at the window tokens that are the block's padding (None:
+        #: none), worked out at the module's entry, on the device
+        self.window_padding: dict[int, Callable[[nn.Module, tuple], Tensor | None]] = {}
+        #: those rows of the running modules, by stack depth: left out of whatever attention the module reports
+        self.padded_windows: dict[int, Tensor] = {}
 
     def module(self, name: str) -> nn.Module:
         """The watched model's module of that name."""
@@ -300,8 +306,14 @@ class Session:
         finally:
             self.busy = busy
 
-    def report_found(self, name: str, found: Sequence[Found]) -> None:
+    def report_found(self, name: str, found: Sequence[Found], padded: Tensor | None = None) -> None:
+        """Report what an adapter found; ``padded``: the module's window padding rows (:attr:`padded_windows`),
+        left out of each computation whose query rows they fit."""
         for item in found:
+            dropped = item.dropped
+            fits = padded is not None and padded.shape == (item.q.shape[0], item.q.shape[-2])
+            if fits:
+                dropped = padded if dropped is None else dropped | padded
             self.report(
                 name + item.suffix,
                 item.q,
@@ -311,7 +323,7 @@ class Session:
                 item.scale,
                 item.cross,
                 item.pattern,
-                item.dropped,
+                dropped,
                 item.leading,
             )
 
@@ -330,6 +342,20 @@ class Session:
             self.stack.append((id(module), name, self.reports + self.unseen))
             if isinstance(module, nn.MultiheadAttention) and len(args) >= 2:
                 self.cross_hint[name] = crossed(args[0], args[1])
+            rows = self.window_padding.get(id(module))
+            if rows is not None:
+                depth = len(self.stack) - 1
+                self.guarded(name, lambda: self._note_padded_windows(depth, rows(module, args)))
+
+    def _note_padded_windows(self, depth: int, rows: Tensor | None) -> None:
+        if rows is not None:
+            self.padded_windows[depth] = rows
+
+    def padded_rows(self, depth: int, batch: int, n_q: int) -> Tensor | None:
+        """The window padding rows ``[batch, n_q]`` of the module running at ``depth`` (None: it has none, or none
+        of that shape: a call that is not over its windows)."""
+        rows = self.padded_windows.get(depth)
+        return rows if rows is not None and rows.shape == (batch, n_q) else None
 
     def _leave(self, module: nn.Module, args: tuple, *rest: Any) -> None:
         # torch passes (kwargs, output) after a forward, and (output,) alone when the forward raised
@@ -342,6 +368,9 @@ class Session:
             return
         before = self.stack[depth][2]
         del self.stack[depth:]  # with any module whose exit was missed
+        padded = self.padded_windows.pop(depth, None)
+        if self.padded_windows:
+            self.padded_windows = {d: rows for d, rows in self.padded_windows.items() if d < depth}
         read: list[ScoresCall | str | None] = []
         if self.softmax_rows:  # rows read at softmax calls: this call's, and none of a deeper call left behind
             read = self.softmax_rows.pop(depth, [])
@@ -358,7 +387,7 @@ class Session:
         if fallback is not None:
             self.reports += 1  # handled, even if the fallback fails: no outer module reports it again
             with self.child_outputs.during(key):
-                self.guarded(name, lambda: self.report_found(name, fallback(module, args, kwargs, output)))
+                self.guarded(name, lambda: self.report_found(name, fallback(module, args, kwargs, output), padded))
         elif read:
             self._report_softmax(module, name, read)
         elif key in self.expected:
@@ -597,6 +626,7 @@ def _report_sdpa(session: Session, name: str, args: tuple, kwargs: dict) -> None
                               f"reads [batch, heads, queries, head_dim]: {folded}")  # fmt: skip
             return
         q, k, mask = folded
+    dropped = session.padded_rows(len(session.stack) - 1, q.shape[0], q.shape[-2])  # windows a block padded
     context = session.sdpa_context[-1] if session.sdpa_context else None
     if context is not None and context.name == name:
         _report_in_context(session, context, q, k, mask, is_causal, scale)
@@ -609,7 +639,7 @@ def _report_sdpa(session: Session, name: str, args: tuple, kwargs: dict) -> None
         if cross is False and not aligned:
             cross = None  # more keys than the call's tokens (a cache): the padding rule decides
         leading = extra if aligned and cross is False else 0
-    session.report(name, q, k, mask, is_causal, scale, cross, leading=leading)
+    session.report(name, q, k, mask, is_causal, scale, cross, dropped=dropped, leading=leading)
 
 
 def _report_in_context(

@@ -180,6 +180,9 @@ def capture_attention(
             session.components[name] = components
         if name is not None and timm_vit.folds_heads(module):
             session.folded_heads.add(name)
+        padding = timm_vit.window_padding_for(module) if name is not None else None
+        if padding is not None:
+            session.window_padding[id(module)] = padding
         streams = hf_softmax.streams_for(module) if name is not None else None
         if streams is not None:
             session.softmax_streams[name] = streams

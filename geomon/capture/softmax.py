@@ -125,7 +125,8 @@ def _read(session: Session, args: tuple, kwargs: dict) -> None:
     def read_rows() -> None:  # under the stream's own name and rows where its class is listed
         padded = None if stream is None else _stream_padding(stream, scores.detach(), axes[0], session.padding)
         suffix = "" if stream is None else stream.suffix
-        read.append(rows_of(name + suffix, scores.detach(), axes[0], keep, session.padding, padded))
+        windows = session.padded_windows.get(depth)  # the window tokens its block padded the map with
+        read.append(rows_of(name + suffix, scores.detach(), axes[0], keep, session.padding, padded, windows))
 
     session.guarded(name, read_rows)
 
@@ -178,13 +179,15 @@ def rows_of(
     keep: int | None = None,
     padding: PaddingRule | None = None,
     padded: Tensor | None = None,
+    dropped: Tensor | None = None,
 ) -> ScoresCall:
     """The rows of one softmax input ``[B, ..., H, ..., Nq, Nk]`` (the heads at ``head_axis``; any other leading
     dimensions fold into the batch, as SDPA treats them), padded query rows left out as on every path (``padding``:
     the session's rule; self-attention's own are remembered for the cross-attention after it; ``padded``: the rows
     ``[B', Nq]`` to leave out instead, ``B'`` the leading dimensions but the heads, folded, where a layout known by
-    class says which they are); ``keep``: only that many evenly spaced query rows (the others are not read),
-    ``None``: all of them."""
+    class says which they are; ``dropped``: rows ``[B', Nq]`` left out besides, where they have that shape: the
+    zero tokens a windowed block padded its map with); ``keep``: only that many evenly spaced query rows (the others
+    are not read), ``None``: all of them."""
     n_q = scores.shape[-2]
     heads = scores.shape[head_axis]
     index = None
@@ -196,6 +199,9 @@ def rows_of(
     peak = rows[1].nan_to_num(nan=-math.inf).amax()  # before any row is left out: what the values may miss
     if padded is None:  # the padding rule's, unless a layout known by class said which rows are no token's
         padded = _padded_rows(name, scores, head_axis, batch, padding)
+    if dropped is not None and dropped.shape == (batch, n_q):
+        dropped = dropped.to(scores.device)
+        padded = dropped if padded is None else padded.to(scores.device) | dropped
     if padded is not None:
         rows = _drop_rows(rows, padded.to(scores.device), index)  # type: ignore[arg-type]
     return ScoresCall(name, *rows, peak=peak)

@@ -12,7 +12,10 @@ as in timm. EVA's ``EvaAttention`` is recomputed likewise (its ``q_bias`` / ``k_
 ``k_proj``). Swin's ``WindowAttention`` (non-fused unless ``TIMM_FUSED_ATTN=2``) is recomputed from ``qkv`` per window
 (windows are the batch), with its relative position bias plus the shifted windows' 0 / -100 mask as the additive
 mask, exactly what it adds; the query rows of the zero tokens its block pads the map with to whole windows are
-left out (on its SDPA path, ``fused_attn=True``, they are not known and are counted). ConViT's ``MHSA`` (plain
+left out, on its SDPA path (``fused_attn=True``) too: the session notes them at the module's entry
+(:data:`_WINDOW_PADDING`) and leaves them out of the SDPA call made inside it, as it does for the padded windows of
+Swin V2, Swin V2 CR, DaViT, TinyViT, SAM and Twins, on their SDPA path and where they are read at their softmax.
+ConViT's ``MHSA`` (plain
 softmax attention written by hand) is recomputed from ``qkv``. ConViT's ``GPSA`` mixes a content softmax and a
 positional softmax through a sigmoid gate, which is not the softmax of one set of logits: it is listed and named in a
 warning when it runs, never reported. Other timm attention classes (with a ``fused_attn`` flag) are seen on their
@@ -90,14 +93,11 @@ def swin_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     """Q/K of a Swin ``WindowAttention`` call that did not use SDPA, with its relative position bias and the shifted
     windows' mask (0 / -100, added as Swin adds it) as the additive mask; windows are the batch.
 
-    At a size that is not a whole number of windows, the block pads its normalised (and shifted) map with zeros on
-    the bottom and right and crops their outputs away: those tokens are keys like any other, but their query rows
-    are padding, left out (``dropped``). They are the window tokens that are exactly zero (the block's own padding;
-    a real token out of its LayerNorm is not the zero vector), found on the device, without a sync."""
+    The query rows of the zero tokens its block pads the map with are left out by the session
+    (:func:`window_padding_for`, noted at the module's entry)."""
     call = bind(("x", "mask"), args, kwargs)
     x, mask = call["x"], call.get("mask")
     windows, n, _ = x.shape
-    dropped = (x == 0).all(-1)  # [windows, N]
     heads = module.num_heads
     width = 2 * (module.qkv.out_features // 3)
     qk = projected(module.qkv, x, width).reshape(windows, n, 2, heads, -1).permute(2, 0, 3, 1, 4)
@@ -105,7 +105,7 @@ def swin_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     if mask is not None:  # [num_win, N, N], window w of every image: x is [B * num_win, N, C]
         bias = (bias.unsqueeze(1) + mask[None, :, None]).reshape(-1, heads, n, n)
         bias = bias.repeat(windows // bias.shape[0], 1, 1, 1) if bias.shape[0] != windows else bias
-    return [Found("", qk[0], qk[1], bias, False, float(module.scale), False, dropped=dropped)]
+    return [Found("", qk[0], qk[1], bias, False, float(module.scale), False)]
 
 
 def eva_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
@@ -211,6 +211,55 @@ def _listed(table: dict[tuple[str, str], T], module: nn.Module) -> T | None:
 
 def _model_class(path: str, name: str) -> type | None:
     return getattr(sys.modules.get(path), name, None)
+
+
+def zero_tokens(module: nn.Module, args: tuple) -> Tensor | None:
+    """``[windows, N]``: the window tokens of a windowed attention call ``x [windows, N, C]`` (or ``[windows, Wh,
+    Ww, C]``) that are exactly zero, the block's own padding (see :data:`_WINDOW_PADDING`); on the device."""
+    x = args[0] if args else None
+    if not isinstance(x, Tensor) or x.ndim < 3 or x.is_nested:
+        return None
+    return (x == 0).all(-1).flatten(1)
+
+
+def grouped_padding(module: nn.Module, args: tuple) -> Tensor | None:
+    """``[B · windows, ws²]``: the padding tokens of a Twins ``LocallyGroupedAttn`` call ``(x [B, H·W, C], (H,
+    W))``, which pads the map to whole ``ws x ws`` windows on the bottom and right itself; None where it does not
+    pad. From the call's size alone (no read of ``x``)."""
+    if len(args) < 2 or not isinstance(args[0], Tensor):
+        return None
+    (height, width), ws = args[1], module.ws
+    if height % ws == 0 and width % ws == 0:
+        return None
+    rows, cols = -(-height // ws), -(-width // ws)
+    grid = torch.ones(rows * ws, cols * ws, dtype=torch.bool, device=args[0].device)
+    grid[:height, :width] = False
+    windows = grid.reshape(rows, ws, cols, ws).transpose(1, 2).reshape(1, rows * cols, ws * ws)
+    return windows.expand(args[0].shape[0], -1, -1).reshape(-1, ws * ws)
+
+
+#: windowed attention whose block pads its map with zero tokens on the bottom and right to whole windows at a size
+#: that is not a whole number of them, then crops their outputs away: their query rows are padding, left out on
+#: every path (SDPA, the softmax read, the fallback), from what the session notes at the module's entry. The blocks
+#: of Swin, Swin V2, Swin V2 CR, DaViT, TinyViT and SAM pad the attention module's input, so its window tokens that are
+#: exactly zero are the padding (a real token out of a LayerNorm, or of the residual stream for Swin V2, V2 CR and
+#: TinyViT, is not the zero vector); Twins' ``LocallyGroupedAttn`` pads inside the module, as the size its call is
+#: given says.
+_WINDOW_PADDING = {
+    ("timm.models.swin_transformer", "WindowAttention"): zero_tokens,
+    ("timm.models.swin_transformer_v2", "WindowAttention"): zero_tokens,
+    ("timm.models.swin_transformer_v2_cr", "WindowMultiHeadAttention"): zero_tokens,
+    ("timm.models.davit", "WindowAttention"): zero_tokens,
+    ("timm.models.tiny_vit", "Attention"): zero_tokens,
+    ("timm.models.vision_transformer_sam", "Attention"): zero_tokens,
+    ("timm.models.twins", "LocallyGroupedAttn"): grouped_padding,
+}
+
+
+def window_padding_for(module: nn.Module) -> Any:
+    """``rows(module, args) -> [windows, N] | None``, the padding tokens of a windowed attention call of
+    ``module``'s class (:data:`_WINDOW_PADDING`), or None for other classes."""
+    return _listed(_WINDOW_PADDING, module)
 
 
 def fallback_for(module: nn.Module) -> tuple[str | None, Any]:

@@ -1,0 +1,121 @@
+"""Windowed timm attention at an image size that is not a whole number of windows: each block pads its map with
+zero tokens on the bottom and right, runs window attention over them and crops their outputs away. Their query rows
+are padding, left out on every path (SDPA with ``fused_attn=True``, the softmax read or the recomputation with it
+off), per layer and per head. Reference: each layer's own softmax input with the fused path off, over the real
+tokens' rows placed from each block's input size (not from the zero tokens geomon looks for)."""
+
+import pytest
+import torch
+from torch import nn
+
+timm = pytest.importorskip("timm")
+
+from geomon.keys import ENTROPY, MAX_LOGIT, key  # noqa: E402
+from tests.capture._reference import entropy_of, measure_once, softmax_inputs  # noqa: E402
+
+#: family -> (timm model, its tiny config, module path of the class holding the window size, that class, layout of
+#: its input: "nhwc", "nchw", or "size" (the attention module itself, given ``(x, (H, W))``), image size)
+FAMILIES = {
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=64, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+             strict_img_size=False), "swin_transformer", "SwinTransformerBlock", "nhwc", (60, 76)),
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=64, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+               window_size=8, strict_img_size=False), "swin_transformer_v2", "SwinTransformerV2Block", "nhwc",
+               (60, 76)),
+    "swinv2_cr": ("swinv2_cr_tiny_ns_224", dict(img_size=64, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                  window_size=7, strict_img_size=False), "swin_transformer_v2_cr", "SwinTransformerV2CrBlock", "nhwc",
+                  (60, 76)),
+    "davit": ("davit_tiny", dict(embed_dims=(32, 64), depths=(1, 1), num_heads=(2, 4), window_size=7), "davit",
+              "SpatialBlock", "nchw", (60, 76)),
+    "tiny_vit": ("tiny_vit_5m_224", dict(embed_dims=(32, 32, 64, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+                 window_sizes=(7, 7, 7, 7)), "tiny_vit", "TinyVitBlock", "nhwc", (60, 76)),
+    "sam": ("samvit_base_patch16", dict(img_size=80, embed_dim=32, depth=2, num_heads=2, window_size=3,
+            global_attn_indexes=(1,)), "vision_transformer_sam", "Block", "nhwc", (64, 80)),
+    "twins": ("twins_svt_small", dict(embed_dims=(32, 64), depths=(1, 1), num_heads=(2, 4), mlp_ratios=(2, 2),
+              sr_ratios=(2, 1), wss=(7, 7)), "twins", "LocallyGroupedAttn", "size", (60, 76)),
+}  # fmt: skip
+
+
+def _model(family, fused):
+    name, config = FAMILIES[family][:2]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **config).eval()
+    for module in model.modules():
+        if isinstance(module, nn.Linear):  # maps far from uniform, so that a padding row counted would show
+            nn.init.normal_(module.weight, std=0.3)
+    _set_fused(model, fused)
+    return model
+
+
+def _set_fused(model, fused):
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+
+
+def _real_windows(batch, height, width, window):
+    """``[B·nW, Wh·Ww]``: True at the window tokens that are the map's own (the padding comes after any shift, at the
+    bottom and right), windows row-major per image, as the blocks cut them."""
+    wh, ww = (window, window) if isinstance(window, int) else window
+    grid = torch.zeros(-(-height // wh) * wh, -(-width // ww) * ww, dtype=torch.bool)
+    grid[:height, :width] = True
+    windows = grid.reshape(grid.shape[0] // wh, wh, grid.shape[1] // ww, ww).permute(0, 2, 1, 3)
+    return windows.reshape(-1, wh * ww).repeat(batch, 1)
+
+
+def _reference(family, model, images):
+    """Per windowed attention layer: its softmax input with the fused path off, ``[B', H, N, N]``, and its real rows
+    ``[B', N]`` from the block's input size."""
+    _, _, path, cls, layout, _ = FAMILIES[family]
+    block_class = getattr(__import__(f"timm.models.{path}", fromlist=[cls]), cls)
+    real, handles = {}, []
+    for name, block in model.named_modules():
+        if not isinstance(block, block_class):
+            continue
+        window = block.ws if layout == "size" else block.window_size
+        if window == 0:  # SAM's global blocks
+            continue
+        layer = name if layout == "size" else f"{name}.attn"
+
+        def place(module, args, layer=layer, window=window):
+            x = args[0]
+            batch, (height, width) = x.shape[0], {"nhwc": x.shape[1:3], "nchw": x.shape[2:4], "size": args[-1]}[layout]
+            real[layer] = _real_windows(batch, height, width, window)
+
+        handles.append(block.register_forward_pre_hook(place))
+    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
+    _set_fused(model, False)
+    try:
+        scores = softmax_inputs(model, images)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in fused.items():
+            module.fused_attn = flag
+    return {layer: (scores[layer], rows) for layer, rows in real.items()}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "not-fused"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_padded_windows_leave_out_the_padding_tokens_query_rows(family, fused):
+    model = _model(family, fused)
+    if fused and not any(hasattr(m, "fused_attn") for m in model.modules()):
+        pytest.skip(f"timm {timm.__version__}'s {family} has no fused path (it always writes its softmax)")
+    images = torch.randn(2, 3, *FAMILIES[family][-1], generator=torch.Generator().manual_seed(1))
+    reference = _reference(family, model, images)
+    assert reference and all(not rows.all() for _, (_, rows) in reference.items())  # padding in every layer here
+    values, details, said = measure_once(model, images)
+    assert not said, said
+    for layer, (calls, rows) in reference.items():
+        assert len(calls) == 1
+        heads = details[key(ENTROPY, layer)].shape[0]
+        scores = calls[0]
+        if scores.ndim == 3:  # SAM: [B·H, N, N], batch-major
+            scores = scores.unflatten(0, (-1, heads))
+        if scores.ndim == 5:  # Twins: [B, windows, H, N, N]
+            scores = scores.flatten(0, 1)
+        rows = rows[:, None, :].expand(scores.shape[:-1])
+        entropy = entropy_of(torch.softmax(scores, dim=-1))
+        per_head = torch.stack([entropy[:, h][rows[:, h]].mean() for h in range(heads)])
+        torch.testing.assert_close(details[key(ENTROPY, layer)].double(), per_head, rtol=1e-5, atol=1e-6)
+        assert values[key(ENTROPY, layer)] == pytest.approx(float(entropy[rows].mean()), rel=1e-5)
+        assert values[key(MAX_LOGIT, layer)] == pytest.approx(float(scores.amax(-1)[rows].max()), rel=1e-5)
