@@ -13,11 +13,13 @@ projections, and the rows are those the module's own softmax normalises:
 - padded tokens (``is_index_masked``, Longformer's padding to a whole number of windows included) are left out as
   queries and masked as keys, as the module masks them.
 
-The global tokens' hidden states are those the module gave ``query_global``, read back at its exit (see
-:mod:`geomon.capture._projections`; Longformer divides the projections' outputs in place, so Q and K themselves are
-computed again).
+What the module's projections computed in the call is read back at its exit (:mod:`geomon.capture._projections`):
+``key`` and ``key_global`` as they returned it, ``query`` and ``query_global`` after the one in-place division by
+``sqrt(Dh)`` Longformer applies to them (the scale is then 1), and the global tokens' hidden states the module gave
+``query_global``, which size the global rows without a host read.
 
-Cost of a recomputation: the Q and K projections, ``2·B·N·E·2E`` FLOPs, plus those of the global tokens.
+Cost where nothing is read back (a projection called otherwise): the Q and K projections, ``2·B·N·E·2E`` FLOPs, plus
+``key_global`` over every token and ``query_global`` over the global tokens.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from geomon.capture._patterns import AlignedRule, MaskPattern
-from geomon.capture._projections import projected, seen_calls
+from geomon.capture._projections import projected, read_back, seen_calls
 from geomon.capture._session import Found, bind
 
 _CLASSES = (
@@ -69,16 +71,33 @@ def _heads(x: Tensor, heads: int) -> Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
-def _global_states(module: nn.Module, x: Tensor, global_tokens: Tensor, counts: Tensor) -> Tensor:
-    """The hidden states of each item's global tokens, ``[B, G, E]`` (``G``: the most any item has; the other
-    slots hold anything): the input Longformer gave ``query_global`` (``[G, B, E]``, read without a host sync), or
-    gathered again, which reads ``G`` on the host."""
+def _projected(proj: nn.Module, x: Tensor, heads: int, scale: float | None = None) -> Tensor:
+    """``proj`` of the module's input ``x [B, N, E]`` as ``[B, H, N, Dh]``, times ``scale`` when given. Longformer
+    applies its projections to ``x.transpose(0, 1)`` and divides the queries by ``sqrt(Dh)`` in place: what it
+    computed is read back (:mod:`geomon.capture._projections`), else computed again."""
+    states = x.transpose(0, 1)  # the view the module projects
+    found = read_back(proj, states, changed=0 if scale is None else 1)
+    if found is not None:
+        return _heads(found.transpose(0, 1), heads)
+    out = _heads(projected(proj, x), heads)
+    return out if scale is None else out * scale
+
+
+def _global_queries(module: nn.Module, x: Tensor, global_tokens: Tensor, counts: Tensor, scale: float) -> Tensor:
+    """The scaled queries of each item's global tokens, ``[B, H, G, Dh]`` (``G``: the most any item has; the other
+    slots hold anything), from the states Longformer gave ``query_global`` (``[G, B, E]``; what it computed of them
+    read back), or from those states gathered again, which reads ``G`` on the host."""
     for seen in reversed(seen_calls(module.query_global)):
-        if isinstance(seen.input, Tensor) and seen.input.ndim == 3 and seen.input.shape[1] == x.shape[0]:
-            return seen.input.transpose(0, 1)
+        states = seen.input
+        if isinstance(states, Tensor) and states.ndim == 3 and states.shape[1] == x.shape[0]:
+            found = read_back(module.query_global, states, changed=1)  # divided by sqrt(Dh) in place
+            if found is not None:
+                return _heads(found.transpose(0, 1), module.num_heads)
+            return _heads(projected(module.query_global, states.transpose(0, 1)), module.num_heads) * scale
     most = int(counts.max())  # as Longformer's own nonzero() does at every layer
     order = torch.argsort((~global_tokens).to(torch.int8), dim=1, stable=True)[:, :most]
-    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+    chosen = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+    return _heads(projected(module.query_global, chosen), module.num_heads) * scale
 
 
 def longformer_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Found]:
@@ -94,18 +113,17 @@ def longformer_fallback(module: nn.Module, args: tuple, kwargs: dict, output: An
     heads, scale = module.num_heads, 1 / math.sqrt(module.head_dim)
     window = module.one_sided_attn_window_size
     n = x.shape[1]
-    q, k = _heads(projected(module.query, x), heads), _heads(projected(module.key, x), heads)
+    q, k = _projected(module.query, x, heads, scale), _projected(module.key, x, heads)  # q scaled, as Longformer
     keys = ~padded[:, None, None, :]  # True = may attend
     if not call.get("is_global_attn"):
-        return [Found("", q, k, keys, False, scale, False, AlignedRule(n, n, False, window + 1, None))]
+        return [Found("", q, k, keys, False, 1.0, False, AlignedRule(n, n, False, window + 1, None))]
     # a global token's band row is replaced by its global row: left out here, reported under ".global"
-    band = Found("", q, k, keys, False, scale, False, BandOrGlobalKeys(window, global_tokens), dropped=global_tokens)
+    band = Found("", q, k, keys, False, 1.0, False, BandOrGlobalKeys(window, global_tokens), dropped=global_tokens)
     counts = global_tokens.sum(dim=1)
-    chosen = _global_states(module, x, global_tokens, counts)  # [B, G, E]: each item's global tokens, in order
-    unused = torch.arange(chosen.shape[1], device=x.device)[None, :] >= counts[:, None]  # slots past an item's own
-    q_global = _heads(projected(module.query_global, chosen), heads)
-    k_global = _heads(projected(module.key_global, x), heads)
-    rows = Found(".global", q_global, k_global, None, False, scale, False, KeysOnly(padded), dropped=unused)
+    q_global = _global_queries(module, x, global_tokens, counts, scale)  # [B, H, G, Dh]: in order, scaled
+    unused = torch.arange(q_global.shape[2], device=x.device)[None, :] >= counts[:, None]  # past an item's own
+    k_global = _projected(module.key_global, x, heads)
+    rows = Found(".global", q_global, k_global, None, False, 1.0, False, KeysOnly(padded), dropped=unused)
     return [band, rows]
 
 

@@ -45,6 +45,15 @@ def _classes() -> tuple[type | None, type | None]:
     return getattr(module, "Attention", None), getattr(module, "AttentionRope", None)
 
 
+def _qk_width(module: nn.Module) -> int:
+    """The Q and K features of a fused ``qkv`` (two thirds of its output): from the layer's ``out_features``, or,
+    for a wrapper without one (a LoRA adapter), from the heads and the scale (``head_dim ** -0.5``, as timm sets it)."""
+    features = getattr(module.qkv, "out_features", None)
+    if isinstance(features, int):
+        return 2 * (features // 3)
+    return 2 * module.num_heads * round(float(module.scale) ** -2)
+
+
 def _mask(attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor | None, bool]:
     return (None, True) if is_causal else (attn_mask, False)
 
@@ -99,7 +108,7 @@ def swin_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     x, mask = call["x"], call.get("mask")
     windows, n, _ = x.shape
     heads = module.num_heads
-    width = 2 * (module.qkv.out_features // 3)
+    width = _qk_width(module)
     qk = projected(module.qkv, x, width).reshape(windows, n, 2, heads, -1).permute(2, 0, 3, 1, 4)
     bias = module._get_rel_pos_bias()  # [1, H, N, N]
     if mask is not None:  # [num_win, N, N], window w of every image: x is [B * num_win, N, C]
@@ -117,7 +126,7 @@ def eva_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> l
     batch, n, _ = x.shape
     heads = module.num_heads
     if module.qkv is not None:
-        width = 2 * (module.qkv.out_features // 3)
+        width = _qk_width(module)
         qk = projected(module.qkv, x, width)
         if module.q_bias is not None:
             qk = qk + torch.cat((module.q_bias, module.k_bias))

@@ -53,19 +53,20 @@ def _bloom() -> tuple[nn.Module, dict]:
 
 
 def _longformer() -> tuple[nn.Module, dict]:
-    """Longformer divides its Q and K in place after projecting them: they are computed again, a LoRA query under
-    a forked random state."""
+    """Longformer projects the transposed input and divides its Q in place after projecting it: Q and K are read
+    back all the same (Q after that one division)."""
     model = tiny_hf_model("LongformerConfig", "LongformerModel", vocab_size=100, hidden_size=32, num_hidden_layers=2,
                           num_attention_heads=4, intermediate_size=64, attention_window=[4, 4],
                           max_position_embeddings=80, attention_probs_dropout_prob=0.0,
                           hidden_dropout_prob=0.0)  # fmt: skip
     for layer in model.encoder.layer:
         layer.attention.self.query = LoRA(layer.attention.self.query)
+        layer.attention.self.key = LoRA(layer.attention.self.key)
     ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(1))
     return model, {"input_ids": ids}
 
 
-MODELS = {"timm-vit": _timm_vit, "bloom": _bloom}
+MODELS = {"timm-vit": _timm_vit, "bloom": _bloom, "longformer": _longformer}
 
 
 def _loss(model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -97,11 +98,10 @@ def _train(model: nn.Module, inputs: dict, monitored: bool) -> tuple[list[float]
     return losses, [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("name", [*sorted(MODELS), "longformer"])
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_training_with_a_stochastic_projection_is_unchanged(name):
-    """Three monitored training steps give the losses and weights of three unmonitored ones, bit for bit: with the
-    projections read back (timm, Bloom), or computed again under a forked random state (Longformer)."""
-    model, inputs = {**MODELS, "longformer": _longformer}[name]()
+    """Three monitored training steps give the losses and weights of three unmonitored ones, bit for bit."""
+    model, inputs = MODELS[name]()
     plain_losses, plain_weights = _train(model, inputs, monitored=False)
     losses, weights = _train(model, inputs, monitored=True)
     assert losses == plain_losses
@@ -126,3 +126,35 @@ def test_values_are_those_of_the_dropout_sample_the_model_used(name):
         entropy = -torch.special.xlogy(p, p).sum(-1)
         assert values[key(ENTROPY, layer)] == pytest.approx(float(entropy.mean()), rel=1e-5), layer
         assert values[key(MAX_LOGIT, layer)] == pytest.approx(float(s.amax()), rel=1e-5), layer
+
+
+def test_a_projection_not_read_back_in_training_is_not_called_again():
+    """Under ``inference_mode`` tensors keep no version counter, so nothing is read back: a projection that is not a
+    plain ``nn.Linear`` is then not called again in training (its dropout, hooks and state would run twice); the
+    layer is named as not reported, nothing is logged for it, and the random stream is where it was."""
+    model, inputs = _timm_vit()
+    model.train()
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        model(**inputs)
+    expected_state = torch.get_rng_state()
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        values, _, said = measure_once(model, **inputs)
+    assert torch.equal(torch.get_rng_state(), expected_state)
+    assert not any(name.startswith(key(ENTROPY, "")) for name in values)
+    assert any("NotReadBack" in s and "blocks.0.attn" in s for s in said), said
+
+
+def test_only_the_projections_of_a_recomputed_module_are_kept():
+    """The outputs kept while a recomputed module runs are those of its Q/K projections, not of its other children
+    (an encoder layer's feed-forward, dropouts, norms)."""
+    from geomon.capture._projections import ChildOutputs
+
+    outputs = ChildOutputs()
+    timm_attention = _timm_vit()[0].blocks[0].attn
+    layer = nn.TransformerEncoderLayer(16, 2, batch_first=True)
+    outputs.watch(timm_attention)
+    outputs.watch(layer)
+    assert outputs.children[id(timm_attention)] == (id(timm_attention.qkv),)
+    assert outputs.children[id(layer)] == ()
