@@ -11,7 +11,7 @@ see them; ``pl_module.log`` is not used because Lightning would repeat a callbac
 - ``geomon/attention/entropy_normalized/<module>``: mean of ``H / log n`` (rows with at least 2 keys);
 - ``geomon/attention/max_logit/<module>``: largest attention logit;
 - ``geomon/rankme/<probe>``, ``geomon/rankme_cov/<probe>`` (of the centred covariance), ``geomon/alpha_req/<probe>``
-  (``D > 100``): when a window of ``4 x D`` rows is full;
+  (``D > 100``): when a window of ``4 x D`` rows is full (real tokens only, where ``token_mask_fn`` gives a mask);
   probes: ``<head>.input`` (the features entering the output head), the ``embedding_modules``, and the names of
   tensors returned from ``training_step`` under ``outputs["geomon"]``;
 - ``geomon/nc/<stat>/<head>.input``: neural collapse (``nc1``, ``nc2_*``, ``nc3``, ``nc4``, ``cdnv``, ``gnc2_*``,
@@ -51,8 +51,8 @@ from geomon import _media
 from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink, WandbSink
 from geomon.functional._dispatch import Backend
 from geomon.integrations.wandb_dashboard import LIGHTNING_STEP, WandbDashboard, config_value, monitor_settings
-from geomon.labels import LabelKind, default_labels, label_kind, labels_of
-from geomon.monitor import COMPILED, Monitor, check_flag, checked_labels
+from geomon.labels import LabelKind, default_labels, default_token_mask, label_kind, labels_of, token_mask_of
+from geomon.monitor import COMPILED, Monitor, check_flag, checked_labels, checked_token_mask
 from geomon.probes.plan import MEMORY_BUDGET_MIB
 
 OnAlert = Literal["warn", "checkpoint", "stop"] | Callable[[Any], None]
@@ -113,6 +113,11 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         labels_fn: ``batch -> labels`` aligned with the head's input rows (default: :func:`default_labels` for the
             kind of the Hugging Face model that owns the head - a causal LM's ``labels`` shifted, a masked LM's,
             token classifier's or seq2seq model's as they are; a warning, once, when the kind is unknown).
+        token_mask_fn: ``batch -> token mask [B, N]`` (bool or integer, 1 = a real token, 0 = padding) that leaves
+            padding positions out of RankMe / alpha-ReQ of every hooked embedding tensor ``[B, N, D]`` (a tensor of
+            another leading shape is measured whole, with one warning per probe); default:
+            :func:`geomon.labels.default_token_mask` - a mapping batch's 2-D ``attention_mask`` (a seq2seq model's
+            ``decoder_attention_mask``, its head reading decoder rows); ``None``: every position counts.
         embedding_modules: ``fnmatch`` patterns of modules whose outputs feed RankMe / alpha-ReQ.
         spectral_modules: ``fnmatch`` patterns of modules with a 2-D weight (``nn.Embedding`` excluded) whose σ(W)
             and stable rank are logged.
@@ -160,6 +165,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         head: str | None = "auto",
         neural_collapse: bool | Literal["auto"] = "auto",
         labels_fn: Callable[[Any], Tensor | None] = default_labels,
+        token_mask_fn: Callable[[Any], Tensor | None] | None = default_token_mask,
         embedding_modules: Sequence[str] = (),
         spectral_modules: Sequence[str] = (),
         entropy_bound: bool = False,
@@ -191,6 +197,9 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         self.actions, self.action_level = actions, action_level
         if not callable(labels_fn):
             raise TypeError(f"labels_fn must be callable (batch -> labels), got {labels_fn!r}")
+        if token_mask_fn is not None and not callable(token_mask_fn):
+            raise TypeError(f"token_mask_fn must be callable (batch -> token mask [B, N]) or None, got "
+                            f"{token_mask_fn!r}")  # fmt: skip
         self.monitor = Monitor(
             every_n_steps=every_n_steps,
             attention=attention,
@@ -206,8 +215,9 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             memory_budget_mib=memory_budget_mib,
             strict=strict,
         )
-        self.labels_fn, self.media, self.strict = labels_fn, media, strict
-        self.label_kind: LabelKind | None = None  #: the kind of the model owning the head (default labels_fn)
+        self.labels_fn, self.token_mask_fn, self.media, self.strict = labels_fn, token_mask_fn, media, strict
+        #: the kind of the model owning the head (default labels_fn and token_mask_fn)
+        self.label_kind: LabelKind | None = None
         self._armed: Any = None
         self._measured_step = 0
         self._optimizer_steps = 0  # trainer.global_step when the measured step began
@@ -222,7 +232,8 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         self.monitor.attach(pl_module)
         if self.monitor.compiled and self.measure_forward is None:
             raise ValueError(COMPILED.format(parts=self.monitor.compiled))
-        if self.labels_fn is default_labels and self.monitor.head is not None:
+        defaults = self.labels_fn is default_labels or self.token_mask_fn is default_token_mask
+        if defaults and self.monitor.head is not None:
             self.label_kind = self.monitor.guard.run("the model's kind", label_kind, pl_module, self.monitor.head)
         self.monitor.alert_engine.sinks = self._sinks(trainer)
         if self._pending_state is not None:
@@ -245,7 +256,8 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
     def _setup_dashboards(self, loggers: list[Any]) -> None:
         settings = {**monitor_settings(self.monitor), "media": self.media, "on_alert": config_value(self.actions),
                     "action_level": self.action_level, "labels_fn": config_value(self.labels_fn),
-                    "label_kind": self.label_kind, "measure_forward": config_value(self.measure_forward)}  # fmt: skip
+                    "token_mask_fn": config_value(self.token_mask_fn), "label_kind": self.label_kind,
+                    "measure_forward": config_value(self.measure_forward)}  # fmt: skip
         for logger in loggers:
             if _media.logger_kind(logger) == "WandbLogger":
                 prefix = getattr(logger, "_prefix", "") or ""  # WandbLogger(prefix="p") logs p-<key>
@@ -285,13 +297,15 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
             labels = None
             if self.monitor.collapse is not None:
                 labels = self.monitor.guard.run("labels_fn", self._labels, batch)
+            mask = self.monitor.guard.run("token_mask_fn", self._token_mask, batch)
             if self.measure_forward is not None and self.monitor.reads_forward:
                 # before the training forward: the weights it uses, its batch (weight-based probes alone read no
                 # forward: they take the plain path below, which hooks nothing for them)
                 with _train_step_context(trainer):
-                    self.monitor.measure_forward(step, self.measure_forward, pl_module, batch, labels=labels)
+                    self.monitor.measure_forward(step, self.measure_forward, pl_module, batch, labels=labels,
+                                                 token_mask=mask)  # fmt: skip
             else:
-                armed = self.monitor.step(step, labels=labels)
+                armed = self.monitor.step(step, labels=labels, token_mask=mask)
                 if self.monitor.guard.run("arming the capture", armed.__enter__, default=False) is not False:
                     self._armed = armed
         if scheduled:
@@ -300,6 +314,9 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
 
     def _labels(self, batch: Any) -> Tensor | None:
         return checked_labels(labels_of(batch, self.labels_fn, self.label_kind, self.monitor.guard, self.monitor.head))
+
+    def _token_mask(self, batch: Any) -> Tensor | None:
+        return checked_token_mask(token_mask_of(batch, self.token_mask_fn, self.label_kind))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._disarm()

@@ -146,3 +146,33 @@ def labels_of(batch: Any, labels_fn: Any, kind: LabelKind | None, guard: Any, he
             "input rows)",
         )
     return default_labels(batch, kind)
+
+
+def default_token_mask(batch: Any, kind: LabelKind | None = None) -> Tensor | None:
+    """The token mask of ``batch`` (``[B, N]``, 1 = a real token, 0 = padding) that leaves padding out of RankMe /
+    alpha-ReQ: a mapping batch's 2-D ``attention_mask`` (``DataCollatorWithPadding``'s), or, for a
+    sequence-to-sequence model (``kind="seq2seq"``), whose head reads the decoder's rows, its
+    ``decoder_attention_mask`` (none: every decoder position counts; the encoder's ``attention_mask`` does not
+    describe those rows). ``None`` when the batch has none (a tuple batch, an unpadded one).
+
+    Example:
+        >>> mask = torch.tensor([[1, 1, 0]])
+        >>> default_token_mask({"input_ids": torch.tensor([[5, 6, 0]]), "attention_mask": mask}) is mask
+        True
+        >>> default_token_mask({"attention_mask": mask}, kind="seq2seq") is None
+        True
+    """
+    if not isinstance(batch, Mapping):
+        return None
+    mask = batch.get("decoder_attention_mask" if kind == "seq2seq" else "attention_mask")
+    return mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+
+
+def token_mask_of(batch: Any, token_mask_fn: Any, kind: LabelKind | None) -> Tensor | None:
+    """The token mask the callbacks give the embedding probes: none when ``token_mask_fn`` is ``None``,
+    :func:`default_token_mask` by the model's ``kind`` for the default, else ``token_mask_fn(batch)``."""
+    if token_mask_fn is None:
+        return None
+    if token_mask_fn is default_token_mask:
+        return default_token_mask(batch, kind)
+    return token_mask_fn(batch)

@@ -113,6 +113,25 @@ def checked_labels(labels: object) -> Tensor | None:
     return labels
 
 
+def checked_token_mask(token_mask: object) -> Tensor | None:
+    """``token_mask`` if it is ``None`` or a 2-D bool or integer tensor ``[B, N]`` (True or nonzero: a real token, as
+    in a Hugging Face ``attention_mask``), else a ``TypeError`` or ``ValueError`` saying what is allowed. Its values
+    are not read here (that would sync the host with the device)."""
+    if token_mask is None:
+        return None
+    if not isinstance(token_mask, Tensor):
+        raise TypeError(f"token_mask must be a torch.Tensor [B, N] (1 or True: a real token, 0 or False: padding, as "
+                        f"a Hugging Face attention_mask) or None, got {type(token_mask).__name__}")  # fmt: skip
+    if token_mask.is_floating_point() or token_mask.is_complex():
+        raise TypeError(f"token_mask must be a bool or integer tensor (1 or True: a real token, 0 or False: padding), "
+                        f"got {token_mask.dtype}; an additive float mask (0 / -inf) is not a token mask: pass the "
+                        f"batch's attention_mask, or (mask == 0) for an additive one")  # fmt: skip
+    if token_mask.ndim != 2:
+        raise ValueError(f"token_mask must be 2-D, [B, N] (one flag per token of each sequence, as a Hugging Face "
+                         f"attention_mask), got shape {tuple(token_mask.shape)}")  # fmt: skip
+    return token_mask
+
+
 def step_number(step: object) -> int:
     """``step`` as an ``int`` (Python, numpy and 0-d integer tensors are accepted), else a ``TypeError``."""
     try:
@@ -297,12 +316,17 @@ class Monitor:
             return False
         return bool(self.plan.fill_probes(-step_number(global_step) % self.every_n_steps))
 
-    def step(self, global_step: int, labels: Tensor | None = None) -> Any:
+    def step(self, global_step: int, labels: Tensor | None = None, token_mask: Tensor | None = None) -> Any:
         """Context manager around the forward pass of ``global_step``: everything is measured on scheduled steps;
         on fill steps (:meth:`fills`) only the windowed probes' hooks run (a Gram and sums updated on the device);
         a no-op otherwise.
 
-        ``labels`` (one per row of the head's input, ``-100`` = none) feed neural collapse. Every block opened on a
+        ``labels`` (one per row of the head's input, ``-100`` = none) feed neural collapse. ``token_mask`` (``[B, N]``,
+        bool or integer, True or 1 = a real token: a Hugging Face ``attention_mask``) leaves padding out of RankMe /
+        alpha-ReQ: rows of a hooked embedding tensor ``[B, N, D]`` (the head's input, ``embedding_modules``) at
+        padding positions are not counted; a tensor of another leading shape is measured whole, and a warning says
+        so once per probe (see :class:`~geomon.probes.embedding.EmbeddingProbe`). Neural collapse leaves out rows
+        labelled ``-100`` instead. Every block opened on a
         scheduled step adds to that step's measurement (several micro-batches: one ``compute(step)`` after them all),
         until :meth:`compute` reports the step; after that, blocks for the same step measure nothing (a warning says
         so once) until :meth:`attach` or :meth:`load_state_dict` starts afresh (a resumed or rolled-back run replays
@@ -311,25 +335,26 @@ class Monitor:
             raise RuntimeError("Monitor.step() before attach(model)")
         if self.compiled and not self._in_extra_forward:
             raise ValueError(COMPILED.format(parts=self.compiled))
-        return self._step(global_step, labels)
+        return self._step(global_step, labels, token_mask)
 
-    def _step(self, global_step: int, labels: Tensor | None) -> Any:
+    def _step(self, global_step: int, labels: Tensor | None, token_mask: Tensor | None = None) -> Any:
         assert self.model is not None and self.plan is not None
-        labels = checked_labels(labels)
+        labels, token_mask = checked_labels(labels), checked_token_mask(token_mask)
         if not self.is_scheduled(global_step):
             fill = self.plan.fill_probes(-step_number(global_step) % self.every_n_steps)
-            return (
-                self.plan.armed(self.model, labels, only=fill, eager=self._in_extra_forward) if fill else nullcontext()
-            )
+            if not fill:
+                return nullcontext()
+            return self.plan.armed(self.model, labels, only=fill, eager=self._in_extra_forward, token_mask=token_mask)
         if step_number(global_step) == self._computed_step:
             self.guard.warn_once("step computed", REMEASURED.format(step=self._computed_step))
             return nullcontext()
         self._measured = True
-        return self.plan.armed(self.model, labels, eager=self._in_extra_forward)
+        return self.plan.armed(self.model, labels, eager=self._in_extra_forward, token_mask=token_mask)
 
     def measure_forward(
-        self, global_step: int, forward: Callable[..., Any], *args: Any, labels: Tensor | None = None, **kwargs: Any
-    ) -> None:
+        self, global_step: int, forward: Callable[..., Any], *args: Any, labels: Tensor | None = None,
+        token_mask: Tensor | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
         """Measure ``global_step`` by an extra forward pass, ``forward(*args, **kwargs)``, whose output is dropped:
         for a ``torch.compile``'d model, whose own forward hooks cannot see into. A no-op off schedule (and on
         fill steps it feeds the windowed probes only, as :meth:`step` does).
@@ -339,7 +364,8 @@ class Monitor:
         as it would have without it (see :mod:`geomon.capture.extra_forward`). It costs one forward pass without
         gradients per step it measures. Call it before the training forward of the step, on the same batch, to
         measure the weights that forward uses. An error inside it is a warning and a skipped measurement (raised
-        with ``strict=True``); ``labels`` feed neural collapse as in :meth:`step`.
+        with ``strict=True``); ``labels`` feed neural collapse and ``token_mask`` leaves padding out of RankMe /
+        alpha-ReQ, as in :meth:`step` (neither is passed to ``forward``).
 
         A training loop (``model``, ``loader``, ``loss_fn``, ``optimizer`` yours)::
 
@@ -359,17 +385,18 @@ class Monitor:
         if not callable(forward):
             raise TypeError(f"Monitor.measure_forward needs a callable forward (the model, or a function), got "
                             f"{forward!r}")  # fmt: skip
-        labels = checked_labels(labels)
+        labels, token_mask = checked_labels(labels), checked_token_mask(token_mask)
         if not (self.is_scheduled(global_step) or self.fills(global_step)):
             return
-        self.guard.run("the extra measuring forward", self._extra_forward, global_step, labels, forward, args, kwargs)
+        self.guard.run("the extra measuring forward", self._extra_forward, global_step, (labels, token_mask), forward,
+                       args, kwargs)  # fmt: skip
 
-    def _extra_forward(self, global_step: int, labels: Tensor | None, forward: Callable[..., Any], args: tuple,
-                       kwargs: dict[str, Any]) -> None:  # fmt: skip
+    def _extra_forward(self, global_step: int, given: tuple[Tensor | None, Tensor | None],
+                       forward: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> None:  # fmt: skip
         assert self.model is not None
         self._in_extra_forward = True
         try:
-            with extra_forward(self.model), self._step(global_step, labels), warnings.catch_warnings():
+            with extra_forward(self.model), self._step(global_step, *given), warnings.catch_warnings():
                 # torch says that geomon's global hooks (armed in this block only) also fire for the compiled
                 # wrapper: they do, and they ignore it (it is not one of the model's named modules)
                 warnings.filterwarnings(

@@ -11,7 +11,8 @@ float64. The logged values are, per layer: the mean entropy (nats) over batch, h
 key; the mean of ``H / log n`` over rows with ``n >= 2`` allowed keys; the largest allowed logit
 (docs/guides/monitoring.md, METRICS.md §3). Steps 0 and 2 of a 3-step fit are measured (``every_n_steps=2``), so a
 value from the wrong step or the wrong weights would not match. Also checked: RankMe of the language models' head
-input as logged (one batch fills a window) against ``tests.reference.ref_rankme``; left padding (rows with no key
+input as logged (one batch's real tokens fill a window) against ``tests.reference.ref_rankme`` over the rows of the
+real tokens (the callback leaves padding out by the batch's ``attention_mask``); left padding (rows with no key
 left out); gradient accumulation (the first micro-batch is measured); ``precision="bf16-mixed"`` (float32 statistics
 of the bfloat16 Q/K).
 """
@@ -39,6 +40,7 @@ STEPS, EVERY = 3, 2
 MEASURED = (0, 2)
 SEQ, VOCAB, BATCH = 12, 50, 4
 LENGTHS = (12, 9, 12, 5, 7, 12, 12, 10)  # tokens per sequence; the rest is padding (right, or left)
+TOKENS = min(sum(LENGTHS[i : i + BATCH]) for i in range(0, len(LENGTHS), BATCH))  # real rows in the leanest batch
 TOL = 2e-5  # float32 model activations against a float64 reference
 
 
@@ -215,7 +217,11 @@ def check(case: Case, tmp_path) -> dict[str, dict[int, float]]:
         key = f"geomon/rankme/{case.head}.input"
         assert sorted(logged[key]) == list(MEASURED)  # one batch fills a window: a value at every measured step
         for step, record in recorder.records.items():
-            rows = record["head"].reshape(-1, record["head"].shape[-1]).numpy()
+            rows = record["head"]
+            batch = record["batch"]
+            if isinstance(batch, dict) and "attention_mask" in batch:  # padding is left out
+                rows = rows[batch["attention_mask"].bool()]
+            rows = rows.reshape(-1, rows.shape[-1]).numpy()
             assert logged[key][step] == pytest.approx(ref_rankme(rows), rel=1e-4)
     return logged
 
@@ -296,7 +302,7 @@ def gpt2_case(implementation: str, layer_scaled: bool = False, precision: str = 
         return head_dim**-0.5 / (int(layer.split(".")[-2]) + 1 if layer_scaled else 1)
 
     return Case(model, hf_loss, lm_data(), install, lm_allowed, layers, scale=scale, head="model.lm_head",
-                window_rows=BATCH * SEQ, precision=precision,
+                window_rows=TOKENS, precision=precision,
                 kinds={f"transformer.h.{i}.attn": f"hf:{implementation}" for i in range(2)})  # fmt: skip
 
 
@@ -362,7 +368,7 @@ def llama_case(implementation: str, accumulate: int = 1, left_padding: bool = Fa
         return handles
 
     return Case(model, hf_loss, lm_data(left_padding), install, lm_allowed, layers, head="model.lm_head",
-                window_rows=BATCH * SEQ, accumulate=accumulate,
+                window_rows=TOKENS, accumulate=accumulate,
                 kinds={f"model.layers.{i}.self_attn": f"hf:{implementation}" for i in range(2)})  # fmt: skip
 
 

@@ -25,17 +25,27 @@ class EmbeddingStats(NamedTuple):
     gram: Tensor  #: [D, D] Σ z zᵀ
 
 
-def _embedding_update(z: Tensor) -> EmbeddingStats:
-    """Statistics of one batch of embeddings ``z[N, D]``; an empty batch (N = 0) gives zeros."""
+def _embedding_update(z: Tensor, row_mask: Tensor | None = None) -> EmbeddingStats:
+    """Statistics of one batch of embeddings ``z[N, D]``; an empty batch (N = 0) gives zeros.
+
+    ``row_mask`` (bool ``[N]``, on ``z``'s device): only the rows where it is True count (padding tokens are left
+    out). The others are zeroed, so they add nothing to the Gram or the sum (NaN or Inf in them included), and
+    ``n`` counts the kept rows on the device: no boolean indexing, no host sync.
+    """
     check_float_tensor(z, "z", 2, "[N, D]")
     if z.shape[1] == 0:
         raise ValueError(f"z must have at least one feature (D >= 1), got shape {tuple(z.shape)}")
     x = z.detach().double()
-    return EmbeddingStats(
-        n=torch.full((), float(x.shape[0]), dtype=torch.float64, device=x.device),  # no host-to-device copy
-        total=x.sum(dim=0),
-        gram=x.T @ x,
-    )
+    if row_mask is None:
+        n = torch.full((), float(x.shape[0]), dtype=torch.float64, device=x.device)  # no host-to-device copy
+    else:
+        if row_mask.dtype != torch.bool or row_mask.shape != x.shape[:1]:
+            raise ValueError(f"row_mask must be a bool tensor of shape [{x.shape[0]}] (one flag per row of z), got "
+                             f"{row_mask.dtype} of shape {tuple(row_mask.shape)}")  # fmt: skip
+        row_mask = row_mask.to(x.device)
+        x = torch.where(row_mask[:, None], x, 0.0)
+        n = row_mask.sum(dtype=torch.float64)
+    return EmbeddingStats(n=n, total=x.sum(dim=0), gram=x.T @ x)
 
 
 #: A Gram whose largest diagonal entry is below this has lost precision to float64 underflow: entries at

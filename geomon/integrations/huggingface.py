@@ -20,10 +20,11 @@ The batch: a forward pre-hook on the model, registered at ``on_step_begin`` of a
 call with gradients enabled (a generation or reference pass under ``no_grad`` before it is not measured), sees the
 measured micro-batch's inputs (``model(**inputs)``: ``input_ids``, ``labels``, ...); there it turns them into labels for
 neural collapse (``labels_fn``; by default a causal LM's ``labels`` shifted as the model shifts them, other kinds' as
-they are, see :mod:`geomon.labels`) and arms the capture. The capture is disarmed after that micro-batch
-(``on_substep_end``, or ``on_step_end`` without gradient accumulation), and ``Monitor.compute`` runs at ``on_step_end``
-on every rank (a collective under DDP); every rank logs like the Trainer does (its integrations write on the world's
-process zero only).
+they are, see :mod:`geomon.labels`) and a token mask that leaves padding out of RankMe / alpha-ReQ (``token_mask_fn``;
+by default the call's ``attention_mask``, a seq2seq model's ``decoder_attention_mask``), and arms the capture. The
+capture is disarmed after that micro-batch (``on_substep_end``, or ``on_step_end`` without gradient accumulation),
+and ``Monitor.compute`` runs at ``on_step_end`` on every rank (a collective under DDP); every rank logs like the
+Trainer does (its integrations write on the world's process zero only).
 
 A compiled model (``TrainingArguments(torch_compile=True)``, or a model or submodule compiled before the Trainer got
 it) runs no hooks inside its graph, and patching the attention call while its graph runs would make it recompile.
@@ -55,8 +56,8 @@ from geomon.capture.modules import compiled_parts
 from geomon.functional._dispatch import Backend
 from geomon.integrations.wandb_dashboard import WandbDashboard, config_value, monitor_settings
 from geomon.keys import is_geomon
-from geomon.labels import LabelKind, default_labels, label_kind, labels_of
-from geomon.monitor import Monitor
+from geomon.labels import LabelKind, default_labels, default_token_mask, label_kind, labels_of, token_mask_of
+from geomon.monitor import Monitor, checked_token_mask
 from geomon.probes.plan import MEMORY_BUDGET_MIB
 
 try:
@@ -140,6 +141,12 @@ class GeomonTrainerCallback(TrainerCallback):
         labels_fn: ``batch -> labels`` aligned with the head's input rows, where ``batch`` is the keyword
             arguments of the measured forward call (``model(**inputs)``); default: :func:`geomon.labels.default_labels`
             for the kind of the model that owns the head.
+        token_mask_fn: ``batch -> token mask [B, N]`` (bool or integer, 1 = a real token, 0 = padding) of the
+            measured forward call's keyword arguments, which leaves padding positions out of RankMe / alpha-ReQ of
+            every hooked embedding tensor ``[B, N, D]`` (a tensor of another leading shape is measured whole, with
+            one warning per probe); default: :func:`geomon.labels.default_token_mask` - the call's 2-D
+            ``attention_mask`` (``DataCollatorWithPadding``'s; a seq2seq model's ``decoder_attention_mask``);
+            ``None``: every position counts.
         embedding_modules: ``fnmatch`` patterns of modules whose outputs feed RankMe / alpha-ReQ.
         spectral_modules: ``fnmatch`` patterns of modules with a 2-D weight (``nn.Embedding`` excluded) whose σ(W)
             and stable rank are logged.
@@ -175,6 +182,7 @@ class GeomonTrainerCallback(TrainerCallback):
         head: str | None = "auto",
         neural_collapse: bool | Literal["auto"] = "auto",
         labels_fn: Callable[[Any], Tensor | None] = default_labels,
+        token_mask_fn: Callable[[Any], Tensor | None] | None = default_token_mask,
         embedding_modules: Sequence[str] = (),
         spectral_modules: Sequence[str] = (),
         entropy_bound: bool = False,
@@ -195,6 +203,9 @@ class GeomonTrainerCallback(TrainerCallback):
             raise ValueError(f"action_level must be 'INFO', 'WARN' or 'ERROR', got {action_level!r}")
         if not callable(labels_fn):
             raise TypeError(f"labels_fn must be callable (batch -> labels), got {labels_fn!r}")
+        if token_mask_fn is not None and not callable(token_mask_fn):
+            raise TypeError(f"token_mask_fn must be callable (batch -> token mask [B, N]) or None, got "
+                            f"{token_mask_fn!r}")  # fmt: skip
         self.monitor = Monitor(
             every_n_steps=50 if every_n_steps is None else every_n_steps,
             attention=attention,
@@ -211,8 +222,9 @@ class GeomonTrainerCallback(TrainerCallback):
             strict=strict,
         )
         self.every_n_steps, self.actions, self.action_level = every_n_steps, actions, action_level
-        self.labels_fn, self.strict = labels_fn, strict
-        self.label_kind: LabelKind | None = None  #: the kind of the model owning the head (default labels_fn)
+        self.labels_fn, self.token_mask_fn, self.strict = labels_fn, token_mask_fn, strict
+        #: the kind of the model owning the head (default labels_fn and token_mask_fn)
+        self.label_kind: LabelKind | None = None
         self.trainer: Any = None  #: the Trainer running this callback, between train begin and end
         self._control: Any = None
         self._hook: Any = None  # the forward pre-hook waiting for the measured micro-batch
@@ -245,7 +257,8 @@ class GeomonTrainerCallback(TrainerCallback):
             raise ValueError("geomon: the model is compiled, so GeomonTrainerCallback measures it by an extra forward "
                              "pass run from the Trainer's compute_loss, and no transformers Trainer was found calling "
                              "this callback")  # fmt: skip
-        if self.labels_fn is default_labels and self.monitor.head is not None:
+        defaults = self.labels_fn is default_labels or self.token_mask_fn is default_token_mask
+        if defaults and self.monitor.head is not None:
             self.label_kind = self.monitor.guard.run("the model's kind", label_kind, model, self.monitor.head)
         if state.is_world_process_zero and args.output_dir and state.global_step > 0:  # resumed: the steps after
             # the checkpoint run again, and so do their rows (a fresh run in the same output_dir keeps the old ones)
@@ -295,7 +308,7 @@ class GeomonTrainerCallback(TrainerCallback):
             return
         settings = {**monitor_settings(self.monitor), "on_alert": config_value(self.actions),
                     "action_level": self.action_level, "labels_fn": config_value(self.labels_fn),
-                    "label_kind": self.label_kind}  # fmt: skip
+                    "token_mask_fn": config_value(self.token_mask_fn), "label_kind": self.label_kind}  # fmt: skip
         self._dashboard = WandbDashboard(run, step_metric=HF_STEP, head=self.monitor.head)
         self._dashboard.setup(settings, [] if self.monitor.plan is None else self.monitor.plan.keys())
 
@@ -372,7 +385,9 @@ class GeomonTrainerCallback(TrainerCallback):
         labels = None
         if self.monitor.collapse is not None:
             labels = self.monitor.guard.run("labels_fn", self._labels, inputs)
-        self.monitor.measure_forward(self._armed_step, _call, self.monitor.model, inputs, labels=labels)
+        mask = self.monitor.guard.run("token_mask_fn", self._token_mask, inputs)
+        self.monitor.measure_forward(self._armed_step, _call, self.monitor.model, inputs, labels=labels,
+                                     token_mask=mask)  # fmt: skip
 
     def _arm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not torch.is_grad_enabled():  # generation or a reference pass before the trained forward (GRPO, DPO)
@@ -381,12 +396,16 @@ class GeomonTrainerCallback(TrainerCallback):
         labels = None
         if self.monitor.collapse is not None:
             labels = self.monitor.guard.run("labels_fn", self._labels, kwargs if kwargs else args)
-        armed = self.monitor.step(self._armed_step, labels=labels)
+        mask = self.monitor.guard.run("token_mask_fn", self._token_mask, kwargs if kwargs else args)
+        armed = self.monitor.step(self._armed_step, labels=labels, token_mask=mask)
         if self.monitor.guard.run("arming the capture", armed.__enter__, default=False) is not False:
             self._armed = armed
 
     def _labels(self, batch: Any) -> Tensor | None:
         return labels_of(batch, self.labels_fn, self.label_kind, self.monitor.guard, self.monitor.head)
+
+    def _token_mask(self, batch: Any) -> Tensor | None:
+        return checked_token_mask(token_mask_of(batch, self.token_mask_fn, self.label_kind))
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._release()  # only the first micro-batch of an accumulated step is measured

@@ -20,12 +20,13 @@ class EmbeddingMetric(StatsMetric):
         self.num_features = check_positive_int(num_features, "num_features")
         self._add_stats_states(EmbeddingStats(zeros(), zeros(num_features), zeros(num_features, num_features)))
 
-    def update(self, z: Tensor) -> None:
-        """Add a batch of embeddings ``[N, num_features]`` (an empty batch adds nothing)."""
+    def update(self, z: Tensor, row_mask: Tensor | None = None) -> None:
+        """Add a batch of embeddings ``[N, num_features]`` (an empty batch adds nothing); with ``row_mask`` (bool
+        ``[N]``), only the rows where it is True (say, the real tokens of a padded batch)."""
         check_float_tensor(z, "z", 2, f"[N, {self.num_features}]")
         if z.shape[1] != self.num_features:
             raise ValueError(f"z must have {self.num_features} features (num_features), got shape {tuple(z.shape)}")
-        self._accumulate(_rankme_update(z))
+        self._accumulate(_rankme_update(z, row_mask))
 
 
 class RankMe(EmbeddingMetric):

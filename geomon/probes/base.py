@@ -32,12 +32,14 @@ class Values:
 
 @dataclass
 class Step:
-    """The step a probe is armed for: its labels, the guard its hooks run under, and whether it is a fill step (one
-    between measured steps, on which only the probes that stream rows run: see :meth:`Probe.lead_steps`)."""
+    """The step a probe is armed for: its labels, the guard its hooks run under, whether it is a fill step (one
+    between measured steps, on which only the probes that stream rows run: see :meth:`Probe.lead_steps`), and the
+    batch's token mask (``[B, N]``, True or nonzero = a real token, padding otherwise; ``None``: every position)."""
 
     labels: Tensor | None
     guard: Guard
     fill: bool = False
+    token_mask: Tensor | None = None
     ran: set[str | None] = field(default_factory=set)  #: the watched modules whose hooks ran ("": attention seen)
 
 

@@ -36,14 +36,20 @@ def embedding_tensor(found: Any) -> Tensor | None:
         >>> embedding_tensor([torch.zeros(4, 2), None]).shape, embedding_tensor({"loss": torch.zeros(())})
         (torch.Size([4, 2]), None)
     """
-    if isinstance(found, (tuple, list)):
-        found = found[0] if found else None
-    elif isinstance(found, Mapping):
-        found = next((found[f] for f in HIDDEN_FIELDS if isinstance(found.get(f), Tensor)), None)
+    found = _found_tensor(found)
     if isinstance(found, Tensor) and found.is_nested:  # nn.TransformerEncoder's fast path: the tokens without padding
         parts = [part.reshape(-1, part.shape[-1]) for part in found.detach().unbind()]
         return torch.cat(parts) if parts else None
     return found if isinstance(found, Tensor) else None
+
+
+def _found_tensor(found: Any) -> Any:
+    """The tensor :func:`embedding_tensor` reads in ``found`` (nested or not), or what stands in its place."""
+    if isinstance(found, (tuple, list)):
+        return found[0] if found else None
+    if isinstance(found, Mapping):
+        return next((found[f] for f in HIDDEN_FIELDS if isinstance(found.get(f), Tensor)), None)
+    return found
 
 
 class EmbeddingProbe(Probe):
@@ -59,6 +65,16 @@ class EmbeddingProbe(Probe):
     that is more than the period (:meth:`lead_steps`; the Gram update is the only work, on the device). Every value
     comes from one accumulated Gram and row sum (:class:`~geomon.metrics.RankMe`'s state), reduced once per window;
     the covariance's eigenvalues serve both the centred RankMe and alpha-ReQ.
+
+    Padding is left out: when the step has a token mask (``[B, N]``, see :meth:`geomon.Monitor.step`) and the hooked
+    tensor's leading dimensions are exactly ``[B, N]``, the rows of padding positions are zeroed before the Gram and
+    the sum and are not counted in the window's rows (a bool row mask on the device: no indexing, no host sync), so
+    a window closes on real tokens. A tensor of another leading shape cannot be aligned with the mask: its rows are
+    all measured, and a warning naming the probe says so once. A nested tensor's rows are its real tokens already.
+    The fill schedule (:meth:`lead_steps`) counts every position of a step, padding included: it is read off the
+    shapes on the host, and counting the real tokens would need a host sync; on padded batches a window may
+    therefore take a period more to fill than the schedule plans (it keeps accumulating until it holds
+    ``min_rows`` real rows).
 
     Args:
         name: the probe's name (a module's name, ``<head>.input``, or a name given to ``Monitor.observe``).
@@ -113,8 +129,9 @@ class EmbeddingProbe(Probe):
         if self.rankme is not None:
             self.rankme.to(device)
 
-    def update(self, tensor: Tensor) -> bool:
-        """Add rows ``[..., D]``; ``False`` (nothing added) when ``D`` differs from the spec."""
+    def update(self, tensor: Tensor, row_mask: Tensor | None = None) -> bool:
+        """Add rows ``[..., D]`` (with ``row_mask``, bool, one flag per row: only those flagged); ``False`` (nothing
+        added) when ``D`` differs from the spec."""
         rows = tensor.detach().reshape(-1, tensor.shape[-1])
         if self.spec is None:
             self.spec = (rows.shape[1],)
@@ -122,7 +139,7 @@ class EmbeddingProbe(Probe):
             return False
         self.allocate(rows.device)
         assert self.rankme is not None
-        self.rankme.update(rows)
+        self.rankme.update(rows, row_mask)
         return True
 
     def arm(self, module: nn.Module, step: Step) -> list[RemovableHandle]:
@@ -133,7 +150,8 @@ class EmbeddingProbe(Probe):
             found = inputs[0] if self.source == "input" and inputs else output
             tensor = embedding_tensor(found)
             if tensor is not None:
-                step.guard.run(f"embedding capture of {self.name!r}", self._update_checked, tensor, step)
+                nested = getattr(_found_tensor(found), "is_nested", False)  # its rows are the real tokens already
+                step.guard.run(f"embedding capture of {self.name!r}", self._update_checked, tensor, step, nested)
             else:
                 step.guard.warn_once(f"no-tensor:{self.name}", f"geomon: module {self.name!r} returned "
                                      f"{type(found).__name__}, in which geomon finds no [..., D] tensor (it reads a "
@@ -144,11 +162,28 @@ class EmbeddingProbe(Probe):
 
         return [module.register_forward_hook(hook, always_call=True)]
 
-    def _update_checked(self, tensor: Tensor, step: Step) -> None:
+    def _update_checked(self, tensor: Tensor, step: Step, nested: bool = False) -> None:
         self.rows_per_step = tensor.numel() // max(1, tensor.shape[-1]) if tensor.ndim else None
-        if not self.update(tensor):
+        row_mask = None if step.token_mask is None or nested else self._row_mask(tensor, step)
+        if not self.update(tensor, row_mask):
             step.guard.warn_once(f"features:{self.name}", f"geomon: probe {self.name!r} has {self.spec[0]} features "
                                  f"but got rows of shape {tuple(tensor.shape)}; they are skipped")  # fmt: skip
+
+    def _row_mask(self, tensor: Tensor, step: Step) -> Tensor | None:
+        """The step's token mask as one flag per row of ``tensor`` when its leading dimensions are the mask's
+        ``[B, N]``; else ``None`` (every row counts), said once for this probe."""
+        mask = step.token_mask
+        assert mask is not None
+        if tensor.ndim >= 2 and tuple(tensor.shape[:-1]) == tuple(mask.shape):
+            mask = mask.to(tensor.device, non_blocking=True)
+            return (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)
+        step.guard.warn_once(f"token-mask:{self.name}", f"geomon: probe {self.name!r} reads rows of shape "
+                             f"{tuple(tensor.shape)}, whose leading dimensions are not the token mask's [B, N] = "
+                             f"{list(mask.shape)}, so the mask cannot say which of them are padding: all of its rows "
+                             "are measured, padding included. Give a mask aligned with this module's rows (token_mask "
+                             "/ token_mask_fn; a sequence-to-sequence model's decoder rows need the "
+                             "decoder_attention_mask), or none")  # fmt: skip
+        return None
 
     def compute(self, context: Context, out: Values) -> None:
         metric = self.rankme

@@ -319,7 +319,7 @@ class Plan:
 
     @contextmanager
     def armed(self, model: nn.Module, labels: Tensor | None, only: Sequence[Probe] | None = None,
-              eager: bool = False) -> Iterator[None]:  # fmt: skip
+              eager: bool = False, token_mask: Tensor | None = None) -> Iterator[None]:  # fmt: skip
         """The hooks of one measured step, removed however the block exits; with ``only``, the hooks of a fill step:
         those probes' alone (no attention capture). Inside another block of this plan it does nothing (the outer
         block's hooks already see the forward: a second set would count every row twice), and says so once.
@@ -336,7 +336,7 @@ class Plan:
         if self._compiled_forward and not eager:
             yield
             return
-        step = Step(labels, self.guard, fill=only is not None)
+        step = Step(labels, self.guard, fill=only is not None, token_mask=token_mask)
         modules = plain_modules(model)
         hooked = []
         with ExitStack() as stack:
