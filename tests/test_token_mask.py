@@ -117,6 +117,38 @@ def test_a_mask_that_cannot_be_aligned_is_said_once_per_probe_and_the_rows_are_m
     assert "geomon/rankme/mix.2" in values and KEYS["rankme"] in values
 
 
+class PooledModel(TokenModel):
+    """The mean over each sequence's real tokens, one row per sequence, through a layer of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pooled = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.mix(self.embed(ids))
+        mean = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return self.head(self.pooled(mean))
+
+
+def test_one_row_per_sequence_is_measured_whole_without_a_word():
+    """A pooled embedding ``[B, D]`` has no padding row: with a token mask its rows are all measured and nothing is
+    said (its RankMe equals the reference over its rows)."""
+    model = PooledModel()
+    pooled: list[torch.Tensor] = []
+    model.pooled.register_forward_hook(lambda module, args, out: pooled.append(out.detach()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor = Monitor(every_n_steps=1, attention=False, neural_collapse=False, window_rows=BATCH, alerts=(),
+                          embedding_modules=["pooled"], head=None, strict=True).attach(model)  # fmt: skip
+        ids, mask = padded_batch(0)
+        with monitor.step(0, token_mask=mask):
+            model(ids, mask)
+        values = monitor.compute(0)
+    said = [str(w.message) for w in caught if issubclass(w.category, GeomonWarning) and "token mask" in str(w.message)]
+    assert not said, said
+    assert float(values["geomon/rankme/pooled"]) == pytest.approx(ref_rankme(pooled[0].double().numpy()), rel=1e-9)
+
+
 def test_token_mask_boundary_errors():
     """Anything but ``None`` or a 2-D bool / integer tensor is refused at the call, saying what is allowed."""
     model = TokenModel()

@@ -171,12 +171,15 @@ class EmbeddingProbe(Probe):
 
     def _row_mask(self, tensor: Tensor, step: Step) -> Tensor | None:
         """The step's token mask as one flag per row of ``tensor`` when its leading dimensions are the mask's
-        ``[B, N]``; else ``None`` (every row counts), said once for this probe."""
+        ``[B, N]``; else ``None`` (every row counts): without a word for one row per sequence (``[B, D]``, a pooled
+        embedding, which has no padding row), said once for this probe otherwise."""
         mask = step.token_mask
         assert mask is not None
         if tensor.ndim >= 2 and tuple(tensor.shape[:-1]) == tuple(mask.shape):
             mask = mask.to(tensor.device, non_blocking=True)
             return (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)
+        if tensor.ndim == 2 and tensor.shape[0] == mask.shape[0]:
+            return None  # one row per sequence (a pooled embedding): no row of it is padding
         step.guard.warn_once(f"token-mask:{self.name}", f"geomon: probe {self.name!r} reads rows of shape "
                              f"{tuple(tensor.shape)}, whose leading dimensions are not the token mask's [B, N] = "
                              f"{list(mask.shape)}, so the mask cannot say which of them are padding: all of its rows "
