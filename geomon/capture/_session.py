@@ -222,9 +222,9 @@ class Session:
         #: layouts known by class, by name (LongT5's local attention, ProphetNet's n-gram self-attention)
         self.softmax_streams: dict[str, tuple[SoftmaxStream, ...]] = {}
         #: windowed attention whose block pads its map to whole windows (timm's Swin, DaViT, TinyViT, SAM, Twins), by
-        #: id: ``rows(module, args) -> [windows, N]`` True at the window tokens that are the block's padding (None:
-        #: none), worked out at the module's entry, on the device
-        self.window_padding: dict[int, Callable[[nn.Module, tuple], Tensor | None]] = {}
+        #: id: ``rows(module, args, kwargs) -> [windows, N]`` True at the window tokens that are the block's padding
+        #: (None: none), worked out at the module's entry, on the device
+        self.window_padding: dict[int, Callable[[nn.Module, tuple, dict], Tensor | None]] = {}
         #: those rows of the running modules, by stack depth: left out of whatever attention the module reports
         self.padded_windows: dict[int, Tensor] = {}
 
@@ -342,10 +342,14 @@ class Session:
             self.stack.append((id(module), name, self.reports + self.unseen))
             if isinstance(module, nn.MultiheadAttention) and len(args) >= 2:
                 self.cross_hint[name] = crossed(args[0], args[1])
-            rows = self.window_padding.get(id(module))
-            if rows is not None:
-                depth = len(self.stack) - 1
-                self.guarded(name, lambda: self._note_padded_windows(depth, rows(module, args)))
+
+    def _note_window_padding(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """At the entry of a listed windowed attention module (its own pre-hook, after :meth:`_enter` pushed it, with
+        the call's keywords: transformers' SAM passes ``hidden_states=``), note its window padding rows."""
+        if not self.stack or self.stack[-1][0] != id(module) or self.busy or in_backward():
+            return  # not tracked (geomon's own computation, a backward pass)
+        rows, depth, name = self.window_padding[id(module)], len(self.stack) - 1, self.stack[-1][1]
+        self.guarded(name, lambda: self._note_padded_windows(depth, rows(module, args, kwargs)))
 
     def _note_padded_windows(self, depth: int, rows: Tensor | None) -> None:
         if rows is not None:
@@ -478,6 +482,21 @@ class Session:
             _HOOK_SESSIONS.remove(self)
             if not _HOOK_SESSIONS:
                 _remove_global_hooks()
+
+    @contextmanager
+    def window_hooks(self) -> Iterator[None]:
+        """A pre-hook (with the call's keywords) on each listed windowed attention module (:attr:`window_padding`),
+        run after the global one that tracks it; removed however the block exits."""
+        handles = [
+            module.register_forward_pre_hook(self._note_window_padding, with_kwargs=True)
+            for module in self.model.modules()
+            if id(module) in self.window_padding
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # -- F.scaled_dot_product_attention -------------------------------------------------------------------------
 

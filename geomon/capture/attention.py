@@ -194,6 +194,7 @@ def capture_attention(
         if "transformers" in sys.modules:
             _enter(stack, hf.patched(model, session), strict)
         stack.enter_context(session.module_hooks())
+        stack.enter_context(session.window_hooks())
         stack.enter_context(session.sdpa_wrapped())
         if on_scores is not None:
             stack.enter_context(softmax_wrapped(session))
