@@ -355,6 +355,11 @@ class Session:
         if rows is not None:
             self.padded_windows[depth] = rows
 
+    def window_rows(self, module: nn.Module) -> Tensor | None:
+        """The window padding rows noted at the entry of ``module``, running (None: none noted)."""
+        depth = next((i for i in range(len(self.stack) - 1, -1, -1) if self.stack[i][0] == id(module)), None)
+        return None if depth is None else self.padded_windows.get(depth)
+
     def padded_rows(self, depth: int, batch: int, n_q: int) -> Tensor | None:
         """The window padding rows ``[batch, n_q]`` of the module running at ``depth`` (None: it has none, or none
         of that shape: a call that is not over its windows)."""
@@ -648,7 +653,7 @@ def _report_sdpa(session: Session, name: str, args: tuple, kwargs: dict) -> None
     dropped = session.padded_rows(len(session.stack) - 1, q.shape[0], q.shape[-2])  # windows a block padded
     context = session.sdpa_context[-1] if session.sdpa_context else None
     if context is not None and context.name == name:
-        _report_in_context(session, context, q, k, mask, is_causal, scale)
+        _report_in_context(session, context, q, k, mask, is_causal, scale, dropped)
         return
     cross, leading = None, 0
     layout = session.sdpa_layout.get(name)
@@ -669,9 +674,10 @@ def _report_in_context(
     mask: Tensor | None,
     is_causal: bool,
     scale: float | None,
+    dropped: Tensor | None = None,
 ) -> None:
     """An SDPA call made by a transformers attention function: heads unpacked, self / cross and the queries' place
-    among the keys as the module's call says."""
+    among the keys as the module's call says; ``dropped``: the window padding rows of the module's windows."""
     name = context.name
     if context.unplaced is not None:
         session.reports += 1  # seen, and said why it is not reported
@@ -688,9 +694,9 @@ def _report_in_context(
                 "its heads and query rows",
             )
             return
-        q, mask = unpacked
+        q, mask, dropped = *unpacked, None
     leading = context.leading if k.shape[-2] == context.key_length else 0  # keys sliced: the queries' own
-    session.report(name, q, k, mask, is_causal, scale, context.cross, leading=leading)
+    session.report(name, q, k, mask, is_causal, scale, context.cross, dropped=dropped, leading=leading)
 
 
 def unpack_gqa(q: Tensor, mask: Tensor | None, shape: torch.Size) -> tuple[Tensor, Tensor | None] | None:
