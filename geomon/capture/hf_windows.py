@@ -2,11 +2,12 @@
 
 At a feature-map size that is not a whole number of windows, the blocks of Swin (``SwinLayer``), Swin V2, Donut's
 Swin and MaskFormer's Swin pad their map with zero tokens on the bottom and right (``maybe_pad``) before the cyclic
-shift, and VitDet's and SAM's windowed blocks (SAM's vision encoder and its copies: SAM-HQ, GOT-OCR2) pad theirs in
-``window_partition``; all run window attention over the padded map and crop those tokens' outputs away. Their query
-rows are no token's, and are left out on every path the model has (the attention function transformers calls, eager
-or SDPA, and the softmax read of the classes that write their own), as for timm's windowed families
-(:data:`geomon.capture.timm_vit._WINDOW_PADDING`): the session notes them at the attention module's entry.
+shift, and VitDet's and SAM's windowed blocks (SAM's vision encoder and its copies: SAM-HQ, GOT-OCR2, DeepSeek-OCR
+2, Unlimited-OCR, SLANeXt) pad theirs in ``window_partition``; all run window attention over the padded map and crop
+those tokens' outputs away. Their query rows are no token's, and are left out on every path the model has (the
+attention function transformers calls, eager or SDPA, and the softmax read of the classes that write their own), as
+for timm's windowed families (:data:`geomon.capture.timm_vit._WINDOW_PADDING`): the session notes them at the
+attention module's entry.
 
 They are the window tokens of the attention module's input that are exactly zero: the blocks pad the output of a
 LayerNorm (Swin, Donut, MaskFormer, VitDet, SAM) or the residual stream (Swin V2, post-norm), and a real token of
@@ -34,6 +35,9 @@ _WINDOW_PADDING = {
     ("transformers.models.sam.modeling_sam", "SamVisionAttention"): zero_tokens,
     ("transformers.models.sam_hq.modeling_sam_hq", "SamHQVisionAttention"): zero_tokens,
     ("transformers.models.got_ocr2.modeling_got_ocr2", "GotOcr2VisionAttention"): zero_tokens,
+    ("transformers.models.deepseek_ocr2.modeling_deepseek_ocr2", "DeepseekOcr2SamVisionAttention"): zero_tokens,
+    ("transformers.models.unlimited_ocr.modeling_unlimited_ocr", "UnlimitedOcrSamVisionAttention"): zero_tokens,
+    ("transformers.models.slanext.modeling_slanext", "SLANeXtVisionAttention"): zero_tokens,
 }
 
 

@@ -34,9 +34,17 @@ FAMILIES = {
     "sam_hq": ("SamHQVisionConfig", "SamHQVisionModel", _SAM, "SamHQVisionLayer", "attn", "nhwc", (80, 80)),
     "got_ocr2": ("GotOcr2VisionConfig", "got_ocr2.modeling_got_ocr2:GotOcr2VisionEncoder", _SAM, "GotOcr2VisionLayer",
                  "attn", "nhwc", (80, 80)),
+    "deepseek_ocr2": ("DeepseekOcr2SamVisionConfig",
+                      "deepseek_ocr2.modeling_deepseek_ocr2:DeepseekOcr2SamVisionEncoder", _SAM,
+                      "DeepseekOcr2SamVisionLayer", "attn", "nhwc", (80, 80)),
+    "unlimited_ocr": ("UnlimitedOcrSamVisionConfig",
+                      "unlimited_ocr.modeling_unlimited_ocr:UnlimitedOcrSamVisionEncoder", _SAM,
+                      "UnlimitedOcrSamVisionLayer", "attn", "nhwc", (80, 80)),
+    "slanext": ("SLANeXtVisionConfig", "slanext.modeling_slanext:SLANeXtVisionEncoder", _SAM, "SLANeXtVisionLayer",
+                "attn", "nhwc", (80, 80)),
 }  # fmt: skip
 #: the families with an SDPA path in this transformers (the others refuse ``attn_implementation="sdpa"``)
-WITH_SDPA = {"swin", "sam", "sam_hq"}
+WITH_SDPA = {"swin", "sam", "sam_hq", "deepseek_ocr2", "unlimited_ocr"}
 
 
 def _model_class(family):
