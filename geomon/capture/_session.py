@@ -222,9 +222,9 @@ class Session:
         #: layouts known by class, by name (LongT5's local attention, ProphetNet's n-gram self-attention)
         self.softmax_streams: dict[str, tuple[SoftmaxStream, ...]] = {}
         #: windowed attention whose block pads its map to whole windows (timm's Swin, DaViT, TinyViT, SAM, Twins), by
-        #: id: ``rows(module, args) -> [windows, N]`` True at the window tokens that are the block's padding (None:
-        #: none), worked out at the module's entry, on the device
-        self.window_padding: dict[int, Callable[[nn.Module, tuple], Tensor | None]] = {}
+        #: id: ``rows(module, args, kwargs) -> [windows, N]`` True at the window tokens that are the block's padding
+        #: (None: none), worked out at the module's entry, on the device
+        self.window_padding: dict[int, Callable[[nn.Module, tuple, dict], Tensor | None]] = {}
         #: those rows of the running modules, by stack depth: left out of whatever attention the module reports
         self.padded_windows: dict[int, Tensor] = {}
 
@@ -342,14 +342,23 @@ class Session:
             self.stack.append((id(module), name, self.reports + self.unseen))
             if isinstance(module, nn.MultiheadAttention) and len(args) >= 2:
                 self.cross_hint[name] = crossed(args[0], args[1])
-            rows = self.window_padding.get(id(module))
-            if rows is not None:
-                depth = len(self.stack) - 1
-                self.guarded(name, lambda: self._note_padded_windows(depth, rows(module, args)))
+
+    def _note_window_padding(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """At the entry of a listed windowed attention module (its own pre-hook, after :meth:`_enter` pushed it, with
+        the call's keywords: transformers' SAM passes ``hidden_states=``), note its window padding rows."""
+        if not self.stack or self.stack[-1][0] != id(module) or self.busy or in_backward():
+            return  # not tracked (geomon's own computation, a backward pass)
+        rows, depth, name = self.window_padding[id(module)], len(self.stack) - 1, self.stack[-1][1]
+        self.guarded(name, lambda: self._note_padded_windows(depth, rows(module, args, kwargs)))
 
     def _note_padded_windows(self, depth: int, rows: Tensor | None) -> None:
         if rows is not None:
             self.padded_windows[depth] = rows
+
+    def window_rows(self, module: nn.Module) -> Tensor | None:
+        """The window padding rows noted at the entry of ``module``, running (None: none noted)."""
+        depth = next((i for i in range(len(self.stack) - 1, -1, -1) if self.stack[i][0] == id(module)), None)
+        return None if depth is None else self.padded_windows.get(depth)
 
     def padded_rows(self, depth: int, batch: int, n_q: int) -> Tensor | None:
         """The window padding rows ``[batch, n_q]`` of the module running at ``depth`` (None: it has none, or none
@@ -478,6 +487,21 @@ class Session:
             _HOOK_SESSIONS.remove(self)
             if not _HOOK_SESSIONS:
                 _remove_global_hooks()
+
+    @contextmanager
+    def window_hooks(self) -> Iterator[None]:
+        """A pre-hook (with the call's keywords) on each listed windowed attention module (:attr:`window_padding`),
+        run after the global one that tracks it; removed however the block exits."""
+        handles = [
+            module.register_forward_pre_hook(self._note_window_padding, with_kwargs=True)
+            for module in self.model.modules()
+            if id(module) in self.window_padding
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # -- F.scaled_dot_product_attention -------------------------------------------------------------------------
 
@@ -629,7 +653,7 @@ def _report_sdpa(session: Session, name: str, args: tuple, kwargs: dict) -> None
     dropped = session.padded_rows(len(session.stack) - 1, q.shape[0], q.shape[-2])  # windows a block padded
     context = session.sdpa_context[-1] if session.sdpa_context else None
     if context is not None and context.name == name:
-        _report_in_context(session, context, q, k, mask, is_causal, scale)
+        _report_in_context(session, context, q, k, mask, is_causal, scale, dropped)
         return
     cross, leading = None, 0
     layout = session.sdpa_layout.get(name)
@@ -650,9 +674,10 @@ def _report_in_context(
     mask: Tensor | None,
     is_causal: bool,
     scale: float | None,
+    dropped: Tensor | None = None,
 ) -> None:
     """An SDPA call made by a transformers attention function: heads unpacked, self / cross and the queries' place
-    among the keys as the module's call says."""
+    among the keys as the module's call says; ``dropped``: the window padding rows of the module's windows."""
     name = context.name
     if context.unplaced is not None:
         session.reports += 1  # seen, and said why it is not reported
@@ -669,9 +694,9 @@ def _report_in_context(
                 "its heads and query rows",
             )
             return
-        q, mask = unpacked
+        q, mask, dropped = *unpacked, None
     leading = context.leading if k.shape[-2] == context.key_length else 0  # keys sliced: the queries' own
-    session.report(name, q, k, mask, is_causal, scale, context.cross, leading=leading)
+    session.report(name, q, k, mask, is_causal, scale, context.cross, dropped=dropped, leading=leading)
 
 
 def unpack_gqa(q: Tensor, mask: Tensor | None, shape: torch.Size) -> tuple[Tensor, Tensor | None] | None:

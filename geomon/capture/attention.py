@@ -39,6 +39,7 @@ from geomon.capture import (
     hf_alibi,
     hf_longformer,
     hf_softmax,
+    hf_windows,
     nanogpt,
     timm_vit,
     torch_mha,
@@ -180,7 +181,7 @@ def capture_attention(
             session.components[name] = components
         if name is not None and timm_vit.folds_heads(module):
             session.folded_heads.add(name)
-        padding = timm_vit.window_padding_for(module) if name is not None else None
+        padding = None if name is None else timm_vit.window_padding_for(module) or hf_windows.window_padding_for(module)
         if padding is not None:
             session.window_padding[id(module)] = padding
         streams = hf_softmax.streams_for(module) if name is not None else None
@@ -194,6 +195,7 @@ def capture_attention(
         if "transformers" in sys.modules:
             _enter(stack, hf.patched(model, session), strict)
         stack.enter_context(session.module_hooks())
+        stack.enter_context(session.window_hooks())
         stack.enter_context(session.sdpa_wrapped())
         if on_scores is not None:
             stack.enter_context(softmax_wrapped(session))

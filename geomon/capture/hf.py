@@ -363,7 +363,8 @@ def _report(
         session.warn_once(f"unplaced:{name}", f"geomon: attention of {name!r} is not reported: {layout.unplaced}")
     else:
         found = lambda: _found(module, query, key, call, registry, layout)  # noqa: E731
-        session.guarded(name, lambda: session.report_found(name, found()))
+        padded = session.window_rows(module)  # the window tokens its block padded the map with (Swin)
+        session.guarded(name, lambda: session.report_found(name, found(), padded))
 
 
 def _unknown_score_term(query: Tensor, key: Tensor, call: dict, registry: bool) -> str | None:

@@ -222,29 +222,36 @@ def _model_class(path: str, name: str) -> type | None:
     return getattr(sys.modules.get(path), name, None)
 
 
-def zero_tokens(module: nn.Module, args: tuple) -> Tensor | None:
+#: names the first argument of windowed attention modules has, where a call passes it by keyword
+_INPUT_NAMES = ("x", "hidden_states", "hidden_state")
+
+
+def zero_tokens(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
     """``[windows, N]``: the window tokens of a windowed attention call ``x [windows, N, C]`` (or ``[windows, Wh,
-    Ww, C]``) that are exactly zero, the block's own padding (see :data:`_WINDOW_PADDING`); on the device."""
-    x = args[0] if args else None
+    Ww, C]``), passed first or by keyword, that are exactly zero, the block's own padding (see
+    :data:`_WINDOW_PADDING`); on the device."""
+    x = args[0] if args else next((kwargs[n] for n in _INPUT_NAMES if kwargs and n in kwargs), None)
     if not isinstance(x, Tensor) or x.ndim < 3 or x.is_nested:
         return None
     return (x == 0).all(-1).flatten(1)
 
 
-def grouped_padding(module: nn.Module, args: tuple) -> Tensor | None:
+def grouped_padding(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
     """``[B · windows, ws²]``: the padding tokens of a Twins ``LocallyGroupedAttn`` call ``(x [B, H·W, C], (H,
     W))``, which pads the map to whole ``ws x ws`` windows on the bottom and right itself; None where it does not
     pad. From the call's size alone (no read of ``x``)."""
-    if len(args) < 2 or not isinstance(args[0], Tensor):
+    call = bind(("x", "size"), args, kwargs or {})
+    x, size = call.get("x"), call.get("size")
+    if not isinstance(x, Tensor) or size is None:
         return None
-    (height, width), ws = args[1], module.ws
+    (height, width), ws = size, module.ws
     if height % ws == 0 and width % ws == 0:
         return None
     rows, cols = -(-height // ws), -(-width // ws)
-    grid = torch.ones(rows * ws, cols * ws, dtype=torch.bool, device=args[0].device)
+    grid = torch.ones(rows * ws, cols * ws, dtype=torch.bool, device=x.device)
     grid[:height, :width] = False
     windows = grid.reshape(rows, ws, cols, ws).transpose(1, 2).reshape(1, rows * cols, ws * ws)
-    return windows.expand(args[0].shape[0], -1, -1).reshape(-1, ws * ws)
+    return windows.expand(x.shape[0], -1, -1).reshape(-1, ws * ws)
 
 
 #: windowed attention whose block pads its map with zero tokens on the bottom and right to whole windows at a size
@@ -266,7 +273,7 @@ _WINDOW_PADDING = {
 
 
 def window_padding_for(module: nn.Module) -> Any:
-    """``rows(module, args) -> [windows, N] | None``, the padding tokens of a windowed attention call of
+    """``rows(module, args, kwargs) -> [windows, N] | None``, the padding tokens of a windowed attention call of
     ``module``'s class (:data:`_WINDOW_PADDING`), or None for other classes."""
     return _listed(_WINDOW_PADDING, module)
 
