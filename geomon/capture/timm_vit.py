@@ -14,12 +14,11 @@ as in timm. EVA's ``EvaAttention`` is recomputed likewise (its ``q_bias`` / ``k_
 mask, exactly what it adds; the query rows of the zero tokens its block pads the map with to whole windows are
 left out, on its SDPA path (``fused_attn=True``) too: the session notes them at the module's entry
 (:data:`_WINDOW_PADDING`) and leaves them out of the SDPA call made inside it, as it does for the padded windows of
-Swin V2, Swin V2 CR, DaViT, TinyViT, SAM and Twins, on their SDPA path and where they are read at their softmax.
-ConViT's ``MHSA`` (plain
-softmax attention written by hand) is recomputed from ``qkv``. ConViT's ``GPSA`` mixes a content softmax and a
-positional softmax through a sigmoid gate, which is not the softmax of one set of logits: it is listed and named in a
-warning when it runs, never reported. Other timm attention classes (with a ``fused_attn`` flag) are seen on their
-SDPA path only, and named in a warning when they run without it.
+Swin V2, Swin V2 CR, DaViT, TinyViT, SAM, SAM2 Hiera and Twins, on their SDPA path and where they are read at their
+softmax. ConViT's ``MHSA`` (plain softmax attention written by hand) is recomputed from ``qkv``. ConViT's ``GPSA`` mixes
+a content softmax and a positional softmax through a sigmoid gate, which is not the softmax of one set of logits: it is
+listed and named in a warning when it runs, never reported. Other timm attention classes (with a ``fused_attn`` flag)
+are seen on their SDPA path only, and named in a warning when they run without it.
 
 Cost of a recomputation: the Q and K projections, ``2·B·N·E·(2·attn_dim)`` FLOPs, plus QK-norm / rotary.
 """
@@ -222,6 +221,23 @@ def zero_tokens(module: nn.Module, args: tuple) -> Tensor | None:
     return (x == 0).all(-1).flatten(1)
 
 
+def pooled_zero_tokens(module: nn.Module, args: tuple) -> Tensor | None:
+    """``[windows, Nq]``: the padding query rows of a SAM2 Hiera ``MultiScaleAttention`` call ``x [windows, Wh, Ww,
+    C]``: its zero tokens (:func:`zero_tokens`), or, where it pools its queries (``q_pool``, a stage's first block),
+    the pooled queries that pool any of them: the block crops its output to its pooled map, ``H // stride`` rows
+    by ``W // stride``, which leaves out exactly those (a pooled query over real tokens alone is inside it)."""
+    rows = zero_tokens(module, args)
+    pool = getattr(module, "q_pool", None)
+    if rows is None or pool is None:
+        return rows
+    x = args[0]
+    if x.ndim != 4:
+        return None
+    grid = rows.reshape(x.shape[0], 1, x.shape[1], x.shape[2]).to(x.dtype)
+    pooled = torch.nn.functional.max_pool2d(grid, pool.kernel_size, pool.stride, pool.padding, pool.dilation)
+    return pooled.flatten(1) > 0
+
+
 def grouped_padding(module: nn.Module, args: tuple) -> Tensor | None:
     """``[B · windows, ws²]``: the padding tokens of a Twins ``LocallyGroupedAttn`` call ``(x [B, H·W, C], (H,
     W))``, which pads the map to whole ``ws x ws`` windows on the bottom and right itself; None where it does not
@@ -243,8 +259,9 @@ def grouped_padding(module: nn.Module, args: tuple) -> Tensor | None:
 #: every path (SDPA, the softmax read, the fallback), from what the session notes at the module's entry. The blocks
 #: of Swin, Swin V2, Swin V2 CR, DaViT, TinyViT and SAM pad the attention module's input, so its window tokens that are
 #: exactly zero are the padding (a real token out of a LayerNorm, or of the residual stream for Swin V2, V2 CR and
-#: TinyViT, is not the zero vector); Twins' ``LocallyGroupedAttn`` pads inside the module, as the size its call is
-#: given says.
+#: TinyViT, is not the zero vector); so does SAM2 Hiera's ``MultiScaleBlock`` (its stage's first block pools the
+#: queries, and the padding rows with them); Twins' ``LocallyGroupedAttn`` pads inside the module, as the size its
+#: call is given says.
 _WINDOW_PADDING = {
     ("timm.models.swin_transformer", "WindowAttention"): zero_tokens,
     ("timm.models.swin_transformer_v2", "WindowAttention"): zero_tokens,
@@ -252,6 +269,7 @@ _WINDOW_PADDING = {
     ("timm.models.davit", "WindowAttention"): zero_tokens,
     ("timm.models.tiny_vit", "Attention"): zero_tokens,
     ("timm.models.vision_transformer_sam", "Attention"): zero_tokens,
+    ("timm.models.hieradet_sam2", "MultiScaleAttention"): pooled_zero_tokens,
     ("timm.models.twins", "LocallyGroupedAttn"): grouped_padding,
 }
 
