@@ -13,12 +13,12 @@ as in timm. EVA's ``EvaAttention`` is recomputed likewise (its ``q_bias`` / ``k_
 (windows are the batch), with its relative position bias plus the shifted windows' 0 / -100 mask as the additive
 mask, exactly what it adds; the query rows of the zero tokens its block pads the map with to whole windows are
 left out, on its SDPA path (``fused_attn=True``) too: the session notes them at the module's entry
-(:data:`_WINDOW_PADDING`) and leaves them out of the SDPA call made inside it, as it does for the padded windows of
-Swin V2, Swin V2 CR, DaViT, TinyViT, SAM, SAM2 Hiera and Twins, on their SDPA path and where they are read at their
-softmax. ConViT's ``MHSA`` (plain softmax attention written by hand) is recomputed from ``qkv``. ConViT's ``GPSA`` mixes
-a content softmax and a positional softmax through a sigmoid gate, which is not the softmax of one set of logits: it is
-listed and named in a warning when it runs, never reported. Other timm attention classes (with a ``fused_attn`` flag)
-are seen on their SDPA path only, and named in a warning when they run without it.
+(:data:`_WINDOW_PADDING`) and leaves them out of the SDPA call made inside it, as it does for the padded windows of Swin
+V2, Swin V2 CR, DaViT, TinyViT, SAM, SAM2 Hiera, Twins and iFormer's windowed ``SHMA``, on their SDPA path and where
+they are read at their softmax. ConViT's ``MHSA`` (plain softmax attention written by hand) is recomputed from ``qkv``.
+ConViT's ``GPSA`` mixes a content softmax and a positional softmax through a sigmoid gate, which is not the softmax of
+one set of logits: it is listed and named in a warning when it runs, never reported. Other timm attention classes (with
+a ``fused_attn`` flag) are seen on their SDPA path only, and named in a warning when they run without it.
 
 Cost of a recomputation: the Q and K projections, ``2·B·N·E·(2·attn_dim)`` FLOPs, plus QK-norm / rotary.
 """
@@ -238,6 +238,16 @@ def pooled_zero_tokens(module: nn.Module, args: tuple) -> Tensor | None:
     return pooled.flatten(1) > 0
 
 
+def _padded_grid(batch: int, height: int, width: int, ws: int, device: torch.device) -> Tensor:
+    """``[batch · windows, ws²]``: True at the padding tokens of a ``height x width`` map padded on the bottom and
+    right to whole ``ws x ws`` windows, windows row-major per image, tokens row-major in each."""
+    rows, cols = -(-height // ws), -(-width // ws)
+    grid = torch.ones(rows * ws, cols * ws, dtype=torch.bool, device=device)
+    grid[:height, :width] = False
+    windows = grid.reshape(rows, ws, cols, ws).transpose(1, 2).reshape(1, rows * cols, ws * ws)
+    return windows.expand(batch, -1, -1).reshape(-1, ws * ws)
+
+
 def grouped_padding(module: nn.Module, args: tuple) -> Tensor | None:
     """``[B · windows, ws²]``: the padding tokens of a Twins ``LocallyGroupedAttn`` call ``(x [B, H·W, C], (H,
     W))``, which pads the map to whole ``ws x ws`` windows on the bottom and right itself; None where it does not
@@ -247,11 +257,21 @@ def grouped_padding(module: nn.Module, args: tuple) -> Tensor | None:
     (height, width), ws = args[1], module.ws
     if height % ws == 0 and width % ws == 0:
         return None
-    rows, cols = -(-height // ws), -(-width // ws)
-    grid = torch.ones(rows * ws, cols * ws, dtype=torch.bool, device=args[0].device)
-    grid[:height, :width] = False
-    windows = grid.reshape(rows, ws, cols, ws).transpose(1, 2).reshape(1, rows * cols, ws * ws)
-    return windows.expand(args[0].shape[0], -1, -1).reshape(-1, ws * ws)
+    return _padded_grid(args[0].shape[0], height, width, ws, args[0].device)
+
+
+def shma_padding(module: nn.Module, args: tuple) -> Tensor | None:
+    """``[B · windows, ws²]``: the padding tokens of a windowed iFormer ``SHMA`` call ``x [B, C, H, W]``, which pads
+    its map to whole ``window_size`` windows on the bottom and right itself (its queries, out of a convolution and
+    a batch norm, are not zero there) and crops their outputs away; None where it is global or does not pad. From
+    the call's size alone."""
+    x, ws = args[0] if args else None, getattr(module, "window_size", 0)
+    if not ws or not isinstance(x, Tensor) or x.ndim != 4:
+        return None
+    height, width = x.shape[-2:]
+    if height % ws == 0 and width % ws == 0:
+        return None
+    return _padded_grid(x.shape[0], height, width, ws, x.device)
 
 
 #: windowed attention whose block pads its map with zero tokens on the bottom and right to whole windows at a size
@@ -260,8 +280,8 @@ def grouped_padding(module: nn.Module, args: tuple) -> Tensor | None:
 #: of Swin, Swin V2, Swin V2 CR, DaViT, TinyViT and SAM pad the attention module's input, so its window tokens that are
 #: exactly zero are the padding (a real token out of a LayerNorm, or of the residual stream for Swin V2, V2 CR and
 #: TinyViT, is not the zero vector); so does SAM2 Hiera's ``MultiScaleBlock`` (its stage's first block pools the
-#: queries, and the padding rows with them); Twins' ``LocallyGroupedAttn`` pads inside the module, as the size its
-#: call is given says.
+#: queries, and the padding rows with them); Twins' ``LocallyGroupedAttn`` and iFormer's windowed ``SHMA`` pad inside
+#: the module, as the size of their call says.
 _WINDOW_PADDING = {
     ("timm.models.swin_transformer", "WindowAttention"): zero_tokens,
     ("timm.models.swin_transformer_v2", "WindowAttention"): zero_tokens,
@@ -271,6 +291,7 @@ _WINDOW_PADDING = {
     ("timm.models.vision_transformer_sam", "Attention"): zero_tokens,
     ("timm.models.hieradet_sam2", "MultiScaleAttention"): pooled_zero_tokens,
     ("timm.models.twins", "LocallyGroupedAttn"): grouped_padding,
+    ("timm.models.iformer", "SHMA"): shma_padding,
 }
 
 

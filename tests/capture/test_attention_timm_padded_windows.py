@@ -139,3 +139,37 @@ def test_padded_windows_leave_out_the_padding_tokens_query_rows(family, fused):
         torch.testing.assert_close(details[key(ENTROPY, layer)].double(), per_head, rtol=1e-5, atol=1e-6)
         assert values[key(ENTROPY, layer)] == pytest.approx(float(entropy[rows].mean()), rel=1e-5)
         assert values[key(MAX_LOGIT, layer)] == pytest.approx(float(scores.amax(-1)[rows].max()), rel=1e-5)
+
+
+class _Layer(nn.Module):
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "not-fused"])
+def test_iformer_windowed_shma_leaves_out_the_padding_tokens_query_rows(fused):
+    """iFormer's ``SHMA`` with ``window_size`` pads its own ``[B, C, H, W]`` input to whole windows (inside the
+    module: its queries, out of a convolution and a batch norm, are not zero there) and crops their outputs away:
+    their query rows are left out on both paths, from the size of the call. A 6 x 10 map in windows of 4."""
+    from timm.models.iformer import SHMA
+
+    torch.manual_seed(0)
+    model = _Layer(SHMA(dim=16, window_size=4)).eval()
+    for parameter in model.parameters():  # far from uniform maps, so that a padding row counted would show
+        nn.init.normal_(parameter, std=0.4)
+    x = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(1))
+    model.attn.fused_attn = False
+    (scores,) = softmax_inputs(model, x)["attn"]
+    rows = _real_windows(2, 6, 10, 4)
+    assert scores.shape == (2 * 2 * 3, 16, 16) and not rows.all()
+    entropy = entropy_of(torch.softmax(scores, dim=-1))
+    model.attn.fused_attn = fused
+    values, details, said = measure_once(model, x)
+    assert not said, said
+    torch.testing.assert_close(details[key(ENTROPY, "attn")].double(), entropy[rows].mean()[None], rtol=1e-5, atol=1e-6)
+    assert values[key(ENTROPY, "attn")] == pytest.approx(float(entropy[rows].mean()), rel=1e-5)
+    assert values[key(MAX_LOGIT, "attn")] == pytest.approx(float(scores.amax(-1)[rows].max()), rel=1e-5)
