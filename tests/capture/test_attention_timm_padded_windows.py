@@ -18,6 +18,11 @@ from tests.capture._reference import entropy_of, measure_once, softmax_inputs  #
 FAMILIES = {
     "swin": ("swin_tiny_patch4_window7_224", dict(img_size=64, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
              strict_img_size=False), "swin_transformer", "SwinTransformerBlock", "nhwc", (60, 76)),
+    # always_partition keeps a window of 12 over the second stage's 8 x 8 map (padded to 12 x 12), where timm would
+    # otherwise shrink the window to the map
+    "swin_always_partition": ("swin_tiny_patch4_window7_224", dict(img_size=64, embed_dim=32, depths=(2, 2),
+                              num_heads=(2, 4), window_size=12, always_partition=True, strict_img_size=False),
+                              "swin_transformer", "SwinTransformerBlock", "nhwc", (64, 64)),
     "swinv2": ("swinv2_tiny_window8_256", dict(img_size=64, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
                window_size=8, strict_img_size=False), "swin_transformer_v2", "SwinTransformerV2Block", "nhwc",
                (60, 76)),
