@@ -221,6 +221,15 @@ def zero_tokens(module: nn.Module, args: tuple) -> Tensor | None:
     return (x == 0).all(-1).flatten(1)
 
 
+def zero_pixels(module: nn.Module, args: tuple) -> Tensor | None:
+    """``[windows, H·W]``: the window tokens of a windowed attention call ``x [windows, C, H, W]`` (channels first)
+    that are exactly zero, the block's own padding (see :data:`_WINDOW_PADDING`); on the device."""
+    x = args[0] if args else None
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        return None
+    return (x == 0).all(1).flatten(1)
+
+
 def pooled_zero_tokens(module: nn.Module, args: tuple) -> Tensor | None:
     """``[windows, Nq]``: the padding query rows of a SAM2 Hiera ``MultiScaleAttention`` call ``x [windows, Wh, Ww,
     C]``: its zero tokens (:func:`zero_tokens`), or, where it pools its queries (``q_pool``, a stage's first block),
@@ -280,7 +289,9 @@ def shma_padding(module: nn.Module, args: tuple) -> Tensor | None:
 #: of Swin, Swin V2, Swin V2 CR, DaViT, TinyViT and SAM pad the attention module's input, so its window tokens that are
 #: exactly zero are the padding (a real token out of a LayerNorm, or of the residual stream for Swin V2, V2 CR and
 #: TinyViT, is not the zero vector); so does SAM2 Hiera's ``MultiScaleBlock`` (its stage's first block pools the
-#: queries, and the padding rows with them); Twins' ``LocallyGroupedAttn`` and iFormer's windowed ``SHMA`` pad inside
+#: queries, and the padding rows with them), and EfficientViT (MSRA)'s ``LocalWindowAttention``, whose
+#: ``CascadedGroupAttention`` takes the windows channels first (reported where it has one head: with more, its
+#: softmaxes are named in a warning); Twins' ``LocallyGroupedAttn`` and iFormer's windowed ``SHMA`` pad inside
 #: the module, as the size of their call says.
 _WINDOW_PADDING = {
     ("timm.models.swin_transformer", "WindowAttention"): zero_tokens,
@@ -290,6 +301,7 @@ _WINDOW_PADDING = {
     ("timm.models.tiny_vit", "Attention"): zero_tokens,
     ("timm.models.vision_transformer_sam", "Attention"): zero_tokens,
     ("timm.models.hieradet_sam2", "MultiScaleAttention"): pooled_zero_tokens,
+    ("timm.models.efficientvit_msra", "CascadedGroupAttention"): zero_pixels,
     ("timm.models.twins", "LocallyGroupedAttn"): grouped_padding,
     ("timm.models.iformer", "SHMA"): shma_padding,
 }

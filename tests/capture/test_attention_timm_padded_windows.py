@@ -178,3 +178,30 @@ def test_iformer_windowed_shma_leaves_out_the_padding_tokens_query_rows(fused):
     torch.testing.assert_close(details[key(ENTROPY, "attn")].double(), entropy[rows].mean()[None], rtol=1e-5, atol=1e-6)
     assert values[key(ENTROPY, "attn")] == pytest.approx(float(entropy[rows].mean()), rel=1e-5)
     assert values[key(MAX_LOGIT, "attn")] == pytest.approx(float(scores.amax(-1)[rows].max()), rel=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_efficientvit_msra_windows_leave_out_the_padding_tokens_query_rows(heads):
+    """EfficientViT (MSRA)'s ``LocalWindowAttention`` pads its ``[B, C, H, W]`` map with zero tokens to whole windows
+    and crops their outputs away; its ``CascadedGroupAttention`` takes the windows channels first and writes its
+    softmax (no fused path). With one head it is reported, the padding tokens' query rows left out; with two, one
+    softmax per head in one call, it is named in a warning, not reported. A 6 x 10 map in windows of 4."""
+    from timm.models.efficientvit_msra import LocalWindowAttention
+
+    torch.manual_seed(0)
+    model = _Layer(LocalWindowAttention(16, 8 // heads, heads, attn_ratio=2, resolution=7, window_resolution=4)).eval()
+    for parameter in model.parameters():  # far from uniform maps, so that a padding row counted would show
+        nn.init.normal_(parameter, std=0.4)
+    x = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(1))
+    values, details, said = measure_once(model, x)
+    if heads > 1:
+        assert len(said) == 1 and "CascadedGroupAttention" in said[0] and key(ENTROPY, "attn.attn") not in values
+        return
+    assert not said, said
+    (scores,) = softmax_inputs(model, x)["attn.attn"]
+    rows = _real_windows(2, 6, 10, 4)
+    assert scores.shape == (2 * 2 * 3, 16, 16) and not rows.all()
+    entropy = entropy_of(torch.softmax(scores, dim=-1))
+    assert details[key(ENTROPY, "attn.attn")].shape == (1,)
+    assert values[key(ENTROPY, "attn.attn")] == pytest.approx(float(entropy[rows].mean()), rel=1e-5)
+    assert values[key(MAX_LOGIT, "attn.attn")] == pytest.approx(float(scores.amax(-1)[rows].max()), rel=1e-5)
