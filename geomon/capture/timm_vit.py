@@ -13,13 +13,12 @@ as in timm. EVA's ``EvaAttention`` is recomputed likewise (its ``q_bias`` / ``k_
 (windows are the batch), with its relative position bias plus the shifted windows' 0 / -100 mask as the additive
 mask, exactly what it adds; the query rows of the zero tokens its block pads the map with to whole windows are
 left out, on its SDPA path (``fused_attn=True``) too: the session notes them at the module's entry
-(:data:`_WINDOW_PADDING`) and leaves them out of the SDPA call made inside it, as it does for the padded windows of
-Swin V2, Swin V2 CR, DaViT, TinyViT, SAM and Twins, on their SDPA path and where they are read at their softmax.
-ConViT's ``MHSA`` (plain
-softmax attention written by hand) is recomputed from ``qkv``. ConViT's ``GPSA`` mixes a content softmax and a
-positional softmax through a sigmoid gate, which is not the softmax of one set of logits: it is listed and named in a
-warning when it runs, never reported. Other timm attention classes (with a ``fused_attn`` flag) are seen on their
-SDPA path only, and named in a warning when they run without it.
+(:data:`_WINDOW_PADDING`) and leaves them out of the SDPA call made inside it, as it does for the padded windows of Swin
+V2, Swin V2 CR, DaViT, TinyViT, SAM, SAM2 Hiera, Twins and iFormer's windowed ``SHMA``, on their SDPA path and where
+they are read at their softmax. ConViT's ``MHSA`` (plain softmax attention written by hand) is recomputed from ``qkv``.
+ConViT's ``GPSA`` mixes a content softmax and a positional softmax through a sigmoid gate, which is not the softmax of
+one set of logits: it is listed and named in a warning when it runs, never reported. Other timm attention classes (with
+a ``fused_attn`` flag) are seen on their SDPA path only, and named in a warning when they run without it.
 
 Cost of a recomputation: the Q and K projections, ``2·B·N·E·(2·attn_dim)`` FLOPs, plus QK-norm / rotary.
 """
@@ -226,14 +225,56 @@ def _model_class(path: str, name: str) -> type | None:
 _INPUT_NAMES = ("x", "hidden_states", "hidden_state")
 
 
+def _first_input(args: tuple, kwargs: dict | None) -> Tensor | None:
+    """The call's input, passed first or by one of :data:`_INPUT_NAMES`."""
+    x = args[0] if args else next((kwargs[n] for n in _INPUT_NAMES if kwargs and n in kwargs), None)
+    return x if isinstance(x, Tensor) else None
+
+
 def zero_tokens(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
     """``[windows, N]``: the window tokens of a windowed attention call ``x [windows, N, C]`` (or ``[windows, Wh,
     Ww, C]``), passed first or by keyword, that are exactly zero, the block's own padding (see
     :data:`_WINDOW_PADDING`); on the device."""
-    x = args[0] if args else next((kwargs[n] for n in _INPUT_NAMES if kwargs and n in kwargs), None)
-    if not isinstance(x, Tensor) or x.ndim < 3 or x.is_nested:
+    x = _first_input(args, kwargs)
+    if x is None or x.ndim < 3 or x.is_nested:
         return None
     return (x == 0).all(-1).flatten(1)
+
+
+def zero_pixels(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
+    """``[windows, H·W]``: the window tokens of a windowed attention call ``x [windows, C, H, W]`` (channels first)
+    that are exactly zero, the block's own padding (see :data:`_WINDOW_PADDING`); on the device."""
+    x = _first_input(args, kwargs)
+    if x is None or x.ndim != 4:
+        return None
+    return (x == 0).all(1).flatten(1)
+
+
+def pooled_zero_tokens(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
+    """``[windows, Nq]``: the padding query rows of a SAM2 Hiera ``MultiScaleAttention`` call ``x [windows, Wh, Ww,
+    C]``: its zero tokens (:func:`zero_tokens`), or, where it pools its queries (``q_pool``, a stage's first block),
+    the pooled queries that pool any of them: the block crops its output to its pooled map, ``H // stride`` rows
+    by ``W // stride``, which leaves out exactly those (a pooled query over real tokens alone is inside it)."""
+    rows = zero_tokens(module, args, kwargs)
+    pool = getattr(module, "q_pool", None)
+    if rows is None or pool is None:
+        return rows
+    x = _first_input(args, kwargs)
+    if x is None or x.ndim != 4:
+        return None
+    grid = rows.reshape(x.shape[0], 1, x.shape[1], x.shape[2]).to(x.dtype)
+    pooled = torch.nn.functional.max_pool2d(grid, pool.kernel_size, pool.stride, pool.padding, pool.dilation)
+    return pooled.flatten(1) > 0
+
+
+def _padded_grid(batch: int, height: int, width: int, ws: int, device: torch.device) -> Tensor:
+    """``[batch · windows, ws²]``: True at the padding tokens of a ``height x width`` map padded on the bottom and
+    right to whole ``ws x ws`` windows, windows row-major per image, tokens row-major in each."""
+    rows, cols = -(-height // ws), -(-width // ws)
+    grid = torch.ones(rows * ws, cols * ws, dtype=torch.bool, device=device)
+    grid[:height, :width] = False
+    windows = grid.reshape(rows, ws, cols, ws).transpose(1, 2).reshape(1, rows * cols, ws * ws)
+    return windows.expand(batch, -1, -1).reshape(-1, ws * ws)
 
 
 def grouped_padding(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
@@ -247,11 +288,21 @@ def grouped_padding(module: nn.Module, args: tuple, kwargs: dict | None = None) 
     (height, width), ws = size, module.ws
     if height % ws == 0 and width % ws == 0:
         return None
-    rows, cols = -(-height // ws), -(-width // ws)
-    grid = torch.ones(rows * ws, cols * ws, dtype=torch.bool, device=x.device)
-    grid[:height, :width] = False
-    windows = grid.reshape(rows, ws, cols, ws).transpose(1, 2).reshape(1, rows * cols, ws * ws)
-    return windows.expand(x.shape[0], -1, -1).reshape(-1, ws * ws)
+    return _padded_grid(x.shape[0], height, width, ws, x.device)
+
+
+def shma_padding(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
+    """``[B · windows, ws²]``: the padding tokens of a windowed iFormer ``SHMA`` call ``x [B, C, H, W]``, which pads
+    its map to whole ``window_size`` windows on the bottom and right itself (its queries, out of a convolution and
+    a batch norm, are not zero there) and crops their outputs away; None where it is global or does not pad. From
+    the call's size alone."""
+    x, ws = _first_input(args, kwargs), getattr(module, "window_size", 0)
+    if not ws or x is None or x.ndim != 4:
+        return None
+    height, width = x.shape[-2:]
+    if height % ws == 0 and width % ws == 0:
+        return None
+    return _padded_grid(x.shape[0], height, width, ws, x.device)
 
 
 #: windowed attention whose block pads its map with zero tokens on the bottom and right to whole windows at a size
@@ -259,8 +310,11 @@ def grouped_padding(module: nn.Module, args: tuple, kwargs: dict | None = None) 
 #: every path (SDPA, the softmax read, the fallback), from what the session notes at the module's entry. The blocks
 #: of Swin, Swin V2, Swin V2 CR, DaViT, TinyViT and SAM pad the attention module's input, so its window tokens that are
 #: exactly zero are the padding (a real token out of a LayerNorm, or of the residual stream for Swin V2, V2 CR and
-#: TinyViT, is not the zero vector); Twins' ``LocallyGroupedAttn`` pads inside the module, as the size its call is
-#: given says.
+#: TinyViT, is not the zero vector); so does SAM2 Hiera's ``MultiScaleBlock`` (its stage's first block pools the
+#: queries, and the padding rows with them), and EfficientViT (MSRA)'s ``LocalWindowAttention``, whose
+#: ``CascadedGroupAttention`` takes the windows channels first (reported where it has one head: with more, its
+#: softmaxes are named in a warning); Twins' ``LocallyGroupedAttn`` and iFormer's windowed ``SHMA`` pad inside
+#: the module, as the size of their call says.
 _WINDOW_PADDING = {
     ("timm.models.swin_transformer", "WindowAttention"): zero_tokens,
     ("timm.models.swin_transformer_v2", "WindowAttention"): zero_tokens,
@@ -268,7 +322,10 @@ _WINDOW_PADDING = {
     ("timm.models.davit", "WindowAttention"): zero_tokens,
     ("timm.models.tiny_vit", "Attention"): zero_tokens,
     ("timm.models.vision_transformer_sam", "Attention"): zero_tokens,
+    ("timm.models.hieradet_sam2", "MultiScaleAttention"): pooled_zero_tokens,
+    ("timm.models.efficientvit_msra", "CascadedGroupAttention"): zero_pixels,
     ("timm.models.twins", "LocallyGroupedAttn"): grouped_padding,
+    ("timm.models.iformer", "SHMA"): shma_padding,
 }
 
 

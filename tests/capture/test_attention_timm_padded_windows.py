@@ -18,6 +18,11 @@ from tests.capture._reference import entropy_of, measure_once, softmax_inputs  #
 FAMILIES = {
     "swin": ("swin_tiny_patch4_window7_224", dict(img_size=64, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
              strict_img_size=False), "swin_transformer", "SwinTransformerBlock", "nhwc", (60, 76)),
+    # always_partition keeps a window of 12 over the second stage's 8 x 8 map (padded to 12 x 12), where timm would
+    # otherwise shrink the window to the map
+    "swin_always_partition": ("swin_tiny_patch4_window7_224", dict(img_size=64, embed_dim=32, depths=(2, 2),
+                              num_heads=(2, 4), window_size=12, always_partition=True, strict_img_size=False),
+                              "swin_transformer", "SwinTransformerBlock", "nhwc", (64, 64)),
     "swinv2": ("swinv2_tiny_window8_256", dict(img_size=64, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
                window_size=8, strict_img_size=False), "swin_transformer_v2", "SwinTransformerV2Block", "nhwc",
                (60, 76)),
@@ -30,6 +35,8 @@ FAMILIES = {
                  window_sizes=(7, 7, 7, 7)), "tiny_vit", "TinyVitBlock", "nhwc", (60, 76)),
     "sam": ("samvit_base_patch16", dict(img_size=80, embed_dim=32, depth=2, num_heads=2, window_size=3,
             global_attn_indexes=(1,)), "vision_transformer_sam", "Block", "nhwc", (64, 80)),
+    "sam2_hiera": ("sam2_hiera_tiny", dict(embed_dim=16, num_heads=1, stages=(1, 1, 1, 2), window_spec=(8, 6, 6, 3),
+                   global_att_blocks=()), "hieradet_sam2", "MultiScaleBlock", "nhwc", (64, 128)),
     "twins": ("twins_svt_small", dict(embed_dims=(32, 64), depths=(1, 1), num_heads=(2, 4), mlp_ratios=(2, 2),
               sr_ratios=(2, 1), wss=(7, 7)), "twins", "LocallyGroupedAttn", "size", (60, 76)),
 }  # fmt: skip
@@ -52,12 +59,16 @@ def _set_fused(model, fused):
             module.fused_attn = fused
 
 
-def _real_windows(batch, height, width, window):
+def _real_windows(batch, height, width, window, stride=None):
     """``[B·nW, Wh·Ww]``: True at the window tokens that are the map's own (the padding comes after any shift, at the
-    bottom and right), windows row-major per image, as the blocks cut them."""
+    bottom and right), windows row-major per image, as the blocks cut them. ``stride``: the block pools its queries
+    by that much (SAM2 Hiera): the pooled windows' rows, the real ones those the block keeps when it crops its output
+    to its pooled map, ``height // stride`` by ``width // stride``."""
     wh, ww = (window, window) if isinstance(window, int) else window
-    grid = torch.zeros(-(-height // wh) * wh, -(-width // ww) * ww, dtype=torch.bool)
-    grid[:height, :width] = True
+    sh, sw = (1, 1) if stride is None else stride
+    grid = torch.zeros(-(-height // wh) * wh // sh, -(-width // ww) * ww // sw, dtype=torch.bool)
+    grid[: height // sh, : width // sw] = True
+    wh, ww = wh // sh, ww // sw
     windows = grid.reshape(grid.shape[0] // wh, wh, grid.shape[1] // ww, ww).permute(0, 2, 1, 3)
     return windows.reshape(-1, wh * ww).repeat(batch, 1)
 
@@ -72,14 +83,15 @@ def _reference(family, model, images):
         if not isinstance(block, block_class):
             continue
         window = block.ws if layout == "size" else block.window_size
-        if window == 0:  # SAM's global blocks
+        if window in (0, (0, 0)):  # SAM's and SAM2 Hiera's global blocks
             continue
         layer = name if layout == "size" else f"{name}.attn"
+        stride = getattr(block, "q_stride", None)  # SAM2 Hiera's blocks that pool their queries
 
-        def place(module, args, layer=layer, window=window):
+        def place(module, args, layer=layer, window=window, stride=stride):
             x = args[0]
             batch, (height, width) = x.shape[0], {"nhwc": x.shape[1:3], "nchw": x.shape[2:4], "size": args[-1]}[layout]
-            real[layer] = _real_windows(batch, height, width, window)
+            real[layer] = _real_windows(batch, height, width, window, stride)
 
         handles.append(block.register_forward_pre_hook(place))
     fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
@@ -94,6 +106,9 @@ def _reference(family, model, images):
     return {layer: (scores[layer], rows) for layer, rows in real.items()}
 
 
+#: layers whose map is a whole number of windows at the family's size: SAM2 Hiera's first stage must be (its window
+#: position embedding is tiled over it), and its second stage's first block keeps its window
+WHOLE = {"sam2_hiera": {"blocks.0.attn", "blocks.1.attn"}}
 #: families whose attention always writes its softmax (no fused path in timm): read at the softmax only
 ALWAYS_WRITTEN = {"swinv2", "swinv2_cr"}
 CASES = [
@@ -111,7 +126,8 @@ def test_padded_windows_leave_out_the_padding_tokens_query_rows(family, fused):
     assert has_fused_path == (family not in ALWAYS_WRITTEN), f"timm {timm.__version__} changed {family}'s paths"
     images = torch.randn(2, 3, *FAMILIES[family][-1], generator=torch.Generator().manual_seed(1))
     reference = _reference(family, model, images)
-    assert reference and all(not rows.all() for _, (_, rows) in reference.items())  # padding in every layer here
+    whole = {layer for layer, (_, rows) in reference.items() if rows.all()}
+    assert reference and whole == WHOLE.get(family, set())  # padding in every layer here but those listed
     values, details, said = measure_once(model, images)
     assert not said, said
     for layer, (calls, rows) in reference.items():
@@ -128,3 +144,64 @@ def test_padded_windows_leave_out_the_padding_tokens_query_rows(family, fused):
         torch.testing.assert_close(details[key(ENTROPY, layer)].double(), per_head, rtol=1e-5, atol=1e-6)
         assert values[key(ENTROPY, layer)] == pytest.approx(float(entropy[rows].mean()), rel=1e-5)
         assert values[key(MAX_LOGIT, layer)] == pytest.approx(float(scores.amax(-1)[rows].max()), rel=1e-5)
+
+
+class _Layer(nn.Module):
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "not-fused"])
+def test_iformer_windowed_shma_leaves_out_the_padding_tokens_query_rows(fused):
+    """iFormer's ``SHMA`` with ``window_size`` pads its own ``[B, C, H, W]`` input to whole windows (inside the
+    module: its queries, out of a convolution and a batch norm, are not zero there) and crops their outputs away:
+    their query rows are left out on both paths, from the size of the call. A 6 x 10 map in windows of 4."""
+    from timm.models.iformer import SHMA
+
+    torch.manual_seed(0)
+    model = _Layer(SHMA(dim=16, window_size=4)).eval()
+    for parameter in model.parameters():  # far from uniform maps, so that a padding row counted would show
+        nn.init.normal_(parameter, std=0.4)
+    x = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(1))
+    model.attn.fused_attn = False
+    (scores,) = softmax_inputs(model, x)["attn"]
+    rows = _real_windows(2, 6, 10, 4)
+    assert scores.shape == (2 * 2 * 3, 16, 16) and not rows.all()
+    entropy = entropy_of(torch.softmax(scores, dim=-1))
+    model.attn.fused_attn = fused
+    values, details, said = measure_once(model, x)
+    assert not said, said
+    torch.testing.assert_close(details[key(ENTROPY, "attn")].double(), entropy[rows].mean()[None], rtol=1e-5, atol=1e-6)
+    assert values[key(ENTROPY, "attn")] == pytest.approx(float(entropy[rows].mean()), rel=1e-5)
+    assert values[key(MAX_LOGIT, "attn")] == pytest.approx(float(scores.amax(-1)[rows].max()), rel=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_efficientvit_msra_windows_leave_out_the_padding_tokens_query_rows(heads):
+    """EfficientViT (MSRA)'s ``LocalWindowAttention`` pads its ``[B, C, H, W]`` map with zero tokens to whole windows
+    and crops their outputs away; its ``CascadedGroupAttention`` takes the windows channels first and writes its
+    softmax (no fused path). With one head it is reported, the padding tokens' query rows left out; with two, one
+    softmax per head in one call, it is named in a warning, not reported. A 6 x 10 map in windows of 4."""
+    from timm.models.efficientvit_msra import LocalWindowAttention
+
+    torch.manual_seed(0)
+    model = _Layer(LocalWindowAttention(16, 8 // heads, heads, attn_ratio=2, resolution=7, window_resolution=4)).eval()
+    for parameter in model.parameters():  # far from uniform maps, so that a padding row counted would show
+        nn.init.normal_(parameter, std=0.4)
+    x = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(1))
+    values, details, said = measure_once(model, x)
+    if heads > 1:
+        assert len(said) == 1 and "CascadedGroupAttention" in said[0] and key(ENTROPY, "attn.attn") not in values
+        return
+    assert not said, said
+    (scores,) = softmax_inputs(model, x)["attn.attn"]
+    rows = _real_windows(2, 6, 10, 4)
+    assert scores.shape == (2 * 2 * 3, 16, 16) and not rows.all()
+    entropy = entropy_of(torch.softmax(scores, dim=-1))
+    assert details[key(ENTROPY, "attn.attn")].shape == (1,)
+    assert values[key(ENTROPY, "attn.attn")] == pytest.approx(float(entropy[rows].mean()), rel=1e-5)
+    assert values[key(MAX_LOGIT, "attn.attn")] == pytest.approx(float(scores.amax(-1)[rows].max()), rel=1e-5)
