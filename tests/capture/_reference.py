@@ -211,3 +211,27 @@ def own_softmax_entropy(model: torch.nn.Module, *args, **kwargs) -> dict[str, fl
             rows.append(-torch.special.xlogy(p, p).sum(-1).flatten())
         means[name] = float(torch.cat(rows).mean())
     return means
+
+
+def assert_layers_equal_their_scores(values: dict, details: dict, reference: dict) -> None:
+    """Each layer's logged entropy (per head and mean) and max logit equal those of the one softmax input it took,
+    over its real rows: ``reference[layer] = ([scores], rows)``, scores ``[B', H, N, N]`` (``[B'·H, N, N]``
+    batch-major, or ``[B, windows, H, N, N]``), rows ``[B', N]`` True at the real query rows."""
+    import pytest
+
+    from geomon.keys import ENTROPY, MAX_LOGIT, key
+
+    for layer, (calls, rows) in reference.items():
+        assert len(calls) == 1
+        heads = details[key(ENTROPY, layer)].shape[0]
+        scores = calls[0]
+        if scores.ndim == 3:  # [B·H, N, N], batch-major
+            scores = scores.unflatten(0, (-1, heads))
+        if scores.ndim == 5:  # [B, windows, H, N, N]
+            scores = scores.flatten(0, 1)
+        rows = rows[:, None, :].expand(scores.shape[:-1])
+        entropy = entropy_of(torch.softmax(scores, dim=-1))
+        per_head = torch.stack([entropy[:, h][rows[:, h]].mean() for h in range(heads)])
+        torch.testing.assert_close(details[key(ENTROPY, layer)].double(), per_head, rtol=1e-5, atol=1e-6)
+        assert values[key(ENTROPY, layer)] == pytest.approx(float(entropy[rows].mean()), rel=1e-5)
+        assert values[key(MAX_LOGIT, layer)] == pytest.approx(float(scores.amax(-1)[rows].max()), rel=1e-5)

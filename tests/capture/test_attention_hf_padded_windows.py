@@ -11,8 +11,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from geomon.keys import ENTROPY, MAX_LOGIT, key  # noqa: E402
-from tests.capture._reference import entropy_of, measure_once, softmax_inputs  # noqa: E402
+from tests.capture._reference import assert_layers_equal_their_scores, measure_once, softmax_inputs  # noqa: E402
 
 _SWIN = dict(image_size=64, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=7)
 _SAM = dict(image_size=80, patch_size=16, hidden_size=32, output_channels=16, num_hidden_layers=2,
@@ -125,15 +124,4 @@ def test_padded_windows_leave_out_the_padding_tokens_query_rows(family, implemen
     assert reference and all(not rows.all() for _, (_, rows) in reference.items())  # padding in every layer here
     values, details, said = measure_once(_model(family, implementation), images)
     assert not said, said
-    for layer, (calls, rows) in reference.items():
-        assert len(calls) == 1
-        heads = details[key(ENTROPY, layer)].shape[0]
-        scores = calls[0]
-        if scores.ndim == 3:  # VitDet, SAM: [B·H, N, N], batch-major
-            scores = scores.unflatten(0, (-1, heads))
-        rows = rows[:, None, :].expand(scores.shape[:-1])
-        entropy = entropy_of(torch.softmax(scores, dim=-1))
-        per_head = torch.stack([entropy[:, h][rows[:, h]].mean() for h in range(heads)])
-        torch.testing.assert_close(details[key(ENTROPY, layer)].double(), per_head, rtol=1e-5, atol=1e-6)
-        assert values[key(ENTROPY, layer)] == pytest.approx(float(entropy[rows].mean()), rel=1e-5)
-        assert values[key(MAX_LOGIT, layer)] == pytest.approx(float(scores.amax(-1)[rows].max()), rel=1e-5)
+    assert_layers_equal_their_scores(values, details, reference)

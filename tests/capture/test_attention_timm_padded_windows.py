@@ -11,7 +11,7 @@ from torch import nn
 timm = pytest.importorskip("timm")
 
 from geomon.keys import ENTROPY, MAX_LOGIT, key  # noqa: E402
-from tests.capture._reference import entropy_of, measure_once, softmax_inputs  # noqa: E402
+from tests.capture._reference import assert_layers_equal_their_scores, entropy_of, measure_once, softmax_inputs  # noqa: E402
 
 #: family -> (timm model, its tiny config, module path of the class holding the window size, that class, layout of
 #: its input: "nhwc", "nchw", or "size" (the attention module itself, given ``(x, (H, W))``), image size)
@@ -130,20 +130,7 @@ def test_padded_windows_leave_out_the_padding_tokens_query_rows(family, fused):
     assert reference and whole == WHOLE.get(family, set())  # padding in every layer here but those listed
     values, details, said = measure_once(model, images)
     assert not said, said
-    for layer, (calls, rows) in reference.items():
-        assert len(calls) == 1
-        heads = details[key(ENTROPY, layer)].shape[0]
-        scores = calls[0]
-        if scores.ndim == 3:  # SAM: [B·H, N, N], batch-major
-            scores = scores.unflatten(0, (-1, heads))
-        if scores.ndim == 5:  # Twins: [B, windows, H, N, N]
-            scores = scores.flatten(0, 1)
-        rows = rows[:, None, :].expand(scores.shape[:-1])
-        entropy = entropy_of(torch.softmax(scores, dim=-1))
-        per_head = torch.stack([entropy[:, h][rows[:, h]].mean() for h in range(heads)])
-        torch.testing.assert_close(details[key(ENTROPY, layer)].double(), per_head, rtol=1e-5, atol=1e-6)
-        assert values[key(ENTROPY, layer)] == pytest.approx(float(entropy[rows].mean()), rel=1e-5)
-        assert values[key(MAX_LOGIT, layer)] == pytest.approx(float(scores.amax(-1)[rows].max()), rel=1e-5)
+    assert_layers_equal_their_scores(values, details, reference)
 
 
 class _Layer(nn.Module):
