@@ -35,7 +35,8 @@ class MaskPattern:
 class AlignedRule(MaskPattern):
     """Flash attention's causal rule aligned bottom-right (query ``i`` is position ``i + Nk - Nq``), a sliding window
     (``|position - j| < window``), and packed sequences (``segments [Nk]``: a query sees the keys of its own run of
-    equal ids, a sequence starting wherever the id changes, as ``cumsum(position_ids == 0)`` makes them)."""
+    equal ids, a sequence starting wherever the id changes, as the cumulative count of sequence starts makes
+    them)."""
 
     def __init__(self, n_q: int, n_k: int, causal: bool, window: int | None, segments: Tensor | None) -> None:
         self.offset, self.causal, self.window = n_k - n_q, causal, window
