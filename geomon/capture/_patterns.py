@@ -74,6 +74,21 @@ def _segment_bounds(segments: Tensor) -> Tensor:
     return torch.stack([first, end]).to(torch.int32)
 
 
+class AddedMask(MaskPattern):
+    """A boolean mask that the model adds to its scores (a 4-D user mask reaching transformers' eager or flex
+    function: True adds 1, False 0, so it masks nothing), read one key chunk at a time as those 1 / 0 terms: no
+    float copy of the ``Nq x Nk`` mask is made."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask = mask  # boolean, broadcastable to [B, H, Nq, Nk] (by reference)
+
+    def __call__(self, positions: Tensor, start: int, stop: int) -> Tensor:
+        chunk = self.mask[..., start:stop]
+        if chunk.shape[-2] != 1:
+            chunk = chunk.index_select(-2, positions.to(chunk.device))
+        return chunk.to(torch.float32)
+
+
 class KernelTerms(NamedTuple):
     """A :class:`ModuleMasks` as the fused kernel takes it, read in place (no ``Nq x Nk`` tensor is made).
 

@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from geomon.capture._patterns import AlignedRule, FlexRule
+from geomon.capture._patterns import AddedMask, AlignedRule, FlexRule
 from geomon.capture._session import Found, MakeDispatcher, SdpaContext, Session, SharedPatch, bind, in_backward
 
 _INTERFACE_ARGS = ("attention_mask", "scaling", "dropout")
@@ -274,7 +274,7 @@ def _flex_score_mask(call: dict, query: Tensor) -> dict:
     if not isinstance(mask, Tensor) or mask.dim() != 4:
         return call
     mask = mask[:, :1]
-    return {**call, "attention_mask": mask.to(query.dtype) if mask.dtype == torch.bool else mask}
+    return {**call, "attention_mask": AddedMask(mask) if mask.dtype == torch.bool else mask}
 
 
 def _interface_dispatcher(registry: bool) -> MakeDispatcher:
@@ -402,11 +402,12 @@ def _found(
     if not registry:  # eager: the mask and the position bias are exactly what is added to the scores
         if mask is not None and mask.shape[-1] != key.shape[-2]:
             mask = mask[..., : key.shape[-2]]
+        added = None
         if mask is not None and mask.dtype == torch.bool:  # a 4-D boolean mask passed by the user: added as 1 / 0
-            mask = mask.to(query.dtype)
+            mask, added = None, AddedMask(mask)
         terms = [call[arg] for arg in _ADDITIVE if isinstance(call.get(arg), Tensor)]
         mask = _additive(mask, terms, query.dtype)
-        return [Found("", query, key, mask, False, scale, layout.cross, leading=layout.leading)]
+        return [Found("", query, key, mask, False, scale, layout.cross, added, leading=layout.leading)]
     converted = interface_mask(module, query, key, mask, call)
     return [Found("", query, key, converted.attn_mask, converted.is_causal, scale, layout.cross, converted.pattern,
                   converted.dropped, layout.leading)]  # fmt: skip
@@ -416,19 +417,25 @@ def _found(
 _VARLEN = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def _packed_sequences(kwargs: dict, n: int) -> Tensor | None:
-    """The sequence of each of the ``n`` tokens of a packed row (batch 1, no mask) as transformers' flash call finds
-    them: from ``cu_seq_lens_q`` when the call has all of flash's varlen arguments (they win over ``position_ids``),
-    else a sequence starting wherever ``position_ids`` is at its minimum (0, or 1 for positions counted from 1), as
-    ``prepare_fa_kwargs_from_position_ids`` cuts them; None when the call has neither. On the device, no host sync."""
+def _packed_sequences(kwargs: dict, n: int) -> tuple[Tensor, Tensor] | None:
+    """``(segments, outside)`` of the ``n`` tokens of a packed row (batch 1, no mask) as transformers' flash call
+    finds them: from ``cu_seq_lens_q`` when the call has all of flash's varlen arguments (they win over
+    ``position_ids``), else a sequence starting wherever ``position_ids`` is at its minimum (0, or 1 for positions
+    counted from 1), as ``prepare_fa_kwargs_from_position_ids`` cuts them; ``outside [1, n]``: the tokens in no
+    sequence, which flash never computes (before the first start, or past ``cu_seq_lens_q[-1]``); None when the call
+    has neither. On the device, no host sync."""
     if all(kwargs.get(arg) is not None for arg in _VARLEN):
-        ends = kwargs["cu_seq_lens_q"].reshape(-1)[1:]
-        return torch.bucketize(torch.arange(n, device=ends.device, dtype=ends.dtype), ends, right=True)
+        bounds = kwargs["cu_seq_lens_q"].reshape(-1)
+        index = torch.arange(n, device=bounds.device, dtype=bounds.dtype)
+        outside = (index < bounds[0]) | (index >= bounds[-1])
+        return torch.bucketize(index, bounds[1:], right=True), outside[None]
     positions = kwargs.get("position_ids")
     if positions is None:
         return None
     positions = positions.reshape(-1)[-n:]
-    return torch.cumsum(positions == positions.min(), dim=0)
+    starts = positions == positions.min()
+    segments = torch.cumsum(starts, dim=0)
+    return segments, (segments == 0)[None]  # before the first start: in no sequence
 
 
 class InterfaceMask(NamedTuple):
@@ -455,6 +462,8 @@ def interface_mask(module: nn.Module, query: Tensor, key: Tensor, mask: Any, kwa
     batch, n_q, n_k = query.shape[0], query.shape[-2], key.shape[-2]
     if hasattr(mask, "mask_mod") and not isinstance(mask, Tensor):  # flex's BlockMask
         return InterfaceMask(None, False, FlexRule(mask, batch, query.shape[1], n_q, n_k))
+    if isinstance(mask, AddedMask):  # a boolean 4-D mask transformers' flex function adds (_flex_score_mask)
+        return InterfaceMask(None, False, mask)
     if isinstance(mask, Tensor) and mask.dim() == 4:
         return InterfaceMask(mask[..., :n_k] if mask.shape[-1] > n_k else mask, False)
     causal = kwargs.get("is_causal")
@@ -467,7 +476,12 @@ def interface_mask(module: nn.Module, query: Tensor, key: Tensor, mask: Any, kwa
         tokens = mask.bool()
         keys, dropped = tokens[:, None, None, :], ~tokens[:, n_k - n_q :]
     elif mask is None and batch == 1 and n_q == n_k:
-        segments = _packed_sequences(kwargs, n_q)
+        packed = _packed_sequences(kwargs, n_q)
+        if packed is not None:
+            segments, dropped = packed
+    elif mask is None and all(kwargs.get(arg) is not None for arg in _VARLEN):
+        raise ValueError(f"flash's varlen arguments (cu_seq_lens_q/k) over a batch of {batch} rows pack sequences "
+                         "across rows, which geomon does not read; not reported")  # fmt: skip
     if segments is None and window is None and (not causal or (n_q == n_k and keys is None)):
         return InterfaceMask(keys, causal, None, dropped)  # SDPA's own causal flag (top-left) is exact when Nq == Nk
     rule = AlignedRule(n_q, n_k, causal, None if window is None else int(window), segments)

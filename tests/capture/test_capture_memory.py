@@ -176,3 +176,31 @@ def test_no_allocation_of_n_squared_over_4_bytes_in_capture_and_update(case):
     padded = sampled >= N - PAD if case is _nested else sampled < PAD  # a nested tensor's padding is its tail
     batch = calls[0].q.shape[0]
     assert int(stats.count.sum()) == HEADS * (64 * batch - int(padded.sum()))
+
+
+def test_a_boolean_mask_eager_adds_is_read_per_chunk_without_a_float_copy():
+    """A user's boolean ``[B, 1, N, N]`` mask reaching Hugging Face eager is added by the model as 1 / 0 (it masks
+    nothing): geomon reads it so, one key chunk at a time, with no float copy of it (which would be 4·N·N bytes),
+    no host read, and every sampled row counted."""
+    module = nn.Module()
+    gen = torch.Generator().manual_seed(7)
+    q, k = torch.randn(1, HEADS, N, DH, generator=gen), torch.randn(1, HEADS, N, DH, generator=gen)
+    mask = torch.ones(1, 1, N, N, dtype=torch.bool)
+    mask[..., :PAD] = False  # would be padding if it masked; eager adds 0 there and 1 elsewhere
+    call = {"attention_mask": mask, "scaling": None}
+    probe = AttentionProbe("attn", HEADS, backend="torch", query_rows=64)
+    probe.allocate(torch.device("cpu"))
+    calls = []
+
+    def on_attention(attention_call):
+        calls.append(attention_call)
+        probe.update(attention_call)
+
+    session = Session(module, on_attention, strict=True)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        hf._report(session, module, q, k, call, False)
+    assert len(calls) == 1 and calls[0].attn_mask is None
+    sizes = _allocations(prof)
+    assert sizes and max(sizes) < LIMIT, f"geomon allocated {max(sizes)} bytes at N = {N} (limit {LIMIT})"
+    assert not [e for e in prof.events() if e.name == "aten::_local_scalar_dense"], "capture read a value back"
+    assert int(probe.metric._stats().count.sum()) == HEADS * 64
