@@ -133,6 +133,10 @@ class SdpaContext(NamedTuple):
 #: ``fallback(module, args, kwargs, output) -> computations``; called at the module's exit, under ``no_grad``.
 Fallback = Callable[[nn.Module, tuple, dict, Any], Sequence[Found]]
 
+#: a windowed attention class's entry saying that its padding rows are its enclosing block's, placed at the block's
+#: entry from its map size and window (see :attr:`Session.window_blocks`)
+FROM_BLOCK = "block"
+
 
 def in_backward() -> bool:
     """True where geomon's hooks must do nothing: while the autograd engine runs a backward pass (a checkpointed
@@ -221,11 +225,17 @@ class Session:
         #: modules whose call takes several softmaxes, or one whose heads' place its shape cannot say, read with
         #: layouts known by class, by name (LongT5's local attention, ProphetNet's n-gram self-attention)
         self.softmax_streams: dict[str, tuple[SoftmaxStream, ...]] = {}
-        #: windowed attention whose block pads its map to whole windows (timm's Swin, DaViT, TinyViT, SAM, Twins), by
-        #: id: ``rows(module, args, kwargs) -> [windows, N]`` True at the window tokens that are the block's padding
-        #: (None: none), worked out at the module's entry, on the device
-        self.window_padding: dict[int, Callable[[nn.Module, tuple, dict], Tensor | None]] = {}
-        #: those rows of the running modules, by stack depth: left out of whatever attention the module reports
+        #: windowed attention over a map padded to whole windows (timm's Swin, DaViT, TinyViT, SAM, Twins;
+        #: transformers' Swin, VitDet, SAM), by id: ``rows(module, args, kwargs) -> [windows, N]`` True at the window
+        #: tokens that are padding (None: none), worked out at the module's entry from sizes, on the device; or
+        #: :data:`FROM_BLOCK`: the rows its enclosing block placed (:attr:`window_blocks`)
+        self.window_padding: dict[int, Callable[[nn.Module, tuple, dict], Tensor | None] | str] = {}
+        #: the blocks that pad their map for such attention, by id: ``rows(block, args, kwargs)``, the padding rows of
+        #: the windows they cut, from their map size and window at their entry
+        self.window_blocks: dict[int, Callable[[nn.Module, tuple, dict], Tensor | None]] = {}
+        #: those rows of the running blocks (None: the block does not pad this call), by stack depth
+        self.block_windows: dict[int, Tensor | None] = {}
+        #: the rows of the running attention modules, by stack depth: left out of whatever attention they report
         self.padded_windows: dict[int, Tensor] = {}
 
     def module(self, name: str) -> nn.Module:
@@ -345,11 +355,27 @@ class Session:
 
     def _note_window_padding(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """At the entry of a listed windowed attention module (its own pre-hook, after :meth:`_enter` pushed it, with
-        the call's keywords: transformers' SAM passes ``hidden_states=``), note its window padding rows."""
+        the call's keywords: transformers' SAM passes ``hidden_states=``), note its window padding rows: worked out
+        from its call, or those its enclosing block placed (:data:`FROM_BLOCK`)."""
         if not self.stack or self.stack[-1][0] != id(module) or self.busy or in_backward():
             return  # not tracked (geomon's own computation, a backward pass)
         rows, depth, name = self.window_padding[id(module)], len(self.stack) - 1, self.stack[-1][1]
+        if isinstance(rows, str):  # FROM_BLOCK: outside a listed block (a caller of its own), none are placed
+            block = next((d for d in range(depth - 1, -1, -1) if d in self.block_windows), None)
+            if block is not None and self.block_windows[block] is not None:
+                self.padded_windows[depth] = self.block_windows[block]
+            return
         self.guarded(name, lambda: self._note_padded_windows(depth, rows(module, args, kwargs)))
+
+    def _note_block_windows(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """At the entry of a listed block that pads its map to whole windows (its own pre-hook, after :meth:`_enter`
+        pushed it), note the padding rows of the windows it cuts (None: it does not pad this call), for the windowed
+        attention it runs (:meth:`_note_window_padding`)."""
+        if not self.stack or self.stack[-1][0] != id(module) or self.busy or in_backward():
+            return
+        rows, depth, name = self.window_blocks[id(module)], len(self.stack) - 1, self.stack[-1][1]
+        self.block_windows[depth] = None  # noted even if placing them fails: no outer block's rows stand in
+        self.guarded(name, lambda: self.block_windows.__setitem__(depth, rows(module, args, kwargs)))
 
     def _note_padded_windows(self, depth: int, rows: Tensor | None) -> None:
         if rows is not None:
@@ -380,6 +406,8 @@ class Session:
         padded = self.padded_windows.pop(depth, None)
         if self.padded_windows:
             self.padded_windows = {d: rows for d, rows in self.padded_windows.items() if d < depth}
+        if self.block_windows:
+            self.block_windows = {d: rows for d, rows in self.block_windows.items() if d < depth}
         read: list[ScoresCall | str | None] = []
         if self.softmax_rows:  # rows read at softmax calls: this call's, and none of a deeper call left behind
             read = self.softmax_rows.pop(depth, [])
@@ -490,12 +518,15 @@ class Session:
 
     @contextmanager
     def window_hooks(self) -> Iterator[None]:
-        """A pre-hook (with the call's keywords) on each listed windowed attention module (:attr:`window_padding`),
-        run after the global one that tracks it; removed however the block exits."""
+        """A pre-hook (with the call's keywords) on each listed windowed attention module (:attr:`window_padding`)
+        and on each block that pads a map for one (:attr:`window_blocks`), run after the global one that tracks it;
+        removed however the block exits."""
+        tables = ((self.window_padding, self._note_window_padding), (self.window_blocks, self._note_block_windows))
         handles = [
-            module.register_forward_pre_hook(self._note_window_padding, with_kwargs=True)
+            module.register_forward_pre_hook(hook, with_kwargs=True)
             for module in self.model.modules()
-            if id(module) in self.window_padding
+            for table, hook in tables
+            if id(module) in table
         ]
         try:
             yield

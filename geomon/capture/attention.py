@@ -184,6 +184,9 @@ def capture_attention(
         padding = None if name is None else timm_vit.window_padding_for(module) or hf_windows.window_padding_for(module)
         if padding is not None:
             session.window_padding[id(module)] = padding
+        block = None if name is None else timm_vit.window_block_for(module) or hf_windows.window_block_for(module)
+        if block is not None:
+            session.window_blocks[id(module)] = block
         streams = hf_softmax.streams_for(module) if name is not None else None
         if streams is not None:
             session.softmax_streams[name] = streams

@@ -11,11 +11,12 @@ Masks are already in SDPA semantics in timm (boolean True = may attend, float ad
 as in timm. EVA's ``EvaAttention`` is recomputed likewise (its ``q_bias`` / ``k_bias`` added, or separate ``q_proj`` /
 ``k_proj``). Swin's ``WindowAttention`` (non-fused unless ``TIMM_FUSED_ATTN=2``) is recomputed from ``qkv`` per window
 (windows are the batch), with its relative position bias plus the shifted windows' 0 / -100 mask as the additive
-mask, exactly what it adds; the query rows of the zero tokens its block pads the map with to whole windows are
-left out, on its SDPA path (``fused_attn=True``) too: the session notes them at the module's entry
-(:data:`_WINDOW_PADDING`) and leaves them out of the SDPA call made inside it, as it does for the padded windows of Swin
-V2, Swin V2 CR, DaViT, TinyViT, SAM, SAM2 Hiera, Twins and iFormer's windowed ``SHMA``, on their SDPA path and where
-they are read at their softmax. ConViT's ``MHSA`` (plain softmax attention written by hand) is recomputed from ``qkv``.
+mask, exactly what it adds; the query rows of the tokens its block pads the map with to whole windows are left
+out, on its SDPA path (``fused_attn=True``) too: the session places them from the block's map size and window at the
+block's entry (:data:`_WINDOW_BLOCKS`), notes them at the module's entry and leaves them out of the SDPA call made
+inside it, as it does for the padded windows of Swin V2, Swin V2 CR, DaViT, TinyViT, SAM, SAM2 Hiera, EfficientViT
+(MSRA), Twins and iFormer's windowed ``SHMA``, on their SDPA path and where they are read at their softmax.
+ConViT's ``MHSA`` (plain softmax attention written by hand) is recomputed from ``qkv``.
 ConViT's ``GPSA`` mixes a content softmax and a positional softmax through a sigmoid gate, which is not the softmax of
 one set of logits: it is listed and named in a warning when it runs, never reported. Other timm attention classes (with
 a ``fused_attn`` flag) are seen on their SDPA path only, and named in a warning when they run without it.
@@ -26,15 +27,18 @@ Cost of a recomputation: the Q and K projections, ``2·B·N·E·(2·attn_dim)`` 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from geomon.capture._projections import projected
-from geomon.capture._session import Found, bind
+from geomon.capture._session import FROM_BLOCK, Found, bind
 
 T = TypeVar("T")
+#: ``rows(module, args, kwargs) -> [windows, N] | None``: True at the window tokens of a call that are padding
+WindowRows = Callable[[nn.Module, tuple, "dict | None"], "Tensor | None"]
 
 
 def _classes() -> tuple[type | None, type | None]:
@@ -101,8 +105,8 @@ def swin_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     """Q/K of a Swin ``WindowAttention`` call that did not use SDPA, with its relative position bias and the shifted
     windows' mask (0 / -100, added as Swin adds it) as the additive mask; windows are the batch.
 
-    The query rows of the zero tokens its block pads the map with are left out by the session
-    (:func:`window_padding_for`, noted at the module's entry)."""
+    The query rows of the tokens its block pads the map with are left out by the session (:func:`window_block_for`,
+    placed at the block's entry, noted at the module's)."""
     call = bind(("x", "mask"), args, kwargs)
     x, mask = call["x"], call.get("mask")
     windows, n, _ = x.shape
@@ -231,50 +235,72 @@ def _first_input(args: tuple, kwargs: dict | None) -> Tensor | None:
     return x if isinstance(x, Tensor) else None
 
 
-def zero_tokens(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
-    """``[windows, N]``: the window tokens of a windowed attention call ``x [windows, N, C]`` (or ``[windows, Wh,
-    Ww, C]``), passed first or by keyword, that are exactly zero, the block's own padding (see
-    :data:`_WINDOW_PADDING`); on the device."""
-    x = _first_input(args, kwargs)
-    if x is None or x.ndim < 3 or x.is_nested:
+def padded_grid(
+    batch: int,
+    height: int,
+    width: int,
+    window: int | tuple[int, int],
+    device: torch.device,
+    shift: int | tuple[int, int] = 0,
+    stride: tuple[int, int] | None = None,
+) -> Tensor | None:
+    """``[batch · windows, Nw]``: True at the window tokens that are padding where a block pads its ``height x width``
+    map on the bottom and right to whole ``window`` windows (an int, or ``(Wh, Ww)``); None where it does not pad
+    (a whole number of windows). From sizes alone, host ints: no read of the map, no sync.
+
+    ``shift``: the block rolls the padded map by ``-shift`` before cutting windows (transformers' Swin family pads,
+    then rolls, so the padding moves with the roll; timm's Swin rolls, then pads, and passes no shift). ``stride``:
+    the block's attention pools its queries by that much (SAM2 Hiera): the rows are the pooled windows' queries, the
+    padding those outside the ``height // Sh x width // Sw`` pooled map the block crops its output to. Windows
+    row-major per image, tokens row-major in each, as the blocks cut them."""
+    wh, ww = (window, window) if isinstance(window, int) else (int(window[0]), int(window[1]))
+    if wh <= 0 or ww <= 0 or (height % wh == 0 and width % ww == 0):
         return None
-    return (x == 0).all(-1).flatten(1)
+    sh, sw = (1, 1) if stride is None else (int(stride[0]), int(stride[1]))
+    rows, cols = -(-height // wh), -(-width // ww)
+    wh, ww = wh // sh, ww // sw
+    grid = torch.ones(rows * wh, cols * ww, dtype=torch.bool, device=device)
+    grid[: height // sh, : width // sw] = False
+    shifts = (shift, shift) if isinstance(shift, int) else (int(shift[0]), int(shift[1]))
+    if any(shifts):
+        grid = torch.roll(grid, shifts=(-shifts[0], -shifts[1]), dims=(0, 1))
+    windows = grid.reshape(rows, wh, cols, ww).transpose(1, 2).reshape(1, rows * cols, wh * ww)
+    return windows.expand(batch, -1, -1).reshape(-1, wh * ww)
 
 
-def zero_pixels(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
-    """``[windows, H·W]``: the window tokens of a windowed attention call ``x [windows, C, H, W]`` (channels first)
-    that are exactly zero, the block's own padding (see :data:`_WINDOW_PADDING`); on the device."""
+def _map(args: tuple, kwargs: dict | None, layout: str) -> tuple[Tensor, int, int] | None:
+    """``(x, H, W)`` of a block call whose map ``x`` (passed first or by keyword) is ``[B, H, W, C]`` ("nhwc") or
+    ``[B, C, H, W]`` ("nchw"); None for another input."""
     x = _first_input(args, kwargs)
-    if x is None or x.ndim != 4:
+    if x is None or x.ndim != 4 or x.is_nested:
         return None
-    return (x == 0).all(1).flatten(1)
+    height, width = x.shape[1:3] if layout == "nhwc" else x.shape[2:4]
+    return x, int(height), int(width)
 
 
-def pooled_zero_tokens(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
-    """``[windows, Nq]``: the padding query rows of a SAM2 Hiera ``MultiScaleAttention`` call ``x [windows, Wh, Ww,
-    C]``: its zero tokens (:func:`zero_tokens`), or, where it pools its queries (``q_pool``, a stage's first block),
-    the pooled queries that pool any of them: the block crops its output to its pooled map, ``H // stride`` rows
-    by ``W // stride``, which leaves out exactly those (a pooled query over real tokens alone is inside it)."""
-    rows = zero_tokens(module, args, kwargs)
-    pool = getattr(module, "q_pool", None)
-    if rows is None or pool is None:
-        return rows
-    x = _first_input(args, kwargs)
-    if x is None or x.ndim != 4:
+def _block_padding(layout: str, window: Callable[[nn.Module], Any]) -> WindowRows:
+    """The padding rows of a block that pads its map (``layout``: its input's) to whole ``window(block)`` windows on
+    the bottom and right and hands them to its attention unshifted (timm rolls before it pads)."""
+
+    def rows(block: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
+        found = _map(args, kwargs, layout)
+        if found is None:
+            return None
+        x, height, width = found
+        return padded_grid(x.shape[0], height, width, window(block), x.device)
+
+    return rows
+
+
+def hiera_padding(block: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
+    """The padding rows of a SAM2 Hiera ``MultiScaleBlock`` call ``x [B, H, W, C]``: windowed, it pads its map to
+    whole windows; where it pools its queries (``q_stride``, a stage's first block) the rows are the pooled queries,
+    the padding those the block crops away with its output (outside ``H // Sh x W // Sw``: each pools some padding)."""
+    found = _map(args, kwargs, "nhwc")
+    if found is None or not getattr(block, "is_windowed", False):
         return None
-    grid = rows.reshape(x.shape[0], 1, x.shape[1], x.shape[2]).to(x.dtype)
-    pooled = torch.nn.functional.max_pool2d(grid, pool.kernel_size, pool.stride, pool.padding, pool.dilation)
-    return pooled.flatten(1) > 0
-
-
-def _padded_grid(batch: int, height: int, width: int, ws: int, device: torch.device) -> Tensor:
-    """``[batch · windows, ws²]``: True at the padding tokens of a ``height x width`` map padded on the bottom and
-    right to whole ``ws x ws`` windows, windows row-major per image, tokens row-major in each."""
-    rows, cols = -(-height // ws), -(-width // ws)
-    grid = torch.ones(rows * ws, cols * ws, dtype=torch.bool, device=device)
-    grid[:height, :width] = False
-    windows = grid.reshape(rows, ws, cols, ws).transpose(1, 2).reshape(1, rows * cols, ws * ws)
-    return windows.expand(batch, -1, -1).reshape(-1, ws * ws)
+    x, height, width = found
+    return padded_grid(x.shape[0], height, width, block.window_size, x.device, stride=block.q_stride)
 
 
 def grouped_padding(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
@@ -286,9 +312,7 @@ def grouped_padding(module: nn.Module, args: tuple, kwargs: dict | None = None) 
     if not isinstance(x, Tensor) or size is None:
         return None
     (height, width), ws = size, module.ws
-    if height % ws == 0 and width % ws == 0:
-        return None
-    return _padded_grid(x.shape[0], height, width, ws, x.device)
+    return padded_grid(x.shape[0], int(height), int(width), ws, x.device)
 
 
 def shma_padding(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Tensor | None:
@@ -300,39 +324,58 @@ def shma_padding(module: nn.Module, args: tuple, kwargs: dict | None = None) -> 
     if not ws or x is None or x.ndim != 4:
         return None
     height, width = x.shape[-2:]
-    if height % ws == 0 and width % ws == 0:
-        return None
-    return _padded_grid(x.shape[0], height, width, ws, x.device)
+    return padded_grid(x.shape[0], height, width, ws, x.device)
 
 
-#: windowed attention whose block pads its map with zero tokens on the bottom and right to whole windows at a size
-#: that is not a whole number of them, then crops their outputs away: their query rows are padding, left out on
-#: every path (SDPA, the softmax read, the fallback), from what the session notes at the module's entry. The blocks
-#: of Swin, Swin V2, Swin V2 CR, DaViT, TinyViT and SAM pad the attention module's input, so its window tokens that are
-#: exactly zero are the padding (a real token out of a LayerNorm, or of the residual stream for Swin V2, V2 CR and
-#: TinyViT, is not the zero vector); so does SAM2 Hiera's ``MultiScaleBlock`` (its stage's first block pools the
-#: queries, and the padding rows with them), and EfficientViT (MSRA)'s ``LocalWindowAttention``, whose
-#: ``CascadedGroupAttention`` takes the windows channels first (reported where it has one head: with more, its
-#: softmaxes are named in a warning); Twins' ``LocallyGroupedAttn`` and iFormer's windowed ``SHMA`` pad inside
-#: the module, as the size of their call says.
-_WINDOW_PADDING = {
-    ("timm.models.swin_transformer", "WindowAttention"): zero_tokens,
-    ("timm.models.swin_transformer_v2", "WindowAttention"): zero_tokens,
-    ("timm.models.swin_transformer_v2_cr", "WindowMultiHeadAttention"): zero_tokens,
-    ("timm.models.davit", "WindowAttention"): zero_tokens,
-    ("timm.models.tiny_vit", "Attention"): zero_tokens,
-    ("timm.models.vision_transformer_sam", "Attention"): zero_tokens,
-    ("timm.models.hieradet_sam2", "MultiScaleAttention"): pooled_zero_tokens,
-    ("timm.models.efficientvit_msra", "CascadedGroupAttention"): zero_pixels,
+#: windowed attention whose map is padded on the bottom and right to whole windows at a size that is not a whole
+#: number of them, the padding tokens' outputs cropped away: their query rows are padding, left out on every path
+#: (SDPA, the softmax read, the fallback), from what the session notes at the module's entry. The blocks of Swin, Swin
+#: V2, Swin V2 CR, DaViT, TinyViT, SAM, SAM2 Hiera (whose stage's first block pools the queries, and the padding rows
+#: with them) and EfficientViT (MSRA) (whose ``CascadedGroupAttention`` takes the windows channels first: reported
+#: where it has one head, with more its softmaxes are named in a warning) pad the map: their rows are placed by the
+#: enclosing block (:data:`_WINDOW_BLOCKS`, :data:`FROM_BLOCK`) from its map size and window. Twins'
+#: ``LocallyGroupedAttn`` and iFormer's windowed ``SHMA`` pad inside the module, as the size of their call says.
+#: None of them reads a value: a real token that is exactly zero (a zero-initialised mask token) is a real row.
+_WINDOW_PADDING: dict[tuple[str, str], WindowRows | str] = {
+    ("timm.models.swin_transformer", "WindowAttention"): FROM_BLOCK,
+    ("timm.models.swin_transformer_v2", "WindowAttention"): FROM_BLOCK,
+    ("timm.models.swin_transformer_v2_cr", "WindowMultiHeadAttention"): FROM_BLOCK,
+    ("timm.models.davit", "WindowAttention"): FROM_BLOCK,
+    ("timm.models.tiny_vit", "Attention"): FROM_BLOCK,
+    ("timm.models.vision_transformer_sam", "Attention"): FROM_BLOCK,
+    ("timm.models.hieradet_sam2", "MultiScaleAttention"): FROM_BLOCK,
+    ("timm.models.efficientvit_msra", "CascadedGroupAttention"): FROM_BLOCK,
     ("timm.models.twins", "LocallyGroupedAttn"): grouped_padding,
     ("timm.models.iformer", "SHMA"): shma_padding,
+}
+
+#: the blocks that pad their map for the windowed attention they run (:data:`_WINDOW_PADDING`), by class:
+#: ``rows(block, args, kwargs) -> [B · windows, Nw] | None`` from the block's input size and window at its entry
+#: (:func:`padded_grid`). timm's Swin blocks roll before they pad, so the padding is at the bottom and right of the
+#: windows they cut whatever the shift; SAM's window size 0 is a global block.
+_WINDOW_BLOCKS: dict[tuple[str, str], WindowRows] = {
+    ("timm.models.swin_transformer", "SwinTransformerBlock"): _block_padding("nhwc", lambda b: b.window_size),
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2Block"): _block_padding("nhwc", lambda b: b.window_size),
+    ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock"): _block_padding("nhwc", lambda b: b.window_size),
+    ("timm.models.davit", "SpatialBlock"): _block_padding("nchw", lambda b: b.window_size),
+    ("timm.models.tiny_vit", "TinyVitBlock"): _block_padding("nhwc", lambda b: b.window_size),
+    ("timm.models.vision_transformer_sam", "Block"): _block_padding("nhwc", lambda b: b.window_size),
+    ("timm.models.hieradet_sam2", "MultiScaleBlock"): hiera_padding,
+    ("timm.models.efficientvit_msra", "LocalWindowAttention"): _block_padding("nchw", lambda b: b.attn.resolution),
 }
 
 
 def window_padding_for(module: nn.Module) -> Any:
     """``rows(module, args, kwargs) -> [windows, N] | None``, the padding tokens of a windowed attention call of
-    ``module``'s class (:data:`_WINDOW_PADDING`), or None for other classes."""
+    ``module``'s class (:data:`_WINDOW_PADDING`), :data:`FROM_BLOCK` where its block places them, or None for other
+    classes."""
     return _listed(_WINDOW_PADDING, module)
+
+
+def window_block_for(module: nn.Module) -> WindowRows | None:
+    """``rows(block, args, kwargs) -> [windows, N] | None``, the padding rows a block of ``module``'s class hands
+    the windowed attention it runs (:data:`_WINDOW_BLOCKS`), or None for other classes."""
+    return _listed(_WINDOW_BLOCKS, module)
 
 
 def fallback_for(module: nn.Module) -> tuple[str | None, Any]:

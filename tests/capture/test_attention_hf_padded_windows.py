@@ -3,7 +3,7 @@ pads its map with zero tokens on the bottom and right (before Swin's cyclic shif
 and crops their outputs away. Their query rows are padding, left out on every path the model has (the eager
 attention function or the softmax a class writes itself, and SDPA), per layer and per head. Reference: each layer's
 own softmax input with the eager implementation, over the real tokens' rows placed from each block's input size
-and its window and shift (not from the zero tokens geomon looks for)."""
+and its window and shift (by the test's own code, not geomon's)."""
 
 import pytest
 import torch

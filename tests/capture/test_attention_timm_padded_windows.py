@@ -2,7 +2,7 @@
 zero tokens on the bottom and right, runs window attention over them and crops their outputs away. Their query rows
 are padding, left out on every path (SDPA with ``fused_attn=True``, the softmax read or the recomputation with it
 off), per layer and per head. Reference: each layer's own softmax input with the fused path off, over the real
-tokens' rows placed from each block's input size (not from the zero tokens geomon looks for)."""
+tokens' rows placed from each block's input size (by the test's own code, not geomon's)."""
 
 import pytest
 import torch
