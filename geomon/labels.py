@@ -152,8 +152,9 @@ def default_token_mask(batch: Any, kind: LabelKind | None = None) -> Tensor | No
     """The token mask of ``batch`` (``[B, N]``, 1 = a real token, 0 = padding) that leaves padding out of RankMe /
     alpha-ReQ: a mapping batch's 2-D ``attention_mask`` (``DataCollatorWithPadding``'s), or, for a
     sequence-to-sequence model (``kind="seq2seq"``), whose head reads the decoder's rows, its
-    ``decoder_attention_mask`` (none: every decoder position counts; the encoder's ``attention_mask`` does not
-    describe those rows). ``None`` when the batch has none (a tuple batch, an unpadded one).
+    ``decoder_attention_mask``, else its integer ``labels`` that are not -100 (``DataCollatorForSeq2Seq`` pads them
+    so; the encoder's ``attention_mask`` does not describe those rows). ``None`` when the batch has none (a tuple
+    batch, an unpadded one).
 
     Example:
         >>> mask = torch.tensor([[1, 1, 0]])
@@ -161,11 +162,30 @@ def default_token_mask(batch: Any, kind: LabelKind | None = None) -> Tensor | No
         True
         >>> default_token_mask({"attention_mask": mask}, kind="seq2seq") is None
         True
+        >>> default_token_mask({"labels": torch.tensor([[5, 6, -100]])}, kind="seq2seq")
+        tensor([[ True,  True, False]])
     """
     if not isinstance(batch, Mapping):
         return None
     mask = batch.get("decoder_attention_mask" if kind == "seq2seq" else "attention_mask")
+    if kind == "seq2seq" and not isinstance(mask, Tensor):  # DataCollatorForSeq2Seq: the targets' -100 padding
+        labels = batch.get("labels")  # row t of the decoder predicts labels[t] (its inputs are them shifted right)
+        mask = labels != IGNORE_INDEX if isinstance(labels, Tensor) and not labels.is_floating_point() else None
     return mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+
+
+def token_mask_rows(kind: LabelKind | None, head: str | None) -> str | None:
+    """The probe whose rows the default token mask describes: for a sequence-to-sequence model, the head's input
+    alone (its mask is the decoder's: an encoder module's rows are another sequence, even where the lengths agree;
+    without a head, no probe's); None (every probe whose rows the mask aligns with) otherwise.
+
+    Example:
+        >>> token_mask_rows("seq2seq", "lm_head"), token_mask_rows("causal", "lm_head")
+        ('lm_head.input', None)
+    """
+    if kind != "seq2seq":
+        return None
+    return "" if head is None else f"{head}.input"
 
 
 def token_mask_of(batch: Any, token_mask_fn: Any, kind: LabelKind | None) -> Tensor | None:

@@ -340,3 +340,16 @@ def test_softmax_read_cost_quick_run_prints_its_ratios(tmp_path):
     row = r"^\| 2, 2, 32, 64 \|( \d+\.\d{2} \|){6}$"
     assert re.search(row, proc.stdout, re.MULTILINE), proc.stdout
     assert re.search(row, out.read_text(), re.MULTILINE)
+
+
+def test_rankme_padding_prints_every_case_with_padding_pulling_rankme_down():
+    """``benchmarks/rankme_padding.py`` prints its six cases (two models, three shares of padding); in each, the
+    rows of padding counted pull RankMe and centred RankMe below the real tokens' (what the docs cite)."""
+    pytest.importorskip("transformers")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rankme_padding.py")], capture_output=True,
+                         text=True, cwd=ROOT, env=env, timeout=600, check=True)  # fmt: skip
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if re.match(r"\| (GPT-2|Llama) \|", line)]
+    assert len(rows) == 6
+    for _, _, every, real, every_centred, real_centred in rows:
+        assert float(every) < float(real) and float(every_centred) < float(real_centred)

@@ -195,3 +195,43 @@ def test_padding_rows_with_nan_are_left_out():
     assert float(metric.n) == 4
     assert float(metric.compute()) == pytest.approx(ref_rankme(z[:4].numpy()), rel=1e-9)
     assert np.isfinite(metric.gram.numpy()).all()
+
+
+def test_a_seq2seq_decoder_mask_masks_the_head_rows_alone():
+    """A sequence-to-sequence model's default mask is the decoder's (here its -100 labels, as
+    ``DataCollatorForSeq2Seq`` pads them): it describes the head's rows alone. An encoder module of the same length
+    is measured whole, and said once, instead of being masked with the decoder's padding; the head's rows are its
+    decoder's real rows. References: float64 over those rows."""
+    transformers = pytest.importorskip("transformers")
+    from geomon.labels import default_token_mask, label_kind, token_mask_rows
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0)  # fmt: skip
+    model = transformers.T5ForConditionalGeneration(config)
+    batch_size, length = 8, 24
+    gen = torch.Generator().manual_seed(1)
+    source = (torch.arange(length)[None] < torch.randint(4, length + 1, (batch_size,), generator=gen)[:, None]).long()
+    target = torch.arange(length)[None] < torch.randint(2, 10, (batch_size,), generator=gen)[:, None]
+    ids = torch.randint(1, 64, (batch_size, length), generator=gen) * source
+    labels = torch.randint(1, 64, (batch_size, length), generator=gen).masked_fill(~target, -100)
+    batch = {"input_ids": ids, "attention_mask": source, "labels": labels}
+    kind = label_kind(model, "lm_head")
+    assert kind == "seq2seq" and torch.equal(default_token_mask(batch, kind), target)
+    encoder_rows, head_rows_seen = [], []
+    model.encoder.register_forward_hook(lambda m, a, out: encoder_rows.append(out.last_hidden_state.detach()))
+    model.lm_head.register_forward_hook(lambda m, args, out: head_rows_seen.append(args[0].detach()))
+    monitor = Monitor(every_n_steps=1, attention=False, neural_collapse=False, alerts=(), window_rows=8,
+                      embedding_modules=["encoder"], strict=True).attach(model)  # fmt: skip
+    monitor.plan.token_mask_rows = token_mask_rows(kind, monitor.head)  # what both callbacks set
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with monitor.step(0, token_mask=default_token_mask(batch, kind)):
+            model(**batch)
+        values = monitor.compute(0)
+    said = [str(w.message) for w in caught if issubclass(w.category, GeomonWarning) and "token mask" in str(w.message)]
+    assert len(said) == 1 and "'encoder'" in said[0] and "padding included" in said[0]
+    everything = encoder_rows[0].reshape(-1, 32).double().numpy()
+    assert float(values["geomon/rankme/encoder"]) == pytest.approx(ref_rankme(everything), rel=1e-9)
+    decoder_real = head_rows_seen[0][target].double().numpy()
+    assert float(values["geomon/rankme/lm_head.input"]) == pytest.approx(ref_rankme(decoder_real), rel=1e-9)

@@ -40,6 +40,9 @@ class Step:
     guard: Guard
     fill: bool = False
     token_mask: Tensor | None = None
+    #: the one probe whose rows ``token_mask`` describes (a sequence-to-sequence model's decoder mask: the head's
+    #: input); None: every probe whose rows it aligns with
+    token_mask_rows: str | None = None
     ran: set[str | None] = field(default_factory=set)  #: the watched modules whose hooks ran ("": attention seen)
 
 

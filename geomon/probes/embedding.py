@@ -72,9 +72,10 @@ class EmbeddingProbe(Probe):
     a window closes on real tokens. A tensor of another leading shape cannot be aligned with the mask: its rows are
     all measured, and a warning naming the probe says so once. A nested tensor's rows are its real tokens already.
     The fill schedule (:meth:`lead_steps`) counts every position of a step, padding included: it is read off the
-    shapes on the host, and counting the real tokens would need a host sync; on padded batches a window may
-    therefore take a period more to fill than the schedule plans (it keeps accumulating until it holds
-    ``min_rows`` real rows).
+    shapes on the host, and counting the real tokens would need a host sync; a window fed a share ``p`` of padding
+    therefore takes about ``1 / (1 - p)`` times the periods the schedule plans (it keeps accumulating until it holds
+    ``min_rows`` real rows). A step whose token mask describes one probe's rows alone (``Step.token_mask_rows``: a
+    sequence-to-sequence model's decoder mask, the head's input) leaves the others unmasked, said once each.
 
     Args:
         name: the probe's name (a module's name, ``<head>.input``, or a name given to ``Monitor.observe``).
@@ -175,8 +176,16 @@ class EmbeddingProbe(Probe):
         embedding, which has no padding row), said once for this probe otherwise."""
         mask = step.token_mask
         assert mask is not None
+        if step.token_mask_rows is not None and step.token_mask_rows != self.name:
+            step.guard.warn_once(f"token-mask:{self.name}", f"geomon: probe {self.name!r} reads rows that the token "
+                                 "mask does not describe (a sequence-to-sequence model's decoder mask describes the "
+                                 f"rows of {step.token_mask_rows!r} alone): all of its rows are measured, padding "
+                                 "included")  # fmt: skip
+            return None
         if tensor.ndim >= 2 and tuple(tensor.shape[:-1]) == tuple(mask.shape):
-            mask = mask.to(tensor.device, non_blocking=True)
+            # asynchronous only from the host to an accelerator (an asynchronous copy to the host could be read
+            # before it lands)
+            mask = mask.to(tensor.device, non_blocking=tensor.device.type != "cpu" and mask.device.type == "cpu")
             return (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)
         if tensor.ndim == 2 and tensor.shape[0] == mask.shape[0]:
             return None  # one row per sequence (a pooled embedding): no row of it is padding

@@ -223,6 +223,9 @@ class Plan:
         self.dropped: set[str] = set()  # probes given up (ranks disagreed on their shape, over the memory budget)
         self._step: Step | None = None  # the measured step being armed: attention calls mark it
         self._compiled_forward = False  # a measured forward ran under torch.compile: arm nothing more (see armed)
+        #: the probe whose rows the token masks describe (a sequence-to-sequence model's decoder mask describes the
+        #: head's input alone; the callbacks set it); None: every probe whose rows a mask aligns with
+        self.token_mask_rows: str | None = None
         self.device = torch.device("cpu")
 
     def add(self, probe: Probe) -> Probe:
@@ -336,7 +339,9 @@ class Plan:
         if self._compiled_forward and not eager:
             yield
             return
-        step = Step(labels, self.guard, fill=only is not None, token_mask=token_mask)
+        step = Step(
+            labels, self.guard, fill=only is not None, token_mask=token_mask, token_mask_rows=self.token_mask_rows
+        )
         modules = plain_modules(model)
         hooked = []
         with ExitStack() as stack:
