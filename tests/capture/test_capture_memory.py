@@ -150,9 +150,9 @@ def _x_transformers():
     return module, run
 
 
-@pytest.mark.parametrize("case", [_flash_2d, _eager_4d, _mha_key_padding, _nested, _bloom, _mpt, _x_transformers])
-def test_no_allocation_of_n_squared_over_4_bytes_in_capture_and_update(case):
-    model, run = case()
+def _profiled(model, run):
+    """``run(session)`` under the profiler, each reported call fed to an attention probe (64 sampled query rows,
+    torch path, its state made before): the calls, the probe and the profile."""
     probe = AttentionProbe("attn", HEADS, backend="torch", query_rows=64)
     probe.allocate(torch.device("cpu"))  # the metric's state, made once before the first measured step
     calls = []
@@ -164,6 +164,12 @@ def test_no_allocation_of_n_squared_over_4_bytes_in_capture_and_update(case):
     session = Session(model, on_attention, strict=True)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run(session)
+    return calls, probe, prof
+
+
+@pytest.mark.parametrize("case", [_flash_2d, _eager_4d, _mha_key_padding, _nested, _bloom, _mpt, _x_transformers])
+def test_no_allocation_of_n_squared_over_4_bytes_in_capture_and_update(case):
+    calls, probe, prof = _profiled(*case())
     assert len(calls) == 1 and calls[0].q.shape[-2] == N
     sizes = _allocations(prof)
     assert sizes, "the profiler recorded no allocation: nothing was measured"
@@ -188,17 +194,7 @@ def test_a_boolean_mask_eager_adds_is_read_per_chunk_without_a_float_copy():
     mask = torch.ones(1, 1, N, N, dtype=torch.bool)
     mask[..., :PAD] = False  # would be padding if it masked; eager adds 0 there and 1 elsewhere
     call = {"attention_mask": mask, "scaling": None}
-    probe = AttentionProbe("attn", HEADS, backend="torch", query_rows=64)
-    probe.allocate(torch.device("cpu"))
-    calls = []
-
-    def on_attention(attention_call):
-        calls.append(attention_call)
-        probe.update(attention_call)
-
-    session = Session(module, on_attention, strict=True)
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        hf._report(session, module, q, k, call, False)
+    calls, probe, prof = _profiled(module, lambda session: hf._report(session, module, q, k, call, False))
     assert len(calls) == 1 and calls[0].attn_mask is None
     sizes = _allocations(prof)
     assert sizes and max(sizes) < LIMIT, f"geomon allocated {max(sizes)} bytes at N = {N} (limit {LIMIT})"
