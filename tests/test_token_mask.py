@@ -235,3 +235,23 @@ def test_a_seq2seq_decoder_mask_masks_the_head_rows_alone():
     assert float(values["geomon/rankme/encoder"]) == pytest.approx(ref_rankme(everything), rel=1e-9)
     decoder_real = head_rows_seen[0][target].double().numpy()
     assert float(values["geomon/rankme/lm_head.input"]) == pytest.approx(ref_rankme(decoder_real), rel=1e-9)
+
+
+def test_the_fill_schedule_plans_on_the_real_rows_once_a_window_has_closed():
+    """At 60% padding a window of one step's positions needs 2.5 steps of real rows: the first window takes longer
+    (the schedule has only positions to go by), and once it has closed the schedule plans on its real rows' share,
+    so every later period fills its window (before: one value every two to three periods)."""
+    batch, length, width = 8, 32, 64
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(100, width), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 100))
+    monitor = Monitor(every_n_steps=10, attention=False, neural_collapse=False, alerts=(), head="3", strict=True)
+    monitor.attach(model)
+    mask = (torch.arange(length)[None] < round(length * 0.4)).long().expand(batch, length).contiguous()
+    logged = []
+    for step in range(200):
+        with monitor.step(step, token_mask=mask):
+            model(torch.randint(1, 100, (batch, length)))
+        if monitor.is_scheduled(step) and monitor.compute(step):
+            logged.append(step)
+    assert logged[0] > 0 and logged == list(range(logged[0], 200, 10))
+    assert logged[0] <= 20

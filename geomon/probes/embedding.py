@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -15,7 +16,7 @@ from geomon.functional._embedding import _covariance_eigenvalues, _singular_valu
 from geomon.functional.alpha_req import _alpha_req_compute
 from geomon.functional.rankme import _rankme_compute
 from geomon.metrics import RankMe
-from geomon.probes._sync import synced_sum
+from geomon.probes._sync import multi_process, synced_sum
 from geomon.probes.base import FLOAT64, Context, Probe, Step, Values, steps_to_fill
 
 Source = Literal["output", "input"]
@@ -71,11 +72,13 @@ class EmbeddingProbe(Probe):
     the sum and are not counted in the window's rows (a bool row mask on the device: no indexing, no host sync), so
     a window closes on real tokens. A tensor of another leading shape cannot be aligned with the mask: its rows are
     all measured, and a warning naming the probe says so once. A nested tensor's rows are its real tokens already.
-    The fill schedule (:meth:`lead_steps`) counts every position of a step, padding included: it is read off the
-    shapes on the host, and counting the real tokens would need a host sync; a window fed a share ``p`` of padding
-    therefore takes about ``1 / (1 - p)`` times the periods the schedule plans (it keeps accumulating until it holds
-    ``min_rows`` real rows). A step whose token mask describes one probe's rows alone (``Step.token_mask_rows``: a
-    sequence-to-sequence model's decoder mask, the head's input) leaves the others unmasked, said once each.
+    The fill schedule (:meth:`lead_steps`) plans on a step's rows read off the shapes on the host (counting the real
+    tokens there would need a host sync) times the share of real rows in the last window that closed
+    (:attr:`real_share`, from the count compute reduces anyway); the first window, before any share is known,
+    takes about ``1 / (1 - p)`` times the periods planned at a share ``p`` of padding (it keeps accumulating until
+    it holds ``min_rows`` real rows). A step whose token mask describes one probe's rows alone
+    (``Step.token_mask_rows``: a sequence-to-sequence model's decoder mask, the head's input) leaves the others
+    unmasked, said once each.
 
     Args:
         name: the probe's name (a module's name, ``<head>.input``, or a name given to ``Monitor.observe``).
@@ -95,6 +98,10 @@ class EmbeddingProbe(Probe):
         self._module, self.source, self._min_rows = module, source, min_rows
         self.rankme: RankMe | None = None
         self.rows_per_step: int | None = None  #: rows of the latest hooked call (a host-side int, from the shape)
+        self.window_positions = 0  #: rows handed to the open window on this process, padding included (host int)
+        #: the share of real (unpadded) rows in the last window that closed, read at its close: the fill schedule
+        #: plans on ``rows_per_step`` times it (1 without padding)
+        self.real_share = 1.0
 
     @property
     def module(self) -> str | None:
@@ -112,7 +119,8 @@ class EmbeddingProbe(Probe):
     def lead_steps(self, world_size: int) -> int:
         if self._module is None or self.spec is None:
             return 1
-        return steps_to_fill(self.min_rows, self.rows_per_step, world_size)
+        rows = None if not self.rows_per_step else max(1, int(self.rows_per_step * self.real_share))
+        return steps_to_fill(self.min_rows, rows, world_size)
 
     def keys(self) -> list[str]:
         with_alpha = self.spec is None or self.spec[0] > 100  # alpha-ReQ's default fit runs over eigenvalues 11..100
@@ -166,7 +174,9 @@ class EmbeddingProbe(Probe):
     def _update_checked(self, tensor: Tensor, step: Step, nested: bool = False) -> None:
         self.rows_per_step = tensor.numel() // max(1, tensor.shape[-1]) if tensor.ndim else None
         row_mask = None if step.token_mask is None or nested else self._row_mask(tensor, step)
-        if not self.update(tensor, row_mask):
+        if self.update(tensor, row_mask):
+            self.window_positions += self.rows_per_step or 0
+        else:
             step.guard.warn_once(f"features:{self.name}", f"geomon: probe {self.name!r} has {self.spec[0]} features "
                                  f"but got rows of shape {tuple(tensor.shape)}; they are skipped")  # fmt: skip
 
@@ -200,8 +210,13 @@ class EmbeddingProbe(Probe):
     def compute(self, context: Context, out: Values) -> None:
         metric = self.rankme
         assert metric is not None and self.spec is not None
-        if float(synced_sum(metric.n)) < self.min_rows:  # every rank decides from the same reduced count
+        real = float(synced_sum(metric.n))  # every rank decides from the same reduced count
+        if real < self.min_rows:
             return
+        if self.window_positions:  # the real rows' share, for the fill schedule (other ranks taken as this one)
+            world = dist.get_world_size() if multi_process() else 1
+            self.real_share = min(1.0, real / (self.window_positions * world))
+        self.window_positions = 0
         name = keys.key(keys.RANKME, self.name)
         with metric.sync_context():  # one all-reduce of the window's sums serves every value below
             stats = metric._stats()
@@ -223,9 +238,12 @@ class EmbeddingProbe(Probe):
     def state_dict(self) -> dict[str, Any]:
         if self.rankme is None:
             return {}
-        return {"min_rows": self._min_rows, "rankme": self.rankme.state_dict(), "rows_per_step": self.rows_per_step}
+        return {"min_rows": self._min_rows, "rankme": self.rankme.state_dict(), "rows_per_step": self.rows_per_step,
+                "real_share": self.real_share, "window_positions": self.window_positions}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state and self.rankme is not None:
             self.rankme.load_state_dict(state["rankme"])
             self.rows_per_step = state.get("rows_per_step")  # a resumed run fills on the steps the whole run would
+            self.real_share = state.get("real_share", 1.0)
+            self.window_positions = state.get("window_positions", 0)
