@@ -51,15 +51,7 @@ from geomon import _media
 from geomon.alerts import CallableSink, CsvSink, Level, LoggingSink, Rule, Sink, WandbSink
 from geomon.functional._dispatch import Backend
 from geomon.integrations.wandb_dashboard import LIGHTNING_STEP, WandbDashboard, config_value, monitor_settings
-from geomon.labels import (
-    LabelKind,
-    default_labels,
-    default_token_mask,
-    label_kind,
-    labels_of,
-    token_mask_of,
-    token_mask_rows,
-)
+from geomon.labels import LabelKind, default_labels, default_token_mask, defaults_for, labels_of, token_mask_of
 from geomon.monitor import COMPILED, Monitor, check_flag, checked_labels, checked_token_mask
 from geomon.probes.plan import MEMORY_BUDGET_MIB
 
@@ -240,11 +232,7 @@ class GeomonCallback(*_callback_bases()):  # type: ignore[misc]
         self.monitor.attach(pl_module)
         if self.monitor.compiled and self.measure_forward is None:
             raise ValueError(COMPILED.format(parts=self.monitor.compiled))
-        defaults = self.labels_fn is default_labels or self.token_mask_fn is default_token_mask
-        if defaults:
-            self.label_kind = self.monitor.guard.run("the model's kind", label_kind, pl_module, self.monitor.head)
-        if self.token_mask_fn is default_token_mask and self.monitor.plan is not None:
-            self.monitor.plan.token_mask_rows = token_mask_rows(self.label_kind, self.monitor.head)
+        self.label_kind = defaults_for(self.monitor, pl_module, self.labels_fn, self.token_mask_fn)
         self.monitor.alert_engine.sinks = self._sinks(trainer)
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)

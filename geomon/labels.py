@@ -188,6 +188,18 @@ def token_mask_rows(kind: LabelKind | None, head: str | None) -> str | None:
     return "" if head is None else f"{head}.input"
 
 
+def defaults_for(monitor: Any, model: nn.Module, labels_fn: Any, token_mask_fn: Any) -> LabelKind | None:
+    """What the callbacks' default ``labels_fn`` and ``token_mask_fn`` need, read once the monitor is attached: the
+    kind of the model owning its head (:func:`label_kind`; None unless one of them is the default), and, on its
+    plan, the probe whose rows the default token mask describes (:func:`token_mask_rows`)."""
+    kind = None
+    if labels_fn is default_labels or token_mask_fn is default_token_mask:
+        kind = monitor.guard.run("the model's kind", label_kind, model, monitor.head)
+    if token_mask_fn is default_token_mask and monitor.plan is not None:
+        monitor.plan.token_mask_rows = token_mask_rows(kind, monitor.head)
+    return kind
+
+
 def token_mask_of(batch: Any, token_mask_fn: Any, kind: LabelKind | None) -> Tensor | None:
     """The token mask the callbacks give the embedding probes: none when ``token_mask_fn`` is ``None``,
     :func:`default_token_mask` by the model's ``kind`` for the default, else ``token_mask_fn(batch)``."""

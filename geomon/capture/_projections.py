@@ -65,10 +65,11 @@ class ChildOutputs:
         for child in children:
             self.parent_of[child] = id(module)
 
-    def record(self, key: int, args: tuple, kwargs: dict, output: Any, *, running: Iterator[int]) -> None:
-        """At a module's exit: keep its output if it is a watched child called inside its fallback module."""
+    def record(self, key: int, args: tuple, kwargs: dict, output: Any, *, stack: list[tuple[int, str, int]]) -> None:
+        """At a module's exit: keep its output if it is a watched child called inside its fallback module (running:
+        on ``stack``, the session's running modules)."""
         parent = self.parent_of.get(key)
-        if parent is None or parent not in running:
+        if parent is None or all(entry[0] != parent for entry in stack):
             return
         first = args[0] if args else next(iter(kwargs.values()), None)
         self.records.setdefault(key, []).append(Seen(first, output, _version(output)))
@@ -132,15 +133,10 @@ def read_back(proj: nn.Module, x: Tensor, *, changed: int = 0) -> Tensor | None:
     return None
 
 
-def recorded(proj: nn.Module, x: Tensor) -> Tensor | None:
-    """``proj(x)`` as the model computed it in this call, unchanged since; None if it was not seen so."""
-    return read_back(proj, x)
-
-
 def projected(proj: nn.Module, x: Tensor, width: int | None = None) -> Tensor:
     """``proj(x)``'s first ``width`` output features (all: None) as the model computed them in this call, or
     computed again without touching training (see the module)."""
-    output = recorded(proj, x)
+    output = read_back(proj, x)
     if output is not None:
         return output if width is None else output[..., :width]
     if type(proj) is nn.Linear:  # only the rows needed; no random numbers drawn, no hooks run

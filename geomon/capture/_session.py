@@ -415,7 +415,7 @@ class Session:
         if not self.stack:  # the model's forward ended: the next one counts its calls afresh
             self.calls_in_forward.clear()
         if len(rest) == 2:  # a projection a fallback may read back (see _projections)
-            self.child_outputs.record(key, args, *rest, running=(entry[0] for entry in self.stack))
+            self.child_outputs.record(key, args, *rest, stack=self.stack)
         if len(rest) != 2 or self.reports + self.unseen != before:
             self.child_outputs.forget(key)
             return  # the forward raised, or its attention was already seen (or found unseen) inside

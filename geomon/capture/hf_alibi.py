@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from geomon.capture._patterns import ModuleMasks
-from geomon.capture._projections import projected, recorded
+from geomon.capture._projections import projected, read_back
 from geomon.capture._session import Found, bind
 
 
@@ -54,7 +54,7 @@ def bloom_fallback(module: nn.Module, args: tuple, kwargs: dict, output: Any) ->
     batch, n, width = x.shape
     heads, dim = module.num_heads, module.head_dim
     proj = module.query_key_value
-    qk = recorded(proj, x)  # as the model computed it in this call
+    qk = read_back(proj, x)  # as the model computed it in this call
     if qk is None and type(proj) is nn.Linear:  # only the Q and K rows of each head's [q, k, v] block
         weight = proj.weight.view(heads, 3, dim, width)[:, :2].reshape(-1, width)
         bias = None if proj.bias is None else proj.bias.view(heads, 3, dim)[:, :2].reshape(-1)

@@ -56,15 +56,7 @@ from geomon.capture.modules import compiled_parts
 from geomon.functional._dispatch import Backend
 from geomon.integrations.wandb_dashboard import WandbDashboard, config_value, monitor_settings
 from geomon.keys import is_geomon
-from geomon.labels import (
-    LabelKind,
-    default_labels,
-    default_token_mask,
-    label_kind,
-    labels_of,
-    token_mask_of,
-    token_mask_rows,
-)
+from geomon.labels import LabelKind, default_labels, default_token_mask, defaults_for, labels_of, token_mask_of
 from geomon.monitor import Monitor, checked_token_mask
 from geomon.probes.plan import MEMORY_BUDGET_MIB
 
@@ -265,11 +257,7 @@ class GeomonTrainerCallback(TrainerCallback):
             raise ValueError("geomon: the model is compiled, so GeomonTrainerCallback measures it by an extra forward "
                              "pass run from the Trainer's compute_loss, and no transformers Trainer was found calling "
                              "this callback")  # fmt: skip
-        defaults = self.labels_fn is default_labels or self.token_mask_fn is default_token_mask
-        if defaults:
-            self.label_kind = self.monitor.guard.run("the model's kind", label_kind, model, self.monitor.head)
-        if self.token_mask_fn is default_token_mask and self.monitor.plan is not None:
-            self.monitor.plan.token_mask_rows = token_mask_rows(self.label_kind, self.monitor.head)
+        self.label_kind = defaults_for(self.monitor, model, self.labels_fn, self.token_mask_fn)
         if state.is_world_process_zero and args.output_dir and state.global_step > 0:  # resumed: the steps after
             # the checkpoint run again, and so do their rows (a fresh run in the same output_dir keeps the old ones)
             self.monitor.guard.run("the alerts file", _media.forget_from,

@@ -44,6 +44,19 @@ class Step:
     #: input); None: every probe whose rows it aligns with
     token_mask_rows: str | None = None
     ran: set[str | None] = field(default_factory=set)  #: the watched modules whose hooks ran ("": attention seen)
+    _row_masks: dict[torch.device, Tensor] = field(default_factory=dict)
+
+    def row_mask(self, device: torch.device) -> Tensor:
+        """``token_mask`` as one bool flag per row (``[B·N]``) on ``device``: made once per device for the step, for
+        every probe and call that reads it (asynchronous only from the host to an accelerator: an asynchronous copy
+        to the host could be read before it lands)."""
+        found = self._row_masks.get(device)
+        if found is None:
+            mask = self.token_mask
+            assert mask is not None
+            mask = mask.to(device, non_blocking=device.type != "cpu" and mask.device.type == "cpu")
+            found = self._row_masks[device] = (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)
+        return found
 
 
 @dataclass

@@ -193,10 +193,7 @@ class EmbeddingProbe(Probe):
                                  "included")  # fmt: skip
             return None
         if tensor.ndim >= 2 and tuple(tensor.shape[:-1]) == tuple(mask.shape):
-            # asynchronous only from the host to an accelerator (an asynchronous copy to the host could be read
-            # before it lands)
-            mask = mask.to(tensor.device, non_blocking=tensor.device.type != "cpu" and mask.device.type == "cpu")
-            return (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)
+            return step.row_mask(tensor.device)
         if tensor.ndim == 2 and tensor.shape[0] == mask.shape[0]:
             return None  # one row per sequence (a pooled embedding): no row of it is padding
         step.guard.warn_once(f"token-mask:{self.name}", f"geomon: probe {self.name!r} reads rows of shape "

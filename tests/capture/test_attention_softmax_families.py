@@ -303,7 +303,7 @@ def test_timm_differential_attention_pools_each_heads_two_components_on_both_pat
     say what that means once, and do not take the two calls for a layer run twice."""
     timm = pytest.importorskip("timm")
     if "vit_dwee_patch16_reg1_gap_256" not in timm.list_models():
-        pytest.skip("timm has no differential-attention ViT")
+        pytest.skip(f"timm {timm.__version__} has no vit_dwee_patch16_reg1_gap_256 (differential attention)")
     torch.manual_seed(0)
     model = timm.create_model("vit_dwee_patch16_reg1_gap_256", pretrained=False, img_size=32, depth=2).eval()
     with torch.no_grad():
